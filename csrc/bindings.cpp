@@ -1,0 +1,33 @@
+// The fastlt op library: every schema, and the CPU (and, when built, CUDA) kernels registered against it.
+// Autograd and fake (meta) implementations are registered from Python in fastlt/ops/<op>.py.
+#include <torch/library.h>
+
+#include "kernels.h"
+
+TORCH_LIBRARY(fastlt, m) {
+  m.def("expert_aggregate(Tensor logits, str reduce, Tensor? weights, Tensor? active) -> Tensor");
+  m.def(
+      "expert_aggregate_backward(Tensor grad, Tensor logits, str reduce, Tensor? weights, Tensor? active, "
+      "bool weights_requires_grad) -> (Tensor, Tensor)");
+  m.def("tau_normalize(Tensor weight, float tau, float eps) -> Tensor");
+  m.def("tau_normalize_backward(Tensor grad, Tensor weight, float tau, float eps) -> Tensor");
+  m.def("tau_sweep(Tensor features, Tensor weight, Tensor taus, Tensor? bias, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
+  m.impl("expert_aggregate", &fastlt::cpu::expert_aggregate);
+  m.impl("expert_aggregate_backward", &fastlt::cpu::expert_aggregate_backward);
+  m.impl("tau_normalize", &fastlt::cpu::tau_normalize);
+  m.impl("tau_normalize_backward", &fastlt::cpu::tau_normalize_backward);
+  m.impl("tau_sweep", &fastlt::cpu::tau_sweep);
+}
+
+#ifdef FASTLT_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
+  m.impl("expert_aggregate", &fastlt::cuda::expert_aggregate);
+  m.impl("expert_aggregate_backward", &fastlt::cuda::expert_aggregate_backward);
+  m.impl("tau_normalize", &fastlt::cuda::tau_normalize);
+  m.impl("tau_normalize_backward", &fastlt::cuda::tau_normalize_backward);
+  m.impl("tau_sweep", &fastlt::cuda::tau_sweep);
+}
+#endif

@@ -1,0 +1,132 @@
+// CPU kernels of fastlt::expert_aggregate: OpenMP (at::parallel_for) over rows; per-row math from
+// fastlt/expert_aggregate.h. Logits may have any strides ([B, E, C] views are read in place).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "kernels.h"
+#include "fastlt/expert_aggregate.h"
+#include "ops_common.h"
+
+namespace fastlt {
+namespace cpu {
+namespace {
+
+template <typename A>
+struct RowTables {
+  const A* weights;     // [B, E] or null
+  const bool* active;   // [B, E] or null
+  int num_experts;
+  int reduce;
+  int fill(int64_t b, A* unweighted, A* coef) const {
+    return expert_aggregate::row_coefficients<A>(num_experts, reduce, weights ? weights + b * num_experts : nullptr,
+                                                active ? active + b * num_experts : nullptr, unweighted, coef);
+  }
+};
+
+}  // namespace
+
+at::Tensor expert_aggregate(const at::Tensor& logits, c10::string_view reduce,
+                            const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& active) {
+  const int reduce_kind = parse_reduce(reduce);
+  auto [weight_table, active_table] = expert_aggregate_tables(logits, weights, active);
+  TORCH_CHECK(logits.device().is_cpu(), "fastlt.expert_aggregate (CPU kernel): logits must be a CPU tensor");
+  check_active_rows(active_table);
+  const int64_t E = logits.size(0), B = logits.size(1), C = logits.size(2);
+  const int64_t sE = logits.stride(0), sB = logits.stride(1), sC = logits.stride(2);
+  at::Tensor out = at::empty({B, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fastlt_expert_aggregate_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const RowTables<A> tables{weight_table.defined() ? weight_table.data_ptr<A>() : nullptr,
+                              active_table.defined() ? active_table.data_ptr<bool>() : nullptr, static_cast<int>(E),
+                              reduce_kind};
+    const scalar_t* z = logits.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      A unweighted[kMaxExperts], coef[kMaxExperts];
+      std::vector<A> acc(sC == 1 ? C : 0);
+      for (int64_t b = b0; b < b1; ++b) {
+        tables.fill(b, unweighted, coef);
+        const scalar_t* row = z + b * sB;
+        scalar_t* out_row = o + b * C;
+        if (sC == 1) {
+          // Same order of additions as aggregate_element (k = 0..E-1), but streaming each expert row so the
+          // inner loop is contiguous and vectorises.
+          std::fill(acc.begin(), acc.end(), A(0));
+          for (int64_t k = 0; k < E; ++k) {
+            const scalar_t* zk = row + k * sE;
+            const A ck = coef[k];
+            for (int64_t c = 0; c < C; ++c) acc[c] += ck * static_cast<A>(zk[c]);
+          }
+          for (int64_t c = 0; c < C; ++c) out_row[c] = static_cast<scalar_t>(acc[c]);
+        } else {
+          for (int64_t c = 0; c < C; ++c)
+            out_row[c] = static_cast<scalar_t>(
+                expert_aggregate::aggregate_element<scalar_t, A>(row + c * sC, sE, static_cast<int>(E), coef));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> expert_aggregate_backward(const at::Tensor& grad, const at::Tensor& logits,
+                                                             c10::string_view reduce,
+                                                             const std::optional<at::Tensor>& weights,
+                                                             const std::optional<at::Tensor>& active,
+                                                             bool weights_requires_grad) {
+  const int reduce_kind = parse_reduce(reduce);
+  auto [weight_table, active_table] = expert_aggregate_tables(logits, weights, active);
+  const int64_t E = logits.size(0), B = logits.size(1), C = logits.size(2);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == C,
+              "fastlt.expert_aggregate_backward: grad must be [B, C]");
+  const at::Tensor g = grad.to(logits.scalar_type()).contiguous();
+  at::Tensor grad_logits = at::empty({E, B, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  const bool want_weights = weights_requires_grad && weights.has_value();
+  at::Tensor grad_table = want_weights ? at::zeros({B, E}, logits.options().dtype(accumulate_dtype(logits)))
+                                       : at::Tensor();
+  const int64_t sE = logits.stride(0), sB = logits.stride(1), sC = logits.stride(2);
+
+  if (grad_logits.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fastlt_expert_aggregate_bwd", [&] {
+      using A = acc_t<scalar_t>;
+      const RowTables<A> tables{weight_table.defined() ? weight_table.data_ptr<A>() : nullptr,
+                                active_table.defined() ? active_table.data_ptr<bool>() : nullptr,
+                                static_cast<int>(E), reduce_kind};
+      const scalar_t* gp = g.data_ptr<scalar_t>();
+      const scalar_t* z = logits.data_ptr<scalar_t>();
+      scalar_t* gl = grad_logits.data_ptr<scalar_t>();
+      A* gw = want_weights ? grad_table.data_ptr<A>() : nullptr;
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        A unweighted[kMaxExperts], coef[kMaxExperts];
+        for (int64_t b = b0; b < b1; ++b) {
+          tables.fill(b, unweighted, coef);
+          const scalar_t* g_row = gp + b * C;
+          for (int64_t k = 0; k < E; ++k) {
+            scalar_t* out_row = gl + (k * B + b) * C;
+            const A ck = coef[k];
+            for (int64_t c = 0; c < C; ++c) out_row[c] = static_cast<scalar_t>(ck * static_cast<A>(g_row[c]));
+            if (gw != nullptr && unweighted[k] != A(0)) {
+              const scalar_t* zk = z + k * sE + b * sB;
+              A dot = A(0);
+              for (int64_t c = 0; c < C; ++c) dot += static_cast<A>(g_row[c]) * static_cast<A>(zk[c * sC]);
+              gw[b * E + k] = unweighted[k] * dot;
+            }
+          }
+        }
+      });
+    });
+  }
+  at::Tensor grad_weights;
+  if (want_weights) {
+    grad_weights = (weights->dim() == 1 ? grad_table.sum(0) : grad_table).to(weights->scalar_type());
+  } else {
+    grad_weights = at::empty({0}, logits.options());
+  }
+  return {grad_logits, grad_weights};
+}
+
+}  // namespace cpu
+}  // namespace fastlt

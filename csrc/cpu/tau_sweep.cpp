@@ -1,0 +1,125 @@
+// CPU kernel of fastlt::tau_sweep: raw logits features @ weight.T are computed once per block of rows (one GEMM),
+// then every tau's prediction is an argmax over raw * scale[tau] + bias, never materialising K logit matrices.
+// The argmax is compiled per ISA (AVX-512 / AVX2 / baseline, chosen at run time by GCC's target_clones).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+#include "fastlt/tau_sweep.h"
+#include "ops_common.h"
+
+namespace fastlt {
+namespace cpu {
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int64_t kRowBlock = 256;
+
+// Index of the first maximum of raw * scales + bias (torch.argmax semantics: the first NaN wins).
+// Lane-wise max and NaN flags vectorise without -ffast-math; a second scan finds the first index.
+template <typename A>
+__attribute__((always_inline)) inline int64_t row_argmax_impl(const A* raw, const A* scales, const A* bias, int64_t C,
+                                                              A* values) {
+  A lane_best[kLanes];
+  bool lane_nan[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    lane_best[l] = -std::numeric_limits<A>::infinity();
+    lane_nan[l] = false;
+  }
+  int64_t j = 0;
+  for (; j + kLanes <= C; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const A v = tau_sweep::score(raw[j + l], scales[j + l], bias, j + l);
+      values[j + l] = v;
+      lane_best[l] = v > lane_best[l] ? v : lane_best[l];
+      lane_nan[l] = lane_nan[l] | (v != v);
+    }
+  }
+  for (; j < C; ++j) {
+    const A v = tau_sweep::score(raw[j], scales[j], bias, j);
+    values[j] = v;
+    lane_best[0] = v > lane_best[0] ? v : lane_best[0];
+    lane_nan[0] = lane_nan[0] | (v != v);
+  }
+  A best = lane_best[0];
+  bool any_nan = lane_nan[0];
+  for (int l = 1; l < kLanes; ++l) {
+    best = lane_best[l] > best ? lane_best[l] : best;
+    any_nan = any_nan | lane_nan[l];
+  }
+  for (int64_t i = 0; i < C; ++i) {
+    if (any_nan ? values[i] != values[i] : values[i] == best) return i;
+  }
+  return 0;
+}
+
+#define FASTLT_PER_ISA __attribute__((target_clones("avx512f", "avx2", "default")))
+FASTLT_PER_ISA int64_t row_argmax(const float* raw, const float* scales, const float* bias, int64_t C, float* values) {
+  return row_argmax_impl<float>(raw, scales, bias, C, values);
+}
+FASTLT_PER_ISA int64_t row_argmax(const double* raw, const double* scales, const double* bias, int64_t C,
+                                  double* values) {
+  return row_argmax_impl<double>(raw, scales, bias, C, values);
+}
+
+}  // namespace
+
+at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& taus,
+                     const std::optional<at::Tensor>& bias, double eps) {
+  TORCH_CHECK(features.dim() == 2, "fastlt.tau_sweep: features must be [N, D], got ", features.dim(), " dims");
+  TORCH_CHECK(weight.dim() == 2, "fastlt.tau_sweep: weight must be [C, D], got ", weight.dim(), " dims");
+  TORCH_CHECK(features.size(1) == weight.size(1), "fastlt.tau_sweep: features [N, D] and weight [C, D] disagree on D (",
+              features.size(1), " vs ", weight.size(1), ")");
+  TORCH_CHECK(is_float_dtype(features) && is_float_dtype(weight), "fastlt.tau_sweep: features and weight must be floating point");
+  TORCH_CHECK(taus.dim() == 1 && is_float_dtype(taus), "fastlt.tau_sweep: taus must be a 1-D floating tensor");
+  TORCH_CHECK(features.device().is_cpu() && weight.device().is_cpu(), "fastlt.tau_sweep (CPU kernel): CPU tensors expected");
+  TORCH_CHECK(weight.size(0) >= 1, "fastlt.tau_sweep: weight must have at least one class");
+  const int64_t N = features.size(0), C = weight.size(0), K = taus.size(0);
+  const at::ScalarType acc = (features.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble)
+                                 ? at::kDouble : at::kFloat;
+  const at::Tensor w = weight.to(acc);
+  const at::Tensor tau_values = taus.to(at::kCPU, acc).contiguous();
+  at::Tensor bias_values;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, "fastlt.tau_sweep: bias must be [C] = [", C, "]");
+    bias_values = bias->to(acc).contiguous();
+  }
+  at::Tensor predictions = at::empty({K, N}, features.options().dtype(at::kLong));
+  if (N == 0 || K == 0) return predictions;
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "fastlt_tau_sweep_cpu", [&] {
+    using A = scalar_t;
+    // scales[k, j] = max(||w_j||, eps) ** -tau_k
+    const at::Tensor sum_squares = w.mul(w).sum(1).contiguous();
+    at::Tensor scales = at::empty({K, C}, w.options());
+    const A* ss = sum_squares.data_ptr<A>();
+    const A* tv = tau_values.data_ptr<A>();
+    A* sc = scales.data_ptr<A>();
+    for (int64_t k = 0; k < K; ++k) {
+      check_tau(static_cast<double>(tv[k]), "fastlt.tau_sweep");
+      for (int64_t j = 0; j < C; ++j) sc[k * C + j] = tau_normalize::row_scale<A>(ss[j], tv[k], static_cast<A>(eps));
+    }
+    const A* bp = bias_values.defined() ? bias_values.data_ptr<A>() : nullptr;
+    int64_t* out = predictions.data_ptr<int64_t>();
+    const at::Tensor weight_t = w.t();
+    for (int64_t r0 = 0; r0 < N; r0 += kRowBlock) {
+      const int64_t rows = std::min(kRowBlock, N - r0);
+      const at::Tensor raw = at::mm(features.narrow(0, r0, rows).to(acc), weight_t).contiguous();
+      const A* rp = raw.data_ptr<A>();
+      at::parallel_for(0, rows, 8, [&](int64_t i0, int64_t i1) {
+        std::vector<A> values(C);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t k = 0; k < K; ++k)
+            out[k * N + r0 + i] = row_argmax(rp + i * C, sc + k * C, bp, C, values.data());
+      });
+    }
+  });
+  return predictions;
+}
+
+}  // namespace cpu
+}  // namespace fastlt

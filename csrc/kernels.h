@@ -1,0 +1,31 @@
+// Kernel entry points of the fastlt ops, one set per device (fastlt::cpu in csrc/cpu/*.cpp, fastlt::cuda in
+// csrc/cuda/*.cu), registered in csrc/bindings.cpp. Each checks its arguments and raises c10::Error (RuntimeError
+// in Python) naming the argument.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+#define FASTLT_DECLARE_KERNELS                                                                                     \
+  at::Tensor expert_aggregate(const at::Tensor& logits, c10::string_view reduce,                                   \
+                              const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& active);  \
+  std::tuple<at::Tensor, at::Tensor> expert_aggregate_backward(                                                    \
+      const at::Tensor& grad, const at::Tensor& logits, c10::string_view reduce,                                   \
+      const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& active,                           \
+      bool weights_requires_grad);                                                                                 \
+  at::Tensor tau_normalize(const at::Tensor& weight, double tau, double eps);                                      \
+  at::Tensor tau_normalize_backward(const at::Tensor& grad, const at::Tensor& weight, double tau, double eps);      \
+  at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& taus,               \
+                       const std::optional<at::Tensor>& bias, double eps);
+
+namespace fastlt {
+namespace cpu {
+FASTLT_DECLARE_KERNELS
+}  // namespace cpu
+namespace cuda {
+FASTLT_DECLARE_KERNELS
+}  // namespace cuda
+}  // namespace fastlt

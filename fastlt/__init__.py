@@ -1,0 +1,7 @@
+"""fastlt: fused, exact long-tailed recognition ops, samplers and recipes for PyTorch."""
+
+__version__ = "0.1.0"
+
+from fastlt import ops  # noqa: E402,F401  (registers the torch.library ops)
+
+__all__ = ["ops", "__version__"]

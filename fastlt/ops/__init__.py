@@ -1,0 +1,19 @@
+"""fastlt's fused ops. Each op lives in one file here: public function, eager reference, torch.library glue."""
+
+from fastlt.ops._backend import get_backend, set_backend, use_backend
+from fastlt.ops.expert_aggregate import expert_aggregate, expert_aggregate_reference
+from fastlt.ops.tau_normalize import tau_normalize, tau_normalize_reference
+from fastlt.ops.tau_sweep import shot_accuracy_per_tau, tau_sweep, tau_sweep_reference
+
+__all__ = [
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "expert_aggregate",
+    "expert_aggregate_reference",
+    "tau_normalize",
+    "tau_normalize_reference",
+    "tau_sweep",
+    "tau_sweep_reference",
+    "shot_accuracy_per_tau",
+]

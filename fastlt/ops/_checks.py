@@ -1,0 +1,39 @@
+"""Argument checks shared by the public op functions: clear ValueErrors that name the op and the argument."""
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(op: str, name: str, value, *, dims=None, floating=False, nonempty=True) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if dims is not None and value.dim() not in (dims if isinstance(dims, tuple) else (dims,)):
+        raise ValueError(f"{op}: {name} must have {dims} dims, got shape {tuple(value.shape)}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: {name} must be float16/bfloat16/float32/float64, got {value.dtype}")
+    if nonempty and value.numel() == 0:
+        raise ValueError(f"{op}: {name} must not be empty, got shape {tuple(value.shape)}")
+
+
+def same_device(op: str, name: str, value: torch.Tensor, reference: torch.Tensor, reference_name: str) -> None:
+    if value.device != reference.device:
+        raise ValueError(f"{op}: {name} is on {value.device} but {reference_name} is on {reference.device}")
+
+
+def nonnegative_number(op: str, name: str, value) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{op}: {name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for fp16/bf16/fp32, fp64 for fp64 (as the kernels do)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,177 @@
+"""fastlt.ops.expert_aggregate: (weighted, routed) mean or sum of expert / branch logits.
+
+    out[b, c] = sum_k coef[b, k] * logits[k, b, c],   coef[b, k] = active[b, k] * weights[b, k] / divisor[b]
+
+divisor = E for ``reduce="mean"`` (RIDE), the row's number of active experts when ``active`` is given (RIDE's
+routed inference), 1 for ``reduce="sum"`` (ResLT's additive shortcut). Math: csrc/include/fastlt/expert_aggregate.h;
+kernels: csrc/cpu/expert_aggregate.cpp, csrc/cuda/expert_aggregate.cu, kernels/expert_aggregate.py;
+tests: tests/ops/test_expert_aggregate.py; benchmark: bench/ops.py.
+"""
+
+from typing import Optional
+
+import torch
+
+from fastlt import _extension
+from fastlt.ops import _backend, _checks
+
+OP = "fastlt.expert_aggregate"
+REDUCTIONS = ("mean", "sum")
+MAX_EXPERTS = 64  # kMaxExperts in csrc/include/fastlt/common.h
+
+
+def expert_coefficients(num_rows: int, num_experts: int, reduce: str, weights, active, dtype, device):
+    """(unweighted [B, E], coef [B, E]) of the formula above, in ``dtype`` (the accumulation dtype)."""
+    if active is None:
+        on = torch.ones(num_rows, num_experts, dtype=dtype, device=device)
+    else:
+        on = active.to(dtype)
+    divisor = on.sum(1, keepdim=True) if reduce == "mean" else torch.ones(num_rows, 1, dtype=dtype, device=device)
+    unweighted = on / divisor.clamp_min(1)
+    coef = unweighted if weights is None else unweighted * weights.to(dtype).expand(num_rows, num_experts)
+    return unweighted, coef
+
+
+def expert_aggregate_reference(logits, *, reduce="mean", weights=None, active=None):
+    """Eager PyTorch reference (fp32 accumulation for fp16/bf16), differentiable by autograd."""
+    _validate(logits, reduce, weights, active)
+    if active is not None and not torch.compiler.is_compiling():
+        _check_active_rows(active)
+    acc_dtype = _checks.accumulate_dtype(logits.dtype)
+    num_experts, num_rows, _ = logits.shape
+    _, coef = expert_coefficients(num_rows, num_experts, reduce, weights, active, acc_dtype, logits.device)
+    out = (coef.t().unsqueeze(-1) * logits.to(acc_dtype)).sum(0)
+    return out.to(logits.dtype)
+
+
+def expert_aggregate(
+    logits: torch.Tensor,
+    *,
+    reduce: str = "mean",
+    weights: Optional[torch.Tensor] = None,
+    active: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Aggregate expert logits ``[E, B, C]`` into ``[B, C]`` in one pass (no copy of strided inputs).
+
+    Args:
+        logits: ``[E, B, C]`` fp32/fp16/bf16/fp64, any strides (a ``[B, E, C]`` tensor's ``.transpose(0, 1)`` is
+            read in place). Accumulates in fp32 (fp64 for fp64); returns ``logits.dtype``.
+        reduce: ``"mean"`` (RIDE) or ``"sum"`` (ResLT's additive shortcut).
+        weights: optional ``[E]`` or ``[B, E]`` multipliers of each expert's logits ("mean" = sum_k w_k z_k / E).
+        active: optional ``[B, E]`` bool: average each row over its active experts only (RIDE routing). Every row
+            needs at least one active expert.
+
+    Differentiable in ``logits`` and ``weights``.
+
+    >>> logits = torch.randn(3, 8, 100)            # 3 experts, batch 8, 100 classes
+    >>> fastlt.ops.expert_aggregate(logits).shape
+    torch.Size([8, 100])
+    """
+    _validate(logits, reduce, weights, active)
+    backend = _backend.resolve(logits)
+    if backend == "reference":
+        return expert_aggregate_reference(logits, reduce=reduce, weights=weights, active=active)
+    if backend == "cpp":
+        return torch.ops.fastlt.expert_aggregate(logits, reduce, weights, active)
+    return torch.ops.fastlt.expert_aggregate_triton(logits, reduce, weights, active)
+
+
+def _validate(logits, reduce, weights, active):
+    _checks.tensor(OP, "logits", logits, dims=3, floating=True)
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"{OP}: reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    num_experts, num_rows, _ = logits.shape
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(f"{OP}: logits has {num_experts} experts; at most {MAX_EXPERTS} are supported")
+    if weights is not None:
+        _checks.tensor(OP, "weights", weights, dims=(1, 2), floating=True)
+        _checks.same_device(OP, "weights", weights, logits, "logits")
+        if tuple(weights.shape) not in ((num_experts,), (num_rows, num_experts)):
+            raise ValueError(
+                f"{OP}: weights must be [E]=[{num_experts}] or [B, E]=[{num_rows}, {num_experts}], "
+                f"got {tuple(weights.shape)}"
+            )
+    if active is not None:
+        _checks.tensor(OP, "active", active, dims=2)
+        _checks.same_device(OP, "active", active, logits, "logits")
+        if active.dtype != torch.bool:
+            raise ValueError(f"{OP}: active must be a bool tensor, got {active.dtype}")
+        if tuple(active.shape) != (num_rows, num_experts):
+            raise ValueError(f"{OP}: active must be [B, E]=[{num_rows}, {num_experts}], got {tuple(active.shape)}")
+
+
+def _check_active_rows(active):
+    empty_rows = (~active).all(1)
+    if bool(empty_rows.any()):
+        row = int(empty_rows.nonzero()[0, 0])
+        raise ValueError(f"{OP}: active row {row} has no active expert (every row needs >= 1)")
+
+
+# ---- torch.library glue: fake (meta) implementations and autograd, shared by the C++ and Triton ops ----
+
+
+def _fake_forward(logits, reduce, weights, active):
+    return logits.new_empty((logits.shape[1], logits.shape[2]))
+
+
+def _fake_backward(grad, logits, reduce, weights, active, weights_requires_grad):
+    grad_weights = weights.new_empty(weights.shape) if (weights_requires_grad and weights is not None) else None
+    return logits.new_empty(logits.shape), grad_weights if grad_weights is not None else logits.new_empty((0,))
+
+
+def _setup_context(ctx, inputs, output):
+    logits, reduce, weights, active = inputs
+    ctx.save_for_backward(logits, weights, active)
+    ctx.reduce = reduce
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad):
+        logits, weights, active = ctx.saved_tensors
+        want_weights = weights is not None and ctx.needs_input_grad[2]
+        grad_logits, grad_weights = backward_op(grad, logits, ctx.reduce, weights, active, want_weights)
+        return grad_logits, None, (grad_weights if want_weights else None), None
+
+    return backward
+
+
+if _extension.AVAILABLE:
+    torch.library.register_fake("fastlt::expert_aggregate")(_fake_forward)
+    torch.library.register_fake("fastlt::expert_aggregate_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "fastlt::expert_aggregate",
+        _make_backward(torch.ops.fastlt.expert_aggregate_backward),
+        setup_context=_setup_context,
+    )
+
+
+@torch.library.custom_op("fastlt::expert_aggregate_triton", mutates_args=())
+def _expert_aggregate_triton(
+    logits: torch.Tensor, reduce: str, weights: Optional[torch.Tensor], active: Optional[torch.Tensor]
+) -> torch.Tensor:
+    from fastlt.kernels import expert_aggregate as kernel
+
+    if active is not None:
+        _check_active_rows(active)
+    return kernel.forward(logits, reduce, weights, active)
+
+
+@torch.library.custom_op("fastlt::expert_aggregate_triton_backward", mutates_args=())
+def _expert_aggregate_triton_backward(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    reduce: str,
+    weights: Optional[torch.Tensor],
+    active: Optional[torch.Tensor],
+    weights_requires_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastlt.kernels import expert_aggregate as kernel
+
+    return kernel.backward(grad, logits, reduce, weights, active, weights_requires_grad)
+
+
+_expert_aggregate_triton.register_fake(_fake_forward)
+_expert_aggregate_triton_backward.register_fake(_fake_backward)
+_expert_aggregate_triton.register_autograd(
+    _make_backward(torch.ops.fastlt.expert_aggregate_triton_backward), setup_context=_setup_context
+)

@@ -1,0 +1,98 @@
+"""fastlt.ops.tau_normalize: Decoupling's tau-normalised classifier weights, w_j / max(||w_j||_2, eps) ** tau.
+
+Math: csrc/include/fastlt/tau_normalize.h; kernels: csrc/cpu/tau_normalize.cpp, csrc/cuda/tau_normalize.cu,
+kernels/tau_normalize.py; tests: tests/ops/test_tau_normalize.py; benchmark: bench/ops.py.
+"""
+
+import torch
+
+from fastlt import _extension
+from fastlt.ops import _backend, _checks
+
+OP = "fastlt.tau_normalize"
+
+
+def tau_normalize_reference(weight, tau, *, eps=1e-12):
+    """Eager PyTorch reference (fp32 accumulation for fp16/bf16), differentiable by autograd."""
+    tau, eps = _validate(weight, tau, eps)
+    w = weight.to(_checks.accumulate_dtype(weight.dtype))
+    norms = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(eps)
+    return (w / norms.pow(tau)).to(weight.dtype)
+
+
+def tau_normalize(weight: torch.Tensor, tau: float, *, eps: float = 1e-12) -> torch.Tensor:
+    """Divide every row of a classifier weight ``[C, D]`` by its L2 norm to the power ``tau`` (>= 0).
+
+    ``tau = 0`` returns the weight unchanged, ``tau = 1`` gives unit-norm rows. Differentiable in ``weight``.
+
+    >>> w = torch.randn(1000, 512)
+    >>> fastlt.ops.tau_normalize(w, 1.0).norm(dim=1)[:2]
+    tensor([1.0000, 1.0000])
+    """
+    tau, eps = _validate(weight, tau, eps)
+    backend = _backend.resolve(weight)
+    if backend == "reference":
+        return tau_normalize_reference(weight, tau, eps=eps)
+    if backend == "cpp":
+        return torch.ops.fastlt.tau_normalize(weight, tau, eps)
+    return torch.ops.fastlt.tau_normalize_triton(weight, tau, eps)
+
+
+def _validate(weight, tau, eps):
+    _checks.tensor(OP, "weight", weight, dims=2, floating=True)
+    tau = _checks.nonnegative_number(OP, "tau", tau)
+    eps = _checks.nonnegative_number(OP, "eps", eps)
+    if eps == 0:
+        raise ValueError(f"{OP}: eps must be > 0")
+    return tau, eps
+
+
+def _fake_forward(weight, tau, eps):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _fake_backward(grad, weight, tau, eps):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    weight, tau, eps = inputs
+    ctx.save_for_backward(weight)
+    ctx.tau, ctx.eps = tau, eps
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return backward_op(grad, weight, ctx.tau, ctx.eps), None, None
+
+    return backward
+
+
+if _extension.AVAILABLE:
+    torch.library.register_fake("fastlt::tau_normalize")(_fake_forward)
+    torch.library.register_fake("fastlt::tau_normalize_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "fastlt::tau_normalize", _make_backward(torch.ops.fastlt.tau_normalize_backward), setup_context=_setup_context
+    )
+
+
+@torch.library.custom_op("fastlt::tau_normalize_triton", mutates_args=())
+def _tau_normalize_triton(weight: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
+    from fastlt.kernels import tau_normalize as kernel
+
+    return kernel.forward(weight, tau, eps)
+
+
+@torch.library.custom_op("fastlt::tau_normalize_triton_backward", mutates_args=())
+def _tau_normalize_triton_backward(grad: torch.Tensor, weight: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
+    from fastlt.kernels import tau_normalize as kernel
+
+    return kernel.backward(grad, weight, tau, eps)
+
+
+_tau_normalize_triton.register_fake(_fake_forward)
+_tau_normalize_triton_backward.register_fake(_fake_backward)
+_tau_normalize_triton.register_autograd(
+    _make_backward(torch.ops.fastlt.tau_normalize_triton_backward), setup_context=_setup_context
+)

@@ -1,0 +1,147 @@
+"""fastlt.ops.tau_sweep: predictions of a tau-normalised classifier for many taus at once.
+
+    predictions[k, i] = argmax_j  features_i . w_j / max(||w_j||, eps) ** taus[k]  (+ bias_j)
+
+features @ weight.T is computed once (in row blocks) and each tau is an argmax over rescaled raw logits: no K
+logit matrices. Math: csrc/include/fastlt/tau_sweep.h; kernels: csrc/cpu/tau_sweep.cpp, csrc/cuda/tau_sweep.cu,
+kernels/tau_sweep.py; tests: tests/ops/test_tau_sweep.py; benchmark: bench/ops.py.
+"""
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from fastlt import _extension
+from fastlt.ops import _backend, _checks
+from fastlt.ops.tau_normalize import tau_normalize_reference
+
+OP = "fastlt.tau_sweep"
+DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(21))  # Decoupling's grid 0.0, 0.1, ..., 2.0
+
+
+def tau_sweep_reference(features, weight, taus, *, bias=None, eps=1e-12):
+    """Eager reference: one tau-normalised matmul + argmax per tau (what Decoupling's tau_norm.py does)."""
+    taus = _validate(features, weight, taus, bias)
+    acc = _checks.accumulate_dtype(torch.promote_types(features.dtype, weight.dtype))
+    predictions = []
+    for tau in taus.tolist():
+        logits = features.to(acc) @ tau_normalize_reference(weight.to(acc), tau, eps=eps).t()
+        if bias is not None:
+            logits = logits + bias.to(acc)
+        predictions.append(logits.argmax(1))
+    return torch.stack(predictions)
+
+
+def tau_sweep(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    taus: Union[torch.Tensor, Sequence[float]] = DEFAULT_TAUS,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Predicted class of every row of ``features`` ``[N, D]`` for every tau in ``taus`` ``[K]``: LongTensor ``[K, N]``.
+
+    Args:
+        features: ``[N, D]`` pooled features (e.g. of a validation split).
+        weight: ``[C, D]`` stage-1 classifier weight.
+        taus: the taus to try (default Decoupling's grid 0.0..2.0 step 0.1); each >= 0.
+        bias: optional ``[C]`` added after normalisation (Decoupling's tau-norm drops it: leave None).
+
+    >>> preds = fastlt.ops.tau_sweep(val_features, fc.weight, torch.linspace(0, 2, 21))
+    >>> table = fastlt.ops.shot_accuracy_per_tau(preds, val_targets, train_class_counts, taus)
+    """
+    taus = _validate(features, weight, taus, bias)
+    backend = _backend.resolve(features)
+    if backend == "reference":
+        return tau_sweep_reference(features, weight, taus, bias=bias, eps=eps)
+    if backend == "cpp":
+        return torch.ops.fastlt.tau_sweep(features, weight, taus, bias, eps)
+    return torch.ops.fastlt.tau_sweep_triton(features, weight, taus, bias, eps)
+
+
+def shot_accuracy_per_tau(predictions, targets, class_counts, taus=None):
+    """Turn ``tau_sweep`` predictions into accuracy rows, one per tau.
+
+    Every accuracy is the mean of per-class accuracies (classes without evaluation samples are left out); many /
+    medium / few use the training counts (> 100, 20..100, < 20 images; ``fastlt.data.splits.shot_split``).
+    Returns ``[{"tau", "overall", "many", "medium", "few"}, ...]`` with accuracies in percent (NaN for an empty split).
+    """
+    from fastlt.data.splits import shot_split
+
+    predictions = torch.as_tensor(predictions)
+    if predictions.dim() == 1:
+        predictions = predictions.unsqueeze(0)
+    targets = torch.as_tensor(targets, dtype=torch.long, device=predictions.device)
+    class_counts = np.asarray(class_counts)
+    num_classes = len(class_counts)
+    if predictions.shape[1] != targets.shape[0]:
+        raise ValueError(f"shot_accuracy_per_tau: predictions [K, N] and targets [N] disagree on N")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+        raise ValueError(f"shot_accuracy_per_tau: targets must lie in [0, {num_classes})")
+    taus = [None] * predictions.shape[0] if taus is None else [float(t) for t in torch.as_tensor(taus).tolist()]
+    correct = (predictions == targets).double()
+    per_class_correct = torch.zeros(predictions.shape[0], num_classes, dtype=torch.float64, device=predictions.device)
+    per_class_correct.index_add_(1, targets, correct)
+    samples = torch.bincount(targets, minlength=num_classes).double()
+    per_class = (per_class_correct / samples.clamp_min(1)).cpu().numpy()
+    evaluated = samples.cpu().numpy() > 0
+    many, medium, few = shot_split(class_counts)
+
+    def mean_over(ids, row):
+        ids = np.asarray(ids, dtype=np.int64)
+        ids = ids[evaluated[ids]]
+        return float(100.0 * row[ids].mean()) if len(ids) else float("nan")
+
+    rows = []
+    for k, tau in enumerate(taus):
+        rows.append({
+            "tau": tau,
+            "overall": mean_over(np.arange(num_classes), per_class[k]),
+            "many": mean_over(many, per_class[k]),
+            "medium": mean_over(medium, per_class[k]),
+            "few": mean_over(few, per_class[k]),
+        })
+    return rows
+
+
+def _validate(features, weight, taus, bias):
+    _checks.tensor(OP, "features", features, dims=2, floating=True)
+    _checks.tensor(OP, "weight", weight, dims=2, floating=True)
+    _checks.same_device(OP, "weight", weight, features, "features")
+    if features.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{OP}: features [N, D] and weight [C, D] disagree on D ({features.shape[1]} vs {weight.shape[1]})"
+        )
+    taus = torch.as_tensor(taus, dtype=torch.float64) if not isinstance(taus, torch.Tensor) else taus
+    _checks.tensor(OP, "taus", taus, dims=1, floating=True)
+    taus = taus.to(device=features.device)
+    if not torch.compiler.is_compiling() and not bool(((taus >= 0) & torch.isfinite(taus)).all()):
+        raise ValueError(f"{OP}: every tau must be a finite number >= 0, got {taus.tolist()}")
+    if bias is not None:
+        _checks.tensor(OP, "bias", bias, dims=1, floating=True)
+        _checks.same_device(OP, "bias", bias, features, "features")
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{OP}: bias must be [C]=[{weight.shape[0]}], got {tuple(bias.shape)}")
+    return taus
+
+
+def _fake(features, weight, taus, bias, eps):
+    return features.new_empty((taus.shape[0], features.shape[0]), dtype=torch.long)
+
+
+if _extension.AVAILABLE:
+    torch.library.register_fake("fastlt::tau_sweep")(_fake)
+
+
+@torch.library.custom_op("fastlt::tau_sweep_triton", mutates_args=())
+def _tau_sweep_triton(
+    features: torch.Tensor, weight: torch.Tensor, taus: torch.Tensor, bias: Optional[torch.Tensor], eps: float
+) -> torch.Tensor:
+    from fastlt.kernels import tau_sweep as kernel
+
+    return kernel.forward(features, weight, taus, bias, eps)
+
+
+_tau_sweep_triton.register_fake(_fake)
