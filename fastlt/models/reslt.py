@@ -1,0 +1,120 @@
+"""ResLT: one shared trunk, three branch views of its last features (head / medium / tail), ONE shared linear
+classifier applied to each branch, prediction = sum of branch logits (methods.md §4.2, §4.5)."""
+
+import torch
+from torch import nn
+
+from fastlt import ops
+from fastlt.models import imagenet_resnet, resnet_cifar, small_cnn
+from fastlt.models.base import ModelOutput
+from fastlt.models.registry import register_model
+
+NUM_BRANCHES = 3
+
+
+def _branch_output(branch_features: torch.Tensor, weight: torch.Tensor, bias) -> ModelOutput:
+    """branch_features [3, B, D] -> logits of each branch with the shared classifier, and their sum."""
+    branch_logits = branch_features @ weight.t()
+    if bias is not None:
+        branch_logits = branch_logits + bias
+    return ModelOutput(
+        logits=ops.expert_aggregate(branch_logits, reduce="sum"), features=branch_features, branch_logits=branch_logits
+    )
+
+
+class ResLTBatchNorm(nn.Module):
+    """CIFAR / MNIST ResLT: branch b = GAP(BatchNorm2d_b(trunk(x))) (affine BN, no ReLU after), shared nn.Linear.
+
+    >>> model = reslt_resnet32(num_classes=100)
+    >>> model(torch.zeros(2, 3, 32, 32)).branch_logits.shape
+    torch.Size([3, 2, 100])
+    """
+
+    def __init__(self, trunk: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.trunk = trunk
+        self.branch_norms = nn.ModuleList(nn.BatchNorm2d(feature_dim) for _ in range(NUM_BRANCHES))
+        self.classifier = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        feature_map = self.trunk(images)
+        branch_features = torch.stack([norm(feature_map).mean(dim=(2, 3)) for norm in self.branch_norms])
+        return _branch_output(branch_features, self.classifier.weight, self.classifier.bias)
+
+
+class ResLTConv(nn.Module):
+    """ImageNet-scale ResLT: a 1x1 conv to 3*D channels (no bias) + BN + ReLU makes the three D-d branches.
+
+    block_order:
+      "official"   -- conv block before GAP in training, after GAP in eval (the released X50 / X101 / iNat code,
+                      `--after_1x1conv`; the two orders are not numerically equivalent, issue #9);
+      "pool_first" -- GAP then conv block in training and eval (the released ResNet-10 script);
+      "conv_first" -- conv block then GAP in training and eval (a clean, consistent variant).
+    In eval, logits use tau-normalised shared weights W / ||W_row||^test_tau with the bias dropped; test_tau=None
+    keeps the trained linear layer (bias included), as the CIFAR code does.
+    """
+
+    BLOCK_ORDERS = ("official", "pool_first", "conv_first")
+
+    def __init__(self, arch_name: str, num_classes: int, test_tau=None, block_order: str = "official"):
+        super().__init__()
+        if block_order not in self.BLOCK_ORDERS:
+            raise ValueError(f"ResLTConv: block_order must be one of {self.BLOCK_ORDERS}, got {block_order!r}")
+        self.trunk = imagenet_resnet.ResNetTrunk(arch_name)
+        dim = self.trunk.out_channels
+        self.branch_block = nn.Sequential(
+            nn.Conv2d(dim, NUM_BRANCHES * dim, kernel_size=1, bias=False), nn.BatchNorm2d(NUM_BRANCHES * dim), nn.ReLU()
+        )
+        imagenet_resnet.init_like_torchvision(self.branch_block)
+        self.classifier = nn.Linear(dim, num_classes)
+        self.test_tau = test_tau
+        self.block_order = block_order
+
+    def conv_before_pool(self) -> bool:
+        return self.block_order == "conv_first" or (self.block_order == "official" and self.training)
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        feature_map = self.trunk(images)
+        if self.conv_before_pool():
+            pooled = self.branch_block(feature_map).mean(dim=(2, 3))
+        else:
+            pooled = self.branch_block(feature_map.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        batch, dim = pooled.shape[0], self.classifier.in_features
+        branch_features = pooled.view(batch, NUM_BRANCHES, dim).transpose(0, 1)  # channel blocks [H | M | T]
+        if self.training or self.test_tau is None:
+            return _branch_output(branch_features, self.classifier.weight, self.classifier.bias)
+        return _branch_output(branch_features, ops.tau_normalize(self.classifier.weight, self.test_tau), None)
+
+
+@register_model
+def reslt_resnet32(num_classes: int) -> ResLTBatchNorm:
+    """CIFAR ResLT; kaiming_normal_ on the trunk's convs only: the shared linear keeps PyTorch's default init."""
+    trunk = resnet_cifar.make_trunk()
+    resnet_cifar.kaiming_init_conv_and_linear(trunk)
+    return ResLTBatchNorm(trunk, 64, num_classes)
+
+
+@register_model
+def reslt_small_cnn(num_classes: int, in_channels: int = 1) -> ResLTBatchNorm:
+    return ResLTBatchNorm(small_cnn.make_trunk(in_channels), small_cnn.WIDTHS[-1], num_classes)
+
+
+# Test-time tau (the papers' gamma) and block order of the released scripts (methods.md §4.6).
+@register_model
+def reslt_resnet10(num_classes: int, test_tau=0.3, block_order: str = "pool_first") -> ResLTConv:
+    return ResLTConv("resnet10", num_classes, test_tau, block_order)
+
+
+@register_model
+def reslt_resnext50_32x4d(num_classes: int, test_tau=0.7, block_order: str = "official") -> ResLTConv:
+    return ResLTConv("resnext50_32x4d", num_classes, test_tau, block_order)
+
+
+@register_model
+def reslt_resnext101_32x4d(num_classes: int, test_tau=0.7, block_order: str = "official") -> ResLTConv:
+    return ResLTConv("resnext101_32x4d", num_classes, test_tau, block_order)
+
+
+@register_model
+def reslt_resnet50(num_classes: int, test_tau=0.3, block_order: str = "official") -> ResLTConv:
+    return ResLTConv("resnet50", num_classes, test_tau, block_order)

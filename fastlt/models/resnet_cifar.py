@@ -1,0 +1,83 @@
+"""ResNet-32 for 32x32 inputs (He et al. 2016, as in LDAM-DRW / RIDE / ResLT): BasicBlock [5, 5, 5], option-A
+shortcuts, widths 16 / 32 / 64, 0.47M parameters with a 100-class linear classifier."""
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastlt.models.base import FeatureClassifier
+from fastlt.models.registry import register_model
+
+
+class BasicBlockA(nn.Module):
+    """3x3 conv -> BN -> ReLU -> 3x3 conv -> BN, plus a parameter-free "option A" shortcut.
+
+    When the shape changes, the shortcut subsamples by 2 and zero-pads (planes - in_planes) // 2 channels on each
+    side. This is RIDE's formula; it equals the usual planes // 4 only when the width doubles (16 -> 24 needs 4 + 4).
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut_padding = (planes - in_planes) // 2 if (stride != 1 or in_planes != planes) else None
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shortcut_padding is None:
+            return x
+        pad = self.shortcut_padding
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+def make_stage(in_planes: int, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
+    """`num_blocks` BasicBlockA; the first one changes width and stride."""
+    blocks = [BasicBlockA(in_planes, planes, stride)]
+    blocks += [BasicBlockA(planes, planes, 1) for _ in range(num_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+def make_stem(width: int = 16) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, width, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+
+
+def make_trunk(widths: Sequence[int] = (16, 32, 64), num_blocks: Sequence[int] = (5, 5, 5)) -> nn.Sequential:
+    """stem + three stages; returns the post-ReLU feature map [B, widths[-1], 8, 8] for 32x32 inputs."""
+    layers = [make_stem(widths[0])]
+    in_planes = widths[0]
+    for index, (planes, blocks) in enumerate(zip(widths, num_blocks)):
+        layers.append(make_stage(in_planes, planes, blocks, stride=1 if index == 0 else 2))
+        in_planes = planes
+    return nn.Sequential(*layers)
+
+
+def kaiming_init_conv_and_linear(module: nn.Module) -> None:
+    """LDAM-DRW's `_weights_init`: kaiming_normal_ on every Conv2d and nn.Linear weight (biases keep the default).
+
+    NormedLinear is not an nn.Linear and keeps its own init, as in the official code.
+    """
+    for submodule in module.modules():
+        if isinstance(submodule, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(submodule.weight)
+
+
+@register_model
+def resnet32(num_classes: int, widths: Sequence[int] = (16, 32, 64)) -> FeatureClassifier:
+    """ResNet-32 with a linear classifier (bias) on the 64-d pooled feature.
+
+    >>> model = resnet32(num_classes=100)
+    >>> model(torch.zeros(2, 3, 32, 32)).logits.shape
+    torch.Size([2, 100])
+    """
+    backbone = nn.Sequential(make_trunk(widths), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = FeatureClassifier(backbone, nn.Linear(widths[-1], num_classes))
+    kaiming_init_conv_and_linear(model)
+    return model
