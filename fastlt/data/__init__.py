@@ -1,0 +1,20 @@
+"""Long-tailed data: datasets, seedable DDP-aware samplers, and DALI / torch loaders."""
+
+from fastlt.data.base import LongTailedDataset, exponential_counts
+from fastlt.data.cifar import CIFAR10LT, CIFAR100LT, CIFARLT
+from fastlt.data.mnist import DigitsLT, MNISTLT
+from fastlt.data.sampling import LongTailSampler, epoch_indices
+from fastlt.data.splits import shot_split
+
+__all__ = [
+    "CIFAR10LT",
+    "CIFAR100LT",
+    "CIFARLT",
+    "DigitsLT",
+    "LongTailSampler",
+    "LongTailedDataset",
+    "MNISTLT",
+    "epoch_indices",
+    "exponential_counts",
+    "shot_split",
+]

@@ -1,0 +1,250 @@
+"""Seedable, DDP-aware, resumable long-tail samplers (methods.md section 2.2).
+
+Every strategy picks a class, then takes the next index of that class's own reshuffled, cycling bucket, so an epoch
+costs O(N + C) in numba, whatever the class count (no O(N*C) build, no 2**24 cap of `torch.multinomial`):
+
+- ``instance_balanced`` (q = 1): plain shuffling; ``class_balanced`` (q = 0, also RIDE's balanced sampler:
+  uniform class, then the next index of its bucket); ``square_root`` (q = 1/2); ``q_power`` (any q):
+  ``p_j = n_j**q / sum_i n_i**q``;
+- ``progressive``: ``lam = (epoch - 1) / (total_epochs - 1)`` with 1-indexed epochs as the official code,
+  ``p = (1 - lam) p_IB + lam p_CB``;
+- ``class_aware``: Decoupling's ClassAwareSampler: cycle a reshuffled class list and take ``samples_per_class``
+  (default 4) consecutive indices from each class.
+
+An epoch is a pure function of (seed, epoch): every DDP rank builds the same global order and keeps the slots
+``rank::world_size`` (padded by wrapping, as `DistributedSampler`), so shards are disjoint and equal-length.
+Classes with no samples are never drawn.
+"""
+
+import numpy as np
+import torch
+
+from fastlt.data import _sampling_kernels as kernels
+
+STRATEGIES = (
+    "instance_balanced",
+    "class_balanced",
+    "ride_balanced",
+    "square_root",
+    "q_power",
+    "progressive",
+    "class_aware",
+)
+_FIXED_Q = {"instance_balanced": 1.0, "class_balanced": 0.0, "ride_balanced": 0.0, "square_root": 0.5}
+_MASK_64 = (1 << 64) - 1
+
+
+def class_probabilities(class_counts, q):
+    """Class sampling probabilities ``p_j = n_j**q / sum_i n_i**q`` (empty classes get 0).
+
+    >>> class_probabilities([400, 100, 0], q=0.5).round(3).tolist()
+    [0.667, 0.333, 0.0]
+    """
+    counts = np.asarray(class_counts, dtype=np.float64)
+    weights = np.where(counts > 0, counts ** float(q), 0.0)
+    return weights / weights.sum()
+
+
+def progressive_probabilities(class_counts, epoch, total_epochs):
+    """Progressively-balanced probabilities for 1-indexed `epoch`: instance-balanced at 1, class-balanced at T.
+
+    >>> progressive_probabilities([300, 100], epoch=2, total_epochs=3).tolist()
+    [0.625, 0.375]
+    """
+    if total_epochs < 2:
+        raise ValueError(f"progressive sampling: total_epochs must be >= 2, got {total_epochs}")
+    lam = min(max((epoch - 1) / (total_epochs - 1), 0.0), 1.0)
+    return (1.0 - lam) * class_probabilities(class_counts, 1.0) + lam * class_probabilities(class_counts, 0.0)
+
+
+def _mix64(value):
+    value = (value + 0x9E3779B97F4A7C15) & _MASK_64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK_64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK_64
+    return value ^ (value >> 31)
+
+
+def _epoch_state(seed, epoch):
+    return np.uint64(_mix64(_mix64(int(seed) & _MASK_64) ^ (int(epoch) & _MASK_64)))
+
+
+def _as_targets(targets):
+    targets = getattr(targets, "targets", targets)  # a dataset or an array
+    targets = np.asarray(targets)
+    if targets.ndim != 1 or targets.size == 0:
+        raise ValueError(f"targets must be a non-empty 1-D array, got shape {targets.shape}")
+    if not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"targets must be integers, got dtype {targets.dtype}")
+    if targets.min() < 0:
+        raise ValueError(f"targets must be >= 0, got {targets.min()}")
+    return targets.astype(np.int64, copy=False)
+
+
+class ClassGroups:
+    """Sample ids grouped by class (built once, O(N)): from `targets`, or from `class_counts` when the dataset
+    is stored class by class (sample ids 0..n_0-1 are class 0, then class 1, ...).
+
+    >>> ClassGroups(class_counts=[2, 1]).order.tolist()
+    [0, 1, 2]
+    """
+
+    def __init__(self, targets=None, *, class_counts=None):
+        if (targets is None) == (class_counts is None):
+            raise ValueError("pass exactly one of targets or class_counts")
+        if targets is not None:
+            targets = _as_targets(targets)
+            self.order, self.offsets = kernels.group_by_class(targets, int(targets.max()) + 1)
+        else:
+            counts = np.asarray(class_counts, dtype=np.int64)
+            if counts.ndim != 1 or counts.size == 0 or counts.min() < 0 or counts.sum() == 0:
+                raise ValueError(f"class_counts must be a 1-D array of counts >= 0 with a positive sum, got {counts}")
+            self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            self.order = np.arange(self.offsets[-1], dtype=np.int64)
+        self.class_counts = np.diff(self.offsets)
+        if self.class_counts.size >= 2**32 or self.class_counts.max() >= 2**32:
+            raise ValueError("at most 2**32 - 1 classes and 2**32 - 1 samples per class are supported")
+        if self.num_samples < 2**31:  # half the memory traffic in the draw loop
+            self.order = self.order.astype(np.int32)
+
+    @property
+    def num_samples(self):
+        return int(self.offsets[-1])
+
+
+def check_strategy(strategy, q=None, total_epochs=None, samples_per_class=4):
+    """Raise ValueError if a strategy is unknown or misses its parameter."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "q_power" and q is None:
+        raise ValueError("strategy 'q_power' needs q")
+    if strategy == "progressive" and (total_epochs is None or total_epochs < 2):
+        raise ValueError(f"strategy 'progressive' needs total_epochs >= 2, got {total_epochs}")
+    if strategy == "class_aware" and samples_per_class < 1:
+        raise ValueError(f"samples_per_class must be >= 1, got {samples_per_class}")
+
+
+def global_epoch_indices(groups, strategy="class_balanced", *, epoch=0, seed=0, num_samples=None, q=None,
+                         total_epochs=None, samples_per_class=4):
+    """One epoch's global sample order (every rank computes the same one) for a `ClassGroups`."""
+    check_strategy(strategy, q, total_epochs, samples_per_class)
+    num_samples = groups.num_samples if num_samples is None else int(num_samples)
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    state = _epoch_state(seed, epoch)
+    if strategy == "class_aware":
+        classes = np.flatnonzero(groups.class_counts).astype(np.int64)
+        return kernels.draw_class_aware(groups.order.copy(), groups.offsets, classes, int(samples_per_class),
+                                        num_samples, state)
+    if strategy == "instance_balanced":  # one bucket holding every sample: consecutive shuffles of the dataset
+        work = np.arange(groups.num_samples, dtype=groups.order.dtype)
+        offsets, probabilities = groups.offsets[[0, -1]], np.ones(1)
+    else:
+        work, offsets = groups.order.copy(), groups.offsets
+        if strategy == "progressive":
+            probabilities = progressive_probabilities(groups.class_counts, epoch, total_epochs)
+        else:
+            probabilities = class_probabilities(groups.class_counts, _FIXED_Q.get(strategy, q))
+    keep, alias = kernels.build_alias_table(probabilities)
+    return kernels.draw_by_class_probability(work, offsets, keep, alias, num_samples, state)
+
+
+def shard(global_indices, rank=0, world_size=1, drop_last=False):
+    """This rank's slots ``rank::world_size`` of the global order, padded by wrapping (or truncated with
+    `drop_last`) so every rank gets the same length.
+
+    >>> shard(np.arange(5), rank=1, world_size=2).tolist()
+    [1, 3, 0]
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    total = len(global_indices)
+    per_rank = total // world_size if drop_last else -(-total // world_size)
+    padded = np.resize(global_indices, per_rank * world_size) if total else global_indices[:0]
+    return padded[rank::world_size]
+
+
+def epoch_indices(targets=None, *, class_counts=None, strategy="class_balanced", epoch=0, seed=0, rank=0,
+                  world_size=1, num_samples=None, start=0, drop_last=False, **strategy_options):
+    """This rank's indices for one epoch, from `targets` or `class_counts`, as a numpy int64 array (for DALI).
+
+    `num_samples` is the global epoch length (default N; e.g. ``max(n_c) * C`` for Decoupling's
+    ClassAwareSampler); `start` resumes from a position inside this rank's shard.
+
+    >>> epoch_indices([0, 0, 0, 1], strategy="class_balanced", epoch=3, seed=7, num_samples=8).shape
+    (8,)
+    """
+    groups = ClassGroups(targets, class_counts=class_counts)
+    order = global_epoch_indices(groups, strategy, epoch=epoch, seed=seed, num_samples=num_samples,
+                                 **strategy_options)
+    return shard(order, rank, world_size, drop_last)[start:]
+
+
+def _distributed_defaults(rank, world_size):
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if initialised else 1
+    if rank is None:
+        rank = torch.distributed.get_rank() if initialised else 0
+    return rank, world_size
+
+
+class LongTailSampler(torch.utils.data.Sampler):
+    """`torch.utils.data.Sampler` over one of the `STRATEGIES`, sharded for DDP and resumable mid-epoch.
+
+    Call `set_epoch(e)` before each epoch. To checkpoint mid-epoch, save `state_dict(consumed=k)` with the number
+    of this rank's samples the trainer has used (a DataLoader with workers reads ahead, so the sampler cannot
+    know it; without `consumed`, the count of indices it has yielded is saved); `load_state_dict` makes the next
+    iteration start there. `indices(epoch)` gives the same order as a numpy array for DALI.
+
+    >>> sampler = LongTailSampler([0, 0, 0, 0, 1], strategy="class_balanced", seed=0)
+    >>> sampler.set_epoch(1)
+    >>> len(list(sampler)) == len(sampler) == 5
+    True
+    """
+
+    def __init__(self, targets=None, *, class_counts=None, strategy="class_balanced", seed=0, num_samples=None,
+                 rank=None, world_size=None, drop_last=False, q=None, total_epochs=None, samples_per_class=4):
+        check_strategy(strategy, q, total_epochs, samples_per_class)
+        self.groups = ClassGroups(targets, class_counts=class_counts)
+        self.strategy = strategy
+        self.seed = int(seed)
+        self.num_samples = self.groups.num_samples if num_samples is None else int(num_samples)
+        self.rank, self.world_size = _distributed_defaults(rank, world_size)
+        self.drop_last = drop_last
+        self.options = {"q": q, "total_epochs": total_epochs, "samples_per_class": samples_per_class}
+        self.epoch = 1 if strategy == "progressive" else 0
+        self._resume_position = 0
+        self._yielded = 0
+
+    def indices(self, epoch=None, start=0):
+        """This rank's indices for `epoch` (default: the current one) from position `start`, as numpy int64."""
+        epoch = self.epoch if epoch is None else epoch
+        order = global_epoch_indices(self.groups, self.strategy, epoch=epoch, seed=self.seed,
+                                     num_samples=self.num_samples, **self.options)
+        return shard(order, self.rank, self.world_size, self.drop_last)[start:]
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        if self.drop_last:
+            return self.num_samples // self.world_size
+        return -(-self.num_samples // self.world_size)
+
+    def __iter__(self):
+        start, self._resume_position = self._resume_position, 0
+        self._yielded = start
+        for self._yielded, index in enumerate(self.indices(start=start).tolist(), start + 1):
+            yield index
+
+    def state_dict(self, consumed=None):
+        return {"epoch": self.epoch, "seed": self.seed, "position": self._yielded if consumed is None else consumed}
+
+    def load_state_dict(self, state):
+        if state["seed"] != self.seed:
+            raise ValueError(f"sampler state was saved with seed {state['seed']}, this sampler has seed {self.seed}")
+        if not 0 <= state["position"] <= len(self):
+            raise ValueError(f"sampler position {state['position']} is outside this rank's epoch of {len(self)}")
+        self.epoch = state["epoch"]
+        self._resume_position = state["position"]
+        self._yielded = state["position"]
