@@ -1,0 +1,33 @@
+"""Shared helpers of the op tests: backends to compare, dtype tolerance tables, skip rules."""
+
+import pytest
+import torch
+
+import fastlt
+from fastlt import _extension
+
+COMPILED_BACKENDS = [
+    pytest.param("cpp", marks=pytest.mark.skipif(not _extension.AVAILABLE, reason="extension not built")),
+    "triton",
+]
+
+# (atol, rtol) of a kernel's output vs the eager reference run on the same low-precision inputs; both accumulate
+# in fp32 and round once, so the gap is rounding of the final value (a few ulps).
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-6, 1e-5),
+    torch.float16: (1e-3, 2e-3),
+    torch.bfloat16: (1e-2, 1.6e-2),
+}
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda_build = pytest.mark.skipif(not _extension.HAS_CUDA, reason="extension built without CUDA kernels")
+
+
+def assert_close(actual, expected, dtype=None):
+    atol, rtol = TOLERANCES[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def backend(name):
+    return fastlt.ops.use_backend(name)

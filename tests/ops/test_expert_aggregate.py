@@ -1,0 +1,191 @@
+import pytest
+import torch
+from op_helpers import COMPILED_BACKENDS, TOLERANCES, assert_close, backend, needs_cuda, needs_cuda_build
+
+import fastlt
+from fastlt.ops import expert_aggregate, expert_aggregate_reference
+
+SHAPES = [(1, 1, 1), (1, 4, 10), (3, 5, 7), (4, 3, 33), (6, 2, 8142)]
+
+
+def _inputs(shape, dtype=torch.float32, weights=None, active=False, device="cpu"):
+    E, B, C = shape
+    logits = torch.randn(E, B, C, dtype=dtype, device=device) * 3
+    w = None
+    if weights == "expert":
+        w = torch.rand(E, dtype=dtype, device=device) + 0.5
+    elif weights == "row":
+        w = torch.rand(B, E, dtype=dtype, device=device) + 0.5
+    mask = None
+    if active:
+        mask = torch.rand(B, E, device=device) > 0.5
+        mask[:, 0] = True  # every row keeps at least one expert
+    return logits, w, mask
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+@pytest.mark.parametrize("weights", [None, "expert", "row"])
+@pytest.mark.parametrize("active", [False, True])
+def test_matches_reference_fp32(name, shape, reduce, weights, active):
+    logits, w, mask = _inputs(shape, weights=weights, active=active)
+    expected = expert_aggregate_reference(logits, reduce=reduce, weights=w, active=mask)
+    with backend(name):
+        assert_close(expert_aggregate(logits, reduce=reduce, weights=w, active=mask), expected)
+
+
+def test_reference_is_the_formula():
+    logits, w, mask = _inputs((3, 4, 5), dtype=torch.float64, weights="row", active=True)
+    expected = torch.stack([
+        sum(w[b, k] * logits[k, b] for k in range(3) if mask[b, k]) / int(mask[b].sum()) for b in range(4)
+    ])
+    torch.testing.assert_close(expert_aggregate_reference(logits, weights=w, active=mask), expected)
+    torch.testing.assert_close(expert_aggregate_reference(logits, reduce="sum"), logits.sum(0))
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtype_tolerance_table(name, dtype):
+    logits, w, _ = _inputs((4, 6, 300), dtype=dtype, weights="expert")
+    expected = expert_aggregate_reference(logits, weights=w)
+    with backend(name):
+        out = expert_aggregate(logits, weights=w)
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS + ["reference"])
+@pytest.mark.parametrize("weights", [None, "expert", "row"])
+@pytest.mark.parametrize("active", [False, True])
+def test_gradcheck_fp64(name, weights, active):
+    logits, w, mask = _inputs((3, 4, 5), dtype=torch.float64, weights=weights, active=active)
+    logits.requires_grad_(True)
+    inputs = (logits,) if w is None else (logits, w.requires_grad_(True))
+    with backend(name):
+        for reduce in ("mean", "sum"):
+            assert torch.autograd.gradcheck(
+                lambda z, *ws: expert_aggregate(z, reduce=reduce, weights=ws[0] if ws else None, active=mask), inputs
+            )
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_strided_inputs_match_and_are_not_copied(name):
+    stacked = torch.randn(5, 3, 64)  # [B, E, C], as torch.stack(outs, dim=1) produces
+    logits = stacked.transpose(0, 1)  # [E, B, C] view
+    sliced = torch.randn(3, 5, 128)[:, :, ::2]  # stride 2 along classes
+    for view in (logits, sliced):
+        expected = expert_aggregate_reference(view.contiguous())
+        with backend(name):
+            assert_close(expert_aggregate(view), expected)
+    if name == "cpp":
+        with torch.profiler.profile() as prof:
+            with backend(name):
+                expert_aggregate(logits)
+        copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::contiguous", "aten::clone")]
+        assert copies == [], f"strided logits were copied: {copies}"
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_gradients_of_strided_weights_and_low_precision(name):
+    logits = torch.randn(4, 3, 50, dtype=torch.bfloat16).transpose(0, 1).contiguous().transpose(0, 1)
+    logits.requires_grad_(True)
+    w = torch.rand(3, 4, dtype=torch.float32, requires_grad=True)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref_w = w.detach().clone().requires_grad_(True)
+    grad = torch.randn(3, 50, dtype=torch.bfloat16)
+    expert_aggregate_reference(ref_logits, weights=ref_w).backward(grad)
+    with backend(name):
+        expert_aggregate(logits, weights=w).backward(grad)
+    assert_close(logits.grad, ref_logits.grad, torch.bfloat16)
+    torch.testing.assert_close(w.grad, ref_w.grad, atol=2e-2, rtol=2e-2)
+
+
+def test_opcheck():
+    samples = [
+        _inputs((3, 4, 5)),
+        _inputs((2, 3, 7), weights="expert"),
+        _inputs((2, 3, 7), weights="row", active=True),
+    ]
+    transposed = torch.randn(4, 2, 6).transpose(0, 1)
+    samples.append((transposed, None, None))
+    ops = [torch.ops.fastlt.expert_aggregate_triton]
+    if fastlt._extension.AVAILABLE:
+        ops.append(torch.ops.fastlt.expert_aggregate)
+    for op in ops:
+        for logits, w, mask in samples:
+            logits = logits.clone().requires_grad_(True) if logits.is_contiguous() else logits.requires_grad_(True)
+            if w is not None:
+                w.requires_grad_(True)
+            torch.library.opcheck(op, (logits, "mean", w, mask))
+            torch.library.opcheck(op, (logits, "sum", w, mask))
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_torch_compile_fullgraph(name):
+    logits = torch.randn(3, 4, 9, requires_grad=True)
+    w = torch.rand(3, requires_grad=True)
+
+    def step(z, weights):
+        return (expert_aggregate(z, weights=weights) ** 2).sum()
+
+    with backend(name):
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        loss = compiled(logits, w)
+        loss.backward()
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref_w = w.detach().clone().requires_grad_(True)
+    step_ref = (expert_aggregate_reference(ref_logits, weights=ref_w) ** 2).sum()
+    step_ref.backward()
+    assert_close(loss, step_ref)
+    assert_close(logits.grad, ref_logits.grad)
+    assert_close(w.grad, ref_w.grad)
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS + ["reference"])
+def test_bad_input_names_the_argument(name):
+    logits = torch.randn(3, 4, 5)
+    cases = [
+        (dict(logits=torch.randn(4, 5)), "logits"),
+        (dict(logits=torch.randint(0, 3, (3, 4, 5))), "logits"),
+        (dict(logits=torch.randn(3, 0, 5)), "logits"),
+        (dict(logits=logits, reduce="max"), "reduce"),
+        (dict(logits=logits, weights=torch.rand(4)), "weights"),
+        (dict(logits=logits, weights=torch.ones(3, dtype=torch.long)), "weights"),
+        (dict(logits=logits, active=torch.ones(4, 3)), "active"),
+        (dict(logits=logits, active=torch.ones(3, 4, dtype=torch.bool)), "active"),
+    ]
+    no_expert = torch.ones(4, 3, dtype=torch.bool)
+    no_expert[2] = False
+    cases.append((dict(logits=logits, active=no_expert), "active row 2"))
+    with backend(name):
+        for kwargs, needle in cases:
+            with pytest.raises((ValueError, RuntimeError), match=needle):
+                expert_aggregate(**kwargs)
+
+
+def test_cpp_kernel_refuses_empty_active_row_directly():
+    if not fastlt._extension.AVAILABLE:
+        pytest.skip("extension not built")
+    active = torch.tensor([[True, False], [False, False]])
+    with pytest.raises(RuntimeError, match="active row 1"):
+        torch.ops.fastlt.expert_aggregate(torch.randn(2, 2, 3), "mean", None, active)
+
+
+@needs_cuda_build
+def test_cuda_kernel_refuses_cpu_tensors():
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        fastlt._C.cuda_launchers.expert_aggregate(torch.randn(2, 3, 4), "mean", None, None)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_cuda_matches_reference(name, dtype):
+    logits, w, mask = _inputs((4, 64, 8142), dtype=dtype, weights="row", active=True, device="cuda")
+    logits.requires_grad_(True)
+    expected = expert_aggregate_reference(logits, weights=w, active=mask)
+    with backend(name):
+        out = expert_aggregate(logits, weights=w, active=mask)
+    assert_close(out, expected, dtype)

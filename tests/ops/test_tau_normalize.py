@@ -1,0 +1,127 @@
+import pytest
+import torch
+from op_helpers import COMPILED_BACKENDS, TOLERANCES, assert_close, backend, needs_cuda, needs_cuda_build
+
+import fastlt
+from fastlt.ops import tau_normalize, tau_normalize_reference
+
+SHAPES = [(1, 1), (1, 7), (10, 3), (100, 64), (37, 513), (8142, 9)]
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tau", [0.0, 0.3, 0.7, 1.0, 2.0])
+def test_matches_reference_fp32(name, shape, tau):
+    weight = torch.randn(*shape)
+    with backend(name):
+        assert_close(tau_normalize(weight, tau), tau_normalize_reference(weight, tau))
+
+
+def test_reference_is_the_formula():
+    weight = torch.randn(5, 4, dtype=torch.float64)
+    expected = torch.stack([row / row.norm() ** 0.7 for row in weight])
+    torch.testing.assert_close(tau_normalize_reference(weight, 0.7), expected)
+    torch.testing.assert_close(tau_normalize_reference(weight, 1.0).norm(dim=1), torch.ones(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtype_tolerance_table(name, dtype):
+    weight = torch.randn(50, 70, dtype=dtype)
+    with backend(name):
+        out = tau_normalize(weight, 0.6)
+    assert out.dtype == dtype
+    assert_close(out, tau_normalize_reference(weight, 0.6), dtype)
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS + ["reference"])
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 1.7])
+def test_gradcheck_fp64(name, tau):
+    weight = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    with backend(name):
+        assert torch.autograd.gradcheck(lambda w: tau_normalize(w, tau), (weight,))
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_zero_row_is_clamped_by_eps_not_nan(name):
+    weight = torch.randn(4, 6, dtype=torch.float64)
+    weight[1] = 0
+    weight.requires_grad_(True)
+    with backend(name):
+        out = tau_normalize(weight, 1.0)
+        out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(weight.grad).all()
+    assert (out[1] == 0).all()
+    torch.testing.assert_close(weight.grad[1], torch.full((6,), 1e12, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_strided_weight(name):
+    weight = torch.randn(16, 40).t()  # [40, 16], non-contiguous
+    with backend(name):
+        assert_close(tau_normalize(weight, 0.9), tau_normalize_reference(weight.contiguous(), 0.9))
+
+
+def test_opcheck():
+    ops = [torch.ops.fastlt.tau_normalize_triton]
+    if fastlt._extension.AVAILABLE:
+        ops.append(torch.ops.fastlt.tau_normalize)
+    for op in ops:
+        for weight in (torch.randn(5, 7), torch.randn(9, 4).t(), torch.randn(3, 1, dtype=torch.float64)):
+            torch.library.opcheck(op, (weight.requires_grad_(True), 0.7, 1e-12))
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_torch_compile_fullgraph(name):
+    weight = torch.randn(10, 8, requires_grad=True)
+    features = torch.randn(4, 8)
+    with backend(name):
+        compiled = torch.compile(lambda w: (features @ tau_normalize(w, 0.5).t()).logsumexp(1).sum(), fullgraph=True,
+                                 backend="aot_eager")
+        loss = compiled(weight)
+        loss.backward()
+    ref = weight.detach().clone().requires_grad_(True)
+    ref_loss = (features @ tau_normalize_reference(ref, 0.5).t()).logsumexp(1).sum()
+    ref_loss.backward()
+    assert_close(loss, ref_loss)
+    assert_close(weight.grad, ref.grad)
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS + ["reference"])
+def test_bad_input_names_the_argument(name):
+    cases = [
+        (dict(weight=torch.randn(3), tau=1.0), "weight"),
+        (dict(weight=torch.randn(2, 3, 4), tau=1.0), "weight"),
+        (dict(weight=torch.ones(3, 4, dtype=torch.int32), tau=1.0), "weight"),
+        (dict(weight=torch.randn(0, 4), tau=1.0), "weight"),
+        (dict(weight=torch.randn(3, 4), tau=-0.5), "tau"),
+        (dict(weight=torch.randn(3, 4), tau=float("nan")), "tau"),
+        (dict(weight=torch.randn(3, 4), tau=1.0, eps=0.0), "eps"),
+    ]
+    with backend(name):
+        for kwargs, needle in cases:
+            with pytest.raises(ValueError, match=needle):
+                tau_normalize(**kwargs)
+
+
+def test_cpp_kernel_refuses_negative_tau_directly():
+    if not fastlt._extension.AVAILABLE:
+        pytest.skip("extension not built")
+    with pytest.raises(RuntimeError, match="tau must be >= 0"):
+        torch.ops.fastlt.tau_normalize(torch.randn(3, 4), -1.0, 1e-12)
+
+
+@needs_cuda_build
+def test_cuda_kernel_refuses_cpu_tensors():
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        fastlt._C.cuda_launchers.tau_normalize(torch.randn(3, 4), 0.5, 1e-12)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_cuda_matches_reference(name, dtype):
+    weight = torch.randn(8142, 2048, dtype=dtype, device="cuda")
+    with backend(name):
+        assert_close(tau_normalize(weight, 0.7), tau_normalize_reference(weight, 0.7), dtype)
