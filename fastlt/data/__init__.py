@@ -2,6 +2,8 @@
 
 from fastlt.data.base import LongTailedDataset, exponential_counts
 from fastlt.data.cifar import CIFAR10LT, CIFAR100LT, CIFARLT
+from fastlt.data.listfile import ListFileDataset
+from fastlt.data.loaders import make_loader
 from fastlt.data.mnist import DigitsLT, MNISTLT
 from fastlt.data.sampling import LongTailSampler, epoch_indices
 from fastlt.data.splits import shot_split
@@ -12,9 +14,11 @@ __all__ = [
     "CIFARLT",
     "DigitsLT",
     "LongTailSampler",
+    "ListFileDataset",
     "LongTailedDataset",
     "MNISTLT",
     "epoch_indices",
     "exponential_counts",
+    "make_loader",
     "shot_split",
 ]

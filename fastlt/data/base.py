@@ -58,6 +58,7 @@ class LongTailedDataset(torch.utils.data.Dataset):
     targets: np.ndarray
     num_classes: int
     train_class_counts: np.ndarray
+    normalization: tuple  # (mean, std) on the 0..1 scale, the loaders' default
 
     @property
     def class_counts(self):

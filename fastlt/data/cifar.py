@@ -6,6 +6,7 @@ import pickle
 import numpy as np
 
 from fastlt.data.base import ArrayDataset, exponential_counts, long_tailed_subset, validate_targets
+from fastlt.data.transforms import NORMALIZATION
 
 _LAYOUT = {
     10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
@@ -40,6 +41,8 @@ class CIFARLT(ArrayDataset):
     >>> len(train), train.class_counts.max(), train.class_counts.min()  # doctest: +SKIP
     (10847, 500, 5)
     """
+
+    normalization = NORMALIZATION["cifar"]
 
     def __init__(self, root, num_classes, split="train", ratio=100, seed=0, transform=None):
         if num_classes not in _LAYOUT:

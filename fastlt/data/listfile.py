@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 
 from fastlt.data.base import LongTailedDataset, validate_targets
+from fastlt.data.transforms import NORMALIZATION
 
 
 def read_list_file(list_file):
@@ -55,6 +56,8 @@ class ListFileDataset(LongTailedDataset):
     >>> test = ListFileDataset("/data/ImageNet", "ImageNet_LT_test.txt", train_dataset=train)  # doctest: +SKIP
     """
 
+    normalization = NORMALIZATION["imagenet"]  # iNaturalist: pass NORMALIZATION["inaturalist"] to make_loader
+
     def __init__(self, root, list_file, num_classes=None, relabel_by_frequency=False, train_dataset=None,
                  skip_corrupt=False, transform=None):
         relative_paths, labels = read_list_file(list_file)
@@ -86,15 +89,21 @@ class ListFileDataset(LongTailedDataset):
         except OSError as error:
             return self._failed(path, error)
 
-    def __getitem__(self, index):
+    def load_image(self, index):
+        """The decoded RGB PIL image; None if unreadable and `skip_corrupt`."""
         from PIL import Image
 
         path = self.paths[index]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                return image.convert("RGB")
         except (OSError, SyntaxError, ValueError) as error:  # PIL raises all three on broken files
             return self._failed(path, error)
+
+    def __getitem__(self, index):
+        image = self.load_image(index)
+        if image is None:
+            return None
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.targets[index])
@@ -102,5 +111,5 @@ class ListFileDataset(LongTailedDataset):
     def _failed(self, path, error):
         if not self.skip_corrupt:
             raise RuntimeError(f"cannot read image {path}: {error}") from error
-        warnings.warn(f"skipping unreadable image {path}: {error}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"skipping unreadable image {path}: {error}", RuntimeWarning, stacklevel=4)
         return None

@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from fastlt.data.base import ArrayDataset, exponential_counts, long_tailed_subset, validate_targets
+from fastlt.data.transforms import NORMALIZATION
 
 SPLITS = ("train", "val", "test")
 _IDX_DTYPES = {0x08: np.uint8}
@@ -69,6 +70,8 @@ class MNISTLT(ArrayDataset):
     ((1236, 28, 28), [500, 299, 179, 107, 64, 38, 23, 13, 8, 5])
     """
 
+    normalization = NORMALIZATION["mnist"]
+
     def __init__(self, split="train", n_max=500, ratio=100, seed=0, val_per_class=20, root=None, transform=None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -95,6 +98,8 @@ class DigitsLT(ArrayDataset):
     >>> DigitsLT().class_counts.tolist()
     [150, 116, 89, 69, 53, 41, 32, 25, 19, 15]
     """
+
+    normalization = NORMALIZATION["digits"]
 
     def __init__(self, split="train", n_max=150, ratio=10, seed=0, val_per_class=5, test_per_class=20,
                  transform=None):

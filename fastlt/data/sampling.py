@@ -9,7 +9,8 @@ costs O(N + C) in numba, whatever the class count (no O(N*C) build, no 2**24 cap
 - ``progressive``: ``lam = (epoch - 1) / (total_epochs - 1)`` with 1-indexed epochs as the official code,
   ``p = (1 - lam) p_IB + lam p_CB``;
 - ``class_aware``: Decoupling's ClassAwareSampler: cycle a reshuffled class list and take ``samples_per_class``
-  (default 4) consecutive indices from each class.
+  (default 4) consecutive indices from each class;
+- ``sequential``: 0, 1, ..., N-1 (evaluation), sharded like the others.
 
 An epoch is a pure function of (seed, epoch): every DDP rank builds the same global order and keeps the slots
 ``rank::world_size`` (padded by wrapping, as `DistributedSampler`), so shards are disjoint and equal-length.
@@ -22,6 +23,7 @@ import torch
 from fastlt.data import _sampling_kernels as kernels
 
 STRATEGIES = (
+    "sequential",
     "instance_balanced",
     "class_balanced",
     "ride_balanced",
@@ -131,6 +133,8 @@ def global_epoch_indices(groups, strategy="class_balanced", *, epoch=0, seed=0, 
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     state = _epoch_state(seed, epoch)
+    if strategy == "sequential":
+        return np.resize(np.arange(groups.num_samples, dtype=np.int64), num_samples)
     if strategy == "class_aware":
         classes = np.flatnonzero(groups.class_counts).astype(np.int64)
         return kernels.draw_class_aware(groups.order.copy(), groups.offsets, classes, int(samples_per_class),
@@ -231,10 +235,15 @@ class LongTailSampler(torch.utils.data.Sampler):
             return self.num_samples // self.world_size
         return -(-self.num_samples // self.world_size)
 
-    def __iter__(self):
+    def iteration_indices(self):
+        """What the next iteration yields, as numpy: the current epoch from a loaded resume position (used once)."""
         start, self._resume_position = self._resume_position, 0
         self._yielded = start
-        for self._yielded, index in enumerate(self.indices(start=start).tolist(), start + 1):
+        return self.indices(start=start)
+
+    def __iter__(self):
+        indices = self.iteration_indices()
+        for self._yielded, index in enumerate(indices.tolist(), self._yielded + 1):
             yield index
 
     def state_dict(self, consumed=None):

@@ -1,0 +1,236 @@
+"""DALI pipelines fed in fastlt's sampler order (DALI readers cannot do class-balanced sampling).
+
+The sample order of each epoch comes from a `LongTailSampler` as a numpy array and enters the pipeline through
+`fn.external_source` in batches; the outputs leave through `DALIGenericIterator` as torch tensors, one epoch
+being exactly this rank's share of the sampler. Without a GPU the pipeline is CPU-only (`device_id=None`,
+`device="cpu"` decoding); with one, JPEGs are decoded with `device="mixed"` and augmented on the GPU.
+"""
+
+import collections
+import io
+import warnings
+
+import numpy as np
+import torch
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+except ImportError:  # the torch DataLoader path is used instead (fastlt.data.loaders)
+    fn = None
+
+
+def dali_available():
+    return fn is not None
+
+
+def _gpu_id():
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+class _OrderedSource:
+    """external_source callback: the next batch of this epoch's indices, then StopIteration.
+
+    It keeps the last few batches' indices so that a decode error inside DALI can be traced to a file.
+    """
+
+    def __init__(self, dataset, batch_size):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.indices = np.zeros(0, dtype=np.int64)
+        self.position = 0
+        self.recent = collections.deque(maxlen=4)
+        self.skipped = 0
+
+    def start(self, indices):
+        self.indices, self.position = indices, 0
+        self.recent.clear()
+
+    def __call__(self):
+        if self.position >= len(self.indices):
+            raise StopIteration
+        batch = self.indices[self.position: self.position + self.batch_size]
+        self.position += len(batch)
+        self.recent.append(batch)
+        return self.fetch(batch)
+
+
+class _ArraySource(_OrderedSource):
+    def fetch(self, batch):
+        images = self.dataset.images[batch]
+        if images.ndim == 3:
+            images = images[..., None]
+        return images, self.dataset.targets[batch].reshape(-1, 1)
+
+
+class _FileSource(_OrderedSource):
+    def fetch(self, batch):
+        encoded, labels = [], []
+        for index in batch.tolist():
+            data = self.dataset.read_bytes(index)
+            if data is not None and self.dataset.skip_corrupt and not _looks_decodable(data):
+                warnings.warn(f"skipping undecodable image {self.dataset.paths[index]}", RuntimeWarning)
+                data = None
+            if data is None:
+                self.skipped += 1
+                continue
+            encoded.append(data)
+            labels.append(np.array([self.dataset.targets[index]], dtype=np.int64))
+        if not encoded:  # every file of this batch was skipped
+            return self()
+        return encoded, labels
+
+    def explain(self, error):
+        """A decode error naming the first file of the recent batches that PIL cannot decode either."""
+        from PIL import Image
+
+        for batch in self.recent:
+            for index in batch.tolist():
+                path = self.dataset.paths[index]
+                try:
+                    with Image.open(path) as image:
+                        image.load()
+                except (OSError, SyntaxError, ValueError) as decode_error:
+                    return RuntimeError(f"cannot decode image {path}: {decode_error}")
+        return error
+
+
+def _looks_decodable(data):
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
+            image.verify()
+        return True
+    except Exception:  # noqa: BLE001  (PIL raises many types on broken files)
+        return False
+
+
+def _normalize(images, mean, std, channels_last, **crop):
+    return fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
+        mean=[255.0 * value for value in mean], std=[255.0 * value for value in std], **crop)
+
+
+def array_pipeline(source, batch_size, num_threads, seed, train, mean, std, image_shape, pad=4, rotation=0.0,
+                   channels_last=False):
+    """uint8 HWC arrays: pad-`pad` random crop + flip (+ rotation in [-rotation, rotation]) if `train`,
+    normalise, CHW (or HWC when `channels_last`) float32."""
+    device_id = _gpu_id()
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  exec_dynamic=True)
+    def pipeline():
+        images, labels = fn.external_source(source=source, num_outputs=2, batch=True, layout=["HWC", ""],
+                                            dtype=[types.UINT8, types.INT64])
+        if device_id is not None:
+            images = images.gpu()
+        if not train:
+            return _normalize(images, mean, std, channels_last), labels
+        if pad:
+            offsets = [float(value) for value in range(-pad, pad + 1)]
+            anchor = fn.random.uniform(values=offsets, shape=[2])
+            images = fn.slice(images, anchor, [float(size) for size in image_shape], axis_names="HW",
+                              out_of_bounds_policy="pad", fill_values=0, normalized_anchor=False,
+                              normalized_shape=False)
+        if rotation:
+            images = fn.rotate(images, angle=fn.random.uniform(range=(-rotation, rotation)), keep_size=True,
+                               fill_value=0, interp_type=types.INTERP_NN)
+        return _normalize(images, mean, std, channels_last, mirror=fn.random.coin_flip()), labels
+
+    return pipeline()
+
+
+def jpeg_pipeline(source, batch_size, num_threads, seed, train, mean, std, image_size=224, resize_size=256,
+                  color_jitter=0.0, channels_last=False):
+    """Encoded images: train = random-resized-crop decode + resize `image_size` + flip (+ color jitter),
+    test = decode + resize shorter side to `resize_size` + center crop `image_size`; normalise."""
+    device_id = _gpu_id()
+    decoder_device = "cpu" if device_id is None else "mixed"
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  exec_dynamic=True)
+    def pipeline():
+        encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True,
+                                             dtype=[types.UINT8, types.INT64])
+        if not train:
+            images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+            images = fn.resize(images, resize_shorter=resize_size, antialias=True)
+            return _normalize(images, mean, std, channels_last, crop=(image_size, image_size)), labels
+        # decoding only the random crop window is DALI's fast path for RandomResizedCrop
+        images = fn.decoders.image_random_crop(encoded, device=decoder_device, output_type=types.RGB,
+                                               random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
+        images = fn.resize(images, size=[image_size, image_size], antialias=True)
+        if color_jitter:
+            def factor():
+                return fn.random.uniform(range=(1 - color_jitter, 1 + color_jitter))
+
+            images = fn.color_twist(images, brightness=factor(), contrast=factor(), saturation=factor())
+        return _normalize(images, mean, std, channels_last, mirror=fn.random.coin_flip()), labels
+
+    return pipeline()
+
+
+class DALILoader:
+    """Iterable of (float32 images [B, C, H, W], int64 labels [B]) from a DALI pipeline in `sampler` order.
+
+    Build it with `fastlt.data.make_loader(..., loader="dali")`. One pass = this rank's share of the sampler's
+    current epoch (call `set_epoch`); `skipped` counts files dropped with `skip_corrupt=True`.
+    """
+
+    backend = "dali"
+
+    def __init__(self, dataset, sampler, batch_size, train, mean, std, num_threads=2, seed=0, drop_last=False,
+                 channels_last=False, **augment):
+        if not dali_available():
+            raise RuntimeError("loader='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130")
+        self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
+        self.channels_last = channels_last
+        if hasattr(dataset, "images"):
+            self.source = _ArraySource(dataset, batch_size)
+            image_shape = dataset.images.shape[1:3]
+            self._make_pipeline = lambda: array_pipeline(self.source, batch_size, num_threads, seed, train, mean,
+                                                         std, image_shape, channels_last=channels_last, **augment)
+        else:
+            self.source = _FileSource(dataset, batch_size)
+            self._make_pipeline = lambda: jpeg_pipeline(self.source, batch_size, num_threads, seed, train, mean,
+                                                        std, channels_last=channels_last, **augment)
+        self._iterator = None
+        self._epoch_done = False
+
+    @property
+    def skipped(self):
+        return self.source.skipped
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        samples = len(self.sampler)
+        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
+
+    def __iter__(self):
+        indices = self.sampler.iteration_indices()
+        if self.drop_last:
+            indices = indices[: len(indices) // self.batch_size * self.batch_size]
+        self.source.start(indices)
+        if self._iterator is not None and self._epoch_done:
+            self._iterator.reset()
+        else:  # first epoch, or the last one was left half-read: its prefetched batches must not leak
+            self._iterator = DALIGenericIterator([self._make_pipeline()], ["images", "labels"], size=-1,
+                                                 auto_reset=False, last_batch_policy=LastBatchPolicy.PARTIAL,
+                                                 prepare_first_batch=False)
+        self._epoch_done = False
+        try:
+            for (batch,) in self._iterator:
+                images = batch["images"]
+                if self.channels_last:
+                    images = images.permute(0, 3, 1, 2)
+                yield images, batch["labels"].view(-1)
+        except RuntimeError as error:
+            self._iterator = None
+            explained = self.source.explain(error) if hasattr(self.source, "explain") else error
+            if explained is error:
+                raise
+            raise explained from error
+        self._epoch_done = True

@@ -1,0 +1,115 @@
+"""`make_loader`: one call for a DALI or torch DataLoader pipeline with the same sampler and augmentations."""
+
+import torch
+
+from fastlt.data.dali import DALILoader, dali_available
+from fastlt.data.sampling import LongTailSampler
+from fastlt.data.transforms import ArrayBatchAugment, jpeg_transform
+
+LOADERS = ("auto", "dali", "torch")
+
+
+def make_loader(dataset, batch_size, *, train, sampler=None, loader="auto", mean=None, std=None, seed=0,
+                num_threads=2, num_workers=2, drop_last=False, channels_last=False, **augment):
+    """A loader yielding (float32 images [B, C, H, W], int64 labels [B]) in `sampler` order.
+
+    `dataset`: an array dataset (MNIST-LT, CIFAR-LT, ...: pad-4 crop + flip, `rotation=15` for RIDE's CIFAR
+    recipe) or a `ListFileDataset` (RandomResizedCrop `image_size` + flip, `color_jitter=0.4` for ImageNet-LT /
+    Places-LT; eval: resize `resize_size` + center crop). `sampler` defaults to instance-balanced shuffling when
+    `train`, else the sequential order. `loader="auto"` picks DALI when installed, else torch; `mean`/`std`
+    default to the dataset's `normalization`. `channels_last` gives NCHW tensors in channels-last memory.
+
+    >>> from fastlt.data import MNISTLT, LongTailSampler
+    >>> train = MNISTLT(split="train")
+    >>> sampler = LongTailSampler(train, strategy="class_balanced", seed=0)
+    >>> images, labels = next(iter(make_loader(train, 64, train=True, sampler=sampler, loader="torch")))
+    >>> images.shape, images.dtype, labels.shape
+    (torch.Size([64, 1, 28, 28]), torch.float32, torch.Size([64]))
+    """
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if sampler is None:
+        sampler = LongTailSampler(dataset, strategy="instance_balanced" if train else "sequential", seed=seed)
+    default_mean, default_std = dataset.normalization
+    mean, std = mean or default_mean, std or default_std
+    if loader == "auto":
+        loader = "dali" if dali_available() else "torch"
+    options = dict(mean=mean, std=std, drop_last=drop_last, channels_last=channels_last, **augment)
+    if loader == "dali":
+        return DALILoader(dataset, sampler, batch_size, train, num_threads=num_threads, seed=seed, **options)
+    return TorchLoader(dataset, sampler, batch_size, train, num_workers=num_workers, **options)
+
+
+class _ArrayItems(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.images, self.targets = dataset.images, dataset.targets
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        image = torch.from_numpy(self.images[index])
+        return image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1), int(self.targets[index])
+
+
+class _ImageItems(torch.utils.data.Dataset):
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image = self.dataset.load_image(index)
+        return None if image is None else (self.transform(image), int(self.dataset.targets[index]))
+
+
+class _Collate:
+    """Stacks a batch (dropping samples a `skip_corrupt` dataset returned as None), then augments uint8 arrays."""
+
+    def __init__(self, augment=None):
+        self.augment = augment
+
+    def __call__(self, samples):
+        kept = [sample for sample in samples if sample is not None]
+        if not kept:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.int64), len(samples)
+        images = torch.stack([image for image, _ in kept])
+        labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
+        return (images if self.augment is None else self.augment(images)), labels, len(samples) - len(kept)
+
+
+class TorchLoader:
+    """The torch `DataLoader` path: same sampler, same augmentations as `DALILoader`; `skipped` counts samples
+    dropped with `skip_corrupt=True`."""
+
+    backend = "torch"
+
+    def __init__(self, dataset, sampler, batch_size, train, mean, std, num_workers=2, drop_last=False,
+                 channels_last=False, pad=4, rotation=0.0, image_size=224, resize_size=256, color_jitter=0.0):
+        self.sampler, self.batch_size, self.drop_last, self.channels_last = sampler, batch_size, drop_last, channels_last
+        if hasattr(dataset, "images"):
+            items = _ArrayItems(dataset)
+            collate = _Collate(ArrayBatchAugment(train, mean, std, pad=pad, rotation=rotation))
+        else:
+            items = _ImageItems(dataset, jpeg_transform(train, mean, std, image_size, resize_size, color_jitter))
+            collate = _Collate()
+        self.loader = torch.utils.data.DataLoader(
+            items, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+            drop_last=drop_last, persistent_workers=num_workers > 0)
+        self.skipped = 0
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels, skipped in self.loader:
+            self.skipped += skipped
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, labels

@@ -1,0 +1,149 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fastlt.data.dali as dali_module
+import fastlt.data.loaders as loaders_module
+from fastlt.data import DigitsLT, ListFileDataset, LongTailSampler, MNISTLT, make_loader
+
+
+@pytest.fixture(scope="module")
+def mnist_train():
+    return MNISTLT(split="train")
+
+
+def run_epoch(loader, epoch=None):
+    if epoch is not None:
+        loader.set_epoch(epoch)
+    batches = list(loader)
+    return torch.cat([images for images, _ in batches]), torch.cat([labels for _, labels in batches]), batches
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_array_pipeline_shapes_labels_and_epoch_length(mnist_train, backend):
+    sampler = LongTailSampler(mnist_train, strategy="class_balanced", seed=4, num_samples=1000)
+    loader = make_loader(mnist_train, 96, train=True, sampler=sampler, loader=backend, rotation=15, num_workers=0)
+    assert loader.backend == backend
+    images, labels, batches = run_epoch(loader, epoch=2)
+    assert len(batches) == len(loader) == 11 and [len(b[1]) for b in batches][-1] == 1000 - 10 * 96
+    assert images.shape == (1000, 1, 28, 28) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert np.array_equal(labels.numpy(), mnist_train.targets[sampler.indices(2)])
+    assert np.bincount(labels.numpy(), minlength=10).min() > 60  # class-balanced, not the 500..5 profile
+    assert abs(images.mean().item()) < 0.3 and 0.7 < images.std().item() < 1.3  # normalised
+
+
+def test_torch_and_dali_agree_on_labels_and_eval_images(mnist_train):
+    outputs = {}
+    for backend in ("dali", "torch"):
+        sampler = LongTailSampler(mnist_train, strategy="square_root", seed=9)
+        train_labels = run_epoch(make_loader(mnist_train, 128, train=True, sampler=sampler, loader=backend,
+                                             num_workers=0), epoch=3)[1]
+        eval_images, eval_labels, _ = run_epoch(make_loader(mnist_train, 128, train=False, loader=backend,
+                                                            num_workers=0))
+        outputs[backend] = train_labels, eval_images, eval_labels
+    assert torch.equal(outputs["dali"][0], outputs["torch"][0])
+    assert torch.equal(outputs["dali"][2], outputs["torch"][2])
+    mean, std = mnist_train.normalization
+    expected = (torch.from_numpy(mnist_train.images).float().unsqueeze(1) / 255 - mean[0]) / std[0]
+    for backend in ("dali", "torch"):
+        assert torch.allclose(outputs[backend][1], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_array_train_augmentation_is_crop_and_flip(backend):
+    digits = DigitsLT(split="train")
+    loader = make_loader(digits, 64, train=True, loader=backend, sampler=LongTailSampler(digits, strategy="sequential"),
+                         mean=(0.0,), std=(1.0 / 255,), num_workers=0)
+    images, _, _ = run_epoch(loader)
+    source = torch.from_numpy(digits.images).float()
+    padded = torch.nn.functional.pad(source, (4, 4, 4, 4))
+    windows = padded.unfold(1, 8, 1).unfold(2, 8, 1)  # [N, 9, 9, 8, 8]: every pad-4 crop
+    out = images[:, 0]
+    match = (windows == out[:, None, None]).flatten(3).all(-1).flatten(1).any(1)
+    match |= (windows.flip(-1) == out[:, None, None]).flatten(3).all(-1).flatten(1).any(1)
+    assert match.all()
+    assert (out != source).flatten(1).any(1).float().mean() > 0.5  # most images were moved or flipped
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_jpeg_pipeline(jpeg_tree, backend):
+    root, list_file, counts = jpeg_tree
+    dataset = ListFileDataset(root, list_file)
+    sampler = LongTailSampler(dataset, strategy="class_aware", seed=1, num_samples=max(counts) * len(counts))
+    loader = make_loader(dataset, 32, train=True, sampler=sampler, loader=backend, image_size=32,
+                         color_jitter=0.4, num_workers=2, channels_last=True)
+    images, labels, batches = run_epoch(loader, epoch=1)
+    assert len(batches) == len(loader) == 7 and images.shape == (200, 3, 32, 32)
+    assert batches[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert np.array_equal(labels.numpy(), dataset.targets[sampler.indices(1)])
+    assert np.bincount(labels.numpy()).tolist() == [40] * 5
+    test_images, test_labels, _ = run_epoch(make_loader(dataset, 16, train=False, loader=backend, image_size=24,
+                                                        resize_size=28, num_workers=0, drop_last=True))
+    assert test_images.shape == (80, 3, 24, 24) and test_labels.tolist() == dataset.targets[:80].tolist()
+
+
+def test_jpeg_eval_images_agree_between_backends(jpeg_tree):
+    root, list_file, _ = jpeg_tree
+    dataset = ListFileDataset(root, list_file)
+    dali_images, _, _ = run_epoch(make_loader(dataset, 16, train=False, loader="dali", image_size=32,
+                                              resize_size=36))
+    torch_images, _, _ = run_epoch(make_loader(dataset, 16, train=False, loader="torch", image_size=32,
+                                               resize_size=36, num_workers=0))
+    assert (dali_images - torch_images).abs().mean() < 0.1  # two resize implementations, same recipe
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_ddp_shard_and_mid_epoch_resume(mnist_train, backend):
+    sampler = LongTailSampler(mnist_train, strategy="class_balanced", seed=2, rank=1, world_size=3)
+    sampler.load_state_dict({"epoch": 4, "seed": 2, "position": 256})
+    loader = make_loader(mnist_train, 128, train=True, sampler=sampler, loader=backend, num_workers=0)
+    _, labels, _ = run_epoch(loader)
+    shard = mnist_train.targets[sampler.indices(4)]
+    assert len(shard) == 412 and np.array_equal(labels.numpy(), shard[256:])
+    _, labels, _ = run_epoch(loader)  # the next pass is a whole epoch again
+    assert np.array_equal(labels.numpy(), shard)
+
+
+def test_dali_half_read_epoch_does_not_leak(mnist_train):
+    sampler = LongTailSampler(mnist_train, strategy="class_balanced", seed=0)
+    loader = make_loader(mnist_train, 64, train=True, sampler=sampler, loader="dali")
+    next(iter(loader))
+    _, labels, _ = run_epoch(loader, epoch=1)
+    assert np.array_equal(labels.numpy(), mnist_train.targets[sampler.indices(1)])
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_corrupt_and_missing_images(tmp_path, jpeg_tree, backend):
+    root, _, _ = jpeg_tree
+    good = os.path.join(root, "class 0", "img 1.jpg")
+    (tmp_path / "truncated.jpg").write_bytes(open(good, "rb").read()[:300])
+    (tmp_path / "garbage.jpg").write_bytes(b"not an image" * 20)
+    os.symlink(good, tmp_path / "good.jpg")
+    listing = tmp_path / "list.txt"
+    for bad in ("truncated.jpg", "garbage.jpg", "missing one.jpg"):
+        listing.write_text(f"good.jpg 0\n{bad} 1\ngood.jpg 1\n")
+        loader = make_loader(ListFileDataset(str(tmp_path), str(listing)), 2, train=False, loader=backend,
+                             image_size=16, resize_size=16, num_workers=0)
+        with pytest.raises(RuntimeError, match=bad):
+            run_epoch(loader)
+    listing.write_text("good.jpg 0\ntruncated.jpg 1\ngarbage.jpg 1\nmissing one.jpg 0\ngood.jpg 1\n")
+    loader = make_loader(ListFileDataset(str(tmp_path), str(listing), skip_corrupt=True), 2, train=False,
+                         loader=backend, image_size=16, resize_size=16, num_workers=0)
+    with pytest.warns(RuntimeWarning, match="skipping"):
+        _, labels, _ = run_epoch(loader)
+    assert labels.tolist() == [0, 1] and loader.skipped == 3
+
+
+def test_auto_falls_back_to_torch_without_dali(mnist_train, monkeypatch):
+    assert make_loader(mnist_train, 8, train=True).backend == "dali"
+    monkeypatch.setattr(loaders_module, "dali_available", lambda: False)
+    assert make_loader(mnist_train, 8, train=True).backend == "torch"
+    monkeypatch.setattr(dali_module, "fn", None)
+    with pytest.raises(RuntimeError, match="DALI"):
+        make_loader(mnist_train, 8, train=True, loader="dali")
+    with pytest.raises(ValueError, match="loader"):
+        make_loader(mnist_train, 8, train=True, loader="ffcv")
+    with pytest.raises(ValueError, match="batch_size"):
+        make_loader(mnist_train, 0, train=True)
