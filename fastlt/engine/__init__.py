@@ -1,0 +1,33 @@
+"""Training engine: optimizer, lr schedules, AMP, channels_last / torch.compile, DDP, exact checkpoints, run folder,
+training and prediction loops, and the many / medium / few evaluation."""
+
+from fastlt.engine.acceleration import maybe_compile, prepare_model, unwrap_model
+from fastlt.engine.amp import autocast, grad_scaler
+from fastlt.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from fastlt.engine.distributed import DistributedContext, all_gather_concat, init_distributed, wrap_model
+from fastlt.engine.loop import predict, train_one_epoch
+from fastlt.engine.optim import build_sgd
+from fastlt.engine.run_folder import RunFolder, read_metrics
+from fastlt.engine.schedules import build_schedule
+
+__all__ = [
+    "DistributedContext",
+    "RunFolder",
+    "all_gather_concat",
+    "autocast",
+    "build_schedule",
+    "build_sgd",
+    "capture_rng_state",
+    "grad_scaler",
+    "init_distributed",
+    "load_checkpoint",
+    "maybe_compile",
+    "predict",
+    "prepare_model",
+    "read_metrics",
+    "restore_rng_state",
+    "save_checkpoint",
+    "train_one_epoch",
+    "unwrap_model",
+    "wrap_model",
+]

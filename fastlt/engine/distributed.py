@@ -1,0 +1,86 @@
+"""DDP through torchrun: gloo on CPU, nccl on GPU, everything read from torchrun's environment variables.
+
+    torchrun --nproc_per_node 2 -m fastlt.cli train --config ...    # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
+
+A plain `python` run (no WORLD_SIZE) is a world of one and never touches torch.distributed.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the run folder, checkpoints and the progress bar."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistributedContext:
+    """Joins the process group torchrun describes (env://), or returns a single-process context.
+
+    device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". The backend follows the device: nccl for CUDA,
+    gloo for CPU. Each CUDA rank uses GPU LOCAL_RANK.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    target = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(target)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
+                                rank=rank, world_size=world_size)
+    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
+
+
+def wrap_model(model: nn.Module, context: DistributedContext, **ddp_options) -> nn.Module:
+    """DistributedDataParallel over `model` (already on context.device) when the world has more than one rank.
+
+    Gradients are averaged over ranks, so a run on W ranks with per-rank batch B matches a 1-rank run with batch
+    W*B, up to BatchNorm (per-rank statistics, as the papers' DataParallel / DDP runs).
+    """
+    if not context.is_distributed:
+        return model
+    device_ids = [context.device.index] if context.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **ddp_options)
+
+
+def all_gather_concat(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    """Concatenates every rank's tensor along dim 0 (rank order); rows per rank may differ (e.g. eval shards)."""
+    if not context.is_distributed:
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(context.world_size)]
+    dist.all_gather(sizes, size)
+    longest = int(max(sizes).item())
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in range(context.world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[: int(rows.item())] for part, rows in zip(gathered, sizes)])
+
+
+def barrier(context: DistributedContext) -> None:
+    if context.is_distributed:
+        dist.barrier()
+
+
+def shutdown(context: DistributedContext) -> None:
+    if context.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,80 @@
+"""A run folder: the resolved config (config.yaml), one JSON line per logged record (metrics.jsonl), a tqdm
+progress bar and, optionally, TensorBoard scalars. Only the main rank writes; other ranks get no-ops.
+
+>>> run = RunFolder("runs/ce_mnist", config={"model": "small_cnn", "lr": 0.1})
+>>> for images, targets in run.progress(loader, desc="epoch 1"):
+...     ...
+>>> run.log({"epoch": 1, "train_loss": 0.52})
+"""
+
+import json
+import os
+import time
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+
+class RunFolder:
+    def __init__(self, root: str, config: Optional[dict] = None, *, is_main: bool = True, tensorboard: bool = False):
+        self.root = root
+        self.is_main = is_main
+        self.start_time = time.time()
+        self.tensorboard = None
+        if not is_main:
+            return
+        os.makedirs(root, exist_ok=True)
+        if config is not None:
+            with open(self.path("config.yaml"), "w") as handle:
+                yaml.safe_dump(plain(config), handle, sort_keys=False)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise ImportError("RunFolder: tensorboard=True needs the tensorboard package (pip install tensorboard)") from error
+            self.tensorboard = SummaryWriter(self.path("tensorboard"))
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def log(self, record: dict) -> None:
+        """Appends `record` plus elapsed seconds to metrics.jsonl; numeric values also go to TensorBoard at
+        record["step"] (or record["epoch"])."""
+        if not self.is_main:
+            return
+        record = {**plain(record), "elapsed_s": round(time.time() - self.start_time, 3)}
+        with open(self.path("metrics.jsonl"), "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            step = record.get("step", record.get("epoch", 0))
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
+
+    def progress(self, iterable: Iterable, desc: str = "", total: Optional[int] = None) -> tqdm:
+        return tqdm(iterable, desc=desc, total=total, disable=not self.is_main, dynamic_ncols=True, leave=False)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def read_metrics(path: str) -> list:
+    """The records of a metrics.jsonl file, in order."""
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def plain(value):
+    """Tuples, NumPy and torch scalars / arrays turned into the lists, ints and floats YAML and JSON accept."""
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, (np.ndarray, np.generic, torch.Tensor)):
+        return plain(value.tolist())
+    return value

@@ -1,0 +1,137 @@
+"""Resuming from a checkpoint continues training bit for bit on CPU, and a crash mid-save keeps the old file."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlt.engine import build_schedule, build_sgd, grad_scaler, load_checkpoint, save_checkpoint, train_one_epoch
+from fastlt.models import create_model
+
+
+class ResumableShuffle(torch.utils.data.Sampler):
+    """A seeded per-epoch permutation that can restart mid-epoch (the interface fastlt.data samplers provide)."""
+
+    def __init__(self, size, seed=0):
+        self.size, self.seed, self.epoch, self.position = size, seed, 0, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        start, self.position = self.position, 0
+        return iter(order[start:])
+
+    def state_dict(self, consumed=None):
+        return {"epoch": self.epoch, "position": consumed or 0}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+class NoisyDigits(torch.utils.data.Dataset):
+    """Fixed images plus augmentation noise drawn from the global torch / numpy / python generators, so the test
+    fails if any RNG state is not restored."""
+
+    def __init__(self, size=48):
+        generator = torch.Generator().manual_seed(1)
+        self.images = torch.randn(size, 1, 28, 28, generator=generator)
+        self.targets = torch.randint(0, 10, (size,), generator=generator)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        noise = 0.1 * torch.randn(1, 28, 28) + float(np.random.rand()) * 0.01 + random.random() * 0.01
+        return self.images[index] + noise, self.targets[index]
+
+
+BATCH = 8  # 6 steps per epoch
+
+
+def make_run(seed):
+    torch.manual_seed(seed)
+    model = create_model("small_cnn", num_classes=10)
+    optimizer = build_sgd(model, lr=0.05, weight_decay=5e-4, nesterov=True)
+    sampler = ResumableShuffle(48, seed=3)
+    loader = torch.utils.data.DataLoader(NoisyDigits(), batch_size=BATCH, sampler=sampler)
+    schedule = build_schedule("ride_custom", 4, warmup_epochs=2, milestones=(3,), gamma=0.1)
+    return model, optimizer, sampler, loader, schedule
+
+
+def train(model, optimizer, sampler, loader, schedule, epochs, stop_after=None, on_step=None):
+    """Epochs from sampler.epoch; `stop_after` steps into the last epoch simulates the interruption."""
+    for epoch in epochs:
+        if sampler.position == 0:  # a resumed sampler already knows its epoch and position
+            sampler.set_epoch(epoch)
+        schedule.apply(optimizer, epoch)
+        train_one_epoch(model, loader, lambda output, y: F.cross_entropy(output.logits, y), optimizer,
+                        device=torch.device("cpu"), max_steps=stop_after, on_step=on_step)
+
+
+def full_state(model, optimizer):
+    tensors = dict(model.state_dict())
+    for index, state in optimizer.state_dict()["state"].items():
+        tensors[f"optimizer.{index}"] = state["momentum_buffer"]
+    return tensors
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path):
+    path = str(tmp_path / "last.pt")
+    random.seed(0), np.random.seed(0)
+    model, optimizer, sampler, loader, schedule = make_run(seed=0)
+    scaler = grad_scaler("cpu", "fp32")
+    train(model, optimizer, sampler, loader, schedule, epochs=[0])
+    # interrupted 2 steps into epoch 1: checkpoint exactly there, as a trainer's on_step hook would
+    sampler.set_epoch(1)
+    train(model, optimizer, sampler, loader, schedule, epochs=[1], stop_after=2)
+    save_checkpoint(path, model=model, optimizer=optimizer, scaler=scaler, schedule=schedule, sampler=sampler,
+                    sampler_consumed=2 * BATCH, epoch=1, step=8)
+    # the uninterrupted run goes on: rest of epoch 1 (fresh iterator restarts the sampler, so resume it by hand)
+    sampler.position = 2 * BATCH
+    train(model, optimizer, sampler, loader, schedule, epochs=[1])
+    train(model, optimizer, sampler, loader, schedule, epochs=[2, 3])
+    expected = full_state(model, optimizer)
+
+    random.seed(123), np.random.seed(123)  # a new process: different RNG states and initial weights
+    model, optimizer, sampler, loader, schedule = make_run(seed=99)
+    state = load_checkpoint(path, model=model, optimizer=optimizer, scaler=grad_scaler("cpu", "fp32"),
+                            sampler=sampler)
+    assert (state["epoch"], state["step"], sampler.position) == (1, 8, 2 * BATCH)
+    train(model, optimizer, sampler, loader, schedule, epochs=[1])
+    train(model, optimizer, sampler, loader, schedule, epochs=[2, 3])
+    resumed = full_state(model, optimizer)
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+
+
+def test_rng_states_round_trip(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(str(tmp_path / "c.pt"), model=model, epoch=0, step=0)
+    drawn = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    load_checkpoint(str(tmp_path / "c.pt"), model=model)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == drawn
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    model = torch.nn.Linear(3, 2)
+    save_checkpoint(path, model=model, epoch=1, step=10)
+
+    def crash(obj, handle, *args, **kwargs):
+        handle.write(b"partial")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model=model, epoch=2, step=20)
+    monkeypatch.undo()
+    assert load_checkpoint(path, model=model)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

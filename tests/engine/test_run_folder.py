@@ -1,0 +1,26 @@
+import numpy as np
+import torch
+import yaml
+
+from fastlt.engine import RunFolder, read_metrics
+
+
+def test_run_folder_writes_resolved_config_and_metrics(tmp_path):
+    config = {"model": "ride_resnet32", "schedule": {"milestones": (160, 180), "gamma": 0.01}, "lr": np.float32(0.5)}
+    run = RunFolder(str(tmp_path / "run"), config=config)
+    run.log({"epoch": 1, "train_loss": torch.tensor(0.25), "per_class": np.array([1.0, 0.5])})
+    run.log({"epoch": 2, "train_loss": 0.125})
+    with open(run.path("config.yaml")) as handle:
+        assert yaml.safe_load(handle) == {"model": "ride_resnet32", "schedule": {"milestones": [160, 180],
+                                                                                 "gamma": 0.01}, "lr": 0.5}
+    records = read_metrics(run.path("metrics.jsonl"))
+    assert [record["epoch"] for record in records] == [1, 2]
+    assert records[0]["train_loss"] == 0.25 and records[0]["per_class"] == [1.0, 0.5] and "elapsed_s" in records[0]
+    assert list(run.progress(range(3), desc="epoch 1")) == [0, 1, 2]
+
+
+def test_non_main_ranks_write_nothing(tmp_path):
+    run = RunFolder(str(tmp_path / "run"), config={"a": 1}, is_main=False)
+    run.log({"epoch": 1})
+    assert not (tmp_path / "run").exists()
+    assert list(run.progress([1, 2])) == [1, 2]
