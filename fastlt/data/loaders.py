@@ -89,7 +89,7 @@ class TorchLoader:
 
     def __init__(self, dataset, sampler, batch_size, train, mean, std, num_workers=2, drop_last=False,
                  channels_last=False, pad=4, rotation=0.0, image_size=224, resize_size=256, color_jitter=0.0):
-        self.sampler, self.batch_size, self.drop_last, self.channels_last = sampler, batch_size, drop_last, channels_last
+        self.sampler, self.batch_size, self.channels_last = sampler, batch_size, channels_last
         if hasattr(dataset, "images"):
             items = _ArrayItems(dataset)
             collate = _Collate(ArrayBatchAugment(train, mean, std, pad=pad, rotation=rotation))

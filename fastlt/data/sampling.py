@@ -17,6 +17,8 @@ An epoch is a pure function of (seed, epoch): every DDP rank builds the same glo
 Classes with no samples are never drawn.
 """
 
+import operator
+
 import numpy as np
 import torch
 
@@ -134,7 +136,7 @@ def global_epoch_indices(groups, strategy="class_balanced", *, epoch=0, seed=0, 
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     state = _epoch_state(seed, epoch)
     if strategy == "sequential":
-        return np.resize(np.arange(groups.num_samples, dtype=np.int64), num_samples)
+        return np.arange(num_samples, dtype=np.int64) % groups.num_samples
     if strategy == "class_aware":
         classes = np.flatnonzero(groups.class_counts).astype(np.int64)
         return kernels.draw_class_aware(groups.order.copy(), groups.offsets, classes, int(samples_per_class),
@@ -163,7 +165,9 @@ def shard(global_indices, rank=0, world_size=1, drop_last=False):
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     total = len(global_indices)
     per_rank = total // world_size if drop_last else -(-total // world_size)
-    padded = np.resize(global_indices, per_rank * world_size) if total else global_indices[:0]
+    padded = global_indices[: per_rank * world_size]
+    if len(padded) < per_rank * world_size:  # fewer than world_size slots missing: wrap around
+        padded = np.concatenate([padded, global_indices[np.arange(per_rank * world_size - total) % total]])
     return padded[rank::world_size]
 
 
@@ -218,7 +222,7 @@ class LongTailSampler(torch.utils.data.Sampler):
         self.options = {"q": q, "total_epochs": total_epochs, "samples_per_class": samples_per_class}
         self.epoch = 1 if strategy == "progressive" else 0
         self._resume_position = 0
-        self._yielded = 0
+        self._iteration = (0, 0, iter(()))  # (start, end, iterator) of the current pass, for state_dict
 
     def indices(self, epoch=None, start=0):
         """This rank's indices for `epoch` (default: the current one) from position `start`, as numpy int64."""
@@ -238,16 +242,23 @@ class LongTailSampler(torch.utils.data.Sampler):
     def iteration_indices(self):
         """What the next iteration yields, as numpy: the current epoch from a loaded resume position (used once)."""
         start, self._resume_position = self._resume_position, 0
-        self._yielded = start
+        self._iteration = (start, start, iter(()))
         return self.indices(start=start)
 
     def __iter__(self):
         indices = self.iteration_indices()
-        for self._yielded, index in enumerate(indices.tolist(), self._yielded + 1):
-            yield index
+        start = self._iteration[0]
+        iterator = iter(indices.tolist())  # a plain list iterator: no Python code runs per sample
+        self._iteration = (start, start + len(indices), iterator)
+        return iterator
+
+    def _position(self):
+        """Samples of this epoch yielded so far: the list iterator knows how many it has left."""
+        _, end, iterator = self._iteration
+        return end - operator.length_hint(iterator)
 
     def state_dict(self, consumed=None):
-        return {"epoch": self.epoch, "seed": self.seed, "position": self._yielded if consumed is None else consumed}
+        return {"epoch": self.epoch, "seed": self.seed, "position": self._position() if consumed is None else consumed}
 
     def load_state_dict(self, state):
         if state["seed"] != self.seed:
@@ -256,4 +267,4 @@ class LongTailSampler(torch.utils.data.Sampler):
             raise ValueError(f"sampler position {state['position']} is outside this rank's epoch of {len(self)}")
         self.epoch = state["epoch"]
         self._resume_position = state["position"]
-        self._yielded = state["position"]
+        self._iteration = (state["position"], state["position"], iter(()))

@@ -54,8 +54,9 @@ def test_torch_and_dali_agree_on_labels_and_eval_images(mnist_train):
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_array_train_augmentation_is_crop_and_flip(backend):
     digits = DigitsLT(split="train")
-    loader = make_loader(digits, 64, train=True, loader=backend, sampler=LongTailSampler(digits, strategy="sequential"),
-                         mean=(0.0,), std=(1.0 / 255,), num_workers=0)
+    sampler = LongTailSampler(digits, strategy="sequential")
+    loader = make_loader(digits, 64, train=True, loader=backend, sampler=sampler, mean=(0.0,), std=(1.0 / 255,),
+                         num_workers=0)
     images, _, _ = run_epoch(loader)
     source = torch.from_numpy(digits.images).float()
     padded = torch.nn.functional.pad(source, (4, 4, 4, 4))
