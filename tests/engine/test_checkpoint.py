@@ -9,48 +9,7 @@ import torch.nn.functional as F
 
 from fastlt.engine import build_schedule, build_sgd, grad_scaler, load_checkpoint, save_checkpoint, train_one_epoch
 from fastlt.models import create_model
-
-
-class ResumableShuffle(torch.utils.data.Sampler):
-    """A seeded per-epoch permutation that can restart mid-epoch (the interface fastlt.data samplers provide)."""
-
-    def __init__(self, size, seed=0):
-        self.size, self.seed, self.epoch, self.position = size, seed, 0, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.size
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        start, self.position = self.position, 0
-        return iter(order[start:])
-
-    def state_dict(self, consumed=None):
-        return {"epoch": self.epoch, "position": consumed or 0}
-
-    def load_state_dict(self, state):
-        self.epoch, self.position = state["epoch"], state["position"]
-
-
-class NoisyDigits(torch.utils.data.Dataset):
-    """Fixed images plus augmentation noise drawn from the global torch / numpy / python generators, so the test
-    fails if any RNG state is not restored."""
-
-    def __init__(self, size=48):
-        generator = torch.Generator().manual_seed(1)
-        self.images = torch.randn(size, 1, 28, 28, generator=generator)
-        self.targets = torch.randint(0, 10, (size,), generator=generator)
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, index):
-        noise = 0.1 * torch.randn(1, 28, 28) + float(np.random.rand()) * 0.01 + random.random() * 0.01
-        return self.images[index] + noise, self.targets[index]
-
+from toy import Digits, ResumableShuffle
 
 BATCH = 8  # 6 steps per epoch
 
@@ -60,7 +19,7 @@ def make_run(seed):
     model = create_model("small_cnn", num_classes=10)
     optimizer = build_sgd(model, lr=0.05, weight_decay=5e-4, nesterov=True)
     sampler = ResumableShuffle(48, seed=3)
-    loader = torch.utils.data.DataLoader(NoisyDigits(), batch_size=BATCH, sampler=sampler)
+    loader = torch.utils.data.DataLoader(Digits(), batch_size=BATCH, sampler=sampler)
     schedule = build_schedule("ride_custom", 4, warmup_epochs=2, milestones=(3,), gamma=0.1)
     return model, optimizer, sampler, loader, schedule
 

@@ -5,12 +5,10 @@ import socket
 import subprocess
 import sys
 
+import ddp_worker
 import torch
 
 from fastlt.engine import init_distributed, wrap_model
-
-sys.path.insert(0, os.path.dirname(__file__))  # the worker is a script beside this file, not a package module
-import ddp_worker  # noqa: E402
 
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

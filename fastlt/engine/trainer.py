@@ -1,0 +1,130 @@
+"""`fit`: the epoch loop that ties the engine together: schedule, sampler epochs, training, validation, model
+selection, checkpoints and resuming.
+
+Epochs are 0-based everywhere in fastlt (schedules, checkpoints, metrics.jsonl); a sampler is told `epoch + 1`
+because the official progressive-balanced sampler counts epochs from 1.
+
+Model selection: with a validation loader, `best.pt` holds the epoch with the best validation accuracy; without
+one, the last epoch is the model. The test set is never looked at here.
+
+>>> result = fit(model, loss_fn, optimizer, schedule, train_loader, epochs=200, device=torch.device("cpu"),
+...              run=RunFolder("runs/ride"), sampler=sampler, val_loader=val_loader, class_counts=counts)
+>>> result["selected_checkpoint"]
+'runs/ride/best.pt'
+"""
+
+import math
+import os
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from fastlt.engine.acceleration import unwrap_model
+from fastlt.engine.amp import grad_scaler
+from fastlt.engine.checkpoint import load_checkpoint, save_checkpoint
+from fastlt.engine.distributed import DistributedContext, barrier
+from fastlt.engine.evaluate import evaluate_logits
+from fastlt.engine.loop import predict, train_one_epoch
+from fastlt.engine.run_folder import RunFolder
+
+SINGLE_PROCESS = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: Callable,
+    optimizer: torch.optim.Optimizer,
+    schedule,
+    train_loader,
+    *,
+    epochs: int,
+    device: torch.device,
+    run: RunFolder,
+    sampler=None,
+    val_loader=None,
+    class_counts=None,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    steps_per_epoch: Optional[int] = None,
+    checkpoint_every_steps: Optional[int] = None,
+    resume: bool = False,
+    selection_metric: str = "overall",
+    on_epoch_start: Optional[Callable[[int], None]] = None,
+    context: DistributedContext = SINGLE_PROCESS,
+) -> dict:
+    """Trains `epochs` epochs (continuing from run/last.pt when resume=True and it exists).
+
+    loss_fn(output, targets) gets the fp32 ModelOutput; on_epoch_start(epoch) lets a method switch phases (e.g.
+    RIDE's DRW after epoch 160). steps_per_epoch caps an epoch (Decoupling: floor(N / B) with any sampler).
+    checkpoint_every_steps also writes mid-epoch checkpoints with the sampler position (needs loader.batch_size).
+    Returns {"history": [per-epoch records], "best_epoch", "best_metric", "selected_checkpoint"}.
+    """
+    if val_loader is not None and class_counts is None:
+        raise ValueError("fit: a validation loader needs the training class_counts for many / medium / few")
+    if checkpoint_every_steps and getattr(train_loader, "batch_size", None) is None:
+        raise ValueError("fit: checkpoint_every_steps needs train_loader.batch_size to record the sampler position")
+    scaler = grad_scaler(device.type, precision)
+    last_path, best_path = run.path("last.pt"), run.path("best.pt")
+    progress = {"epoch": 0, "steps_done": 0, "epoch_complete": False, "best_metric": -math.inf, "best_epoch": None}
+    resuming_mid_epoch = False
+    if resume and os.path.exists(last_path):
+        state = load_checkpoint(last_path, model=model, optimizer=optimizer, scaler=scaler, sampler=sampler,
+                                map_location=device)
+        progress.update(state["extra"]["progress"])
+        resuming_mid_epoch = not progress["epoch_complete"]
+        if progress["epoch_complete"]:
+            progress.update(epoch=progress["epoch"] + 1, steps_done=0)
+
+    def checkpoint(epoch_complete: bool, steps_done: int, path: str = last_path) -> None:
+        if not context.is_main:
+            return
+        progress.update(epoch_complete=epoch_complete, steps_done=steps_done)
+        mid_epoch = not epoch_complete and sampler is not None
+        save_checkpoint(path, model=model, optimizer=optimizer, scaler=scaler, schedule=schedule,
+                        sampler=sampler if mid_epoch else None,
+                        sampler_consumed=steps_done * train_loader.batch_size if mid_epoch else None,
+                        epoch=progress["epoch"], step=steps_done, extra={"progress": dict(progress)})
+
+    history = []
+    for epoch in range(progress["epoch"], epochs):
+        progress["epoch"] = epoch
+        steps_before = progress["steps_done"] if resuming_mid_epoch else 0
+        if sampler is not None and not resuming_mid_epoch:
+            sampler.set_epoch(epoch + 1)
+        resuming_mid_epoch = False
+        lr_factor = schedule.apply(optimizer, epoch)
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+
+        def on_step(step: int, loss: float) -> None:
+            if checkpoint_every_steps and step % checkpoint_every_steps == 0:
+                checkpoint(False, steps_before + step)
+
+        max_steps = None if steps_per_epoch is None else steps_per_epoch - steps_before
+        stats = train_one_epoch(model, train_loader, loss_fn, optimizer, device=device, precision=precision,
+                                scaler=scaler, channels_last=channels_last, max_steps=max_steps,
+                                progress=lambda batches: run.progress(batches, desc=f"epoch {epoch}"),
+                                on_step=on_step)
+        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "lr_factor": lr_factor,
+                  "train_loss": stats["loss"], "steps": stats["steps"], "data_time_s": stats["data_time_s"],
+                  "compute_time_s": stats["compute_time_s"]}
+        improved = False
+        if val_loader is not None and context.is_main:
+            # the unwrapped model: DDP's forward would wait for the other ranks, which do not validate
+            logits, targets = predict(unwrap_model(model), val_loader, device=device, precision=precision,
+                                      channels_last=channels_last)
+            results = evaluate_logits(logits, targets, class_counts)
+            record.update({f"val_{key}": value for key, value in results.items() if key != "per_class"})
+            improved = results[selection_metric] > progress["best_metric"]
+            if improved:
+                progress.update(best_metric=results[selection_metric], best_epoch=epoch)
+        checkpoint(True, stats["steps"] + steps_before)
+        if improved:
+            checkpoint(True, stats["steps"] + steps_before, path=best_path)
+        run.log(record)
+        history.append(record)
+        barrier(context)
+    selected = best_path if val_loader is not None else last_path
+    return {"history": history, "best_epoch": progress["best_epoch"], "best_metric": progress["best_metric"],
+            "selected_checkpoint": selected}

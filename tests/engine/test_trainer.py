@@ -1,0 +1,93 @@
+"""`fit`: an interrupted run resumed from run/last.pt ends bit-identical to an uninterrupted one; model selection
+uses the validation split (best.pt) or the last epoch, never a test set."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlt.engine import RunFolder, build_schedule, build_sgd, fit, read_metrics
+from fastlt.models import create_model
+from toy import Digits, ResumableShuffle
+
+COUNTS = [8] * 10  # training class counts (all "few"; only the bookkeeping matters here)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def run_fit(root, *, seed, epochs=3, interrupt=None, resume=False, noisy=True, val=True, **options):
+    """interrupt(epoch, step) raising Interrupt simulates a crash; the same seeds make the 'new process' differ."""
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    model = create_model("small_cnn", num_classes=10)
+    optimizer = build_sgd(model, lr=0.05, weight_decay=5e-4, nesterov=True)
+    sampler = ResumableShuffle(40, seed=5)
+    loader = torch.utils.data.DataLoader(Digits(40, noisy=noisy), batch_size=8, sampler=sampler)
+    val_loader = torch.utils.data.DataLoader(Digits(20, noisy=False, seed=2), batch_size=10) if val else None
+    schedule = build_schedule("warmup_cosine", epochs, warmup_epochs=1)
+    state = {"epoch": 0, "step": 0}
+
+    def loss_fn(output, targets):
+        state["step"] += 1
+        if interrupt is not None:
+            interrupt(state["epoch"], state["step"])
+        return F.cross_entropy(output.logits, targets)
+
+    def on_epoch_start(epoch):
+        state.update(epoch=epoch, step=0)
+
+    result = fit(model, loss_fn, optimizer, schedule, loader, epochs=epochs, device=torch.device("cpu"),
+                 run=RunFolder(str(root), config={"seed": seed}), sampler=sampler, val_loader=val_loader,
+                 class_counts=COUNTS if val else None, resume=resume, on_epoch_start=on_epoch_start, **options)
+    return model, result
+
+
+def assert_same_parameters(first, second):
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_at_epoch_boundary_is_bit_identical(tmp_path):
+    reference, reference_result = run_fit(tmp_path / "reference", seed=0)
+
+    def crash_in_epoch_2(epoch, step):
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_fit(tmp_path / "run", seed=0, interrupt=crash_in_epoch_2)
+    resumed, result = run_fit(tmp_path / "run", seed=7, resume=True)
+    assert_same_parameters(reference, resumed)
+    assert [record["epoch"] for record in read_metrics(str(tmp_path / "run" / "metrics.jsonl"))] == [0, 1, 2]
+    assert result["best_epoch"] == reference_result["best_epoch"]
+    assert result["best_metric"] == reference_result["best_metric"]
+    assert result["selected_checkpoint"].endswith("best.pt")
+
+
+def test_resume_mid_epoch_restores_sampler_position(tmp_path):
+    # Mid-epoch resume is exact when the data draw no global random numbers: the resumed run's fresh DataLoader
+    # iterator draws its seed at another moment than the uninterrupted run's.
+    reference, _ = run_fit(tmp_path / "reference", seed=0, noisy=False, checkpoint_every_steps=2)
+
+    def crash_at_step_4_of_epoch_1(epoch, step):
+        if (epoch, step) == (1, 4):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_fit(tmp_path / "run", seed=0, noisy=False, checkpoint_every_steps=2, interrupt=crash_at_step_4_of_epoch_1)
+    state = torch.load(tmp_path / "run" / "last.pt")
+    assert (state["epoch"], state["step"], state["sampler"]) == (1, 2, {"epoch": 2, "position": 16})
+    resumed, _ = run_fit(tmp_path / "run", seed=7, noisy=False, checkpoint_every_steps=2, resume=True)
+    assert_same_parameters(reference, resumed)
+
+
+def test_without_validation_the_last_epoch_is_selected(tmp_path):
+    _, result = run_fit(tmp_path / "run", seed=0, epochs=2, val=False, steps_per_epoch=3)
+    assert result["selected_checkpoint"].endswith("last.pt") and result["best_epoch"] is None
+    assert [record["steps"] for record in result["history"]] == [3, 3]
+    assert not (tmp_path / "run" / "best.pt").exists()
+    records = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    assert "val_overall" not in records[0] and records[1]["lr"] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi / 2)))
