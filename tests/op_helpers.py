@@ -10,6 +10,7 @@ COMPILED_BACKENDS = [
     pytest.param("cpp", marks=pytest.mark.skipif(not _extension.AVAILABLE, reason="extension not built")),
     "triton",
 ]
+COMPILED_BACKEND_NAMES = (["cpp"] if _extension.AVAILABLE else []) + ["triton"]
 
 # (atol, rtol) of a kernel's output vs the eager reference run on the same low-precision inputs; both accumulate
 # in fp32 and round once, so the gap is rounding of the final value (a few ulps).

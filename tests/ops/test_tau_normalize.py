@@ -1,6 +1,6 @@
 import pytest
 import torch
-from op_helpers import COMPILED_BACKENDS, TOLERANCES, assert_close, backend, needs_cuda, needs_cuda_build
+from op_helpers import COMPILED_BACKEND_NAMES, COMPILED_BACKENDS, TOLERANCES, assert_close, backend, needs_cuda, needs_cuda_build
 
 import fastlt
 from fastlt.ops import tau_normalize, tau_normalize_reference
@@ -8,9 +8,17 @@ from fastlt.ops import tau_normalize, tau_normalize_reference
 SHAPES = [(1, 1), (1, 7), (10, 3), (100, 64), (37, 513), (8142, 9)]
 
 
-@pytest.mark.parametrize("name", COMPILED_BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("tau", [0.0, 0.3, 0.7, 1.0, 2.0])
+# The Triton interpreter runs one program per row at Python speed: its 8142-row case runs at one tau only.
+CASES = [
+    (name, shape, tau)
+    for name in COMPILED_BACKEND_NAMES
+    for shape in SHAPES
+    for tau in [0.0, 0.3, 0.7, 1.0, 2.0]
+    if not (name == "triton" and shape[0] > 1000 and tau != 0.7)
+]
+
+
+@pytest.mark.parametrize("name, shape, tau", CASES)
 def test_matches_reference_fp32(name, shape, tau):
     weight = torch.randn(*shape)
     with backend(name):

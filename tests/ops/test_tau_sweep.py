@@ -32,10 +32,11 @@ def test_predictions_are_argmax_of_tau_normalised_logits(name, shape, with_bias)
     n, c, d = shape
     features, weight = torch.randn(n, d), torch.randn(c, d) * torch.rand(c, 1) * 3
     bias = torch.randn(c) if with_bias else None
+    taus = TAUS[::10] if (name == "triton" and c > 1000) else TAUS  # the interpreter is slow: 3 taus at C=8142
     with backend(name):
-        predictions = tau_sweep(features, weight, TAUS, bias=bias)
-    assert predictions.shape == (21, n) and predictions.dtype == torch.long
-    assert_argmax_equivalent(predictions, features, weight, TAUS, bias)
+        predictions = tau_sweep(features, weight, taus, bias=bias)
+    assert predictions.shape == (len(taus), n) and predictions.dtype == torch.long
+    assert_argmax_equivalent(predictions, features, weight, taus, bias)
 
 
 @pytest.mark.parametrize("name", COMPILED_BACKENDS)
