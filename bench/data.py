@@ -107,11 +107,9 @@ def generated_jpeg_dataset(folder, num_images, num_classes=20, size=(320, 240), 
     """A long-tailed tree of smooth-with-noise JPEGs (about the size of an ImageNet photo) and its list file."""
     from PIL import Image
 
-    from fastlt.data.base import exponential_counts
     from fastlt.data.listfile import ListFileDataset
 
-    counts = exponential_counts(1, 10, num_classes)  # shape of the profile only
-    weights = np.asarray([1.0 * 10 ** (-i / (num_classes - 1)) for i in range(num_classes)])
+    weights = 10.0 ** (-np.arange(num_classes) / (num_classes - 1))  # ratio 10 between the first and last class
     counts = np.maximum(1, np.round(weights / weights.sum() * num_images)).astype(int)
     list_file = os.path.join(folder, "train.txt")
     if not os.path.exists(list_file):
@@ -163,3 +161,18 @@ def run_loader(quick=False, folder=None):
                      "best_img_per_s": round(max(rates[backend]), 1), "rounds": rounds,
                      "ratio_vs_dataloader": round(rate / torch_rate, 2)})
     return rows
+
+
+def markdown_table(rows):
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[column]) for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m bench.data [--quick]: both tables as markdown (same rows as the CLI)
+    import sys
+
+    quick = "--quick" in sys.argv
+    print(markdown_table(run_sampler(quick)), end="\n\n")
+    print(markdown_table(run_loader(quick)))
