@@ -117,6 +117,7 @@ setup(
     install_requires=["torch>=2.4", "numpy>=1.24", "numba>=0.59", "tqdm>=4.60", "pyyaml>=6", "matplotlib>=3.7"],
     extras_require={
         "dali": ["nvidia-dali-cuda130>=2.4"],
+        "data": ["pillow>=10", "torchvision>=0.19", "scikit-learn>=1.4"],  # JPEG torch loader, Digits-LT
         "dev": ["pytest>=8", "pytest-benchmark>=5", "scikit-learn>=1.4", "pillow>=10", "ninja>=1.11"],
     },
     entry_points={"console_scripts": ["fastlt=fastlt.cli:main"]},
