@@ -48,7 +48,3 @@ class FeatureClassifier(nn.Module):
         features = self.backbone(images)
         return ModelOutput(logits=self.classifier(features), features=features)
 
-
-def global_pool(feature_map: torch.Tensor) -> torch.Tensor:
-    """[B, D, H, W] -> [B, D] average pooling (equals the official AvgPool2d(7) on 224-pixel ImageNet inputs)."""
-    return feature_map.mean(dim=(2, 3))

@@ -12,14 +12,14 @@ from fastlt.models.registry import register_model
 NUM_BRANCHES = 3
 
 
-def _branch_output(branch_features: torch.Tensor, weight: torch.Tensor, bias) -> ModelOutput:
-    """branch_features [3, B, D] -> logits of each branch with the shared classifier, and their sum."""
+def _branch_output(branch_features: torch.Tensor, weight: torch.Tensor, bias, summed_branches: int) -> ModelOutput:
+    """branch_features [3, B, D] -> logits of each branch with the shared classifier, and the sum of the first
+    `summed_branches` of them (3; the official iNaturalist model predicts with z_H + z_M only)."""
     branch_logits = branch_features @ weight.t()
     if bias is not None:
         branch_logits = branch_logits + bias
-    return ModelOutput(
-        logits=ops.expert_aggregate(branch_logits, reduce="sum"), features=branch_features, branch_logits=branch_logits
-    )
+    logits = ops.expert_aggregate(branch_logits[:summed_branches], reduce="sum")
+    return ModelOutput(logits=logits, features=branch_features, branch_logits=branch_logits)
 
 
 class ResLTBatchNorm(nn.Module):
@@ -39,7 +39,7 @@ class ResLTBatchNorm(nn.Module):
     def forward(self, images: torch.Tensor) -> ModelOutput:
         feature_map = self.trunk(images)
         branch_features = torch.stack([norm(feature_map).mean(dim=(2, 3)) for norm in self.branch_norms])
-        return _branch_output(branch_features, self.classifier.weight, self.classifier.bias)
+        return _branch_output(branch_features, self.classifier.weight, self.classifier.bias, NUM_BRANCHES)
 
 
 class ResLTConv(nn.Module):
@@ -51,15 +51,19 @@ class ResLTConv(nn.Module):
       "pool_first" -- GAP then conv block in training and eval (the released ResNet-10 script);
       "conv_first" -- conv block then GAP in training and eval (a clean, consistent variant).
     In eval, logits use tau-normalised shared weights W / ||W_row||^test_tau with the bias dropped; test_tau=None
-    keeps the trained linear layer (bias included), as the CIFAR code does.
+    keeps the trained linear layer (bias included), as the CIFAR code does. summed_branches=2 predicts with
+    z_H + z_M, as the official iNaturalist model (its loss then uses two branches too).
     """
 
     BLOCK_ORDERS = ("official", "pool_first", "conv_first")
 
-    def __init__(self, arch_name: str, num_classes: int, test_tau=None, block_order: str = "official"):
+    def __init__(self, arch_name: str, num_classes: int, test_tau=None, block_order: str = "official",
+                 summed_branches: int = NUM_BRANCHES):
         super().__init__()
         if block_order not in self.BLOCK_ORDERS:
             raise ValueError(f"ResLTConv: block_order must be one of {self.BLOCK_ORDERS}, got {block_order!r}")
+        if not 1 <= summed_branches <= NUM_BRANCHES:
+            raise ValueError(f"ResLTConv: summed_branches must be 1..{NUM_BRANCHES}, got {summed_branches}")
         self.trunk = imagenet_resnet.ResNetTrunk(arch_name)
         dim = self.trunk.out_channels
         self.branch_block = nn.Sequential(
@@ -69,6 +73,7 @@ class ResLTConv(nn.Module):
         self.classifier = nn.Linear(dim, num_classes)
         self.test_tau = test_tau
         self.block_order = block_order
+        self.summed_branches = summed_branches
 
     def conv_before_pool(self) -> bool:
         return self.block_order == "conv_first" or (self.block_order == "official" and self.training)
@@ -82,8 +87,9 @@ class ResLTConv(nn.Module):
         batch, dim = pooled.shape[0], self.classifier.in_features
         branch_features = pooled.view(batch, NUM_BRANCHES, dim).transpose(0, 1)  # channel blocks [H | M | T]
         if self.training or self.test_tau is None:
-            return _branch_output(branch_features, self.classifier.weight, self.classifier.bias)
-        return _branch_output(branch_features, ops.tau_normalize(self.classifier.weight, self.test_tau), None)
+            return _branch_output(branch_features, self.classifier.weight, self.classifier.bias, self.summed_branches)
+        weight = ops.tau_normalize(self.classifier.weight, self.test_tau)
+        return _branch_output(branch_features, weight, None, self.summed_branches)
 
 
 @register_model
@@ -116,5 +122,8 @@ def reslt_resnext101_32x4d(num_classes: int, test_tau=0.7, block_order: str = "o
 
 
 @register_model
-def reslt_resnet50(num_classes: int, test_tau=0.3, block_order: str = "official") -> ResLTConv:
-    return ResLTConv("resnet50", num_classes, test_tau, block_order)
+def reslt_resnet50(
+    num_classes: int, test_tau=0.3, block_order: str = "official", summed_branches: int = NUM_BRANCHES
+) -> ResLTConv:
+    """The iNaturalist 2018 model; its recipe sets summed_branches=2 (methods.md §4.3)."""
+    return ResLTConv("resnet50", num_classes, test_tau, block_order, summed_branches)

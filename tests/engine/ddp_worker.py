@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlt.engine import all_gather_concat, build_sgd, init_distributed, unwrap_model, wrap_model
+from fastlt.engine.distributed import shutdown
 
 
 def make_model_and_data():
@@ -35,4 +36,4 @@ if __name__ == "__main__":
     gathered = all_gather_concat(torch.full((context.rank + 1, 2), float(context.rank)), context)
     if context.is_main:
         torch.save({"state": unwrap_model(model).state_dict(), "gathered": gathered}, sys.argv[1])
-    torch.distributed.destroy_process_group()
+    shutdown(context)

@@ -95,3 +95,11 @@ def test_reslt_block_orders():
     with pytest.raises(ValueError, match="block_order"):
         create_model("reslt_resnet10", num_classes=5, block_order="sideways")
     assert create_model("reslt_resnext50_32x4d", num_classes=5)(images).features.shape == (3, 2, 2048)
+
+
+def test_reslt_inat_predicts_with_head_and_medium_branches_only():
+    model = create_model("reslt_resnet50", num_classes=5, summed_branches=2).eval()
+    output = model(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(output.logits, output.branch_logits[0] + output.branch_logits[1])
+    with pytest.raises(ValueError, match="summed_branches"):
+        create_model("reslt_resnet50", num_classes=5, summed_branches=4)
