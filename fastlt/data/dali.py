@@ -175,7 +175,9 @@ class DALILoader:
     """Iterable of (float32 images [B, C, H, W], int64 labels [B]) from a DALI pipeline in `sampler` order.
 
     Build it with `fastlt.data.make_loader(..., loader="dali")`. One pass = this rank's share of the sampler's
-    current epoch (call `set_epoch`); `skipped` counts files dropped with `skip_corrupt=True`.
+    current epoch (call `set_epoch`). With `skip_corrupt=True`, files that cannot be read or that Pillow's
+    `verify()` rejects are dropped before decoding and counted in `skipped`; a file that passes that check but
+    fails in DALI's decoder still raises an error naming it (a DALI batch cannot lose a sample mid-pipeline).
     """
 
     backend = "dali"

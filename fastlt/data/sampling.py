@@ -200,9 +200,9 @@ class LongTailSampler(torch.utils.data.Sampler):
     """`torch.utils.data.Sampler` over one of the `STRATEGIES`, sharded for DDP and resumable mid-epoch.
 
     Call `set_epoch(e)` before each epoch. To checkpoint mid-epoch, save `state_dict(consumed=k)` with the number
-    of this rank's samples the trainer has used (a DataLoader with workers reads ahead, so the sampler cannot
-    know it; without `consumed`, the count of indices it has yielded is saved); `load_state_dict` makes the next
-    iteration start there. `indices(epoch)` gives the same order as a numpy array for DALI.
+    of this rank's samples the trainer has used: DataLoader workers and DALI read ahead, so the sampler cannot
+    know it (without `consumed`, the count of indices `__iter__` has handed out is saved). `load_state_dict`
+    makes the next iteration start there. `indices(epoch)` gives the same order as a numpy array for DALI.
 
     >>> sampler = LongTailSampler([0, 0, 0, 0, 1], strategy="class_balanced", seed=0)
     >>> sampler.set_epoch(1)
