@@ -4,9 +4,11 @@ A checkpoint holds the model, optimizer, GradScaler, schedule and sampler state,
 Python / NumPy / torch (CPU and CUDA) random generator states. It is written to a temporary file that is then
 renamed over the target (os.replace is atomic), so a crash mid-write leaves the previous checkpoint intact.
 
->>> save_checkpoint("run/last.pt", model=model, optimizer=optimizer, epoch=3, step=1200)
->>> state = load_checkpoint("run/last.pt", model=model, optimizer=optimizer)
->>> start_epoch = state["epoch"] + 1
+Usage::
+
+    save_checkpoint("run/last.pt", model=model, optimizer=optimizer, epoch=3, step=1200)
+    state = load_checkpoint("run/last.pt", model=model, optimizer=optimizer)
+    start_epoch = state["epoch"] + 1
 """
 
 import os

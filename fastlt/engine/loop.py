@@ -3,11 +3,13 @@
 A method supplies `loss_fn(output, targets) -> scalar`, where `output` is the model's ModelOutput in fp32 (the
 RIDE loss reads output.expert_logits, the ResLT loss output.branch_logits, CE output.logits).
 
->>> optimizer = build_sgd(model, lr=0.1, weight_decay=5e-4, nesterov=True)
->>> schedule = build_schedule("ride_custom", total_epochs=200, warmup_epochs=5, milestones=(160, 180), gamma=0.01)
->>> for epoch in range(200):
-...     schedule.apply(optimizer, epoch)
-...     stats = train_one_epoch(model, loader, loss_fn, optimizer, device=torch.device("cpu"))
+Usage (fastlt.engine.fit runs this loop with validation, checkpoints and resuming)::
+
+    optimizer = build_sgd(model, lr=0.1, weight_decay=5e-4, nesterov=True)
+    schedule = build_schedule("ride_custom", total_epochs=200, warmup_epochs=5, milestones=(160, 180), gamma=0.01)
+    for epoch in range(200):
+        schedule.apply(optimizer, epoch)
+        stats = train_one_epoch(model, loader, loss_fn, optimizer, device=torch.device("cpu"))
 """
 
 import dataclasses

@@ -1,10 +1,12 @@
 """A run folder: the resolved config (config.yaml), one JSON line per logged record (metrics.jsonl), a tqdm
 progress bar and, optionally, TensorBoard scalars. Only the main rank writes; other ranks get no-ops.
 
->>> run = RunFolder("runs/ce_mnist", config={"model": "small_cnn", "lr": 0.1})
->>> for images, targets in run.progress(loader, desc="epoch 1"):
-...     ...
->>> run.log({"epoch": 1, "train_loss": 0.52})
+Usage::
+
+    run = RunFolder("runs/ce_mnist", config={"model": "small_cnn", "lr": 0.1})
+    for images, targets in run.progress(loader, desc="epoch 0"):
+        ...
+    run.log({"epoch": 0, "train_loss": 0.52})
 """
 
 import json

@@ -7,10 +7,11 @@ because the official progressive-balanced sampler counts epochs from 1.
 Model selection: with a validation loader, `best.pt` holds the epoch with the best validation accuracy; without
 one, the last epoch is the model. The test set is never looked at here.
 
->>> result = fit(model, loss_fn, optimizer, schedule, train_loader, epochs=200, device=torch.device("cpu"),
-...              run=RunFolder("runs/ride"), sampler=sampler, val_loader=val_loader, class_counts=counts)
->>> result["selected_checkpoint"]
-'runs/ride/best.pt'
+Usage::
+
+    result = fit(model, loss_fn, optimizer, schedule, train_loader, epochs=200, device=torch.device("cpu"),
+                 run=RunFolder("runs/ride"), sampler=sampler, val_loader=val_loader, class_counts=counts)
+    result["selected_checkpoint"]  # 'runs/ride/best.pt' (validation) or 'runs/ride/last.pt' (no validation)
 """
 
 import math

@@ -30,7 +30,10 @@ def make_trunk(in_channels: int = 1, widths: Sequence[int] = WIDTHS) -> nn.Seque
 
 @register_model
 def small_cnn(num_classes: int, in_channels: int = 1) -> FeatureClassifier:
-    """>>> small_cnn(num_classes=10)(torch.zeros(2, 1, 28, 28)).logits.shape
+    """The plain small CNN with a linear classifier on its 128-d pooled feature.
+
+    >>> import torch
+    >>> small_cnn(num_classes=10)(torch.zeros(2, 1, 28, 28)).logits.shape
     torch.Size([2, 10])
     """
     backbone = nn.Sequential(make_trunk(in_channels), nn.AdaptiveAvgPool2d(1), nn.Flatten())

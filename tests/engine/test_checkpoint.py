@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fastlt.engine import build_schedule, build_sgd, grad_scaler, load_checkpoint, save_checkpoint, train_one_epoch
 from fastlt.models import create_model
-from toy import Digits, ResumableShuffle
+from toy_data import Digits, ResumableShuffle
 
 BATCH = 8  # 6 steps per epoch
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fastlt.engine import RunFolder, build_schedule, build_sgd, fit, read_metrics
 from fastlt.models import create_model
-from toy import Digits, ResumableShuffle
+from toy_data import Digits, ResumableShuffle
 
 COUNTS = [8] * 10  # training class counts (all "few"; only the bookkeeping matters here)
 
