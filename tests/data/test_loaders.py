@@ -141,7 +141,7 @@ def test_auto_falls_back_to_torch_without_dali(mnist_train, monkeypatch):
     assert make_loader(mnist_train, 8, train=True).backend == "dali"
     monkeypatch.setattr(loaders_module, "dali_available", lambda: False)
     assert make_loader(mnist_train, 8, train=True).backend == "torch"
-    monkeypatch.setattr(dali_module, "fn", None)
+    monkeypatch.setattr(dali_module, "dali_available", lambda: False)
     with pytest.raises(RuntimeError, match="DALI"):
         make_loader(mnist_train, 8, train=True, loader="dali")
     with pytest.raises(ValueError, match="loader"):
