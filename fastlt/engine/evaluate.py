@@ -77,13 +77,14 @@ def plot_per_class_accuracy(per_class: np.ndarray, class_counts: Sequence[int], 
                             title: Optional[str] = None) -> None:
     """Writes a PNG: per-class accuracy (dots) against the class's training count (log x axis), with the
     many / medium / few boundaries (20 and 100 images) drawn as dashed lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a training machine
-    import matplotlib.pyplot as plt
+    # A Figure with an Agg canvas: no pyplot, so the caller's matplotlib backend and global state are untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 1)
-    figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
+    figure = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
     axis.scatter(counts, per_class, s=12, alpha=0.7)
     for boundary in (20, 100):
         axis.axvline(boundary, color="grey", linestyle="--", linewidth=0.8)
@@ -95,4 +96,3 @@ def plot_per_class_accuracy(per_class: np.ndarray, class_counts: Sequence[int], 
         axis.set_title(title)
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastlt.data import LongTailSampler
 from fastlt.engine import RunFolder, build_schedule, build_sgd, fit, read_metrics
 from fastlt.models import create_model
 from toy_data import Digits, ResumableShuffle
@@ -19,13 +20,18 @@ class Interrupt(Exception):
     pass
 
 
-def run_fit(root, *, seed, epochs=3, interrupt=None, resume=False, noisy=True, val=True, **options):
+def run_fit(root, *, seed, epochs=3, interrupt=None, resume=False, noisy=True, val=True, real_sampler=False,
+            **options):
     """interrupt(epoch, step) raising Interrupt simulates a crash; the same seeds make the 'new process' differ."""
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     model = create_model("small_cnn", num_classes=10)
     optimizer = build_sgd(model, lr=0.05, weight_decay=5e-4, nesterov=True)
-    sampler = ResumableShuffle(40, seed=5)
-    loader = torch.utils.data.DataLoader(Digits(40, noisy=noisy), batch_size=8, sampler=sampler)
+    dataset = Digits(40, noisy=noisy)
+    if real_sampler:
+        sampler = LongTailSampler(dataset.targets.numpy(), strategy="class_balanced", seed=5)
+    else:
+        sampler = ResumableShuffle(40, seed=5)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler)
     val_loader = torch.utils.data.DataLoader(Digits(20, noisy=False, seed=2), batch_size=10) if val else None
     schedule = build_schedule("warmup_cosine", epochs, warmup_epochs=1)
     state = {"epoch": 0, "step": 0}
@@ -67,20 +73,23 @@ def test_resume_at_epoch_boundary_is_bit_identical(tmp_path):
     assert result["selected_checkpoint"].endswith("best.pt")
 
 
-def test_resume_mid_epoch_restores_sampler_position(tmp_path):
+@pytest.mark.parametrize("real_sampler", [False, True], ids=["toy_sampler", "LongTailSampler"])
+def test_resume_mid_epoch_restores_sampler_position(tmp_path, real_sampler):
     # Mid-epoch resume is exact when the data draw no global random numbers: the resumed run's fresh DataLoader
     # iterator draws its seed at another moment than the uninterrupted run's.
-    reference, _ = run_fit(tmp_path / "reference", seed=0, noisy=False, checkpoint_every_steps=2)
+    options = dict(noisy=False, checkpoint_every_steps=2, real_sampler=real_sampler)
+    reference, _ = run_fit(tmp_path / "reference", seed=0, **options)
 
     def crash_at_step_4_of_epoch_1(epoch, step):
         if (epoch, step) == (1, 4):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        run_fit(tmp_path / "run", seed=0, noisy=False, checkpoint_every_steps=2, interrupt=crash_at_step_4_of_epoch_1)
+        run_fit(tmp_path / "run", seed=0, interrupt=crash_at_step_4_of_epoch_1, **options)
     state = torch.load(tmp_path / "run" / "last.pt")
-    assert (state["epoch"], state["step"], state["sampler"]) == (1, 2, {"epoch": 2, "position": 16})
-    resumed, _ = run_fit(tmp_path / "run", seed=7, noisy=False, checkpoint_every_steps=2, resume=True)
+    assert (state["epoch"], state["step"]) == (1, 2)
+    assert (state["sampler"]["epoch"], state["sampler"]["position"]) == (2, 16)  # samplers count epochs from 1
+    resumed, _ = run_fit(tmp_path / "run", seed=7, resume=True, **options)
     assert_same_parameters(reference, resumed)
 
 
