@@ -1,0 +1,88 @@
+"""`fastlt bench ops`: each fused op (C++ CPU kernel) vs the eager reference vs torch.compile(reference).
+
+Reports median ms, achieved GB/s (minimum bytes read + written / time) and that as a % of the copy bandwidth
+measured in the same run. Figures: BENCHMARKS.md. Regenerate: `.venv/bin/fastlt bench ops`.
+"""
+
+import torch
+
+import fastlt
+from fastlt.bench.timing import copy_bandwidth_gbs, measure
+
+AGGREGATE_SHAPES = [(3, 256, 1000), (4, 512, 8142)]  # (E, B, C)
+NORMALIZE_SHAPES = [(1000, 512), (8142, 2048)]  # (C, D)
+SWEEP_SHAPE = dict(num_taus=21, rows=20_000, classes=1000, dim=512)
+
+
+def _implementations(fused, reference, quick):
+    impls = {"fused": fused, "eager": reference}
+    if not quick:
+        impls["compile"] = torch.compile(reference, dynamic=False)
+    return impls
+
+
+def _time_modes(impls, make_inputs, fwd_bytes, fwd_bwd_bytes, grad_shape, bandwidth, label, repeats):
+    rows = []
+    for mode, num_bytes in (("fwd", fwd_bytes), ("fwd+bwd", fwd_bwd_bytes)):
+        eager_ms = None
+        for impl, fn in impls.items():
+            inputs = make_inputs(mode == "fwd+bwd")
+            grad = torch.randn(grad_shape)
+
+            def step():
+                out = fn(*inputs)
+                if mode == "fwd+bwd":
+                    out.backward(grad)
+
+            median_ms, _ = measure(step, warmup=2, repeats=repeats)
+            eager_ms = median_ms if impl == "eager" else eager_ms
+            gbs = num_bytes / (median_ms * 1e-3) / 1e9
+            rows.append(dict(op=label[0], shape=label[1], mode=mode, impl=impl, ms=median_ms, gbs=gbs,
+                             pct_copy_bw=100 * gbs / bandwidth))
+        for row in rows[-len(impls):]:
+            row["speedup_vs_eager"] = eager_ms / row["ms"]
+    return rows
+
+
+def run(quick: bool = False) -> list:
+    if not fastlt._extension.AVAILABLE:
+        raise RuntimeError("fastlt bench ops: the compiled extension is not built (pip install --no-build-isolation -e .)")
+    ops = fastlt.ops
+    bandwidth = copy_bandwidth_gbs()
+    repeats = 5 if quick else 20
+    rows = [dict(op="copy_", shape="256 MiB", mode="fwd", impl="torch", ms=None, gbs=bandwidth, pct_copy_bw=100.0,
+                 speedup_vs_eager=None)]
+    with ops.use_backend("cpp"):
+        for E, B, C in AGGREGATE_SHAPES:
+            def make_inputs(grad, E=E, B=B, C=C):
+                return (torch.randn(E, B, C, requires_grad=grad),)
+
+            impls = _implementations(ops.expert_aggregate, ops.expert_aggregate_reference, quick)
+            size = B * C * 4
+            rows += _time_modes(impls, make_inputs, (E + 1) * size, (2 * E + 2) * size, (B, C), bandwidth,
+                                ("expert_aggregate", f"E={E} B={B} C={C}"), repeats)
+        for C, D in NORMALIZE_SHAPES:
+            def make_inputs(grad, C=C, D=D):
+                return (torch.randn(C, D, requires_grad=grad), 0.7)
+
+            impls = _implementations(ops.tau_normalize, ops.tau_normalize_reference, quick)
+            size = C * D * 4
+            rows += _time_modes(impls, make_inputs, 2 * size, 5 * size, (C, D), bandwidth,
+                                ("tau_normalize", f"C={C} D={D}"), repeats)
+        rows += _sweep_rows(quick)
+    return rows
+
+
+def _sweep_rows(quick):
+    s = SWEEP_SHAPE if not quick else dict(SWEEP_SHAPE, rows=5_000)
+    features, weight = torch.randn(s["rows"], s["dim"]), torch.randn(s["classes"], s["dim"])
+    taus = torch.linspace(0, 2, s["num_taus"])
+    label = f"K={s['num_taus']} N={s['rows']} C={s['classes']} D={s['dim']}"
+    fused_ms, _ = measure(lambda: fastlt.ops.tau_sweep(features, weight, taus), warmup=1, repeats=3)
+    eager_ms, _ = measure(lambda: fastlt.ops.tau_sweep_reference(features, weight, taus), warmup=1, repeats=3)
+    return [
+        dict(op="tau_sweep", shape=label, mode="fwd", impl="fused", ms=fused_ms, gbs=None, pct_copy_bw=None,
+             speedup_vs_eager=eager_ms / fused_ms),
+        dict(op="tau_sweep", shape=label, mode="fwd", impl="eager (loop over taus)", ms=eager_ms, gbs=None,
+             pct_copy_bw=None, speedup_vs_eager=1.0),
+    ]

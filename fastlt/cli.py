@@ -1,0 +1,76 @@
+"""The `fastlt` command: `fastlt bench ...`, `fastlt demo`."""
+
+import argparse
+import importlib
+import json
+import sys
+
+# name -> "module:function" returning a list of row dicts
+BENCHMARKS = {
+    "ops": "fastlt.bench.ops:run",
+    "losses": "fastlt.bench.losses:run",
+    "sampler": "fastlt.bench.data:run_sampler",
+    "loader": "fastlt.bench.data:run_loader",
+    "step": "fastlt.bench.step:run",
+}
+
+
+def _load(target):
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def bench(names, quick=False, json_path=None):
+    """Run benchmarks by name, print a table per benchmark, optionally write all rows to JSON."""
+    from fastlt.bench.timing import format_table
+
+    results = {}
+    for name in names:
+        if name not in BENCHMARKS:
+            raise SystemExit(f"fastlt bench: unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
+        try:
+            run = _load(BENCHMARKS[name])
+        except (ImportError, AttributeError) as error:
+            raise SystemExit(f"fastlt bench {name}: not available in this install ({error})") from error
+        print(f"\n== fastlt bench {name}{' (quick)' if quick else ''} ==", flush=True)
+        rows = run(quick=quick)
+        print(format_table(rows), flush=True)
+        results[name] = rows
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(results, handle, indent=2)
+        print(f"\nwrote {json_path}")
+    return results
+
+
+def demo(args):
+    """The main job on the embedded default data; ends with the op benchmark summary."""
+    try:
+        run_demo = _load("fastlt.demo:run")
+    except (ImportError, AttributeError):
+        run_demo = None
+    if run_demo is not None:
+        run_demo(args)
+    bench(["ops"], quick=True, json_path=args.json)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="fastlt", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p_bench = commands.add_parser("bench", help="run benchmarks and print a table")
+    p_bench.add_argument("names", nargs="*", default=["ops"], help=f"any of {sorted(BENCHMARKS)} (default: ops)")
+    p_bench.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats, no torch.compile baseline")
+    p_bench.add_argument("--json", help="write all rows to this JSON file")
+    p_demo = commands.add_parser("demo", help="the main job on the embedded data (MNIST-LT), then a quick op benchmark")
+    p_demo.add_argument("--json", help="write the benchmark rows to this JSON file")
+    p_demo.add_argument("--out", default="runs/demo", help="run folder of the training demo")
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        bench(args.names, quick=args.quick, json_path=args.json)
+    elif args.command == "demo":
+        demo(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
