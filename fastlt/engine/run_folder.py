@@ -21,9 +21,11 @@ from tqdm import tqdm
 
 
 class RunFolder:
-    def __init__(self, root: str, config: Optional[dict] = None, *, is_main: bool = True, tensorboard: bool = False):
+    def __init__(self, root: str, config: Optional[dict] = None, *, is_main: bool = True, tensorboard: bool = False,
+                 progress_bar: bool = True):
         self.root = root
         self.is_main = is_main
+        self.progress_bar = progress_bar
         self.start_time = time.time()
         self.tensorboard = None
         if not is_main:
@@ -58,7 +60,9 @@ class RunFolder:
             self.tensorboard.flush()
 
     def progress(self, iterable: Iterable, desc: str = "", total: Optional[int] = None) -> tqdm:
-        return tqdm(iterable, desc=desc, total=total, disable=not self.is_main, dynamic_ncols=True, leave=False)
+        """A tqdm bar on the main rank (progress_bar=False turns it off, e.g. for logs that are not a terminal)."""
+        enabled = self.is_main and self.progress_bar
+        return tqdm(iterable, desc=desc, total=total, disable=not enabled, dynamic_ncols=True, leave=False)
 
     def close(self) -> None:
         if self.tensorboard is not None:

@@ -17,6 +17,7 @@ def test_run_folder_writes_resolved_config_and_metrics(tmp_path):
     assert [record["epoch"] for record in records] == [1, 2]
     assert records[0]["train_loss"] == 0.25 and records[0]["per_class"] == [1.0, 0.5] and "elapsed_s" in records[0]
     assert list(run.progress(range(3), desc="epoch 1")) == [0, 1, 2]
+    assert RunFolder(str(tmp_path / "quiet"), progress_bar=False).progress([1]).disable
 
 
 def test_non_main_ranks_write_nothing(tmp_path):
