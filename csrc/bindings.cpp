@@ -12,6 +12,9 @@ TORCH_LIBRARY(fastlt, m) {
   m.def("tau_normalize(Tensor weight, float tau, float eps) -> Tensor");
   m.def("tau_normalize_backward(Tensor grad, Tensor weight, float tau, float eps) -> Tensor");
   m.def("tau_sweep(Tensor features, Tensor weight, Tensor taus, Tensor? bias, float eps) -> Tensor");
+  m.def(
+      "ride_loss(Tensor expert_logits, Tensor target, Tensor target_margins, Tensor? class_weights, "
+      "Tensor temperatures, float diversity_factor, bool compute_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
@@ -20,6 +23,7 @@ TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
   m.impl("tau_normalize", &fastlt::cpu::tau_normalize);
   m.impl("tau_normalize_backward", &fastlt::cpu::tau_normalize_backward);
   m.impl("tau_sweep", &fastlt::cpu::tau_sweep);
+  m.impl("ride_loss", &fastlt::cpu::ride_loss);
 }
 
 #ifdef FASTLT_WITH_CUDA

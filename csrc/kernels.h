@@ -19,7 +19,11 @@
   at::Tensor tau_normalize(const at::Tensor& weight, double tau, double eps);                                      \
   at::Tensor tau_normalize_backward(const at::Tensor& grad, const at::Tensor& weight, double tau, double eps);      \
   at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& taus,               \
-                       const std::optional<at::Tensor>& bias, double eps);
+                       const std::optional<at::Tensor>& bias, double eps);                                    \
+  std::tuple<at::Tensor, at::Tensor> ride_loss(                                                                    \
+      const at::Tensor& expert_logits, const at::Tensor& target, const at::Tensor& target_margins,                 \
+      const std::optional<at::Tensor>& class_weights, const at::Tensor& temperatures, double diversity_factor,     \
+      bool compute_grad);
 
 namespace fastlt {
 namespace cpu {

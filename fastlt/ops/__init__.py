@@ -2,6 +2,7 @@
 
 from fastlt.ops._backend import get_backend, set_backend, use_backend
 from fastlt.ops.expert_aggregate import expert_aggregate, expert_aggregate_reference
+from fastlt.ops.ride_loss import ride_loss, ride_loss_reference
 from fastlt.ops.tau_normalize import tau_normalize, tau_normalize_reference
 from fastlt.ops.tau_sweep import shot_accuracy_per_tau, tau_sweep, tau_sweep_reference
 
@@ -16,4 +17,6 @@ __all__ = [
     "tau_sweep",
     "tau_sweep_reference",
     "shot_accuracy_per_tau",
+    "ride_loss",
+    "ride_loss_reference",
 ]

@@ -37,3 +37,18 @@ def nonnegative_number(op: str, name: str, value) -> float:
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 accumulation for fp16/bf16/fp32, fp64 for fp64 (as the kernels do)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def labels(op: str, name: str, value, batch: int, num_classes: int) -> None:
+    """[B] int64 labels in [0, num_classes) (the range check is skipped while torch.compile traces)."""
+    tensor(op, name, value, dims=1, nonempty=False)
+    if value.dtype != torch.int64:
+        raise ValueError(f"{op}: {name} must be int64, got {value.dtype}")
+    if value.shape[0] != batch:
+        raise ValueError(f"{op}: {name} must be [B]=[{batch}], got {tuple(value.shape)}")
+    if torch.compiler.is_compiling() or value.numel() == 0:
+        return
+    low, high = int(value.min()), int(value.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise ValueError(f"{op}: {name} must be in [0, {num_classes}), got {bad}")

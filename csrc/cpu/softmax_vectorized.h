@@ -1,0 +1,125 @@
+// Vectorised row loops of the fused losses (csrc/cpu/{ride_loss,reslt_loss,prior_shifted_ce}.cpp): row maxima and
+// exp(x - shift) with their sum. The losses are bound by exp throughput, so exp is a polynomial (Cephes expf, ~1
+// ulp) written in plain arithmetic that GCC vectorises under `omp simd`; each loop is compiled per ISA (AVX-512 /
+// AVX2 / baseline, chosen at run time by GCC's target_clones, as in tau_sweep.cpp). fp64 (gradcheck) uses std::exp.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <sys/mman.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#define FASTLT_PER_ISA __attribute__((target_clones("avx512f", "avx2", "default")))
+#define FASTLT_ALWAYS_INLINE __attribute__((always_inline)) inline
+
+namespace fastlt {
+namespace cpu {
+
+// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2. Below -87.3 (exp < FLT_MIN) it returns 0; NaN stays
+// NaN. Callers pass x <= 0 (logits minus their row maximum), so overflow cannot happen.
+FASTLT_ALWAYS_INLINE float vector_exp(float x) {
+  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
+  const float clamped = x < -87.0f ? -87.0f : x;
+  const float shifted = clamped * 1.44269504088896341f + kRoundMagic;
+  const float n = shifted - kRoundMagic;
+  int32_t shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(float));
+  const int32_t exponent = shifted_bits - 0x4B400000;  // the rounded n as an integer (bits of kRoundMagic removed)
+  float r = clamped - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t scale_bits = (exponent + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof(float));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+FASTLT_ALWAYS_INLINE double vector_exp(double x) { return std::exp(x); }
+
+// max_c x[c] * scale[c] (scale == nullptr: max_c x[c]); -inf for an empty row. NaN is skipped here and propagates
+// through the exp of the next pass.
+template <typename A>
+FASTLT_ALWAYS_INLINE A row_max_impl(const A* x, const A* scale, int64_t n) {
+  A best = -std::numeric_limits<A>::infinity();
+  if (scale == nullptr) {
+#pragma omp simd reduction(max : best)
+    for (int64_t c = 0; c < n; ++c) best = x[c] > best ? x[c] : best;
+  } else {
+#pragma omp simd reduction(max : best)
+    for (int64_t c = 0; c < n; ++c) {
+      const A value = x[c] * scale[c];
+      best = value > best ? value : best;
+    }
+  }
+  return best;
+}
+
+// out[c] = exp(x[c] * scale[c] - shift) (scale == nullptr: exp(x[c] - shift)); returns sum_c out[c].
+template <typename A>
+FASTLT_ALWAYS_INLINE A exp_shifted_impl(const A* x, const A* scale, A shift, A* out, int64_t n) {
+  A sum = A(0);
+  if (scale == nullptr) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < n; ++c) {
+      const A e = vector_exp(x[c] - shift);
+      out[c] = e;
+      sum += e;
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < n; ++c) {
+      const A e = vector_exp(x[c] * scale[c] - shift);
+      out[c] = e;
+      sum += e;
+    }
+  }
+  return sum;
+}
+
+// at::empty for a large output written once per call (the losses' gradients). A fresh buffer of tens of MB costs one
+// page fault per 4 KiB page on first write, which took longer than the loss itself; asking the kernel for 2 MiB
+// transparent huge pages over the buffer's aligned interior (before anything touches it) removes almost all of them.
+inline at::Tensor empty_with_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor tensor = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(tensor.data_ptr());
+  const uintptr_t end = begin + tensor.nbytes();
+  const uintptr_t aligned_begin = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t aligned_end = end & ~(kHugePage - 1);
+  if (aligned_end > aligned_begin)  // advice only: failure (e.g. THP disabled) leaves ordinary pages
+    madvise(reinterpret_cast<void*>(aligned_begin), aligned_end - aligned_begin, MADV_HUGEPAGE);
+  return tensor;
+}
+
+// The row as contiguous accumulation-type values: the input itself when it already is, else a converted copy.
+template <typename T, typename A>
+const A* contiguous_row(const T* row, int64_t stride, int64_t n, A* staging) {
+  if constexpr (std::is_same_v<T, A>) {
+    if (stride == 1) return row;
+  }
+  for (int64_t c = 0; c < n; ++c) staging[c] = static_cast<A>(row[c * stride]);
+  return staging;
+}
+
+namespace {
+FASTLT_PER_ISA float row_max(const float* x, const float* scale, int64_t n) { return row_max_impl(x, scale, n); }
+FASTLT_PER_ISA double row_max(const double* x, const double* scale, int64_t n) { return row_max_impl(x, scale, n); }
+FASTLT_PER_ISA float exp_shifted(const float* x, const float* scale, float shift, float* out, int64_t n) {
+  return exp_shifted_impl(x, scale, shift, out, n);
+}
+FASTLT_PER_ISA double exp_shifted(const double* x, const double* scale, double shift, double* out, int64_t n) {
+  return exp_shifted_impl(x, scale, shift, out, n);
+}
+}  // namespace
+
+}  // namespace cpu
+}  // namespace fastlt

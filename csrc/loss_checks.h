@@ -1,0 +1,62 @@
+// Host-side argument checks of the fused losses (ride_loss, reslt_loss, prior_shifted_ce), shared by the CPU kernels
+// and the CUDA launchers. Each returns the per-class tables converted to the accumulation dtype, contiguous.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "fastlt/common.h"
+#include "ops_common.h"
+
+namespace fastlt {
+
+inline void check_loss_logits(const at::Tensor& logits, const char* op, const char* name) {
+  TORCH_CHECK(logits.dim() == 3, op, ": ", name, " must be [E, B, C], got ", logits.dim(), " dims");
+  TORCH_CHECK(is_float_dtype(logits), op, ": ", name, " must be floating point, got ", logits.scalar_type());
+  TORCH_CHECK(logits.size(0) >= 1 && logits.size(0) <= kMaxExperts, op, ": ", name, " must have 1..", kMaxExperts,
+              " experts / branches, got ", logits.size(0));
+  TORCH_CHECK(logits.size(1) >= 1 && logits.size(2) >= 1, op, ": ", name, " must have B >= 1 and C >= 1, got ",
+              logits.sizes());
+}
+
+// target [B] int64 in [0, C): the range check reads the labels (a device sync for CUDA tensors).
+inline void check_loss_target(const at::Tensor& target, const at::Tensor& logits, const char* op) {
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(1), op, ": target must be [B] = [", logits.size(1),
+              "], got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ", target.scalar_type());
+  TORCH_CHECK(target.device() == logits.device(), op, ": target must be on ", logits.device());
+  const int64_t low = target.min().item<int64_t>(), high = target.max().item<int64_t>();
+  TORCH_CHECK(low >= 0 && high < logits.size(2), op, ": target must be in [0, ", logits.size(2), "), got ",
+              low < 0 ? low : high);
+}
+
+// A [C] floating table on the logits' device, as a contiguous tensor of the accumulation dtype.
+inline at::Tensor class_table(const at::Tensor& table, const at::Tensor& logits, const char* op, const char* name) {
+  TORCH_CHECK(table.dim() == 1 && table.size(0) == logits.size(2), op, ": ", name, " must be [C] = [",
+              logits.size(2), "], got ", table.sizes());
+  TORCH_CHECK(is_float_dtype(table), op, ": ", name, " must be floating point, got ", table.scalar_type());
+  TORCH_CHECK(table.device() == logits.device(), op, ": ", name, " must be on ", logits.device());
+  return table.to(accumulate_dtype(logits)).contiguous();
+}
+
+struct RideTables {
+  at::Tensor margins, weights, temperatures;  // weights undefined without DRW
+};
+
+inline RideTables check_ride_loss_inputs(const at::Tensor& logits, const at::Tensor& target,
+                                         const at::Tensor& target_margins,
+                                         const std::optional<at::Tensor>& class_weights,
+                                         const at::Tensor& temperatures) {
+  constexpr const char* op = "fastlt.ride_loss";
+  check_loss_logits(logits, op, "expert_logits");
+  check_loss_target(target, logits, op);
+  RideTables tables;
+  tables.margins = class_table(target_margins, logits, op, "target_margins");
+  if (class_weights.has_value()) tables.weights = class_table(*class_weights, logits, op, "class_weights");
+  tables.temperatures = class_table(temperatures, logits, op, "temperatures");
+  return tables;
+}
+
+}  // namespace fastlt

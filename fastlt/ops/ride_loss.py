@@ -1,0 +1,161 @@
+"""fastlt.ops.ride_loss: RIDE's stage-1 loss (per-expert LDAM-DRW + distribution-aware diversity), fused.
+
+    L = sum_k [ CE_w(z_k - s * m_y * onehot(y), y) + lambda * Tbar^2 * KL(pbar || softmax(z_k / T)) ]
+
+with ``pbar = softmax(mean_k(z_k) / T)`` detached, KL reduced as ``batchmean`` and the CE weighted (DRW) or not.
+Constants (margins m, DRW weights w, temperatures T): fastlt/ops/_lt_constants.py. Per-row math:
+csrc/include/fastlt/ride_loss.h; kernels: csrc/cpu/ride_loss.cpp, csrc/cuda/ride_loss.cu, kernels/ride_loss.py;
+tests: tests/ops/test_ride_loss.py; benchmark: bench/losses.py. methods.md 3.2 and 6.3 give the definition.
+
+The kernels compute the loss and d loss / d logits in one pass per row; the backward only scales the saved gradient
+by ``grad_output`` (in place in eager mode, so fwd+bwd needs no memory beyond one gradient).
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastlt import _extension
+from fastlt.ops import _backend, _checks, _lt_constants
+
+OP = "fastlt.ride_loss"
+MAX_EXPERTS = 64  # kMaxExperts in csrc/include/fastlt/common.h
+
+
+def ride_tables(class_counts, *, scale, max_margin, temperature_factor, base_temperature, drw, drw_beta, dtype,
+                device):
+    """The kernels' [C] inputs derived from the class counts: (target_margins = scale * m, DRW class weights or
+    None, temperatures T)."""
+    counts = class_counts.to(device)
+    target_margins = (scale * _lt_constants.ldam_margins(counts, max_margin)).to(dtype)
+    class_weights = _lt_constants.drw_weights(counts, drw_beta).to(dtype) if drw else None
+    temperatures = _lt_constants.ride_temperatures(counts, temperature_factor, base_temperature, drw).to(dtype)
+    return target_margins, class_weights, temperatures
+
+
+def ride_loss_reference(expert_logits, target, class_counts, *, scale=30.0, max_margin=0.5, diversity_factor=-0.45,
+                        temperature_factor=0.05, base_temperature=1.0, drw=False, drw_beta=0.9999):
+    """Eager PyTorch reference written from the formulas (methods.md 6.3); fp32 math for fp16/bf16 inputs."""
+    _validate(expert_logits, target, class_counts)
+    acc_dtype = _checks.accumulate_dtype(expert_logits.dtype)
+    logits = expert_logits.to(acc_dtype)
+    num_classes = logits.shape[-1]
+    margins = _lt_constants.ldam_margins(class_counts, max_margin).to(logits)
+    weights = _lt_constants.drw_weights(class_counts, drw_beta).to(logits) if drw else None
+    temperatures = _lt_constants.ride_temperatures(class_counts, temperature_factor, base_temperature, drw).to(logits)
+    mean_temperature = temperatures.mean()
+    with torch.no_grad():
+        mean_distribution = F.softmax(logits.mean(0) / temperatures, dim=-1)
+    target_onehot = F.one_hot(target, num_classes).to(logits)
+    loss = logits.new_zeros(())
+    for expert in logits:
+        margin_logits = expert - scale * margins[target][:, None] * target_onehot
+        loss = loss + F.cross_entropy(margin_logits, target, weight=weights)
+        if diversity_factor != 0:
+            expert_log_distribution = F.log_softmax(expert / temperatures, dim=-1)
+            loss = loss + diversity_factor * mean_temperature**2 * F.kl_div(
+                expert_log_distribution, mean_distribution, reduction="batchmean")
+    return loss.to(expert_logits.dtype)
+
+
+def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: torch.Tensor, *, scale: float = 30.0,
+              max_margin: float = 0.5, diversity_factor: float = -0.45, temperature_factor: float = 0.05,
+              base_temperature: float = 1.0, drw: bool = False, drw_beta: float = 0.9999) -> torch.Tensor:
+    """RIDE's stage-1 loss over all experts, computed with its gradient in one pass over the logits.
+
+    Args:
+        expert_logits: ``[E, B, C]`` logits of E experts, already multiplied by ``scale`` (cosine classifier), any
+            strides; fp32/fp16/bf16 (accumulated in fp32) or fp64.
+        target: ``[B]`` int64 labels in ``[0, C)``.
+        class_counts: ``[C]`` positive training counts per class.
+        scale: LDAM's ``s``: the target logit loses ``scale * m_y``.
+        max_margin: LDAM margin of the rarest class.
+        diversity_factor: lambda of the diversity term (negative in RIDE: experts are pushed apart). ``0`` drops
+            the term; unlike the official code it does not switch to a collaborative loss.
+        temperature_factor, base_temperature: the per-class diversity temperatures (used with ``drw``).
+        drw: deferred re-weighting phase on (RIDE: epochs > 160): DRW class weights and per-class temperatures.
+        drw_beta: beta of the effective-number weights.
+
+    Returns the scalar loss (``expert_logits.dtype``), differentiable in ``expert_logits``. A NaN logit makes the
+    loss and the gradient of its row NaN.
+
+    >>> logits = torch.randn(3, 8, 100) * 30                   # 3 experts, batch 8, 100 classes
+    >>> counts = torch.linspace(500, 5, 100).floor()
+    >>> loss = fastlt.ops.ride_loss(logits, torch.randint(0, 100, (8,)), counts, drw=True)
+    """
+    _validate(expert_logits, target, class_counts)
+    backend = _backend.resolve(expert_logits)
+    if backend == "reference":
+        return ride_loss_reference(expert_logits, target, class_counts, scale=scale, max_margin=max_margin,
+                                   diversity_factor=diversity_factor, temperature_factor=temperature_factor,
+                                   base_temperature=base_temperature, drw=drw, drw_beta=drw_beta)
+    target_margins, class_weights, temperatures = ride_tables(
+        class_counts, scale=scale, max_margin=max_margin, temperature_factor=temperature_factor,
+        base_temperature=base_temperature, drw=drw, drw_beta=drw_beta,
+        dtype=_checks.accumulate_dtype(expert_logits.dtype), device=expert_logits.device)
+    compute_grad = expert_logits.requires_grad and torch.is_grad_enabled()
+    op = torch.ops.fastlt.ride_loss if backend == "cpp" else torch.ops.fastlt.ride_loss_triton
+    loss, _ = op(expert_logits, target, target_margins, class_weights, temperatures, float(diversity_factor),
+                 compute_grad)
+    return loss
+
+
+def _validate(expert_logits, target, class_counts):
+    _checks.tensor(OP, "expert_logits", expert_logits, dims=3, floating=True)
+    num_experts, batch, num_classes = expert_logits.shape
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(f"{OP}: expert_logits has {num_experts} experts; at most {MAX_EXPERTS} are supported")
+    _checks.labels(OP, "target", target, batch, num_classes)
+    _checks.same_device(OP, "target", target, expert_logits, "expert_logits")
+    _lt_constants.check_class_counts(OP, class_counts, num_classes)
+
+
+# ---- torch.library glue: fake (meta) implementations and autograd, shared by the C++ and Triton ops ----
+
+
+def _fake_forward(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor,
+                  compute_grad):
+    grad_shape = expert_logits.shape if compute_grad else (0,)
+    return expert_logits.new_empty(()), expert_logits.new_empty(grad_shape, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad_logits = output
+    ctx.save_for_backward(grad_logits)
+    ctx.mark_non_differentiable(grad_logits)
+
+
+def _backward(ctx, grad_loss, _grad_of_grad_logits):
+    (grad_logits,) = ctx.saved_tensors
+    return scale_saved_gradient(grad_logits, grad_loss), None, None, None, None, None, None
+
+
+def scale_saved_gradient(grad_logits, grad_loss):
+    """d loss / d logits * grad_output. Eager mode scales the saved buffer in place (no second gradient-sized
+    tensor; a second backward through the same graph then fails autograd's version check instead of returning a
+    wrong gradient). Compiled graphs stay functional."""
+    if torch.compiler.is_compiling():
+        return grad_logits * grad_loss.to(grad_logits.dtype)
+    if grad_loss.item() != 1.0:
+        grad_logits.mul_(grad_loss.to(grad_logits.dtype))
+    return grad_logits
+
+
+if _extension.AVAILABLE:
+    torch.library.register_fake("fastlt::ride_loss")(_fake_forward)
+    torch.library.register_autograd("fastlt::ride_loss", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastlt::ride_loss_triton", mutates_args=())
+def _ride_loss_triton(expert_logits: torch.Tensor, target: torch.Tensor, target_margins: torch.Tensor,
+                      class_weights: Optional[torch.Tensor], temperatures: torch.Tensor, diversity_factor: float,
+                      compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastlt.kernels import ride_loss as kernel
+
+    return kernel.forward(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor,
+                          compute_grad)
+
+
+_ride_loss_triton.register_fake(_fake_forward)
+_ride_loss_triton.register_autograd(_backward, setup_context=_setup_context)
