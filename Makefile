@@ -30,10 +30,12 @@ run: build
 test: build
 	$(MAKE) pytest ctest nvcc-check
 
+# -p no:cacheprovider keeps a clean clone clean; pytest exits 5 when it collects nothing, which fails the target.
 pytest:
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -p no:cacheprovider tests
 
 ctest: venv
+	mkdir -p build
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
 	  -DPython3_EXECUTABLE=$(abspath $(PY)) > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)

@@ -7,53 +7,18 @@ so pip does not fetch a second torch into an isolated build environment.
 """
 
 import glob
-import importlib.util
 import os
-import re
-import shutil
+import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from cuda_env import find_cuda_home, nvidia_wheel_dirs  # noqa: E402
 
 
 def log(message):
     print(f"[fastlt setup] {message}", flush=True)
-
-
-def find_cuda_home():
-    """The CUDA toolkit root. `nvcc` on the PATH may be a wrapper script, so torch's guess can be wrong."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = os.path.realpath(nvcc)
-        candidates.append(os.path.dirname(os.path.dirname(real)))
-        try:
-            with open(real, errors="ignore") as handle:
-                match = re.search(r"(/\S+)/bin/nvcc", handle.read(4096))
-            if match:
-                candidates.append(match.group(1))
-        except OSError:
-            pass
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for path in candidates:
-        if path and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
-            os.path.join(path, "include", "cuda_runtime.h")
-        ):
-            return path
-    return None
-
-
-def nvidia_wheel_includes():
-    """CUDA headers shipped in torch's nvidia-* wheels (a slim system toolkit lacks cublas_v2.h and friends)."""
-    spec = importlib.util.find_spec("nvidia")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    found = []
-    for base in spec.submodule_search_locations:
-        found += sorted(glob.glob(os.path.join(base, "cu*", "include")))
-        found += sorted(glob.glob(os.path.join(base, "*", "include")))
-    return [path for path in dict.fromkeys(found) if os.path.isdir(path)]
 
 
 def extension_modules():
@@ -83,7 +48,7 @@ def extension_modules():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # no GPU to ask: Ampere and Hopper
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        include_dirs += nvidia_wheel_includes()
+        include_dirs += nvidia_wheel_dirs("include")
         extra["cxx"] = cxx_flags + ["-DFASTLT_WITH_CUDA"]
         extra["nvcc"] = ["-O3", "-DFASTLT_WITH_CUDA", "--expt-relaxed-constexpr"]
         log(f"building CPU + CUDA kernels (CUDA_HOME={cuda_home}, archs={os.environ['TORCH_CUDA_ARCH_LIST']})")
