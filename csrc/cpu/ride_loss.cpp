@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
     });
   });
   // Row losses are summed after the parallel part: the result does not depend on how rows were split.
-  return {row_losses.sum().to(expert_logits.scalar_type()), grad};
+  return {row_losses.sum(), grad};  // fp32 loss for fp16/bf16: it may exceed the fp16 range
 }
 
 }  // namespace cpu

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from fastlt import _extension
 from fastlt.ops import _backend, _checks, _lt_constants
@@ -56,7 +57,7 @@ def ride_loss_reference(expert_logits, target, class_counts, *, scale=30.0, max_
             expert_log_distribution = F.log_softmax(expert / temperatures, dim=-1)
             loss = loss + diversity_factor * mean_temperature**2 * F.kl_div(
                 expert_log_distribution, mean_distribution, reduction="batchmean")
-    return loss.to(expert_logits.dtype)
+    return loss
 
 
 def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: torch.Tensor, *, scale: float = 30.0,
@@ -77,7 +78,8 @@ def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: t
         drw: deferred re-weighting phase on (RIDE: epochs > 160): DRW class weights and per-class temperatures.
         drw_beta: beta of the effective-number weights.
 
-    Returns the scalar loss (``expert_logits.dtype``), differentiable in ``expert_logits``. A NaN logit makes the
+    Returns the scalar loss in the accumulation dtype (fp32 for fp16/bf16 inputs, whose loss can exceed the fp16
+    range; the gradient keeps ``expert_logits.dtype``), differentiable in ``expert_logits``. A NaN logit makes the
     loss and the gradient of its row NaN.
 
     >>> logits = torch.randn(3, 8, 100) * 30                   # 3 experts, batch 8, 100 classes
@@ -117,7 +119,8 @@ def _validate(expert_logits, target, class_counts):
 def _fake_forward(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor,
                   compute_grad):
     grad_shape = expert_logits.shape if compute_grad else (0,)
-    return expert_logits.new_empty(()), expert_logits.new_empty(grad_shape, memory_format=torch.contiguous_format)
+    loss_dtype = _checks.accumulate_dtype(expert_logits.dtype)
+    return expert_logits.new_empty((), dtype=loss_dtype), expert_logits.new_empty(grad_shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -135,7 +138,7 @@ def scale_saved_gradient(grad_logits, grad_loss):
     """d loss / d logits * grad_output. Eager mode scales the saved buffer in place (no second gradient-sized
     tensor; a second backward through the same graph then fails autograd's version check instead of returning a
     wrong gradient). Compiled graphs stay functional."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or is_fake(grad_loss):  # traced (torch.compile, opcheck): no data-dependent branch
         return grad_logits * grad_loss.to(grad_logits.dtype)
     if grad_loss.item() != 1.0:
         grad_logits.mul_(grad_loss.to(grad_logits.dtype))
