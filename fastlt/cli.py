@@ -1,4 +1,4 @@
-"""The `fastlt` command: `fastlt bench ...`, `fastlt demo`."""
+"""The `fastlt` command: `fastlt bench ...`, `fastlt demo`, `fastlt train`, `fastlt eval`, `fastlt stage2`."""
 
 import argparse
 import importlib
@@ -64,11 +64,14 @@ def main(argv=None):
     p_demo = commands.add_parser("demo", help="the main job on the embedded data (MNIST-LT), then a quick op benchmark")
     p_demo.add_argument("--json", help="write the benchmark rows to this JSON file")
     p_demo.add_argument("--out", default="runs/demo", help="run folder of the training demo")
+    _load("fastlt.methods.commands:add_subcommands")(commands)
     args = parser.parse_args(argv)
     if args.command == "bench":
         bench(args.names, quick=args.quick, json_path=args.json)
     elif args.command == "demo":
         demo(args)
+    else:
+        args.handler(args)
     return 0
 
 

@@ -1,0 +1,73 @@
+"""Builders shared by stage 1 and stage 2: device, datasets, loaders, samplers, model, test evaluation."""
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from fastlt.data import CIFAR10LT, CIFAR100LT, DigitsLT, ListFileDataset, LongTailSampler, MNISTLT, make_loader
+from fastlt.engine import evaluate_logits, plot_per_class_accuracy, predict
+from fastlt.models import create_model
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_datasets(data: dict) -> dict:
+    """{"train", "val", "test"} datasets of a `data:` section (val is None when the dataset has none: CIFAR-LT)."""
+    name = data["name"]
+    if name == "mnist_lt":
+        options = {key: data[key] for key in ("n_max", "ratio", "val_per_class") if key in data}
+        return {split: MNISTLT(split=split, seed=data.get("seed", 0), **options) for split in ("train", "val", "test")}
+    if name == "digits_lt":
+        options = {key: data[key] for key in ("n_max", "ratio", "val_per_class", "test_per_class") if key in data}
+        return {split: DigitsLT(split=split, seed=data.get("seed", 0), **options) for split in ("train", "val", "test")}
+    if name in ("cifar10_lt", "cifar100_lt"):
+        builder = CIFAR10LT if name == "cifar10_lt" else CIFAR100LT
+        return {"train": builder(data["root"], split="train", ratio=data["ratio"]), "val": None,
+                "test": builder(data["root"], split="test", ratio=data["ratio"])}
+    if name == "list_file":  # ImageNet-LT, Places-LT, iNaturalist 2018
+        train = ListFileDataset(data["root"], data["train_list"], relabel_by_frequency=data.get("relabel", False))
+        other = {split: ListFileDataset(data["root"], data[f"{split}_list"], train_dataset=train)
+                 if data.get(f"{split}_list") else None for split in ("val", "test")}
+        return {"train": train, **other}
+    raise ValueError(f"unknown dataset {name!r}; expected mnist_lt, digits_lt, cifar10_lt, cifar100_lt or list_file")
+
+
+def build_loader(dataset, data: dict, batch_size: int, *, train: bool, sampler=None, seed: int = 0,
+                 drop_last: bool = False):
+    """`augment: false` feeds training batches without augmentation (MNIST-LT: the array pipeline always flips,
+    which turns some digits into others)."""
+    augment = train and data.get("augment", True)
+    if sampler is None and train:
+        sampler = LongTailSampler(dataset, strategy="instance_balanced", seed=seed)
+    return make_loader(dataset, batch_size, train=augment, sampler=sampler, loader=data.get("loader", "auto"),
+                       seed=seed, num_workers=data.get("num_workers", 2), drop_last=drop_last,
+                       **data.get("augment_options", {}))
+
+
+def build_sampler(dataset, strategy: str, seed: int, epochs: int, samples_per_class: int = 4):
+    return LongTailSampler(dataset, strategy=strategy, seed=seed, total_epochs=epochs if epochs > 1 else 2,
+                           samples_per_class=samples_per_class)
+
+
+def build_model(config: dict, num_classes: int):
+    options = {key: value for key, value in config["model"].items() if key != "name"}
+    return create_model(config["model"]["name"], num_classes=num_classes, **options)
+
+
+def evaluate(model, loader, class_counts, folder: str, title: str, device, logits=None, targets=None) -> dict:
+    """Test many / medium / few of `model` (or of given logits): results.json and the per-class plot in `folder`."""
+    if logits is None:
+        logits, targets = predict(model, loader, device=device)
+    results = evaluate_logits(logits, targets, class_counts)
+    plot_per_class_accuracy(results["per_class"], class_counts, os.path.join(folder, "per_class_accuracy.png"),
+                            title=title)
+    report = {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in results.items()}
+    with open(os.path.join(folder, "results.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
+    return results

@@ -1,0 +1,77 @@
+"""A recipe end to end: data, model, method, `fastlt.engine.fit`, test evaluation, then the optional stage 2.
+
+`train(config)` is what `fastlt train` runs. The run folder `config["out"]` gets config.yaml, metrics.jsonl,
+last.pt / best.pt, results.json (test many / medium / few) and per_class_accuracy.png; a stage 2 writes the same
+into `<out>/stage2_<name>/` plus model.pt. The model is selected on the validation split when the dataset has one,
+else the last epoch is used; the test set is only used for the final report.
+
+Usage::
+
+    from fastlt.methods import load_config, train
+    summary = train(load_config("mnist_lt_ride", ["train.epochs=3"]))
+    summary["test"]["few"]
+"""
+
+import os
+
+import numpy as np
+import torch
+
+from fastlt.engine import RunFolder, build_schedule, build_sgd, fit, format_results, load_checkpoint
+from fastlt.methods import stage2
+from fastlt.methods.builders import build_datasets, build_loader, build_model, build_sampler, evaluate, pick_device
+from fastlt.methods.config import read_recipe
+from fastlt.methods.stage1 import build_method
+
+
+def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict:
+    """Stage 1 (and stage 2 when the recipe has one). Returns {"stage1": test results, "stage2": ..., "run": dir}."""
+    seed = config.get("seed", 0)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    device = pick_device(config.get("device", "auto"))
+    data, schedule_cfg, train_cfg = config["data"], config["train"]["schedule"], config["train"]
+    datasets = build_datasets(data)
+    counts = datasets["train"].train_class_counts
+    run = RunFolder(config["out"], config=config, progress_bar=progress_bar)
+    model = build_model(config, datasets["train"].num_classes)
+    method = build_method(config["method"], counts, model)
+    model.to(device)
+    epochs = train_cfg["epochs"]
+    sampler = build_sampler(datasets["train"], train_cfg.get("sampler", "instance_balanced"), seed, epochs)
+    train_loader = build_loader(datasets["train"], data, train_cfg["batch_size"], train=True, sampler=sampler,
+                                seed=seed, drop_last=train_cfg.get("drop_last", False))
+    eval_batch = train_cfg.get("eval_batch_size", 256)
+    val_loader = None if datasets["val"] is None else build_loader(datasets["val"], data, eval_batch, train=False)
+    optimizer = build_sgd(model, lr=train_cfg["lr"], momentum=train_cfg.get("momentum", 0.9),
+                          weight_decay=train_cfg.get("weight_decay", 5e-4), nesterov=train_cfg.get("nesterov", False))
+    schedule = build_schedule(schedule_cfg["name"], total_epochs=epochs,
+                              **{key: value for key, value in schedule_cfg.items() if key != "name"})
+    fitted = fit(model, method.loss_fn, optimizer, schedule, train_loader, epochs=epochs, device=device, run=run,
+                 sampler=sampler, val_loader=val_loader, class_counts=counts, precision=train_cfg.get("precision", "fp32"),
+                 on_epoch_start=method.on_epoch_start, resume=config.get("resume", False))
+    load_checkpoint(fitted["selected_checkpoint"], model=model, restore_rng=False)
+    test_loader = build_loader(datasets["test"], data, eval_batch, train=False)
+    title = f"{config.get('name', method.name)} (stage 1)"
+    summary = {"run": config["out"], "selected": fitted["selected_checkpoint"], "best_epoch": fitted["best_epoch"],
+               "stage1": evaluate(model, test_loader, counts, config["out"], title, device)}
+    if verbose:
+        print(f"\n{title} on test:\n{format_results(summary['stage1'])}", flush=True)
+    if config.get("stage2"):
+        summary["stage2"] = stage2.run_stage2(config, model, datasets, device=device, progress_bar=progress_bar,
+                                              verbose=verbose)
+    run.close()
+    return summary
+
+
+def load_stage1(run_dir: str, checkpoint: str = None, device=torch.device("cpu")):
+    """(config, datasets, model with the selected stage-1 weights) of a finished `fastlt train` run."""
+    config = read_recipe(os.path.join(run_dir, "config.yaml"))
+    datasets = build_datasets(config["data"])
+    model = build_model(config, datasets["train"].num_classes)
+    build_method(config["method"], datasets["train"].train_class_counts, model)  # same head adaptations
+    if checkpoint is None:
+        best = os.path.join(run_dir, "best.pt")
+        checkpoint = best if datasets["val"] is not None and os.path.exists(best) else os.path.join(run_dir, "last.pt")
+    load_checkpoint(checkpoint, model=model, restore_rng=False)
+    return config, datasets, model.to(device)

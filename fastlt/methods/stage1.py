@@ -1,0 +1,105 @@
+"""Stage-1 methods as loss wiring: each turns a config section into `loss_fn(output, targets)` for
+`fastlt.engine.fit`, plus an optional per-epoch hook (RIDE's and LDAM's DRW switch).
+
+The losses themselves are fastlt's fused ops (`fastlt.RIDELoss`, `fastlt.ResLTLoss`, `fastlt.PriorShiftedCE`);
+nothing here re-implements them. Constants default to the CIFAR recipes of methods.md §3.5 and §4.4.
+
+>>> import torch
+>>> from fastlt.models import create_model
+>>> model = create_model("small_cnn", num_classes=10)
+>>> method = build_method({"name": "ce"}, class_counts=[100] * 10, model=model)
+>>> output = model(torch.zeros(4, 1, 28, 28))
+>>> method.loss_fn(output, torch.zeros(4, dtype=torch.long)).shape
+torch.Size([])
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastlt
+from fastlt.models import FeatureClassifier, NormedLinear
+
+LDAM_SCALE = 30.0  # the cosine classifier's s, as in LDAM-DRW and RIDE
+
+
+@dataclass
+class Method:
+    """What the trainer needs from a method: the loss on a ModelOutput and a hook run at each 0-based epoch."""
+
+    name: str
+    loss_fn: Callable
+    on_epoch_start: Optional[Callable[[int], None]] = None
+
+
+def stacked(output, field: str) -> torch.Tensor:
+    """[E, B, C] logits of a multi-head output, or the single head's logits as a [1, B, C] view."""
+    logits = getattr(output, field)
+    return output.logits.unsqueeze(0) if logits is None else logits
+
+
+def epoch_hook(loss_module: nn.Module) -> Callable[[int], None]:
+    """The engine counts epochs from 0; the losses' DRW switch counts from 1 as the official code does."""
+    return lambda epoch: loss_module.set_epoch(epoch + 1)
+
+
+def use_cosine_classifier(model: nn.Module) -> None:
+    """LDAM needs normalised logits x s: swap a plain model's nn.Linear for NormedLinear(scale=30)."""
+    if isinstance(model, FeatureClassifier) and isinstance(model.classifier, nn.Linear):
+        linear = model.classifier
+        model.classifier = NormedLinear(linear.in_features, linear.out_features, scale=LDAM_SCALE)
+
+
+def cross_entropy(config, counts, model) -> Method:
+    return Method("ce", lambda output, targets: F.cross_entropy(output.logits, targets))
+
+
+def ldam_drw(config, counts, model) -> Method:
+    """LDAM-DRW = the RIDE loss with one head and no diversity term (diversity_factor 0 is individual LDAM-DRW in
+    fastlt, not the official code's collaborative switch)."""
+    use_cosine_classifier(model)
+    loss = fastlt.RIDELoss(counts, scale=LDAM_SCALE, max_margin=config.get("max_margin", 0.5), diversity_factor=0.0,
+                           drw_beta=config.get("drw_beta", 0.9999), drw_epoch=config.get("drw_epoch", 160))
+    return Method("ldam_drw", lambda output, targets: loss(stacked(output, "expert_logits"), targets),
+                  epoch_hook(loss))
+
+
+def balanced_softmax(config, counts, model) -> Method:
+    """Balanced Softmax / logit adjustment: CE(z + tau log pi) with tau = 1 (PriorShiftedCE)."""
+    loss = fastlt.PriorShiftedCE(counts, taus=[config.get("tau", 1.0)])
+    return Method("balanced_softmax", lambda output, targets: loss(stacked(output, "expert_logits"), targets))
+
+
+def ride(config, counts, model) -> Method:
+    """RIDE stage 1: per-expert LDAM-DRW + distribution-aware diversity KL, DRW after `drw_epoch` (1-indexed)."""
+    loss = fastlt.RIDELoss(counts, scale=config.get("scale", LDAM_SCALE), max_margin=config.get("max_margin", 0.5),
+                           diversity_factor=config.get("diversity_factor", -0.45),
+                           temperature_factor=config.get("temperature_factor", 0.05),
+                           base_temperature=config.get("base_temperature", 1.0),
+                           drw_beta=config.get("drw_beta", 0.9999), drw_epoch=config.get("drw_epoch", 160))
+    return Method("ride", lambda output, targets: loss(output.expert_logits, targets), epoch_hook(loss))
+
+
+def reslt(config, counts, model) -> Method:
+    """ResLT: beta * (masked per-branch CE) + (1 - beta) * CE(sum). Groups come from the counts (>100 / 20..100 /
+    <20) or from the papers' rank cut-offs, e.g. `cutoffs: [35, 70]` on CIFAR-100."""
+    groups = fastlt.ops.reslt_groups(torch.as_tensor(counts), cutoffs=config.get("cutoffs"),
+                                     num_branches=config.get("num_branches", 3))
+    loss = fastlt.ResLTLoss(groups, beta=config.get("beta", 0.995))
+    return Method("reslt", lambda output, targets: loss(output.branch_logits[: groups.shape[0]], targets))
+
+
+METHODS = {"ce": cross_entropy, "ldam_drw": ldam_drw, "balanced_softmax": balanced_softmax, "ride": ride,
+           "reslt": reslt}
+
+
+def build_method(config: dict, class_counts, model: nn.Module) -> Method:
+    """The method named by config["name"] (one of METHODS); may adapt `model` (LDAM's cosine classifier)."""
+    name = config["name"]
+    if name not in METHODS:
+        raise ValueError(f"build_method: unknown method {name!r}; expected one of {sorted(METHODS)}")
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    return METHODS[name]({key: value for key, value in config.items() if key != "name"}, counts, model)

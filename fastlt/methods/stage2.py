@@ -1,0 +1,130 @@
+"""`fastlt stage2 {crt,lws,tau,ncm,router}` on a trained stage-1 model: the `stage2:` section of a recipe.
+
+Each writes `<out>/stage2_<name>/`: stage2.json (what was chosen: tau, router shares, ...), model.pt (the model with
+its new head, or the router), results.json and per_class_accuracy.png on the test split.
+"""
+
+import json
+import os
+
+import torch
+
+from fastlt.engine import RunFolder, evaluate_logits, format_results, predict
+from fastlt.methods import decoupling, router as routing
+from fastlt.methods.builders import build_loader, build_sampler, evaluate
+from fastlt.models import LearnableWeightScaling, NearestClassMean, TauNormLinear
+
+STAGE2_METHODS = ("crt", "lws", "tau", "ncm", "router")
+
+
+def stage2_folder(config: dict, name: str) -> str:
+    return os.path.join(config["out"], f"stage2_{name}")
+
+
+def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: bool = True, verbose: bool = True) -> dict:
+    """Runs config["stage2"] on `model` (stage-1 weights, modified in place) and returns its test results."""
+    options = config["stage2"]
+    name = options["name"]
+    if name not in STAGE2_METHODS:
+        raise ValueError(f"stage2: unknown method {name!r}; expected one of {STAGE2_METHODS}")
+    folder = stage2_folder(config, name)
+    run = RunFolder(folder, config=config, progress_bar=progress_bar)
+    data, seed = config["data"], config.get("seed", 0)
+    train_set, counts = datasets["train"], datasets["train"].train_class_counts
+    eval_batch = config["train"].get("eval_batch_size", 256)
+    plain_loader = {split: None if datasets[split] is None else build_loader(datasets[split], data, eval_batch,
+                                                                              train=False)
+                    for split in ("train", "val", "test")}
+    chosen = {"name": name}
+    logits = targets = None
+    if name in ("crt", "lws"):
+        head = decoupling.crt_head(model) if name == "crt" else decoupling.lws_head(model)
+        batch_size, epochs = options.get("batch_size", 128), options.get("epochs", 10)
+        sampler = build_sampler(train_set, options.get("sampler", "class_aware"), seed, epochs,
+                                options.get("samples_per_class", 4))
+        loader = build_loader(train_set, data, batch_size, train=True, sampler=sampler, seed=seed)
+        fitted = decoupling.retrain_classifier(
+            model, head.to(device), loader, epochs=epochs, lr=options.get("lr", 0.2),
+            weight_decay=options.get("weight_decay", 5e-4), run=run, sampler=sampler, val_loader=plain_loader["val"],
+            class_counts=counts, freeze_bn=options.get("freeze_bn", False), device=device,
+            steps_per_epoch=decoupling.class_aware_steps(len(train_set), batch_size))
+        chosen["best_epoch"] = fitted["best_epoch"]
+    elif name == "tau":
+        tau = options.get("tau")
+        if tau is None:
+            split = options.get("select_on", "val")
+            if plain_loader[split] is None:
+                raise ValueError(f"stage2 tau: no {split} split to pick tau on; set stage2.tau or stage2.select_on")
+            features, labels = decoupling.extract_features(model, plain_loader[split], device)
+            tau, rows = decoupling.select_tau(features, labels, model.classifier.weight.detach().cpu(), counts,
+                                              options.get("taus", decoupling.DEFAULT_TAUS))
+            chosen.update(selected_on=split, sweep=rows)
+        chosen["tau"] = tau
+        model.classifier = decoupling.tau_norm_head(model, tau)
+    elif name == "ncm":
+        features, labels = decoupling.extract_features(model, plain_loader["train"], device)
+        model.classifier = decoupling.ncm_head(features, labels, train_set.num_classes,
+                                               options.get("feature_transform", "cl2n"), options.get("distance", "l2"))
+        model.to(device)
+    else:
+        router = routing.ExpertRouter(model.num_experts, model.classifiers[0].weight.shape[0], train_set.num_classes,
+                                      top_k=options.get("top_k", 30)).to(device)
+        epochs = options.get("epochs", 5)
+        sampler = build_sampler(train_set, options.get("sampler", "ride_balanced"), seed, epochs)
+        loader = build_loader(train_set, data, options.get("batch_size", 128), train=True, sampler=sampler, seed=seed)
+        history = routing.train_router(
+            model, router, loader, epochs=epochs, lr=options.get("lr", 0.01),
+            weight_decay=options.get("weight_decay", 5e-4), pos_weight=options.get("pos_weight", routing.POS_WEIGHT),
+            device=device, sampler=sampler, progress=lambda batches, desc: run.progress(batches, desc=desc))
+        for record in history:
+            run.log(record)
+        logits, targets, used = routing.routed_predict(model, router, plain_loader["test"],
+                                                       options.get("threshold", 0.5), device)
+        chosen.update(top_k=router.top_k, **routing.routed_macs(model, tuple(train_set[0][0].shape), used))
+        torch.save(router.state_dict(), os.path.join(folder, "router.pt"))
+    if name != "router":
+        torch.save(model.state_dict(), os.path.join(folder, "model.pt"))
+    with open(os.path.join(folder, "stage2.json"), "w") as handle:
+        json.dump(chosen, handle, indent=2)
+    title = f"{config.get('name', name)} (stage 2: {name})"
+    results = evaluate(model, plain_loader["test"], counts, folder, title, device, logits, targets)
+    if verbose:
+        extra = f" (tau {chosen['tau']:.1f}, picked on {chosen.get('selected_on', 'config')})" if name == "tau" else ""
+        print(f"\n{title}{extra} on test:\n{format_results(results)}", flush=True)
+        if name == "router":
+            shares = ", ".join(f"{k}: {100 * v:.1f}%" for k, v in chosen["share_per_num_experts"].items())
+            print(f"samples per number of experts: {shares}; {chosen['mflops_routed']:.2f} MFLOPs (MACs) routed vs "
+                  f"{chosen['mflops_all_experts']:.2f} with all experts", flush=True)
+    run.close()
+    return {**results, "chosen": chosen}
+
+
+def attach_head(model, chosen: dict, num_classes: int):
+    """Puts the head skeleton of a saved stage-2 model on `model` so model.pt loads into it."""
+    name, linear = chosen["name"], model.classifier
+    if name == "crt":
+        model.classifier = decoupling.crt_head(model)
+    elif name == "lws":
+        model.classifier = LearnableWeightScaling.from_linear(linear)
+    elif name == "tau":
+        model.classifier = TauNormLinear.from_linear(linear, chosen["tau"])
+    elif name == "ncm":
+        model.classifier = NearestClassMean(linear.in_features, num_classes)
+    return model
+
+
+def evaluate_stage2(folder: str, model, datasets, device, split: str = "test") -> dict:
+    """Re-evaluates a saved stage-2 result (`fastlt eval --run <out>/stage2_<name>`)."""
+    with open(os.path.join(folder, "stage2.json")) as handle:
+        chosen = json.load(handle)
+    loader = build_loader(datasets[split], {"loader": "torch", "num_workers": 0}, 256, train=False)
+    if chosen["name"] == "router":
+        router = routing.ExpertRouter(model.num_experts, model.classifiers[0].weight.shape[0],
+                                      datasets["train"].num_classes, top_k=chosen["top_k"])
+        router.load_state_dict(torch.load(os.path.join(folder, "router.pt"), map_location=device))
+        logits, targets, _ = routing.routed_predict(model, router.to(device), loader, device=device)
+        return evaluate_logits(logits, targets, datasets["train"].train_class_counts)
+    attach_head(model, chosen, datasets["train"].num_classes)
+    model.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location=device))
+    logits, targets = predict(model.to(device), loader, device=device)
+    return evaluate_logits(logits, targets, datasets["train"].train_class_counts)
