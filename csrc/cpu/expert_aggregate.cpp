@@ -28,6 +28,8 @@ inline void write_row(float* out, int64_t C, F value) {
   for (; c < C; ++c) out[c] = value(c);
 }
 
+constexpr int64_t kChunk = 2048;  // classes per chunk: the fp32 accumulator stays in L1
+
 template <typename A>
 struct RowTables {
   const A* weights;     // [B, E] or null
@@ -62,21 +64,24 @@ at::Tensor expert_aggregate(const at::Tensor& logits, c10::string_view reduce,
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       A unweighted[kMaxExperts], coef[kMaxExperts];
-      std::vector<A> acc(sC == 1 ? C : 0);
+      std::vector<A> acc(sC == 1 ? kChunk : 0);
       for (int64_t b = b0; b < b1; ++b) {
         tables.fill(b, unweighted, coef);
         const scalar_t* row = z + b * sB;
         scalar_t* out_row = o + b * C;
         if (sC == 1) {
-          // Same order of additions as aggregate_element (k = 0..E-1), but streaming each expert row so the
-          // inner loop is contiguous and vectorises.
-          std::fill(acc.begin(), acc.end(), A(0));
-          for (int64_t k = 0; k < E; ++k) {
-            const scalar_t* zk = row + k * sE;
-            const A ck = coef[k];
-            for (int64_t c = 0; c < C; ++c) acc[c] += ck * static_cast<A>(zk[c]);
+          // Same order of additions as aggregate_element (k = 0..E-1), but over L1-sized chunks of classes with
+          // the expert loop outside, so the inner loop is contiguous and vectorises.
+          for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+            const int64_t n = std::min(kChunk, C - c0);
+            std::fill(acc.begin(), acc.begin() + n, A(0));
+            for (int64_t k = 0; k < E; ++k) {
+              const scalar_t* zk = row + k * sE + c0;
+              const A ck = coef[k];
+              for (int64_t c = 0; c < n; ++c) acc[c] += ck * static_cast<A>(zk[c]);
+            }
+            write_row(out_row + c0, n, [&](int64_t c) { return acc[c]; });
           }
-          write_row(out_row, C, [&](int64_t c) { return acc[c]; });
         } else {
           for (int64_t c = 0; c < C; ++c)
             out_row[c] = static_cast<scalar_t>(
