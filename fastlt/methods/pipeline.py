@@ -24,6 +24,15 @@ from fastlt.methods.config import read_recipe
 from fastlt.methods.stage1 import build_method
 
 
+def parameter_groups(model, train_cfg: dict):
+    """The model, or [backbone, classifier] groups when `classifier_lr` is set (Places-LT: 0.01 / 0.1)."""
+    if "classifier_lr" not in train_cfg:
+        return model
+    head = {id(parameter) for parameter in model.classifier.parameters()}
+    body = [parameter for parameter in model.parameters() if id(parameter) not in head]
+    return [{"params": body}, {"params": list(model.classifier.parameters()), "lr": train_cfg["classifier_lr"]}]
+
+
 def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict:
     """Stage 1 (and stage 2 when the recipe has one). Returns {"stage1": test results, "stage2": ..., "run": dir}."""
     seed = config.get("seed", 0)
@@ -43,7 +52,7 @@ def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict
                                 seed=seed, drop_last=train_cfg.get("drop_last", False))
     eval_batch = train_cfg.get("eval_batch_size", 256)
     val_loader = None if datasets["val"] is None else build_loader(datasets["val"], data, eval_batch, train=False)
-    optimizer = build_sgd(model, lr=train_cfg["lr"], momentum=train_cfg.get("momentum", 0.9),
+    optimizer = build_sgd(parameter_groups(model, train_cfg), lr=train_cfg["lr"], momentum=train_cfg.get("momentum", 0.9),
                           weight_decay=train_cfg.get("weight_decay", 5e-4), nesterov=train_cfg.get("nesterov", False))
     schedule = build_schedule(schedule_cfg["name"], total_epochs=epochs,
                               **{key: value for key, value in schedule_cfg.items() if key != "name"})

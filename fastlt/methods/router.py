@@ -111,7 +111,7 @@ def train_router(model: nn.Module, router: ExpertRouter, loader, *, epochs: int 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum, steps = loss_sum + float(loss), steps + 1
+            loss_sum, steps = loss_sum + float(loss.detach()), steps + 1
             positives, rows = positives + int(targets.sum()), rows + targets.numel()
         history.append({"epoch": epoch, "router_loss": loss_sum / max(steps, 1),
                         "positive_share": positives / max(rows, 1), "lr": optimizer.param_groups[0]["lr"]})

@@ -55,6 +55,8 @@ def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: boo
             split = options.get("select_on", "val")
             if plain_loader[split] is None:
                 raise ValueError(f"stage2 tau: no {split} split to pick tau on; set stage2.tau or stage2.select_on")
+            if split == "test":
+                print("stage2 tau: picking tau on the TEST split, as requested by stage2.select_on", flush=True)
             features, labels = decoupling.extract_features(model, plain_loader[split], device)
             tau, rows = decoupling.select_tau(features, labels, model.classifier.weight.detach().cpu(), counts,
                                               options.get("taus", decoupling.DEFAULT_TAUS))

@@ -1,0 +1,45 @@
+"""Recipes: inheritance, overrides, and every packaged recipe resolving to a complete config."""
+
+import glob
+import os
+
+import pytest
+
+from fastlt.methods.config import CONFIG_DIR, apply_overrides, load_config, merge
+from fastlt.methods.stage1 import METHODS
+from fastlt.methods.stage2 import STAGE2_METHODS
+from fastlt.models import list_models
+
+RECIPES = sorted(os.path.basename(path)[:-5] for path in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))
+                 if not path.endswith("_base.yaml"))
+
+
+def test_merge_and_overrides():
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
+    config = apply_overrides({"train": {"epochs": 200}}, ["train.epochs=5", "method.cutoffs=[35, 70]"])
+    assert config == {"train": {"epochs": 5}, "method": {"cutoffs": [35, 70]}}
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides({}, ["epochs"])
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_is_complete(recipe):
+    config = load_config(recipe)
+    assert config["name"] == recipe and config["out"] == f"runs/{recipe}"
+    assert config["model"]["name"] in list_models()
+    assert config["method"]["name"] in METHODS
+    assert {"epochs", "batch_size", "lr", "schedule"} <= set(config["train"])
+    if config.get("stage2"):
+        assert config["stage2"]["name"] in STAGE2_METHODS
+    if not recipe.startswith("mnist_lt"):
+        assert "top1" in config["paper"]  # every paper row states the paper's number (or why there is none)
+
+
+def test_the_paper_tables_are_covered():
+    for dataset in ("cifar100_lt_r100", "cifar100_lt_r50", "cifar100_lt_r10", "cifar10_lt_r100"):
+        for row in ("ce", "ldam_drw", "ride2", "ride3", "ride4", "reslt", "crt", "tau", "lws", "ncm"):
+            assert f"{dataset}_{row}" in RECIPES
+    for method in ("ce", "ldam_drw", "balanced_softmax", "ride", "ride_router", "reslt", "crt", "lws", "tau", "ncm"):
+        assert f"mnist_lt_{method}" in RECIPES
+    assert load_config("cifar100_lt_r100_ride3")["paper"]["top1"] == 48.0
+    assert load_config("imagenet_lt_x50_lws")["paper"]["top1"] == 49.9

@@ -1,0 +1,63 @@
+"""`fastlt train / eval / stage2` end to end on Digits-LT (1,797 8x8 images), a couple of epochs each."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import fastlt
+from fastlt.cli import main
+
+DIGITS = ["data.name=digits_lt", "data.n_max=150", "data.ratio=10", "data.num_workers=0", "data.loader=torch",
+          "train.epochs=2", "train.schedule.milestones=[1,2]", "train.schedule.warmup_epochs=1"]
+
+
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def test_train_tau_recipe_then_stage2_and_eval(tmp_path, capsys):
+    run = str(tmp_path / "ce")
+    main(["train", "--config", "mnist_lt_tau", *DIGITS, f"out={run}", "--no-progress"])
+    for name in ("config.yaml", "metrics.jsonl", "best.pt", "results.json", "per_class_accuracy.png"):
+        assert os.path.exists(os.path.join(run, name)), name
+    stage1 = read(os.path.join(run, "results.json"))
+    assert {"overall", "many", "medium", "few", "per_class"} <= set(stage1)
+    chosen = read(os.path.join(run, "stage2_tau", "stage2.json"))
+    assert chosen["selected_on"] == "val" and len(chosen["sweep"]) == 21
+
+    for method in ("crt", "lws", "ncm"):
+        main(["stage2", method, run, "stage2.epochs=1", "stage2.batch_size=32", "--no-progress"])
+        assert os.path.exists(os.path.join(run, f"stage2_{method}", "model.pt"))
+    capsys.readouterr()
+    main(["eval", "--run", os.path.join(run, "stage2_lws")])
+    assert "| overall | many | medium | few |" in capsys.readouterr().out
+    main(["eval", "--run", run])
+    assert f"{stage1['overall']:.1f}" in capsys.readouterr().out  # eval reproduces the training run's test figure
+
+
+@pytest.mark.skipif(not hasattr(fastlt, "RIDELoss"), reason="waiting for fastlt.RIDELoss")
+def test_train_ride_with_router(tmp_path, capsys):
+    run = str(tmp_path / "ride")
+    main(["train", "--config", "mnist_lt_ride_router", *DIGITS, "method.drw_epoch=1", "stage2.epochs=1",
+          f"out={run}", "--no-progress"])
+    chosen = read(os.path.join(run, "stage2_router", "stage2.json"))
+    assert abs(sum(chosen["share_per_num_experts"].values()) - 1) < 1e-9
+    assert chosen["mflops_routed"] <= chosen["mflops_all_experts"]
+    assert "samples per number of experts" in capsys.readouterr().out
+    main(["eval", "--run", os.path.join(run, "stage2_router")])
+
+
+def test_bad_recipe_name_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="no_such_recipe"):
+        main(["train", "--config", "no_such_recipe"])
