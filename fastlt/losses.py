@@ -1,0 +1,162 @@
+"""nn.Module wrappers of fastlt's fused long-tailed losses: RIDE, ResLT and the prior-shifted (Balanced Softmax /
+logit-adjusted) cross-entropy.
+
+Each module holds the per-class state (class counts, group masks) and the schedule (RIDE's DRW switch) and calls
+the functional op in ``fastlt.ops``, so the module and the op give the same numbers. Inputs are the stacked
+``[E, B, C]`` expert (branch) logits or a list of E ``[B, C]`` tensors; a list that came from one stacked buffer
+(``torch.stack(...).unbind(0)``, ``linear_out.split(C, dim=-1)``, ...) is read in place (see :func:`stack_experts`).
+
+>>> counts = torch.tensor([500.0, 120, 40, 8])
+>>> criterion = fastlt.RIDELoss(counts, drw_epoch=160)
+>>> criterion.set_epoch(161)                    # 1-indexed: DRW and per-class temperatures from epoch 161
+>>> loss = criterion([torch.randn(6, 4) * 30 for _ in range(3)], torch.randint(0, 4, (6,)))
+"""
+
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+from fastlt import ops
+from fastlt.ops import _lt_constants
+
+ExpertLogits = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def stack_experts(expert_logits: ExpertLogits) -> torch.Tensor:
+    """The ``[E, B, C]`` tensor of E expert logits given stacked or as a list of ``[B, C]`` tensors.
+
+    A list whose elements are views of one tensor with equal shapes and strides, at storage offsets a constant
+    positive step apart, becomes an ``as_strided`` view of that tensor: no copy, and the gradient flows to the
+    tensor they are views of. Any other list is copied by ``torch.stack``.
+
+    >>> stacked = torch.randn(3, 8, 10)
+    >>> stack_experts(list(stacked)).data_ptr() == stacked.data_ptr()
+    True
+    """
+    if isinstance(expert_logits, torch.Tensor):
+        return expert_logits
+    experts = list(expert_logits)
+    if not experts or not all(isinstance(expert, torch.Tensor) for expert in experts):
+        raise TypeError("stack_experts: expert_logits must be a tensor or a non-empty list of tensors")
+    view = _view_of_common_base(experts)
+    return torch.stack(experts) if view is None else view
+
+
+def _view_of_common_base(experts):
+    """The [E, ...] as_strided view over the experts' common base tensor, or None when they do not form one."""
+    first = experts[0]
+    if len(experts) == 1:
+        return first.unsqueeze(0)
+    base = first._base
+    if base is None:
+        return None
+    step = experts[1].storage_offset() - first.storage_offset()
+    for index, expert in enumerate(experts):
+        same_layout = (expert._base is base and expert.shape == first.shape and expert.stride() == first.stride()
+                       and expert.dtype == first.dtype and expert.requires_grad == base.requires_grad)
+        if not same_layout or expert.storage_offset() != first.storage_offset() + index * step:
+            return None
+    if step <= 0:  # as_strided takes no negative strides; a zero step repeats one tensor
+        return None
+    return base.as_strided((len(experts), *first.shape), (step, *first.stride()), first.storage_offset())
+
+
+def _counts_buffer(class_counts) -> torch.Tensor:
+    """Class counts as fp64 (exact for any count; the ops derive their [C] tables in fp64)."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    _lt_constants.check_class_counts("fastlt.losses", counts, counts.numel())
+    return counts
+
+
+class RIDELoss(nn.Module):
+    """RIDE's stage-1 loss (per-expert LDAM-DRW + distribution-aware diversity KL), :func:`fastlt.ops.ride_loss`.
+
+    The deferred re-weighting phase follows the official schedule: call ``set_epoch(epoch)`` with the 1-indexed
+    epoch before each epoch; DRW class weights and per-class diversity temperatures are on for
+    ``epoch > drw_epoch`` (CIFAR: 161..200). Before the first ``set_epoch`` the loss is at epoch 1.
+    ``diversity_factor=0`` gives (individual) LDAM-DRW. Arguments as in :func:`fastlt.ops.ride_loss`.
+
+    >>> criterion = fastlt.RIDELoss(torch.linspace(500, 5, 100).floor())
+    >>> criterion.set_epoch(160); criterion.drw
+    False
+    >>> criterion.set_epoch(161); criterion.drw
+    True
+    >>> loss = criterion(torch.randn(3, 8, 100) * 30, torch.randint(0, 100, (8,)))
+    """
+
+    def __init__(self, class_counts, *, scale: float = 30.0, max_margin: float = 0.5,
+                 diversity_factor: float = -0.45, temperature_factor: float = 0.05, base_temperature: float = 1.0,
+                 drw_beta: float = 0.9999, drw_epoch: int = 160):
+        super().__init__()
+        # Not persistent: the counts come from the dataset at construction, not from a checkpoint.
+        self.register_buffer("class_counts", _counts_buffer(class_counts), persistent=False)
+        self.scale, self.max_margin, self.diversity_factor = scale, max_margin, diversity_factor
+        self.temperature_factor, self.base_temperature = temperature_factor, base_temperature
+        self.drw_beta, self.drw_epoch = drw_beta, drw_epoch
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the current 1-indexed epoch (DRW is on for ``epoch > drw_epoch``)."""
+        self.epoch = int(epoch)
+
+    @property
+    def drw(self) -> bool:
+        return self.epoch > self.drw_epoch
+
+    def forward(self, expert_logits: ExpertLogits, target: torch.Tensor) -> torch.Tensor:
+        return ops.ride_loss(stack_experts(expert_logits), target, self.class_counts, scale=self.scale,
+                             max_margin=self.max_margin, diversity_factor=self.diversity_factor,
+                             temperature_factor=self.temperature_factor, base_temperature=self.base_temperature,
+                             drw=self.drw, drw_beta=self.drw_beta)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.class_counts.numel()}, scale={self.scale}, max_margin={self.max_margin}, "
+                f"diversity_factor={self.diversity_factor}, temperature_factor={self.temperature_factor}, "
+                f"drw_epoch={self.drw_epoch}, epoch={self.epoch}")
+
+
+class ResLTLoss(nn.Module):
+    """ResLT's loss ``beta * L_ice + (1 - beta) * L_fce`` over K branches, :func:`fastlt.ops.reslt_loss`.
+
+    ``groups`` is either the ``[K, C]`` bool group masks (row 0: all classes; then medium+tail, tail) or the class
+    counts, from which :func:`fastlt.ops.reslt_groups` builds them (``cutoffs``, ``num_branches`` as there).
+
+    >>> criterion = fastlt.ResLTLoss(torch.linspace(500, 5, 100).floor(), beta=0.995, cutoffs=[35, 70])
+    >>> loss = criterion(torch.randn(3, 8, 100), torch.randint(0, 100, (8,)))
+    """
+
+    def __init__(self, groups, *, beta: float, cutoffs=None, num_branches: int = 3):
+        super().__init__()
+        groups = torch.as_tensor(groups)
+        if groups.dtype != torch.bool:
+            groups = ops.reslt_groups(_counts_buffer(groups), cutoffs=cutoffs, num_branches=num_branches)
+        self.register_buffer("group_masks", groups, persistent=False)
+        self.beta = beta
+
+    def forward(self, branch_logits: ExpertLogits, target: torch.Tensor) -> torch.Tensor:
+        return ops.reslt_loss(stack_experts(branch_logits), target, self.group_masks, beta=self.beta)
+
+    def extra_repr(self) -> str:
+        num_branches, num_classes = self.group_masks.shape
+        return f"num_branches={num_branches}, num_classes={num_classes}, beta={self.beta}"
+
+
+class PriorShiftedCE(nn.Module):
+    """Sum over experts of ``CE(z_k + tau_k * log(pi), y)`` (Balanced Softmax: one expert, tau = 1),
+    :func:`fastlt.ops.prior_shifted_ce`. ``taus`` has one value per expert.
+
+    >>> criterion = fastlt.PriorShiftedCE(torch.linspace(500, 5, 100).floor(), taus=[1.0])
+    >>> loss = criterion(torch.randn(1, 8, 100), torch.randint(0, 100, (8,)))
+    """
+
+    def __init__(self, class_counts, taus: Sequence[float]):
+        super().__init__()
+        self.register_buffer("class_counts", _counts_buffer(class_counts), persistent=False)
+        self.taus = [float(tau) for tau in taus]
+
+    def forward(self, expert_logits: ExpertLogits, target: torch.Tensor) -> torch.Tensor:
+        return ops.prior_shifted_ce(stack_experts(expert_logits), target, self.class_counts, taus=self.taus)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.class_counts.numel()}, taus={self.taus}"

@@ -1,0 +1,127 @@
+"""fastlt.RIDELoss / ResLTLoss / PriorShiftedCE: the modules give the functional ops' numbers, switch RIDE's DRW
+phase at the official epoch, and read lists of expert logits that share one buffer in place."""
+
+import pytest
+import torch
+
+import fastlt
+from fastlt.losses import stack_experts
+
+NUM_CLASSES = 12
+COUNTS = torch.tensor([600.0, 400, 250, 150, 101, 100, 60, 30, 20, 19, 5, 1])
+
+
+def _logits(num_experts=3, batch=5, requires_grad=True):
+    return (torch.randn(num_experts, batch, NUM_CLASSES) * 10).requires_grad_(requires_grad)
+
+
+def _target(batch=5):
+    return torch.randint(0, NUM_CLASSES, (batch,))
+
+
+# ---- RIDELoss ----
+
+
+@pytest.mark.parametrize("drw_epoch", [160, 80, 0])
+def test_ride_drw_switches_on_after_drw_epoch_one_indexed(drw_epoch):
+    criterion = fastlt.RIDELoss(COUNTS, drw_epoch=drw_epoch)
+    assert criterion.drw == (1 > drw_epoch)  # before any set_epoch: epoch 1
+    for epoch, expected in [(drw_epoch, False), (drw_epoch + 1, True), (drw_epoch + 40, True)]:
+        criterion.set_epoch(epoch)
+        assert criterion.drw is expected
+
+
+@pytest.mark.parametrize("epoch, drw", [(160, False), (161, True)])
+def test_ride_module_equals_functional_op_at_each_phase(epoch, drw):
+    logits, target = _logits(), _target()
+    kwargs = dict(scale=30.0, max_margin=0.4, diversity_factor=-0.2, temperature_factor=0.02, base_temperature=1.5,
+                  drw_beta=0.999)
+    criterion = fastlt.RIDELoss(COUNTS.tolist(), drw_epoch=160, **kwargs)
+    criterion.set_epoch(epoch)
+    expected = fastlt.ops.ride_loss(logits, target, COUNTS, drw=drw, **kwargs)
+    torch.testing.assert_close(criterion(logits, target), expected, rtol=0, atol=0)
+
+
+def test_ride_switch_also_turns_on_the_per_class_temperatures():
+    """The diversity term (loss minus its diversity-free part) involves the temperatures, not the DRW weights."""
+    logits, target = _logits(), _target()
+    with_diversity, without = fastlt.RIDELoss(COUNTS), fastlt.RIDELoss(COUNTS, diversity_factor=0.0)
+    diversity_terms = []
+    for epoch in (160, 161):
+        with_diversity.set_epoch(epoch)
+        without.set_epoch(epoch)
+        diversity_terms.append(with_diversity(logits, target) - without(logits, target))
+    assert not torch.allclose(diversity_terms[0], diversity_terms[1])
+
+
+def test_ride_list_and_stacked_inputs_give_the_same_loss_and_gradients():
+    experts = [(torch.randn(5, NUM_CLASSES) * 10).requires_grad_(True) for _ in range(3)]  # separate tensors
+    target = _target()
+    criterion = fastlt.RIDELoss(COUNTS)
+    loss_from_list = criterion(experts, target)
+    grads_from_list = torch.autograd.grad(loss_from_list, experts)
+    stacked = torch.stack([expert.detach() for expert in experts]).requires_grad_(True)
+    loss_from_stacked = criterion(stacked, target)
+    (grad_stacked,) = torch.autograd.grad(loss_from_stacked, stacked)
+    torch.testing.assert_close(loss_from_list, loss_from_stacked, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(grads_from_list), grad_stacked, rtol=0, atol=0)
+
+
+# ---- stack_experts ----
+
+
+def test_list_of_views_of_one_buffer_is_read_in_place_and_gradients_reach_the_buffer():
+    buffer = _logits()
+    experts = list(buffer.unbind(0))
+    view = stack_experts(experts)
+    assert view.data_ptr() == buffer.data_ptr() and view._base is buffer
+    target = _target()
+    (grad_from_list,) = torch.autograd.grad(fastlt.RIDELoss(COUNTS)(experts, target), buffer)
+    (expected,) = torch.autograd.grad(fastlt.ops.ride_loss(buffer, target, COUNTS), buffer)
+    torch.testing.assert_close(grad_from_list, expected, rtol=0, atol=0)
+
+
+def test_split_of_a_fused_head_output_is_a_strided_view():
+    """One Linear with E*C outputs split per expert: [B, C] views at offsets C apart, row stride E*C."""
+    fused = (torch.randn(5, 3 * NUM_CLASSES) * 10).requires_grad_(True)
+    experts = fused.split(NUM_CLASSES, dim=1)
+    view = stack_experts(experts)
+    assert view.data_ptr() == fused.data_ptr() and view.stride() == (NUM_CLASSES, 3 * NUM_CLASSES, 1)
+    torch.testing.assert_close(view, torch.stack(experts), rtol=0, atol=0)
+    target = _target()
+    (grad,) = torch.autograd.grad(fastlt.RIDELoss(COUNTS)(experts, target), fused)
+    copied = torch.stack(experts).detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(fastlt.ops.ride_loss(copied, target, COUNTS), copied)
+    torch.testing.assert_close(grad, torch.cat(list(expected), dim=1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "make_list",
+    [
+        lambda x: [x[0], x[2], x[1]],  # non-uniform offsets
+        lambda x: [x[2], x[1], x[0]],  # negative step
+        lambda x: [x[0], x[0], x[0]],  # zero step
+        lambda x: [x[0], x[1][:, :], torch.randn(5, NUM_CLASSES)],  # not one base
+        lambda x: [x[0].detach(), x[1].detach(), x[2].detach()],  # shared storage, no autograd base
+    ],
+)
+def test_other_lists_are_copied_by_stack(make_list):
+    buffer = _logits(requires_grad=False)
+    experts = make_list(buffer)
+    stacked = stack_experts(experts)
+    torch.testing.assert_close(stacked, torch.stack(experts), rtol=0, atol=0)
+    assert stacked.data_ptr() != buffer.data_ptr()
+
+
+def test_single_expert_list_and_tensor_pass_through_without_copy():
+    logits = torch.randn(5, NUM_CLASSES)
+    assert stack_experts([logits]).data_ptr() == logits.data_ptr()
+    stacked = torch.randn(2, 5, NUM_CLASSES)
+    assert stack_experts(stacked) is stacked
+    with pytest.raises(TypeError):
+        stack_experts([])
+
+
+def test_module_rejects_bad_counts_at_construction():
+    with pytest.raises(ValueError, match="positive"):
+        fastlt.RIDELoss([10.0, 0.0])
