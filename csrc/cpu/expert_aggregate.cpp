@@ -28,7 +28,13 @@ inline void write_row(float* out, int64_t C, F value) {
   for (; c < C; ++c) out[c] = value(c);
 }
 
-constexpr int64_t kChunk = 2048;  // classes per chunk: the fp32 accumulator stays in L1
+constexpr int64_t kChunk = 2048;
+
+// Rows per parallel task so that each task touches at least ATen's GRAIN_SIZE elements: small inputs stay on one
+// thread instead of paying a thread wake-up per call.
+inline int64_t rows_per_task(int64_t elements_per_row) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, elements_per_row));
+}  // classes per chunk: the fp32 accumulator stays in L1
 
 template <typename A>
 struct RowTables {
@@ -62,7 +68,7 @@ at::Tensor expert_aggregate(const at::Tensor& logits, c10::string_view reduce,
                               reduce_kind};
     const scalar_t* z = logits.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, rows_per_task(E * C), [&](int64_t b0, int64_t b1) {
       A unweighted[kMaxExperts], coef[kMaxExperts];
       std::vector<A> acc(sC == 1 ? kChunk : 0);
       for (int64_t b = b0; b < b1; ++b) {
@@ -121,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> expert_aggregate_backward(const at::Tensor& g
       const scalar_t* z = logits.data_ptr<scalar_t>();
       scalar_t* gl = grad_logits.data_ptr<scalar_t>();
       A* gw = want_weights ? grad_table.data_ptr<A>() : nullptr;
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      at::parallel_for(0, B, rows_per_task(E * C), [&](int64_t b0, int64_t b1) {
         A unweighted[kMaxExperts], coef[kMaxExperts];
         for (int64_t b = b0; b < b1; ++b) {
           tables.fill(b, unweighted, coef);

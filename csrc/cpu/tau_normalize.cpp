@@ -31,7 +31,7 @@ at::Tensor tau_normalize(const at::Tensor& weight_in, double tau, double eps) {
     using A = acc_t<scalar_t>;
     const scalar_t* w = weight.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, D)), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const scalar_t* row = w + c * D;
         A sum_squares = A(0);
@@ -57,7 +57,7 @@ at::Tensor tau_normalize_backward(const at::Tensor& grad_in, const at::Tensor& w
     const scalar_t* w = weight.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, D)), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const scalar_t* w_row = w + c * D;
         const scalar_t* g_row = g + c * D;

@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -16,43 +17,55 @@ namespace fastlt {
 namespace cpu {
 namespace {
 
-constexpr int kLanes = 16;
 constexpr int64_t kRowBlock = 256;
 
-// Index of the first maximum of raw * scales + bias (torch.argmax semantics: the first NaN wins).
-// Lane-wise max and NaN flags vectorise without -ffast-math; a second scan finds the first index.
+// 64-byte GCC vector types: one AVX-512 register (two AVX2 / four SSE registers in the other clones).
+template <typename A> struct Vec64;
+template <> struct Vec64<float> { using type = float __attribute__((vector_size(64))); using mask = int32_t __attribute__((vector_size(64))); };
+template <> struct Vec64<double> { using type = double __attribute__((vector_size(64))); using mask = int64_t __attribute__((vector_size(64))); };
+
+// Index of the first maximum of raw * scales + bias (torch.argmax semantics: the first NaN wins). A vector pass keeps
+// per-lane maxima and NaN flags (the select below is exactly maxps' semantics, so it needs no -ffast-math); a second
+// scan finds the first index holding the maximum. Each score is tau_sweep::score's expression.
 template <typename A>
-__attribute__((always_inline)) inline int64_t row_argmax_impl(const A* raw, const A* scales, const A* bias, int64_t C,
-                                                              A* values) {
-  A lane_best[kLanes];
-  bool lane_nan[kLanes];
-  for (int l = 0; l < kLanes; ++l) {
-    lane_best[l] = -std::numeric_limits<A>::infinity();
-    lane_nan[l] = false;
-  }
+__attribute__((always_inline)) inline int64_t row_argmax_impl(const A* __restrict raw, const A* __restrict scales,
+                                                              const A* __restrict bias, int64_t C,
+                                                              A* __restrict values) {
+  using V = typename Vec64<A>::type;
+  using M = typename Vec64<A>::mask;
+  constexpr int64_t kLanes = sizeof(V) / sizeof(A);
+  const A lowest = -std::numeric_limits<A>::infinity();
+  V best = V{} + lowest;
+  M nan = M{};
   int64_t j = 0;
   for (; j + kLanes <= C; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const A v = tau_sweep::score(raw[j + l], scales[j + l], bias, j + l);
-      values[j + l] = v;
-      lane_best[l] = v > lane_best[l] ? v : lane_best[l];
-      lane_nan[l] = lane_nan[l] | (v != v);
+    V r, s, v;
+    std::memcpy(&r, raw + j, sizeof(V));
+    std::memcpy(&s, scales + j, sizeof(V));
+    v = r * s;
+    if (bias != nullptr) {
+      V b;
+      std::memcpy(&b, bias + j, sizeof(V));
+      v = v + b;
     }
+    std::memcpy(values + j, &v, sizeof(V));
+    best = v > best ? v : best;
+    nan |= (v != v);
+  }
+  A best_value = lowest;
+  bool any_nan = false;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    best_value = best[l] > best_value ? best[l] : best_value;
+    any_nan = any_nan || nan[l] != 0;
   }
   for (; j < C; ++j) {
     const A v = tau_sweep::score(raw[j], scales[j], bias, j);
     values[j] = v;
-    lane_best[0] = v > lane_best[0] ? v : lane_best[0];
-    lane_nan[0] = lane_nan[0] | (v != v);
-  }
-  A best = lane_best[0];
-  bool any_nan = lane_nan[0];
-  for (int l = 1; l < kLanes; ++l) {
-    best = lane_best[l] > best ? lane_best[l] : best;
-    any_nan = any_nan | lane_nan[l];
+    best_value = v > best_value ? v : best_value;
+    any_nan = any_nan || v != v;
   }
   for (int64_t i = 0; i < C; ++i) {
-    if (any_nan ? values[i] != values[i] : values[i] == best) return i;
+    if (any_nan ? values[i] != values[i] : values[i] == best_value) return i;
   }
   return 0;
 }
