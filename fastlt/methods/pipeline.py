@@ -44,7 +44,7 @@ def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict
     counts = datasets["train"].train_class_counts
     run = RunFolder(config["out"], config=config, progress_bar=progress_bar)
     model = build_model(config, datasets["train"].num_classes)
-    method = build_method(config["method"], counts, model)
+    method = build_method(config["method"], counts, model, device)
     model.to(device)
     epochs = train_cfg["epochs"]
     sampler = build_sampler(datasets["train"], train_cfg.get("sampler", "instance_balanced"), seed, epochs)

@@ -62,14 +62,14 @@ def ldam_drw(config, counts, model) -> Method:
     fastlt, not the official code's collaborative switch)."""
     use_cosine_classifier(model)
     loss = fastlt.RIDELoss(counts, scale=LDAM_SCALE, max_margin=config.get("max_margin", 0.5), diversity_factor=0.0,
-                           drw_beta=config.get("drw_beta", 0.9999), drw_epoch=config.get("drw_epoch", 160))
+                           drw_beta=config.get("drw_beta", 0.9999), drw_epoch=config.get("drw_epoch", 160)).to(counts.device)
     return Method("ldam_drw", lambda output, targets: loss(stacked(output, "expert_logits"), targets),
                   epoch_hook(loss))
 
 
 def balanced_softmax(config, counts, model) -> Method:
     """Balanced Softmax / logit adjustment: CE(z + tau log pi) with tau = 1 (PriorShiftedCE)."""
-    loss = fastlt.PriorShiftedCE(counts, taus=[config.get("tau", 1.0)])
+    loss = fastlt.PriorShiftedCE(counts, taus=[config.get("tau", 1.0)]).to(counts.device)
     return Method("balanced_softmax", lambda output, targets: loss(stacked(output, "expert_logits"), targets))
 
 
@@ -79,7 +79,7 @@ def ride(config, counts, model) -> Method:
                            diversity_factor=config.get("diversity_factor", -0.45),
                            temperature_factor=config.get("temperature_factor", 0.05),
                            base_temperature=config.get("base_temperature", 1.0),
-                           drw_beta=config.get("drw_beta", 0.9999), drw_epoch=config.get("drw_epoch", 160))
+                           drw_beta=config.get("drw_beta", 0.9999), drw_epoch=config.get("drw_epoch", 160)).to(counts.device)
     return Method("ride", lambda output, targets: loss(output.expert_logits, targets), epoch_hook(loss))
 
 
@@ -88,7 +88,7 @@ def reslt(config, counts, model) -> Method:
     <20) or from the papers' rank cut-offs, e.g. `cutoffs: [35, 70]` on CIFAR-100."""
     groups = fastlt.ops.reslt_groups(torch.as_tensor(counts), cutoffs=config.get("cutoffs"),
                                      num_branches=config.get("num_branches", 3))
-    loss = fastlt.ResLTLoss(groups, beta=config.get("beta", 0.995))
+    loss = fastlt.ResLTLoss(groups, beta=config.get("beta", 0.995)).to(counts.device)
     return Method("reslt", lambda output, targets: loss(output.branch_logits[: groups.shape[0]], targets))
 
 
@@ -96,10 +96,11 @@ METHODS = {"ce": cross_entropy, "ldam_drw": ldam_drw, "balanced_softmax": balanc
            "reslt": reslt}
 
 
-def build_method(config: dict, class_counts, model: nn.Module) -> Method:
-    """The method named by config["name"] (one of METHODS); may adapt `model` (LDAM's cosine classifier)."""
+def build_method(config: dict, class_counts, model: nn.Module, device=None) -> Method:
+    """The method named by config["name"] (one of METHODS), its loss on `device`; may adapt `model` (LDAM's
+    cosine classifier)."""
     name = config["name"]
     if name not in METHODS:
         raise ValueError(f"build_method: unknown method {name!r}; expected one of {sorted(METHODS)}")
-    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    counts = torch.as_tensor(class_counts, dtype=torch.float64, device=device)
     return METHODS[name]({key: value for key, value in config.items() if key != "name"}, counts, model)
