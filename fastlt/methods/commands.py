@@ -15,8 +15,11 @@ def train_command(args) -> dict:
 
 
 def stage2_command(args) -> dict:
-    """fastlt stage2 {crt,lws,tau,ncm,router} <stage-1 run folder> [stage2.key=value ...]: the recipe's own
-    stage2 section when it names this method, else the method's defaults, then the overrides."""
+    """fastlt stage2 {crt,lws,tau,ncm,router} <stage-1 run folder> [stage2.key=value ...] (or --run <folder>):
+    the recipe's own stage2 section when it names this method, else the method's defaults, then the overrides."""
+    args.run = args.run or args.run_option
+    if not args.run:
+        raise SystemExit("fastlt stage2: give the stage-1 run folder (fastlt stage2 tau runs/<run> [key=value ...])")
     config, datasets, model = load_stage1(args.run, device=pick_device())
     if (config.get("stage2") or {}).get("name") != args.method:
         config["stage2"] = {"name": args.method}
@@ -62,7 +65,9 @@ def add_subcommands(commands) -> None:
     p_eval.set_defaults(handler=eval_command)
     p_stage2 = commands.add_parser("stage2", help="Decoupling classifiers or RIDE's router on a stage-1 run")
     p_stage2.add_argument("method", choices=("crt", "lws", "tau", "ncm", "router"))
-    p_stage2.add_argument("run", help="the stage-1 run folder")
+    # the run folder as a positional (before any overrides) or as --run (argparse cannot put overrides after it)
+    p_stage2.add_argument("run", nargs="?", help="the stage-1 run folder")
+    p_stage2.add_argument("--run", dest="run_option", help="the stage-1 run folder (when no overrides follow)")
     p_stage2.add_argument("overrides", nargs="*", help="e.g. stage2.epochs=5 stage2.freeze_bn=true")
     p_stage2.add_argument("--no-progress", action="store_true")
     p_stage2.set_defaults(handler=stage2_command)
