@@ -33,5 +33,6 @@ TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
   m.impl("tau_normalize", &fastlt::cuda::tau_normalize);
   m.impl("tau_normalize_backward", &fastlt::cuda::tau_normalize_backward);
   m.impl("tau_sweep", &fastlt::cuda::tau_sweep);
+  m.impl("ride_loss", &fastlt::cuda::ride_loss);
 }
 #endif

@@ -13,6 +13,7 @@ PYBIND11_MODULE(_C, m) {
   cuda.def("expert_aggregate", &fastlt::cuda::expert_aggregate);
   cuda.def("tau_normalize", &fastlt::cuda::tau_normalize);
   cuda.def("tau_sweep", &fastlt::cuda::tau_sweep);
+  cuda.def("ride_loss", &fastlt::cuda::ride_loss);
 #else
   m.def("built_with_cuda", [] { return false; });
 #endif

@@ -20,7 +20,9 @@ FASTLT_ALWAYS_INLINE A mean_gap_impl(const A* mean_exp, const A* mean_logits, co
                                      const A* inverse_temperature, int64_t n) {
   A gap = A(0);
 #pragma omp simd reduction(+ : gap)
-  for (int64_t c = 0; c < n; ++c) gap += mean_exp[c] * (mean_logits[c] - expert[c] * inverse_temperature[c]);
+  for (int64_t c = 0; c < n; ++c)
+    gap += ride_loss::weighted_gap_term(mean_exp[c], mean_logits[c],
+                                        ride_loss::tempered_logit(expert[c], inverse_temperature[c]));
   return gap;
 }
 
@@ -135,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
           for (int64_t c = 0; c < C; ++c) {
             A total = rows[0][c];
             for (int64_t k = 1; k < E; ++k) total += rows[k][c];
-            mean_logits[c] = total * inv_experts * inverse_temperature[c];
+            mean_logits[c] = ride_loss::tempered_mean_logit(total, inv_experts, inverse_temperature[c]);
           }
           const A mean_max = row_max(mean_logits, no_scale, C);
           mean_sum = exp_shifted(mean_logits, no_scale, mean_max, mean_exp, C);

@@ -17,6 +17,24 @@ FASTLT_HOST_DEVICE A margin_logit(A logit, bool is_target, A target_margin) {
   return is_target ? logit - target_margin : logit;
 }
 
+// u_c = z_k[c] / T_c: an expert's logit as the diversity term sees it.
+template <typename A>
+FASTLT_HOST_DEVICE A tempered_logit(A logit, A inverse_temperature) {
+  return logit * inverse_temperature;
+}
+
+// v_c = mean_k(z_k[c]) / T_c, from the experts' sum sum_k z_k[c].
+template <typename A>
+FASTLT_HOST_DEVICE A tempered_mean_logit(A expert_sum, A inverse_experts, A inverse_temperature) {
+  return expert_sum * inverse_experts * inverse_temperature;
+}
+
+// Class c's term of kl_to_mean's weighted_gap: exp(v_c - mean_max) * (v_c - u_c).
+template <typename A>
+FASTLT_HOST_DEVICE A weighted_gap_term(A mean_exp, A mean_logit, A expert_tempered_logit) {
+  return mean_exp * (mean_logit - expert_tempered_logit);
+}
+
 // KL(p || softmax(u)) of one expert, from weighted_gap = sum_c exp(v_c - mean_max) * (v_c - u_c) and the softmax
 // statistics of v (the mean) and u (the expert).
 template <typename A>
