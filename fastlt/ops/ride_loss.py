@@ -4,12 +4,15 @@
 
 with ``pbar = softmax(mean_k(z_k) / T)`` detached, KL reduced as ``batchmean`` and the CE weighted (DRW) or not.
 Constants (margins m, DRW weights w, temperatures T): fastlt/ops/_lt_constants.py. Per-row math:
-csrc/include/fastlt/ride_loss.h; kernel: csrc/cpu/ride_loss.cpp (CUDA and Triton kernels: not yet);
-tests: tests/ops/test_ride_loss.py; benchmark: bench/losses.py. methods.md 3.2 and 6.3 give the definition.
+csrc/include/fastlt/ride_loss.h; kernels: csrc/cpu/ride_loss.cpp, csrc/cuda/ride_loss.cu, kernels/ride_loss.py;
+tests: tests/ops/test_ride_loss.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py. methods.md 3.2 and 6.3
+give the definition.
 
 The kernels compute the loss and d loss / d logits in one pass per row; the backward only scales the saved gradient
 by ``grad_output`` (in place in eager mode, so fwd+bwd needs no memory beyond one gradient).
 """
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -90,14 +93,13 @@ def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: t
         return ride_loss_reference(expert_logits, target, class_counts, scale=scale, max_margin=max_margin,
                                    diversity_factor=diversity_factor, temperature_factor=temperature_factor,
                                    base_temperature=base_temperature, drw=drw, drw_beta=drw_beta)
-    if backend == "triton":
-        raise NotImplementedError(f"{OP}: no Triton kernel yet; use the 'cpp' or 'reference' backend")
     target_margins, class_weights, temperatures = ride_tables(
         class_counts, scale=scale, max_margin=max_margin, temperature_factor=temperature_factor,
         base_temperature=base_temperature, drw=drw, drw_beta=drw_beta,
         dtype=_checks.accumulate_dtype(expert_logits.dtype), device=expert_logits.device)
     compute_grad = expert_logits.requires_grad and torch.is_grad_enabled()
-    loss, _ = torch.ops.fastlt.ride_loss(expert_logits, target, target_margins, class_weights, temperatures, float(diversity_factor),
+    fused_op = torch.ops.fastlt.ride_loss_triton if backend == "triton" else torch.ops.fastlt.ride_loss
+    loss, _ = fused_op(expert_logits, target, target_margins, class_weights, temperatures, float(diversity_factor),
                  compute_grad)
     return loss
 
@@ -112,7 +114,7 @@ def _validate(expert_logits, target, class_counts):
     _lt_constants.check_class_counts(OP, class_counts, num_classes)
 
 
-# ---- torch.library glue: fake (meta) implementation and autograd of the C++ op ----
+# ---- torch.library glue: fake (meta) implementation and autograd, shared by the C++ and Triton ops ----
 
 
 def _fake_forward(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor,
@@ -150,3 +152,17 @@ def scale_saved_gradient(grad_logits, grad_loss):
 if _extension.AVAILABLE:
     torch.library.register_fake("fastlt::ride_loss")(_fake_forward)
     torch.library.register_autograd("fastlt::ride_loss", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastlt::ride_loss_triton", mutates_args=())
+def _ride_loss_triton(expert_logits: torch.Tensor, target: torch.Tensor, target_margins: torch.Tensor,
+                      class_weights: Optional[torch.Tensor], temperatures: torch.Tensor, diversity_factor: float,
+                      compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastlt.kernels import ride_loss as kernel
+
+    return kernel.forward(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor,
+                          compute_grad)
+
+
+_ride_loss_triton.register_fake(_fake_forward)
+_ride_loss_triton.register_autograd(_backward, setup_context=_setup_context)

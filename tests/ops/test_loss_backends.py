@@ -4,9 +4,10 @@ tensors on a machine without a GPU (their values are tested by the `gpu`-marked 
 
 import pytest
 import torch
-from op_helpers import needs_cuda_build
+from op_helpers import TOLERANCES, assert_close, backend, needs_cuda, needs_cuda_build
 
 import fastlt
+from fastlt.ops import ride_loss, ride_loss_reference
 
 
 def _counts(num_classes):
@@ -19,6 +20,12 @@ def _inputs(shape, dtype=torch.float32, scale=10.0, device="cpu"):
     return logits, torch.randint(0, C, (B,), device=device), _counts(C).to(device)
 
 
+def _loss_and_grad(fn, logits, target, counts, **kwargs):
+    loss = fn(logits, target, counts, **kwargs)
+    (grad,) = torch.autograd.grad(loss, logits)
+    return loss.detach(), grad
+
+
 def _tables(num_classes, weights):
     return torch.rand(num_classes), (torch.rand(num_classes) + 0.5 if weights else None), torch.rand(num_classes) + 0.5
 
@@ -29,3 +36,90 @@ def test_ride_loss_cuda_launcher_refuses_cpu_tensors():
     margins, weights, temperatures = _tables(10, weights=True)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
         fastlt._C.cuda_launchers.ride_loss(logits.detach(), target, margins, weights, temperatures, -0.45, True)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 7), (3, 4, 1100)])  # 1100 > one 1024-class block
+@pytest.mark.parametrize("drw", [False, True])
+@pytest.mark.parametrize("diversity_factor", [-0.45, 0.0])
+def test_ride_loss_triton_matches_reference_fp32(shape, drw, diversity_factor):
+    logits, target, counts = _inputs(shape)
+    kwargs = dict(drw=drw, diversity_factor=diversity_factor)
+    expected_loss, expected_grad = _loss_and_grad(ride_loss_reference, logits, target, counts, **kwargs)
+    with backend("triton"):
+        loss, grad = _loss_and_grad(ride_loss, logits, target, counts, **kwargs)
+    assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-9, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ride_loss_triton_low_precision_tolerance_table(dtype):
+    logits, target, counts = _inputs((2, 4, 40), dtype)
+    expected_loss, expected_grad = _loss_and_grad(ride_loss_reference, logits, target, counts, drw=True)
+    with backend("triton"):
+        loss, grad = _loss_and_grad(ride_loss, logits, target, counts, drw=True)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert_close(loss, expected_loss, dtype)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(grad, expected_grad, atol=atol * expected_grad.abs().max().item(), rtol=rtol)
+
+
+def test_ride_loss_triton_gradcheck_fp64():
+    logits, target, counts = _inputs((2, 3, 4), torch.float64, scale=2.0)
+    with backend("triton"):
+        assert torch.autograd.gradcheck(lambda z: ride_loss(z, target, counts, scale=3.0, drw=True), (logits,))
+
+
+def test_ride_loss_triton_reads_strided_inputs():
+    view = (torch.randn(5, 2, 12) * 10).transpose(0, 1).requires_grad_(True)  # [B, E, C] storage, as torch.stack(dim=1)
+    target, counts = torch.randint(0, 12, (5,)), _counts(12)
+    expected = _loss_and_grad(ride_loss_reference, view, target, counts, drw=True)
+    with backend("triton"):
+        actual = _loss_and_grad(ride_loss, view, target, counts, drw=True)
+    assert_close(actual[0], expected[0])
+    torch.testing.assert_close(actual[1], expected[1], atol=1e-7, rtol=1e-5)
+
+
+def test_ride_loss_triton_nan_logit_makes_loss_and_its_row_nan():
+    logits, target, counts = _inputs((2, 3, 10))
+    with torch.no_grad():
+        logits[1, 2, 4] = float("nan")
+    with backend("triton"):
+        loss, grad = _loss_and_grad(ride_loss, logits, target, counts)
+    assert torch.isnan(loss)
+    assert torch.isnan(grad[:, 2]).all() and torch.isfinite(grad[:, :2]).all()
+
+
+def test_ride_loss_triton_opcheck():
+    logits, target, _ = _inputs((2, 3, 10))
+    for weights in (False, True):
+        margins, class_weights, temperatures = _tables(10, weights)
+        args = (logits, target, margins, class_weights, temperatures, -0.45, True)
+        torch.library.opcheck(torch.ops.fastlt.ride_loss_triton.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_ride_loss_triton_torch_compile_fullgraph():
+    logits, target, counts = _inputs((2, 3, 9))
+    compiled = torch.compile(lambda z: ride_loss(z, target, counts, drw=True), fullgraph=True, backend="aot_eager")
+    expected = _loss_and_grad(ride_loss_reference, logits, target, counts, drw=True)
+    with backend("triton"):
+        loss = compiled(logits)
+        (grad,) = torch.autograd.grad(loss, logits)
+    assert_close(loss.detach(), expected[0])
+    assert_close(grad, expected[1])
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_ride_loss_cuda_matches_reference(name, dtype):
+    if name == "cpp" and not fastlt._extension.HAS_CUDA:
+        pytest.skip("extension built without CUDA kernels")
+    logits, target, counts = _inputs((4, 64, 8142), dtype, device="cuda")
+    expected_loss, expected_grad = _loss_and_grad(ride_loss_reference, logits, target, counts, drw=True)
+    with backend(name):
+        loss, grad = _loss_and_grad(ride_loss, logits, target, counts, drw=True)
+    assert_close(loss, expected_loss, dtype)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(grad, expected_grad, atol=atol * expected_grad.abs().max().item(), rtol=rtol)
