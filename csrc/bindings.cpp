@@ -15,6 +15,10 @@ TORCH_LIBRARY(fastlt, m) {
   m.def(
       "ride_loss(Tensor expert_logits, Tensor target, Tensor target_margins, Tensor? class_weights, "
       "Tensor temperatures, float diversity_factor, bool compute_grad) -> (Tensor, Tensor)");
+  m.def("reslt_loss(Tensor branch_logits, Tensor target, Tensor group_masks, float beta, bool compute_grad) -> "
+        "(Tensor, Tensor)");
+  m.def("prior_shifted_ce(Tensor expert_logits, Tensor target, Tensor logit_shifts, bool compute_grad) -> "
+        "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
@@ -24,6 +28,8 @@ TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
   m.impl("tau_normalize_backward", &fastlt::cpu::tau_normalize_backward);
   m.impl("tau_sweep", &fastlt::cpu::tau_sweep);
   m.impl("ride_loss", &fastlt::cpu::ride_loss);
+  m.impl("reslt_loss", &fastlt::cpu::reslt_loss);
+  m.impl("prior_shifted_ce", &fastlt::cpu::prior_shifted_ce);
 }
 
 #ifdef FASTLT_WITH_CUDA

@@ -23,7 +23,11 @@
   std::tuple<at::Tensor, at::Tensor> ride_loss(                                                                    \
       const at::Tensor& expert_logits, const at::Tensor& target, const at::Tensor& target_margins,                 \
       const std::optional<at::Tensor>& class_weights, const at::Tensor& temperatures, double diversity_factor,     \
-      bool compute_grad);
+      bool compute_grad);                                                                                          \
+  std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, const at::Tensor& target,        \
+                                                const at::Tensor& group_masks, double beta, bool compute_grad);    \
+  std::tuple<at::Tensor, at::Tensor> prior_shifted_ce(const at::Tensor& expert_logits, const at::Tensor& target,  \
+                                                      const at::Tensor& logit_shifts, bool compute_grad);
 
 namespace fastlt {
 namespace cpu {

@@ -59,4 +59,37 @@ inline RideTables check_ride_loss_inputs(const at::Tensor& logits, const at::Ten
   return tables;
 }
 
+// group_masks [K, C] bool on the logits' device, each row selecting at least one class; returned contiguous.
+inline at::Tensor check_reslt_loss_inputs(const at::Tensor& logits, const at::Tensor& target,
+                                          const at::Tensor& group_masks, double beta) {
+  constexpr const char* op = "fastlt.reslt_loss";
+  check_loss_logits(logits, op, "branch_logits");
+  check_loss_target(target, logits, op);
+  TORCH_CHECK(group_masks.dim() == 2 && group_masks.size(0) == logits.size(0) && group_masks.size(1) == logits.size(2),
+              op, ": group_masks must be [K, C] = [", logits.size(0), ", ", logits.size(2), "], got ",
+              group_masks.sizes());
+  TORCH_CHECK(group_masks.scalar_type() == at::kBool, op, ": group_masks must be bool, got ",
+              group_masks.scalar_type());
+  TORCH_CHECK(group_masks.device() == logits.device(), op, ": group_masks must be on ", logits.device());
+  TORCH_CHECK(group_masks.any(1).all().item<bool>(), op, ": every row of group_masks must select a class");
+  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, op, ": beta must be in [0, 1], got ", beta);
+  return group_masks.contiguous();
+}
+
+// logit_shifts [E, C] floating on the logits' device; returned contiguous in the accumulation dtype.
+inline at::Tensor check_prior_shifted_ce_inputs(const at::Tensor& logits, const at::Tensor& target,
+                                                const at::Tensor& logit_shifts) {
+  constexpr const char* op = "fastlt.prior_shifted_ce";
+  check_loss_logits(logits, op, "expert_logits");
+  check_loss_target(target, logits, op);
+  TORCH_CHECK(logit_shifts.dim() == 2 && logit_shifts.size(0) == logits.size(0) &&
+                  logit_shifts.size(1) == logits.size(2),
+              op, ": logit_shifts must be [E, C] = [", logits.size(0), ", ", logits.size(2), "], got ",
+              logit_shifts.sizes());
+  TORCH_CHECK(is_float_dtype(logit_shifts), op, ": logit_shifts must be floating point, got ",
+              logit_shifts.scalar_type());
+  TORCH_CHECK(logit_shifts.device() == logits.device(), op, ": logit_shifts must be on ", logits.device());
+  return logit_shifts.to(accumulate_dtype(logits)).contiguous();
+}
+
 }  // namespace fastlt

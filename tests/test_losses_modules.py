@@ -125,3 +125,35 @@ def test_single_expert_list_and_tensor_pass_through_without_copy():
 def test_module_rejects_bad_counts_at_construction():
     with pytest.raises(ValueError, match="positive"):
         fastlt.RIDELoss([10.0, 0.0])
+
+
+# ---- ResLTLoss / PriorShiftedCE ----
+
+
+def test_reslt_module_from_counts_or_masks_equals_functional_op():
+    logits, target = _logits(), _target()
+    groups = fastlt.ops.reslt_groups(COUNTS)
+    expected = fastlt.ops.reslt_loss(logits, target, groups, beta=0.99)
+    from_counts = fastlt.ResLTLoss(COUNTS.tolist(), beta=0.99)
+    from_masks = fastlt.ResLTLoss(groups, beta=0.99)
+    assert torch.equal(from_counts.group_masks, groups)
+    torch.testing.assert_close(from_counts(logits, target), expected, rtol=0, atol=0)
+    torch.testing.assert_close(from_masks(list(logits.unbind(0)), target), expected, rtol=0, atol=0)
+
+
+def test_reslt_module_with_cutoffs_and_two_branches():
+    criterion = fastlt.ResLTLoss(COUNTS, beta=0.85, cutoffs=[8], num_branches=2)
+    assert criterion.group_masks.sum(1).tolist() == [NUM_CLASSES, NUM_CLASSES - 8]
+    logits, target = _logits(num_experts=2), _target()
+    expected = fastlt.ops.reslt_loss(logits, target, criterion.group_masks, beta=0.85)
+    torch.testing.assert_close(criterion(logits, target), expected, rtol=0, atol=0)
+
+
+def test_prior_shifted_ce_module_equals_functional_op():
+    logits, target = _logits(num_experts=2), _target()
+    criterion = fastlt.PriorShiftedCE(COUNTS, taus=[1.0, 0.5])
+    expected = fastlt.ops.prior_shifted_ce(logits, target, COUNTS, taus=[1.0, 0.5])
+    torch.testing.assert_close(criterion(logits, target), expected, rtol=0, atol=0)
+    experts = [(torch.randn(5, NUM_CLASSES) * 10).requires_grad_(True) for _ in range(2)]
+    stacked = torch.stack(experts)
+    torch.testing.assert_close(criterion(experts, target), criterion(stacked, target), rtol=0, atol=0)

@@ -110,7 +110,36 @@ const A* contiguous_row(const T* row, int64_t stride, int64_t n, A* staging) {
   return staging;
 }
 
+// out[c] = x[c] + y[c] (summed branch logits, prior-shifted logits).
+template <typename A>
+FASTLT_ALWAYS_INLINE void add_rows_impl(const A* x, const A* y, A* out, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) out[c] = x[c] + y[c];
+}
+
+// out[c] = a[c] * a_scale + b[c] * b_scale (b == nullptr: a[c] * a_scale): probabilities (exp rows times
+// coefficient / sum) combined into a gradient row.
+template <typename A>
+FASTLT_ALWAYS_INLINE void scaled_rows_impl(const A* a, A a_scale, const A* b, A b_scale, A* out, int64_t n) {
+  if (b == nullptr) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) out[c] = a[c] * a_scale;
+    return;
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) out[c] = a[c] * a_scale + b[c] * b_scale;
+}
+
 namespace {
+FASTLT_PER_ISA void add_rows(const float* x, const float* y, float* out, int64_t n) { add_rows_impl(x, y, out, n); }
+FASTLT_PER_ISA void add_rows(const double* x, const double* y, double* out, int64_t n) { add_rows_impl(x, y, out, n); }
+FASTLT_PER_ISA void scaled_rows(const float* a, float a_scale, const float* b, float b_scale, float* out, int64_t n) {
+  scaled_rows_impl(a, a_scale, b, b_scale, out, n);
+}
+FASTLT_PER_ISA void scaled_rows(const double* a, double a_scale, const double* b, double b_scale, double* out,
+                                int64_t n) {
+  scaled_rows_impl(a, a_scale, b, b_scale, out, n);
+}
 FASTLT_PER_ISA float row_max(const float* x, const float* scale, int64_t n) { return row_max_impl(x, scale, n); }
 FASTLT_PER_ISA double row_max(const double* x, const double* scale, int64_t n) { return row_max_impl(x, scale, n); }
 FASTLT_PER_ISA float exp_shifted(const float* x, const float* scale, float shift, float* out, int64_t n) {

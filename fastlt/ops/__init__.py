@@ -2,6 +2,8 @@
 
 from fastlt.ops._backend import get_backend, set_backend, use_backend
 from fastlt.ops.expert_aggregate import expert_aggregate, expert_aggregate_reference
+from fastlt.ops.prior_shifted_ce import prior_shifted_ce, prior_shifted_ce_reference
+from fastlt.ops.reslt_loss import reslt_groups, reslt_loss, reslt_loss_reference
 from fastlt.ops.ride_loss import ride_loss, ride_loss_reference
 from fastlt.ops.tau_normalize import tau_normalize, tau_normalize_reference
 from fastlt.ops.tau_sweep import shot_accuracy_per_tau, tau_sweep, tau_sweep_reference
@@ -19,4 +21,9 @@ __all__ = [
     "shot_accuracy_per_tau",
     "ride_loss",
     "ride_loss_reference",
+    "reslt_loss",
+    "reslt_loss_reference",
+    "reslt_groups",
+    "prior_shifted_ce",
+    "prior_shifted_ce_reference",
 ]

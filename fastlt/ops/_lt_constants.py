@@ -65,3 +65,13 @@ def ride_temperatures(class_counts: torch.Tensor, temperature_factor: float, bas
         return torch.full((num_classes,), float(base_temperature), dtype=torch.float64, device=class_counts.device)
     unnormalised = temperature_factor * num_classes * class_prior(class_counts) + 1.0 - temperature_factor
     return base_temperature * unnormalised / unnormalised.max()
+
+
+def prior_logit_shifts(class_counts: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+    """Logit adjustment of each expert: shift[k, j] = tau_k * log(pi_j) ([E, C]; Balanced Softmax: tau = 1).
+
+    >>> prior_logit_shifts(torch.tensor([3.0, 1.0]), torch.tensor([1.0, 0.0]))
+    tensor([[-0.2877, -1.3863],
+            [-0.0000, -0.0000]], dtype=torch.float64)
+    """
+    return taus.double().to(class_counts.device)[:, None] * class_prior(class_counts).log()[None, :]

@@ -1,0 +1,100 @@
+// CPU kernel of fastlt::reslt_loss: OpenMP (at::parallel_for) over sample rows; each row's K branch rows are read
+// once into L2-resident scratch, the softmax statistics of the summed logits and of the branches whose group holds
+// the label computed with vectorised exp, and the loss and d loss / d logits written in the same pass.
+// Per-row math: fastlt/reslt_loss.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "cpu/softmax_vectorized.h"
+#include "fastlt/reslt_loss.h"
+#include "kernels.h"
+#include "loss_checks.h"
+
+namespace fastlt {
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, const at::Tensor& target,
+                                              const at::Tensor& group_masks, double beta, bool compute_grad) {
+  const at::Tensor masks = check_reslt_loss_inputs(branch_logits, target, group_masks, beta);
+  TORCH_CHECK(branch_logits.device().is_cpu(), "fastlt.reslt_loss (CPU kernel): branch_logits must be a CPU tensor");
+  const int64_t K = branch_logits.size(0), B = branch_logits.size(1), C = branch_logits.size(2);
+  const int64_t sK = branch_logits.stride(0), sB = branch_logits.stride(1), sC = branch_logits.stride(2);
+  const auto acc_options = branch_logits.options().dtype(accumulate_dtype(branch_logits));
+  at::Tensor grad = compute_grad ? empty_with_huge_pages({K, B, C}, branch_logits.options())
+                                 : at::empty({0}, branch_logits.options());
+  at::Tensor row_losses = at::empty({B}, acc_options);
+  // Per-thread scratch, [C] each: K logit rows (when not contiguous fp32/fp64), K branch softmax rows, the summed
+  // logits, their exp and one gradient row.
+  const int64_t scratch_rows = 2 * K + 3;
+  at::Tensor scratch = at::empty({at::get_num_threads(), scratch_rows * C}, acc_options);
+  const bool* in_group = masks.data_ptr<bool>();
+  const int64_t* labels = target.data_ptr<int64_t>();
+  // L_ice's joint normaliser: the (branch, sample) pairs whose group holds the sample's label.
+  int64_t in_group_total = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < K; ++k) in_group_total += in_group[k * C + labels[b]];
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, branch_logits.scalar_type(), "fastlt_reslt_loss_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* logits = branch_logits.data_ptr<scalar_t>();
+    const A ice_coef = reslt_loss::ice_coefficient<A>(static_cast<A>(beta), in_group_total);
+    const A fused_coef = reslt_loss::fused_coefficient<A>(static_cast<A>(beta), B);
+    scalar_t* grad_out = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+    A* losses = row_losses.data_ptr<A>();
+    const A* no_scale = nullptr;
+
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      A* thread_scratch = scratch.data_ptr<A>() + at::get_thread_num() * scratch_rows * C;
+      A* staging = thread_scratch;          // K rows
+      A* branch_exp = staging + K * C;      // K rows
+      A* fused_logits = branch_exp + K * C;
+      A* fused_exp = fused_logits + C;
+      A* gradient = fused_exp + C;
+      const A* rows[kMaxExperts];
+      bool member[kMaxExperts];
+      A branch_sum[kMaxExperts];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t y = labels[b];
+        for (int64_t k = 0; k < K; ++k)
+          rows[k] = contiguous_row<scalar_t, A>(logits + k * sK + b * sB, sC, C, staging + k * C);
+        const A* fused = rows[0];
+        if (K > 1) {
+          add_rows(rows[0], rows[1], fused_logits, C);
+          for (int64_t k = 2; k < K; ++k) add_rows(fused_logits, rows[k], fused_logits, C);
+          fused = fused_logits;
+        }
+        const A fused_max = row_max(fused, no_scale, C);
+        const A fused_sum = exp_shifted(fused, no_scale, fused_max, fused_exp, C);
+        A loss = fused_coef * cross_entropy(fused_max, fused_sum, fused[y]);
+        for (int64_t k = 0; k < K; ++k) {
+          member[k] = in_group[k * C + y];
+          if (!member[k]) continue;  // outside its group a branch only feeds the fused term
+          const A branch_max = row_max(rows[k], no_scale, C);
+          branch_sum[k] = exp_shifted(rows[k], no_scale, branch_max, branch_exp + k * C, C);
+          loss += ice_coef * cross_entropy(branch_max, branch_sum[k], rows[k][y]);
+        }
+        losses[b] = loss;
+        if (grad_out == nullptr) continue;
+        const A inv_fused_sum = A(1) / fused_sum;
+        for (int64_t k = 0; k < K; ++k) {
+          const A* branch_row = member[k] ? branch_exp + k * C : nullptr;
+          const A inv_branch_sum = member[k] ? A(1) / branch_sum[k] : A(0);
+          scalar_t* out = grad_out + (k * B + b) * C;
+          A* row_gradient = std::is_same_v<scalar_t, A> ? reinterpret_cast<A*>(out) : gradient;
+          scaled_rows(fused_exp, fused_coef * inv_fused_sum, branch_row, ice_coef * inv_branch_sum, row_gradient, C);
+          row_gradient[y] = reslt_loss::logit_gradient(ice_coef, member[k],
+                                                       member[k] ? branch_row[y] * inv_branch_sum : A(0), fused_coef,
+                                                       fused_exp[y] * inv_fused_sum, true);
+          if (!std::is_same_v<scalar_t, A>)
+            for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(gradient[c]);
+        }
+      }
+    });
+  });
+  // Row losses are summed after the parallel part: the result does not depend on how rows were split.
+  return {row_losses.sum(), grad};  // fp32 loss for fp16/bf16, as ride_loss
+}
+
+}  // namespace cpu
+}  // namespace fastlt

@@ -1,0 +1,81 @@
+"""fastlt.ops.prior_shifted_ce: cross-entropy of prior-shifted logits summed over experts, fused.
+
+    L = sum_k (1 / B) * sum_i CE(z_k(x_i) + tau_k * log(pi), y_i),     pi_j = n_j / sum(n)
+
+Balanced Softmax is one expert with tau = 1; logit-adjusted training uses other taus. Shifts:
+``_lt_constants.prior_logit_shifts``. Per-row math: csrc/include/fastlt/prior_shifted_ce.h; kernel:
+csrc/cpu/prior_shifted_ce.cpp (CUDA and Triton kernels: not yet); tests: tests/ops/test_prior_shifted_ce.py;
+benchmark: bench/losses.py.
+
+As ride_loss, the kernel computes the loss and d loss / d logits in one pass per row and the backward only scales
+the saved gradient.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from fastlt import _extension
+from fastlt.ops import _backend, _checks, _fused_loss, _lt_constants
+
+OP = "fastlt.prior_shifted_ce"
+MAX_EXPERTS = 64  # kMaxExperts in csrc/include/fastlt/common.h
+
+
+def prior_shifted_ce_reference(expert_logits, target, class_counts, *, taus):
+    """Eager PyTorch reference written from the formula; fp32 math for fp16/bf16 inputs."""
+    tau_table = _validate(expert_logits, target, class_counts, taus)
+    logits = expert_logits.to(_checks.accumulate_dtype(expert_logits.dtype))
+    shifts = _lt_constants.prior_logit_shifts(class_counts, tau_table).to(logits)
+    return sum(F.cross_entropy(expert + shift, target) for expert, shift in zip(logits, shifts))
+
+
+def prior_shifted_ce(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: torch.Tensor, *,
+                     taus) -> torch.Tensor:
+    """Sum over experts of the cross-entropy of ``z_k + tau_k * log(pi)``, with its gradient in one pass.
+
+    Args:
+        expert_logits: ``[E, B, C]`` logits, any strides; fp32/fp16/bf16 (accumulated in fp32) or fp64.
+        target: ``[B]`` int64 labels in ``[0, C)``.
+        class_counts: ``[C]`` positive training counts per class (pi = counts / counts.sum()).
+        taus: E finite numbers (a sequence or a 1-D tensor), one per expert.
+
+    Returns the scalar loss in the accumulation dtype (fp32 for fp16/bf16 inputs; the gradient keeps
+    ``expert_logits.dtype``), differentiable in ``expert_logits``. A NaN logit makes the loss and the gradient of
+    its row NaN.
+
+    >>> counts = torch.linspace(500, 5, 100).floor()
+    >>> loss = fastlt.ops.prior_shifted_ce(torch.randn(1, 8, 100), torch.randint(0, 100, (8,)), counts, taus=[1.0])
+    """
+    tau_table = _validate(expert_logits, target, class_counts, taus)
+    backend = _backend.resolve(expert_logits)
+    if backend == "reference":
+        return prior_shifted_ce_reference(expert_logits, target, class_counts, taus=tau_table)
+    if backend == "triton":
+        raise NotImplementedError(f"{OP}: no Triton kernel yet; use the 'cpp' or 'reference' backend")
+    shifts = _lt_constants.prior_logit_shifts(class_counts.to(expert_logits.device), tau_table)
+    shifts = shifts.to(_checks.accumulate_dtype(expert_logits.dtype))
+    compute_grad = expert_logits.requires_grad and torch.is_grad_enabled()
+    loss, _ = torch.ops.fastlt.prior_shifted_ce(expert_logits, target, shifts, compute_grad)
+    return loss
+
+
+def _validate(expert_logits, target, class_counts, taus) -> torch.Tensor:
+    """Checks the arguments; returns the taus as an fp64 [E] tensor."""
+    _checks.tensor(OP, "expert_logits", expert_logits, dims=3, floating=True)
+    num_experts, batch, num_classes = expert_logits.shape
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(f"{OP}: expert_logits has {num_experts} experts; at most {MAX_EXPERTS} are supported")
+    _checks.labels(OP, "target", target, batch, num_classes)
+    _checks.same_device(OP, "target", target, expert_logits, "expert_logits")
+    _lt_constants.check_class_counts(OP, class_counts, num_classes)
+    tau_table = torch.as_tensor(taus, dtype=torch.float64)
+    if tuple(tau_table.shape) != (num_experts,):
+        raise ValueError(f"{OP}: taus must hold one value per expert ({num_experts}), got shape "
+                         f"{tuple(tau_table.shape)}")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(tau_table).all()):
+        raise ValueError(f"{OP}: taus must be finite, got {tau_table.tolist()}")
+    return tau_table
+
+
+if _extension.AVAILABLE:
+    _fused_loss.register("fastlt::prior_shifted_ce")

@@ -1,0 +1,242 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from op_helpers import TOLERANCES, assert_close, backend
+
+from fastlt import _extension
+from fastlt.ops import reslt_groups, reslt_loss, reslt_loss_reference
+
+needs_cpp = pytest.mark.skipif(not _extension.AVAILABLE, reason="extension not built")
+CIFAR100_COUNTS = (500 * 0.01 ** (torch.arange(100) / 99)).floor()  # CIFAR-100-LT, r = 100
+
+
+def _groups(num_branches, num_classes):
+    """Nested groups as ResLT builds them: all classes, then ever smaller tails at high labels."""
+    masks = torch.ones(num_branches, num_classes, dtype=torch.bool)
+    for branch in range(1, num_branches):
+        masks[branch, : num_classes * branch // num_branches] = False
+    return masks
+
+
+def _inputs(shape, dtype=torch.float32, scale=10.0):
+    K, B, C = shape
+    logits = (torch.randn(K, B, C) * scale).to(dtype).requires_grad_(True)
+    return logits, torch.randint(0, C, (B,)), _groups(K, C)
+
+
+def _loss_and_grad(fn, logits, target, groups, beta=0.9):
+    loss = fn(logits, target, groups, beta=beta)
+    (grad,) = torch.autograd.grad(loss, logits)
+    return loss.detach(), grad
+
+
+def test_reference_matches_the_reslt_formula_by_hand():
+    logits, target, groups = _inputs((3, 6, 7), torch.float64)
+    target[:3] = 6  # tail samples: every branch counts them
+    pairs = individual = fused = 0
+    for i in range(6):
+        for b in range(3):
+            if groups[b, target[i]]:
+                individual = individual - torch.log_softmax(logits[b, i], 0)[target[i]]
+                pairs += 1
+        fused = fused - torch.log_softmax(logits[:, i].sum(0), 0)[target[i]] / 6
+    expected = 0.8 * individual / pairs + 0.2 * fused
+    torch.testing.assert_close(reslt_loss_reference(logits, target, groups, beta=0.8), expected)
+
+
+def test_groups_by_the_shot_rule():
+    counts = torch.tensor([500.0, 101, 100, 20, 19, 1])
+    masks = reslt_groups(counts)
+    assert masks.tolist() == [[True] * 6, [False, False, True, True, True, True], [False] * 4 + [True, True]]
+    assert reslt_groups(counts, num_branches=2).tolist() == masks[:2].tolist()
+    with pytest.raises(ValueError, match="group 2 selects no class"):
+        reslt_groups(torch.tensor([500.0, 50, 30]))
+
+
+def test_groups_by_the_papers_cutoffs():
+    cifar = reslt_groups(CIFAR100_COUNTS, cutoffs=[35, 70])
+    assert cifar[1].nonzero().flatten().tolist() == list(range(35, 100))
+    assert cifar[2].nonzero().flatten().tolist() == list(range(70, 100))
+    assert torch.equal(cifar, reslt_groups(CIFAR100_COUNTS))  # r = 100: the cut-offs are the shot rule
+    imagenet_remapped = torch.linspace(5, 1280, 1000).floor()  # ascending after the frequency remap
+    imagenet = reslt_groups(imagenet_remapped, cutoffs=[825, 220])
+    assert imagenet.sum(1).tolist() == [1000, 825, 220] and imagenet[1, :825].all() and imagenet[2, :220].all()
+    inat = reslt_groups(torch.linspace(2, 1000, 8142).floor(), cutoffs=[6600], num_branches=2)
+    assert inat.shape == (2, 8142) and inat[1].sum() == 6600 and inat[1, :6600].all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(cutoffs=[35]), "3 branches need 2 cutoffs"),
+        (dict(cutoffs=[70, 35]), "not inside group 1"),
+        (dict(cutoffs=[35, 100]), "group 2 selects no class"),
+        (dict(num_branches=4), "at most 3 branches"),
+        (dict(num_branches=0), "num_branches must be >= 1"),
+    ],
+)
+def test_bad_group_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        reslt_groups(CIFAR100_COUNTS, **kwargs)
+
+
+def test_cutoffs_need_frequency_sorted_labels():
+    with pytest.raises(ValueError, match="sorted by class frequency"):
+        reslt_groups(CIFAR100_COUNTS[torch.randperm(100)], cutoffs=[35, 70])
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 2), (2, 5, 7), (3, 4, 33), (3, 6, 300), (3, 2, 8142),
+                                   (4, 3, 50)])
+@pytest.mark.parametrize("beta", [0.0, 0.72, 0.995, 1.0])
+def test_cpp_matches_reference_fp32(shape, beta):
+    logits, target, groups = _inputs(shape)
+    expected_loss, expected_grad = _loss_and_grad(reslt_loss_reference, logits, target, groups, beta)
+    with backend("cpp"):
+        loss, grad = _loss_and_grad(reslt_loss, logits, target, groups, beta)
+    assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-9, rtol=1e-5)
+
+
+@needs_cpp
+def test_no_label_in_any_group_leaves_only_the_fused_term():
+    logits, target, _ = _inputs((2, 4, 6))
+    groups = torch.zeros(2, 6, dtype=torch.bool)
+    groups[0, 0] = groups[1, 1] = True
+    target.fill_(3)
+    with backend("cpp"):
+        loss, grad = _loss_and_grad(reslt_loss, logits, target, groups, 0.9)
+    expected_loss, expected_grad = _loss_and_grad(reslt_loss_reference, logits, target, groups, 0.9)
+    torch.testing.assert_close(loss, 0.1 * F.cross_entropy(logits.detach().sum(0), target))
+    assert_close(loss, expected_loss)
+    assert_close(grad, expected_grad)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_low_precision_tolerance_table(dtype):
+    logits, target, groups = _inputs((3, 6, 300), dtype)
+    expected_loss, expected_grad = _loss_and_grad(reslt_loss_reference, logits, target, groups)
+    with backend("cpp"):
+        loss, grad = _loss_and_grad(reslt_loss, logits, target, groups)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert_close(loss, expected_loss, dtype)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(grad, expected_grad, atol=atol * expected_grad.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "reference"])
+@pytest.mark.parametrize("num_branches", [2, 3])
+def test_gradcheck_fp64(name, num_branches):
+    logits, target, groups = _inputs((num_branches, 4, 5), torch.float64, scale=2.0)
+    with backend(name):
+        assert torch.autograd.gradcheck(lambda z: reslt_loss(z, target, groups, beta=0.7), (logits,))
+
+
+@needs_cpp
+def test_strided_inputs_are_read_in_place():
+    stacked = torch.randn(6, 3, 64) * 10  # [B, K, C], as torch.stack(outputs, dim=1) gives
+    target = torch.randint(0, 64, (6,))
+    groups = _groups(3, 64)
+    for view in (stacked.transpose(0, 1), torch.randn(3, 6, 128)[:, :, ::2] * 10):
+        view = view.requires_grad_(True) if view.is_leaf else view.detach().requires_grad_(True)
+        expected = _loss_and_grad(reslt_loss_reference, view.contiguous(), target, groups)
+        with backend("cpp"):
+            actual = _loss_and_grad(reslt_loss, view, target, groups)
+        assert_close(actual[0], expected[0])
+        torch.testing.assert_close(actual[1], expected[1], atol=1e-7, rtol=1e-5)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype, magnitude", [(torch.float32, 1e4), (torch.float16, 6e4)])
+def test_extreme_logits_stay_finite(dtype, magnitude):
+    logits = ((torch.rand(3, 5, 50) * 2 - 1) * magnitude).to(dtype).requires_grad_(True)
+    target, groups = torch.randint(0, 50, (5,)), _groups(3, 50)
+    with backend("cpp"):
+        loss, grad = _loss_and_grad(reslt_loss, logits, target, groups)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    if dtype == torch.float32:
+        expected_loss, expected_grad = _loss_and_grad(reslt_loss_reference, logits, target, groups)
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-2)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+@needs_cpp
+def test_nan_logit_makes_loss_and_its_row_nan():
+    logits, target, groups = _inputs((3, 3, 10))
+    with torch.no_grad():
+        logits[1, 2, 4] = float("nan")
+    with backend("cpp"):
+        loss, grad = _loss_and_grad(reslt_loss, logits, target, groups)
+    assert torch.isnan(loss)
+    assert torch.isnan(grad[:, 2]).all() and torch.isfinite(grad[:, :2]).all()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda z, y, g: (z, y + 100, g), "target must be in"),
+        (lambda z, y, g: (z, y[:-1], g), "target must be"),
+        (lambda z, y, g: (z, y, g[:, :-1]), "group_masks must be"),
+        (lambda z, y, g: (z, y, g[:2]), "group_masks must be"),
+        (lambda z, y, g: (z, y, g.float()), "bool"),
+        (lambda z, y, g: (z, y, torch.cat([g[:2], torch.zeros_like(g[:1])])), "row 2 selects no class"),
+        (lambda z, y, g: (z[0], y, g), "branch_logits must have 3 dims"),
+    ],
+)
+def test_bad_inputs_raise_value_errors_naming_the_argument(change, message):
+    logits, target, groups = _inputs((3, 3, 10))
+    with pytest.raises(ValueError, match=message):
+        reslt_loss(*change(logits, target, groups), beta=0.9)
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.5])
+def test_beta_outside_zero_one_is_rejected(beta):
+    logits, target, groups = _inputs((3, 3, 10))
+    with pytest.raises(ValueError, match="beta"):
+        reslt_loss(logits, target, groups, beta=beta)
+
+
+@needs_cpp
+def test_cpp_op_checks_its_own_arguments():
+    logits, target, groups = _inputs((2, 3, 10))
+    with pytest.raises(RuntimeError, match="target must be in"):
+        torch.ops.fastlt.reslt_loss(logits.detach(), target + 10, groups, 0.9, False)
+    with pytest.raises(RuntimeError, match="every row of group_masks"):
+        torch.ops.fastlt.reslt_loss(logits.detach(), target, groups & False, 0.9, False)
+    with pytest.raises(RuntimeError, match="group_masks must be bool"):
+        torch.ops.fastlt.reslt_loss(logits.detach(), target, groups.float(), 0.9, False)
+
+
+@needs_cpp
+def test_backward_scales_by_grad_output_and_keeps_one_gradient_buffer():
+    logits, target, groups = _inputs((3, 3, 10))
+    with backend("cpp"):
+        _, unit_grad = _loss_and_grad(reslt_loss, logits, target, groups)
+        (reslt_loss(logits, target, groups, beta=0.9) * 2.5).backward()
+    torch.testing.assert_close(logits.grad, 2.5 * unit_grad)
+    with backend("cpp"):
+        loss = reslt_loss(logits.detach(), target, groups, beta=0.9)
+    assert not loss.requires_grad
+    _, grad = torch.ops.fastlt.reslt_loss(logits.detach(), target, groups, 0.9, False)
+    assert grad.numel() == 0
+
+
+@needs_cpp
+def test_opcheck():
+    logits, target, groups = _inputs((3, 3, 10))
+    torch.library.opcheck(torch.ops.fastlt.reslt_loss.default, (logits, target, groups, 0.9, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@needs_cpp
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    logits, target, groups = _inputs((3, 4, 20))
+    compiled = torch.compile(lambda z: reslt_loss(z, target, groups, beta=0.9), fullgraph=True)
+    with backend("cpp"):
+        expected = _loss_and_grad(reslt_loss, logits, target, groups)
+        loss = compiled(logits)
+        (grad,) = torch.autograd.grad(loss, logits)
+    assert_close(loss.detach(), expected[0])
+    assert_close(grad, expected[1])
