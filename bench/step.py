@@ -1,11 +1,12 @@
 """`fastlt bench step`: where one training step's time goes, for CE and RIDE on the CIFAR ResNet-32 (batch 128,
 synthetic 32x32 images through fastlt's array loader with RIDE's CIFAR augmentation), fused vs eager loss.
 
-Per step: data = waiting for the next batch; compute = forward + backbone backward + SGD step; loss = the loss's
+Per step (median over the timed steps): data = waiting for the next batch; compute = forward + backbone backward + SGD step; loss = the loss's
 forward + backward on detached logits (then fed back into the backbone's backward), so the three add up to the
 step. "eager" runs the loss under `fastlt.ops.use_backend("reference")`; CE is torch's own cross-entropy.
 """
 
+import statistics
 import time
 
 import numpy as np
@@ -51,7 +52,7 @@ def time_steps(model_name: str, kind: str, backend: str, steps: int, warmup: int
     optimizer = build_sgd(model, lr=0.1, weight_decay=5e-4, nesterov=True)
     counts = torch.as_tensor(dataset.train_class_counts, dtype=torch.float64).clamp_min(1)
     loss_fn = _loss(kind, counts)
-    totals = {"data": 0.0, "compute": 0.0, "loss": 0.0}
+    samples = {"data": [], "compute": [], "loss": []}
     batches = iter(loader)
     with fastlt.ops.use_backend(backend):
         for step in range(steps + warmup):
@@ -70,10 +71,11 @@ def time_steps(model_name: str, kind: str, backend: str, steps: int, warmup: int
             optimizer.step()
             done = time.perf_counter()
             if step >= warmup:
-                totals["data"] += started - tick
-                totals["loss"] += loss_done - loss_started
-                totals["compute"] += (loss_started - started) + (done - loss_done)
-    per_step = {key: 1e3 * value / steps for key, value in totals.items()}
+                samples["data"].append(started - tick)
+                samples["loss"].append(loss_done - loss_started)
+                samples["compute"].append((loss_started - started) + (done - loss_done))
+    # medians: on a shared machine a single preempted step would dominate a mean
+    per_step = {key: 1e3 * statistics.median(values) for key, values in samples.items()}
     step_ms = sum(per_step.values())
     return {"model": model_name, "loss": kind, "impl": "torch" if kind == "ce" else
             ("fused" if backend != "reference" else "eager"), "data_ms": per_step["data"],
