@@ -43,8 +43,9 @@ def build_loader(dataset, data: dict, batch_size: int, *, train: bool, sampler=N
     """`augment: false` feeds training batches without augmentation (MNIST-LT: the array pipeline always flips,
     which turns some digits into others)."""
     augment = train and data.get("augment", True)
-    if sampler is None and train:
-        sampler = LongTailSampler(dataset, strategy="instance_balanced", seed=seed)
+    if sampler is None:  # evaluation reads the whole split on one rank, also under DDP (rank 0 evaluates)
+        sampler = LongTailSampler(dataset, strategy="instance_balanced" if train else "sequential", seed=seed,
+                                  **({} if train else {"rank": 0, "world_size": 1}))
     return make_loader(dataset, batch_size, train=augment, sampler=sampler, loader=data.get("loader", "auto"),
                        seed=seed, num_workers=data.get("num_workers", 2), drop_last=drop_last,
                        **data.get("augment_options", {}))

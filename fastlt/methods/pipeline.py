@@ -17,9 +17,10 @@ import os
 import numpy as np
 import torch
 
-from fastlt.engine import RunFolder, build_schedule, build_sgd, fit, format_results, load_checkpoint
+from fastlt.engine import (RunFolder, build_schedule, build_sgd, fit, format_results, init_distributed,
+                           load_checkpoint, wrap_model)
 from fastlt.methods import stage2
-from fastlt.methods.builders import build_datasets, build_loader, build_model, build_sampler, evaluate, pick_device
+from fastlt.methods.builders import build_datasets, build_loader, build_model, build_sampler, evaluate
 from fastlt.methods.config import read_recipe
 from fastlt.methods.stage1 import build_method
 
@@ -38,17 +39,20 @@ def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict
     seed = config.get("seed", 0)
     torch.manual_seed(seed)
     np.random.seed(seed)
-    device = pick_device(config.get("device", "auto"))
+    context = init_distributed(config.get("device", "auto"))  # torchrun: gloo on CPU, nccl on GPU; else one process
+    device = context.device
     data, schedule_cfg, train_cfg = config["data"], config["train"]["schedule"], config["train"]
     datasets = build_datasets(data)
     counts = datasets["train"].train_class_counts
-    run = RunFolder(config["out"], config=config, progress_bar=progress_bar)
+    run = RunFolder(config["out"], config=config, progress_bar=progress_bar, is_main=context.is_main)
     model = build_model(config, datasets["train"].num_classes)
     method = build_method(config["method"], counts, model, device)
     model.to(device)
     epochs = train_cfg["epochs"]
     sampler = build_sampler(datasets["train"], train_cfg.get("sampler", "instance_balanced"), seed, epochs)
-    train_loader = build_loader(datasets["train"], data, train_cfg["batch_size"], train=True, sampler=sampler,
+    # the recipes' batch size is the global one (the papers' DataParallel batch): split it over the ranks
+    train_loader = build_loader(datasets["train"], data, train_cfg["batch_size"] // context.world_size, train=True,
+                                sampler=sampler,
                                 seed=seed, drop_last=train_cfg.get("drop_last", False))
     eval_batch = train_cfg.get("eval_batch_size", 256)
     val_loader = None if datasets["val"] is None else build_loader(datasets["val"], data, eval_batch, train=False)
@@ -56,9 +60,11 @@ def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict
                           weight_decay=train_cfg.get("weight_decay", 5e-4), nesterov=train_cfg.get("nesterov", False))
     schedule = build_schedule(schedule_cfg["name"], total_epochs=epochs,
                               **{key: value for key, value in schedule_cfg.items() if key != "name"})
-    fitted = fit(model, method.loss_fn, optimizer, schedule, train_loader, epochs=epochs, device=device, run=run,
+    fitted = fit(wrap_model(model, context), method.loss_fn, optimizer, schedule, train_loader, epochs=epochs, device=device, run=run,
                  sampler=sampler, val_loader=val_loader, class_counts=counts, precision=train_cfg.get("precision", "fp32"),
-                 on_epoch_start=method.on_epoch_start, resume=config.get("resume", False))
+                 on_epoch_start=method.on_epoch_start, resume=config.get("resume", False), context=context)
+    if not context.is_main:  # rank 0 alone evaluates and runs stage 2
+        return {"run": config["out"], "rank": context.rank}
     load_checkpoint(fitted["selected_checkpoint"], model=model, restore_rng=False)
     test_loader = build_loader(datasets["test"], data, eval_batch, train=False)
     title = f"{config.get('name', method.name)} (stage 1)"
