@@ -63,3 +63,20 @@ def test_train_ride_with_router(tmp_path, capsys):
 def test_bad_recipe_name_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="no_such_recipe"):
         main(["train", "--config", "no_such_recipe"])
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_splits_the_global_batch(tmp_path):
+    import subprocess
+    import sys
+
+    run = str(tmp_path / "ddp")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fastlt.cli", "train",
+               "--config", "mnist_lt_ce", *DIGITS, "train.epochs=1", f"out={run}", "--no-progress"]
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(command, check=True, env=environment, timeout=300, capture_output=True)
+    with open(os.path.join(run, "metrics.jsonl")) as handle:
+        record = json.loads(handle.readline())
+    # Digits-LT train has 609 images: 305 per rank, per-rank batch 64 / 2 = 32 -> 10 steps (a 1-rank run takes 10)
+    assert record["steps"] == 10
+    assert os.path.exists(os.path.join(run, "results.json"))
