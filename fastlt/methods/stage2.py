@@ -12,7 +12,7 @@ import torch
 from fastlt.engine import RunFolder, evaluate_logits, format_results, predict
 from fastlt.methods import decoupling, router as routing
 from fastlt.methods.builders import build_loader, build_sampler, evaluate
-from fastlt.models import LearnableWeightScaling, NearestClassMean, TauNormLinear
+from fastlt.models import RIDE, FeatureClassifier, LearnableWeightScaling, NearestClassMean, TauNormLinear
 
 STAGE2_METHODS = ("crt", "lws", "tau", "ncm", "router")
 
@@ -27,6 +27,10 @@ def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: boo
     name = options["name"]
     if name not in STAGE2_METHODS:
         raise ValueError(f"stage2: unknown method {name!r}; expected one of {STAGE2_METHODS}")
+    needs = RIDE if name == "router" else FeatureClassifier
+    if not isinstance(model, needs):
+        raise ValueError(f"stage2 {name}: needs a {needs.__name__} stage-1 model, got {type(model).__name__} "
+                         f"({config['model']['name']})")
     folder = stage2_folder(config, name)
     run = RunFolder(folder, config=config, progress_bar=progress_bar)
     data, seed = config["data"], config.get("seed", 0)

@@ -64,3 +64,16 @@ def test_ncm_predicts_the_nearest_class_mean():
 def test_class_aware_epoch_is_floor_n_over_b():
     assert decoupling.class_aware_steps(115846, 512) == 226
     assert decoupling.class_aware_steps(10, 512) == 1
+
+
+def test_stage2_refuses_the_wrong_kind_of_model():
+    import pytest
+
+    from fastlt.methods import run_stage2
+
+    config = {"stage2": {"name": "router"}, "model": {"name": "small_cnn"}, "out": "unused"}
+    with pytest.raises(ValueError, match="needs a RIDE"):
+        run_stage2(config, create_model("small_cnn", num_classes=4), {}, device=torch.device("cpu"))
+    config = {"stage2": {"name": "tau"}, "model": {"name": "ride_small_cnn"}, "out": "unused"}
+    with pytest.raises(ValueError, match="needs a FeatureClassifier"):
+        run_stage2(config, create_model("ride_small_cnn", num_classes=4), {}, device=torch.device("cpu"))
