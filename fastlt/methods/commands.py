@@ -39,7 +39,7 @@ def eval_command(args) -> dict:
         raise SystemExit(f"fastlt eval: this dataset has no {args.split} split")
     counts = datasets["train"].train_class_counts
     if is_stage2:
-        results = evaluate_stage2(args.run, model, datasets, device, args.split)
+        results = evaluate_stage2(args.run, model, datasets, config["data"], device, args.split)
     else:
         from fastlt.engine import evaluate_logits, predict
 

@@ -119,11 +119,11 @@ def attach_head(model, chosen: dict, num_classes: int):
     return model
 
 
-def evaluate_stage2(folder: str, model, datasets, device, split: str = "test") -> dict:
+def evaluate_stage2(folder: str, model, datasets, data: dict, device, split: str = "test") -> dict:
     """Re-evaluates a saved stage-2 result (`fastlt eval --run <out>/stage2_<name>`)."""
     with open(os.path.join(folder, "stage2.json")) as handle:
         chosen = json.load(handle)
-    loader = build_loader(datasets[split], {"loader": "torch", "num_workers": 0}, 256, train=False)
+    loader = build_loader(datasets[split], data, 256, train=False)
     if chosen["name"] == "router":
         router = routing.ExpertRouter(model.num_experts, model.classifiers[0].weight.shape[0],
                                       datasets["train"].num_classes, top_k=chosen["top_k"])
