@@ -40,5 +40,7 @@ TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
   m.impl("tau_normalize_backward", &fastlt::cuda::tau_normalize_backward);
   m.impl("tau_sweep", &fastlt::cuda::tau_sweep);
   m.impl("ride_loss", &fastlt::cuda::ride_loss);
+  m.impl("reslt_loss", &fastlt::cuda::reslt_loss);
+  m.impl("prior_shifted_ce", &fastlt::cuda::prior_shifted_ce);
 }
 #endif

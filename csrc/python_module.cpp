@@ -14,6 +14,8 @@ PYBIND11_MODULE(_C, m) {
   cuda.def("tau_normalize", &fastlt::cuda::tau_normalize);
   cuda.def("tau_sweep", &fastlt::cuda::tau_sweep);
   cuda.def("ride_loss", &fastlt::cuda::ride_loss);
+  cuda.def("reslt_loss", &fastlt::cuda::reslt_loss);
+  cuda.def("prior_shifted_ce", &fastlt::cuda::prior_shifted_ce);
 #else
   m.def("built_with_cuda", [] { return false; });
 #endif

@@ -3,9 +3,9 @@
     L = sum_k (1 / B) * sum_i CE(z_k(x_i) + tau_k * log(pi), y_i),     pi_j = n_j / sum(n)
 
 Balanced Softmax is one expert with tau = 1; logit-adjusted training uses other taus. Shifts:
-``_lt_constants.prior_logit_shifts``. Per-row math: csrc/include/fastlt/prior_shifted_ce.h; kernel:
-csrc/cpu/prior_shifted_ce.cpp (CUDA and Triton kernels: not yet); tests: tests/ops/test_prior_shifted_ce.py;
-benchmark: bench/losses.py.
+``_lt_constants.prior_logit_shifts``. Per-row math: csrc/include/fastlt/prior_shifted_ce.h; kernels:
+csrc/cpu/prior_shifted_ce.cpp, csrc/cuda/prior_shifted_ce.cu, kernels/prior_shifted_ce.py; tests:
+tests/ops/test_prior_shifted_ce.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py.
 
 As ride_loss, the kernel computes the loss and d loss / d logits in one pass per row and the backward only scales
 the saved gradient.
@@ -50,12 +50,11 @@ def prior_shifted_ce(expert_logits: torch.Tensor, target: torch.Tensor, class_co
     backend = _backend.resolve(expert_logits)
     if backend == "reference":
         return prior_shifted_ce_reference(expert_logits, target, class_counts, taus=tau_table)
-    if backend == "triton":
-        raise NotImplementedError(f"{OP}: no Triton kernel yet; use the 'cpp' or 'reference' backend")
     shifts = _lt_constants.prior_logit_shifts(class_counts.to(expert_logits.device), tau_table)
     shifts = shifts.to(_checks.accumulate_dtype(expert_logits.dtype))
     compute_grad = expert_logits.requires_grad and torch.is_grad_enabled()
-    loss, _ = torch.ops.fastlt.prior_shifted_ce(expert_logits, target, shifts, compute_grad)
+    fused_op = torch.ops.fastlt.prior_shifted_ce_triton if backend == "triton" else torch.ops.fastlt.prior_shifted_ce
+    loss, _ = fused_op(expert_logits, target, shifts, compute_grad)
     return loss
 
 
@@ -79,3 +78,14 @@ def _validate(expert_logits, target, class_counts, taus) -> torch.Tensor:
 
 if _extension.AVAILABLE:
     _fused_loss.register("fastlt::prior_shifted_ce")
+
+
+@torch.library.custom_op("fastlt::prior_shifted_ce_triton", mutates_args=())
+def _prior_shifted_ce_triton(expert_logits: torch.Tensor, target: torch.Tensor, logit_shifts: torch.Tensor,
+                             compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastlt.kernels import prior_shifted_ce as kernel
+
+    return kernel.forward(expert_logits, target, logit_shifts, compute_grad)
+
+
+_fused_loss.register("fastlt::prior_shifted_ce_triton")

@@ -6,8 +6,8 @@
 
 with g_b(y) = group_masks[b, y] (:func:`reslt_groups`) and exact log-softmax cross-entropies (the official code's
 ``log(softmax + 1e-7)`` is not reproduced). methods.md 4.3, 4.4 and 6.4 give the definition. Per-row math:
-csrc/include/fastlt/reslt_loss.h; kernel: csrc/cpu/reslt_loss.cpp (CUDA and Triton kernels: not yet);
-tests: tests/ops/test_reslt_loss.py; benchmark: bench/losses.py.
+csrc/include/fastlt/reslt_loss.h; kernels: csrc/cpu/reslt_loss.cpp, csrc/cuda/reslt_loss.cu, kernels/reslt_loss.py;
+tests: tests/ops/test_reslt_loss.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py.
 
 As ride_loss, the kernel computes the loss and d loss / d logits in one pass per row and the backward only scales
 the saved gradient.
@@ -121,10 +121,9 @@ def reslt_loss(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: t
     backend = _backend.resolve(branch_logits)
     if backend == "reference":
         return reslt_loss_reference(branch_logits, target, group_masks, beta=beta)
-    if backend == "triton":
-        raise NotImplementedError(f"{OP}: no Triton kernel yet; use the 'cpp' or 'reference' backend")
     compute_grad = branch_logits.requires_grad and torch.is_grad_enabled()
-    loss, _ = torch.ops.fastlt.reslt_loss(branch_logits, target, group_masks, float(beta), compute_grad)
+    fused_op = torch.ops.fastlt.reslt_loss_triton if backend == "triton" else torch.ops.fastlt.reslt_loss
+    loss, _ = fused_op(branch_logits, target, group_masks, float(beta), compute_grad)
     return loss
 
 
@@ -151,3 +150,14 @@ def _validate(branch_logits, target, group_masks, beta):
 
 if _extension.AVAILABLE:
     _fused_loss.register("fastlt::reslt_loss")
+
+
+@torch.library.custom_op("fastlt::reslt_loss_triton", mutates_args=())
+def _reslt_loss_triton(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: torch.Tensor, beta: float,
+                       compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastlt.kernels import reslt_loss as kernel
+
+    return kernel.forward(branch_logits, target, group_masks, beta, compute_grad)
+
+
+_fused_loss.register("fastlt::reslt_loss_triton")

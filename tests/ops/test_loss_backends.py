@@ -7,7 +7,9 @@ import torch
 from op_helpers import TOLERANCES, assert_close, backend, needs_cuda, needs_cuda_build
 
 import fastlt
+from fastlt.ops import prior_shifted_ce, prior_shifted_ce_reference, reslt_loss, reslt_loss_reference
 from fastlt.ops import ride_loss, ride_loss_reference
+from fastlt.ops._lt_constants import prior_logit_shifts
 
 
 def _counts(num_classes):
@@ -64,7 +66,7 @@ def test_ride_loss_triton_low_precision_tolerance_table(dtype):
 
 
 def test_ride_loss_triton_gradcheck_fp64():
-    logits, target, counts = _inputs((2, 3, 4), torch.float64, scale=2.0)
+    logits, target, counts = _inputs((2, 2, 3), torch.float64, scale=2.0)
     with backend("triton"):
         assert torch.autograd.gradcheck(lambda z: ride_loss(z, target, counts, scale=3.0, drw=True), (logits,))
 
@@ -120,6 +122,146 @@ def test_ride_loss_cuda_matches_reference(name, dtype):
     expected_loss, expected_grad = _loss_and_grad(ride_loss_reference, logits, target, counts, drw=True)
     with backend(name):
         loss, grad = _loss_and_grad(ride_loss, logits, target, counts, drw=True)
+    assert_close(loss, expected_loss, dtype)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(grad, expected_grad, atol=atol * expected_grad.abs().max().item(), rtol=rtol)
+
+
+# ---- reslt_loss and prior_shifted_ce: the same checks, driven by a table of (op, reference, extra arguments) ----
+
+
+def _nested_groups(num_branches, num_classes):
+    """ResLT's groups: all classes, then ever smaller tails at high labels."""
+    masks = torch.ones(num_branches, num_classes, dtype=torch.bool)
+    for branch in range(1, num_branches):
+        masks[branch, : num_classes * branch // num_branches] = False
+    return masks
+
+
+# name -> (op, reference, (num_experts, num_classes) -> (extra positional arguments, keyword arguments))
+LOSSES = {
+    "reslt_loss": (reslt_loss, reslt_loss_reference, lambda K, C: ((_nested_groups(K, C),), dict(beta=0.9))),
+    "prior_shifted_ce": (prior_shifted_ce, prior_shifted_ce_reference,
+                         lambda E, C: ((_counts(C),), dict(taus=torch.linspace(0.0, 2.0, E)))),
+}
+
+
+def _loss_case(name, shape, dtype=torch.float32, scale=10.0, device="cpu"):
+    op, reference, extra = LOSSES[name]
+    logits, target, _ = _inputs(shape, dtype, scale, device)
+    args, kwargs = extra(shape[0], shape[2])
+    args = tuple(arg.to(device) for arg in args)
+    return op, reference, logits, target, args, kwargs
+
+
+def _raw_triton_args(name, logits, target):
+    """The arguments of torch.ops.fastlt.<name>_triton (as the op wrapper builds them)."""
+    num_experts, _, num_classes = logits.shape
+    if name == "reslt_loss":
+        return (logits, target, _nested_groups(num_experts, num_classes).to(logits.device), 0.9, True)
+    shifts = prior_logit_shifts(_counts(num_classes), torch.linspace(0.0, 2.0, num_experts, dtype=torch.float64))
+    return (logits, target, shifts.to(logits.device, torch.float32), True)
+
+
+def _run(fn, logits, target, args, kwargs):
+    loss = fn(logits, target, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss, logits)
+    return loss.detach(), grad
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_cuda_launcher_refuses_cpu_tensors(name):
+    logits, target, _ = _inputs((2, 3, 10))
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        getattr(fastlt._C.cuda_launchers, name)(*_raw_triton_args(name, logits.detach(), target))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 3, 1100)])
+def test_triton_matches_reference_fp32(name, shape):
+    _, reference, logits, target, args, kwargs = _loss_case(name, shape)
+    op = LOSSES[name][0]
+    expected_loss, expected_grad = _run(reference, logits, target, args, kwargs)
+    with backend("triton"):
+        loss, grad = _run(op, logits, target, args, kwargs)
+    assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-9, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_low_precision_tolerance_table(name, dtype):
+    op, reference, logits, target, args, kwargs = _loss_case(name, (3, 4, 40), dtype)
+    expected_loss, expected_grad = _run(reference, logits, target, args, kwargs)
+    with backend("triton"):
+        loss, grad = _run(op, logits, target, args, kwargs)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert_close(loss, expected_loss, dtype)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(grad, expected_grad, atol=atol * expected_grad.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_triton_gradcheck_fp64(name):
+    op, _, logits, target, args, kwargs = _loss_case(name, (2, 2, 3), torch.float64, scale=2.0)
+    with backend("triton"):
+        assert torch.autograd.gradcheck(lambda z: op(z, target, *args, **kwargs), (logits,))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_triton_reads_strided_inputs(name):
+    op, reference, _, target, args, kwargs = _loss_case(name, (3, 5, 12))
+    view = (torch.randn(5, 3, 12) * 10).transpose(0, 1).requires_grad_(True)
+    expected = _run(reference, view, target, args, kwargs)
+    with backend("triton"):
+        actual = _run(op, view, target, args, kwargs)
+    assert_close(actual[0], expected[0])
+    torch.testing.assert_close(actual[1], expected[1], atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_triton_nan_logit_makes_loss_and_its_row_nan(name):
+    op, _, logits, target, args, kwargs = _loss_case(name, (2, 3, 10))
+    with torch.no_grad():
+        logits[0, 2, 4] = float("nan")  # branch / expert 0: in every ResLT group
+    with backend("triton"):
+        loss, grad = _run(op, logits, target, args, kwargs)
+    assert torch.isnan(loss)
+    assert torch.isnan(grad[0, 2]).all() and torch.isfinite(grad[:, :2]).all()
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_triton_opcheck(name):
+    logits, target, _ = _inputs((2, 3, 10))
+    torch.library.opcheck(getattr(torch.ops.fastlt, f"{name}_triton").default, _raw_triton_args(name, logits, target),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_triton_torch_compile_fullgraph(name):
+    op, reference, logits, target, args, kwargs = _loss_case(name, (2, 3, 9))
+    compiled = torch.compile(lambda z: op(z, target, *args, **kwargs), fullgraph=True, backend="aot_eager")
+    expected = _run(reference, logits, target, args, kwargs)
+    with backend("triton"):
+        loss = compiled(logits)
+        (grad,) = torch.autograd.grad(loss, logits)
+    assert_close(loss.detach(), expected[0])
+    assert_close(grad, expected[1])
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("backend_name", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_cuda_matches_reference(name, backend_name, dtype):
+    if backend_name == "cpp" and not fastlt._extension.HAS_CUDA:
+        pytest.skip("extension built without CUDA kernels")
+    op, reference, logits, target, args, kwargs = _loss_case(name, (3, 64, 8142), dtype, device="cuda")
+    expected_loss, expected_grad = _run(reference, logits, target, args, kwargs)
+    with backend(backend_name):
+        loss, grad = _run(op, logits, target, args, kwargs)
     assert_close(loss, expected_loss, dtype)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(grad, expected_grad, atol=atol * expected_grad.abs().max().item(), rtol=rtol)

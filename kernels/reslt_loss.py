@@ -1,0 +1,108 @@
+"""Triton kernel of fastlt.ops.reslt_loss (formula in csrc/include/fastlt/reslt_loss.h).
+
+Same plan as csrc/cuda/reslt_loss.cu: one program per sample row; online (max, sum) softmax statistics of the summed
+logits s = sum_b z_b and of each branch whose group holds the label, then the row loss and d loss / d logits in the
+same launch (the gradient pass writes every branch at a class block from that block's fused probabilities).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlt.kernels._softmax_stats import add_to_softmax_stats, merge_lanes
+from fastlt.ops._checks import accumulate_dtype
+
+BLOCK_C = 1024
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+@triton.jit
+def _fused_logits(row_ptr, offsets, mask, stride_k, stride_c, K, ACC: tl.constexpr):
+    """s = sum_b z_b at `offsets`, branches in order as every backend adds them."""
+    total = tl.zeros(offsets.shape, ACC)
+    for k in range(K):
+        total += tl.load(row_ptr + k * stride_k + offsets * stride_c, mask=mask, other=0.0).to(ACC)
+    return total
+
+
+@triton.jit
+def _reslt_loss_kernel(logits_ptr, labels_ptr, masks_ptr, coefs_ptr, branch_stats_ptr, row_losses_ptr, grad_ptr,
+                       stride_k, stride_b, stride_c, K, B, C, ACC: tl.constexpr,
+                       WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    y = tl.load(labels_ptr + b)
+    row_ptr = logits_ptr + b * stride_b
+    lanes = tl.arange(0, BLOCK)
+    ice_coef = tl.load(coefs_ptr)
+    fused_coef = tl.load(coefs_ptr + 1)
+
+    max_lanes = tl.full([BLOCK], float("-inf"), ACC)
+    sum_lanes = tl.zeros([BLOCK], ACC)
+    for start in range(0, C, BLOCK):
+        offsets = start + lanes
+        mask = offsets < C
+        s = _fused_logits(row_ptr, offsets, mask, stride_k, stride_c, K, ACC)
+        max_lanes, sum_lanes = add_to_softmax_stats(max_lanes, sum_lanes, s, mask)
+    fused_max, fused_sum = merge_lanes(max_lanes, sum_lanes)
+    fused_target = tl.full([], 0.0, ACC)
+    for k in range(K):
+        fused_target += tl.load(row_ptr + k * stride_k + y * stride_c).to(ACC)
+    loss = fused_coef * (fused_max + tl.log(fused_sum) - fused_target)  # cross_entropy
+
+    # Each in-group branch's statistics, kept in a [B, K, 2] scratch for the gradient pass.
+    for k in range(K):
+        if tl.load(masks_ptr + k * C + y) != 0:  # outside its group a branch only feeds the fused term
+            branch_ptr = row_ptr + k * stride_k
+            max_lanes = tl.full([BLOCK], float("-inf"), ACC)
+            sum_lanes = tl.zeros([BLOCK], ACC)
+            for start in range(0, C, BLOCK):
+                offsets = start + lanes
+                mask = offsets < C
+                z = tl.load(branch_ptr + offsets * stride_c, mask=mask, other=0.0).to(ACC)
+                max_lanes, sum_lanes = add_to_softmax_stats(max_lanes, sum_lanes, z, mask)
+            branch_max, branch_sum = merge_lanes(max_lanes, sum_lanes)
+            loss += ice_coef * (branch_max + tl.log(branch_sum) - tl.load(branch_ptr + y * stride_c).to(ACC))
+            tl.store(branch_stats_ptr + (b * K + k) * 2, branch_max)
+            tl.store(branch_stats_ptr + (b * K + k) * 2 + 1, branch_sum)
+    tl.store(row_losses_ptr + b, loss)
+
+    if WRITE_GRAD:
+        tl.debug_barrier()  # the branch statistics stored above are read back below, possibly by other threads
+        for start in range(0, C, BLOCK):
+            offsets = start + lanes
+            mask = offsets < C
+            indicator = tl.where(offsets == y, 1.0, 0.0)
+            s = _fused_logits(row_ptr, offsets, mask, stride_k, stride_c, K, ACC)
+            fused_term = fused_coef * (tl.exp(s - fused_max) / fused_sum - indicator)
+            for k in range(K):
+                # logit_gradient: in_group * ice_coef * (softmax(z_b)_c - [c == y]) + the fused term
+                gradient = fused_term
+                if tl.load(masks_ptr + k * C + y) != 0:
+                    branch_max = tl.load(branch_stats_ptr + (b * K + k) * 2)
+                    branch_sum = tl.load(branch_stats_ptr + (b * K + k) * 2 + 1)
+                    z = tl.load(row_ptr + k * stride_k + offsets * stride_c, mask=mask, other=0.0).to(ACC)
+                    gradient += ice_coef * (tl.exp(z - branch_max) / branch_sum - indicator)
+                tl.store(grad_ptr + (k * B + b) * C + offsets, gradient.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def forward(branch_logits, target, group_masks, beta, compute_grad):
+    """(loss, d loss / d branch_logits or an empty tensor), as the C++ op fastlt::reslt_loss returns them."""
+    num_branches, batch, num_classes = branch_logits.shape
+    acc = accumulate_dtype(branch_logits.dtype)
+    device = branch_logits.device
+    masks = group_masks.contiguous()
+    labels = target.contiguous()
+    # ice_coefficient and fused_coefficient of csrc/include/fastlt/reslt_loss.h, on the device in the accumulation
+    # dtype: beta over the (branch, sample) pairs whose group holds the label (0 when there are none), (1 - beta) / B.
+    in_group_total = masks[:, labels].sum().to(acc)
+    ice_coef = torch.where(in_group_total > 0, beta / in_group_total.clamp_min(1), 0.0)
+    coefs = torch.stack([ice_coef, torch.tensor((1.0 - beta) / batch, dtype=acc, device=device)])
+    branch_stats = torch.empty((batch, num_branches, 2), dtype=acc, device=device)
+    grad = torch.empty(branch_logits.shape if compute_grad else (0,), dtype=branch_logits.dtype, device=device)
+    row_losses = torch.empty(batch, dtype=acc, device=device)
+    block = min(BLOCK_C, triton.next_power_of_2(num_classes))
+    _reslt_loss_kernel[(batch,)](
+        branch_logits, labels, masks, coefs, branch_stats, row_losses, grad, *branch_logits.stride(),
+        num_branches, batch, num_classes, ACC=_TRITON_DTYPES[acc], WRITE_GRAD=compute_grad, BLOCK=block,
+    )
+    return row_losses.sum(), grad
