@@ -119,17 +119,18 @@ at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const
     const A* bp = bias_values.defined() ? bias_values.data_ptr<A>() : nullptr;
     int64_t* out = predictions.data_ptr<int64_t>();
     const at::Tensor weight_t = w.t();
-    for (int64_t r0 = 0; r0 < N; r0 += kRowBlock) {
-      const int64_t rows = std::min(kRowBlock, N - r0);
-      const at::Tensor raw = at::mm(features.narrow(0, r0, rows).to(acc), weight_t).contiguous();
-      const A* rp = raw.data_ptr<A>();
-      at::parallel_for(0, rows, 8, [&](int64_t i0, int64_t i1) {
-        std::vector<A> values(C);
-        for (int64_t i = i0; i < i1; ++i)
-          for (int64_t k = 0; k < K; ++k)
-            out[k * N + r0 + i] = row_argmax(rp + i * C, sc + k * C, bp, C, values.data());
-      });
-    }
+    // One parallel region over all rows: each thread multiplies its own row blocks (at::mm runs single-threaded
+    // inside a parallel region) and takes their argmaxes, so there is one barrier per call, not one per block.
+    at::parallel_for(0, N, kRowBlock, [&](int64_t begin, int64_t end) {
+      std::vector<A> values(C);
+      for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, end - r0);
+        const at::Tensor raw = at::mm(features.narrow(0, r0, rows).to(acc), weight_t).contiguous();
+        const A* rp = raw.data_ptr<A>();
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t k = 0; k < K; ++k) out[k * N + r0 + i] = row_argmax(rp + i * C, sc + k * C, bp, C, values.data());
+      }
+    });
   });
   return predictions;
 }
