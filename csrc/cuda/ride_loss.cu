@@ -1,7 +1,8 @@
 // CUDA kernel of fastlt::ride_loss: one block per sample row b, threads over classes. The block keeps online
 // (max, sum) softmax statistics of each expert's margin logits z' and tempered logits u = z / T and of the tempered
 // expert mean v, merges them over the block, and writes the row's loss and d loss / d logits in the same launch.
-// Per-element math: fastlt/ride_loss.h and fastlt/softmax_stats.h (the code the CPU kernel runs).
+// Per-element math: fastlt/ride_loss.h and fastlt/softmax_stats.h (the functions the CPU kernel runs, plus the online
+// form of the softmax statistics, which the CPU kernel computes in two passes instead).
 //
 // Reads per row: the E expert rows once for the mean (diversity term only), then per expert once for its statistics
 // and once more for its gradient; the second read is of the C values this block just read, so it is served by L2.
