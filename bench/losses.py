@@ -1,4 +1,5 @@
-"""`fastlt bench losses`: the fused losses (C++ CPU kernel) vs the eager reference vs torch.compile(reference).
+"""`fastlt bench losses`: the fused losses ride_loss and reslt_loss (C++ CPU kernels) vs the eager reference vs
+torch.compile(reference).
 
 fwd+bwd time (median ms, same run, so the ratios compare like with like) and peak memory allocated beyond the
 returned gradient, as a % of the gradient's size (from the torch profiler's allocator events, which include the
@@ -10,7 +11,7 @@ import torch
 import fastlt
 from fastlt.bench.timing import format_table, measure
 
-RIDE_SHAPES = [(3, 128, 100), (3, 256, 1000), (4, 512, 8142)]  # (E, B, C)
+LOSS_SHAPES = [(3, 128, 100), (3, 256, 1000), (4, 512, 8142)]  # (E or K, B, C)
 
 
 def long_tailed_counts(num_classes, imbalance=100.0):
@@ -31,22 +32,11 @@ def peak_extra_bytes(step, keep_bytes):
     return peak - keep_bytes
 
 
-def _ride_rows(shape, quick):
-    E, B, C = shape
-    counts = long_tailed_counts(C)
-    logits = (torch.randn(E, B, C) * 10).requires_grad_(True)
-    target = torch.randint(0, C, (B,))
+def _timed_rows(op, shape, logits, impls, quick):
+    """fwd+bwd median time and peak extra memory of each ``impls[name]()`` (a loss of ``logits``)."""
     grad_bytes = logits.numel() * logits.element_size()
-
-    def loss_fn(fn):
-        return lambda: fn(logits, target, counts, drw=True)
-
-    impls = {"fused": fastlt.ops.ride_loss, "eager": fastlt.ops.ride_loss_reference}
-    if not quick:
-        impls["compile"] = torch.compile(fastlt.ops.ride_loss_reference, dynamic=False)
     rows = []
-    for name, fn in impls.items():
-        compute = loss_fn(fn)
+    for name, compute in impls.items():
 
         def step():
             logits.grad = None
@@ -55,7 +45,7 @@ def _ride_rows(shape, quick):
         median_ms, _ = measure(step, warmup=2, repeats=3 if quick else 10)
         logits.grad = None
         extra = peak_extra_bytes(step, grad_bytes)
-        rows.append(dict(op="ride_loss", shape=f"{E}x{B}x{C}", dtype="fp32", mode="fwd+bwd", impl=name, ms=median_ms,
+        rows.append(dict(op=op, shape="x".join(map(str, shape)), dtype="fp32", mode="fwd+bwd", impl=name, ms=median_ms,
                          peak_extra_mb=extra / 2**20, peak_extra_pct_of_grad=100 * extra / grad_bytes))
     fused_ms = rows[0]["ms"]
     for row in rows:
@@ -63,16 +53,45 @@ def _ride_rows(shape, quick):
     return rows
 
 
+def _fused_eager_compiled(fused, reference, args, kwargs, quick):
+    """The three implementations of one loss as closures over the same inputs (torch.compile unless quick)."""
+    impls = {"fused": lambda: fused(*args, **kwargs), "eager": lambda: reference(*args, **kwargs)}
+    if not quick:
+        compiled = torch.compile(reference, dynamic=False)
+        impls["compile"] = lambda: compiled(*args, **kwargs)
+    return impls
+
+
+def _ride_rows(shape, quick):
+    E, B, C = shape
+    logits = (torch.randn(E, B, C) * 10).requires_grad_(True)
+    args = (logits, torch.randint(0, C, (B,)), long_tailed_counts(C))
+    impls = _fused_eager_compiled(fastlt.ops.ride_loss, fastlt.ops.ride_loss_reference, args, dict(drw=True), quick)
+    return _timed_rows("ride_loss", shape, logits, impls, quick)
+
+
+def _reslt_rows(shape, quick):
+    K, B, C = shape
+    logits = (torch.randn(K, B, C) * 10).requires_grad_(True)
+    # Nested groups at even label cut-offs (the shot rule gives at most 3 branches).
+    groups = fastlt.ops.reslt_groups(long_tailed_counts(C), cutoffs=[C * k // K for k in range(1, K)], num_branches=K)
+    args = (logits, torch.randint(0, C, (B,)), groups)
+    impls = _fused_eager_compiled(fastlt.ops.reslt_loss, fastlt.ops.reslt_loss_reference, args, dict(beta=0.995),
+                                  quick)
+    return _timed_rows("reslt_loss", shape, logits, impls, quick)
+
+
 def run(quick: bool = False) -> list[dict]:
     """One row per (loss, shape, implementation); ``quick`` skips torch.compile and the largest shape."""
     if not fastlt._extension.AVAILABLE:
         raise RuntimeError("fastlt bench losses: the compiled extension is not built")
     torch.manual_seed(0)
-    shapes = RIDE_SHAPES[:-1] if quick else RIDE_SHAPES
+    shapes = LOSS_SHAPES[:-1] if quick else LOSS_SHAPES
     rows = []
     with fastlt.ops.use_backend("cpp"):
-        for shape in shapes:
-            rows += _ride_rows(shape, quick)
+        for loss_rows in (_ride_rows, _reslt_rows):
+            for shape in shapes:
+                rows += loss_rows(shape, quick)
     return rows
 
 

@@ -23,3 +23,20 @@ def test_ride_loss_fwd_bwd(benchmark, impl):
     with fastlt.ops.use_backend("cpp"):
         benchmark.pedantic(step, rounds=3, warmup_rounds=1)
     assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+def test_reslt_loss_fwd_bwd(benchmark, impl):
+    K, B, C = 4, 512, 8142
+    logits = (torch.randn(K, B, C) * 10).requires_grad_(True)
+    target = torch.randint(0, C, (B,))
+    groups = fastlt.ops.reslt_groups(long_tailed_counts(C), cutoffs=[C // 4, C // 2, 3 * C // 4], num_branches=K)
+    fn = fastlt.ops.reslt_loss if impl == "fused" else fastlt.ops.reslt_loss_reference
+
+    def step():
+        logits.grad = None
+        fn(logits, target, groups, beta=0.995).backward()
+
+    with fastlt.ops.use_backend("cpp"):
+        benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    assert torch.isfinite(logits.grad).all()

@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> prior_shifted_ce(const at::Tensor& expert_log
         A* losses = row_losses.data_ptr<A>();
         const A* no_scale = nullptr;
 
-        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        at::parallel_for(0, B, rows_per_task(E * C), [&](int64_t b0, int64_t b1) {
           A* shifted = scratch.data_ptr<A>() + at::get_thread_num() * scratch_rows * C;
           A* exp_scratch = shifted + C;
           for (int64_t b = b0; b < b1; ++b) {

@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, c
     A* losses = row_losses.data_ptr<A>();
     const A* no_scale = nullptr;
 
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, rows_per_task(K * C), [&](int64_t b0, int64_t b1) {
       A* thread_scratch = scratch.data_ptr<A>() + at::get_thread_num() * scratch_rows * C;
       A* staging = thread_scratch;          // K rows
       A* branch_exp = staging + K * C;      // K rows

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -98,6 +99,13 @@ inline at::Tensor empty_with_huge_pages(at::IntArrayRef sizes, const at::TensorO
   if (aligned_end > aligned_begin)  // advice only: failure (e.g. THP disabled) leaves ordinary pages
     madvise(reinterpret_cast<void*>(aligned_begin), aligned_end - aligned_begin, MADV_HUGEPAGE);
   return tensor;
+}
+
+// Rows per parallel task, so that a task holds at least 2^16 logits: small losses (CIFAR: 3 x 128 x 100, ~50 us) then
+// run on the calling thread, since waking a worker on a busy machine can cost a scheduler time slice (several ms).
+inline int64_t rows_per_task(int64_t logits_per_row) {
+  constexpr int64_t kMinLogitsPerTask = int64_t(1) << 16;
+  return std::max<int64_t>(1, kMinLogitsPerTask / std::max<int64_t>(1, logits_per_row));
 }
 
 // The row as contiguous accumulation-type values: the input itself when it already is, else a converted copy.
