@@ -1,0 +1,76 @@
+// The per-row math of fastlt/reslt_loss.h and fastlt/prior_shifted_ce.h (shared by the CPU and CUDA kernels): the
+// gradient formulas against central finite differences of the loss they describe, on one sample row in double.
+#include <cmath>
+#include <initializer_list>
+
+#include "check.h"
+#include "fastlt/prior_shifted_ce.h"
+#include "fastlt/reslt_loss.h"
+
+using namespace fastlt;
+
+constexpr int kClasses = 5;
+
+// Softmax probabilities and cross-entropy of a row (two-pass statistics, as the CPU kernels).
+static void stats(const double* x, double* probabilities, double* cross_entropy_of, int y) {
+  double maximum = -INFINITY, sum = 0;
+  for (int c = 0; c < kClasses; ++c) maximum = std::fmax(maximum, x[c]);
+  for (int c = 0; c < kClasses; ++c) sum += std::exp(x[c] - maximum);
+  for (int c = 0; c < kClasses; ++c) probabilities[c] = std::exp(x[c] - maximum) / sum;
+  *cross_entropy_of = cross_entropy(maximum, sum, x[y]);
+}
+
+// ResLT loss of one row with 2 branches, branch 1 in its group only when `in_group`.
+static double reslt_row_loss(const double z[2][kClasses], int y, bool in_group, double ice, double fused_coef) {
+  double fused[kClasses], p[kClasses], ce0, ce1, ce_fused;
+  for (int c = 0; c < kClasses; ++c) fused[c] = z[0][c] + z[1][c];
+  stats(z[0], p, &ce0, y);
+  stats(z[1], p, &ce1, y);
+  stats(fused, p, &ce_fused, y);
+  return ice * (ce0 + (in_group ? ce1 : 0.0)) + fused_coef * ce_fused;
+}
+
+int main() {
+  const int y = 3;
+  const double beta = 0.8;
+  CHECK_NEAR(reslt_loss::ice_coefficient(beta, int64_t(4)), 0.2, 1e-15);
+  CHECK(reslt_loss::ice_coefficient(beta, int64_t(0)) == 0.0);
+  CHECK_NEAR(reslt_loss::fused_coefficient(beta, int64_t(2)), 0.1, 1e-15);
+
+  const double ice = reslt_loss::ice_coefficient(beta, int64_t(3)), fused_coef = reslt_loss::fused_coefficient(beta, 2);
+  for (bool in_group : {false, true}) {
+    double z[2][kClasses] = {{1.0, -2.0, 0.5, 3.0, -0.25}, {0.3, 2.0, -1.0, 0.0, 1.5}};
+    double fused[kClasses], fused_p[kClasses], branch_p[kClasses], unused;
+    for (int c = 0; c < kClasses; ++c) fused[c] = z[0][c] + z[1][c];
+    stats(fused, fused_p, &unused, y);
+    stats(z[1], branch_p, &unused, y);
+    for (int c = 0; c < kClasses; ++c) {
+      const double analytic =
+          reslt_loss::logit_gradient(ice, in_group, branch_p[c], fused_coef, fused_p[c], c == y);
+      const double h = 1e-6, saved = z[1][c];
+      z[1][c] = saved + h;
+      const double up = reslt_row_loss(z, y, in_group, ice, fused_coef);
+      z[1][c] = saved - h;
+      const double down = reslt_row_loss(z, y, in_group, ice, fused_coef);
+      z[1][c] = saved;
+      CHECK_NEAR(analytic, (up - down) / (2 * h), 1e-8);
+    }
+  }
+
+  // prior_shifted_ce: d/dz of (1/B) CE(z + shift) is (1/B)(softmax(z + shift) - onehot).
+  const double inverse_batch = 0.25;
+  double shifted[kClasses] = {0.5, -1.0, 2.0, 0.0, -3.0}, p[kClasses], ce;
+  stats(shifted, p, &ce, y);
+  for (int c = 0; c < kClasses; ++c) {
+    const double h = 1e-6, saved = shifted[c];
+    double q[kClasses], up, down;
+    shifted[c] = saved + h;
+    stats(shifted, q, &up, y);
+    shifted[c] = saved - h;
+    stats(shifted, q, &down, y);
+    shifted[c] = saved;
+    CHECK_NEAR(prior_shifted_ce::logit_gradient(inverse_batch, p[c], c == y), inverse_batch * (up - down) / (2 * h),
+               1e-8);
+  }
+  return report("test_loss_row_math");
+}
