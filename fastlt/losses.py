@@ -28,7 +28,7 @@ def stack_experts(expert_logits: ExpertLogits) -> torch.Tensor:
 
     A list whose elements are views of one tensor with equal shapes and strides, at storage offsets a constant
     positive step apart, becomes an ``as_strided`` view of that tensor: no copy, and the gradient flows to the
-    tensor they are views of. Any other list is copied by ``torch.stack``.
+    tensor they are views of. Any other list (and any list under torch.compile) is copied by ``torch.stack``.
 
     >>> stacked = torch.randn(3, 8, 10)
     >>> stack_experts(list(stacked)).data_ptr() == stacked.data_ptr()
@@ -39,6 +39,8 @@ def stack_experts(expert_logits: ExpertLogits) -> torch.Tensor:
     experts = list(expert_logits)
     if not experts or not all(isinstance(expert, torch.Tensor) for expert in experts):
         raise TypeError("stack_experts: expert_logits must be a tensor or a non-empty list of tensors")
+    if torch.compiler.is_compiling():  # dynamo cannot trace storage offsets; the compiler plans the copy itself
+        return torch.stack(experts)
     view = _view_of_common_base(experts)
     return torch.stack(experts) if view is None else view
 
