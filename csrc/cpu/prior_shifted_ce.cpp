@@ -26,7 +26,8 @@ std::tuple<at::Tensor, at::Tensor> prior_shifted_ce(const at::Tensor& expert_log
   // Per-thread scratch, [C] each: the shifted logits and their exp (unless written straight into the gradient).
   constexpr int64_t scratch_rows = 2;
   at::Tensor scratch = at::empty({at::get_num_threads(), scratch_rows * C}, shifts.options());
-  const int64_t* labels = target.data_ptr<int64_t>();
+  const at::Tensor target_contiguous = target.contiguous();  // a strided [B] view is read by index
+  const int64_t* labels = target_contiguous.data_ptr<int64_t>();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, expert_logits.scalar_type(), "fastlt_prior_shifted_ce_cpu", [&] {

@@ -29,7 +29,8 @@ std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, c
   const int64_t scratch_rows = 2 * K + 3;
   at::Tensor scratch = at::empty({at::get_num_threads(), scratch_rows * C}, acc_options);
   const bool* in_group = masks.data_ptr<bool>();
-  const int64_t* labels = target.data_ptr<int64_t>();
+  const at::Tensor target_contiguous = target.contiguous();  // a strided [B] view is read by index
+  const int64_t* labels = target_contiguous.data_ptr<int64_t>();
   // L_ice's joint normaliser: the (branch, sample) pairs whose group holds the sample's label.
   int64_t in_group_total = 0;
   for (int64_t b = 0; b < B; ++b)

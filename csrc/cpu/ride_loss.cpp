@@ -98,7 +98,8 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, expert_logits.scalar_type(), "fastlt_ride_loss_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* logits = expert_logits.data_ptr<scalar_t>();
-    const int64_t* labels = target.data_ptr<int64_t>();
+    const at::Tensor target_contiguous = target.contiguous();  // a strided [B] view is read by index
+    const int64_t* labels = target_contiguous.data_ptr<int64_t>();
     const A* margins = tables.margins.data_ptr<A>();
     const A* weights = tables.weights.defined() ? tables.weights.data_ptr<A>() : nullptr;
     const at::Tensor inverse_temperature_table = tables.temperatures.reciprocal();
