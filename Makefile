@@ -31,6 +31,10 @@ $(EDITABLE): setup.py $(STAMP)
 build: $(EDITABLE)
 	flock /tmp/fastlt-build.lock $(PY) setup.py -q build_ext --inplace
 
+# `make run` builds the CUDA kernels only when a GPU is visible (they cannot run without one, and compiling them
+# takes minutes on 2 cores); `make test` always builds and compile-checks them.
+HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+run: export FASTLT_BUILD_CUDA ?= $(if $(filter 1,$(HAVE_GPU)),,0)
 run: build
 	$(VENV)/bin/fastlt demo
 
