@@ -48,7 +48,6 @@ def test_train_tau_recipe_then_stage2_and_eval(tmp_path, capsys):
     assert f"{stage1['overall']:.1f}" in capsys.readouterr().out  # eval reproduces the training run's test figure
 
 
-@pytest.mark.skipif(not hasattr(fastlt, "RIDELoss"), reason="waiting for fastlt.RIDELoss")
 def test_train_ride_with_router(tmp_path, capsys):
     run = str(tmp_path / "ride")
     main(["train", "--config", "mnist_lt_ride_router", *DIGITS, "method.drw_epoch=1", "stage2.epochs=1",

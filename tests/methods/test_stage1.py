@@ -4,7 +4,6 @@ DRW switch at the right epoch."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import needs_fused_losses
 
 import fastlt
 from fastlt.methods import build_method
@@ -32,7 +31,6 @@ def test_unknown_method_is_refused():
         build_method({"name": "focal"}, COUNTS, create_model("small_cnn", num_classes=6))
 
 
-@needs_fused_losses()
 def test_ldam_drw_swaps_in_a_cosine_classifier_and_switches_drw_after_drw_epoch():
     model, targets = outputs("small_cnn")
     method = build_method({"name": "ldam_drw", "drw_epoch": 3}, COUNTS, model)
@@ -44,7 +42,6 @@ def test_ldam_drw_swaps_in_a_cosine_classifier_and_switches_drw_after_drw_epoch(
         assert torch.allclose(method.loss_fn(output, targets), expected, rtol=1e-5), epoch
 
 
-@needs_fused_losses()
 def test_balanced_softmax_is_ce_of_prior_shifted_logits():
     model, targets = outputs("small_cnn")
     method = build_method({"name": "balanced_softmax"}, COUNTS, model)
@@ -53,7 +50,6 @@ def test_balanced_softmax_is_ce_of_prior_shifted_logits():
     assert torch.allclose(method.loss_fn(output, targets), expected, rtol=1e-5)
 
 
-@needs_fused_losses()
 def test_ride_uses_every_expert_and_the_recipe_constants():
     model, targets = outputs("ride_small_cnn")
     config = {"name": "ride", "diversity_factor": -0.2, "temperature_factor": 0.02, "drw_epoch": 1}
@@ -66,7 +62,6 @@ def test_ride_uses_every_expert_and_the_recipe_constants():
         assert torch.allclose(method.loss_fn(output, targets), expected, rtol=1e-5), epoch
 
 
-@needs_fused_losses()
 def test_reslt_masks_branches_by_group_and_mixes_with_beta():
     model, targets = outputs("reslt_small_cnn")
     method = build_method({"name": "reslt", "beta": 0.9}, COUNTS, model)
