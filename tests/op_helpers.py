@@ -21,6 +21,7 @@ TOLERANCES = {
     torch.bfloat16: (1e-2, 1.6e-2),
 }
 
+needs_cpp = pytest.mark.skipif(not _extension.AVAILABLE, reason="extension not built")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_cuda_build = pytest.mark.skipif(not _extension.HAS_CUDA, reason="extension built without CUDA kernels")
 
@@ -32,3 +33,8 @@ def assert_close(actual, expected, dtype=None):
 
 def backend(name):
     return fastlt.ops.use_backend(name)
+
+
+def long_tail_counts(num_classes, ratio=100.0):
+    """Exponential long-tailed class counts from `ratio` down to 1 (ones in the tail)."""
+    return (ratio * torch.exp(-torch.arange(num_classes) / max(num_classes, 1) * 6)).floor().clamp_min(1)

@@ -1,24 +1,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import TOLERANCES, assert_close, backend
+from op_helpers import TOLERANCES, assert_close, backend, long_tail_counts, needs_cpp
 
-from fastlt import _extension
 from fastlt.ops import prior_shifted_ce, prior_shifted_ce_reference
-
-needs_cpp = pytest.mark.skipif(not _extension.AVAILABLE, reason="extension not built")
-
-
-def _counts(num_classes, ratio=100.0):
-    """Exponential long-tailed profile from `ratio` down to 1."""
-    return (ratio * torch.exp(-torch.arange(num_classes) / max(num_classes, 1) * 6)).floor().clamp_min(1)
-
 
 def _inputs(shape, dtype=torch.float32, scale=10.0):
     E, B, C = shape
     logits = (torch.randn(E, B, C) * scale).to(dtype).requires_grad_(True)
     taus = torch.linspace(-1.0, 2.0, E).tolist()  # one per expert (RIDE-style experts with different adjustments)
-    return logits, torch.randint(0, C, (B,)), _counts(C), taus
+    return logits, torch.randint(0, C, (B,)), long_tail_counts(C), taus
 
 
 def _loss_and_grad(fn, logits, target, counts, taus):
@@ -81,7 +72,7 @@ def test_gradcheck_fp64(name, num_experts):
 @needs_cpp
 def test_strided_inputs_are_read_in_place():
     stacked = torch.randn(6, 3, 64) * 10  # [B, E, C], as torch.stack(outputs, dim=1) gives
-    target, counts, taus = torch.randint(0, 64, (6,)), _counts(64), [1.0, 0.5, 0.0]
+    target, counts, taus = torch.randint(0, 64, (6,)), long_tail_counts(64), [1.0, 0.5, 0.0]
     for view in (stacked.transpose(0, 1), torch.randn(3, 6, 128)[:, :, ::2] * 10):
         view = view.requires_grad_(True) if view.is_leaf else view.detach().requires_grad_(True)
         expected = _loss_and_grad(prior_shifted_ce_reference, view.contiguous(), target, counts, taus)

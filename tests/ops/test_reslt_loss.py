@@ -1,12 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import TOLERANCES, assert_close, backend
+from op_helpers import TOLERANCES, assert_close, backend, needs_cpp
 
-from fastlt import _extension
 from fastlt.ops import reslt_groups, reslt_loss, reslt_loss_reference
 
-needs_cpp = pytest.mark.skipif(not _extension.AVAILABLE, reason="extension not built")
 CIFAR100_COUNTS = (500 * 0.01 ** (torch.arange(100) / 99)).floor()  # CIFAR-100-LT, r = 100
 
 

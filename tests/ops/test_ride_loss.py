@@ -1,25 +1,16 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import TOLERANCES, assert_close, backend
+from op_helpers import TOLERANCES, assert_close, backend, long_tail_counts, needs_cpp
 
 import fastlt
-from fastlt import _extension
 from fastlt.ops import ride_loss, ride_loss_reference
 from fastlt.ops._lt_constants import drw_weights, ldam_margins, ride_temperatures
-
-needs_cpp = pytest.mark.skipif(not _extension.AVAILABLE, reason="extension not built")
-
-
-def _counts(num_classes, ratio=100.0):
-    """Exponential long-tailed profile from `ratio`*... down to 1 (with ones in the tail)."""
-    return (ratio * torch.exp(-torch.arange(num_classes) / max(num_classes, 1) * 6)).floor().clamp_min(1)
-
 
 def _inputs(shape, dtype=torch.float32, scale=10.0):
     E, B, C = shape
     logits = (torch.randn(E, B, C) * scale).to(dtype).requires_grad_(True)
-    return logits, torch.randint(0, C, (B,)), _counts(C)
+    return logits, torch.randint(0, C, (B,)), long_tail_counts(C)
 
 
 def _loss_and_grad(fn, logits, target, counts, **kwargs):
@@ -83,7 +74,7 @@ def test_gradcheck_fp64(name, drw):
 def test_strided_inputs_are_read_in_place():
     stacked = torch.randn(6, 3, 64) * 10  # [B, E, C], as torch.stack(outputs, dim=1) gives
     target = torch.randint(0, 64, (6,))
-    counts = _counts(64)
+    counts = long_tail_counts(64)
     for view in (stacked.transpose(0, 1), torch.randn(3, 6, 128)[:, :, ::2] * 10):
         view = view.requires_grad_(True) if view.is_leaf else view.detach().requires_grad_(True)
         expected = _loss_and_grad(ride_loss_reference, view.contiguous(), target, counts, drw=True)
