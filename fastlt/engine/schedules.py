@@ -10,20 +10,22 @@ no state beyond its constructor arguments: resuming at epoch k is `apply(optimiz
 [0.02, 0.1, 0.1, 0.001, 1e-05]
 """
 
+import abc
 import math
 from typing import Sequence
 
 import torch
 
 
-class EpochSchedule:
+class EpochSchedule(abc.ABC):
     """Base class: subclasses define factor(epoch)."""
 
     def __init__(self, total_epochs: int):
         self.total_epochs = total_epochs
 
+    @abc.abstractmethod
     def factor(self, epoch: int) -> float:
-        raise NotImplementedError
+        """The multiplier of the base learning rate at ``epoch`` (0-based)."""
 
     def apply(self, optimizer: torch.optim.Optimizer, epoch: int) -> float:
         """Sets every group's lr to its base lr x factor(epoch); the base lr is kept in group["initial_lr"]."""
