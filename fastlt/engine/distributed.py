@@ -82,5 +82,8 @@ def barrier(context: DistributedContext) -> None:
 
 
 def shutdown(context: DistributedContext) -> None:
+    """Tear the process group down once every rank got here: a rank that destroys it while a peer is still
+    working (e.g. rank 0 writing a checkpoint) closes the peer's gloo connections and aborts that peer."""
     if context.is_distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
