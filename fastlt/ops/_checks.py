@@ -52,3 +52,16 @@ def labels(op: str, name: str, value, batch: int, num_classes: int) -> None:
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
         raise ValueError(f"{op}: {name} must be in [0, {num_classes}), got {bad}")
+
+
+def expert_loss_inputs(op: str, expert_logits, target, class_counts, max_experts: int = 64) -> None:
+    """The checks every per-expert loss shares: logits [E, B, C], int64 target [B] in range, positive counts [C]."""
+    from fastlt.ops import _lt_constants
+
+    tensor(op, "expert_logits", expert_logits, dims=3, floating=True)
+    num_experts, batch, num_classes = expert_logits.shape
+    if num_experts > max_experts:
+        raise ValueError(f"{op}: expert_logits has {num_experts} experts; at most {max_experts} are supported")
+    labels(op, "target", target, batch, num_classes)
+    same_device(op, "target", target, expert_logits, "expert_logits")
+    _lt_constants.check_class_counts(op, class_counts, num_classes)

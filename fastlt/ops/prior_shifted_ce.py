@@ -60,13 +60,8 @@ def prior_shifted_ce(expert_logits: torch.Tensor, target: torch.Tensor, class_co
 
 def _validate(expert_logits, target, class_counts, taus) -> torch.Tensor:
     """Checks the arguments; returns the taus as an fp64 [E] tensor."""
-    _checks.tensor(OP, "expert_logits", expert_logits, dims=3, floating=True)
-    num_experts, batch, num_classes = expert_logits.shape
-    if num_experts > MAX_EXPERTS:
-        raise ValueError(f"{OP}: expert_logits has {num_experts} experts; at most {MAX_EXPERTS} are supported")
-    _checks.labels(OP, "target", target, batch, num_classes)
-    _checks.same_device(OP, "target", target, expert_logits, "expert_logits")
-    _lt_constants.check_class_counts(OP, class_counts, num_classes)
+    _checks.expert_loss_inputs(OP, expert_logits, target, class_counts, MAX_EXPERTS)
+    num_experts = expert_logits.shape[0]
     tau_table = torch.as_tensor(taus, dtype=torch.float64)
     if tuple(tau_table.shape) != (num_experts,):
         raise ValueError(f"{OP}: taus must hold one value per expert ({num_experts}), got shape "

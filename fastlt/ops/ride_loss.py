@@ -105,13 +105,7 @@ def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: t
 
 
 def _validate(expert_logits, target, class_counts):
-    _checks.tensor(OP, "expert_logits", expert_logits, dims=3, floating=True)
-    num_experts, batch, num_classes = expert_logits.shape
-    if num_experts > MAX_EXPERTS:
-        raise ValueError(f"{OP}: expert_logits has {num_experts} experts; at most {MAX_EXPERTS} are supported")
-    _checks.labels(OP, "target", target, batch, num_classes)
-    _checks.same_device(OP, "target", target, expert_logits, "expert_logits")
-    _lt_constants.check_class_counts(OP, class_counts, num_classes)
+    _checks.expert_loss_inputs(OP, expert_logits, target, class_counts, MAX_EXPERTS)
 
 
 # ---- torch.library glue: fake (meta) implementation and autograd, shared by the C++ and Triton ops ----
