@@ -1,6 +1,8 @@
-// CPU kernel of fastlt::ride_loss: OpenMP (at::parallel_for) over sample rows; each row's E expert rows are read
-// once into L2-resident scratch, their softmax statistics computed with vectorised exp, and the loss and
-// d loss / d logits written in the same pass. Per-row math: fastlt/ride_loss.h.
+// CPU kernel of fastlt::ride_loss: OpenMP (at::parallel_for) over sample rows. A sample's E expert rows stay in L2
+// while three vector passes run over them: (1) the softmax shifts and the tempered expert mean, (2) every exp (the
+// LDAM-margin CE and the tempered expert softmax: 2E + 1 exps per class) with their sums, the KL gap and the loss,
+// (3) d loss / d logits. Pass 2 prefetches the next sample's logit and gradient rows, so DRAM traffic overlaps the
+// exp arithmetic that bounds the kernel. Per-row math: fastlt/ride_loss.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,19 +16,84 @@ namespace fastlt {
 namespace cpu {
 namespace {
 
-// sum_c mean_exp[c] * (mean_logits[c] - expert[c] * inverse_temperature[c]): the unnormalised KL gap.
+// Pass 1 over one expert row (a class range that excludes the target): the CE shift max_c z[c], the tempered shift
+// max_c z[c] / T_c, and the experts' running total, which the last expert turns into the tempered mean logits v.
+// maxima = {CE max, tempered max, mean max}, updated in place.
+enum class TotalStep { kFirst, kMiddle, kLast, kOnly };  // kOnly: E == 1
+
 template <typename A>
-FASTLT_ALWAYS_INLINE A mean_gap_impl(const A* mean_exp, const A* mean_logits, const A* expert,
-                                     const A* inverse_temperature, int64_t n) {
-  A gap = A(0);
-#pragma omp simd reduction(+ : gap)
-  for (int64_t c = 0; c < n; ++c)
-    gap += ride_loss::weighted_gap_term(mean_exp[c], mean_logits[c],
-                                        ride_loss::tempered_logit(expert[c], inverse_temperature[c]));
-  return gap;
+FASTLT_ALWAYS_INLINE void expert_maxima_impl(const A* logits, const A* inverse_temperature, A* total, TotalStep step,
+                                             A inverse_experts, int64_t n, A* maxima) {
+  A ce_max = maxima[0], expert_max = maxima[1], mean_max = maxima[2];
+  if (step == TotalStep::kLast || step == TotalStep::kOnly) {
+    const bool alone = step == TotalStep::kOnly;
+#pragma omp simd reduction(max : ce_max, expert_max, mean_max)
+    for (int64_t c = 0; c < n; ++c) {
+      ce_max = logits[c] > ce_max ? logits[c] : ce_max;
+      const A u = ride_loss::tempered_logit(logits[c], inverse_temperature[c]);
+      expert_max = u > expert_max ? u : expert_max;
+      const A expert_total = alone ? logits[c] : total[c] + logits[c];
+      const A v = ride_loss::tempered_mean_logit(expert_total, inverse_experts, inverse_temperature[c]);
+      total[c] = v;
+      mean_max = v > mean_max ? v : mean_max;
+    }
+  } else {
+    const bool first = step == TotalStep::kFirst;
+#pragma omp simd reduction(max : ce_max, expert_max)
+    for (int64_t c = 0; c < n; ++c) {
+      ce_max = logits[c] > ce_max ? logits[c] : ce_max;
+      const A u = ride_loss::tempered_logit(logits[c], inverse_temperature[c]);
+      expert_max = u > expert_max ? u : expert_max;
+      total[c] = first ? logits[c] : total[c] + logits[c];
+    }
+  }
+  maxima[0] = ce_max;
+  maxima[1] = expert_max;
+  maxima[2] = mean_max;
 }
 
-// out[c] = the non-target gradient of ride_loss::logit_gradient; expert_exp == nullptr: no diversity term.
+// Pass 2 over one expert row (a class range without the target): ce_exp = exp(z - ce_max) and, with the diversity
+// term (inverse_temperature != nullptr), expert_exp = exp(z / T - expert_max) and the unnormalised KL gap
+// sum_c exp(v_c - mean_max) (v_c - u_c). sums = {CE sum, expert sum, gap}, updated in place. Each chunk of 256 classes
+// first prefetches the same classes of the next sample's row (next_logits, next_out: nullptr for none).
+template <typename A>
+FASTLT_ALWAYS_INLINE void expert_exps_impl(const A* logits, const A* inverse_temperature, A ce_max, A expert_max,
+                                           const A* mean_exp, const A* mean_logits, A* ce_exp, A* expert_exp,
+                                           int64_t n, const A* next_logits, A* next_out, A* sums) {
+  constexpr int64_t kChunk = 256;
+  A ce_sum = sums[0], expert_sum = sums[1], gap = sums[2];
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    prefetch_lines(next_logits == nullptr ? nullptr : next_logits + c0, next_out == nullptr ? nullptr : next_out + c0,
+                   c1 - c0);
+    if (inverse_temperature == nullptr) {
+#pragma omp simd reduction(+ : ce_sum)
+      for (int64_t c = c0; c < c1; ++c) {
+        const A e = vector_exp(logits[c] - ce_max);
+        ce_exp[c] = e;
+        ce_sum += e;
+      }
+      continue;
+    }
+#pragma omp simd reduction(+ : ce_sum, expert_sum, gap)
+    for (int64_t c = c0; c < c1; ++c) {
+      const A e = vector_exp(logits[c] - ce_max);
+      ce_exp[c] = e;
+      ce_sum += e;
+      const A u = ride_loss::tempered_logit(logits[c], inverse_temperature[c]);
+      const A expert = vector_exp(u - expert_max);
+      expert_exp[c] = expert;
+      expert_sum += expert;
+      gap += ride_loss::weighted_gap_term(mean_exp[c], mean_logits[c], u);
+    }
+  }
+  sums[0] = ce_sum;
+  sums[1] = expert_sum;
+  sums[2] = gap;
+}
+
+// out[c] = the non-target gradient of ride_loss::logit_gradient; expert_exp == nullptr: no diversity term. out may
+// be ce_exp itself (the CE exps are kept in the gradient row until it is written).
 template <typename A>
 FASTLT_ALWAYS_INLINE void gradient_row_impl(const A* ce_exp, A inv_ce_sum, A ce_coef, const A* expert_exp,
                                             A inv_expert_sum, const A* mean_exp, A inv_mean_sum,
@@ -42,38 +109,26 @@ FASTLT_ALWAYS_INLINE void gradient_row_impl(const A* ce_exp, A inv_ce_sum, A ce_
                                        mean_exp[c] * inv_mean_sum, inverse_temperature[c]);
 }
 
-FASTLT_PER_ISA float mean_gap(const float* a, const float* b, const float* c, const float* d, int64_t n) {
-  return mean_gap_impl(a, b, c, d, n);
-}
-FASTLT_PER_ISA double mean_gap(const double* a, const double* b, const double* c, const double* d, int64_t n) {
-  return mean_gap_impl(a, b, c, d, n);
-}
-FASTLT_PER_ISA void gradient_row(const float* ce_exp, float inv_ce_sum, float ce_coef, const float* expert_exp,
-                                 float inv_expert_sum, const float* mean_exp, float inv_mean_sum,
-                                 const float* inverse_temperature, float div_coef, float* out, int64_t n) {
-  gradient_row_impl(ce_exp, inv_ce_sum, ce_coef, expert_exp, inv_expert_sum, mean_exp, inv_mean_sum,
-                    inverse_temperature, div_coef, out, n);
-}
-FASTLT_PER_ISA void gradient_row(const double* ce_exp, double inv_ce_sum, double ce_coef, const double* expert_exp,
-                                 double inv_expert_sum, const double* mean_exp, double inv_mean_sum,
-                                 const double* inverse_temperature, double div_coef, double* out, int64_t n) {
-  gradient_row_impl(ce_exp, inv_ce_sum, ce_coef, expert_exp, inv_expert_sum, mean_exp, inv_mean_sum,
-                    inverse_temperature, div_coef, out, n);
-}
-
-// Softmax statistics of z' = z - margin * onehot(y) with exp(z' - max) written to out. The target is handled
-// apart so the vector loops stay branch-free and no cancellation enters the sum.
-template <typename A>
-std::pair<A, A> margin_softmax(const A* logits, int64_t y, A margin, int64_t C, A* out) {
-  const A* no_scale = nullptr;
-  const A target_logit = logits[y] - margin;
-  A maximum = std::max(row_max(logits, no_scale, y), row_max(logits + y + 1, no_scale, C - y - 1));
-  maximum = std::max(maximum, target_logit);
-  out[y] = std::exp(target_logit - maximum);
-  const A sum = exp_shifted(logits, no_scale, maximum, out, y) + out[y] +
-                exp_shifted(logits + y + 1, no_scale, maximum, out + y + 1, C - y - 1);
-  return {maximum, sum};
-}
+#define FASTLT_RIDE_ROW_FUNCTIONS(A)                                                                                \
+  FASTLT_PER_ISA void expert_maxima(const A* logits, const A* inverse_temperature, A* total, TotalStep step,         \
+                                    A inverse_experts, int64_t n, A* maxima) {                                     \
+    expert_maxima_impl(logits, inverse_temperature, total, step, inverse_experts, n, maxima);                      \
+  }                                                                                                                 \
+  FASTLT_PER_ISA void expert_exps(const A* logits, const A* inverse_temperature, A ce_max, A expert_max,            \
+                                  const A* mean_exp, const A* mean_logits, A* ce_exp, A* expert_exp, int64_t n,     \
+                                  const A* next_logits, A* next_out, A* sums) {                                     \
+    expert_exps_impl(logits, inverse_temperature, ce_max, expert_max, mean_exp, mean_logits, ce_exp, expert_exp, n, \
+                     next_logits, next_out, sums);                                                                  \
+  }                                                                                                                 \
+  FASTLT_PER_ISA void gradient_row(const A* ce_exp, A inv_ce_sum, A ce_coef, const A* expert_exp, A inv_expert_sum, \
+                                   const A* mean_exp, A inv_mean_sum, const A* inverse_temperature, A div_coef,     \
+                                   A* out, int64_t n) {                                                             \
+    gradient_row_impl(ce_exp, inv_ce_sum, ce_coef, expert_exp, inv_expert_sum, mean_exp, inv_mean_sum,             \
+                      inverse_temperature, div_coef, out, n);                                                       \
+  }
+FASTLT_RIDE_ROW_FUNCTIONS(float)
+FASTLT_RIDE_ROW_FUNCTIONS(double)
+#undef FASTLT_RIDE_ROW_FUNCTIONS
 
 }  // namespace
 
@@ -90,13 +145,14 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
   at::Tensor grad = compute_grad ? empty_with_huge_pages({E, B, C}, expert_logits.options())
                                  : at::empty({0}, expert_logits.options());
   at::Tensor row_losses = at::empty({B}, tables.margins.options());
-  // Per-thread scratch, [C] each: E logit rows (when not contiguous fp32/fp64), E margin-softmax rows, E expert
-  // softmax rows, the mean logits, their exp and one gradient row.
+  // Per-thread scratch, [C] each: E logit rows (when not contiguous fp32/fp64), E CE exp rows (when the gradient
+  // rows cannot hold them), E tempered expert exp rows, the tempered mean logits, their exp and one gradient row.
   const int64_t scratch_rows = 3 * E + 3;
   at::Tensor scratch = at::empty({at::get_num_threads(), scratch_rows * C}, tables.margins.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, expert_logits.scalar_type(), "fastlt_ride_loss_cpu", [&] {
     using A = acc_t<scalar_t>;
+    constexpr bool kAccumulatesInInputType = std::is_same_v<scalar_t, A>;
     const scalar_t* logits = expert_logits.data_ptr<scalar_t>();
     const at::Tensor target_contiguous = target.contiguous();  // a strided [B] view is read by index
     const int64_t* labels = target_contiguous.data_ptr<int64_t>();
@@ -104,67 +160,110 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
     const A* weights = tables.weights.defined() ? tables.weights.data_ptr<A>() : nullptr;
     const at::Tensor inverse_temperature_table = tables.temperatures.reciprocal();
     const A* inverse_temperature = inverse_temperature_table.data_ptr<A>();
+    const A* diversity_temperature = diversity ? inverse_temperature : nullptr;  // nullptr: CE only
     const A mean_temperature = tables.temperatures.mean().item<A>();
     A weight_total = A(0);
     for (int64_t b = 0; b < B; ++b) weight_total += weights == nullptr ? A(1) : weights[labels[b]];
     const A div_coef = static_cast<A>(diversity_factor) * mean_temperature * mean_temperature / static_cast<A>(B);
+    const A inverse_experts = A(1) / static_cast<A>(E);
     scalar_t* grad_out = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+    // fp32/fp64: logit rows are read in place when contiguous, and each gradient row holds its CE exps until the
+    // gradient overwrites them (no scratch row between the two passes).
+    A* grad_rows = kAccumulatesInInputType && compute_grad ? reinterpret_cast<A*>(grad_out) : nullptr;
+    const A* in_place_logits = kAccumulatesInInputType && sC == 1 ? reinterpret_cast<const A*>(logits) : nullptr;
     A* losses = row_losses.data_ptr<A>();
     const A* no_scale = nullptr;
+    constexpr A kNoMax = -std::numeric_limits<A>::infinity();
 
     at::parallel_for(0, B, rows_per_task(E * C), [&](int64_t b0, int64_t b1) {
       A* thread_scratch = scratch.data_ptr<A>() + at::get_thread_num() * scratch_rows * C;
       A* staging = thread_scratch;             // E rows
-      A* ce_exp = staging + E * C;             // E rows
-      A* expert_exp = ce_exp + E * C;          // E rows
+      A* ce_scratch = staging + E * C;         // E rows
+      A* expert_exp = ce_scratch + E * C;      // E rows
       A* mean_logits = expert_exp + E * C;
       A* mean_exp = mean_logits + C;
       A* gradient = mean_exp + C;
       const A* rows[kMaxExperts];
-      A ce_sum[kMaxExperts], expert_sum[kMaxExperts];
+      A ce_max[kMaxExperts], expert_max[kMaxExperts], ce_sum[kMaxExperts], expert_sum[kMaxExperts];
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t y = labels[b];
+        const int64_t after = C - y - 1;  // the vector passes run over [0, y) and (y, C); the target is done by hand
+        const A margin = margins[y];
         const A ce_coef = (weights == nullptr ? A(1) : weights[y]) / weight_total;
-        A loss = A(0);
+
+        // Pass 1: the shifts, and the tempered mean logits v (diversity term only).
+        A mean_max = kNoMax;
         for (int64_t k = 0; k < E; ++k) {
           rows[k] = contiguous_row<scalar_t, A>(logits + k * sE + b * sB, sC, C, staging + k * C);
-          const auto [maximum, sum] = margin_softmax<A>(rows[k], y, margins[y], C, ce_exp + k * C);
-          ce_sum[k] = sum;
-          loss += ce_coef * cross_entropy(maximum, sum, rows[k][y] - margins[y]);
+          const A* z = rows[k];
+          const A target_logit = ride_loss::margin_logit(z[y], true, margin);
+          if (!diversity) {
+            ce_max[k] = std::max({row_max(z, no_scale, y), row_max(z + y + 1, no_scale, after), target_logit});
+            continue;
+          }
+          const TotalStep step = E == 1          ? TotalStep::kOnly
+                                 : k == 0        ? TotalStep::kFirst
+                                 : k == E - 1    ? TotalStep::kLast
+                                                 : TotalStep::kMiddle;
+          A maxima[3] = {kNoMax, kNoMax, kNoMax};
+          expert_maxima(z, inverse_temperature, mean_logits, step, inverse_experts, y, maxima);
+          expert_maxima(z + y + 1, inverse_temperature + y + 1, mean_logits + y + 1, step, inverse_experts, after,
+                        maxima);
+          ce_max[k] = std::max(maxima[0], target_logit);
+          expert_max[k] = std::max(maxima[1], ride_loss::tempered_logit(z[y], inverse_temperature[y]));
+          const A total = step == TotalStep::kFirst || step == TotalStep::kOnly ? z[y] : mean_logits[y] + z[y];
+          const bool last = step == TotalStep::kLast || step == TotalStep::kOnly;
+          mean_logits[y] = last ? ride_loss::tempered_mean_logit(total, inverse_experts, inverse_temperature[y]) : total;
+          if (last) mean_max = std::max(maxima[2], mean_logits[y]);
         }
-        A mean_sum = A(1);
-        if (diversity) {
-          const A inv_experts = A(1) / static_cast<A>(E);
-          for (int64_t c = 0; c < C; ++c) {
-            A total = rows[0][c];
-            for (int64_t k = 1; k < E; ++k) total += rows[k][c];
-            mean_logits[c] = ride_loss::tempered_mean_logit(total, inv_experts, inverse_temperature[c]);
-          }
-          const A mean_max = row_max(mean_logits, no_scale, C);
-          mean_sum = exp_shifted(mean_logits, no_scale, mean_max, mean_exp, C);
-          for (int64_t k = 0; k < E; ++k) {
-            const A expert_max = row_max(rows[k], inverse_temperature, C);
-            expert_sum[k] = exp_shifted(rows[k], inverse_temperature, expert_max, expert_exp + k * C, C);
-            const A gap = mean_gap(mean_exp, mean_logits, rows[k], inverse_temperature, C);
-            loss += div_coef * ride_loss::kl_to_mean(gap, mean_max, mean_sum, expert_max, expert_sum[k]);
-          }
+        const A mean_sum = diversity ? exp_shifted(mean_logits, no_scale, mean_max, mean_exp, C) : A(1);
+
+        // Pass 2: the exps, their sums and the loss, prefetching the next sample's rows.
+        const bool has_next = b + 1 < b1;
+        A loss = A(0);
+        for (int64_t k = 0; k < E; ++k) {
+          const A* z = rows[k];
+          A* ce_row = grad_rows != nullptr ? grad_rows + (k * B + b) * C : ce_scratch + k * C;
+          A* expert_row = expert_exp + k * C;
+          const A* next_z = in_place_logits != nullptr && has_next ? in_place_logits + k * sE + (b + 1) * sB : nullptr;
+          A* next_out = grad_rows != nullptr && has_next ? grad_rows + (k * B + b + 1) * C : nullptr;
+          A sums[3] = {A(0), A(0), A(0)};  // CE sum, expert sum, KL gap
+          expert_exps(z, diversity_temperature, ce_max[k], expert_max[k], mean_exp, mean_logits, ce_row, expert_row, y,
+                      next_z, next_out, sums);
+          const int64_t r = y + 1;
+          expert_exps(z + r, diversity ? inverse_temperature + r : nullptr, ce_max[k], expert_max[k], mean_exp + r,
+                      mean_logits + r, ce_row + r, expert_row + r, after, next_z == nullptr ? nullptr : next_z + r,
+                      next_out == nullptr ? nullptr : next_out + r, sums);
+          const A target_logit = ride_loss::margin_logit(z[y], true, margin);
+          ce_row[y] = exponential(target_logit - ce_max[k]);
+          ce_sum[k] = sums[0] + ce_row[y];
+          loss += ce_coef * cross_entropy(ce_max[k], ce_sum[k], target_logit);
+          if (!diversity) continue;
+          const A u = ride_loss::tempered_logit(z[y], inverse_temperature[y]);
+          expert_row[y] = exponential(u - expert_max[k]);
+          expert_sum[k] = sums[1] + expert_row[y];
+          const A gap = sums[2] + ride_loss::weighted_gap_term(mean_exp[y], mean_logits[y], u);
+          loss += div_coef * ride_loss::kl_to_mean(gap, mean_max, mean_sum, expert_max[k], expert_sum[k]);
         }
         losses[b] = loss;
         if (grad_out == nullptr) continue;
+
+        // Pass 3: d loss / d logits, over the CE exps in place when the gradient rows hold them.
         for (int64_t k = 0; k < E; ++k) {
-          const A* ce_row = ce_exp + k * C;
+          const A* ce_row = grad_rows != nullptr ? grad_rows + (k * B + b) * C : ce_scratch + k * C;
           const A* expert_row = diversity ? expert_exp + k * C : nullptr;
           const A inv_ce_sum = A(1) / ce_sum[k];
           const A inv_expert_sum = diversity ? A(1) / expert_sum[k] : A(0);
           const A inv_mean_sum = A(1) / mean_sum;
           scalar_t* out = grad_out + (k * B + b) * C;
-          A* row_gradient = std::is_same_v<scalar_t, A> ? reinterpret_cast<A*>(out) : gradient;
+          A* row_gradient = kAccumulatesInInputType ? reinterpret_cast<A*>(out) : gradient;
+          const A ce_target = ce_row[y];  // read before the gradient overwrites it
           gradient_row(ce_row, inv_ce_sum, ce_coef, expert_row, inv_expert_sum, mean_exp, inv_mean_sum,
-                          inverse_temperature, div_coef, row_gradient, C);
+                       inverse_temperature, div_coef, row_gradient, C);
           row_gradient[y] = ride_loss::logit_gradient(
-              ce_coef, ce_row[y] * inv_ce_sum, true, div_coef, diversity ? expert_row[y] * inv_expert_sum : A(0),
+              ce_coef, ce_target * inv_ce_sum, true, div_coef, diversity ? expert_row[y] * inv_expert_sum : A(0),
               diversity ? mean_exp[y] * inv_mean_sum : A(0), inverse_temperature[y]);
-          if (!std::is_same_v<scalar_t, A>)
+          if (!kAccumulatesInInputType)
             for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(gradient[c]);
         }
       }
