@@ -1,4 +1,4 @@
-"""`fastlt bench losses`: the fused losses ride_loss and reslt_loss (C++ CPU kernels) vs the eager reference vs
+"""`fastlt bench losses`: the fused losses ride_loss, reslt_loss and prior_shifted_ce (C++ CPU kernels) vs the eager reference vs
 torch.compile(reference).
 
 fwd+bwd time (median ms, same run, so the ratios compare like with like) and peak memory allocated beyond the
@@ -81,6 +81,16 @@ def _reslt_rows(shape, quick):
     return _timed_rows("reslt_loss", shape, logits, impls, quick)
 
 
+def _prior_shifted_rows(shape, quick):
+    E, B, C = shape
+    logits = (torch.randn(E, B, C) * 10).requires_grad_(True)
+    taus = [float(k) for k in range(E)]  # tau = 0 (plain CE), 1 (Balanced Softmax), 2, ...: the SADE/BalPoE family
+    args = (logits, torch.randint(0, C, (B,)), long_tailed_counts(C))
+    impls = _fused_eager_compiled(fastlt.ops.prior_shifted_ce, fastlt.ops.prior_shifted_ce_reference, args,
+                                  dict(taus=taus), quick)
+    return _timed_rows("prior_shifted_ce", shape, logits, impls, quick)
+
+
 def run(quick: bool = False) -> list[dict]:
     """One row per (loss, shape, implementation); ``quick`` skips torch.compile and the largest shape."""
     if not fastlt._extension.AVAILABLE:
@@ -89,7 +99,7 @@ def run(quick: bool = False) -> list[dict]:
     shapes = LOSS_SHAPES[:-1] if quick else LOSS_SHAPES
     rows = []
     with fastlt.ops.use_backend("cpp"):
-        for loss_rows in (_ride_rows, _reslt_rows):
+        for loss_rows in (_ride_rows, _reslt_rows, _prior_shifted_rows):
             for shape in shapes:
                 rows += loss_rows(shape, quick)
     return rows
