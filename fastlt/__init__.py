@@ -3,6 +3,6 @@
 __version__ = "0.1.0"
 
 from fastlt import ops  # noqa: E402,F401  (registers the torch.library ops)
-from fastlt.losses import PriorShiftedCE, ResLTLoss, RIDELoss  # noqa: E402
+from fastlt.losses import PriorShiftedCE, ResLTLoss, RIDEDistillLoss, RIDELoss  # noqa: E402
 
-__all__ = ["ops", "RIDELoss", "ResLTLoss", "PriorShiftedCE", "__version__"]
+__all__ = ["ops", "RIDELoss", "RIDEDistillLoss", "ResLTLoss", "PriorShiftedCE", "__version__"]

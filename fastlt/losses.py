@@ -15,6 +15,7 @@ the functional op in ``fastlt.ops``, so the module and the op give the same numb
 from typing import Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastlt import ops
@@ -111,6 +112,46 @@ class RIDELoss(nn.Module):
                              max_margin=self.max_margin, diversity_factor=self.diversity_factor,
                              temperature_factor=self.temperature_factor, base_temperature=self.base_temperature,
                              drw=self.drw, drw_beta=self.drw_beta)
+
+
+class RIDEDistillLoss(nn.Module):
+    """RIDE with knowledge distillation from a trained teacher (methods.md 3.3, the official ``RIDELossWithDistill``):
+
+        loss = E * (RIDE(z_1..z_E) + distill_factor * T^2 * KL(softmax(t / T) || softmax(mean_k z_k / T)))
+
+    with the KL averaged over the batch (``batchmean``), ``t`` the teacher's (mean) logits, taken as constants, and
+    ``T = temperature`` (1.5 in every official config). The factor E reproduces the official code, which adds both
+    terms once per student expert; ``scale_by_experts=False`` drops it (same minimum, E times smaller gradients,
+    which interacts with weight decay: keep the default to match the papers' numbers).
+
+    >>> criterion = RIDEDistillLoss(RIDELoss(torch.tensor([50.0, 20, 5])))
+    >>> student, teacher = torch.randn(3, 4, 3) * 30, torch.randn(4, 3) * 30
+    >>> loss = criterion(student, torch.tensor([0, 1, 2, 0]), teacher)
+    """
+
+    def __init__(self, ride_loss: RIDELoss, *, temperature: float = 1.5, distill_factor: float = 1.0,
+                 scale_by_experts: bool = True):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"RIDEDistillLoss: temperature must be > 0, got {temperature}")
+        self.ride_loss = ride_loss
+        self.temperature, self.distill_factor, self.scale_by_experts = temperature, distill_factor, scale_by_experts
+
+    def set_epoch(self, epoch: int) -> None:
+        """The RIDE loss's DRW switch (1-indexed epoch, as :meth:`RIDELoss.set_epoch`)."""
+        self.ride_loss.set_epoch(epoch)
+
+    def forward(self, expert_logits: ExpertLogits, target: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        stacked = stack_experts(expert_logits)
+        if teacher_logits.shape != stacked.shape[1:]:
+            raise ValueError(f"RIDEDistillLoss: teacher_logits must be [B, C] = {list(stacked.shape[1:])}, got "
+                             f"{list(teacher_logits.shape)}")
+        student = ops.expert_aggregate(stacked, reduce="mean") / self.temperature
+        teacher = teacher_logits.detach().to(student.dtype) / self.temperature
+        kl = F.kl_div(F.log_softmax(student, dim=1), F.log_softmax(teacher, dim=1), reduction="batchmean",
+                      log_target=True)
+        loss = self.ride_loss(stacked, target) + self.distill_factor * self.temperature**2 * kl
+        return loss * stacked.shape[0] if self.scale_by_experts else loss
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.class_counts.numel()}, scale={self.scale}, max_margin={self.max_margin}, "

@@ -59,6 +59,18 @@ def test_train_ride_with_router(tmp_path, capsys):
     main(["eval", "--run", os.path.join(run, "stage2_router")])
 
 
+def test_train_teacher_then_distil_from_it(tmp_path):
+    teacher, student = str(tmp_path / "teacher"), str(tmp_path / "student")
+    main(["train", "--config", "mnist_lt_ride_teacher", *DIGITS, "train.epochs=1", f"out={teacher}", "--no-progress"])
+    main(["train", "--config", "mnist_lt_ride_distill", *DIGITS, "train.epochs=1", f"method.teacher={teacher}",
+          f"out={student}", "--no-progress"])
+    with open(os.path.join(student, "metrics.jsonl")) as handle:
+        record = json.loads(handle.readline())
+    assert record["train_loss"] > 0 and record["train_loss"] == record["train_loss"]
+    assert 0 <= read(os.path.join(student, "results.json"))["overall"] <= 100
+    main(["eval", "--run", student])  # evaluating the student needs no teacher
+
+
 def test_bad_recipe_name_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="no_such_recipe"):
         main(["train", "--config", "no_such_recipe"])

@@ -168,3 +168,35 @@ def test_modules_compile_fullgraph_with_list_inputs():
     (grad,) = torch.autograd.grad(compiled(buffer), buffer)
     (expected,) = torch.autograd.grad(criterion(buffer, target), buffer)
     torch.testing.assert_close(grad, expected)
+
+
+def test_ride_distill_loss_is_e_times_ride_plus_tempered_kl():
+    torch.manual_seed(0)
+    counts = torch.tensor([300.0, 80, 20, 4])
+    student = (torch.randn(4, 6, 4) * 20).requires_grad_(True)
+    teacher = torch.randn(6, 4) * 20
+    target = torch.tensor([0, 1, 2, 3, 0, 1])
+    criterion = fastlt.RIDEDistillLoss(fastlt.RIDELoss(counts), temperature=2.0, distill_factor=0.5)
+    criterion.set_epoch(500)  # DRW on: the epoch reaches the inner RIDE loss
+    assert criterion.ride_loss.drw
+    ride = fastlt.ops.ride_loss_reference(student, target, counts, drw=True)
+    p_teacher = torch.softmax(teacher / 2.0, 1)
+    kl = (p_teacher * (p_teacher.log() - torch.log_softmax(student.mean(0) / 2.0, 1))).sum() / 6
+    expected = 4 * (ride + 0.5 * 4.0 * kl)
+    torch.testing.assert_close(criterion(student, target, teacher), expected, rtol=1e-5, atol=1e-5)
+    unscaled = fastlt.RIDEDistillLoss(fastlt.RIDELoss(counts), temperature=2.0, distill_factor=0.5,
+                                      scale_by_experts=False)
+    unscaled.set_epoch(500)
+    torch.testing.assert_close(unscaled(student, target, teacher) * 4, expected, rtol=1e-5, atol=1e-5)
+    # the teacher is a constant: no gradient reaches it even when it requires one
+    teacher.requires_grad_(True)
+    criterion(student, target, teacher).backward()
+    assert teacher.grad is None and student.grad is not None
+
+
+def test_ride_distill_loss_refuses_bad_input():
+    criterion = fastlt.RIDEDistillLoss(fastlt.RIDELoss(torch.tensor([5.0, 2])))
+    with pytest.raises(ValueError, match="teacher_logits must be"):
+        criterion(torch.randn(2, 3, 2), torch.tensor([0, 1, 0]), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fastlt.RIDEDistillLoss(fastlt.RIDELoss(torch.tensor([5.0, 2])), temperature=0)

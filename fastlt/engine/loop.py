@@ -1,7 +1,8 @@
 """One training epoch and batched prediction: the inner loops every method shares.
 
 A method supplies `loss_fn(output, targets) -> scalar`, where `output` is the model's ModelOutput in fp32 (the
-RIDE loss reads output.expert_logits, the ResLT loss output.branch_logits, CE output.logits).
+RIDE loss reads output.expert_logits, the ResLT loss output.branch_logits, CE output.logits); with
+`loss_needs_images=True` it is called as `loss_fn(output, targets, images)` (distillation runs a teacher on them).
 
 Usage (fastlt.engine.fit runs this loop with validation, checkpoints and resuming)::
 
@@ -52,6 +53,7 @@ def train_one_epoch(
     max_steps: Optional[int] = None,
     progress: Callable = lambda iterable: iterable,
     on_step: Optional[Callable[[int, float], None]] = None,
+    loss_needs_images: bool = False,
 ) -> dict:
     """Trains over `loader` (at most `max_steps` batches: Decoupling ends an epoch after floor(N / B) steps).
 
@@ -73,7 +75,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         with autocast(device.type, precision):
             output = model(images)
-        loss = loss_fn(to_float32(output), targets)
+        loss = loss_fn(to_float32(output), targets, *((images,) if loss_needs_images else ()))
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

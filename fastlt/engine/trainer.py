@@ -52,11 +52,13 @@ def fit(
     resume: bool = False,
     selection_metric: str = "overall",
     on_epoch_start: Optional[Callable[[int], None]] = None,
+    loss_needs_images: bool = False,
     context: DistributedContext = SINGLE_PROCESS,
 ) -> dict:
     """Trains `epochs` epochs (continuing from run/last.pt when resume=True and it exists).
 
-    loss_fn(output, targets) gets the fp32 ModelOutput; on_epoch_start(epoch) lets a method switch phases (e.g.
+    loss_fn(output, targets) gets the fp32 ModelOutput (and the batch's images as a third argument when
+    loss_needs_images: distillation); on_epoch_start(epoch) lets a method switch phases (e.g.
     RIDE's DRW after epoch 160). steps_per_epoch caps an epoch (Decoupling: floor(N / B) with any sampler).
     checkpoint_every_steps also writes mid-epoch checkpoints with the sampler position (needs loader.batch_size).
     Returns {"history": [per-epoch records], "best_epoch", "best_metric", "selected_checkpoint"}.
@@ -106,7 +108,7 @@ def fit(
         stats = train_one_epoch(model, train_loader, loss_fn, optimizer, device=device, precision=precision,
                                 scaler=scaler, channels_last=channels_last, max_steps=max_steps,
                                 progress=lambda batches: run.progress(batches, desc=f"epoch {epoch}"),
-                                on_step=on_step)
+                                on_step=on_step, loss_needs_images=loss_needs_images)
         record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "lr_factor": lr_factor,
                   "train_loss": stats["loss"], "steps": stats["steps"], "data_time_s": stats["data_time_s"],
                   "compute_time_s": stats["compute_time_s"]}

@@ -62,7 +62,8 @@ def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict
                               **{key: value for key, value in schedule_cfg.items() if key != "name"})
     fitted = fit(wrap_model(model, context), method.loss_fn, optimizer, schedule, train_loader, epochs=epochs, device=device, run=run,
                  sampler=sampler, val_loader=val_loader, class_counts=counts, precision=train_cfg.get("precision", "fp32"),
-                 on_epoch_start=method.on_epoch_start, resume=config.get("resume", False), context=context)
+                 on_epoch_start=method.on_epoch_start, loss_needs_images=method.needs_images,
+                 resume=config.get("resume", False), context=context)
     if not context.is_main:  # rank 0 alone evaluates and runs stage 2
         return {"run": config["out"], "rank": context.rank}
     load_checkpoint(fitted["selected_checkpoint"], model=model, restore_rng=False)
@@ -84,7 +85,8 @@ def load_stage1(run_dir: str, checkpoint: str = None, device=torch.device("cpu")
     config = read_recipe(os.path.join(run_dir, "config.yaml"))
     datasets = build_datasets(config["data"])
     model = build_model(config, datasets["train"].num_classes)
-    build_method(config["method"], datasets["train"].train_class_counts, model)  # same head adaptations
+    # same head adaptations; no distillation teacher is needed to use the trained model
+    build_method({**config["method"], "teacher": None}, datasets["train"].train_class_counts, model)
     if checkpoint is None:
         best = os.path.join(run_dir, "best.pt")
         checkpoint = best if datasets["val"] is not None and os.path.exists(best) else os.path.join(run_dir, "last.pt")

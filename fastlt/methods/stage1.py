@@ -13,6 +13,7 @@ nothing here re-implements them. Constants default to the CIFAR recipes of metho
 torch.Size([])
 """
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -21,6 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastlt
+from fastlt.engine import load_checkpoint
+from fastlt.methods.builders import build_model
+from fastlt.methods.config import read_recipe
 from fastlt.models import FeatureClassifier, NormedLinear
 
 LDAM_SCALE = 30.0  # the cosine classifier's s, as in LDAM-DRW and RIDE
@@ -28,11 +32,13 @@ LDAM_SCALE = 30.0  # the cosine classifier's s, as in LDAM-DRW and RIDE
 
 @dataclass
 class Method:
-    """What the trainer needs from a method: the loss on a ModelOutput and a hook run at each 0-based epoch."""
+    """What the trainer needs from a method: the loss on a ModelOutput and a hook run at each 0-based epoch.
+    needs_images: loss_fn(output, targets, images) (distillation runs its teacher on the batch)."""
 
     name: str
     loss_fn: Callable
     on_epoch_start: Optional[Callable[[int], None]] = None
+    needs_images: bool = False
 
 
 def stacked(output, field: str) -> torch.Tensor:
@@ -74,13 +80,52 @@ def balanced_softmax(config, counts, model) -> Method:
 
 
 def ride(config, counts, model) -> Method:
-    """RIDE stage 1: per-expert LDAM-DRW + distribution-aware diversity KL, DRW after `drw_epoch` (1-indexed)."""
+    """RIDE stage 1: per-expert LDAM-DRW + distribution-aware diversity KL, DRW after `drw_epoch` (1-indexed).
+
+    With `teacher: <fastlt run folder or a checkpoint in one>` (a RIDE model trained first, 6 experts in the official
+    recipes) it is RIDE + distillation (methods.md 3.3, `fastlt.RIDEDistillLoss`): `distill_temperature` (1.5),
+    `distill_factor` (1.0), `distill_scale_by_experts` (true: the official x E). The teacher runs under no_grad in
+    train mode (batch-statistics BN) as in the official trainer, unless `teacher_train_mode: false`."""
     loss = fastlt.RIDELoss(counts, scale=config.get("scale", LDAM_SCALE), max_margin=config.get("max_margin", 0.5),
                            diversity_factor=config.get("diversity_factor", -0.45),
                            temperature_factor=config.get("temperature_factor", 0.05),
                            base_temperature=config.get("base_temperature", 1.0),
                            drw_beta=config.get("drw_beta", 0.9999), drw_epoch=config.get("drw_epoch", 160)).to(counts.device)
-    return Method("ride", lambda output, targets: loss(output.expert_logits, targets), epoch_hook(loss))
+    if config.get("teacher") is None:
+        return Method("ride", lambda output, targets: loss(output.expert_logits, targets), epoch_hook(loss))
+    teacher = load_teacher(config["teacher"], num_classes=counts.numel(), device=counts.device,
+                           train_mode=config.get("teacher_train_mode", True))
+    distill = fastlt.RIDEDistillLoss(loss, temperature=config.get("distill_temperature", 1.5),
+                                     distill_factor=config.get("distill_factor", 1.0),
+                                     scale_by_experts=config.get("distill_scale_by_experts", True))
+
+    def distill_loss(output, targets, images):
+        with torch.no_grad():
+            teacher_logits = teacher(images).logits.float()
+        return distill(output.expert_logits, targets, teacher_logits)
+
+    return Method("ride_distill", distill_loss, epoch_hook(distill), needs_images=True)
+
+
+def load_teacher(path: str, *, num_classes: int, device=None, train_mode: bool = True) -> nn.Module:
+    """A trained fastlt run as a frozen teacher: the model its config.yaml describes, with the weights of `path`
+    (a checkpoint) or of the run folder `path` (best.pt when it was selected on validation, else last.pt)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config_path = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"ride: teacher {path!r} is not a fastlt run folder or a checkpoint in one "
+                                f"(no {config_path}); train the teacher recipe first")
+    checkpoint = path
+    if os.path.isdir(path):
+        checkpoint = os.path.join(path, "best.pt")
+        if not os.path.isfile(checkpoint):
+            checkpoint = os.path.join(path, "last.pt")
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"ride: teacher checkpoint {checkpoint!r} not found")
+    teacher = build_model(read_recipe(config_path), num_classes)
+    load_checkpoint(checkpoint, model=teacher, restore_rng=False)
+    teacher.requires_grad_(False)
+    return teacher.to(device).train(train_mode)
 
 
 def reslt(config, counts, model) -> Method:

@@ -4,8 +4,10 @@ DRW switch at the right epoch."""
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 import fastlt
+from fastlt.engine import save_checkpoint
 from fastlt.methods import build_method
 from fastlt.models import NormedLinear, create_model
 
@@ -72,3 +74,39 @@ def test_reslt_masks_branches_by_group_and_mixes_with_beta():
     individual = (masks * per_branch).sum() / masks.sum()
     expected = 0.9 * individual + 0.1 * F.cross_entropy(output.branch_logits.sum(0), targets)
     assert torch.allclose(method.loss_fn(output, targets), expected, rtol=1e-5)
+
+
+def _teacher_run(folder, num_experts=6):
+    """A fastlt run folder holding a (randomly initialised) RIDE teacher: config.yaml + last.pt."""
+    teacher = create_model("ride_small_cnn", num_classes=len(COUNTS), num_experts=num_experts)
+    config = {"model": {"name": "ride_small_cnn", "num_experts": num_experts}, "method": {"name": "ride"}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    save_checkpoint(str(folder / "last.pt"), model=teacher, epoch=0, step=0)
+    return teacher
+
+
+def test_ride_with_a_teacher_distils_from_its_mean_logits(tmp_path):
+    teacher = _teacher_run(tmp_path)
+    model, targets = outputs("ride_small_cnn")
+    method = build_method({"name": "ride", "teacher": str(tmp_path), "drw_epoch": 1}, COUNTS, model)
+    assert method.needs_images and method.name == "ride_distill"
+    images = torch.randn(8, 1, 28, 28)
+    output = model(images)
+    teacher.train()  # the official trainer never puts the teacher in eval mode: batch-statistics BN
+    with torch.no_grad():
+        teacher_logits = teacher(images).logits
+    for epoch, drw in ((0, False), (1, True)):
+        method.on_epoch_start(epoch)
+        ride = fastlt.ops.ride_loss(output.expert_logits, targets, COUNTS, drw=drw)
+        kl = F.kl_div(F.log_softmax(output.logits / 1.5, 1), F.softmax(teacher_logits / 1.5, 1), reduction="batchmean")
+        expected = 3 * (ride + 1.5**2 * kl)  # the official code adds both terms once per student expert
+        assert torch.allclose(method.loss_fn(output, targets, images), expected, rtol=1e-5), epoch
+    # the teacher gets no gradient: only the student's parameters do
+    method.loss_fn(output, targets, images).backward()
+    assert all(parameter.grad is not None for parameter in model.parameters() if parameter.requires_grad)
+
+
+def test_ride_teacher_must_be_a_run_folder(tmp_path):
+    model, _ = outputs("ride_small_cnn")
+    with pytest.raises(FileNotFoundError, match="not a fastlt run folder"):
+        build_method({"name": "ride", "teacher": str(tmp_path / "missing")}, COUNTS, model)
