@@ -7,6 +7,7 @@ being exactly this rank's share of the sampler. Without a GPU the pipeline is CP
 """
 
 import collections
+import functools
 import importlib.util
 import io
 import warnings
@@ -119,15 +120,17 @@ class DALILoader:
 
         self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
         self.channels_last = channels_last
+        # partial, not a lambda over self: a reference cycle would keep each loader's DALI worker threads alive
+        # until the next garbage collection, and forking (DataLoader workers) with many live threads can crash
         if hasattr(dataset, "images"):
             self.source = _ArraySource(dataset, batch_size)
-            image_shape = dataset.images.shape[1:3]
-            self._make_pipeline = lambda: array_pipeline(self.source, batch_size, num_threads, seed, train, mean,
-                                                         std, image_shape, channels_last=channels_last, **augment)
+            self._make_pipeline = functools.partial(array_pipeline, self.source, batch_size, num_threads, seed, train,
+                                                    mean, std, dataset.images.shape[1:3], channels_last=channels_last,
+                                                    **augment)
         else:
             self.source = _FileSource(dataset, batch_size)
-            self._make_pipeline = lambda: jpeg_pipeline(self.source, batch_size, num_threads, seed, train, mean,
-                                                        std, channels_last=channels_last, **augment)
+            self._make_pipeline = functools.partial(jpeg_pipeline, self.source, batch_size, num_threads, seed, train,
+                                                    mean, std, channels_last=channels_last, **augment)
         self._iterator = None
         self._epoch_done = False
 

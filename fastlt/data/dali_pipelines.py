@@ -3,6 +3,8 @@
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
+from fastlt.data.transforms import check_flip
+
 
 def _gpu_id():
     return torch.cuda.current_device() if torch.cuda.is_available() else None
@@ -14,11 +16,17 @@ def _normalize(images, mean, std, channels_last, **crop):
         mean=[255.0 * value for value in mean], std=[255.0 * value for value in std], **crop)
 
 
+def _mirror(flip):
+    """crop_mirror_normalize's `mirror` argument: a coin flip per sample, or none at all with `flip=False`."""
+    return {"mirror": fn.random.coin_flip()} if flip else {}
+
+
 def array_pipeline(source, batch_size, num_threads, seed, train, mean, std, image_shape, pad=4, rotation=0.0,
-                   channels_last=False):
-    """uint8 HWC arrays: pad-`pad` random crop + flip (+ rotation in [-rotation, rotation]) if `train`,
-    normalise, CHW (or HWC when `channels_last`) float32."""
+                   channels_last=False, flip=True):
+    """uint8 HWC arrays: pad-`pad` random crop + flip (if `flip`; + rotation in [-rotation, rotation]) if
+    `train`, normalise, CHW (or HWC when `channels_last`) float32."""
     device_id = _gpu_id()
+    check_flip(flip)
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                   exec_dynamic=True)
@@ -38,16 +46,17 @@ def array_pipeline(source, batch_size, num_threads, seed, train, mean, std, imag
         if rotation:
             images = fn.rotate(images, angle=fn.random.uniform(range=(-rotation, rotation)), keep_size=True,
                                fill_value=0, interp_type=types.INTERP_NN)
-        return _normalize(images, mean, std, channels_last, mirror=fn.random.coin_flip()), labels
+        return _normalize(images, mean, std, channels_last, **_mirror(flip)), labels
 
     return pipeline()
 
 
 def jpeg_pipeline(source, batch_size, num_threads, seed, train, mean, std, image_size=224, resize_size=256,
-                  color_jitter=0.0, channels_last=False):
-    """Encoded images: train = random-resized-crop decode + resize `image_size` + flip (+ color jitter),
-    test = decode + resize shorter side to `resize_size` + center crop `image_size`; normalise."""
+                  color_jitter=0.0, channels_last=False, flip=True):
+    """Encoded images: train = random-resized-crop decode + resize `image_size` + flip (if `flip`; + color
+    jitter), test = decode + resize shorter side to `resize_size` + center crop `image_size`; normalise."""
     device_id = _gpu_id()
+    check_flip(flip)
     decoder_device = "cpu" if device_id is None else "mixed"
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
@@ -68,6 +77,6 @@ def jpeg_pipeline(source, batch_size, num_threads, seed, train, mean, std, image
                 return fn.random.uniform(range=(1 - color_jitter, 1 + color_jitter))
 
             images = fn.color_twist(images, brightness=factor(), contrast=factor(), saturation=factor())
-        return _normalize(images, mean, std, channels_last, mirror=fn.random.coin_flip()), labels
+        return _normalize(images, mean, std, channels_last, **_mirror(flip)), labels
 
     return pipeline()

@@ -4,20 +4,22 @@ import torch
 
 from fastlt.data.dali import DALILoader, dali_available
 from fastlt.data.sampling import LongTailSampler
-from fastlt.data.transforms import ArrayBatchAugment, jpeg_transform
+from fastlt.data.transforms import ArrayBatchAugment, check_flip, jpeg_transform
 
 LOADERS = ("auto", "dali", "torch")
 
 
 def make_loader(dataset, batch_size, *, train, sampler=None, loader="auto", mean=None, std=None, seed=0,
-                num_threads=2, num_workers=2, drop_last=False, channels_last=False, **augment):
+                num_threads=2, num_workers=2, drop_last=False, channels_last=False, flip=True, **augment):
     """A loader yielding (float32 images [B, C, H, W], int64 labels [B]) in `sampler` order.
 
     `dataset`: an array dataset (MNIST-LT, CIFAR-LT, ...: pad-4 crop + flip, `rotation=15` for RIDE's CIFAR
     recipe) or a `ListFileDataset` (RandomResizedCrop `image_size` + flip, `color_jitter=0.4` for ImageNet-LT /
-    Places-LT; eval: resize `resize_size` + center crop). `sampler` defaults to instance-balanced shuffling when
-    `train`, else the sequential order. `loader="auto"` picks DALI when installed, else torch; `mean`/`std`
-    default to the dataset's `normalization`. `channels_last` gives NCHW tensors in channels-last memory.
+    Places-LT; eval: resize `resize_size` + center crop). `flip=False` drops the horizontal flip from the training
+    augmentation on both paths (digits: a mirrored 2 or 5 is not that digit). `sampler` defaults to
+    instance-balanced shuffling when `train`, else the sequential order. `loader="auto"` picks DALI when
+    installed, else torch; `mean`/`std` default to the dataset's `normalization`. `channels_last` gives NCHW
+    tensors in channels-last memory.
 
     >>> from fastlt.data import MNISTLT, LongTailSampler
     >>> train = MNISTLT(split="train")
@@ -30,13 +32,14 @@ def make_loader(dataset, batch_size, *, train, sampler=None, loader="auto", mean
         raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_flip(flip)
     if sampler is None:
         sampler = LongTailSampler(dataset, strategy="instance_balanced" if train else "sequential", seed=seed)
     default_mean, default_std = dataset.normalization
     mean, std = mean or default_mean, std or default_std
     if loader == "auto":
         loader = "dali" if dali_available() else "torch"
-    options = dict(mean=mean, std=std, drop_last=drop_last, channels_last=channels_last, **augment)
+    options = dict(mean=mean, std=std, drop_last=drop_last, channels_last=channels_last, flip=flip, **augment)
     if loader == "dali":
         return DALILoader(dataset, sampler, batch_size, train, num_threads=num_threads, seed=seed, **options)
     return TorchLoader(dataset, sampler, batch_size, train, num_workers=num_workers, **options)
@@ -88,13 +91,15 @@ class TorchLoader:
     backend = "torch"
 
     def __init__(self, dataset, sampler, batch_size, train, mean, std, num_workers=2, drop_last=False,
-                 channels_last=False, pad=4, rotation=0.0, image_size=224, resize_size=256, color_jitter=0.0):
+                 channels_last=False, pad=4, rotation=0.0, image_size=224, resize_size=256, color_jitter=0.0,
+                 flip=True):
         self.sampler, self.batch_size, self.channels_last = sampler, batch_size, channels_last
         if hasattr(dataset, "images"):
             items = _ArrayItems(dataset)
-            collate = _Collate(ArrayBatchAugment(train, mean, std, pad=pad, rotation=rotation))
+            collate = _Collate(ArrayBatchAugment(train, mean, std, pad=pad, rotation=rotation, flip=flip))
         else:
-            items = _ImageItems(dataset, jpeg_transform(train, mean, std, image_size, resize_size, color_jitter))
+            items = _ImageItems(dataset, jpeg_transform(train, mean, std, image_size, resize_size, color_jitter,
+                                                        flip=flip))
             collate = _Collate()
         self.loader = torch.utils.data.DataLoader(
             items, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,

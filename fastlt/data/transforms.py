@@ -4,6 +4,8 @@
   recipe), normalise. Applied to a whole uint8 batch at once (`ArrayBatchAugment`), in the DataLoader workers.
 - JPEG files: train = RandomResizedCrop 224 + flip (+ ColorJitter 0.4/0.4/0.4 where the recipe says so),
   test = resize 256 + center crop 224, normalise (`jpeg_transform`, torchvision on PIL images).
+
+Every training recipe flips unless `flip=False` (digits: a mirrored 2, 5 or 7 is another digit or none).
 """
 
 import math
@@ -21,16 +23,25 @@ NORMALIZATION = {
 }
 
 
+def check_flip(flip):
+    """`flip` must be a real bool: a YAML typo such as ``flip: "false"`` would otherwise read as true."""
+    if not isinstance(flip, bool):
+        raise ValueError(f"flip must be true or false (horizontal flip in training), got {flip!r}")
+    return flip
+
+
 class ArrayBatchAugment:
-    """uint8 [B, C, H, W] -> normalised float32 [B, C, H, W], with random pad-crop / flip / rotation if `train`.
+    """uint8 [B, C, H, W] -> normalised float32 [B, C, H, W], with random pad-crop / flip / rotation if `train`
+    (the flip only if `flip`).
 
     >>> augment = ArrayBatchAugment(train=True, mean=(0.5,), std=(0.5,), rotation=15)
     >>> augment(torch.zeros(4, 1, 28, 28, dtype=torch.uint8)).shape
     torch.Size([4, 1, 28, 28])
     """
 
-    def __init__(self, train, mean, std, pad=4, rotation=0.0, generator=None):
+    def __init__(self, train, mean, std, pad=4, rotation=0.0, flip=True, generator=None):
         self.train = train
+        self.flip = check_flip(flip)
         # on the 0..255 scale, as DALI's crop_mirror_normalize: the same float results on both paths
         self.mean = 255.0 * torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = 255.0 * torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -41,7 +52,7 @@ class ArrayBatchAugment:
     def __call__(self, images):
         if self.train and self.pad:
             images = self._random_crop(images)
-        if self.train:
+        if self.train and self.flip:
             flip = torch.rand(len(images), generator=self.generator) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         images = images.float()
@@ -70,12 +81,13 @@ class ArrayBatchAugment:
         return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def jpeg_transform(train, mean, std, image_size=224, resize_size=256, color_jitter=0.0):
+def jpeg_transform(train, mean, std, image_size=224, resize_size=256, color_jitter=0.0, flip=True):
     """torchvision transform from a PIL image to a normalised float32 CHW tensor (the ImageNet-LT recipe)."""
     from torchvision.transforms import v2
 
+    check_flip(flip)
     if train:
-        steps = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+        steps = [v2.RandomResizedCrop(image_size, antialias=True)] + ([v2.RandomHorizontalFlip()] if flip else [])
         if color_jitter:
             steps.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
     else:

@@ -40,8 +40,9 @@ def build_datasets(data: dict) -> dict:
 
 def build_loader(dataset, data: dict, batch_size: int, *, train: bool, sampler=None, seed: int = 0,
                  drop_last: bool = False):
-    """`augment: false` feeds training batches without augmentation (MNIST-LT: the array pipeline always flips,
-    which turns some digits into others)."""
+    """`augment: false` feeds training batches without any augmentation (the eval transform); `augment_options`
+    go to `make_loader`: e.g. `{flip: false}` keeps the random crop but never mirrors (MNIST-LT: a mirrored 2, 5
+    or 7 is another digit or none), `{rotation: 15}` (RIDE's CIFAR), `{color_jitter: 0.4}` (ImageNet-LT)."""
     augment = train and data.get("augment", True)
     if sampler is None:  # evaluation reads the whole split on one rank, also under DDP (rank 0 evaluates)
         sampler = LongTailSampler(dataset, strategy="instance_balanced" if train else "sequential", seed=seed,

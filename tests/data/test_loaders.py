@@ -68,6 +68,71 @@ def test_array_train_augmentation_is_crop_and_flip(backend):
     assert (out != source).flatten(1).any(1).float().mean() > 0.5  # most images were moved or flipped
 
 
+def ramp_digits():
+    """Digits-LT train with every image replaced by a left-to-right ramp: its mirror image is a right-to-left ramp,
+    so a flipped sample (with or without a pad-4 crop) can never pass for an upright one."""
+    digits = DigitsLT(split="train")
+    ramp = (20 + 15 * np.arange(8)).astype(np.uint8)
+    digits.images = np.ascontiguousarray(np.broadcast_to(ramp, digits.images.shape))
+    return digits
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("pad", [0, 4])
+@pytest.mark.parametrize("flip", [False, True])
+def test_array_flip_switch(backend, pad, flip):
+    digits = ramp_digits()
+    torch.manual_seed(0)  # the torch path draws its flips from the global generator (num_workers=0)
+    loader = make_loader(digits, 64, train=True, loader=backend, sampler=LongTailSampler(digits, strategy="sequential"),
+                         mean=(0.0,), std=(1.0 / 255,), num_workers=0, seed=0, pad=pad, flip=flip)
+    out = run_epoch(loader)[0][:, 0]
+    padded = torch.nn.functional.pad(torch.from_numpy(digits.images).float(), (pad,) * 4)
+    windows = padded.unfold(1, 8, 1).unfold(2, 8, 1)  # [N, 2 pad + 1, 2 pad + 1, 8, 8]: every crop
+    upright = (windows == out[:, None, None]).flatten(3).all(-1).flatten(1).any(1)
+    mirrored = (windows.flip(-1) == out[:, None, None]).flatten(3).all(-1).flatten(1).any(1)
+    assert (upright ^ mirrored).all()  # each sample is a crop of the ramp, upright or mirrored, never both
+    if flip:
+        assert 0.4 < mirrored.float().mean() < 0.6  # about half of 609 samples
+    else:
+        assert not mirrored.any()
+
+
+@pytest.fixture(scope="module")
+def ramp_jpegs(tmp_path_factory):
+    """A ListFileDataset of 64x48 grey JPEGs that brighten from left to right."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("ramps")
+    ramp = np.linspace(0, 255, 64).round().astype(np.uint8)
+    Image.fromarray(np.broadcast_to(ramp[None, :, None], (48, 64, 3)).copy()).save(root / "ramp.jpg", quality=95)
+    (root / "train.txt").write_text("".join(f"ramp.jpg {index % 2}\n" for index in range(200)))
+    return ListFileDataset(str(root), str(root / "train.txt"))
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("flip", [False, True])
+def test_jpeg_flip_switch(ramp_jpegs, backend, flip):
+    torch.manual_seed(0)
+    loader = make_loader(ramp_jpegs, 50, train=True, loader=backend, image_size=32, num_workers=0, seed=0,
+                         flip=flip, sampler=LongTailSampler(ramp_jpegs, strategy="sequential"))
+    images = run_epoch(loader)[0]
+    # any random-resized crop of the ramp still brightens to the right unless it was mirrored
+    mirrored = images[..., :16].mean((1, 2, 3)) > images[..., 16:].mean((1, 2, 3))
+    if flip:
+        assert 0.35 < mirrored.float().mean() < 0.65  # about half of 200 samples
+    else:
+        assert not mirrored.any()
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_flip_must_be_a_bool(mnist_train, jpeg_tree, backend):
+    root, list_file, _ = jpeg_tree
+    for dataset in (mnist_train, ListFileDataset(root, list_file)):
+        for bad in ("false", 0, None):
+            with pytest.raises(ValueError, match="flip must be true or false"):
+                make_loader(dataset, 8, train=True, loader=backend, flip=bad)
+
+
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_jpeg_pipeline(jpeg_tree, backend):
     root, list_file, counts = jpeg_tree
