@@ -134,10 +134,10 @@ def write_markdown(records, path: str, command: str) -> None:
         f"Setup: small CNN (3 conv blocks, 32/64/128 channels; RIDE: shared first block, 3 experts owning blocks "
         f"2-3 at 3/4 width, cosine classifier x 30; ResLT: 3 BN branches, shared linear), {epochs} epochs, batch 64, "
         f"SGD lr 0.05 Nesterov, wd 5e-4, warmup 2 then x0.1 at 80% and 90% of training, DRW (LDAM-DRW, RIDE) from "
-        f"80%, no augmentation; decoupled classifiers on each seed's CE model: cRT / LWS 10 epochs, class-aware "
-        f"sampler 4 per class, lr 0.2, start-of-epoch cosine, BN statistics updating; RIDE router 5 epochs, "
-        f"pos_weight 100, threshold 0.5. One intra-op thread per seed; training and evaluating all methods took "
-        f"{minutes} min per seed (seeds side by side, --jobs) on "
+        f"80%, pad-4 random crop without flip; decoupled classifiers on each seed's CE model: cRT / LWS 10 epochs, "
+        f"class-aware sampler 4 per class, lr 0.2, start-of-epoch cosine, BN statistics updating; RIDE router 5 "
+        f"epochs, pos_weight 100, threshold 0.5. One intra-op thread per seed; training and evaluating all methods "
+        f"took {minutes} min per seed (seeds side by side, --jobs) on "
         f"{platform.machine()} ({os.cpu_count()} cores, shared with other jobs).", "",
         "| method | overall | many | medium | few |", "|---|---:|---:|---:|---:|"]
     for label in ORDER:

@@ -43,3 +43,18 @@ def test_the_paper_tables_are_covered():
         assert f"mnist_lt_{method}" in RECIPES
     assert load_config("cifar100_lt_r100_ride3")["paper"]["top1"] == 48.0
     assert load_config("imagenet_lt_x50_lws")["paper"]["top1"] == 49.9
+
+
+def test_digit_recipes_crop_without_flip_and_the_others_keep_the_flip():
+    from fastlt.data import MNISTLT
+    from fastlt.methods.builders import build_loader
+
+    for recipe in RECIPES:
+        data = load_config(recipe)["data"]
+        flip = data.get("augment_options", {}).get("flip", True)
+        assert data.get("augment", True) and flip is (not recipe.startswith("mnist_lt")), recipe
+    loader = build_loader(MNISTLT(split="train"), load_config("mnist_lt_ce")["data"], 64, train=True)
+    augment = loader.loader.collate_fn.augment
+    assert augment.train and augment.pad == 4 and augment.flip is False
+    with pytest.raises(ValueError, match="flip"):
+        build_loader(MNISTLT(split="train"), {"loader": "torch", "augment_options": {"flip": "no"}}, 64, train=True)
