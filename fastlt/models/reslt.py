@@ -127,3 +127,11 @@ def reslt_resnet50(
 ) -> ResLTConv:
     """The iNaturalist 2018 model; its recipe sets summed_branches=2 (methods.md §4.3)."""
     return ResLTConv("resnet50", num_classes, test_tau, block_order, summed_branches)
+
+
+@register_model
+def reslt_resnet152(num_classes: int, test_tau=0.7, block_order: str = "official") -> ResLTConv:
+    """The Places-LT model (methods.md §4.8). No Places-LT code was released, so the defaults are the ImageNet-LT
+    ResNeXt-50 script's, not a published setting. The trunk takes torchvision's ImageNet ResNet-152 weights with
+    `model.trunk.load_state_dict(torchvision_state_dict, strict=False)` (only fc.* is left unused)."""
+    return ResLTConv("resnet152", num_classes, test_tau, block_order)

@@ -103,3 +103,22 @@ def test_reslt_inat_predicts_with_head_and_medium_branches_only():
     torch.testing.assert_close(output.logits, output.branch_logits[0] + output.branch_logits[1])
     with pytest.raises(ValueError, match="summed_branches"):
         create_model("reslt_resnet50", num_classes=5, summed_branches=4)
+
+
+def test_reslt_resnet152_is_torchvision_resnet152_plus_the_branch_block():
+    classes = 365  # Places-LT
+    torch.manual_seed(0)
+    model = create_model("reslt_resnet152", num_classes=classes)
+    reference = torchvision.models.resnet152(num_classes=classes)
+    dim = reference.fc.in_features
+    # one 1x1 conv dim -> 3 dim (no bias) + BN(3 dim); the ONE shared Linear(dim, C) is torchvision's fc in size
+    assert parameter_count(model) == parameter_count(reference) + dim * 3 * dim + 2 * 3 * dim
+    missing, unexpected = model.trunk.load_state_dict(reference.state_dict(), strict=False)  # an ImageNet init
+    assert missing == [] and sorted(unexpected) == ["fc.bias", "fc.weight"]
+    assert model.test_tau == 0.7 and model.block_order == "official"
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for mode in (True, False):  # official order: 1x1 conv before GAP in training, after it in eval
+            output = model.train(mode)(images)
+            assert output.branch_logits.shape == (3, 1, classes) and output.features.shape == (3, 1, dim)
+            torch.testing.assert_close(output.logits, output.branch_logits.sum(0))
