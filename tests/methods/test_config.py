@@ -43,6 +43,9 @@ def test_the_paper_tables_are_covered():
         assert f"mnist_lt_{method}" in RECIPES
     assert load_config("cifar100_lt_r100_ride3")["paper"]["top1"] == 48.0
     assert load_config("imagenet_lt_x50_lws")["paper"]["top1"] == 49.9
+    places_reslt = load_config("places_lt_r152_reslt")
+    assert places_reslt["paper"]["top1"] == 39.8 and places_reslt["model"]["name"] == "reslt_resnet152"
+    assert "cutoffs" not in places_reslt["method"]  # none published: groups from the many/medium/few thresholds
 
 
 def test_digit_recipes_crop_without_flip_and_the_others_keep_the_flip():
