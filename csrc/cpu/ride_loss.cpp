@@ -17,28 +17,24 @@ namespace cpu {
 namespace {
 
 // Pass 1 over one expert row (a class range that excludes the target): the CE shift max_c z[c], the tempered shift
-// max_c z[c] / T_c, and the experts' running total, which the last expert turns into the tempered mean logits v.
-// maxima = {CE max, tempered max, mean max}, updated in place.
-enum class TotalStep { kFirst, kMiddle, kLast, kOnly };  // kOnly: E == 1
-
+// max_c z[c] / T_c, and the experts' running total (first expert: stored; others: added), which the last expert turns
+// into the tempered mean logits v. maxima = {CE max, tempered max, mean max}, updated in place.
 template <typename A>
-FASTLT_ALWAYS_INLINE void expert_maxima_impl(const A* logits, const A* inverse_temperature, A* total, TotalStep step,
-                                             A inverse_experts, int64_t n, A* maxima) {
+FASTLT_ALWAYS_INLINE void expert_maxima_impl(const A* logits, const A* inverse_temperature, A* total, bool first,
+                                             bool last, A inverse_experts, int64_t n, A* maxima) {
   A ce_max = maxima[0], expert_max = maxima[1], mean_max = maxima[2];
-  if (step == TotalStep::kLast || step == TotalStep::kOnly) {
-    const bool alone = step == TotalStep::kOnly;
+  if (last) {
 #pragma omp simd reduction(max : ce_max, expert_max, mean_max)
     for (int64_t c = 0; c < n; ++c) {
       ce_max = logits[c] > ce_max ? logits[c] : ce_max;
       const A u = ride_loss::tempered_logit(logits[c], inverse_temperature[c]);
       expert_max = u > expert_max ? u : expert_max;
-      const A expert_total = alone ? logits[c] : total[c] + logits[c];
+      const A expert_total = first ? logits[c] : total[c] + logits[c];
       const A v = ride_loss::tempered_mean_logit(expert_total, inverse_experts, inverse_temperature[c]);
       total[c] = v;
       mean_max = v > mean_max ? v : mean_max;
     }
   } else {
-    const bool first = step == TotalStep::kFirst;
 #pragma omp simd reduction(max : ce_max, expert_max)
     for (int64_t c = 0; c < n; ++c) {
       ce_max = logits[c] > ce_max ? logits[c] : ce_max;
@@ -110,9 +106,9 @@ FASTLT_ALWAYS_INLINE void gradient_row_impl(const A* ce_exp, A inv_ce_sum, A ce_
 }
 
 #define FASTLT_RIDE_ROW_FUNCTIONS(A)                                                                                \
-  FASTLT_PER_ISA void expert_maxima(const A* logits, const A* inverse_temperature, A* total, TotalStep step,         \
+  FASTLT_PER_ISA void expert_maxima(const A* logits, const A* inverse_temperature, A* total, bool first, bool last,  \
                                     A inverse_experts, int64_t n, A* maxima) {                                     \
-    expert_maxima_impl(logits, inverse_temperature, total, step, inverse_experts, n, maxima);                      \
+    expert_maxima_impl(logits, inverse_temperature, total, first, last, inverse_experts, n, maxima);               \
   }                                                                                                                 \
   FASTLT_PER_ISA void expert_exps(const A* logits, const A* inverse_temperature, A ce_max, A expert_max,            \
                                   const A* mean_exp, const A* mean_logits, A* ce_exp, A* expert_exp, int64_t n,     \
@@ -187,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
       A ce_max[kMaxExperts], expert_max[kMaxExperts], ce_sum[kMaxExperts], expert_sum[kMaxExperts];
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t y = labels[b];
-        const int64_t after = C - y - 1;  // the vector passes run over [0, y) and (y, C); the target is done by hand
+        // The vector passes run over [0, y) and (y, C), as (first class, count); the target is done by hand.
+        const std::pair<int64_t, int64_t> non_target[2] = {{0, y}, {y + 1, C - y - 1}};
         const A margin = margins[y];
         const A ce_coef = (weights == nullptr ? A(1) : weights[y]) / weight_total;
 
@@ -198,21 +195,17 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
           const A* z = rows[k];
           const A target_logit = ride_loss::margin_logit(z[y], true, margin);
           if (!diversity) {
-            ce_max[k] = std::max({row_max(z, no_scale, y), row_max(z + y + 1, no_scale, after), target_logit});
+            ce_max[k] = target_logit;
+            for (const auto& [c0, n] : non_target) ce_max[k] = std::max(ce_max[k], row_max(z + c0, no_scale, n));
             continue;
           }
-          const TotalStep step = E == 1          ? TotalStep::kOnly
-                                 : k == 0        ? TotalStep::kFirst
-                                 : k == E - 1    ? TotalStep::kLast
-                                                 : TotalStep::kMiddle;
+          const bool first = k == 0, last = k == E - 1;
           A maxima[3] = {kNoMax, kNoMax, kNoMax};
-          expert_maxima(z, inverse_temperature, mean_logits, step, inverse_experts, y, maxima);
-          expert_maxima(z + y + 1, inverse_temperature + y + 1, mean_logits + y + 1, step, inverse_experts, after,
-                        maxima);
+          for (const auto& [c0, n] : non_target)
+            expert_maxima(z + c0, inverse_temperature + c0, mean_logits + c0, first, last, inverse_experts, n, maxima);
           ce_max[k] = std::max(maxima[0], target_logit);
           expert_max[k] = std::max(maxima[1], ride_loss::tempered_logit(z[y], inverse_temperature[y]));
-          const A total = step == TotalStep::kFirst || step == TotalStep::kOnly ? z[y] : mean_logits[y] + z[y];
-          const bool last = step == TotalStep::kLast || step == TotalStep::kOnly;
+          const A total = first ? z[y] : mean_logits[y] + z[y];
           mean_logits[y] = last ? ride_loss::tempered_mean_logit(total, inverse_experts, inverse_temperature[y]) : total;
           if (last) mean_max = std::max(maxima[2], mean_logits[y]);
         }
@@ -228,12 +221,10 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
           const A* next_z = in_place_logits != nullptr && has_next ? in_place_logits + k * sE + (b + 1) * sB : nullptr;
           A* next_out = grad_rows != nullptr && has_next ? grad_rows + (k * B + b + 1) * C : nullptr;
           A sums[3] = {A(0), A(0), A(0)};  // CE sum, expert sum, KL gap
-          expert_exps(z, diversity_temperature, ce_max[k], expert_max[k], mean_exp, mean_logits, ce_row, expert_row, y,
-                      next_z, next_out, sums);
-          const int64_t r = y + 1;
-          expert_exps(z + r, diversity ? inverse_temperature + r : nullptr, ce_max[k], expert_max[k], mean_exp + r,
-                      mean_logits + r, ce_row + r, expert_row + r, after, next_z == nullptr ? nullptr : next_z + r,
-                      next_out == nullptr ? nullptr : next_out + r, sums);
+          for (const auto& [c0, n] : non_target)
+            expert_exps(z + c0, diversity_temperature == nullptr ? nullptr : diversity_temperature + c0, ce_max[k],
+                        expert_max[k], mean_exp + c0, mean_logits + c0, ce_row + c0, expert_row + c0, n,
+                        next_z == nullptr ? nullptr : next_z + c0, next_out == nullptr ? nullptr : next_out + c0, sums);
           const A target_logit = ride_loss::margin_logit(z[y], true, margin);
           ce_row[y] = exponential(target_logit - ce_max[k]);
           ce_sum[k] = sums[0] + ce_row[y];

@@ -1,6 +1,6 @@
 // Vectorised row loops of the fused losses (csrc/cpu/{ride_loss,reslt_loss,prior_shifted_ce}.cpp): row maxima and
-// exp(x - shift) with their sum. The losses are bound by exp throughput, so exp is a polynomial (~1
-// ulp) written in plain arithmetic that GCC vectorises under `omp simd`; each loop is compiled per ISA (AVX-512 /
+// exp(x - shift) with their sum. The losses are bound by exp throughput, so exp is a polynomial (~1 ulp) written in
+// plain arithmetic that GCC vectorises under `omp simd`; each loop is compiled per ISA (AVX-512 /
 // AVX2 / baseline, chosen at run time by GCC's target_clones, as in tau_sweep.cpp). fp64 (gradcheck) uses std::exp.
 #pragma once
 

@@ -57,6 +57,13 @@ def build_sampler(dataset, strategy: str, seed: int, epochs: int, samples_per_cl
                            samples_per_class=samples_per_class)
 
 
+def selected_checkpoint(run_dir: str) -> str:
+    """The weights a finished run selected: best.pt (fit writes it only when a validation split chose an epoch),
+    else last.pt."""
+    best = os.path.join(run_dir, "best.pt")
+    return best if os.path.exists(best) else os.path.join(run_dir, "last.pt")
+
+
 def build_model(config: dict, num_classes: int):
     options = {key: value for key, value in config["model"].items() if key != "name"}
     return create_model(config["model"]["name"], num_classes=num_classes, **options)

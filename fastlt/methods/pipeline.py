@@ -20,7 +20,8 @@ import torch
 from fastlt.engine import (RunFolder, build_schedule, build_sgd, fit, format_results, init_distributed,
                            load_checkpoint, wrap_model)
 from fastlt.methods import stage2
-from fastlt.methods.builders import build_datasets, build_loader, build_model, build_sampler, evaluate
+from fastlt.methods.builders import (build_datasets, build_loader, build_model, build_sampler, evaluate,
+                                     selected_checkpoint)
 from fastlt.methods.config import read_recipe
 from fastlt.methods.stage1 import build_method
 
@@ -88,7 +89,6 @@ def load_stage1(run_dir: str, checkpoint: str = None, device=torch.device("cpu")
     # same head adaptations; no distillation teacher is needed to use the trained model
     build_method({**config["method"], "teacher": None}, datasets["train"].train_class_counts, model)
     if checkpoint is None:
-        best = os.path.join(run_dir, "best.pt")
-        checkpoint = best if datasets["val"] is not None and os.path.exists(best) else os.path.join(run_dir, "last.pt")
+        checkpoint = selected_checkpoint(run_dir)
     load_checkpoint(checkpoint, model=model, restore_rng=False)
     return config, datasets, model.to(device)

@@ -23,7 +23,7 @@ from torch import nn
 
 import fastlt
 from fastlt.engine import load_checkpoint
-from fastlt.methods.builders import build_model
+from fastlt.methods.builders import build_model, selected_checkpoint
 from fastlt.methods.config import read_recipe
 from fastlt.models import FeatureClassifier, NormedLinear
 
@@ -109,17 +109,13 @@ def ride(config, counts, model) -> Method:
 
 def load_teacher(path: str, *, num_classes: int, device=None, train_mode: bool = True) -> nn.Module:
     """A trained fastlt run as a frozen teacher: the model its config.yaml describes, with the weights of `path`
-    (a checkpoint) or of the run folder `path` (best.pt when it was selected on validation, else last.pt)."""
+    (a checkpoint) or of the run folder `path` (the weights the run selected)."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     config_path = os.path.join(folder, "config.yaml")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"ride: teacher {path!r} is not a fastlt run folder or a checkpoint in one "
                                 f"(no {config_path}); train the teacher recipe first")
-    checkpoint = path
-    if os.path.isdir(path):
-        checkpoint = os.path.join(path, "best.pt")
-        if not os.path.isfile(checkpoint):
-            checkpoint = os.path.join(path, "last.pt")
+    checkpoint = selected_checkpoint(path) if os.path.isdir(path) else path
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"ride: teacher checkpoint {checkpoint!r} not found")
     teacher = build_model(read_recipe(config_path), num_classes)
