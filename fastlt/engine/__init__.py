@@ -4,7 +4,8 @@ training and prediction loops, the `fit` epoch loop, and the many / medium / few
 from fastlt.engine.acceleration import maybe_compile, prepare_model, unwrap_model
 from fastlt.engine.amp import autocast, grad_scaler
 from fastlt.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from fastlt.engine.distributed import DistributedContext, all_gather_concat, init_distributed, wrap_model
+from fastlt.engine.distributed import (DistributedContext, all_gather_concat, init_distributed, shutdown_distributed,
+                                      wrap_model)
 from fastlt.engine.evaluate import evaluate_logits, evaluate_predictions, format_results, plot_per_class_accuracy
 from fastlt.engine.loop import predict, train_one_epoch
 from fastlt.engine.optim import build_sgd
@@ -34,6 +35,7 @@ __all__ = [
     "read_metrics",
     "restore_rng_state",
     "save_checkpoint",
+    "shutdown_distributed",
     "train_one_epoch",
     "unwrap_model",
     "wrap_model",

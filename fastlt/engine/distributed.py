@@ -6,6 +6,9 @@ A plain `python` run (no WORLD_SIZE) is a world of one and never touches torch.d
 """
 
 import os
+import time
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -65,15 +68,33 @@ def all_gather_concat(tensor: torch.Tensor, context: DistributedContext) -> torc
     """Concatenates every rank's tensor along dim 0 (rank order); rows per rank may differ (e.g. eval shards)."""
     if not context.is_distributed:
         return tensor
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(context.world_size)]
-    dist.all_gather(sizes, size)
-    longest = int(max(sizes).item())
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.zeros_like(padded) for _ in range(context.world_size)]
-    dist.all_gather(gathered, padded)
-    return torch.cat([part[: int(rows.item())] for part, rows in zip(gathered, sizes)])
+    sizes = [int(rows) for rows in _all_gather(torch.tensor([tensor.shape[0]], device=tensor.device), context)]
+    padding = tensor.new_zeros((max(sizes) - tensor.shape[0], *tensor.shape[1:]))
+    parts = _all_gather(torch.cat([tensor, padding]), context)
+    return torch.cat([part[:rows] for part, rows in zip(parts, sizes)])
+
+
+def _all_gather(sent: torch.Tensor, context: DistributedContext, timeout_s: float = 10.0) -> list:
+    """dist.all_gather that returns only once the process group has let go of its buffers; `sent` must be a tensor
+    that no one else holds (pass a fresh one).
+
+    gloo's worker thread may drop its last reference to a collective's tensors just after the call returned (4% of
+    calls on this 2-core machine). Freeing a tensor made in Python needs the GIL; if the interpreter is exiting by
+    then, that thread aborts the process ("terminate called without an active exception"). So we return copies and
+    wait, GIL released, until the originals are freed.
+    """
+    received = [torch.empty_like(sent) for _ in range(context.world_size)]
+    dist.all_gather(received, sent)
+    copies = [part.clone() for part in received]
+    buffers = [weakref.ref(part) for part in (sent, *received)]
+    del sent, received
+    deadline = time.monotonic() + timeout_s
+    while any(buffer() is not None for buffer in buffers):
+        if time.monotonic() > deadline:
+            warnings.warn(f"all_gather: the process group still holds its buffers after {timeout_s} s", stacklevel=3)
+            break
+        time.sleep(0.001)
+    return copies
 
 
 def barrier(context: DistributedContext) -> None:
@@ -81,9 +102,11 @@ def barrier(context: DistributedContext) -> None:
         dist.barrier()
 
 
-def shutdown(context: DistributedContext) -> None:
-    """Tear the process group down once every rank got here: a rank that destroys it while a peer is still
-    working (e.g. rank 0 writing a checkpoint) closes the peer's gloo connections and aborts that peer."""
+def shutdown_distributed(context: DistributedContext) -> None:
+    """Waits for every rank, then leaves the process group (call it once no more collectives will run).
+
+    A rank that left while a peer still waited on a collective would fail that peer; after the barrier none does.
+    """
     if context.is_distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fastlt.engine import (RunFolder, build_schedule, build_sgd, fit, format_results, init_distributed,
-                           load_checkpoint, wrap_model)
+                           load_checkpoint, shutdown_distributed, wrap_model)
 from fastlt.methods import stage2
 from fastlt.methods.builders import (build_datasets, build_loader, build_model, build_sampler, evaluate,
                                      selected_checkpoint)
@@ -65,7 +65,9 @@ def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict
                  sampler=sampler, val_loader=val_loader, class_counts=counts, precision=train_cfg.get("precision", "fp32"),
                  on_epoch_start=method.on_epoch_start, loss_needs_images=method.needs_images,
                  resume=config.get("resume", False), context=context)
-    if not context.is_main:  # rank 0 alone evaluates and runs stage 2
+    # training is over: every rank leaves the process group; rank 0 alone evaluates and runs stage 2
+    shutdown_distributed(context)
+    if not context.is_main:
         return {"run": config["out"], "rank": context.rank}
     load_checkpoint(fitted["selected_checkpoint"], model=model, restore_rng=False)
     test_loader = build_loader(datasets["test"], data, eval_batch, train=False)
