@@ -85,7 +85,8 @@ def test_train_under_torchrun_splits_the_global_batch(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fastlt.cli", "train",
                "--config", "mnist_lt_ce", *DIGITS, "train.epochs=1", f"out={run}", "--no-progress"]
     environment = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(command, check=True, env=environment, timeout=300, capture_output=True)
+    finished = subprocess.run(command, env=environment, timeout=300, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
     with open(os.path.join(run, "metrics.jsonl")) as handle:
         record = json.loads(handle.readline())
     # Digits-LT train has 609 images: 305 per rank, per-rank batch 64 / 2 = 32 -> 10 steps (a 1-rank run takes 10)
