@@ -1,7 +1,7 @@
 // Vectorised row loops of the fused losses (csrc/cpu/{ride_loss,reslt_loss,prior_shifted_ce}.cpp): row maxima and
 // exp(x - shift) with their sum. The losses are bound by exp throughput, so exp is a polynomial (~1 ulp) written in
-// plain arithmetic that GCC vectorises under `omp simd`; each loop is compiled per ISA (AVX-512 /
-// AVX2 / baseline, chosen at run time by GCC's target_clones, as in tau_sweep.cpp). fp64 (gradcheck) uses std::exp.
+// plain arithmetic that GCC vectorises under `omp simd`; each loop is compiled per ISA (cpu/per_isa.h). fp64
+// (gradcheck) uses std::exp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,8 +14,7 @@
 #include <limits>
 #include <type_traits>
 
-#define FASTLT_PER_ISA __attribute__((target_clones("avx512f", "avx2", "default")))
-#define FASTLT_ALWAYS_INLINE __attribute__((always_inline)) inline
+#include "cpu/per_isa.h"
 
 namespace fastlt {
 namespace cpu {

@@ -1,9 +1,11 @@
 // CPU kernels of fastlt::tau_normalize: one weight row per iteration, OpenMP over rows; math in
-// fastlt/tau_normalize.h.
+// fastlt/tau_normalize.h. The row loops are vectorised (`omp simd` reductions, compiled per ISA): a plain
+// `sum += w * w` loop is one dependent add per element, and ran at a third of eager PyTorch's speed.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "cpu/per_isa.h"
 #include "kernels.h"
 #include "fastlt/tau_normalize.h"
 #include "ops_common.h"
@@ -16,6 +18,55 @@ void check_weight(const at::Tensor& weight, const char* op) {
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be [C, D], got ", weight.dim(), " dims");
   TORCH_CHECK(is_float_dtype(weight), op, ": weight must be floating point, got ", weight.scalar_type());
   TORCH_CHECK(weight.device().is_cpu(), op, " (CPU kernel): weight must be a CPU tensor");
+}
+
+// out = w * max(||w||, eps) ** -tau for one row of D values.
+template <typename T, typename A>
+FASTLT_ALWAYS_INLINE void normalize_row_impl(const T* w, T* out, int64_t D, A tau, A eps) {
+  A sum_squares = A(0);
+#pragma omp simd reduction(+ : sum_squares)
+  for (int64_t d = 0; d < D; ++d) sum_squares += static_cast<A>(w[d]) * static_cast<A>(w[d]);
+  const A scale = tau_normalize::row_scale<A>(sum_squares, tau, eps);
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(static_cast<A>(w[d]) * scale);
+}
+
+// out = dL/dw for one row, given dL/dy = g.
+template <typename T, typename A>
+FASTLT_ALWAYS_INLINE void normalize_row_backward_impl(const T* w, const T* g, T* out, int64_t D, A tau, A eps) {
+  A sum_squares = A(0), grad_dot_weight = A(0);
+#pragma omp simd reduction(+ : sum_squares, grad_dot_weight)
+  for (int64_t d = 0; d < D; ++d) {
+    const A wd = static_cast<A>(w[d]);
+    sum_squares += wd * wd;
+    grad_dot_weight += static_cast<A>(g[d]) * wd;
+  }
+  const A scale = tau_normalize::row_scale<A>(sum_squares, tau, eps);
+  const A coefficient = tau_normalize::row_grad_weight_coefficient<A>(sum_squares, grad_dot_weight, tau, eps);
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(scale * static_cast<A>(g[d]) - coefficient * static_cast<A>(w[d]));
+}
+
+// fp16 / bf16 rows (fp32 accumulation) take the generic build; fp32 and fp64 the per-ISA ones.
+template <typename T, typename A>
+void normalize_row(const T* w, T* out, int64_t D, A tau, A eps) { normalize_row_impl(w, out, D, tau, eps); }
+FASTLT_PER_ISA void normalize_row(const float* w, float* out, int64_t D, float tau, float eps) {
+  normalize_row_impl(w, out, D, tau, eps);
+}
+FASTLT_PER_ISA void normalize_row(const double* w, double* out, int64_t D, double tau, double eps) {
+  normalize_row_impl(w, out, D, tau, eps);
+}
+
+template <typename T, typename A>
+void normalize_row_backward(const T* w, const T* g, T* out, int64_t D, A tau, A eps) {
+  normalize_row_backward_impl(w, g, out, D, tau, eps);
+}
+FASTLT_PER_ISA void normalize_row_backward(const float* w, const float* g, float* out, int64_t D, float tau, float eps) {
+  normalize_row_backward_impl(w, g, out, D, tau, eps);
+}
+FASTLT_PER_ISA void normalize_row_backward(const double* w, const double* g, double* out, int64_t D, double tau,
+                                           double eps) {
+  normalize_row_backward_impl(w, g, out, D, tau, eps);
 }
 
 }  // namespace
@@ -32,13 +83,8 @@ at::Tensor tau_normalize(const at::Tensor& weight_in, double tau, double eps) {
     const scalar_t* w = weight.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, C, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, D)), [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const scalar_t* row = w + c * D;
-        A sum_squares = A(0);
-        for (int64_t d = 0; d < D; ++d) sum_squares += static_cast<A>(row[d]) * static_cast<A>(row[d]);
-        const A scale = tau_normalize::row_scale<A>(sum_squares, static_cast<A>(tau), static_cast<A>(eps));
-        for (int64_t d = 0; d < D; ++d) o[c * D + d] = static_cast<scalar_t>(static_cast<A>(row[d]) * scale);
-      }
+      for (int64_t c = c0; c < c1; ++c)
+        normalize_row(w + c * D, o + c * D, D, static_cast<A>(tau), static_cast<A>(eps));
     });
   });
   return out;
@@ -58,21 +104,8 @@ at::Tensor tau_normalize_backward(const at::Tensor& grad_in, const at::Tensor& w
     const scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, C, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, D)), [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const scalar_t* w_row = w + c * D;
-        const scalar_t* g_row = g + c * D;
-        A sum_squares = A(0), grad_dot_weight = A(0);
-        for (int64_t d = 0; d < D; ++d) {
-          const A wd = static_cast<A>(w_row[d]);
-          sum_squares += wd * wd;
-          grad_dot_weight += static_cast<A>(g_row[d]) * wd;
-        }
-        const A a = static_cast<A>(tau), e = static_cast<A>(eps);
-        const A scale = tau_normalize::row_scale<A>(sum_squares, a, e);
-        const A coefficient = tau_normalize::row_grad_weight_coefficient<A>(sum_squares, grad_dot_weight, a, e);
-        for (int64_t d = 0; d < D; ++d)
-          o[c * D + d] = static_cast<scalar_t>(scale * static_cast<A>(g_row[d]) - coefficient * static_cast<A>(w_row[d]));
-      }
+      for (int64_t c = c0; c < c1; ++c)
+        normalize_row_backward(w + c * D, g + c * D, o + c * D, D, static_cast<A>(tau), static_cast<A>(eps));
     });
   });
   return out;

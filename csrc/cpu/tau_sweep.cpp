@@ -1,6 +1,6 @@
 // CPU kernel of fastlt::tau_sweep: raw logits features @ weight.T are computed once per block of rows (one GEMM),
 // then every tau's prediction is an argmax over raw * scale[tau] + bias, never materialising K logit matrices.
-// The argmax is compiled per ISA (AVX-512 / AVX2 / baseline, chosen at run time by GCC's target_clones).
+// The argmax is compiled per ISA (cpu/per_isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/per_isa.h"
 #include "kernels.h"
 #include "fastlt/tau_sweep.h"
 #include "ops_common.h"
@@ -70,7 +71,6 @@ __attribute__((always_inline)) inline int64_t row_argmax_impl(const A* __restric
   return 0;
 }
 
-#define FASTLT_PER_ISA __attribute__((target_clones("avx512f", "avx2", "default")))
 FASTLT_PER_ISA int64_t row_argmax(const float* raw, const float* scales, const float* bias, int64_t C, float* values) {
   return row_argmax_impl<float>(raw, scales, bias, C, values);
 }
