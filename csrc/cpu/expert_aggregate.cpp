@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "cpu/per_isa.h"
 #include "kernels.h"
 #include "fastlt/expert_aggregate.h"
 #include "ops_common.h"
@@ -28,13 +29,72 @@ inline void write_row(float* out, int64_t C, F value) {
   for (; c < C; ++c) out[c] = value(c);
 }
 
-constexpr int64_t kChunk = 2048;
+constexpr int64_t kChunk = 2048;  // classes per chunk: the fp32 accumulator stays in L1
+
+// out[c] = sum_k coef[k] * row[k * expert_stride + c] for a contiguous row (fp16 / bf16 / fp64; fp32 below): same
+// order of additions as aggregate_element (k = 0..E-1), but over L1-sized chunks of classes with the expert loop
+// outside, so the inner loop is contiguous.
+template <typename T, typename A>
+void weighted_sum_row(const T* row, int64_t expert_stride, int64_t E, const A* coef, T* out, int64_t C, A* acc) {
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, C - c0);
+    std::fill(acc, acc + n, A(0));
+    for (int64_t k = 0; k < E; ++k) {
+      const T* zk = row + k * expert_stride + c0;
+      const A ck = coef[k];
+      for (int64_t c = 0; c < n; ++c) acc[c] += ck * static_cast<A>(zk[c]);
+    }
+    write_row(out + c0, n, [&](int64_t c) { return acc[c]; });
+  }
+}
+
+// The fp32 version, compiled per ISA: one pass reads the E expert rows side by side (E fixed at compile time, so the
+// expert loop unrolls and the class loop vectorises to the CPU's widest registers), and each chunk is streamed to out.
+template <int E>
+FASTLT_ALWAYS_INLINE void weighted_sum_chunk(const float* z, int64_t expert_stride, const float* coef, float* acc,
+                                             int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    float sum = 0.0f;
+    for (int k = 0; k < E; ++k) sum += coef[k] * z[k * expert_stride + c];
+    acc[c] = sum;
+  }
+}
+
+FASTLT_PER_ISA void weighted_sum_row(const float* row, int64_t expert_stride, int64_t E, const float* coef, float* out,
+                                     int64_t C, float* acc) {
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, C - c0);
+    const float* z = row + c0;
+    switch (E) {
+      case 1: weighted_sum_chunk<1>(z, expert_stride, coef, acc, n); break;
+      case 2: weighted_sum_chunk<2>(z, expert_stride, coef, acc, n); break;
+      case 3: weighted_sum_chunk<3>(z, expert_stride, coef, acc, n); break;
+      case 4: weighted_sum_chunk<4>(z, expert_stride, coef, acc, n); break;
+      case 5: weighted_sum_chunk<5>(z, expert_stride, coef, acc, n); break;
+      case 6: weighted_sum_chunk<6>(z, expert_stride, coef, acc, n); break;
+      default:  // more experts than RIDE uses: one expert row at a time
+        std::fill(acc, acc + n, 0.0f);
+        for (int64_t k = 0; k < E; ++k) {
+          const float* zk = z + k * expert_stride;
+          const float ck = coef[k];
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) acc[c] += ck * zk[c];
+        }
+    }
+    float* o = out + c0;
+    int64_t c = 0;
+    for (; c < n && (reinterpret_cast<uintptr_t>(o + c) & 15) != 0; ++c) o[c] = acc[c];
+    for (; c + 4 <= n; c += 4) _mm_stream_ps(o + c, _mm_loadu_ps(acc + c));
+    for (; c < n; ++c) o[c] = acc[c];
+  }
+}
 
 // Rows per parallel task so that each task touches at least ATen's GRAIN_SIZE elements: small inputs stay on one
 // thread instead of paying a thread wake-up per call.
 inline int64_t rows_per_task(int64_t elements_per_row) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, elements_per_row));
-}  // classes per chunk: the fp32 accumulator stays in L1
+}
 
 template <typename A>
 struct RowTables {
@@ -76,18 +136,7 @@ at::Tensor expert_aggregate(const at::Tensor& logits, c10::string_view reduce,
         const scalar_t* row = z + b * sB;
         scalar_t* out_row = o + b * C;
         if (sC == 1) {
-          // Same order of additions as aggregate_element (k = 0..E-1), but over L1-sized chunks of classes with
-          // the expert loop outside, so the inner loop is contiguous and vectorises.
-          for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-            const int64_t n = std::min(kChunk, C - c0);
-            std::fill(acc.begin(), acc.begin() + n, A(0));
-            for (int64_t k = 0; k < E; ++k) {
-              const scalar_t* zk = row + k * sE + c0;
-              const A ck = coef[k];
-              for (int64_t c = 0; c < n; ++c) acc[c] += ck * static_cast<A>(zk[c]);
-            }
-            write_row(out_row + c0, n, [&](int64_t c) { return acc[c]; });
-          }
+          weighted_sum_row(row, sE, E, coef, out_row, C, acc.data());
         } else {
           for (int64_t c = 0; c < C; ++c)
             out_row[c] = static_cast<scalar_t>(
