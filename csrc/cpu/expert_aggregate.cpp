@@ -48,8 +48,9 @@ void weighted_sum_row(const T* row, int64_t expert_stride, int64_t E, const A* c
   }
 }
 
-// The fp32 version, compiled per ISA: one pass reads the E expert rows side by side (E fixed at compile time, so the
-// expert loop unrolls and the class loop vectorises to the CPU's widest registers), and each chunk is streamed to out.
+// The fp32 version for up to 6 experts (RIDE's range), compiled per ISA: one pass reads the E expert rows side by side
+// (E fixed at compile time, so the expert loop unrolls and the class loop vectorises to the CPU's widest registers),
+// and each chunk is streamed to out. More experts take the generic version above.
 template <int E>
 FASTLT_ALWAYS_INLINE void weighted_sum_chunk(const float* z, int64_t expert_stride, const float* coef, float* acc,
                                              int64_t n) {
@@ -63,6 +64,7 @@ FASTLT_ALWAYS_INLINE void weighted_sum_chunk(const float* z, int64_t expert_stri
 
 FASTLT_PER_ISA void weighted_sum_row(const float* row, int64_t expert_stride, int64_t E, const float* coef, float* out,
                                      int64_t C, float* acc) {
+  if (E > 6) return weighted_sum_row<float, float>(row, expert_stride, E, coef, out, C, acc);
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, C - c0);
     const float* z = row + c0;
@@ -72,15 +74,7 @@ FASTLT_PER_ISA void weighted_sum_row(const float* row, int64_t expert_stride, in
       case 3: weighted_sum_chunk<3>(z, expert_stride, coef, acc, n); break;
       case 4: weighted_sum_chunk<4>(z, expert_stride, coef, acc, n); break;
       case 5: weighted_sum_chunk<5>(z, expert_stride, coef, acc, n); break;
-      case 6: weighted_sum_chunk<6>(z, expert_stride, coef, acc, n); break;
-      default:  // more experts than RIDE uses: one expert row at a time
-        std::fill(acc, acc + n, 0.0f);
-        for (int64_t k = 0; k < E; ++k) {
-          const float* zk = z + k * expert_stride;
-          const float ck = coef[k];
-#pragma omp simd
-          for (int64_t c = 0; c < n; ++c) acc[c] += ck * zk[c];
-        }
+      default: weighted_sum_chunk<6>(z, expert_stride, coef, acc, n); break;
     }
     float* o = out + c0;
     int64_t c = 0;

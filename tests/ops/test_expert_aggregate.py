@@ -5,7 +5,7 @@ from op_helpers import COMPILED_BACKENDS, TOLERANCES, assert_close, backend, nee
 import fastlt
 from fastlt.ops import expert_aggregate, expert_aggregate_reference
 
-# E = 1..6 take unrolled CPU paths, E = 8 the generic one; C = 2050 and 2051 cross a 2048-class chunk
+# E = 1..6 take the unrolled fp32 CPU path, E = 8 the generic one; C = 2050 and 2051 cross a 2048-class chunk
 SHAPES = [(1, 1, 1), (1, 4, 10), (2, 3, 2051), (3, 5, 7), (4, 3, 33), (5, 2, 19), (6, 2, 8142), (8, 3, 2050)]
 
 
