@@ -84,6 +84,7 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "data": ["pillow>=10", "torchvision>=0.19", "scikit-learn>=1.4"],  # JPEG torch loader, Digits-LT
+        "examples": ["lightning>=2.4", "transformers>=4.46", "accelerate>=1.0", "timm>=1.0", "torchvision>=0.19"],
         "dev": ["pytest>=8", "pytest-benchmark>=5", "scikit-learn>=1.4", "pillow>=10", "ninja>=1.11"],
     },
     entry_points={"console_scripts": ["fastlt=fastlt.cli:main"]},
