@@ -1,5 +1,5 @@
-"""`fastlt bench losses`: the fused losses ride_loss, reslt_loss and prior_shifted_ce (C++ CPU kernels) vs the eager reference vs
-torch.compile(reference).
+"""`fastlt bench losses`: the fused losses ride_loss, reslt_loss and prior_shifted_ce (C++ CPU kernels) vs the eager
+reference vs torch.compile(reference).
 
 fwd+bwd time (median ms, same run, so the ratios compare like with like) and peak memory allocated beyond the
 returned gradient, as a % of the gradient's size (from the torch profiler's allocator events, which include the

@@ -2,7 +2,8 @@
 
 Reports median and best ms, achieved GB/s (minimum bytes read + written / best time) and that as a % of the copy
 bandwidth measured in the same run (also from its best time: on a shared machine the best of N repeats is the run
-least disturbed by other work, for the kernel and the copy alike). Figures: BENCHMARKS.md. Regenerate: `.venv/bin/fastlt bench ops`.
+least disturbed by other work, for the kernel and the copy alike). Figures: BENCHMARKS.md.
+Regenerate: `.venv/bin/fastlt bench ops`.
 """
 
 import torch
@@ -48,7 +49,9 @@ def _time_modes(impls, make_inputs, fwd_bytes, fwd_bwd_bytes, grad_shape, bandwi
 
 def run(quick: bool = False) -> list:
     if not fastlt._extension.AVAILABLE:
-        raise RuntimeError("fastlt bench ops: the compiled extension is not built (pip install --no-build-isolation -e .)")
+        raise RuntimeError(
+            "fastlt bench ops: the compiled extension is not built (pip install --no-build-isolation -e .)"
+        )
     ops = fastlt.ops
     bandwidth = copy_bandwidth_gbs()
     repeats = 5 if quick else 20

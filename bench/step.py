@@ -1,9 +1,10 @@
 """`fastlt bench step`: where one training step's time goes, for CE and RIDE on the CIFAR ResNet-32 (batch 128,
 synthetic 32x32 images through fastlt's array loader with RIDE's CIFAR augmentation), fused vs eager loss.
 
-Per step (median over the timed steps): data = waiting for the next batch; compute = forward + backbone backward + SGD step; loss = the loss's
-forward + backward on detached logits (then fed back into the backbone's backward), so the three add up to the
-step. "eager" runs the loss under `fastlt.ops.use_backend("reference")`; CE is torch's own cross-entropy.
+Per step (median over the timed steps): data = waiting for the next batch; compute = forward + backbone backward +
+SGD step; loss = the loss's forward + backward on detached logits (then fed back into the backbone's backward), so
+the three add up to the step. "eager" runs the loss under `fastlt.ops.use_backend("reference")`; CE is torch's own
+cross-entropy.
 """
 
 import statistics

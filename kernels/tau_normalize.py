@@ -1,4 +1,5 @@
-"""Triton kernels of fastlt.ops.tau_normalize: one program per weight row (formula in csrc/include/fastlt/tau_normalize.h)."""
+"""Triton kernels of fastlt.ops.tau_normalize: one program per weight row (formula in
+csrc/include/fastlt/tau_normalize.h)."""
 
 import torch
 import triton

@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 
-import fastlt
 from fastlt.cli import main
 
 DIGITS = ["data.name=digits_lt", "data.n_max=150", "data.ratio=10", "data.num_workers=0", "data.loader=torch",

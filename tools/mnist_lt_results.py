@@ -149,8 +149,8 @@ def write_markdown(records, path: str, command: str) -> None:
         f"80%, pad-4 random crop without flip; decoupled classifiers on each seed's CE model: cRT / LWS 10 epochs, "
         f"class-aware sampler 4 per class, lr 0.2, start-of-epoch cosine, BN statistics updating; RIDE router 5 "
         f"epochs, pos_weight 100, threshold 0.5; RIDE distillation from the same seed's 6-expert RIDE teacher, T_d "
-        f"1.5, both terms x E as in the official code, teacher in train mode. One intra-op thread per seed; training and evaluating all methods "
-        f"took {minutes} min per seed (seeds side by side, --jobs) on "
+        f"1.5, both terms x E as in the official code, teacher in train mode. One intra-op thread per seed; training "
+        f"and evaluating all methods took {minutes} min per seed (seeds side by side, --jobs) on "
         f"{platform.machine()} ({os.cpu_count()} cores, shared with other jobs).", "",
         "| method | overall | many | medium | few |", "|---|---:|---:|---:|---:|"]
     for label in ORDER:

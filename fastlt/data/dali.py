@@ -64,7 +64,7 @@ class _FileSource(_OrderedSource):
         for index in batch.tolist():
             data = self.dataset.read_bytes(index)
             if data is not None and self.dataset.skip_corrupt and not _looks_decodable(data):
-                warnings.warn(f"skipping undecodable image {self.dataset.paths[index]}", RuntimeWarning)
+                warnings.warn(f"skipping undecodable image {self.dataset.paths[index]}", RuntimeWarning, stacklevel=2)
                 data = None
             if data is None:
                 self.skipped += 1

@@ -38,7 +38,9 @@ class RunFolder:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:
-                raise ImportError("RunFolder: tensorboard=True needs the tensorboard package (pip install tensorboard)") from error
+                raise ImportError(
+                    "RunFolder: tensorboard=True needs the tensorboard package (pip install tensorboard)"
+                ) from error
             self.tensorboard = SummaryWriter(self.path("tensorboard"))
 
     def path(self, name: str) -> str:

@@ -57,12 +57,14 @@ def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict
                                 seed=seed, drop_last=train_cfg.get("drop_last", False))
     eval_batch = train_cfg.get("eval_batch_size", 256)
     val_loader = None if datasets["val"] is None else build_loader(datasets["val"], data, eval_batch, train=False)
-    optimizer = build_sgd(parameter_groups(model, train_cfg), lr=train_cfg["lr"], momentum=train_cfg.get("momentum", 0.9),
-                          weight_decay=train_cfg.get("weight_decay", 5e-4), nesterov=train_cfg.get("nesterov", False))
+    optimizer = build_sgd(parameter_groups(model, train_cfg), lr=train_cfg["lr"],
+                          momentum=train_cfg.get("momentum", 0.9), weight_decay=train_cfg.get("weight_decay", 5e-4),
+                          nesterov=train_cfg.get("nesterov", False))
     schedule = build_schedule(schedule_cfg["name"], total_epochs=epochs,
                               **{key: value for key, value in schedule_cfg.items() if key != "name"})
-    fitted = fit(wrap_model(model, context), method.loss_fn, optimizer, schedule, train_loader, epochs=epochs, device=device, run=run,
-                 sampler=sampler, val_loader=val_loader, class_counts=counts, precision=train_cfg.get("precision", "fp32"),
+    fitted = fit(wrap_model(model, context), method.loss_fn, optimizer, schedule, train_loader, epochs=epochs,
+                 device=device, run=run, sampler=sampler, val_loader=val_loader, class_counts=counts,
+                 precision=train_cfg.get("precision", "fp32"),
                  on_epoch_start=method.on_epoch_start, loss_needs_images=method.needs_images,
                  resume=config.get("resume", False), context=context)
     # training is over: every rank leaves the process group; rank 0 alone evaluates and runs stage 2

@@ -68,7 +68,8 @@ def ldam_drw(config, counts, model) -> Method:
     fastlt, not the official code's collaborative switch)."""
     use_cosine_classifier(model)
     loss = fastlt.RIDELoss(counts, scale=LDAM_SCALE, max_margin=config.get("max_margin", 0.5), diversity_factor=0.0,
-                           drw_beta=config.get("drw_beta", 0.9999), drw_epoch=config.get("drw_epoch", 160)).to(counts.device)
+                           drw_beta=config.get("drw_beta", 0.9999),
+                           drw_epoch=config.get("drw_epoch", 160)).to(counts.device)
     return Method("ldam_drw", lambda output, targets: loss(stacked(output, "expert_logits"), targets),
                   epoch_hook(loss))
 
@@ -90,7 +91,8 @@ def ride(config, counts, model) -> Method:
                            diversity_factor=config.get("diversity_factor", -0.45),
                            temperature_factor=config.get("temperature_factor", 0.05),
                            base_temperature=config.get("base_temperature", 1.0),
-                           drw_beta=config.get("drw_beta", 0.9999), drw_epoch=config.get("drw_epoch", 160)).to(counts.device)
+                           drw_beta=config.get("drw_beta", 0.9999),
+                           drw_epoch=config.get("drw_epoch", 160)).to(counts.device)
     if config.get("teacher") is None:
         return Method("ride", lambda output, targets: loss(output.expert_logits, targets), epoch_hook(loss))
     teacher = load_teacher(config["teacher"], num_classes=counts.numel(), device=counts.device,

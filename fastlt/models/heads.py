@@ -95,7 +95,9 @@ class NearestClassMean(nn.Module):
     def __init__(self, feature_dim: int, num_classes: int, feature_transform: str = "cl2n", distance: str = "l2"):
         super().__init__()
         if feature_transform not in ("cl2n", "l2n", "none"):
-            raise ValueError(f"NearestClassMean: feature_transform must be cl2n, l2n or none, got {feature_transform!r}")
+            raise ValueError(
+                f"NearestClassMean: feature_transform must be cl2n, l2n or none, got {feature_transform!r}"
+            )
         if distance not in ("l2", "cos"):
             raise ValueError(f"NearestClassMean: distance must be l2 or cos, got {distance!r}")
         self.feature_transform = feature_transform

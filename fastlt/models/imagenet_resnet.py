@@ -70,7 +70,8 @@ class ResNetTrunk(nn.Module):
         arch = architecture(arch_name)
         reference = ResNet(arch.block, list(arch.blocks_per_stage), groups=arch.groups,
                            width_per_group=arch.width_per_group)
-        self.conv1, self.bn1, self.relu, self.maxpool = reference.conv1, reference.bn1, reference.relu, reference.maxpool
+        self.conv1, self.bn1 = reference.conv1, reference.bn1
+        self.relu, self.maxpool = reference.relu, reference.maxpool
         self.stage_names = [f"layer{index}" for index in range(1, num_stages + 1)]
         for name in self.stage_names:
             setattr(self, name, getattr(reference, name))

@@ -57,7 +57,9 @@ def resolve(tensor: torch.Tensor) -> str:
     """The concrete backend for an op whose main input is ``tensor``."""
     if _backend != "auto":
         if _backend == "cpp" and tensor.is_cuda and not _extension.HAS_CUDA:
-            raise RuntimeError("fastlt: backend 'cpp' was asked for a CUDA tensor, but the extension has no CUDA kernels")
+            raise RuntimeError(
+                "fastlt: backend 'cpp' was asked for a CUDA tensor, but the extension has no CUDA kernels"
+            )
         return _backend
     if _extension.AVAILABLE and (tensor.device.type == "cpu" or (tensor.is_cuda and _extension.HAS_CUDA)):
         return "cpp"

@@ -77,7 +77,7 @@ def shot_accuracy_per_tau(predictions, targets, class_counts, taus=None):
     class_counts = np.asarray(class_counts)
     num_classes = len(class_counts)
     if predictions.shape[1] != targets.shape[0]:
-        raise ValueError(f"shot_accuracy_per_tau: predictions [K, N] and targets [N] disagree on N")
+        raise ValueError("shot_accuracy_per_tau: predictions [K, N] and targets [N] disagree on N")
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
         raise ValueError(f"shot_accuracy_per_tau: targets must lie in [0, {num_classes})")
     taus = [None] * predictions.shape[0] if taus is None else [float(t) for t in torch.as_tensor(taus).tolist()]

@@ -12,8 +12,10 @@ def _cases():
     counts = torch.arange(200, 0, -10)
     groups = ops.reslt_groups(counts, cutoffs=[7, 14])
     return [
-        (lambda t: ops.ride_loss(logits, t, counts, drw=True), lambda t: ops.ride_loss_reference(logits, t, counts, drw=True)),
-        (lambda t: ops.reslt_loss(logits, t, groups, beta=0.9), lambda t: ops.reslt_loss_reference(logits, t, groups, beta=0.9)),
+        (lambda t: ops.ride_loss(logits, t, counts, drw=True),
+         lambda t: ops.ride_loss_reference(logits, t, counts, drw=True)),
+        (lambda t: ops.reslt_loss(logits, t, groups, beta=0.9),
+         lambda t: ops.reslt_loss_reference(logits, t, groups, beta=0.9)),
         (lambda t: ops.prior_shifted_ce(logits, t, counts, taus=[0.0, 1.0, 2.0]),
          lambda t: ops.prior_shifted_ce_reference(logits, t, counts, taus=[0.0, 1.0, 2.0])),
     ]

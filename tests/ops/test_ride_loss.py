@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 from op_helpers import TOLERANCES, assert_close, backend, long_tail_counts, needs_cpp
 
-import fastlt
 from fastlt.ops import ride_loss, ride_loss_reference
 from fastlt.ops._lt_constants import drw_weights, ldam_margins, ride_temperatures
 

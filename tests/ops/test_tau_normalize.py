@@ -1,6 +1,7 @@
 import pytest
 import torch
-from op_helpers import COMPILED_BACKEND_NAMES, COMPILED_BACKENDS, TOLERANCES, assert_close, backend, needs_cuda, needs_cuda_build
+from op_helpers import (COMPILED_BACKEND_NAMES, COMPILED_BACKENDS, TOLERANCES, assert_close, backend, needs_cuda,
+                        needs_cuda_build)
 
 import fastlt
 from fastlt.ops import tau_normalize, tau_normalize_reference
