@@ -10,7 +10,7 @@ NVCC ?= nvcc
 export TRITON_INTERPRET ?= 1
 export PYTHONHASHSEED ?= 0
 
-.PHONY: run test build venv pytest ctest nvcc-check bench clean
+.PHONY: run test build venv lint pytest ctest nvcc-check bench clean
 
 venv: $(STAMP)
 $(STAMP): requirements-dev.txt
@@ -39,7 +39,11 @@ run: build
 	$(VENV)/bin/fastlt demo
 
 test: build
-	$(MAKE) pytest ctest nvcc-check
+	$(MAKE) lint pytest ctest nvcc-check
+
+# ruff's rule set and exceptions live in pyproject.toml ([tool.ruff]).
+lint: venv
+	$(VENV)/bin/ruff check .
 
 # -p no:cacheprovider keeps a clean clone clean; pytest exits 5 when it collects nothing, which fails the target.
 pytest:
