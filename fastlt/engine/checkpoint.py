@@ -2,7 +2,8 @@
 
 A checkpoint holds the model, optimizer, GradScaler, schedule and sampler state, the epoch and step, and the
 Python / NumPy / torch (CPU and CUDA) random generator states. It is written to a temporary file that is then
-renamed over the target (os.replace is atomic), so a crash mid-write leaves the previous checkpoint intact.
+renamed over the target (os.replace is atomic), so a crash mid-write leaves the previous checkpoint intact (and a
+`<name>.tmp-<pid>` file that `remove_stale_temporaries` deletes once that process is gone).
 
 Usage::
 
@@ -12,7 +13,10 @@ Usage::
 """
 
 import os
+import pickle
 import random
+import re
+import zipfile
 from typing import Any, Optional
 
 import numpy as np
@@ -20,8 +24,14 @@ import torch
 from torch import nn
 
 from fastlt.engine.acceleration import unwrap_model
+from fastlt.engine.crash_points import crash_point
 
 FORMAT_VERSION = 1
+_TEMPORARY = re.compile(r"\.tmp-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be read (truncated, corrupt or not a fastlt checkpoint)."""
 
 
 def capture_rng_state() -> dict:
@@ -93,13 +103,16 @@ def save_checkpoint(
     try:
         with open(temporary, "wb") as handle:
             torch.save(state, handle)
+            crash_point("checkpoint: temporary file partly written")
             handle.flush()
             os.fsync(handle.fileno())
+        crash_point("checkpoint: temporary file complete")
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+    crash_point("checkpoint: renamed")
     _fsync_directory(directory)
 
 
@@ -120,9 +133,17 @@ def load_checkpoint(
     The schedule needs no restoring: it is a function of the epoch (schedules.py). weights_only=True refuses
     arbitrary pickled objects; pass False only for a file you trust whose sampler or extra state needs it.
     """
-    state = torch.load(path, map_location=map_location, weights_only=weights_only)
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"load_checkpoint: {path} has format {state.get('format_version')}, expected {FORMAT_VERSION}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or corrupt: {error}); delete it and "
+                              f"train again, or use another checkpoint") from error
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        version = state.get("format_version") if isinstance(state, dict) else None
+        raise CheckpointError(f"checkpoint {path} has format {version}, expected {FORMAT_VERSION}: not a fastlt "
+                              f"checkpoint of this version")
     if model is not None:
         unwrap_model(model).load_state_dict(state["model"], strict=strict)
     if optimizer is not None:
@@ -134,6 +155,31 @@ def load_checkpoint(
     if restore_rng:
         restore_rng_state(state["rng"])
     return state
+
+
+def remove_stale_temporaries(directory: str) -> list:
+    """Deletes the `*.tmp-<pid>` files in `directory` left by processes that no longer run (killed mid-write);
+    returns their paths. Files of a live process (this one included) are left alone."""
+    removed = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+        match = _TEMPORARY.search(name)
+        if match and not _process_alive(int(match.group(1))):
+            path = os.path.join(directory, name)
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _fsync_directory(directory: str) -> None:

@@ -61,6 +61,30 @@ class RunFolder:
                     self.tensorboard.add_scalar(key, value, step)
             self.tensorboard.flush()
 
+    def drop_epoch_records(self, first_epoch: int) -> None:
+        """Rewrites metrics.jsonl without the records of epochs >= first_epoch and without a line cut short by a
+        crash: a resumed run re-trains those epochs and logs them again, so the log matches the checkpoint."""
+        path = self.path("metrics.jsonl")
+        if not self.is_main or not os.path.exists(path):
+            return
+        kept = []
+        with open(path) as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if not isinstance(record, dict):
+                    continue
+                if not isinstance(record.get("epoch"), int) or record["epoch"] < first_epoch:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        temporary = f"{path}.tmp-{os.getpid()}"
+        with open(temporary, "w") as handle:
+            handle.writelines(kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+
     def progress(self, iterable: Iterable, desc: str = "", total: Optional[int] = None) -> tqdm:
         """A tqdm bar on the main rank (progress_bar=False turns it off, e.g. for logs that are not a terminal)."""
         enabled = self.is_main and self.progress_bar

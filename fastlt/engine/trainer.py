@@ -1,11 +1,17 @@
 """`fit`: the epoch loop that ties the engine together: schedule, sampler epochs, training, validation, model
 selection, checkpoints and resuming.
 
-Epochs are 0-based everywhere in fastlt (schedules, checkpoints, metrics.jsonl); a sampler is told `epoch + 1`
-because the official progressive-balanced sampler counts epochs from 1.
+Epochs are 0-based everywhere in fastlt (schedules, checkpoints, metrics.jsonl, `sampler.set_epoch`, the methods'
+epoch hooks), as torch's `DistributedSampler.set_epoch` and Lightning count them.
 
 Model selection: with a validation loader, `best.pt` holds the epoch with the best validation accuracy; without
 one, the last epoch is the model. The test set is never looked at here.
+
+Crash consistency: `last.pt` is the commit point of an epoch. At its end the record is appended to metrics.jsonl,
+an improved model is written to `best.pt.pending-<epoch>`, then `last.pt`, then the pending file is renamed to
+`best.pt`. A process killed anywhere in between is resumed from `last.pt`: a pending file that `last.pt` names as
+its best epoch is renamed, any other is deleted, and the metrics records of epochs `last.pt` does not hold are
+dropped (they are trained and logged again). So `best.pt` is always the best epoch `last.pt` records.
 
 Usage::
 
@@ -16,6 +22,7 @@ Usage::
 
 import math
 import os
+import re
 from typing import Callable, Optional
 
 import torch
@@ -23,13 +30,38 @@ from torch import nn
 
 from fastlt.engine.acceleration import unwrap_model
 from fastlt.engine.amp import grad_scaler
-from fastlt.engine.checkpoint import load_checkpoint, save_checkpoint
+from fastlt.engine.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
+from fastlt.engine.crash_points import crash_point
 from fastlt.engine.distributed import DistributedContext, barrier
 from fastlt.engine.evaluate import evaluate_logits
 from fastlt.engine.loop import predict, train_one_epoch
 from fastlt.engine.run_folder import RunFolder
 
 SINGLE_PROCESS = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+_PENDING_BEST = re.compile(r"^best\.pt\.pending-(\d+)$")
+
+
+def pending_best_path(run: RunFolder, epoch: int) -> str:
+    return run.path(f"best.pt.pending-{epoch}")
+
+
+def settle_run_folder(run: RunFolder, progress: dict, resumed: bool) -> None:
+    """Brings the files of an interrupted run in line with last.pt (see the module docstring); on a fresh start
+    (nothing resumed) removes the checkpoints and epoch records a previous run left in the folder."""
+    remove_stale_temporaries(run.root)
+    for name in sorted(os.listdir(run.root)):
+        match = _PENDING_BEST.match(name)
+        if match is None:
+            continue
+        if resumed and int(match.group(1)) == progress["best_epoch"]:
+            os.replace(run.path(name), run.path("best.pt"))  # last.pt committed it; the rename did not happen
+        else:
+            os.remove(run.path(name))
+    if not resumed:
+        for name in ("last.pt", "best.pt"):
+            if os.path.exists(run.path(name)):
+                os.remove(run.path(name))
+    run.drop_epoch_records(progress["epoch"] if resumed else 0)
 
 
 def fit(
@@ -71,13 +103,16 @@ def fit(
     last_path, best_path = run.path("last.pt"), run.path("best.pt")
     progress = {"epoch": 0, "steps_done": 0, "epoch_complete": False, "best_metric": -math.inf, "best_epoch": None}
     resuming_mid_epoch = False
-    if resume and os.path.exists(last_path):
+    resumed = resume and os.path.exists(last_path)
+    if resumed:
         state = load_checkpoint(last_path, model=model, optimizer=optimizer, scaler=scaler, sampler=sampler,
                                 map_location=device)
         progress.update(state["extra"]["progress"])
         resuming_mid_epoch = not progress["epoch_complete"]
         if progress["epoch_complete"]:
             progress.update(epoch=progress["epoch"] + 1, steps_done=0)
+    if context.is_main:
+        settle_run_folder(run, progress, resumed)
 
     def checkpoint(epoch_complete: bool, steps_done: int, path: str = last_path) -> None:
         if not context.is_main:
@@ -94,7 +129,7 @@ def fit(
         progress["epoch"] = epoch
         steps_before = progress["steps_done"] if resuming_mid_epoch else 0
         if sampler is not None and not resuming_mid_epoch:
-            sampler.set_epoch(epoch + 1)
+            sampler.set_epoch(epoch)
         resuming_mid_epoch = False
         lr_factor = schedule.apply(optimizer, epoch)
         if on_epoch_start is not None:
@@ -122,12 +157,19 @@ def fit(
             improved = results[selection_metric] > progress["best_metric"]
             if improved:
                 progress.update(best_metric=results[selection_metric], best_epoch=epoch)
-        checkpoint(True, stats["steps"] + steps_before)
-        if improved:
-            checkpoint(True, stats["steps"] + steps_before, path=best_path)
         run.log(record)
+        crash_point("epoch end: record logged")
+        steps_done = stats["steps"] + steps_before
+        if improved:
+            checkpoint(True, steps_done, path=pending_best_path(run, epoch))
+            crash_point("epoch end: pending best written")
+        checkpoint(True, steps_done)
+        crash_point("epoch end: last.pt written")
+        if improved and context.is_main:
+            os.replace(pending_best_path(run, epoch), best_path)
+            crash_point("epoch end: best.pt in place")
         history.append(record)
         barrier(context)
-    selected = best_path if val_loader is not None else last_path
+    selected = best_path if val_loader is not None and progress["best_epoch"] is not None else last_path
     return {"history": history, "best_epoch": progress["best_epoch"], "best_metric": progress["best_metric"],
             "selected_checkpoint": selected}

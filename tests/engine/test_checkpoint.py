@@ -1,5 +1,6 @@
 """Resuming from a checkpoint continues training bit for bit on CPU, and a crash mid-save keeps the old file."""
 
+import os
 import random
 
 import numpy as np
@@ -94,3 +95,34 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path, model=model)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_temporaries_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from fastlt.engine.checkpoint import remove_stale_temporaries
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    for name in (f"last.pt.tmp-{dead}", f"best.pt.tmp-{dead}", f"last.pt.tmp-{os.getpid()}", "notes.tmp-x"):
+        (tmp_path / name).write_bytes(b"partial")
+    removed = remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.path.basename(path) for path in removed) == [f"best.pt.tmp-{dead}", f"last.pt.tmp-{dead}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"last.pt.tmp-{os.getpid()}", "notes.tmp-x"])
+
+
+def test_missing_or_truncated_checkpoint_names_the_file(tmp_path):
+    from fastlt.engine.checkpoint import CheckpointError
+
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "last.pt"
+    with pytest.raises(FileNotFoundError, match="last.pt not found"):
+        load_checkpoint(str(path), model=model)
+    save_checkpoint(str(path), model=model, epoch=1, step=10)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} cannot be read .*truncated"):
+        load_checkpoint(str(path), model=model)
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="not a fastlt checkpoint"):
+        load_checkpoint(str(path), model=model)

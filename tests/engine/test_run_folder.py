@@ -25,3 +25,17 @@ def test_non_main_ranks_write_nothing(tmp_path):
     run.log({"epoch": 1})
     assert not (tmp_path / "run").exists()
     assert list(run.progress([1, 2])) == [1, 2]
+
+
+def test_drop_epoch_records_keeps_earlier_epochs_and_drops_a_cut_line(tmp_path):
+    run = RunFolder(str(tmp_path / "run"))
+    for epoch in range(3):
+        run.log({"epoch": epoch, "train_loss": 1.0 / (epoch + 1)})
+    run.log({"note": "no epoch"})
+    with open(run.path("metrics.jsonl"), "a") as handle:
+        handle.write('{"epoch": 3, "train_lo')  # killed mid-line
+    run.drop_epoch_records(2)
+    assert [record.get("epoch") for record in read_metrics(run.path("metrics.jsonl"))] == [0, 1, None]
+    run.log({"epoch": 2})
+    assert [record.get("epoch") for record in read_metrics(run.path("metrics.jsonl"))] == [0, 1, None, 2]
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastlt.engine.trainer as trainer_module
 from fastlt.data import LongTailSampler
 from fastlt.engine import RunFolder, build_schedule, build_sgd, fit, read_metrics
 from fastlt.models import create_model
@@ -88,7 +89,7 @@ def test_resume_mid_epoch_restores_sampler_position(tmp_path, real_sampler):
         run_fit(tmp_path / "run", seed=0, interrupt=crash_at_step_4_of_epoch_1, **options)
     state = torch.load(tmp_path / "run" / "last.pt")
     assert (state["epoch"], state["step"]) == (1, 2)
-    assert (state["sampler"]["epoch"], state["sampler"]["position"]) == (2, 16)  # samplers count epochs from 1
+    assert (state["sampler"]["epoch"], state["sampler"]["position"]) == (1, 16)  # 0-based, as the trainer
     resumed, _ = run_fit(tmp_path / "run", seed=7, resume=True, **options)
     assert_same_parameters(reference, resumed)
 
@@ -100,3 +101,53 @@ def test_without_validation_the_last_epoch_is_selected(tmp_path):
     assert not (tmp_path / "run" / "best.pt").exists()
     records = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
     assert "val_overall" not in records[0] and records[1]["lr"] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi / 2)))
+
+
+class WriteKiller:
+    """Interrupts fit just before or just after its n-th durable write (a checkpoint file or a metrics record)."""
+
+    def __init__(self, monkeypatch, n, after):
+        self.n, self.after, self.count = n, after, 0
+        save, log = trainer_module.save_checkpoint, RunFolder.log
+        monkeypatch.setattr(trainer_module, "save_checkpoint", lambda path, **kw: self.write(save, path, **kw))
+        monkeypatch.setattr(RunFolder, "log", lambda run, record: self.write(log, run, record))
+
+    def write(self, function, *args, **kwargs):
+        self.count += 1
+        if self.count == self.n and not self.after:
+            raise Interrupt
+        function(*args, **kwargs)
+        if self.count == self.n and self.after:
+            raise Interrupt
+
+
+def comparable(records):
+    return [{key: value for key, value in record.items() if not key.endswith("_s")} for record in records]
+
+
+def test_killed_around_any_epoch_end_write_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    """last.pt, best.pt and metrics.jsonl stay consistent whichever write a kill interrupts: the resumed run logs
+    every epoch once and its best.pt is the reference run's best epoch (the old order wrote last.pt with the new
+    best epoch before best.pt, and the metrics record after both)."""
+    _, reference = run_fit(tmp_path / "reference", seed=0, epochs=2)
+    assert reference["best_epoch"] == 1  # the second epoch improves: a stale best.pt would show
+    expected_metrics = comparable(read_metrics(str(tmp_path / "reference" / "metrics.jsonl")))
+    expected_best = torch.load(tmp_path / "reference" / "best.pt")["model"]
+    # writes 1-3: epoch 0's record, best, last; 4-6: epoch 1's; after 3 and 6: between last.pt and best.pt
+    for n, after in [(n, False) for n in range(1, 7)] + [(3, True), (6, True)]:
+        root = tmp_path / f"run_{n}_{after}"
+        killer = WriteKiller(monkeypatch, n, after)
+        with pytest.raises(Interrupt):
+            run_fit(root, seed=0, epochs=2)
+        monkeypatch.undo()
+        assert killer.count == n
+        # a process killed before any last.pt starts afresh from the run's seed; else every RNG state comes
+        # from last.pt, whatever the new process seeded
+        _, result = run_fit(root, seed=7 if (root / "last.pt").exists() else 0, resume=True, epochs=2)
+        assert comparable(read_metrics(str(root / "metrics.jsonl"))) == expected_metrics, (n, after)
+        assert result["best_epoch"] == 1 and result["best_metric"] == reference["best_metric"], (n, after)
+        best = torch.load(root / "best.pt")
+        assert best["epoch"] == 1 and all(torch.equal(best["model"][key], value)
+                                          for key, value in expected_best.items()), (n, after)
+        assert sorted(path.name for path in root.iterdir()) == ["best.pt", "config.yaml", "last.pt",
+                                                                "metrics.jsonl"]
