@@ -1,6 +1,7 @@
 """numba kernels behind `fastlt.data.sampling`: O(N) grouping, O(C) alias tables, O(1) work per drawn sample.
 
-The random stream is splitmix64 with an explicit 64-bit state, so an epoch depends only on its (seed, epoch) and on
+The random stream is splitmix64 with an explicit 64-bit state, so an epoch depends only on its (seed, epoch), on the
+bucket state passed in (`work` and `pointers`, updated in place so that it can carry over to the next epoch) and on
 nothing global (numba's and numpy's global generators stay untouched). One 64-bit output serves a whole draw: its
 high 32 bits pick the class (and, through the fraction of `hi * C`, the alias coin), its low 32 bits the position
 inside the class. Bounded integers use the multiply-shift `(bits32 * bound) >> 32`, valid for bound < 2**32.
@@ -98,10 +99,10 @@ def build_alias_table(probabilities):
 
 
 @njit(cache=True)
-def draw_by_class_probability(work, offsets, keep, alias, num_samples, state):
-    """Per sample: a class from the alias table, then the next index of that class's bucket."""
+def draw_by_class_probability(work, offsets, keep, alias, pointers, num_samples, state):
+    """Per sample: a class from the alias table, then the next index of that class's bucket (`pointers[c]` items of
+    bucket c are already used in its current pass)."""
     num_classes = keep.shape[0]
-    pointers = np.zeros(num_classes, dtype=np.int64)
     out = np.empty(num_samples, dtype=np.int64)
     for slot in range(num_samples):
         state += _GOLDEN
@@ -116,10 +117,27 @@ def draw_by_class_probability(work, offsets, keep, alias, num_samples, state):
 
 
 @njit(cache=True)
-def draw_class_aware(work, offsets, classes, samples_per_class, num_samples, state):
-    """Decoupling's ClassAwareSampler: cycle a reshuffled class list, `samples_per_class` indices from each."""
-    pointers = np.zeros(offsets.shape[0] - 1, dtype=np.int64)
-    class_pointer = np.zeros(1, dtype=np.int64)
+def draw_with_replacement(order, offsets, keep, alias, num_samples, state):
+    """Per sample, independently: a class from the alias table, then a uniform instance of that class (i.i.d. draws
+    with replacement; with p_c = n_c**q / sum n**q this is per-instance weight n_c**q / n_c)."""
+    num_classes = keep.shape[0]
+    out = np.empty(num_samples, dtype=np.int64)
+    for slot in range(num_samples):
+        state += _GOLDEN
+        bits = _splitmix(state)
+        scaled = (bits >> _SHIFT_32) * np.uint64(num_classes)
+        cls = np.int64(scaled >> _SHIFT_32)
+        if (scaled & _LOW_32) >= keep[cls]:
+            cls = alias[cls]
+        start = offsets[cls]
+        out[slot] = order[start + _below(bits & _LOW_32, offsets[cls + 1] - start)]
+    return out
+
+
+@njit(cache=True)
+def draw_class_aware(work, offsets, classes, pointers, class_pointer, samples_per_class, num_samples, state):
+    """Decoupling's ClassAwareSampler: cycle a reshuffled class list (`classes`, `class_pointer[0]` of them used in
+    the current pass), `samples_per_class` indices from each."""
     out = np.empty(num_samples, dtype=np.int64)
     slot = 0
     while slot < num_samples:

@@ -99,7 +99,7 @@ def train_router(model: nn.Module, router: ExpertRouter, loader, *, epochs: int 
     for epoch in range(epochs):
         schedule.apply(optimizer, epoch)
         if sampler is not None:
-            sampler.set_epoch(epoch + 1)
+            sampler.set_epoch(epoch)
         wrapped.train()
         loss_sum, positives, rows, steps = 0.0, 0, 0, 0
         for images, labels in progress(loader, f"router epoch {epoch}"):

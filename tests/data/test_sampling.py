@@ -44,8 +44,9 @@ def test_class_frequencies_match_the_target_distribution(strategy, q, expected):
         assert chisquare(observed, class_probabilities(COUNTS, 1.0) * DRAWS).pvalue < 1e-12
 
 
-@pytest.mark.parametrize("epoch, lam", [(1, 0.0), (4, 0.5), (7, 1.0), (9, 1.0)])
+@pytest.mark.parametrize("epoch, lam", [(0, 0.0), (3, 0.5), (6, 1.0), (8, 1.0)])
 def test_progressive_sampler_follows_lambda(epoch, lam):
+    """0-based epochs (torch's convention): instance-balanced at epoch 0, class-balanced at epoch T - 1."""
     expected = (1 - lam) * COUNTS / COUNTS.sum() + lam / len(COUNTS)
     assert np.allclose(progressive_probabilities(COUNTS, epoch, 7), expected)
     targets = shuffled_targets(COUNTS)
@@ -129,7 +130,7 @@ def test_mid_epoch_resume():
     iterator = iter(sampler)
     head = [next(iterator) for _ in range(37)]
     state = sampler.state_dict()
-    assert state == {"epoch": 5, "seed": 3, "position": 37}
+    assert state == {"epoch": 5, "seed": 3, "position": 37, "persistent": True}
     resumed = LongTailSampler(targets, strategy="class_aware", seed=3, rank=1, world_size=2)
     resumed.load_state_dict(state)
     assert head + list(resumed) == full
@@ -140,7 +141,9 @@ def test_mid_epoch_resume():
     with pytest.raises(ValueError, match="seed"):
         LongTailSampler(targets, seed=4).load_state_dict(state)
     with pytest.raises(ValueError, match="position"):
-        resumed.load_state_dict({"epoch": 0, "seed": 3, "position": 10**9})
+        resumed.load_state_dict({"epoch": 0, "seed": 3, "position": 10**9, "persistent": True})
+    with pytest.raises(ValueError, match="persistent"):
+        resumed.load_state_dict({**state, "persistent": False})
 
 
 def test_works_inside_a_torch_dataloader():
@@ -190,3 +193,80 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="class_counts"):
         ClassGroups(class_counts=[0, 0])
     assert set(STRATEGIES) >= {"instance_balanced", "class_balanced", "square_root", "progressive", "class_aware"}
+
+
+@pytest.mark.parametrize("strategy", ["class_aware", "class_balanced", "ride_balanced", "square_root"])
+def test_persistent_buckets_carry_over_epochs(strategy):
+    """The official samplers keep each class's cycling iterator across epochs: over 10 short epochs every head image
+    is drawn once before any is drawn twice. Restarting buckets each epoch (persistent=False) repeats head images."""
+    targets = shuffled_targets([400, 40, 4])
+    head = np.flatnonzero(targets == 0)
+
+    def ten_epochs(persistent):
+        sampler = LongTailSampler(targets, strategy=strategy, seed=2, num_samples=40, persistent=persistent)
+        drawn = []
+        for epoch in range(10):
+            sampler.set_epoch(epoch)
+            drawn += list(sampler)
+        return np.asarray(drawn)
+
+    carried = ten_epochs(True)
+    head_draws = carried[targets[carried] == 0]
+    assert 40 < len(head_draws) <= len(head) and len(set(head_draws.tolist())) == len(head_draws)
+    restarted = ten_epochs(False)
+    restarted_head = restarted[targets[restarted] == 0]
+    assert len(set(restarted_head.tolist())) < len(restarted_head)
+
+
+def test_persistent_epochs_are_pure_resumable_and_ddp_consistent():
+    targets = shuffled_targets(COUNTS)
+    in_order = LongTailSampler(targets, strategy="class_aware", seed=4, num_samples=500)
+    epochs = []
+    for epoch in range(4):
+        in_order.set_epoch(epoch)
+        epochs.append(list(in_order))
+    # any epoch, asked out of order, by a fresh sampler (a resumed run) or the stateless function, is the same
+    fresh = LongTailSampler(targets, strategy="class_aware", seed=4, num_samples=500)
+    assert fresh.indices(3).tolist() == epochs[3] and fresh.indices(1).tolist() == epochs[1]
+    assert in_order.indices(2).tolist() == epochs[2]
+    assert epoch_indices(targets, strategy="class_aware", seed=4, num_samples=500, epoch=3).tolist() == epochs[3]
+    resumed = LongTailSampler(targets, strategy="class_aware", seed=4, num_samples=500)
+    resumed.load_state_dict({"epoch": 3, "seed": 4, "position": 123, "persistent": True})
+    assert list(resumed) == epochs[3][123:]
+    # ranks shard the same carried global order
+    shards = [LongTailSampler(targets, strategy="class_aware", seed=4, num_samples=500, rank=rank, world_size=2)
+              for rank in range(2)]
+    for sampler in shards:
+        sampler.set_epoch(3)
+    assert np.array_equal(np.stack([list(sampler) for sampler in shards], 1).reshape(-1), epochs[3])
+
+
+def test_square_root_with_replacement_is_iid_instance_weighting():
+    """Official square-root sampling (MixedPrioritizedSampler, nroot 2): i.i.d. draws with replacement, each instance
+    of class j with weight sqrt(n_j) / n_j, so instances of a class are equally likely and draws repeat freely."""
+    counts = np.array([900, 100, 16])
+    targets = shuffled_targets(counts)
+    indices = epoch_indices(targets, strategy="square_root", replacement=True, num_samples=DRAWS, epoch=1)
+    weights = (np.sqrt(counts) / counts)[targets]
+    expected = np.bincount(targets, weights=weights) / weights.sum()
+    assert chisquare(class_frequencies(indices, targets), expected * DRAWS).pvalue > 1e-3
+    tail = np.bincount(indices[targets[indices] == 2], minlength=len(targets))[targets == 2]
+    assert chisquare(tail, np.full(16, tail.sum() / 16)).pvalue > 1e-3
+    # with replacement a small epoch repeats indices within a class pass (buckets never do before exhausting one)
+    short = epoch_indices(targets, strategy="square_root", replacement=True, num_samples=300)
+    assert len(set(short[targets[short] == 0].tolist())) < (targets[short] == 0).sum()
+    with pytest.raises(ValueError, match="replacement"):
+        LongTailSampler(targets, strategy="class_aware", replacement=True)
+
+
+def test_rank_and_world_size_are_read_when_the_sampler_is_used(monkeypatch):
+    """A sampler built before init_process_group shards by the process group it finds when iterated."""
+    targets = shuffled_targets(COUNTS)
+    sampler = LongTailSampler(targets, strategy="class_balanced", seed=0)
+    assert (sampler.rank, sampler.world_size, len(sampler)) == (0, 1, len(targets))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 3)
+    sampler.set_epoch(1)
+    assert (sampler.rank, sampler.world_size, len(sampler)) == (3, 4, -(-len(targets) // 4))
+    assert list(sampler) == epoch_indices(targets, strategy="class_balanced", epoch=1, rank=3, world_size=4).tolist()
