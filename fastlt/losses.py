@@ -8,7 +8,7 @@ the functional op in ``fastlt.ops``, so the module and the op give the same numb
 
 >>> counts = torch.tensor([500.0, 120, 40, 8])
 >>> criterion = fastlt.RIDELoss(counts, drw_epoch=160)
->>> criterion.set_epoch(161)                    # 1-indexed: DRW and per-class temperatures from epoch 161
+>>> criterion.set_epoch(160)                    # 0-based: DRW and per-class temperatures from epoch 160
 >>> loss = criterion([torch.randn(6, 4) * 30 for _ in range(3)], torch.randint(0, 4, (6,)))
 """
 
@@ -75,16 +75,21 @@ def _counts_buffer(class_counts) -> torch.Tensor:
 class RIDELoss(nn.Module):
     """RIDE's stage-1 loss (per-expert LDAM-DRW + distribution-aware diversity KL), :func:`fastlt.ops.ride_loss`.
 
-    The deferred re-weighting phase follows the official schedule: call ``set_epoch(epoch)`` with the 1-indexed
-    epoch before each epoch; DRW class weights and per-class diversity temperatures are on for
-    ``epoch > drw_epoch`` (CIFAR: 161..200). Before the first ``set_epoch`` the loss is at epoch 1.
-    ``diversity_factor=0`` gives (individual) LDAM-DRW. Arguments as in :func:`fastlt.ops.ride_loss`.
+    The deferred re-weighting phase follows the official schedule: call ``set_epoch(epoch)`` with the 0-based
+    epoch before each epoch (torch's ``DistributedSampler.set_epoch`` and Lightning's convention); DRW class weights
+    and per-class diversity temperatures are on for ``epoch >= drw_epoch``. With ``drw_epoch=160`` that is 0-based
+    epochs 160..199, the official 1-based ``epoch > 160`` (161..200). Before the first ``set_epoch`` the loss is at
+    epoch 0. Only the on/off state reaches ``forward``, so a ``torch.compile``-d step recompiles once, at the
+    switch, not every epoch. ``diversity_factor=0`` gives (individual) LDAM-DRW. Arguments as in
+    :func:`fastlt.ops.ride_loss`.
 
     >>> criterion = fastlt.RIDELoss(torch.linspace(500, 5, 100).floor())
-    >>> criterion.set_epoch(160); criterion.drw
+    >>> criterion.set_epoch(159); criterion.drw
     False
-    >>> criterion.set_epoch(161); criterion.drw
+    >>> criterion.set_epoch(160); criterion.drw
     True
+    >>> criterion
+    RIDELoss(num_classes=100, scale=30.0, max_margin=0.5, diversity_factor=-0.45, temperature_factor=0.05, base_temperature=1.0, drw_beta=0.9999, drw_epoch=160, epoch=160, drw=True)
     >>> loss = criterion(torch.randn(3, 8, 100) * 30, torch.randint(0, 100, (8,)))
     """
 
@@ -97,21 +102,24 @@ class RIDELoss(nn.Module):
         self.scale, self.max_margin, self.diversity_factor = scale, max_margin, diversity_factor
         self.temperature_factor, self.base_temperature = temperature_factor, base_temperature
         self.drw_beta, self.drw_epoch = drw_beta, drw_epoch
-        self.epoch = 1
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the current 1-indexed epoch (DRW is on for ``epoch > drw_epoch``)."""
+        """Set the current 0-based epoch; DRW is on for ``epoch >= drw_epoch``."""
         self.epoch = int(epoch)
-
-    @property
-    def drw(self) -> bool:
-        return self.epoch > self.drw_epoch
+        self.drw = self.epoch >= self.drw_epoch  # forward reads only this bool (one recompile under torch.compile)
 
     def forward(self, expert_logits: ExpertLogits, target: torch.Tensor) -> torch.Tensor:
         return ops.ride_loss(stack_experts(expert_logits), target, self.class_counts, scale=self.scale,
                              max_margin=self.max_margin, diversity_factor=self.diversity_factor,
                              temperature_factor=self.temperature_factor, base_temperature=self.base_temperature,
                              drw=self.drw, drw_beta=self.drw_beta)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.class_counts.numel()}, scale={self.scale}, max_margin={self.max_margin}, "
+                f"diversity_factor={self.diversity_factor}, temperature_factor={self.temperature_factor}, "
+                f"base_temperature={self.base_temperature}, drw_beta={self.drw_beta}, drw_epoch={self.drw_epoch}, "
+                f"epoch={self.epoch}, drw={self.drw}")
 
 
 class RIDEDistillLoss(nn.Module):
@@ -138,7 +146,7 @@ class RIDEDistillLoss(nn.Module):
         self.temperature, self.distill_factor, self.scale_by_experts = temperature, distill_factor, scale_by_experts
 
     def set_epoch(self, epoch: int) -> None:
-        """The RIDE loss's DRW switch (1-indexed epoch, as :meth:`RIDELoss.set_epoch`)."""
+        """The RIDE loss's DRW switch (0-based epoch, as :meth:`RIDELoss.set_epoch`)."""
         self.ride_loss.set_epoch(epoch)
 
     def forward(self, expert_logits: ExpertLogits, target: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -153,10 +161,9 @@ class RIDEDistillLoss(nn.Module):
         loss = self.ride_loss(stacked, target) + self.distill_factor * self.temperature**2 * kl
         return loss * stacked.shape[0] if self.scale_by_experts else loss
 
-    def extra_repr(self) -> str:
-        return (f"num_classes={self.class_counts.numel()}, scale={self.scale}, max_margin={self.max_margin}, "
-                f"diversity_factor={self.diversity_factor}, temperature_factor={self.temperature_factor}, "
-                f"drw_epoch={self.drw_epoch}, epoch={self.epoch}")
+    def extra_repr(self) -> str:  # the wrapped RIDELoss prints itself as a child module
+        return (f"temperature={self.temperature}, distill_factor={self.distill_factor}, "
+                f"scale_by_experts={self.scale_by_experts}")
 
 
 class ResLTLoss(nn.Module):

@@ -23,15 +23,15 @@ def _target(batch=5):
 
 
 @pytest.mark.parametrize("drw_epoch", [160, 80, 0])
-def test_ride_drw_switches_on_after_drw_epoch_one_indexed(drw_epoch):
+def test_ride_drw_switches_on_from_drw_epoch_zero_based(drw_epoch):
     criterion = fastlt.RIDELoss(COUNTS, drw_epoch=drw_epoch)
-    assert criterion.drw == (1 > drw_epoch)  # before any set_epoch: epoch 1
-    for epoch, expected in [(drw_epoch, False), (drw_epoch + 1, True), (drw_epoch + 40, True)]:
+    assert criterion.drw == (drw_epoch <= 0)  # before any set_epoch: epoch 0
+    for epoch, expected in [(drw_epoch - 1, False), (drw_epoch, True), (drw_epoch + 40, True)]:
         criterion.set_epoch(epoch)
         assert criterion.drw is expected
 
 
-@pytest.mark.parametrize("epoch, drw", [(160, False), (161, True)])
+@pytest.mark.parametrize("epoch, drw", [(159, False), (160, True)])
 def test_ride_module_equals_functional_op_at_each_phase(epoch, drw):
     logits, target = _logits(), _target()
     kwargs = dict(scale=30.0, max_margin=0.4, diversity_factor=-0.2, temperature_factor=0.02, base_temperature=1.5,
@@ -47,7 +47,7 @@ def test_ride_switch_also_turns_on_the_per_class_temperatures():
     logits, target = _logits(), _target()
     with_diversity, without = fastlt.RIDELoss(COUNTS), fastlt.RIDELoss(COUNTS, diversity_factor=0.0)
     diversity_terms = []
-    for epoch in (160, 161):
+    for epoch in (159, 160):
         with_diversity.set_epoch(epoch)
         without.set_epoch(epoch)
         diversity_terms.append(with_diversity(logits, target) - without(logits, target))

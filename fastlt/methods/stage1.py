@@ -48,8 +48,9 @@ def stacked(output, field: str) -> torch.Tensor:
 
 
 def epoch_hook(loss_module: nn.Module) -> Callable[[int], None]:
-    """The engine counts epochs from 0; the losses' DRW switch counts from 1 as the official code does."""
-    return lambda epoch: loss_module.set_epoch(epoch + 1)
+    """The loss's DRW switch, told the engine's 0-based epoch (DRW from epoch drw_epoch: 160 is the official
+    1-based 161)."""
+    return loss_module.set_epoch
 
 
 def use_cosine_classifier(model: nn.Module) -> None:
@@ -81,7 +82,8 @@ def balanced_softmax(config, counts, model) -> Method:
 
 
 def ride(config, counts, model) -> Method:
-    """RIDE stage 1: per-expert LDAM-DRW + distribution-aware diversity KL, DRW after `drw_epoch` (1-indexed).
+    """RIDE stage 1: per-expert LDAM-DRW + distribution-aware diversity KL, DRW from 0-based epoch
+    `drw_epoch` (the official 1-based `epoch > drw_epoch`).
 
     With `teacher: <fastlt run folder or a checkpoint in one>` (a RIDE model trained first, 6 experts in the official
     recipes) it is RIDE + distillation (methods.md 3.3, `fastlt.RIDEDistillLoss`): `distill_temperature` (1.5),

@@ -42,8 +42,11 @@ def set_backend(backend: str) -> None:
 def use_backend(backend: str):
     """Context manager form of :func:`set_backend`; restores the previous backend on exit.
 
+    >>> logits = torch.randn(3, 8, 100)
     >>> with fastlt.ops.use_backend("triton"):
     ...     out = fastlt.ops.expert_aggregate(logits)
+    >>> fastlt.ops.get_backend()
+    'auto'
     """
     previous = _backend
     set_backend(backend)

@@ -49,8 +49,15 @@ def tau_sweep(
         taus: the taus to try (default Decoupling's grid 0.0..2.0 step 0.1); each >= 0.
         bias: optional ``[C]`` added after normalisation (Decoupling's tau-norm drops it: leave None).
 
-    >>> preds = fastlt.ops.tau_sweep(val_features, fc.weight, torch.linspace(0, 2, 21))
-    >>> table = fastlt.ops.shot_accuracy_per_tau(preds, val_targets, train_class_counts, taus)
+    >>> features, targets = torch.randn(50, 16), torch.randint(0, 10, (50,))   # a validation split's features
+    >>> weight, taus = torch.randn(10, 16), torch.linspace(0, 2, 21)             # the stage-1 fc.weight
+    >>> preds = fastlt.ops.tau_sweep(features, weight, taus)
+    >>> preds.shape
+    torch.Size([21, 50])
+    >>> train_counts = torch.tensor([500, 300, 150, 90, 60, 40, 25, 15, 10, 5])
+    >>> rows = fastlt.ops.shot_accuracy_per_tau(preds, targets, train_counts, taus)
+    >>> len(rows), sorted(rows[0])
+    (21, ['few', 'many', 'medium', 'overall', 'tau'])
     """
     taus = _validate(features, weight, taus, bias)
     backend = _backend.resolve(features)
