@@ -89,7 +89,8 @@ class RIDELoss(nn.Module):
     >>> criterion.set_epoch(160); criterion.drw
     True
     >>> criterion
-    RIDELoss(num_classes=100, scale=30.0, max_margin=0.5, diversity_factor=-0.45, temperature_factor=0.05, base_temperature=1.0, drw_beta=0.9999, drw_epoch=160, epoch=160, drw=True)
+    RIDELoss(num_classes=100, scale=30.0, max_margin=0.5, diversity_factor=-0.45, temperature_factor=0.05,
+             base_temperature=1.0, drw_beta=0.9999, drw_epoch=160, epoch=160, drw=True)
     >>> loss = criterion(torch.randn(3, 8, 100) * 30, torch.randint(0, 100, (8,)))
     """
 
