@@ -110,3 +110,21 @@ def test_ride_teacher_must_be_a_run_folder(tmp_path):
     model, _ = outputs("ride_small_cnn")
     with pytest.raises(FileNotFoundError, match="not a fastlt run folder"):
         build_method({"name": "ride", "teacher": str(tmp_path / "missing")}, COUNTS, model)
+
+
+def test_compiled_ride_step_recompiles_only_at_the_drw_switch():
+    """The engine's epoch hook tells the loss the 0-based epoch; forward only sees the DRW on/off bool, so a compiled
+    loss over 12 epochs across the switch compiles twice (before and after DRW), not once per epoch."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model, targets = outputs("ride_small_cnn")
+    method = build_method({"name": "ride", "drw_epoch": 6}, COUNTS, model)
+    output = model(torch.randn(8, 1, 28, 28))
+    counter = CompileCounter()
+    compiled_loss = torch.compile(method.loss_fn, backend=counter)
+    for epoch in range(12):
+        method.on_epoch_start(epoch)
+        expected = fastlt.ops.ride_loss(output.expert_logits, targets, COUNTS, drw=epoch >= 6)
+        assert torch.allclose(compiled_loss(output, targets), expected, rtol=1e-5), epoch
+    assert counter.frame_count <= 2
