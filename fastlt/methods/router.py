@@ -30,15 +30,31 @@ class ExpertRouter(nn.Module):
     """E - 1 binary routers: r_i = shared_fc([top-k(running mean logits_i) | ReLU(fc_i(normalise(feat_i)))]).
 
     top_k: 30 on CIFAR-100-LT and ImageNet-LT ResNet-10, 50 for ResNet-50 / ResNeXt-50 / iNat (capped at C).
+    init: "kaiming" draws every Linear weight with kaiming_normal_ (biases keep PyTorch's default), as the official
+    CIFAR EA ResNet-32 (its `_weights_init` runs over the router too); "default" keeps PyTorch's init, as the
+    official ImageNet-LT / iNat EA ResNets.
     """
 
-    def __init__(self, num_experts: int, feature_dim: int, num_classes: int, top_k: int = 30, hidden: int = 16):
+    INITS = ("default", "kaiming")
+
+    def __init__(self, num_experts: int, feature_dim: int, num_classes: int, top_k: int = 30, hidden: int = 16,
+                 init: str = "default"):
         super().__init__()
         if num_experts < 2:
             raise ValueError(f"ExpertRouter: routing needs at least 2 experts, got {num_experts}")
+        if init not in self.INITS:
+            raise ValueError(f"ExpertRouter: init must be one of {self.INITS}, got {init!r}")
         self.top_k = min(top_k, num_classes)
+        self.init = init
         self.hidden = nn.ModuleList(nn.Linear(feature_dim, hidden) for _ in range(num_experts - 1))
         self.predict = nn.Linear(self.top_k + hidden, 1)
+        if init == "kaiming":
+            for layer in self.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.kaiming_normal_(layer.weight)
+
+    def extra_repr(self) -> str:
+        return f"num_routers={len(self.hidden)}, top_k={self.top_k}, init={self.init!r}"
 
     def step(self, index: int, features: torch.Tensor, mean_logits: torch.Tensor) -> torch.Tensor:
         """Router `index`'s logit [B] from expert `index`'s features [B, D] and the running mean logits [B, C]."""

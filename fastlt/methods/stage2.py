@@ -74,7 +74,7 @@ def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: boo
         model.to(device)
     else:
         router = routing.ExpertRouter(model.num_experts, model.classifiers[0].weight.shape[0], train_set.num_classes,
-                                      top_k=options.get("top_k", 30)).to(device)
+                                      top_k=options.get("top_k", 30), init=options.get("init", "default")).to(device)
         epochs = options.get("epochs", 5)
         sampler = build_sampler(train_set, options.get("sampler", "ride_balanced"), seed, epochs)
         loader = build_loader(train_set, data, options.get("batch_size", 128), train=True, sampler=sampler, seed=seed)

@@ -1,5 +1,6 @@
 """RIDE's expert-assignment router: targets, loss, routed inference, FLOPs."""
 
+import pytest
 import torch
 from conftest import DIGITS
 
@@ -78,3 +79,19 @@ def test_train_router_changes_only_the_router():
     assert not torch.equal(router.predict.weight, router_before)
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name  # weights AND BN statistics untouched
+
+
+def test_kaiming_init_matches_the_official_cifar_router():
+    """The official CIFAR EA ResNet-32 runs kaiming_normal_ over its router Linear layers (std sqrt(2 / fan_in));
+    PyTorch's default init (ImageNet EA ResNets) has std 1 / sqrt(3 fan_in)."""
+    torch.manual_seed(0)
+    kaiming = ExpertRouter(num_experts=4, feature_dim=48, num_classes=100, top_k=30, init="kaiming")
+    default = ExpertRouter(num_experts=4, feature_dim=48, num_classes=100, top_k=30)
+    hidden = torch.cat([layer.weight.flatten() for layer in kaiming.hidden])
+    assert abs(hidden.std().item() / (2 / 48) ** 0.5 - 1) < 0.1
+    assert abs(kaiming.predict.weight.std().item() / (2 / 46) ** 0.5 - 1) < 0.35  # 46 weights only
+    default_hidden = torch.cat([layer.weight.flatten() for layer in default.hidden])
+    assert abs(default_hidden.std().item() / (1 / (3 * 48)) ** 0.5 - 1) < 0.1
+    assert "init='kaiming'" in repr(kaiming)
+    with pytest.raises(ValueError, match="init"):
+        ExpertRouter(num_experts=3, feature_dim=8, num_classes=10, init="xavier")
