@@ -23,8 +23,10 @@ from torch import nn
 
 import fastlt
 from fastlt.engine import load_checkpoint
+from fastlt.methods.balpoe import BalPoELoss, limits_taus
 from fastlt.methods.builders import build_model, selected_checkpoint
 from fastlt.methods.config import read_recipe
+from fastlt.methods.sade import SADELoss
 from fastlt.models import FeatureClassifier, NormedLinear
 
 LDAM_SCALE = 30.0  # the cosine classifier's s, as in LDAM-DRW and RIDE
@@ -137,8 +139,32 @@ def reslt(config, counts, model) -> Method:
     return Method("reslt", lambda output, targets: loss(output.branch_logits[: groups.shape[0]], targets))
 
 
+def balpoe(config, counts, model) -> Method:
+    """BalPoE: expert k trained with CE(z_k + tau_k log pi), the experts' losses averaged (one fused call).
+    `taus` (default [0, 1, 2]), or `tau_min` / `tau_max` for E equidistant taus (the official 'limits')."""
+    num_experts = getattr(model, "num_experts", None)
+    if num_experts is None:
+        raise ValueError(f"balpoe: needs a multi-expert model (e.g. ride_small_cnn), got {type(model).__name__}")
+    taus = config.get("taus")
+    if taus is None:
+        taus = limits_taus(num_experts, config.get("tau_min", 0.0), config.get("tau_max", 2.0))
+    if len(taus) != num_experts:
+        raise ValueError(f"balpoe: taus has {len(taus)} values but the model has {num_experts} experts")
+    loss = BalPoELoss(counts, taus).to(counts.device)
+    return Method("balpoe", lambda output, targets: loss(output.expert_logits, targets))
+
+
+def sade(config, counts, model) -> Method:
+    """SADE: forward (CE), uniform (Balanced Softmax) and backward (log pi - tau log pi_bar) experts, summed."""
+    if getattr(model, "num_experts", None) != 3:
+        raise ValueError(f"sade: needs a 3-expert model (forward, uniform, backward), got "
+                         f"{getattr(model, 'num_experts', 'a single-head model')} experts")
+    loss = SADELoss(counts, tau=config.get("tau", 2.0)).to(counts.device)
+    return Method("sade", lambda output, targets: loss(output.expert_logits, targets))
+
+
 METHODS = {"ce": cross_entropy, "ldam_drw": ldam_drw, "balanced_softmax": balanced_softmax, "ride": ride,
-           "reslt": reslt}
+           "reslt": reslt, "balpoe": balpoe, "sade": sade}
 
 
 def build_method(config: dict, class_counts, model: nn.Module, device=None) -> Method:

@@ -1,7 +1,10 @@
-"""`fastlt stage2 {crt,lws,tau,ncm,router}` on a trained stage-1 model: the `stage2:` section of a recipe.
+"""`fastlt stage2 {crt,lws,tau,ncm,router,logit_adjust,sade}` on a trained stage-1 model: the `stage2:` section of a
+recipe.
 
-Each writes `<out>/stage2_<name>/`: stage2.json (what was chosen: tau, router shares, ...), model.pt (the model with
-its new head, or the router), results.json and per_class_accuracy.png on the test split.
+Each writes `<out>/stage2_<name>/`: stage2.json (what was chosen: tau, router shares, SADE's expert weights, ...),
+model.pt (the model with its new head; the router's weights for router; nothing for logit_adjust and sade, which
+keep the stage-1 model and store their few numbers in stage2.json), results.json and per_class_accuracy.png on the
+test split.
 """
 
 import json
@@ -10,11 +13,12 @@ import os
 import torch
 
 from fastlt.engine import RunFolder, evaluate_logits, format_results, predict
-from fastlt.methods import decoupling, router as routing
+from fastlt.methods import decoupling, logit_adjust, router as routing, sade
 from fastlt.methods.builders import build_loader, build_sampler, evaluate
 from fastlt.models import RIDE, FeatureClassifier, LearnableWeightScaling, NearestClassMean, TauNormLinear
 
-STAGE2_METHODS = ("crt", "lws", "tau", "ncm", "router")
+STAGE2_METHODS = ("crt", "lws", "tau", "ncm", "router", "logit_adjust", "sade")
+NEEDS_MODEL = {"router": RIDE, "sade": RIDE, "logit_adjust": torch.nn.Module}  # else FeatureClassifier
 
 
 def stage2_folder(config: dict, name: str) -> str:
@@ -27,7 +31,7 @@ def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: boo
     name = options["name"]
     if name not in STAGE2_METHODS:
         raise ValueError(f"stage2: unknown method {name!r}; expected one of {STAGE2_METHODS}")
-    needs = RIDE if name == "router" else FeatureClassifier
+    needs = NEEDS_MODEL.get(name, FeatureClassifier)
     if not isinstance(model, needs):
         raise ValueError(f"stage2 {name}: needs a {needs.__name__} stage-1 model, got {type(model).__name__} "
                          f"({config['model']['name']})")
@@ -72,6 +76,28 @@ def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: boo
         model.classifier = decoupling.ncm_head(features, labels, train_set.num_classes,
                                                options.get("feature_transform", "cl2n"), options.get("distance", "l2"))
         model.to(device)
+    elif name == "logit_adjust":
+        tau = options.get("tau")
+        if tau is None:
+            split = options.get("select_on", "val")
+            if plain_loader[split] is None:
+                raise ValueError(f"stage2 logit_adjust: no {split} split to pick tau on; set stage2.tau or "
+                                 f"stage2.select_on")
+            if split == "test":
+                print("stage2 logit_adjust: picking tau on the TEST split, as requested by stage2.select_on",
+                      flush=True)
+            val_logits, val_targets = predict(model, plain_loader[split], device=device)
+            tau, rows = logit_adjust.select_tau(val_logits, val_targets, counts,
+                                                options.get("taus", logit_adjust.DEFAULT_TAUS))
+            chosen.update(selected_on=split, sweep=rows)
+        chosen["tau"] = tau
+        test_logits, targets = predict(model, plain_loader["test"], device=device)
+        logits = logit_adjust.adjust(test_logits, counts, tau)
+    elif name == "sade":
+        weights, history = adapt_sade_weights(model, datasets, data, options, seed, device, run)
+        chosen.update(adapted_on=options.get("adapt_on", "test"), weights=weights.tolist(), history=history)
+        expert_logits, targets = sade.predict_experts(model, plain_loader["test"], device)
+        logits = sade.aggregate(expert_logits, weights.cpu().log())
     else:
         router = routing.ExpertRouter(model.num_experts, model.classifiers[0].weight.shape[0], train_set.num_classes,
                                       top_k=options.get("top_k", 30), init=options.get("init", "default")).to(device)
@@ -88,14 +114,18 @@ def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: boo
                                                        options.get("threshold", 0.5), device)
         chosen.update(top_k=router.top_k, **routing.routed_macs(model, tuple(train_set[0][0].shape), used))
         torch.save(router.state_dict(), os.path.join(folder, "router.pt"))
-    if name != "router":
+    if name not in ("router", "logit_adjust", "sade"):
         torch.save(model.state_dict(), os.path.join(folder, "model.pt"))
     with open(os.path.join(folder, "stage2.json"), "w") as handle:
         json.dump(chosen, handle, indent=2)
     title = f"{config.get('name', name)} (stage 2: {name})"
     results = evaluate(model, plain_loader["test"], counts, folder, title, device, logits, targets)
     if verbose:
-        extra = f" (tau {chosen['tau']:.1f}, picked on {chosen.get('selected_on', 'config')})" if name == "tau" else ""
+        extra = (f" (tau {chosen['tau']:.1f}, picked on {chosen.get('selected_on', 'config')})"
+                 if name in ("tau", "logit_adjust") else "")
+        if name == "sade":
+            extra = " (expert weights " + ", ".join(f"{w:.2f}" for w in chosen["weights"]) + \
+                    f" learned on unlabeled {chosen['adapted_on']} images)"
         print(f"\n{title}{extra} on test:\n{format_results(results)}", flush=True)
         if name == "router":
             shares = ", ".join(f"{k}: {100 * v:.1f}%" for k, v in chosen["share_per_num_experts"].items())
@@ -103,6 +133,25 @@ def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: boo
                   f"{chosen['mflops_all_experts']:.2f} with all experts", flush=True)
     run.close()
     return {**results, "chosen": chosen}
+
+
+def adapt_sade_weights(model, datasets, data: dict, options: dict, seed: int, device, run):
+    """SADE's test-time aggregation weights, learned on two augmented views of the unlabeled `adapt_on` split
+    (default test, as the official code; labels are never read)."""
+    split = options.get("adapt_on", "test")
+    if datasets.get(split) is None:
+        raise ValueError(f"stage2 sade: no {split} split to adapt the expert weights on; set stage2.adapt_on")
+    if model.num_experts != 3:
+        raise ValueError(f"stage2 sade: needs the 3-expert SADE model, got {model.num_experts} experts")
+    batch_size, epochs = options.get("batch_size", 128), options.get("epochs", 5)
+    # the same shuffled order in both loaders, each drawing its own augmentation (the official TwoCropsTransform)
+    views = [build_loader(datasets[split], data, batch_size, train=True, seed=seed + view,
+                          sampler=build_sampler(datasets[split], "instance_balanced", seed, epochs))
+             for view in range(2)]
+    return sade.adapt_expert_weights(
+        sade.frozen_expert_logits(model, device), views, epochs=epochs, lr=options.get("lr", 0.1),
+        weight_decay=options.get("weight_decay", 5e-4), num_experts=model.num_experts, on_epoch_end=run.log,
+        device=device)
 
 
 def attach_head(model, chosen: dict, num_classes: int):
@@ -129,6 +178,14 @@ def evaluate_stage2(folder: str, model, datasets, data: dict, device, split: str
                                       datasets["train"].num_classes, top_k=chosen["top_k"])
         router.load_state_dict(torch.load(os.path.join(folder, "router.pt"), map_location=device))
         logits, targets, _ = routing.routed_predict(model, router.to(device), loader, device=device)
+        return evaluate_logits(logits, targets, datasets["train"].train_class_counts)
+    if chosen["name"] == "logit_adjust":
+        logits, targets = predict(model.to(device), loader, device=device)
+        logits = logit_adjust.adjust(logits, datasets["train"].train_class_counts, chosen["tau"])
+        return evaluate_logits(logits, targets, datasets["train"].train_class_counts)
+    if chosen["name"] == "sade":
+        expert_logits, targets = sade.predict_experts(model.to(device), loader, device)
+        logits = sade.aggregate(expert_logits, torch.tensor(chosen["weights"]).log())
         return evaluate_logits(logits, targets, datasets["train"].train_class_counts)
     attach_head(model, chosen, datasets["train"].num_classes)
     model.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location=device))

@@ -1,0 +1,55 @@
+"""Post-hoc logit adjustment (Menon et al., ICLR 2021; docs/methods.md) as a stage 2: predict argmax_j z_j - tau *
+log pi_j with the stage-1 logits z, tau picked on the VALIDATION split (never on test).
+
+The sweep follows `fastlt.ops.tau_sweep`: the validation logits are computed once, and every tau is an argmax over
+the shifted logits of a block of rows ([K, rows, C] at a time, never K copies of the whole logit matrix). On a
+BalPoE model the same step is its test-time tau shift.
+
+>>> logits = torch.tensor([[2.0, 1.5], [0.0, 1.0]])
+>>> adjusted_predictions(logits, torch.tensor([90.0, 10.0]), [0.0, 1.0]).tolist()
+[[0, 1], [1, 1]]
+"""
+
+from typing import Sequence
+
+import torch
+
+from fastlt import ops
+from fastlt.ops._lt_constants import class_prior
+
+DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0 (tau = 1: Menon et al.'s default)
+ROWS_PER_BLOCK = 4096
+
+
+def log_prior(class_counts) -> torch.Tensor:
+    return class_prior(torch.as_tensor(class_counts, dtype=torch.float64)).log()
+
+
+def adjust(logits: torch.Tensor, class_counts, tau: float) -> torch.Tensor:
+    """z - tau * log pi (fp32 [N, C])."""
+    return logits.float() - float(tau) * log_prior(class_counts).float().to(logits.device)
+
+
+def adjusted_predictions(logits: torch.Tensor, class_counts, taus: Sequence[float]) -> torch.Tensor:
+    """LongTensor [K, N]: argmax_j (z_ij - taus[k] * log pi_j) for every tau, one pass over `logits` [N, C]."""
+    if logits.dim() != 2:
+        raise ValueError(f"adjusted_predictions: logits must be [N, C], got shape {tuple(logits.shape)}")
+    taus = torch.as_tensor(list(taus), dtype=torch.float64)
+    if taus.dim() != 1 or taus.numel() == 0 or not bool(torch.isfinite(taus).all()):
+        raise ValueError(f"adjusted_predictions: taus must be a non-empty list of finite numbers, got {taus.tolist()}")
+    shifts = (taus[:, None] * log_prior(class_counts)[None, :]).float().to(logits.device)  # [K, C]
+    if shifts.shape[1] != logits.shape[1]:
+        raise ValueError(f"adjusted_predictions: class_counts has {shifts.shape[1]} classes, logits {logits.shape[1]}")
+    blocks = [(block.float()[None, :, :] - shifts[:, None, :]).argmax(-1)
+              for block in logits.split(ROWS_PER_BLOCK)]
+    return torch.cat(blocks, dim=1)
+
+
+def select_tau(val_logits: torch.Tensor, val_targets: torch.Tensor, class_counts,
+               taus: Sequence[float] = DEFAULT_TAUS):
+    """(best tau by overall class-mean accuracy on val, rows per tau); ties go to the tau nearest 0."""
+    taus = [float(tau) for tau in taus]
+    predictions = adjusted_predictions(val_logits, class_counts, taus)
+    rows = ops.shot_accuracy_per_tau(predictions, val_targets, class_counts, taus)
+    best = max(rows, key=lambda row: (row["overall"], -abs(row["tau"])))
+    return best["tau"], rows

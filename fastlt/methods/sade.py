@@ -1,0 +1,169 @@
+"""SADE (Zhang et al., NeurIPS 2022; docs/methods.md): three skill-diverse experts and test-time self-supervised
+aggregation.
+
+Training (`SADELoss`, the official `DiverseExpertLoss` of Vanint/SADE-AgnosticLT, model/loss.py), summed over the
+three experts of a RIDE-style model:
+
+- forward expert: CE(z_1, y) (long-tailed, like the training set);
+- uniform expert: CE(z_2 + log pi, y) (Balanced Softmax);
+- backward expert: CE(z_3 + log pi - tau * log pi_bar, y), where pi_bar is the prior reversed by rank (the most
+  frequent class gets the rarest class's prior), tau = 2 (CIFAR-100-LT, ImageNet-LT), 1 (iNaturalist 2018).
+
+The three shifted cross-entropies are one call of the `prior_shifted_ce` kernel with an explicit [3, C] shift
+table (`shifted_expert_ce`): the public op builds its shifts as tau_k * log(pi), and the backward expert's shift is
+not of that form unless the class counts follow an exact exponential profile.
+
+Test time (`adapt_expert_weights`, the official test_training_*.py): the model is frozen in eval mode; a 3-vector
+w (initialised to 1/3) gives the aggregation softmax(w), the prediction is sum_k softmax(w)_k z_k
+(`fastlt.ops.expert_aggregate(reduce="sum", weights=softmax(w))`), and w is trained on UNLABELED images by
+maximising the cosine similarity of the softmax predictions of two augmented views of each image (SGD, 5 epochs,
+stopping after an epoch in which some weight falls below 0.05). The official code adapts on the test images
+themselves (transductive, labels never used); `fastlt stage2 sade` does the same by default and says so.
+"""
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastlt import ops
+from fastlt.engine.loop import move_batch
+from fastlt.ops import _backend, _checks
+from fastlt.ops._lt_constants import class_prior
+
+OP = "fastlt.methods.sade"
+STOP_WEIGHT = 0.05  # the official loop stops once an expert's aggregation weight falls below this
+
+
+def reversed_prior(prior: torch.Tensor) -> torch.Tensor:
+    """pi_bar: the prior values reversed by rank (the official `inverse_prior`).
+
+    >>> reversed_prior(torch.tensor([0.6, 0.1, 0.3], dtype=torch.float64)).tolist()
+    [0.1, 0.6, 0.3]
+    """
+    values, order = torch.sort(prior, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(prior), device=prior.device)
+    return values[len(prior) - 1 - rank]
+
+
+def sade_logit_shifts(class_counts, tau: float = 2.0) -> torch.Tensor:
+    """[3, C] fp64 shifts of the forward, uniform and backward experts: 0, log pi, log pi - tau * log pi_bar."""
+    prior = class_prior(torch.as_tensor(class_counts, dtype=torch.float64))
+    log_prior = prior.log()
+    return torch.stack([torch.zeros_like(log_prior), log_prior, log_prior - tau * reversed_prior(prior).log()])
+
+
+def shifted_expert_ce_reference(expert_logits, target, logit_shifts):
+    """Eager sum_k CE(z_k + shift_k, y), written from the formula (fp32 math for fp16/bf16 logits)."""
+    logits = expert_logits.to(_checks.accumulate_dtype(expert_logits.dtype))
+    shifts = logit_shifts.to(logits)
+    return sum(F.cross_entropy(expert + shift, target) for expert, shift in zip(logits, shifts))
+
+
+def shifted_expert_ce(expert_logits: torch.Tensor, target: torch.Tensor, logit_shifts: torch.Tensor) -> torch.Tensor:
+    """sum_k CE(z_k + shift_k, y) over `expert_logits` [E, B, C] with `logit_shifts` [E, C], in one fused pass
+    (the kernel of `fastlt.ops.prior_shifted_ce`, which also returns the gradient), on the active op backend."""
+    _checks.tensor(OP, "expert_logits", expert_logits, dims=3, floating=True)
+    num_experts, batch, num_classes = expert_logits.shape
+    _checks.labels(OP, "target", target, batch, num_classes)
+    _checks.tensor(OP, "logit_shifts", logit_shifts, dims=2, floating=True)
+    if tuple(logit_shifts.shape) != (num_experts, num_classes):
+        raise ValueError(f"{OP}: logit_shifts must be [E, C]=[{num_experts}, {num_classes}], "
+                         f"got {tuple(logit_shifts.shape)}")
+    backend = _backend.resolve(expert_logits)
+    if backend == "reference":
+        return shifted_expert_ce_reference(expert_logits, target, logit_shifts)
+    shifts = logit_shifts.to(device=expert_logits.device, dtype=_checks.accumulate_dtype(expert_logits.dtype))
+    compute_grad = expert_logits.requires_grad and torch.is_grad_enabled()
+    fused = torch.ops.fastlt.prior_shifted_ce_triton if backend == "triton" else torch.ops.fastlt.prior_shifted_ce
+    loss, _ = fused(expert_logits, target, shifts.contiguous(), compute_grad)
+    return loss
+
+
+class SADELoss(nn.Module):
+    """Sum of the forward / uniform / backward experts' shifted cross-entropies on [3, B, C] expert logits."""
+
+    def __init__(self, class_counts, tau: float = 2.0):
+        super().__init__()
+        self.tau = float(tau)
+        self.register_buffer("logit_shifts", sade_logit_shifts(class_counts, self.tau), persistent=False)
+
+    def forward(self, expert_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if expert_logits.dim() != 3 or expert_logits.shape[0] != 3:
+            raise ValueError(f"SADELoss: expert_logits must be [3, B, C] (forward, uniform, backward experts), got "
+                             f"shape {tuple(expert_logits.shape)}")
+        return shifted_expert_ce(expert_logits, target, self.logit_shifts)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.logit_shifts.shape[1]}, tau={self.tau}"
+
+
+def aggregate(expert_logits: torch.Tensor, raw_weights: torch.Tensor) -> torch.Tensor:
+    """sum_k softmax(w)_k * z_k: [E, B, C] -> [B, C], differentiable in w."""
+    return ops.expert_aggregate(expert_logits, reduce="sum", weights=torch.softmax(raw_weights, dim=0))
+
+
+def stability_loss(view_a: torch.Tensor, view_b: torch.Tensor, raw_weights: torch.Tensor) -> torch.Tensor:
+    """- mean cosine similarity of the aggregated softmax predictions of two views ([E, B, C] expert logits each)."""
+    probabilities_a = torch.softmax(aggregate(view_a, raw_weights), dim=1)
+    probabilities_b = torch.softmax(aggregate(view_b, raw_weights), dim=1)
+    return -F.cosine_similarity(probabilities_a, probabilities_b, dim=1, eps=1e-6).mean()
+
+
+def adapt_expert_weights(expert_logits_of: Callable, view_loaders, *, epochs: int = 5, lr: float = 0.1,
+                         weight_decay: float = 5e-4, num_experts: int = 3, on_epoch_end: Optional[Callable] = None,
+                         device=torch.device("cpu")):
+    """Learns the aggregation weights by prediction stability; returns (softmax weights [E], per-epoch records).
+
+    `expert_logits_of(images)` gives the frozen model's [E, B, C] expert logits; `view_loaders` is a pair of loaders
+    that yield the same images in the same order, each with its own random augmentation (labels are ignored).
+    """
+    raw_weights = torch.full((num_experts,), 1.0 / num_experts, device=device, requires_grad=True)
+    optimizer = torch.optim.SGD([raw_weights], lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    history = []
+    for epoch in range(epochs):
+        for loader in view_loaders:
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+        total, seen = 0.0, 0
+        for (images_a, _), (images_b, _) in zip(*view_loaders):
+            with torch.no_grad():
+                view_a = expert_logits_of(images_a).float()
+                view_b = expert_logits_of(images_b).float()
+            loss = stability_loss(view_a, view_b, raw_weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, seen = total + loss.item() * len(images_a), seen + len(images_a)
+        weights = torch.softmax(raw_weights.detach(), dim=0)
+        record = {"epoch": epoch, "stability": -total / max(seen, 1), "weights": weights.cpu().tolist()}
+        history.append(record)
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+        if bool((weights < STOP_WEIGHT).any()):
+            break
+    return torch.softmax(raw_weights.detach(), dim=0), history
+
+
+def frozen_expert_logits(model: nn.Module, device) -> Callable:
+    """images -> the eval-mode model's [E, B, C] expert logits on `device`."""
+    model.eval()
+
+    def expert_logits_of(images):
+        images, _ = move_batch(images, torch.zeros(0, dtype=torch.long), device, channels_last=False)
+        return model(images).expert_logits
+
+    return expert_logits_of
+
+
+@torch.no_grad()
+def predict_experts(model: nn.Module, loader, device):
+    """(expert logits [E, N, C] fp32 on the CPU, targets [N]) of the eval-mode model, in loader order."""
+    expert_logits_of = frozen_expert_logits(model, device)
+    logits, targets = [], []
+    for images, labels in loader:
+        logits.append(expert_logits_of(images).float().cpu())
+        targets.append(labels)
+    return torch.cat(logits, dim=1), torch.cat(targets)

@@ -1,0 +1,129 @@
+"""SADE: the three experts' losses against an eager reference from the formulas, the test-time aggregation on a
+constructed case, and `fastlt train` + `fastlt stage2 sade` + `fastlt eval` end to end on Digits-LT."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DIGITS
+
+from fastlt.cli import main
+from fastlt.methods import build_method
+from fastlt.methods.sade import (SADELoss, adapt_expert_weights, aggregate, reversed_prior, sade_logit_shifts,
+                                 shifted_expert_ce)
+from fastlt.models import create_model
+
+COUNTS = torch.tensor([40.0, 500, 15, 200, 5, 90])  # unsorted on purpose: pi_bar goes by rank, not by position
+
+
+def eager_sade(expert_logits, targets, tau):
+    """The official DiverseExpertLoss (without its 1e-9): CE(z1) + CE(z2 + log pi) + CE(z3 + log pi - tau log pi_bar),
+    pi_bar[j] = the prior of the class whose frequency rank mirrors j's."""
+    prior = COUNTS / COUNTS.sum()
+    order = prior.argsort()
+    mirrored = torch.empty_like(prior)
+    mirrored[order] = prior[order.flip(0)]
+    forward, uniform, backward = expert_logits
+    return (F.cross_entropy(forward, targets) + F.cross_entropy(uniform + prior.log(), targets)
+            + F.cross_entropy(backward + prior.log() - tau * mirrored.log(), targets))
+
+
+def test_reversed_prior_gives_each_class_the_prior_of_its_mirrored_rank():
+    prior = COUNTS.double() / COUNTS.sum()
+    mirrored = reversed_prior(prior)
+    assert mirrored[1] == prior[4] and mirrored[4] == prior[1]  # most frequent <-> rarest
+    assert mirrored[0] == prior[5] and mirrored[3] == prior[2]
+    assert torch.equal(mirrored.sort().values, prior.sort().values)
+
+
+def test_on_an_exponential_profile_the_backward_shift_is_three_log_prior():
+    counts = 500 * 0.01 ** (torch.arange(10, dtype=torch.float64) / 9)  # MNIST-LT's / CIFAR-LT's profile
+    shifts = sade_logit_shifts(counts, tau=2.0)
+    log_prior = (counts / counts.sum()).log()
+    difference = shifts[2] - 3 * log_prior  # pi_bar is proportional to 1 / pi: a constant a softmax ignores
+    assert torch.allclose(difference, difference[0].expand(10), atol=1e-9)
+    assert torch.equal(shifts[0], torch.zeros(10)) and torch.allclose(shifts[1], log_prior)
+
+
+@pytest.mark.parametrize("tau", [2.0, 1.0])
+def test_loss_and_gradient_match_the_eager_reference(tau):
+    logits = torch.randn(3, 16, len(COUNTS), requires_grad=True)
+    targets = torch.arange(16) % len(COUNTS)
+    fused = SADELoss(COUNTS, tau=tau)(logits, targets)
+    (fused_grad,) = torch.autograd.grad(fused, logits)
+    expected = eager_sade(logits, targets, tau)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    assert torch.allclose(fused, expected, rtol=1e-5)
+    assert torch.allclose(fused_grad, expected_grad, atol=1e-6)
+
+
+def test_the_three_expert_losses_are_one_fused_call():
+    loss = SADELoss(COUNTS)
+    logits, targets = torch.randn(3, 8, len(COUNTS)), torch.arange(8) % len(COUNTS)
+    with torch.autograd.profiler.profile() as profile:
+        loss(logits, targets)
+    names = [event.name for event in profile.function_events]
+    assert names.count("fastlt::prior_shifted_ce") == 1
+    assert not any("cross_entropy" in name or "log_softmax" in name for name in names)
+
+
+def test_bad_inputs_are_refused_with_the_argument_named():
+    targets = torch.arange(4) % len(COUNTS)
+    with pytest.raises(ValueError, match=r"expert_logits must be \[3, B, C\]"):
+        SADELoss(COUNTS)(torch.zeros(2, 4, len(COUNTS)), targets)
+    with pytest.raises(ValueError, match="logit_shifts must be"):
+        shifted_expert_ce(torch.zeros(3, 4, len(COUNTS)), targets, torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="target must be in"):
+        shifted_expert_ce(torch.zeros(3, 4, len(COUNTS)), targets + 6, torch.zeros(3, len(COUNTS)))
+    with pytest.raises(ValueError, match="3-expert model"):
+        build_method({"name": "sade"}, COUNTS, create_model("ride_small_cnn", num_classes=6, num_experts=4))
+    assert "tau=2.0" in repr(SADELoss(COUNTS))
+
+
+def test_method_wiring_uses_the_model_expert_logits():
+    model = create_model("ride_small_cnn", num_classes=len(COUNTS), num_experts=3)
+    method = build_method({"name": "sade", "tau": 1.0}, COUNTS, model)
+    output = model(torch.randn(4, 1, 28, 28))
+    targets = torch.tensor([0, 1, 2, 5])
+    assert torch.allclose(method.loss_fn(output, targets), eager_sade(output.expert_logits, targets, 1.0), rtol=1e-5)
+
+
+def test_aggregation_weights_move_toward_the_stable_expert():
+    """Expert 0 predicts the same class for both views of an image; experts 1 and 2 flip between two classes, so
+    prediction stability is maximised by weighting expert 0 up."""
+    torch.manual_seed(0)
+    batches, batch, classes = 6, 32, 5
+    stable = torch.randn(batches, batch, classes) * 3
+    flip_a, flip_b = torch.randn(batches, batch, classes) * 3, torch.randn(batches, batch, classes) * 3
+    # "images" are [B, E, C] expert logits here; the frozen model is the identity on them
+    view_a = [(torch.stack([s, fa, fa], 1), None) for s, fa in zip(stable, flip_a)]
+    view_b = [(torch.stack([s, fb, fb], 1), None) for s, fb in zip(stable, flip_b)]
+    weights, history = adapt_expert_weights(lambda images: images.transpose(0, 1), (view_a, view_b), epochs=5,
+                                            lr=0.1)
+    assert weights[0] > 0.5 and weights[0] > weights[1] and weights[0] > weights[2], weights
+    assert torch.isclose(weights.sum(), torch.tensor(1.0))
+    assert history[-1]["stability"] > history[0]["stability"]
+    # the aggregation is the softmax-weighted sum of the expert logits
+    logits = torch.randn(3, 4, classes)
+    expected = sum(w * z for w, z in zip(weights, logits))
+    assert torch.allclose(aggregate(logits, weights.log()), expected, atol=1e-6)
+
+
+def test_train_then_stage2_sade_then_eval_on_digits(tmp_path, capsys):
+    run = str(tmp_path / "sade")
+    quick = DIGITS + ["train.epochs=1", "train.schedule.milestones=[1]", "train.schedule.warmup_epochs=0"]
+    main(["train", "--config", "mnist_lt_sade", *quick, "stage2.epochs=1", f"out={run}", "--no-progress"])
+    with open(os.path.join(run, "stage2_sade", "stage2.json")) as handle:
+        chosen = json.load(handle)
+    assert chosen["adapted_on"] == "test" and len(chosen["weights"]) == 3
+    assert sum(chosen["weights"]) == pytest.approx(1.0)
+    assert "learned on unlabeled test images" in capsys.readouterr().out
+    # the stage2 command on the finished run, then eval reproduces the stage-2 test figure
+    main(["stage2", "sade", run, "stage2.epochs=1", "stage2.batch_size=64", "--no-progress"])
+    with open(os.path.join(run, "stage2_sade", "results.json")) as handle:
+        overall = json.load(handle)["overall"]
+    capsys.readouterr()
+    main(["eval", "--run", os.path.join(run, "stage2_sade")])
+    assert f"{overall:.1f}" in capsys.readouterr().out
