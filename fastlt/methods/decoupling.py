@@ -38,6 +38,9 @@ class FrozenBackbone(nn.Module):
             parameter.requires_grad_(False)
         model.classifier = head
 
+    def extra_repr(self) -> str:
+        return f"freeze_bn={self.freeze_bn}"
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.freeze_bn:

@@ -30,6 +30,10 @@ class NormedLinear(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.scale * (F.normalize(features, dim=1) @ F.normalize(self.weight, dim=0))
 
+    def extra_repr(self) -> str:
+        in_features, out_features = self.weight.shape
+        return f"in_features={in_features}, out_features={out_features}, scale={self.scale}"
+
 
 class TauNormLinear(nn.Module):
     """tau-normalised classifier: logits = x @ (W / ||W_row||^tau)^T, bias dropped (Decoupling tau-norm).
@@ -52,6 +56,10 @@ class TauNormLinear(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features @ ops.tau_normalize(self.weight, self.tau).t()
+
+    def extra_repr(self) -> str:
+        out_features, in_features = self.weight.shape
+        return f"in_features={in_features}, out_features={out_features}, tau={self.tau}"
 
 
 class LearnableWeightScaling(nn.Module):
@@ -77,6 +85,10 @@ class LearnableWeightScaling(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return F.linear(features, self.weight, self.bias) * self.scales
+
+    def extra_repr(self) -> str:
+        out_features, in_features = self.weight.shape
+        return f"in_features={in_features}, out_features={out_features}"
 
 
 class NearestClassMean(nn.Module):
@@ -120,6 +132,11 @@ class NearestClassMean(nn.Module):
         sums = torch.zeros_like(self.centroids).index_add_(0, labels, transformed)
         counts = torch.bincount(labels, minlength=self.centroids.shape[0]).clamp_min(1)
         self.centroids.copy_(sums / counts[:, None].to(sums.dtype))
+
+    def extra_repr(self) -> str:
+        num_classes, feature_dim = self.centroids.shape
+        return (f"feature_dim={feature_dim}, num_classes={num_classes}, feature_transform={self.feature_transform!r}, "
+                f"distance={self.distance!r}")
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         transformed = self.transform(features)

@@ -75,7 +75,11 @@ class ResNetTrunk(nn.Module):
         self.stage_names = [f"layer{index}" for index in range(1, num_stages + 1)]
         for name in self.stage_names:
             setattr(self, name, getattr(reference, name))
+        self.arch_name = arch_name
         self.out_channels = 64 * 2 ** (num_stages - 1) * arch.block.expansion
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch_name!r}, num_stages={len(self.stage_names)}, out_channels={self.out_channels}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))

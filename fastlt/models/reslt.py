@@ -36,6 +36,9 @@ class ResLTBatchNorm(nn.Module):
         self.branch_norms = nn.ModuleList(nn.BatchNorm2d(feature_dim) for _ in range(NUM_BRANCHES))
         self.classifier = nn.Linear(feature_dim, num_classes)
 
+    def extra_repr(self) -> str:
+        return f"num_branches={len(self.branch_norms)}"
+
     def forward(self, images: torch.Tensor) -> ModelOutput:
         feature_map = self.trunk(images)
         branch_features = torch.stack([norm(feature_map).mean(dim=(2, 3)) for norm in self.branch_norms])
@@ -74,6 +77,10 @@ class ResLTConv(nn.Module):
         self.test_tau = test_tau
         self.block_order = block_order
         self.summed_branches = summed_branches
+
+    def extra_repr(self) -> str:
+        return (f"num_branches={NUM_BRANCHES}, summed_branches={self.summed_branches}, test_tau={self.test_tau}, "
+                f"block_order={self.block_order!r}")
 
     def conv_before_pool(self) -> bool:
         return self.block_order == "conv_first" or (self.block_order == "official" and self.training)

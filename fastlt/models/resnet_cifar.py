@@ -26,6 +26,9 @@ class BasicBlockA(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut_padding = (planes - in_planes) // 2 if (stride != 1 or in_planes != planes) else None
 
+    def extra_repr(self) -> str:
+        return f"shortcut_padding={self.shortcut_padding}"
+
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if self.shortcut_padding is None:
             return x

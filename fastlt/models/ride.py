@@ -37,6 +37,9 @@ class RIDE(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, scale={self.scale}"
+
     def forward_shared(self, images: torch.Tensor) -> torch.Tensor:
         return self.shared(images)
 
