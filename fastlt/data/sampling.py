@@ -182,7 +182,8 @@ def _draw_epoch(groups, strategy, epoch, seed, num_samples, buckets, q, total_ep
     else:
         probabilities = class_probabilities(groups.class_counts, _FIXED_Q.get(strategy, q))
     if replacement:
-        probabilities = class_probabilities(groups.class_counts, 1.0) if strategy == "instance_balanced" else probabilities
+        if strategy == "instance_balanced":
+            probabilities = class_probabilities(groups.class_counts, 1.0)
         keep, alias = kernels.build_alias_table(probabilities)
         return kernels.draw_with_replacement(groups.order, groups.offsets, keep, alias, num_samples, state)
     keep, alias = kernels.build_alias_table(probabilities)
