@@ -11,8 +11,12 @@ import fastlt
 
 
 def _modules():
-    names = ["fastlt"] + [info.name for info in pkgutil.walk_packages(fastlt.__path__, "fastlt.")]
-    return [importlib.import_module(name) for name in sorted(set(names))]
+    """fastlt and its installed sub-packages, including fastlt.kernels (kernels/) and fastlt.bench (bench/)."""
+    names = []
+    for package in ("fastlt", "fastlt.kernels", "fastlt.bench"):
+        path = importlib.import_module(package).__path__
+        names += [package] + [info.name for info in pkgutil.walk_packages(path, package + ".")]
+    return [importlib.import_module(name) for name in sorted(set(names)) if ".test_" not in name]
 
 
 def _examples():
