@@ -132,11 +132,51 @@ def load_teacher(path: str, *, num_classes: int, device=None, train_mode: bool =
 
 def reslt(config, counts, model) -> Method:
     """ResLT: beta * (masked per-branch CE) + (1 - beta) * CE(sum). Groups come from the counts (>100 / 20..100 /
-    <20) or from the papers' rank cut-offs, e.g. `cutoffs: [35, 70]` on CIFAR-100."""
+    <20) or from the papers' rank cut-offs, e.g. `cutoffs: [35, 70]` on CIFAR-100.
+
+    A multi-expert model (`reslt_ride_resnext50_32x4d`: branch_logits [E, K, B, C]) sums the loss over its experts,
+    as the official RIDE + ResLT script. `label_smoothing: delta` (the official ImageNet-LT scripts' `--lsm`, 0 by
+    default and in every released run) smooths the target of every cross-entropy, branch and fused, to 1 - delta on
+    the label and delta / (C - 1) on each other class."""
     groups = fastlt.ops.reslt_groups(torch.as_tensor(counts), cutoffs=config.get("cutoffs"),
                                      num_branches=config.get("num_branches", 3))
     loss = fastlt.ResLTLoss(groups, beta=config.get("beta", 0.995)).to(counts.device)
-    return Method("reslt", lambda output, targets: loss(output.branch_logits[: groups.shape[0]], targets))
+    smoothing = config.get("label_smoothing", 0.0)
+    if not (isinstance(smoothing, (int, float)) and 0 <= smoothing < 1):
+        raise ValueError(f"reslt: label_smoothing must be a number in [0, 1), got {smoothing!r}")
+    num_branches, num_classes = groups.shape
+
+    def branch_loss(branch_logits, targets):
+        value = loss(branch_logits, targets)
+        if not smoothing:
+            return value
+        # the loss is linear in each sample's target: (1 - delta C / (C - 1)) * one-hot + delta / (C - 1) * ones
+        uniform = _reslt_all_classes_term(branch_logits, targets, loss.group_masks, loss.beta,
+                                          getattr(loss, "log_eps", 0.0))
+        return (1 - smoothing * num_classes / (num_classes - 1)) * value + smoothing / (num_classes - 1) * uniform
+
+    def loss_fn(output, targets):
+        logits = output.branch_logits
+        if logits.dim() == 4:
+            return sum(branch_loss(expert[:num_branches], targets) for expert in logits)
+        return branch_loss(logits[:num_branches], targets)
+
+    return Method("reslt", loss_fn)
+
+
+def _reslt_all_classes_term(branch_logits, targets, group_masks, beta, log_eps):
+    """The ResLT loss with every class as the target (sum over classes of -log(p_c + log_eps)): the label-smoothing
+    part, in eager PyTorch (fp32)."""
+    logits = branch_logits.float()
+
+    def summed_nll(z):
+        if log_eps:
+            return -torch.log(torch.softmax(z, dim=-1) + log_eps).sum(-1)
+        return -torch.log_softmax(z, dim=-1).sum(-1)
+
+    in_group = group_masks[:, targets].to(logits)  # [K, B]
+    individual = (in_group * summed_nll(logits)).sum() / in_group.sum().clamp_min(1)
+    return beta * individual + (1 - beta) * summed_nll(logits.sum(0)).mean()
 
 
 def balpoe(config, counts, model) -> Method:

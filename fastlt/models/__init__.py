@@ -8,7 +8,7 @@ from fastlt.models import reslt, ride  # noqa: F401  (register their models)
 from fastlt.models.base import FeatureClassifier, ModelOutput
 from fastlt.models.heads import LearnableWeightScaling, NearestClassMean, NormedLinear, TauNormLinear, create_head
 from fastlt.models.registry import create_model, list_models, register_model
-from fastlt.models.reslt import ResLTBatchNorm, ResLTConv
+from fastlt.models.reslt import ResLTBatchNorm, ResLTConv, RIDEResLT
 from fastlt.models.ride import RIDE
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "NearestClassMean",
     "NormedLinear",
     "RIDE",
+    "RIDEResLT",
     "ResLTBatchNorm",
     "ResLTConv",
     "TauNormLinear",

@@ -14,7 +14,8 @@ class ModelOutput:
     logits: [B, C], the prediction (RIDE: mean over experts; ResLT: sum over branches).
     features: what the classifier(s) saw: [B, D], or [E, B, D] with one row block per expert / branch.
     expert_logits: [E, B, C] per-expert logits of a RIDE model, for its loss and router.
-    branch_logits: [3, B, C] head / medium / tail branch logits of a ResLT model, for its loss.
+    branch_logits: [3, B, C] head / medium / tail branch logits of a ResLT model, for its loss ([E, 3, B, C]: per
+        expert, for ResLT on RIDE's experts).
 
     DDP and torch.compile both accept dataclass outputs, so the trainer calls `model(x)` for every method.
     """

@@ -99,6 +99,60 @@ class ResLTConv(nn.Module):
         return _branch_output(branch_features, weight, None, self.summed_branches)
 
 
+class RIDEResLT(nn.Module):
+    """ResLT on RIDE's multi-expert ResNeXt (the ResLT README's "RIDE + ResLT", methods.md §4.7): RIDE's shared trunk
+    and E reduced-width experts (no cosine classifier, s = 1); each expert gets its own 1x1 branch block (as
+    `ResLTConv`) and its own linear classifier shared by its three branches. Expert prediction = sum of its branch
+    logits (tau-normalised weights without bias in eval); model prediction = mean over experts.
+
+    forward: ModelOutput(logits [B, C], features [E, 3, B, D], expert_logits [E, B, C] (each expert's branch sum),
+    branch_logits [E, 3, B, C]); the ResLT loss is summed over experts, as the official training script.
+    """
+
+    def __init__(self, ride: nn.Module, feature_dim: int, num_classes: int, test_tau=0.7,
+                 block_order: str = "official"):
+        super().__init__()
+        if block_order not in ResLTConv.BLOCK_ORDERS:
+            raise ValueError(f"RIDEResLT: block_order must be one of {ResLTConv.BLOCK_ORDERS}, got {block_order!r}")
+        self.shared, self.experts = ride.shared, ride.experts
+        self.branch_blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(feature_dim, NUM_BRANCHES * feature_dim, kernel_size=1, bias=False),
+                          nn.BatchNorm2d(NUM_BRANCHES * feature_dim), nn.ReLU())
+            for _ in self.experts)
+        imagenet_resnet.init_like_torchvision(self.branch_blocks)
+        self.classifiers = nn.ModuleList(nn.Linear(feature_dim, num_classes) for _ in self.experts)
+        self.test_tau, self.block_order = test_tau, block_order
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, test_tau={self.test_tau}, block_order={self.block_order!r}"
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        shared = self.shared(images)
+        conv_first = self.block_order == "conv_first" or (self.block_order == "official" and self.training)
+        outputs = []
+        for expert, block, classifier in zip(self.experts, self.branch_blocks, self.classifiers):
+            feature_map = expert(shared)
+            if conv_first:
+                pooled = block(feature_map).mean(dim=(2, 3))
+            else:
+                pooled = block(feature_map.mean(dim=(2, 3), keepdim=True)).flatten(1)
+            branch_features = pooled.view(pooled.shape[0], NUM_BRANCHES, -1).transpose(0, 1)
+            if self.training or self.test_tau is None:
+                outputs.append(_branch_output(branch_features, classifier.weight, classifier.bias, NUM_BRANCHES))
+            else:
+                weight = ops.tau_normalize(classifier.weight, self.test_tau)
+                outputs.append(_branch_output(branch_features, weight, None, NUM_BRANCHES))
+        expert_logits = torch.stack([output.logits for output in outputs])
+        return ModelOutput(logits=ops.expert_aggregate(expert_logits, reduce="mean"),
+                           features=torch.stack([output.features for output in outputs]),
+                           expert_logits=expert_logits,
+                           branch_logits=torch.stack([output.branch_logits for output in outputs]))
+
+
 @register_model
 def reslt_resnet32(num_classes: int) -> ResLTBatchNorm:
     """CIFAR ResLT; kaiming_normal_ on the trunk's convs only: the shared linear keeps PyTorch's default init."""
@@ -142,3 +196,14 @@ def reslt_resnet152(num_classes: int, test_tau=0.7, block_order: str = "official
     ResNeXt-50 script's, not a published setting. The trunk takes torchvision's ImageNet ResNet-152 weights with
     `model.trunk.load_state_dict(torchvision_state_dict, strict=False)` (only fc.* is left unused)."""
     return ResLTConv("resnet152", num_classes, test_tau, block_order)
+
+
+@register_model
+def reslt_ride_resnext50_32x4d(num_classes: int, num_experts: int = 3, test_tau=0.7,
+                               block_order: str = "official") -> RIDEResLT:
+    """The ResLT README's RIDE + ResLT ImageNet-LT model: RIDE ResNeXt-50 with reduced experts (1536-d features),
+    plain linear classifiers; the official script hard-codes test-time tau (gamma) 0.7."""
+    from fastlt.models.ride import ride_resnext50_32x4d
+
+    ride = ride_resnext50_32x4d(num_classes, num_experts=num_experts, reduce_dimension=True, use_norm=False)
+    return RIDEResLT(ride, ride.classifiers[0].in_features, num_classes, test_tau, block_order)

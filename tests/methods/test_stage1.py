@@ -9,7 +9,7 @@ import yaml
 import fastlt
 from fastlt.engine import save_checkpoint
 from fastlt.methods import build_method
-from fastlt.models import NormedLinear, create_model
+from fastlt.models import ModelOutput, NormedLinear, create_model
 
 COUNTS = torch.tensor([500.0, 200, 90, 40, 15, 5])
 
@@ -128,3 +128,41 @@ def test_compiled_ride_step_recompiles_only_at_the_drw_switch():
         expected = fastlt.ops.ride_loss(output.expert_logits, targets, COUNTS, drw=epoch >= 6)
         assert torch.allclose(compiled_loss(output, targets), expected, rtol=1e-5), epoch
     assert counter.frame_count <= 2
+
+
+def _official_reslt_loss(branch_logits, targets, groups, beta, smoothing, log_eps):
+    """ResLT's ImageNet-LT training loss written as the official script: crossEntropy with a label-smoothed one-hot
+    target, -(target * log(softmax + eps)).sum(1), weighted by group membership, one joint normaliser."""
+    num_classes = branch_logits.shape[-1]
+    target = F.one_hot(targets, num_classes).float()
+    target = (1 - smoothing - smoothing / (num_classes - 1)) * target + smoothing / (num_classes - 1)
+
+    def cross_entropy(logits, weight):
+        return -(weight * (target * torch.log(torch.softmax(logits, 1) + log_eps)).sum(1)).sum()
+
+    weights = groups[:, targets].float()
+    individual = sum(cross_entropy(z, w) for z, w in zip(branch_logits, weights)) / weights.sum()
+    fused = cross_entropy(branch_logits.sum(0), weights[0]) / weights[0].sum()
+    return beta * individual + (1 - beta) * fused
+
+
+def test_reslt_label_smoothing_matches_the_official_smoothed_cross_entropy():
+    torch.manual_seed(0)
+    method = build_method({"name": "reslt", "beta": 0.99, "label_smoothing": 0.1}, COUNTS,
+                          create_model("reslt_small_cnn", num_classes=6))
+    log_eps = getattr(fastlt.ResLTLoss(COUNTS, beta=0.99), "log_eps", 0.0)
+    branch_logits, targets = torch.randn(3, 8, 6) * 3, torch.randint(0, 6, (8,))
+    output = ModelOutput(logits=branch_logits.sum(0), branch_logits=branch_logits)
+    expected = _official_reslt_loss(branch_logits, targets, fastlt.ops.reslt_groups(COUNTS), 0.99, 0.1, log_eps)
+    assert torch.allclose(method.loss_fn(output, targets), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        build_method({"name": "reslt", "label_smoothing": 1.5}, COUNTS, create_model("reslt_small_cnn", num_classes=6))
+
+
+def test_reslt_on_ride_experts_sums_the_loss_over_experts():
+    """RIDE + ResLT (branch_logits [E, 3, B, C]): the official script adds one ResLT loss per expert."""
+    method = build_method({"name": "reslt", "beta": 0.99}, COUNTS, create_model("reslt_small_cnn", num_classes=6))
+    branch_logits, targets = torch.randn(2, 3, 8, 6) * 3, torch.randint(0, 6, (8,))
+    per_expert = [method.loss_fn(ModelOutput(logits=z.sum(0), branch_logits=z), targets) for z in branch_logits]
+    output = ModelOutput(logits=branch_logits.sum(1).mean(0), branch_logits=branch_logits)
+    assert torch.allclose(method.loss_fn(output, targets), per_expert[0] + per_expert[1])
