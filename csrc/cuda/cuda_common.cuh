@@ -1,4 +1,4 @@
-// Helpers for the lean CUDA translation units (no torch/extension.h: see env notes on compile time).
+// Helpers for the lean CUDA translation units (no torch/extension.h: compile times in docs/building.md section 4).
 #pragma once
 
 #include <ATen/Dispatch.h>
