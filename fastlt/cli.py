@@ -70,6 +70,8 @@ def _rerun_with_bench_allocator(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["doctor"]:  # before the training commands are imported: they import triton (see fastlt.doctor)
+        return _load("fastlt.doctor:main")(argv[1:])
     parser = argparse.ArgumentParser(prog="fastlt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     p_bench = commands.add_parser("bench", help="run benchmarks and print a table")
@@ -79,6 +81,7 @@ def main(argv=None):
     p_demo = commands.add_parser("demo", help="the main job on the embedded data (MNIST-LT), then a quick op benchmark")
     p_demo.add_argument("--json", help="write the benchmark rows to this JSON file")
     p_demo.add_argument("--out", default="runs/demo", help="run folder of the training demo")
+    commands.add_parser("doctor", help="versions, how the extension was built, every kernel vs the reference here")
     _load("fastlt.methods.commands:add_subcommands")(commands)
     args = parser.parse_args(argv)
     if args.command in ("bench", "demo"):

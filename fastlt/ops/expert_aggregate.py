@@ -68,7 +68,7 @@ def expert_aggregate(
     torch.Size([8, 100])
     """
     _validate(logits, reduce, weights, active)
-    backend = _backend.resolve(logits)
+    backend = _backend.resolve(logits, OP)
     if backend == "reference":
         return expert_aggregate_reference(logits, reduce=reduce, weights=weights, active=active)
     if backend == "cpp":

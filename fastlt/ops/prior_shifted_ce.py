@@ -47,7 +47,7 @@ def prior_shifted_ce(expert_logits: torch.Tensor, target: torch.Tensor, class_co
     >>> loss = fastlt.ops.prior_shifted_ce(torch.randn(1, 8, 100), torch.randint(0, 100, (8,)), counts, taus=[1.0])
     """
     tau_table = _validate(expert_logits, target, class_counts, taus)
-    backend = _backend.resolve(expert_logits)
+    backend = _backend.resolve(expert_logits, OP)
     if backend == "reference":
         return prior_shifted_ce_reference(expert_logits, target, class_counts, taus=tau_table)
     shifts = _lt_constants.prior_logit_shifts(class_counts.to(expert_logits.device), tau_table)

@@ -118,7 +118,7 @@ def reslt_loss(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: t
     >>> loss = fastlt.ops.reslt_loss(torch.randn(3, 8, 100), torch.randint(0, 100, (8,)), groups, beta=0.995)
     """
     _validate(branch_logits, target, group_masks, beta)
-    backend = _backend.resolve(branch_logits)
+    backend = _backend.resolve(branch_logits, OP)
     if backend == "reference":
         return reslt_loss_reference(branch_logits, target, group_masks, beta=beta)
     compute_grad = branch_logits.requires_grad and torch.is_grad_enabled()

@@ -88,7 +88,7 @@ def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: t
     >>> loss = fastlt.ops.ride_loss(logits, torch.randint(0, 100, (8,)), counts, drw=True)
     """
     _validate(expert_logits, target, class_counts)
-    backend = _backend.resolve(expert_logits)
+    backend = _backend.resolve(expert_logits, OP)
     if backend == "reference":
         return ride_loss_reference(expert_logits, target, class_counts, scale=scale, max_margin=max_margin,
                                    diversity_factor=diversity_factor, temperature_factor=temperature_factor,

@@ -30,7 +30,7 @@ def tau_normalize(weight: torch.Tensor, tau: float, *, eps: float = 1e-12) -> to
     tensor([1.0000, 1.0000])
     """
     tau, eps = _validate(weight, tau, eps)
-    backend = _backend.resolve(weight)
+    backend = _backend.resolve(weight, OP)
     if backend == "reference":
         return tau_normalize_reference(weight, tau, eps=eps)
     if backend == "cpp":

@@ -60,7 +60,7 @@ def tau_sweep(
     (21, ['few', 'many', 'medium', 'overall', 'tau'])
     """
     taus = _validate(features, weight, taus, bias)
-    backend = _backend.resolve(features)
+    backend = _backend.resolve(features, OP)
     if backend == "reference":
         return tau_sweep_reference(features, weight, taus, bias=bias, eps=eps)
     if backend == "cpp":

