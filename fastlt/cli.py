@@ -69,10 +69,13 @@ def _rerun_with_bench_allocator(argv):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, also after the subcommand
+    argv = [item for item in argv if item != "--debug"]
     if argv[:1] == ["doctor"]:  # before the training commands are imported: they import triton (see fastlt.doctor)
         return _load("fastlt.doctor:main")(argv[1:])
     parser = argparse.ArgumentParser(prog="fastlt", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     commands = parser.add_subparsers(dest="command", required=True)
     p_bench = commands.add_parser("bench", help="run benchmarks and print a table")
     p_bench.add_argument("names", nargs="*", default=["ops"], help=f"any of {sorted(BENCHMARKS)} (default: ops)")
@@ -83,7 +86,11 @@ def main(argv=None):
     p_demo.add_argument("--out", default="runs/demo", help="run folder of the training demo")
     commands.add_parser("doctor", help="versions, how the extension was built, every kernel vs the reference here")
     _load("fastlt.methods.commands:add_subcommands")(commands)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides given after an option (`--no-progress train.epochs=2`) land here
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.command in ("bench", "demo"):
         _rerun_with_bench_allocator(argv)
     if args.command == "bench":
@@ -91,7 +98,14 @@ def main(argv=None):
     elif args.command == "demo":
         demo(args)
     else:
-        args.handler(args)
+        try:
+            args.handler(args)
+        except (ValueError, OSError) as error:  # bad config, data or run folder: say what, not where in fastlt
+            if debug:
+                raise
+            message = " ".join(str(error).split())
+            print(f"fastlt {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+            raise SystemExit(2) from None
     return 0
 
 

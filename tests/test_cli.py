@@ -70,9 +70,59 @@ def test_train_teacher_then_distil_from_it(tmp_path):
     main(["eval", "--run", student])  # evaluating the student needs no teacher
 
 
-def test_bad_recipe_name_is_a_clear_error():
-    with pytest.raises(FileNotFoundError, match="no_such_recipe"):
-        main(["train", "--config", "no_such_recipe"])
+def one_line_error(capsys, argv):
+    """Runs the CLI expecting a user error: exit code 2 and one line on stderr, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error, error
+    return error
+
+
+def test_bad_recipe_name_is_a_clear_error(capsys):
+    assert "no_such_recipe" in one_line_error(capsys, ["train", "--config", "no_such_recipe"])
+    with pytest.raises(FileNotFoundError, match="no_such_recipe"):  # --debug raises with the traceback
+        main(["train", "--config", "no_such_recipe", "--debug"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.epochz=3", "unknown config key 'train.epochz': did you mean train.epochs?"),
+    ("method.drw_epoc=3", "did you mean method.drw_epoch?"),
+    ("train.epochs=abc", "train.epochs must be an integer >= 1, got 'abc'"),
+    ("train.epochs=-2", "train.epochs must be an integer >= 1, got -2"),
+    ("train.epochs=[1,", "the value is not valid YAML"),
+])
+def test_bad_overrides_are_one_line_errors(capsys, override, expected):
+    error = one_line_error(capsys, ["train", "--config", "mnist_lt_ce", override, "--no-progress"])
+    assert expected in error and error.startswith("fastlt train: error:")
+
+
+def test_missing_data_run_folder_and_checkpoint_are_one_line_errors(tmp_path, capsys):
+    error = one_line_error(capsys, ["train", "--config", "cifar100_lt_r100_ce", f"data.root={tmp_path / 'nope'}"])
+    assert "data.root" in error and "nope" in error and "set data.root=" in error
+    error = one_line_error(capsys, ["eval", "--run", str(tmp_path / "no_run")])
+    assert f"run folder {tmp_path / 'no_run'} does not exist" in error
+    error = one_line_error(capsys, ["stage2", "tau", str(tmp_path / "no_run"), "stage2.tau=1"])
+    assert "no_run does not exist" in error
+    run = str(tmp_path / "ce")
+    # overrides after --no-progress are overrides too
+    main(["train", "--config", "mnist_lt_ce", "--no-progress", *DIGITS, "train.epochs=1", f"out={run}"])
+    assert read(os.path.join(run, "results.json"))["overall"] >= 0
+    error = one_line_error(capsys, ["stage2", "tau", run, "stage2.taw=1"])
+    assert "did you mean stage2.tau?" in error
+    missing = os.path.join(run, "missing.pt")
+    assert f"checkpoint {missing} not found" in one_line_error(capsys, ["eval", "--run", run, "--checkpoint", missing])
+    best = os.path.join(run, "best.pt")
+    with open(best, "r+b") as handle:
+        handle.truncate(os.path.getsize(best) // 2)
+    error = one_line_error(capsys, ["eval", "--run", run])
+    assert f"checkpoint {best} cannot be read" in error
+    error = one_line_error(capsys, ["train", "--config", "mnist_lt_ce", *DIGITS, "train.epochs=1", f"out={run}",
+                                    "resume=true", "--no-progress"])
+    assert f"checkpoint {os.path.join(run, 'last.pt')} cannot be read" not in error  # last.pt is intact
+    assert f"checkpoint {best} cannot be read" in error  # the run is complete: it evaluates the truncated best.pt
 
 
 @pytest.mark.slow

@@ -35,8 +35,24 @@ def parameter_groups(model, train_cfg: dict):
     return [{"params": body}, {"params": list(model.classifier.parameters()), "lr": train_cfg["classifier_lr"]}]
 
 
+DATA_FOLDERS = {"cifar10_lt": "cifar-10-batches-py", "cifar100_lt": "cifar-100-python", "list_file": "the images"}
+
+
+def check_data_paths(data: dict) -> None:
+    """A clear error before any work when the dataset's files are not where the config says."""
+    if data.get("name") in DATA_FOLDERS:
+        root = data.get("root")
+        if root is None or not os.path.isdir(os.path.expanduser(str(root))):
+            raise FileNotFoundError(f"data.root {root!r} is not a folder: set data.root=<the folder holding "
+                                    f"{DATA_FOLDERS[data['name']]}> (fastlt downloads nothing)")
+    for split in ("train_list", "val_list", "test_list"):
+        if data.get("name") == "list_file" and data.get(split) and not os.path.isfile(data[split]):
+            raise FileNotFoundError(f"data.{split} {data[split]!r} not found: set data.{split}=<its path>")
+
+
 def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict:
     """Stage 1 (and stage 2 when the recipe has one). Returns {"stage1": test results, "stage2": ..., "run": dir}."""
+    check_data_paths(config["data"])
     seed = config.get("seed", 0)
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -87,6 +103,9 @@ def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict
 
 def load_stage1(run_dir: str, checkpoint: str = None, device=torch.device("cpu")):
     """(config, datasets, model with the selected stage-1 weights) of a finished `fastlt train` run."""
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        what = "does not exist" if not os.path.exists(run_dir) else "has no config.yaml"
+        raise FileNotFoundError(f"run folder {run_dir} {what}: give the out= folder of a `fastlt train` run")
     config = read_recipe(os.path.join(run_dir, "config.yaml"))
     datasets = build_datasets(config["data"])
     model = build_model(config, datasets["train"].num_classes)
