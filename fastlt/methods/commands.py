@@ -6,7 +6,7 @@ from fastlt.engine import format_results, plot_per_class_accuracy
 from fastlt.methods.builders import build_loader, pick_device
 from fastlt.methods.config import apply_overrides, check_config, load_config
 from fastlt.methods.pipeline import load_stage1, train
-from fastlt.methods.stage2 import evaluate_stage2, run_stage2
+from fastlt.methods.stage2 import STAGE2_METHODS, evaluate_stage2, run_stage2
 
 
 def train_command(args) -> dict:
@@ -15,8 +15,9 @@ def train_command(args) -> dict:
 
 
 def stage2_command(args) -> dict:
-    """fastlt stage2 {crt,lws,tau,ncm,router} <stage-1 run folder> [stage2.key=value ...] (or --run <folder>):
-    the recipe's own stage2 section when it names this method, else the method's defaults, then the overrides."""
+    """fastlt stage2 {crt,lws,tau,ncm,router,logit_adjust,sade} <stage-1 run folder> [stage2.key=value ...]
+    (or --run <folder>): the recipe's own stage2 section when it names this method, else the method's defaults,
+    then the overrides."""
     args.run = args.run or args.run_option
     if not args.run:
         raise SystemExit("fastlt stage2: give the stage-1 run folder (fastlt stage2 tau runs/<run> [key=value ...])")
@@ -63,8 +64,9 @@ def add_subcommands(commands) -> None:
     p_eval.add_argument("--checkpoint", help="a stage-1 checkpoint (default: best.pt with val, else last.pt)")
     p_eval.add_argument("--split", default="test", choices=("test", "val"))
     p_eval.set_defaults(handler=eval_command)
-    p_stage2 = commands.add_parser("stage2", help="Decoupling classifiers or RIDE's router on a stage-1 run")
-    p_stage2.add_argument("method", choices=("crt", "lws", "tau", "ncm", "router"))
+    p_stage2 = commands.add_parser("stage2", help="Decoupling classifiers, RIDE's router, post-hoc logit adjustment "
+                                                  "or SADE's test-time expert aggregation on a stage-1 run")
+    p_stage2.add_argument("method", choices=STAGE2_METHODS)
     # the run folder as a positional (before any overrides) or as --run (argparse cannot put overrides after it)
     p_stage2.add_argument("run", nargs="?", help="the stage-1 run folder")
     p_stage2.add_argument("--run", dest="run_option", help="the stage-1 run folder (when no overrides follow)")
