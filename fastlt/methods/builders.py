@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from fastlt.data import CIFAR10LT, CIFAR100LT, DigitsLT, ListFileDataset, LongTailSampler, MNISTLT, make_loader
+from fastlt.data.transforms import check_flip
 from fastlt.engine import evaluate_logits, plot_per_class_accuracy, predict
 from fastlt.models import create_model
 
@@ -17,9 +18,38 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+DATASETS = ("mnist_lt", "digits_lt", "cifar10_lt", "cifar100_lt", "list_file")
+_REQUIRED_DATA_KEYS = {"cifar10_lt": ("root", "ratio"), "cifar100_lt": ("root", "ratio"),
+                       "list_file": ("root", "train_list", "test_list")}
+AUGMENT_OPTIONS = ("rotation", "flip", "color_jitter", "mean", "std", "pad", "image_size", "resize_size")
+
+
+def check_data_spec(data: dict) -> dict:
+    """Validates a `data:` section without reading any file: a known dataset with its required keys, known
+    `augment_options` (a RandomRotation angle >= 0, a bool flip, ...). Returns `data`."""
+    name = data.get("name")
+    if name not in DATASETS:
+        raise ValueError(f"data.name: unknown dataset {name!r}; expected one of {DATASETS}")
+    missing = [key for key in _REQUIRED_DATA_KEYS.get(name, ()) if data.get(key) is None]
+    if missing:
+        raise ValueError(f"data: dataset {name!r} needs {missing}")
+    if name == "list_file" and data.get("val_list") is not None and data.get("val_list") == data.get("test_list"):
+        raise ValueError("data.val_list is the test list: selecting on it would select on the test set; set "
+                         "val_list: null (the last epoch is kept)")
+    options = data.get("augment_options", {}) or {}
+    unknown = sorted(set(options) - set(AUGMENT_OPTIONS))
+    if unknown:
+        raise ValueError(f"data.augment_options: unknown {unknown}; expected some of {AUGMENT_OPTIONS}")
+    if not (isinstance(options.get("rotation", 0), (int, float)) and options.get("rotation", 0) >= 0):
+        raise ValueError(f"data.augment_options.rotation must be an angle >= 0, got {options['rotation']!r}")
+    if "flip" in options:
+        check_flip(options["flip"])
+    return data
+
+
 def build_datasets(data: dict) -> dict:
     """{"train", "val", "test"} datasets of a `data:` section (val is None when the dataset has none: CIFAR-LT)."""
-    name = data["name"]
+    name = check_data_spec(data)["name"]
     if name == "mnist_lt":
         options = {key: data[key] for key in ("n_max", "ratio", "val_per_class") if key in data}
         return {split: MNISTLT(split=split, seed=data.get("seed", 0), **options) for split in ("train", "val", "test")}
@@ -52,9 +82,23 @@ def build_loader(dataset, data: dict, batch_size: int, *, train: bool, sampler=N
                        **data.get("augment_options", {}))
 
 
-def build_sampler(dataset, strategy: str, seed: int, epochs: int, samples_per_class: int = 4):
-    return LongTailSampler(dataset, strategy=strategy, seed=seed, total_epochs=epochs if epochs > 1 else 2,
-                           samples_per_class=samples_per_class)
+SAMPLER_OPTIONS = ("q", "samples_per_class", "persistent", "replacement", "num_samples")
+
+
+def build_sampler(dataset, strategy, seed: int, epochs: int, samples_per_class: int = 4):
+    """The training sampler of a recipe: `strategy` is a strategy name or a dict `{name: <strategy>, **options}`
+    (`replacement: true` for the official i.i.d. square-root sampler, `persistent: false`, `q`, ...;
+    `fastlt.data.LongTailSampler`). `dataset` may also be a list of class counts."""
+    options = {"samples_per_class": samples_per_class}
+    if isinstance(strategy, dict):
+        unknown = sorted(set(strategy) - {"name", *SAMPLER_OPTIONS})
+        if unknown:
+            raise ValueError(f"sampler: unknown options {unknown}; expected name and some of {SAMPLER_OPTIONS}")
+        options.update({key: value for key, value in strategy.items() if key != "name"})
+        strategy = strategy.get("name")
+    source = {"class_counts": dataset} if isinstance(dataset, (list, tuple)) else {"targets": dataset}
+    return LongTailSampler(**source, strategy=strategy, seed=seed, total_epochs=epochs if epochs > 1 else 2,
+                           **options)
 
 
 def selected_checkpoint(run_dir: str) -> str:
