@@ -2,19 +2,22 @@
 
     python tools/mnist_lt_results.py                       # 3 seeds x 30 epochs, 2 seeds at a time
     python tools/mnist_lt_results.py --seeds 0 --epochs 2  # a quick look
+    python tools/mnist_lt_results.py --methods balpoe sade logit_adjust  # only these rows; the others are kept
 
 Data: MNIST-LT n_max 500, ratio 100 (1,236 training images, one fixed LT subset), the balanced val split of 20
 images per digit drawn outside the LT subset (model selection, tau), the 10k MNIST test set (reported only). The
 seed changes initialisation and sampling order. Stage 1 uses the packaged mnist_lt_* recipes with the schedule
-scaled to --epochs; cRT / LWS / tau-norm / NCM all start from that seed's CE model; the RIDE distillation student
-learns from that seed's 6-expert RIDE teacher. Per-seed summaries are cached
-in <out>/seed<k>/summary.json, so an interrupted run continues where it stopped.
+scaled to --epochs; cRT / LWS / tau-norm / NCM / post-hoc logit adjustment all start from that seed's CE model; the
+RIDE distillation student learns from that seed's 6-expert RIDE teacher. Per-seed results are cached in
+<out>/seed<k>/summary.json (row by row), so an interrupted run continues where it stopped. With --methods, only
+those rows are trained; rows the command did not produce keep their numbers from the existing markdown file.
 """
 
 import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -22,13 +25,21 @@ from multiprocessing import get_context
 
 import numpy as np
 
-STAGE1 = [("CE", "mnist_lt_ce"), ("LDAM-DRW", "mnist_lt_ldam_drw"), ("Balanced Softmax", "mnist_lt_balanced_softmax"),
-          ("RIDE (3 experts)", "mnist_lt_ride_router"), ("ResLT", "mnist_lt_reslt")]
-DECOUPLED = [("cRT", "mnist_lt_crt"), ("tau-norm", "mnist_lt_tau"), ("LWS", "mnist_lt_lws"), ("NCM", "mnist_lt_ncm")]
 ROUTED = "RIDE (3 experts) + router"
 TEACHER, DISTILLED = "RIDE teacher (6 experts)", "RIDE (3 experts) + distillation"
-ORDER = ["CE", "LDAM-DRW", "Balanced Softmax", "RIDE (3 experts)", ROUTED, TEACHER, DISTILLED, "ResLT", "cRT",
-         "tau-norm", "LWS", "NCM"]
+BALPOE, SADE, SADE_TTA = "BalPoE (3 experts)", "SADE (3 experts)", "SADE (3 experts) + test-time aggregation"
+LOGIT_ADJUSTED = "CE + post-hoc logit adjustment"
+# --methods key -> (recipe, rows it produces); stage-2 keys run on the CE model of the same seed
+STAGE1 = {"ce": ("mnist_lt_ce", ["CE"]), "ldam_drw": ("mnist_lt_ldam_drw", ["LDAM-DRW"]),
+          "balanced_softmax": ("mnist_lt_balanced_softmax", ["Balanced Softmax"]),
+          "ride": ("mnist_lt_ride_router", ["RIDE (3 experts)", ROUTED]), "reslt": ("mnist_lt_reslt", ["ResLT"]),
+          "ride_teacher": ("mnist_lt_ride_teacher", [TEACHER]), "ride_distill": ("mnist_lt_ride_distill", [DISTILLED]),
+          "balpoe": ("mnist_lt_balpoe", [BALPOE]), "sade": ("mnist_lt_sade", [SADE, SADE_TTA])}
+ON_CE = {"crt": ("mnist_lt_crt", "cRT"), "tau": ("mnist_lt_tau", "tau-norm"), "lws": ("mnist_lt_lws", "LWS"),
+         "ncm": ("mnist_lt_ncm", "NCM"), "logit_adjust": ("mnist_lt_logit_adjust", LOGIT_ADJUSTED)}
+KEYS = list(STAGE1) + list(ON_CE)
+ORDER = ["CE", "LDAM-DRW", "Balanced Softmax", "RIDE (3 experts)", ROUTED, TEACHER, DISTILLED, BALPOE, SADE, SADE_TTA,
+         "ResLT", "cRT", "tau-norm", "LWS", "NCM", LOGIT_ADJUSTED]
 COLUMNS = ("overall", "many", "medium", "few")
 
 
@@ -43,48 +54,79 @@ def scores(results: dict) -> dict:
     return {column: float(results[column]) for column in COLUMNS}
 
 
-def run_seed(seed: int, epochs: int, root: str) -> dict:
-    """Trains every method for one seed (one intra-op thread: tiny models on a shared machine)."""
-    import torch
+def trained(folder: str) -> bool:
+    return os.path.exists(os.path.join(folder, "results.json"))
 
+
+def run_key(key: str, seed: int, epochs: int, folder: str) -> tuple:
+    """(rows, extras) of one --methods key for one seed; trains what it depends on when that is missing."""
     from fastlt.methods import load_config, load_stage1, run_stage2, train
     from fastlt.methods.builders import pick_device
+
+    rows, extras = {}, {}
+    if key in ON_CE:
+        ce_folder = os.path.join(folder, "mnist_lt_ce")
+        if not trained(ce_folder):  # a dependency only: its row stays the one the table already has
+            config = load_config("mnist_lt_ce", overrides(seed, epochs, ce_folder))
+            extras["ce_model"] = scores(train(config, progress_bar=False, verbose=False)["stage1"])
+        recipe, label = ON_CE[key]
+        config = load_config(recipe, overrides(seed, epochs, ce_folder))
+        _, datasets, model = load_stage1(ce_folder)
+        result = run_stage2(config, model, datasets, device=pick_device(), progress_bar=False, verbose=False)
+        rows[label] = scores(result)
+        if key in ("tau", "logit_adjust"):
+            extras["tau" if key == "tau" else "logit_adjust_tau"] = result["chosen"]["tau"]
+        return rows, extras
+    recipe, labels = STAGE1[key]
+    extra = []
+    if key == "ride_distill":
+        teacher_folder = os.path.join(folder, "mnist_lt_ride_teacher")
+        if not trained(teacher_folder):
+            train(load_config("mnist_lt_ride_teacher", overrides(seed, epochs, teacher_folder)), progress_bar=False,
+                  verbose=False)
+        extra = [f"method.teacher={teacher_folder}"]
+    config = load_config(recipe, overrides(seed, epochs, os.path.join(folder, recipe)) + extra)
+    result = train(config, progress_bar=False, verbose=False)
+    rows[labels[0]] = scores(result["stage1"])
+    if len(labels) > 1:  # the recipe's stage 2: RIDE's router, SADE's test-time aggregation
+        rows[labels[1]] = scores(result["stage2"])
+        chosen = result["stage2"]["chosen"]
+        if key == "ride":
+            extras["router"] = {name: chosen[name] for name in
+                                ("share_per_num_experts", "mean_experts", "mflops_routed", "mflops_all_experts")}
+        else:
+            extras["sade_weights"] = chosen["weights"]
+    return rows, extras
+
+
+def run_seed(seed: int, epochs: int, root: str, keys=tuple(KEYS)) -> dict:
+    """Trains the `keys` rows for one seed (one intra-op thread: tiny models on a shared machine), reusing the
+    rows the seed's summary.json already holds."""
+    import torch
 
     torch.set_num_threads(1)
     folder = os.path.join(root, f"seed{seed}")
     cached = os.path.join(folder, "summary.json")
+    record = {"seed": seed, "epochs": epochs, "rows": {}, "extras": {}, "seconds": {}}
     if os.path.exists(cached):
         with open(cached) as handle:
-            return json.load(handle)
-    started, summary, extras = time.time(), {}, {}
-    for label, recipe in STAGE1:
-        out = os.path.join(folder, recipe)
-        config = load_config(recipe, overrides(seed, epochs, out))
-        result = train(config, progress_bar=False, verbose=False)
-        summary[label] = scores(result["stage1"])
-        if "stage2" in result:  # the RIDE recipe's router
-            summary[ROUTED] = scores(result["stage2"])
-            extras["router"] = {key: result["stage2"]["chosen"][key] for key in
-                                ("share_per_num_experts", "mean_experts", "mflops_routed", "mflops_all_experts")}
-        print(f"seed {seed}: {label} done ({time.time() - started:.0f} s)", flush=True)
-    teacher_folder = os.path.join(folder, "mnist_lt_ride_teacher")
-    for label, recipe, extra in ((TEACHER, "mnist_lt_ride_teacher", []),
-                                 (DISTILLED, "mnist_lt_ride_distill", [f"method.teacher={teacher_folder}"])):
-        config = load_config(recipe, overrides(seed, epochs, os.path.join(folder, recipe)) + extra)
-        summary[label] = scores(train(config, progress_bar=False, verbose=False)["stage1"])
-        print(f"seed {seed}: {label} done ({time.time() - started:.0f} s)", flush=True)
-    ce_folder = os.path.join(folder, "mnist_lt_ce")
-    for label, recipe in DECOUPLED:
-        config = load_config(recipe, overrides(seed, epochs, ce_folder))
-        _, datasets, model = load_stage1(ce_folder)
-        result = run_stage2(config, model, datasets, device=pick_device(), progress_bar=False, verbose=False)
-        summary[label] = scores(result)
-        if label == "tau-norm":
-            extras["tau"] = result["chosen"]["tau"]
-        print(f"seed {seed}: {label} done ({time.time() - started:.0f} s)", flush=True)
-    record = {"seed": seed, "epochs": epochs, "rows": summary, "extras": extras, "seconds": time.time() - started}
-    with open(cached, "w") as handle:
-        json.dump(record, handle, indent=2)
+            record = json.load(handle)
+        if not isinstance(record["seconds"], dict):  # a summary written before per-row caching
+            record["seconds"] = {"all": record["seconds"]}
+    os.makedirs(folder, exist_ok=True)
+    started = time.time()
+    for key in keys:
+        labels = STAGE1[key][1] if key in STAGE1 else [ON_CE[key][1]]
+        if all(label in record["rows"] for label in labels):
+            continue
+        key_started = time.time()
+        rows, extras = run_key(key, seed, epochs, folder)
+        record["rows"].update(rows)
+        record["extras"].update(extras)
+        record["seconds"][key] = time.time() - key_started
+        with open(cached, "w") as handle:
+            json.dump(record, handle, indent=2)
+        print(f"seed {seed}: {key} done ({time.time() - started:.0f} s)", flush=True)
     return record
 
 
@@ -120,20 +162,65 @@ def mean_std(values) -> str:
     return f"{values.mean():.1f} ± {spread:.1f}"
 
 
-def orderings(records) -> list:
-    """The papers' claims checked on the seed means: few-shot accuracy above CE."""
-    few = {label: np.mean([record["rows"][label]["few"] for record in records]) for label in ORDER}
+def previous_table(path: str) -> tuple:
+    """({label: [cells]}, lines) of an existing results file, to keep the rows a --methods run does not produce."""
+    if not os.path.exists(path):
+        return {}, []
+    with open(path) as handle:
+        lines = handle.read().splitlines()
+    rows = {}
+    for line in lines:
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 1 + len(COLUMNS) and cells[0] not in ("method",):
+            rows[cells[0]] = cells[1:]
+    return rows, lines
+
+
+def table_rows(records, kept: dict) -> dict:
+    """label -> (cells, means): the records' rows where every seed has them, else the kept (previous) row."""
+    table = {}
+    for label in ORDER:
+        if records and all(label in record["rows"] for record in records):
+            values = {column: [record["rows"][label][column] for record in records] for column in COLUMNS}
+            table[label] = ([mean_std(values[column]) for column in COLUMNS],
+                            {column: float(np.mean(values[column])) for column in COLUMNS})
+        elif label in kept:
+            means = {column: float(re.match(r"-?[0-9.]+", cell).group()) for column, cell in zip(COLUMNS, kept[label])}
+            table[label] = (kept[label], means)
+    return table
+
+
+def orderings(means: dict) -> list:
+    """The papers' claims checked on the seed means: few-shot accuracy above CE; BalPoE and SADE at least RIDE's
+    few-shot and overall accuracy; SADE's test-time aggregation at least plain SADE."""
     lines = []
-    for label in ("RIDE (3 experts)", ROUTED, DISTILLED, "cRT", "tau-norm", "LWS", "NCM"):
-        verdict = "holds" if few[label] > few["CE"] else "does NOT hold"
-        lines.append(f"- {label} above CE on few-shot: {verdict} ({few[label]:.1f} vs {few['CE']:.1f}).")
+
+    def check(label, reference, column, strict):
+        if label not in means or reference not in means:
+            return
+        value, other = means[label][column], means[reference][column]
+        holds = value > other if strict else value >= other
+        relation = "above" if strict else "at least"
+        lines.append(f"- {label} {relation} {reference} on {column}: {'holds' if holds else 'does NOT hold'} "
+                     f"({value:.1f} vs {other:.1f}).")
+
+    for label in ("RIDE (3 experts)", ROUTED, DISTILLED, "cRT", "tau-norm", "LWS", "NCM", LOGIT_ADJUSTED):
+        check(label, "CE", "few", strict=True)
+    for label in (BALPOE, SADE, SADE_TTA):
+        for column in ("few", "overall"):
+            check(label, "RIDE (3 experts)", column, strict=False)
+    for column in ("few", "overall"):
+        check(SADE_TTA, SADE, column, strict=False)
     return lines
 
 
-def write_markdown(records, path: str, command: str) -> None:
+def write_markdown(records, path: str, command: str, keys) -> None:
+    kept, previous_lines = previous_table(path)
+    table = table_rows(records, kept)
     epochs = records[0]["epochs"]
-    minutes = ", ".join(f"{record['seconds'] / 60:.1f}" for record in records)
+    minutes = ", ".join(f"{sum(record['seconds'].get(key, 0.0) for key in keys) / 60:.1f}" for record in records)
     seeds = [record["seed"] for record in records]
+    produced = [label for label in ORDER if all(label in record["rows"] for record in records)]
     lines = [
         "# MNIST-LT results", "",
         f"Regenerate with: `{command}`", "",
@@ -143,28 +230,54 @@ def write_markdown(records, path: str, command: str) -> None:
         f"training images outside the LT subset); never on test. Seeds {seeds} (initialisation and sampling "
         f"order); mean ± sample std over seeds, accuracies in %. Split accuracies are means of per-class "
         f"accuracies.", "",
-        f"Setup: small CNN (3 conv blocks, 32/64/128 channels; RIDE: shared first block, 3 experts owning blocks "
-        f"2-3 at 3/4 width, cosine classifier x 30; ResLT: 3 BN branches, shared linear), {epochs} epochs, batch 64, "
-        f"SGD lr 0.05 Nesterov, wd 5e-4, warmup 2 then x0.1 at 80% and 90% of training, DRW (LDAM-DRW, RIDE) from "
-        f"80%, pad-4 random crop without flip; decoupled classifiers on each seed's CE model: cRT / LWS 10 epochs, "
-        f"class-aware sampler 4 per class, lr 0.2, start-of-epoch cosine, BN statistics updating; RIDE router 5 "
-        f"epochs, pos_weight 100, threshold 0.5; RIDE distillation from the same seed's 6-expert RIDE teacher, T_d "
-        f"1.5, both terms x E as in the official code, teacher in train mode. One intra-op thread per seed; training "
-        f"and evaluating all methods took {minutes} min per seed (seeds side by side, --jobs) on "
-        f"{platform.machine()} ({os.cpu_count()} cores, shared with other jobs).", "",
+        f"Setup: small CNN (3 conv blocks, 32/64/128 channels; RIDE, BalPoE, SADE: shared first block, 3 experts "
+        f"owning blocks 2-3 at 3/4 width, cosine classifier x 30; ResLT: 3 BN branches, shared linear), {epochs} "
+        f"epochs, batch 64, SGD lr 0.05 Nesterov, wd 5e-4, warmup 2 then x0.1 at 80% and 90% of training, DRW "
+        f"(LDAM-DRW, RIDE) from 80%, pad-4 random crop without flip; decoupled classifiers on each seed's CE model: "
+        f"cRT / LWS 10 epochs, class-aware sampler 4 per class, lr 0.2, start-of-epoch cosine, BN statistics "
+        f"updating; RIDE router 5 epochs, pos_weight 100, threshold 0.5; RIDE distillation from the same seed's "
+        f"6-expert RIDE teacher, T_d 1.5, both terms x E as in the official code, teacher in train mode. BalPoE: "
+        f"taus 0 / 1 / 2, expert losses averaged, no mixup (the official recipes use it; fastlt has none). SADE: "
+        f"forward / uniform / backward experts (backward tau 2), losses summed; its test-time aggregation learns "
+        f"the 3 expert weights on two augmented views of the UNLABELED test images (5 epochs, batch 128, lr 0.1), "
+        f"as the official code. Post-hoc logit adjustment: each seed's CE model, argmax z - tau log pi, tau on "
+        f"val. One intra-op thread per seed; the rows this command trained ({', '.join(keys)}) took {minutes} min "
+        f"per seed (seeds side by side, --jobs) on {platform.machine()} ({os.cpu_count()} cores, shared with other "
+        f"jobs).", "",
         "| method | overall | many | medium | few |", "|---|---:|---:|---:|---:|"]
     for label in ORDER:
-        cells = [mean_std([record["rows"][label][column] for record in records]) for column in COLUMNS]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    taus = [round(record["extras"]["tau"], 2) for record in records]
-    router = [record["extras"]["router"] for record in records]
-    shares = {k: np.mean([r["share_per_num_experts"][k] for r in router]) for k in router[0]["share_per_num_experts"]}
-    lines += ["", f"tau picked on val per seed: {taus}.", "",
-              "RIDE router on test (mean over seeds): samples stopping after 1 / 2 / 3 experts: " +
-              " / ".join(f"{100 * share:.1f}%" for share in shares.values()) +
-              f"; {np.mean([r['mflops_routed'] for r in router]):.2f} MFLOPs (MACs) per image routed vs "
-              f"{router[0]['mflops_all_experts']:.2f} with all experts.", "",
-              "## Do the papers' orderings hold?", ""] + orderings(records) + ["", NOTES]
+        if label in table:
+            lines.append(f"| {label} | " + " | ".join(table[label][0]) + " |")
+    not_rerun = [label for label in table if label not in produced]
+    if not_rerun:
+        lines += ["", f"Rows kept from the previous table (not re-run by this command): {', '.join(not_rerun)}."]
+    extras = [record["extras"] for record in records]
+    if all("tau" in extra for extra in extras):
+        lines += ["", f"tau picked on val per seed: {[round(extra['tau'], 2) for extra in extras]}."]
+    else:
+        lines += [line for line in previous_lines if line.startswith("tau picked on val per seed")][:1]
+    if all("router" in extra for extra in extras):
+        router = [extra["router"] for extra in extras]
+        shares = {k: np.mean([r["share_per_num_experts"][k] for r in router])
+                  for k in router[0]["share_per_num_experts"]}
+        lines += ["", "RIDE router on test (mean over seeds): samples stopping after 1 / 2 / 3 experts: " +
+                  " / ".join(f"{100 * share:.1f}%" for share in shares.values()) +
+                  f"; {np.mean([r['mflops_routed'] for r in router]):.2f} MFLOPs (MACs) per image routed vs "
+                  f"{router[0]['mflops_all_experts']:.2f} with all experts."]
+    else:
+        lines += [""] + [line for line in previous_lines if line.startswith("RIDE router on test")][:1]
+    if all("logit_adjust_tau" in extra for extra in extras):
+        lines += ["", f"Post-hoc logit adjustment: tau picked on val per seed: "
+                      f"{[round(extra['logit_adjust_tau'], 2) for extra in extras]}."]
+    if all("sade_weights" in extra for extra in extras):
+        weights = ["/".join(f"{w:.2f}" for w in extra["sade_weights"]) for extra in extras]
+        lines += ["", f"SADE test-time expert weights (forward / uniform / backward) per seed: {', '.join(weights)}."]
+    if all("ce_model" in extra for extra in extras):
+        ce = mean_std([extra["ce_model"]["overall"] for extra in extras])
+        lines += ["", f"The CE models post-hoc logit adjustment starts from were trained by this command (the CE row "
+                      f"above is the previous table's): test overall {ce}."]
+    means = {label: row[1] for label, row in table.items()}
+    lines += ["", "## Do the papers' orderings hold?", ""] + orderings(means) + ["", NOTES]
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
 
@@ -174,13 +287,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--jobs", type=int, default=2, help="seeds trained at the same time (one thread each)")
+    parser.add_argument("--methods", nargs="+", choices=KEYS, default=KEYS,
+                        help="train only these rows (default: all); the markdown keeps the others' previous numbers")
     parser.add_argument("--out", default="runs/mnist_lt_results")
     parser.add_argument("--markdown", default="RESULTS.md")
     args = parser.parse_args(argv)
+    keys = [key for key in KEYS if key in args.methods]
+    count = len(args.seeds)
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        records = list(pool.map(run_seed, args.seeds, [args.epochs] * len(args.seeds), [args.out] * len(args.seeds)))
+        records = list(pool.map(run_seed, args.seeds, [args.epochs] * count, [args.out] * count, [keys] * count))
     command = "python " + " ".join(["tools/mnist_lt_results.py"] + (argv if argv is not None else sys.argv[1:]))
-    write_markdown(records, args.markdown, command)
+    write_markdown(records, args.markdown, command, keys)
     print(open(args.markdown).read())
     return 0
 
