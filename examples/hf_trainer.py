@@ -4,7 +4,9 @@ ViT built from its config, correct under gradient accumulation.
 With gradient accumulation the Trainer passes `num_items_in_batch` (the labelled rows of the whole accumulated
 batch) and, for a model whose `forward` takes `**kwargs` as every transformers model does, expects the loss of a
 micro-batch already divided by it: it does not divide by the number of accumulation steps itself. A per-batch mean
-would come out `gradient_accumulation_steps` times too large, so `compute_loss` returns sum / num_items_in_batch.
+would come out `gradient_accumulation_steps` times too large, so `compute_loss` returns sum / num_items_in_batch,
+the sum being the loss's batch mean times the batch's rows. That is exact for `PriorShiftedCE` (an unweighted
+mean); a class-weighted loss (RIDELoss in its DRW phase) is a weighted mean and would need its plain sum.
 
     python examples/hf_trainer.py --accumulation 4
 
@@ -44,12 +46,9 @@ class BalancedSoftmaxTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        # fastlt: one expert -> [1, B, C]; the mean over the batch times its rows is the sum (no class weights)
-        loss_sum = self.criterion(outputs.logits.unsqueeze(0), labels) * labels.numel()  # fastlt
-        if num_items_in_batch is None:  # evaluation, or a model without **kwargs: the Trainer wants the batch mean
-            loss = loss_sum / labels.numel()
-        else:  # the accumulated batch's mean, as the Trainer expects
-            loss = loss_sum / num_items_in_batch  # fastlt
+        loss = self.criterion(outputs.logits.unsqueeze(0), labels)  # fastlt: one expert, [1, B, C]; batch mean
+        if num_items_in_batch is not None:  # fastlt: None in evaluation or for a model without **kwargs: mean
+            loss = loss * labels.numel() / num_items_in_batch  # fastlt: mean x rows = sum (exact: no class weights)
         return (loss, outputs) if return_outputs else loss
 
 

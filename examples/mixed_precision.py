@@ -44,7 +44,7 @@ def train_step(model, criterion, optimizer, scaler, images, targets, device):
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device, dtype=autocast_dtype(device)):
         expert_logits = model(images)  # bf16 (or fp16) from the autocast linear layers
-    loss = criterion(expert_logits, targets)  # fastlt: low-precision logits in, fp32 accumulation, fp32 loss out
+    loss = criterion(expert_logits, targets)  # low-precision logits in; accumulated in fp32, fp32 loss out
     scaler.scale(loss).backward()  # scaling is a no-op unless fp16 (GradScaler(enabled=False))
     scaler.step(optimizer)
     scaler.update()

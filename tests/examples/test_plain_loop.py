@@ -1,11 +1,14 @@
 """examples/plain_loop.py: the fused ops do not break the compiled graph, and a compiled step trained across the
-DRW switch recompiles at most twice (once for the DRW switch, once when SGD creates its momentum buffers)."""
+DRW switch recompiles at most twice (once for the DRW switch, once when SGD creates its momentum buffers).
+
+Both run on the compiled C++ kernels ("cpp" backend): with the default "auto" and no extension the ops would fall
+back to the eager reference, and these tests would not see the fused ops at all."""
 
 import torch
 from example_loader import load_example
+from torch._dynamo.utils import counters
 
 import fastlt
-from torch._dynamo.utils import counters
 
 plain_loop = load_example("plain_loop")
 SMALL_TRUNK = (1, 1, 1, 1)  # a torchvision ResNet-10 trunk: same code path as ResNet-18, half the tracing
@@ -17,6 +20,7 @@ def small_setup():
     return model, fastlt.RIDELoss(train_set.class_counts, drw_epoch=1), images[:16], targets[:16]
 
 
+@fastlt.ops.use_backend("cpp")
 def test_fused_ops_cause_no_graph_break():
     torch._dynamo.reset()
     model, criterion, images, targets = small_setup()
@@ -33,6 +37,7 @@ def test_fused_ops_cause_no_graph_break():
     assert reasons and all("Tensor.backward" in reason for reason in reasons), reasons  # torch's own split only
 
 
+@fastlt.ops.use_backend("cpp")
 def test_compiled_step_recompiles_at_most_twice_over_12_epochs_across_drw():
     torch._dynamo.reset()
     counters.clear()
