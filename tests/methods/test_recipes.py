@@ -145,3 +145,23 @@ def test_decoupling_sampler_ablations():
         assert config["paper"]["top1"] == top1
     sqrt = build_sampler([400, 100, 25], CONFIGS["imagenet_lt_x50_ce_square_root"]["train"]["sampler"], 0, 90)
     assert sqrt.options["replacement"] is True
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"name": "imagenet"}, "unknown dataset"),
+    ({"name": "cifar100_lt", "ratio": 100}, "needs"),
+    ({"name": "list_file", "root": "d", "train_list": "t", "val_list": "v.txt", "test_list": "v.txt"}, "test set"),
+    ({"name": "mnist_lt", "augment_options": {"rotate": 15}}, "unknown"),
+    ({"name": "mnist_lt", "augment_options": {"rotation": -5}}, "rotation"),
+    ({"name": "mnist_lt", "augment_options": {"flip": "no"}}, "flip"),
+])
+def test_bad_data_specs_are_clear_errors(data, message):
+    with pytest.raises(ValueError, match=message):
+        check_data_spec(data)
+
+
+def test_bad_sampler_specs_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown options"):
+        build_sampler([5, 3], {"name": "square_root", "with_replacement": True}, 0, 10)
+    with pytest.raises(ValueError, match="strategy"):
+        build_sampler([5, 3], {"name": "sqrt"}, 0, 10)
