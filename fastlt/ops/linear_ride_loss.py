@@ -1,0 +1,353 @@
+"""fastlt.ops.linear_ride_loss: the experts' classifiers and RIDE's loss fused, without the [E, B, C] logits.
+
+    z_k = scale * normalize(x_k) @ normalize(W_k)^T + b_k      (normalize=False: z_k = x_k @ W_k^T + b_k)
+    L   = ride_loss(z, y)                                      (fastlt/ops/ride_loss.py, methods.md 3.2 and 6.3)
+
+At 1e4 to 1e6 classes the logits and their gradient (E x B x C each) dominate a long-tailed model's memory. This op
+walks the classes in chunks twice:
+
+1. for each chunk, the logits z[:, :, c0:c1] (one GEMM per expert), then the online per-row softmax statistics
+   (running maximum and rescaled sum of exps) of every term of the loss: each expert's LDAM-margin CE, each
+   expert's tempered softmax u_k = z_k / T, the tempered softmax of the expert mean v = mean_k(z_k) / T (the detached
+   target distribution pbar), and each expert's KL gap sum_c exp(v_c - max v) (v_c - u_kc), rescaled with v's max;
+   they give the loss (the ride_loss.h formulas);
+2. for each chunk again, the logits, their gradient from the finished statistics, then d features += dz @ W and
+   d weight[c0:c1] = dz^T @ features (GEMMs). The cosine classifier's normalisation is never materialised: the
+   weight's row norms scale the GEMM's columns, and its backward is row-local, applied per chunk; the features'
+   norm backward runs once at the end.
+
+The forward computes the loss and the gradients of features, weight and bias; backward only scales them (as
+``ride_loss``). Files: this one (public function, reference, chunked PyTorch implementation, torch.library glue);
+tests: tests/ops/test_linear_ride_loss.py.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastlt.ops import _backend, _checks, _lt_constants
+from fastlt.ops.ride_loss import MAX_EXPERTS, ride_loss_reference, ride_tables, scale_saved_gradient
+
+OP = "fastlt.linear_ride_loss"
+NORM_EPS = 1e-12  # F.normalize's eps, as NormedLinear uses it
+CHUNK_ELEMENTS = 1 << 21  # default chunk: about 2M logits (E x B x chunk), 8 MB in fp32, per buffer
+
+
+def default_chunk_size(num_experts: int, batch: int, num_classes: int) -> int:
+    """Classes per chunk: a power of two giving about CHUNK_ELEMENTS logits per [E, B, chunk] buffer, in [128, 8192]."""
+    per_class = max(1, num_experts * batch)
+    chunk = 1 << max(7, min(13, (CHUNK_ELEMENTS // per_class).bit_length() - 1))
+    return min(chunk, num_classes)
+
+
+def linear_ride_loss_reference(features, weight, target, class_counts, *, normalize=True, scale=30.0, bias=None,
+                               margin_scale=30.0, max_margin=0.5, diversity_factor=-0.45, temperature_factor=0.05,
+                               base_temperature=1.0, drw=False, drw_beta=0.9999, chunk_size=None):
+    """Eager reference: materialises the [E, B, C] logits and calls :func:`fastlt.ops.ride_loss_reference`."""
+    _validate(features, weight, target, class_counts, bias, scale, chunk_size)
+    return ride_loss_reference(
+        expert_logits(features, weight, normalize=normalize, scale=scale, bias=bias), target, class_counts,
+        scale=margin_scale, max_margin=max_margin, diversity_factor=diversity_factor,
+        temperature_factor=temperature_factor, base_temperature=base_temperature, drw=drw, drw_beta=drw_beta)
+
+
+def expert_logits(features, weight, *, normalize=True, scale=30.0, bias=None):
+    """The [E, B, C] logits the fused op never holds (for inference and the reference)."""
+    if normalize:
+        logits = scale * (F.normalize(features, dim=-1) @ F.normalize(weight, dim=-1).transpose(-1, -2))
+    else:
+        logits = features @ weight.transpose(-1, -2)
+    return logits if bias is None else logits + bias[:, None, :]
+
+
+def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, class_counts: torch.Tensor,
+                     *, normalize: bool = True, scale: float = 30.0, bias: Optional[torch.Tensor] = None,
+                     margin_scale: float = 30.0, max_margin: float = 0.5, diversity_factor: float = -0.45,
+                     temperature_factor: float = 0.05, base_temperature: float = 1.0, drw: bool = False,
+                     drw_beta: float = 0.9999, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """RIDE's loss of E cosine (or linear) classifiers, computed with its gradients without the [E, B, C] logits.
+
+    Args:
+        features: ``[E, B, D]`` one feature row per expert, or ``[B, D]`` shared by the experts.
+        weight: ``[E, C, D]`` the experts' classifier weights (one row per class), same dtype as ``features``.
+        target: ``[B]`` int64 labels in ``[0, C)``.
+        class_counts: ``[C]`` positive training counts per class.
+        normalize: cosine classifier (``scale * cos(x, w_c)``, RIDE's NormedLinear x 30); ``False``: ``x @ W^T``.
+        scale: the cosine classifier's scale (ignored with ``normalize=False``).
+        bias: optional ``[E, C]`` added to the logits.
+        margin_scale: LDAM's ``s`` (``scale`` of :func:`fastlt.ops.ride_loss`): the target logit loses
+            ``margin_scale * m_y``.
+        max_margin, diversity_factor, temperature_factor, base_temperature, drw, drw_beta: as in
+            :func:`fastlt.ops.ride_loss`.
+        chunk_size: classes per chunk; ``None`` picks a power of two from E and B (about 2M logits per chunk).
+
+    Memory beyond the inputs and their gradients: O(E x B x chunk_size) for a few chunk-sized logit buffers, plus
+    O(chunk_size x D) for one chunk of the weight (fp16/bf16 inputs are upcast chunk by chunk), O(E x B x D) for the
+    normalised features and O(E x C) for the weight's row norms, never O(E x B x C). Computation runs in fp32 for
+    fp16 / bf16 / fp32 inputs and in fp64 for fp64; the loss is fp32 (fp64), the gradients keep the inputs' dtype.
+    A zero feature or weight row gets F.normalize's gradient (divided by its eps).
+
+    >>> features, weight = torch.randn(3, 8, 16), torch.randn(3, 1000, 16, requires_grad=True)
+    >>> counts = torch.linspace(500, 5, 1000).floor()
+    >>> loss = fastlt.ops.linear_ride_loss(features, weight, torch.randint(0, 1000, (8,)), counts, chunk_size=256)
+    >>> loss.backward(); weight.grad.shape
+    torch.Size([3, 1000, 16])
+    """
+    _validate(features, weight, target, class_counts, bias, scale, chunk_size)
+    if _backend.resolve(weight) == "reference":
+        return linear_ride_loss_reference(
+            features, weight, target, class_counts, normalize=normalize, scale=scale, bias=bias,
+            margin_scale=margin_scale, max_margin=max_margin, diversity_factor=diversity_factor,
+            temperature_factor=temperature_factor, base_temperature=base_temperature, drw=drw, drw_beta=drw_beta)
+    acc_dtype = _checks.accumulate_dtype(weight.dtype)
+    target_margins, class_weights, temperatures = ride_tables(
+        class_counts, scale=margin_scale, max_margin=max_margin, temperature_factor=temperature_factor,
+        base_temperature=base_temperature, drw=drw, drw_beta=drw_beta, dtype=acc_dtype, device=weight.device)
+    num_experts, num_classes = weight.shape[0], weight.shape[1]
+    chunk = chunk_size or default_chunk_size(num_experts, target.shape[0], num_classes)
+    compute_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (features, weight, bias))
+    loss, *_ = torch.ops.fastlt.linear_ride_loss_torch(
+        features, weight, bias, target, target_margins, class_weights, temperatures, float(scale), bool(normalize),
+        float(diversity_factor), int(chunk), compute_grad)
+    return loss
+
+
+def _validate(features, weight, target, class_counts, bias, scale, chunk_size):
+    _checks.tensor(OP, "weight", weight, dims=3, floating=True)
+    _checks.tensor(OP, "features", features, dims=(2, 3), floating=True)
+    num_experts, num_classes, dim = weight.shape
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(f"{OP}: weight has {num_experts} experts; at most {MAX_EXPERTS} are supported")
+    if features.dtype != weight.dtype:
+        raise ValueError(f"{OP}: features must have weight's dtype {weight.dtype}, got {features.dtype}")
+    if features.shape[-1] != dim:
+        raise ValueError(f"{OP}: features must have D={dim} (weight's last dim) features, got {tuple(features.shape)}")
+    if features.dim() == 3 and features.shape[0] != num_experts:
+        raise ValueError(f"{OP}: features must be [B, D] or [E={num_experts}, B, D], got {tuple(features.shape)}")
+    _checks.same_device(OP, "features", features, weight, "weight")
+    _checks.labels(OP, "target", target, features.shape[-2], num_classes)
+    _checks.same_device(OP, "target", target, weight, "weight")
+    _lt_constants.check_class_counts(OP, class_counts, num_classes)
+    if bias is not None:
+        _checks.tensor(OP, "bias", bias, floating=True)
+        if tuple(bias.shape) != (num_experts, num_classes) or bias.dtype != weight.dtype:
+            raise ValueError(f"{OP}: bias must be [E, C]=[{num_experts}, {num_classes}] of dtype {weight.dtype}, "
+                             f"got {tuple(bias.shape)} {bias.dtype}")
+        _checks.same_device(OP, "bias", bias, weight, "weight")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < float(scale) < float("inf")):
+        raise ValueError(f"{OP}: scale must be a finite number > 0, got {scale!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+# ---- the chunked algorithm (PyTorch; every tensor is at most [E, B, chunk] or [chunk, D]) ----
+
+
+class _Problem:
+    """Inputs in the accumulation dtype and the per-chunk logits."""
+
+    def __init__(self, features, weight, bias, target, target_margins, temperatures, scale, normalize):
+        acc = target_margins.dtype
+        self.weight, self.bias, self.normalize, self.scale, self.acc = weight, bias, normalize, scale, acc
+        self.num_experts, self.num_classes, _ = weight.shape
+        raw_features = features.to(acc).expand(self.num_experts, *features.shape[-2:])
+        if normalize:
+            self.feature_norms = raw_features.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)  # [E, B, 1]
+            self.features = raw_features / self.feature_norms
+            # [E, C] scale / ||w_c||: multiplies the GEMM's columns instead of normalising the weight.
+            weight_norms = torch.linalg.vector_norm(weight, dim=-1, dtype=acc)
+            self.column_scale = scale / weight_norms.clamp_min(NORM_EPS)
+            self.weight_above_eps = (weight_norms > NORM_EPS).to(acc)  # below eps F.normalize's clamp has no radial term
+        else:
+            self.features = raw_features
+        self.target = target
+        self.inverse_temperature = temperatures.reciprocal()
+        self.target_margins = target_margins[target]  # [B]
+
+    def weight_chunk(self, c0, c1):
+        return self.weight[:, c0:c1].to(self.acc)  # [E, n, D]; a view for fp32 / fp64
+
+    def logits(self, weight_chunk, c0, c1):
+        """z[:, :, c0:c1]: [E, B, n]."""
+        logits = torch.bmm(self.features, weight_chunk.transpose(1, 2))
+        if self.normalize:
+            logits.mul_(self.column_scale[:, None, c0:c1])
+        if self.bias is not None:
+            logits.add_(self.bias[:, None, c0:c1].to(self.acc))
+        return logits
+
+    def target_mask(self, c0, c1):
+        """[B, n] 1 at (b, y_b) when y_b is in the chunk, else 0."""
+        classes = torch.arange(c0, c1, device=self.target.device)
+        return (self.target[:, None] == classes[None, :]).to(self.acc)
+
+
+def _online_update(maximum, shifted_sum, values, dim=-1):
+    """Merge the softmax statistics of `values` (reduced over `dim`) into (maximum, shifted_sum) in place."""
+    new_maximum = torch.maximum(maximum, values.amax(dim))
+    shifted_sum.mul_(torch.exp(maximum - new_maximum)).add_(torch.exp(values - new_maximum.unsqueeze(dim)).sum(dim))
+    maximum.copy_(new_maximum)
+
+
+def _chunk_views(problem, logits, mask, c0, c1):
+    """The three views of a chunk of logits the loss needs: margin logits z', tempered u, tempered mean v."""
+    margin_logits = logits - (problem.target_margins[:, None] * mask)[None]
+    inverse_temperature = problem.inverse_temperature[c0:c1]
+    tempered = logits * inverse_temperature
+    tempered_mean = logits.mean(0) * inverse_temperature
+    return margin_logits, tempered, tempered_mean
+
+
+def _statistics(problem, chunk, diversity):
+    """Pass 1: per-row softmax statistics of z' (per expert), u (per expert), v (per row), the KL gaps and the
+    margin target logits."""
+    E, B = problem.features.shape[:2]
+    acc, device = problem.acc, problem.features.device
+    stats = {name: torch.full(shape, float("-inf"), dtype=acc, device=device)
+             for name, shape in (("ce_max", (E, B)), ("expert_max", (E, B)), ("mean_max", (B,)))}
+    stats.update({name: torch.zeros(shape, dtype=acc, device=device)
+                  for name, shape in (("ce_sum", (E, B)), ("expert_sum", (E, B)), ("mean_sum", (B,)),
+                                      ("gap", (E, B)), ("target_logit", (E, B)))})
+    for c0 in range(0, problem.num_classes, chunk):
+        c1 = min(problem.num_classes, c0 + chunk)
+        logits = problem.logits(problem.weight_chunk(c0, c1), c0, c1)
+        mask = problem.target_mask(c0, c1)
+        margin_logits, tempered, tempered_mean = _chunk_views(problem, logits, mask, c0, c1)
+        stats["target_logit"].add_((margin_logits * mask).sum(-1))
+        _online_update(stats["ce_max"], stats["ce_sum"], margin_logits)
+        if not diversity:
+            continue
+        _online_update(stats["expert_max"], stats["expert_sum"], tempered)
+        previous_mean_max = stats["mean_max"].clone()
+        _online_update(stats["mean_max"], stats["mean_sum"], tempered_mean)
+        mean_exp = torch.exp(tempered_mean - stats["mean_max"][:, None])  # [B, n]
+        stats["gap"].mul_(torch.exp(previous_mean_max - stats["mean_max"]))
+        stats["gap"].add_((mean_exp * (tempered_mean - tempered)).sum(-1))
+    return stats
+
+
+def _loss(stats, ce_coef, div_coef, diversity):
+    ce = torch.log(stats["ce_sum"]) + stats["ce_max"] - stats["target_logit"]  # [E, B]
+    loss = (ce * ce_coef).sum()
+    if diversity:
+        mean_lse = torch.log(stats["mean_sum"]) + stats["mean_max"]
+        expert_lse = torch.log(stats["expert_sum"]) + stats["expert_max"]
+        kl = stats["gap"] / stats["mean_sum"] + expert_lse - mean_lse
+        loss = loss + div_coef * kl.sum()
+    return loss
+
+
+def _gradients(problem, stats, chunk, ce_coef, div_coef, diversity, grad_weight, grad_bias):
+    """Pass 2: each chunk's d loss / d logits, accumulated into d (normalised) features and written to
+    grad_weight / grad_bias chunk by chunk. Returns d features in the accumulation dtype, [E, B, D]."""
+    grad_features = torch.zeros_like(problem.features)
+    ce_inv_sum = stats["ce_sum"].reciprocal()[..., None]
+    if diversity:
+        expert_inv_sum = stats["expert_sum"].reciprocal()[..., None]
+        mean_inv_sum = stats["mean_sum"].reciprocal()[:, None]
+    for c0 in range(0, problem.num_classes, chunk):
+        c1 = min(problem.num_classes, c0 + chunk)
+        weight_chunk = problem.weight_chunk(c0, c1)
+        logits = problem.logits(weight_chunk, c0, c1)
+        mask = problem.target_mask(c0, c1)
+        margin_logits, tempered, tempered_mean = _chunk_views(problem, logits, mask, c0, c1)
+        # ce_coef * (softmax(z')_c - [c == y])
+        grad = torch.exp(margin_logits - stats["ce_max"][..., None]).mul_(ce_inv_sum).sub_(mask).mul_(ce_coef)
+        if diversity:
+            expert_p = torch.exp(tempered - stats["expert_max"][..., None]).mul_(expert_inv_sum)
+            mean_p = torch.exp(tempered_mean - stats["mean_max"][:, None]).mul_(mean_inv_sum)
+            grad.add_(expert_p.sub_(mean_p).mul_(problem.inverse_temperature[c0:c1] * div_coef))
+        if grad_bias is not None:
+            grad_bias[:, c0:c1] = grad.sum(1)
+        if problem.normalize:
+            # d w_c = (column_scale_c * dz^T x_hat - w_c * column_scale_c / ||w_c||^2 * sum_b dz_bc cos_bc*scale)
+            cosine_part = logits if problem.bias is None else logits.sub_(problem.bias[:, None, c0:c1].to(problem.acc))
+            radial = (grad * cosine_part).sum(1)  # [E, n]: w_hat_c . d w_hat_c
+            grad.mul_(problem.column_scale[:, None, c0:c1])
+        for k in range(problem.num_experts):
+            grad_features[k].addmm_(grad[k], weight_chunk[k])
+            grad_weight_chunk = torch.mm(grad[k].t(), problem.features[k])  # [n, D]
+            if problem.normalize:
+                coefficient = (radial[k] * problem.column_scale[k, c0:c1].square() / problem.scale ** 2
+                               * problem.weight_above_eps[k, c0:c1])
+                grad_weight_chunk.addcmul_(weight_chunk[k], coefficient[:, None], value=-1.0)
+            grad_weight[k, c0:c1] = grad_weight_chunk
+    return grad_features
+
+
+def _features_gradient(problem, grad_features, shared):
+    """d features from d (normalised) features: the norm backward (F.normalize's), summed over experts if shared."""
+    if problem.normalize:
+        unit = problem.features
+        radial = (grad_features * unit).sum(-1, keepdim=True)
+        radial = radial * (problem.feature_norms > NORM_EPS)  # F.normalize's clamp passes no gradient below eps
+        grad_features = (grad_features - unit * radial) / problem.feature_norms
+    return grad_features.sum(0) if shared else grad_features
+
+
+def chunked_forward(features, weight, bias, target, target_margins, class_weights, temperatures, scale, normalize,
+                    diversity_factor, chunk_size, compute_grad):
+    """The loss and (when compute_grad) d features, d weight, d bias ([0]-shaped when absent)."""
+    problem = _Problem(features, weight, bias, target, target_margins, temperatures, scale, normalize)
+    batch = target.shape[0]
+    diversity = diversity_factor != 0.0
+    row_weights = class_weights[target] if class_weights is not None else torch.ones_like(problem.target_margins)
+    ce_coef = (row_weights / row_weights.sum())[None, :]  # [1, B]
+    div_coef = diversity_factor * temperatures.mean().item() ** 2 / batch
+    stats = _statistics(problem, chunk_size, diversity)
+    loss = _loss(stats, ce_coef, div_coef, diversity)
+    if not compute_grad:  # three distinct empty outputs: a custom op's outputs may not alias each other
+        return loss, features.new_empty((0,)), features.new_empty((0,)), features.new_empty((0,))
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grad_bias = torch.empty_like(bias, dtype=problem.acc) if bias is not None else None
+    grad_features = _gradients(problem, stats, chunk_size, ce_coef[..., None], div_coef, diversity, grad_weight,
+                               grad_bias)
+    grad_features = _features_gradient(problem, grad_features, features.dim() == 2).to(features.dtype)
+    return loss, grad_features, grad_weight, grad_bias.to(bias.dtype) if bias is not None else features.new_empty((0,))
+
+
+# ---- torch.library glue ----
+
+
+@torch.library.custom_op("fastlt::linear_ride_loss_torch", mutates_args=())
+def _linear_ride_loss_torch(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            target: torch.Tensor, target_margins: torch.Tensor, class_weights: Optional[torch.Tensor],
+                            temperatures: torch.Tensor, scale: float, normalize: bool, diversity_factor: float,
+                            chunk_size: int, compute_grad: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return chunked_forward(features, weight, bias, target, target_margins, class_weights, temperatures, scale,
+                           normalize, diversity_factor, chunk_size, compute_grad)
+
+
+@_linear_ride_loss_torch.register_fake
+def _fake_forward(features, weight, bias, target, target_margins, class_weights, temperatures, scale, normalize,
+                  diversity_factor, chunk_size, compute_grad):
+    loss = weight.new_empty((), dtype=target_margins.dtype)
+    if not compute_grad:
+        return loss, features.new_empty((0,)), features.new_empty((0,)), features.new_empty((0,))
+    grad_bias = torch.empty_like(bias) if bias is not None else features.new_empty((0,))
+    return loss, torch.empty_like(features), torch.empty_like(weight), grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    _, *grads = output
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*grads)
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss, *_grads_of_gradients):
+    no_grads = (None,) * 9
+    if grad_loss is None:
+        return (None, None, None, *no_grads)
+    grad_features, grad_weight, grad_bias = ctx.saved_tensors
+    if grad_features.numel() == 0:  # the forward ran without gradients (inputs did not require them)
+        return (None, None, None, *no_grads)
+    return (scale_saved_gradient(grad_features, grad_loss), scale_saved_gradient(grad_weight, grad_loss),
+            scale_saved_gradient(grad_bias, grad_loss) if ctx.has_bias else None, *no_grads)
+
+
+_linear_ride_loss_torch.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,154 @@
+import pytest
+import torch
+from op_helpers import TOLERANCES, long_tail_counts
+
+from fastlt.ops import linear_ride_loss, linear_ride_loss_reference, ride_loss_reference
+from fastlt.ops.linear_ride_loss import default_chunk_size
+
+
+def _inputs(E, B, C, D, *, shared=False, use_bias=False, dtype=torch.float64):
+    features = torch.randn(B, D) if shared else torch.randn(E, B, D)
+    weight = torch.randn(E, C, D)
+    bias = torch.randn(E, C) if use_bias else None
+    tensors = [t.to(dtype).requires_grad_(True) for t in (features, weight, bias) if t is not None]
+    return tensors, torch.randint(0, C, (B,)), long_tail_counts(C)
+
+
+def _loss_and_grads(fn, tensors, target, counts, **kwargs):
+    features, weight, *bias = tensors
+    loss = fn(features, weight, target, counts, bias=bias[0] if bias else None, **kwargs)
+    return loss.detach(), torch.autograd.grad(loss, tensors)
+
+
+def _assert_matches_reference(tensors, target, counts, rtol=1e-10, atol=1e-12, **kwargs):
+    expected_loss, expected_grads = _loss_and_grads(linear_ride_loss_reference, tensors, target, counts, **kwargs)
+    loss, grads = _loss_and_grads(linear_ride_loss, tensors, target, counts, **kwargs)
+    assert loss.dtype == expected_loss.dtype
+    torch.testing.assert_close(loss, expected_loss, rtol=rtol, atol=atol)
+    for grad, expected in zip(grads, expected_grads):
+        assert grad.dtype == expected.dtype and grad.shape == expected.shape
+        torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol * max(1.0, expected.abs().max().item()))
+
+
+def test_reference_is_ride_loss_of_the_cosine_logits():
+    (features, weight), target, counts = _inputs(2, 4, 9, 5)
+    cosine = torch.stack([torch.nn.functional.normalize(features[k], dim=1)
+                          @ torch.nn.functional.normalize(weight[k], dim=1).t() for k in range(2)])
+    expected = ride_loss_reference(30 * cosine, target, counts, drw=True, scale=20.0)
+    torch.testing.assert_close(linear_ride_loss_reference(features, weight, target, counts, drw=True, margin_scale=20.0),
+                               expected)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("drw", [False, True])
+def test_fp64_matches_reference_with_classes_not_a_multiple_of_the_chunk(shared, normalize, use_bias, drw):
+    tensors, target, counts = _inputs(3, 5, 37, 7, shared=shared, use_bias=use_bias)
+    _assert_matches_reference(tensors, target, counts, normalize=normalize, drw=drw, chunk_size=8,
+                              scale=30.0 if normalize else 1.0)
+
+
+@pytest.mark.parametrize("num_experts", [1, 2, 5, 8])
+@pytest.mark.parametrize("diversity_factor", [-0.45, 0.0, 0.3])
+def test_fp64_any_number_of_experts_and_diversity(num_experts, diversity_factor):
+    tensors, target, counts = _inputs(num_experts, 3, 20, 4)
+    _assert_matches_reference(tensors, target, counts, drw=True, diversity_factor=diversity_factor, chunk_size=6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, None])
+def test_batch_of_one_and_any_chunk(chunk_size):
+    tensors, target, counts = _inputs(2, 1, 33, 6)
+    _assert_matches_reference(tensors, target, counts, drw=True, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_gradcheck_fp64(use_bias):
+    tensors, target, counts = _inputs(2, 3, 11, 4, use_bias=use_bias)
+
+    def loss(features, weight, *bias):
+        return linear_ride_loss(features, weight, target, counts, bias=bias[0] if bias else None, drw=True,
+                                scale=4.0, margin_scale=3.0, chunk_size=4)
+
+    assert torch.autograd.gradcheck(loss, tuple(tensors))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_tolerance_table(dtype):
+    tensors, target, counts = _inputs(3, 6, 300, 16, dtype=dtype)
+    atol, rtol = TOLERANCES[dtype]
+    # Both compute in fp32; the reference's GEMM and normalisation round to the input dtype, the fused op's do not.
+    rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else (3e-2, 3e-2)
+    _assert_matches_reference(tensors, target, counts, drw=True, chunk_size=64, rtol=rtol, atol=atol)
+
+
+def test_backward_scales_by_grad_output():
+    tensors, target, counts = _inputs(2, 3, 10, 4)
+    _, unit = _loss_and_grads(linear_ride_loss, tensors, target, counts)
+    features, weight = tensors
+    (2.5 * linear_ride_loss(features, weight, target, counts)).backward()
+    torch.testing.assert_close(weight.grad, 2.5 * unit[1])
+    torch.testing.assert_close(features.grad, 2.5 * unit[0])
+
+
+def test_no_gradient_is_computed_without_requires_grad():
+    (features, weight), target, counts = _inputs(2, 3, 10, 4)
+    loss = linear_ride_loss(features.detach(), weight.detach(), target, counts)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, linear_ride_loss_reference(features, weight, target, counts).detach())
+
+
+def test_default_chunk_size_is_a_power_of_two_of_about_two_million_logits():
+    assert default_chunk_size(3, 256, 100_000) == 2048
+    assert default_chunk_size(1, 1, 100_000) == 8192 and default_chunk_size(64, 4096, 10**6) == 128
+    assert default_chunk_size(3, 256, 1000) == 1000
+
+
+def test_opcheck():
+    (features, weight, bias), target, counts = _inputs(2, 3, 10, 4, use_bias=True, dtype=torch.float32)
+    for class_weights in (None, torch.rand(10) + 0.5):
+        args = (features, weight, bias, target, torch.rand(10), class_weights, torch.rand(10) + 0.5, 30.0, True,
+                -0.45, 4, True)
+        torch.library.opcheck(torch.ops.fastlt.linear_ride_loss_torch.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    (features, weight), target, counts = _inputs(3, 4, 20, 8, dtype=torch.float32)
+    compiled = torch.compile(lambda x, w: linear_ride_loss(x, w, target, counts, drw=True, chunk_size=8),
+                             fullgraph=True)
+    expected_loss, expected_grads = _loss_and_grads(linear_ride_loss, [features, weight], target, counts, drw=True,
+                                                    chunk_size=8)
+    loss = compiled(features, weight)
+    grads = torch.autograd.grad(loss, [features, weight])
+    torch.testing.assert_close(loss.detach(), expected_loss)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda x, w, y, n: dict(features=x[0, 0]), ValueError, "features must have"),
+        (lambda x, w, y, n: dict(features=x[:1]), ValueError, "features must be"),
+        (lambda x, w, y, n: dict(features=x[..., :3]), ValueError, "features must have D"),
+        (lambda x, w, y, n: dict(features=x.float()), ValueError, "features must have weight's dtype"),
+        (lambda x, w, y, n: dict(weight=w[0]), ValueError, "weight must have 3 dims"),
+        (lambda x, w, y, n: dict(weight=[1.0]), TypeError, "weight must be a torch.Tensor"),
+        (lambda x, w, y, n: dict(target=y + 100), ValueError, "target must be in"),
+        (lambda x, w, y, n: dict(target=y.int()), ValueError, "target must be int64"),
+        (lambda x, w, y, n: dict(class_counts=n[:-1]), ValueError, "class_counts must be"),
+        (lambda x, w, y, n: dict(class_counts=-n), ValueError, "positive"),
+        (lambda x, w, y, n: dict(bias=torch.zeros(2, 9, dtype=w.dtype)), ValueError, "bias must be"),
+        (lambda x, w, y, n: dict(scale=0.0), ValueError, "scale must be"),
+        (lambda x, w, y, n: dict(chunk_size=0), ValueError, "chunk_size must be"),
+        (lambda x, w, y, n: dict(chunk_size=2.5), ValueError, "chunk_size must be"),
+    ],
+)
+def test_bad_inputs_raise_errors_naming_the_argument(change, error, message):
+    (features, weight), target, counts = _inputs(2, 3, 10, 4)
+    arguments = dict(features=features, weight=weight, target=target, class_counts=counts)
+    arguments.update(change(features, weight, target, counts))
+    with pytest.raises(error, match=message):
+        linear_ride_loss(**arguments)
