@@ -32,9 +32,12 @@ build: $(EDITABLE)
 	flock /tmp/fastlt-build.lock $(PY) setup.py -q build_ext --inplace
 
 # `make run` builds the CUDA kernels only when a GPU is visible (they cannot run without one, and compiling them
-# takes minutes on 2 cores); `make test` always builds and compile-checks them.
+# takes minutes on 2 cores) or when the current build has them (`make test` always builds and compile-checks them:
+# a CPU-only rebuild would throw that build away). CPU-only builds compile in their own folder (setup.py), so
+# switching between the two recompiles nothing that is up to date.
 HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
-run: export FASTLT_BUILD_CUDA ?= $(if $(filter 1,$(HAVE_GPU)),,0)
+HAVE_CUDA_BUILD := $(shell grep -qs '"with_cuda": true' fastlt/_build_info.json && echo 1 || echo 0)
+run: export FASTLT_BUILD_CUDA ?= $(if $(filter 1,$(HAVE_GPU) $(HAVE_CUDA_BUILD)),,0)
 run: build
 	$(VENV)/bin/fastlt demo
 
@@ -65,5 +68,11 @@ bench: build
 	$(VENV)/bin/fastlt bench ops --json BENCHMARKS.json
 	$(PY) -m pytest -q bench --benchmark-only
 
+# On a GPU machine with torch installed (no venv, no downloads): build for the local GPU, fastlt doctor, the GPU
+# tests and the CUDA benchmarks, logs and summary.json in DIR. PYTHON picks the interpreter (default python3).
+DIR ?= gpu-check
+gpu-check:
+	PYTHON=$(PYTHON) bash tools/gpu_check.sh $(DIR)
+
 clean:
-	rm -rf build *.egg-info fastlt/_C*.so
+	rm -rf build *.egg-info fastlt/_C*.so fastlt/_build_info.json

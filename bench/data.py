@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from fastlt.bench.timing import progress
 from fastlt.data.sampling import LongTailSampler
 
 INAT_CLASSES, INAT_SAMPLES, INAT_MAX, INAT_MIN = 8142, 437_513, 1000, 2
@@ -66,6 +67,17 @@ def _time_ms(function, repeats):
         function()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times), min(times)
+
+
+def problem_run_sampler(quick=False):
+    return (f"one epoch of iNaturalist-2018-size targets ({INAT_CLASSES} classes, {INAT_SAMPLES:,} samples, "
+            f"largest class {INAT_MAX}, smallest {INAT_MIN})")
+
+
+def problem_run_loader(quick=False):
+    num_images, rounds = (400, 1) if quick else (2000, 3)
+    return (f"{num_images} generated 320x240 JPEGs in 20 classes -> RandomResizedCrop 224 + flip + normalise, batch 64, "
+            f"class-balanced order, {rounds} timed epochs each")
 
 
 def run_sampler(quick=False):
@@ -150,7 +162,7 @@ def run_loader(quick=False, folder=None):
             loaders[backend] = make_loader(dataset, 64, train=True, sampler=sampler, loader=backend,
                                            num_threads=2, num_workers=2)
             _images_per_second(loaders[backend], epoch=0)  # warm-up: pipeline build, worker start, page cache
-        for epoch in range(1, rounds + 1):  # alternate, so both see the same machine load
+        for epoch in progress(range(1, rounds + 1), "fastlt bench loader"):  # alternate: both see the same load
             for backend, loader in loaders.items():
                 rates[backend].append(_images_per_second(loader, epoch))
     torch_rate = statistics.median(rates["torch"])

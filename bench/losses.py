@@ -9,9 +9,24 @@ kernels' own scratch). Figures: BENCHMARKS.md "Fused losses". Regenerate: `.venv
 import torch
 
 import fastlt
-from fastlt.bench.timing import format_table, measure
+from fastlt.bench.ops import default_backend
+from fastlt.bench.timing import format_table, measure, progress
 
 LOSS_SHAPES = [(3, 128, 100), (3, 256, 1000), (4, 512, 8142)]  # (E or K, B, C)
+INTERPRETER_SHAPES = [(3, 16, 100)]  # Triton's interpreter on CPU tensors
+
+
+def shapes(quick=False, backend="auto", device="cpu"):
+    backend = default_backend(device) if backend == "auto" else backend
+    if backend == "triton" and torch.device(device).type == "cpu":
+        return INTERPRETER_SHAPES
+    return LOSS_SHAPES[:-1] if quick else LOSS_SHAPES
+
+
+def problem(quick=False, backend="auto", device="cpu"):
+    backend = default_backend(device) if backend == "auto" else backend
+    return (f"fp32 logits on {device}, fused = the {backend} backend; (E or K, B, C) in {shapes(quick, backend, device)}"
+            f", fwd+bwd, {3 if quick else 10} timed repeats")
 
 
 def long_tailed_counts(num_classes, imbalance=100.0):
@@ -20,8 +35,15 @@ def long_tailed_counts(num_classes, imbalance=100.0):
     return (1000.0 * imbalance**-exponents).floor().clamp_min(1)
 
 
-def peak_extra_bytes(step, keep_bytes):
+def peak_extra_bytes(step, keep_bytes, device="cpu"):
     """Peak bytes allocated while ``step()`` runs, beyond ``keep_bytes`` (what it legitimately returns)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before - keep_bytes
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
@@ -44,7 +66,7 @@ def _timed_rows(op, shape, logits, impls, quick):
 
         median_ms, _ = measure(step, warmup=2, repeats=3 if quick else 10)
         logits.grad = None
-        extra = peak_extra_bytes(step, grad_bytes)
+        extra = peak_extra_bytes(step, grad_bytes, logits.device)
         rows.append(dict(op=op, shape="x".join(map(str, shape)), dtype="fp32", mode="fwd+bwd", impl=name, ms=median_ms,
                          peak_extra_mb=extra / 2**20, peak_extra_pct_of_grad=100 * extra / grad_bytes))
     fused_ms = rows[0]["ms"]
@@ -62,46 +84,49 @@ def _fused_eager_compiled(fused, reference, args, kwargs, quick):
     return impls
 
 
-def _ride_rows(shape, quick):
+def _ride_rows(shape, quick, device):
     E, B, C = shape
-    logits = (torch.randn(E, B, C) * 10).requires_grad_(True)
-    args = (logits, torch.randint(0, C, (B,)), long_tailed_counts(C))
+    logits = (torch.randn(E, B, C, device=device) * 10).requires_grad_(True)
+    args = (logits, torch.randint(0, C, (B,), device=device), long_tailed_counts(C).to(device))
     impls = _fused_eager_compiled(fastlt.ops.ride_loss, fastlt.ops.ride_loss_reference, args, dict(drw=True), quick)
     return _timed_rows("ride_loss", shape, logits, impls, quick)
 
 
-def _reslt_rows(shape, quick):
+def _reslt_rows(shape, quick, device):
     K, B, C = shape
-    logits = (torch.randn(K, B, C) * 10).requires_grad_(True)
+    logits = (torch.randn(K, B, C, device=device) * 10).requires_grad_(True)
     # Nested groups at even label cut-offs (the shot rule gives at most 3 branches).
-    groups = fastlt.ops.reslt_groups(long_tailed_counts(C), cutoffs=[C * k // K for k in range(1, K)], num_branches=K)
-    args = (logits, torch.randint(0, C, (B,)), groups)
+    groups = fastlt.ops.reslt_groups(long_tailed_counts(C), cutoffs=[C * k // K for k in range(1, K)],
+                                     num_branches=K).to(device)
+    args = (logits, torch.randint(0, C, (B,), device=device), groups)
     impls = _fused_eager_compiled(fastlt.ops.reslt_loss, fastlt.ops.reslt_loss_reference, args, dict(beta=0.995),
                                   quick)
     return _timed_rows("reslt_loss", shape, logits, impls, quick)
 
 
-def _prior_shifted_rows(shape, quick):
+def _prior_shifted_rows(shape, quick, device):
     E, B, C = shape
-    logits = (torch.randn(E, B, C) * 10).requires_grad_(True)
+    logits = (torch.randn(E, B, C, device=device) * 10).requires_grad_(True)
     taus = [float(k) for k in range(E)]  # tau = 0 (plain CE), 1 (Balanced Softmax), 2, ...: the SADE/BalPoE family
-    args = (logits, torch.randint(0, C, (B,)), long_tailed_counts(C))
+    args = (logits, torch.randint(0, C, (B,), device=device), long_tailed_counts(C).to(device))
     impls = _fused_eager_compiled(fastlt.ops.prior_shifted_ce, fastlt.ops.prior_shifted_ce_reference, args,
                                   dict(taus=taus), quick)
     return _timed_rows("prior_shifted_ce", shape, logits, impls, quick)
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, backend: str = "auto", device: str = "cpu") -> list[dict]:
     """One row per (loss, shape, implementation); ``quick`` skips torch.compile and the largest shape."""
-    if not fastlt._extension.AVAILABLE:
-        raise RuntimeError("fastlt bench losses: the compiled extension is not built")
+    backend = default_backend(device) if backend == "auto" else backend
     torch.manual_seed(0)
-    shapes = LOSS_SHAPES[:-1] if quick else LOSS_SHAPES
+    cases = [(loss_rows, shape) for loss_rows in (_ride_rows, _reslt_rows, _prior_shifted_rows)
+             for shape in shapes(quick, backend, device)]
     rows = []
-    with fastlt.ops.use_backend("cpp"):
-        for loss_rows in (_ride_rows, _reslt_rows, _prior_shifted_rows):
-            for shape in shapes:
-                rows += loss_rows(shape, quick)
+    with fastlt.ops.use_backend(backend):
+        for loss_rows, shape in progress(cases, "fastlt bench losses"):
+            rows += loss_rows(shape, quick, device)
+    for row in rows:
+        if row["impl"] == "fused":
+            row["impl"] = f"fused ({backend})"
     return rows
 
 

@@ -1,4 +1,7 @@
-"""`fastlt bench ops`: each fused op (C++ CPU kernel) vs the eager reference vs torch.compile(reference).
+"""`fastlt bench ops`: each fused op (C++ CPU kernel by default) vs the eager reference vs torch.compile(reference).
+
+``--backend`` picks the fused implementation (cpp, triton, reference: every install can run it; Triton on CPU
+tensors runs in its interpreter, so it gets small shapes) and ``--device`` the tensors' device (cpu, cuda).
 
 Reports median and best ms, achieved GB/s (minimum bytes read + written / best time) and that as a % of the copy
 bandwidth measured in the same run (also from its best time: on a shared machine the best of N repeats is the run
@@ -6,14 +9,48 @@ least disturbed by other work, for the kernel and the copy alike). Figures: BENC
 Regenerate: `.venv/bin/fastlt bench ops`.
 """
 
+import os
+
 import torch
 
 import fastlt
-from fastlt.bench.timing import copy_bandwidth_gbs, measure
+from fastlt.bench.timing import copy_bandwidth_gbs, measure, progress
 
 AGGREGATE_SHAPES = [(3, 256, 1000), (4, 512, 8142)]  # (E, B, C)
 NORMALIZE_SHAPES = [(1000, 512), (8142, 2048)]  # (C, D)
 SWEEP_SHAPE = dict(num_taus=21, rows=20_000, classes=1000, dim=512)
+# Triton's interpreter runs a kernel in numpy, ~1000x slower than compiled code: small shapes only.
+INTERPRETER_SHAPES = dict(aggregate=[(3, 32, 100)], normalize=[(100, 64)],
+                          sweep=dict(num_taus=5, rows=200, classes=100, dim=64))
+
+
+def default_backend(device="cpu"):
+    """The fused implementation this install runs on ``device``: the compiled kernels, else Triton, else the
+    reference (a pure-Python install on CPU without the Triton interpreter)."""
+    from fastlt import _extension, kernels
+
+    cuda = torch.device(device).type == "cuda"
+    if _extension.AVAILABLE and (not cuda or _extension.HAS_CUDA):
+        return "cpp"
+    if kernels.AVAILABLE and (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return "triton"
+    return "reference"
+
+
+def shapes(quick=False, backend="auto", device="cpu"):
+    """(aggregate, normalize, sweep) problem sizes for this run."""
+    backend = default_backend(device) if backend == "auto" else backend
+    if backend == "triton" and torch.device(device).type == "cpu":
+        return INTERPRETER_SHAPES["aggregate"], INTERPRETER_SHAPES["normalize"], INTERPRETER_SHAPES["sweep"]
+    return AGGREGATE_SHAPES, NORMALIZE_SHAPES, SWEEP_SHAPE if not quick else dict(SWEEP_SHAPE, rows=5_000)
+
+
+def problem(quick=False, backend="auto", device="cpu"):
+    aggregate, normalize, sweep = shapes(quick, backend, device)
+    backend = default_backend(device) if backend == "auto" else backend
+    return (f"fp32 on {device}, fused = the {backend} backend; expert_aggregate (E, B, C) in {aggregate}, "
+            f"tau_normalize (C, D) in {normalize}, tau_sweep K={sweep['num_taus']} taus N={sweep['rows']} "
+            f"C={sweep['classes']} D={sweep['dim']}; {5 if quick else 20} timed repeats")
 
 
 def _implementations(fused, reference, quick):
@@ -23,13 +60,13 @@ def _implementations(fused, reference, quick):
     return impls
 
 
-def _time_modes(impls, make_inputs, fwd_bytes, fwd_bwd_bytes, grad_shape, bandwidth, label, repeats):
+def _time_modes(impls, make_inputs, fwd_bytes, fwd_bwd_bytes, grad_shape, bandwidth, label, repeats, device):
     rows = []
     for mode, num_bytes in (("fwd", fwd_bytes), ("fwd+bwd", fwd_bwd_bytes)):
         eager_ms = None
         for impl, fn in impls.items():
             inputs = make_inputs(mode == "fwd+bwd")
-            grad = torch.randn(grad_shape)
+            grad = torch.randn(grad_shape, device=device)
 
             def step():
                 inputs[0].grad = None  # no gradient accumulation across repeats (it would add a read + write)
@@ -47,40 +84,49 @@ def _time_modes(impls, make_inputs, fwd_bytes, fwd_bwd_bytes, grad_shape, bandwi
     return rows
 
 
-def run(quick: bool = False) -> list:
-    if not fastlt._extension.AVAILABLE:
-        raise RuntimeError(
-            "fastlt bench ops: the compiled extension is not built (pip install --no-build-isolation -e .)"
-        )
+def run(quick: bool = False, backend: str = "auto", device: str = "cpu") -> list:
     ops = fastlt.ops
-    bandwidth = copy_bandwidth_gbs()
+    backend = default_backend(device) if backend == "auto" else backend
+    aggregate_shapes, normalize_shapes, sweep_shape = shapes(quick, backend, device)
+    bandwidth = copy_bandwidth_gbs(device=device)
     repeats = 5 if quick else 20
     rows = [dict(op="copy_", shape="256 MiB", mode="fwd", impl="torch", ms=None, best_ms=None, gbs=bandwidth,
                  pct_copy_bw=100.0, speedup_vs_eager=None)]
-    with ops.use_backend("cpp"):
-        for E, B, C in AGGREGATE_SHAPES:
-            def make_inputs(grad, E=E, B=B, C=C):
-                return (torch.randn(E, B, C, requires_grad=grad),)
+    cases = [("expert_aggregate", shape) for shape in aggregate_shapes]
+    cases += [("tau_normalize", shape) for shape in normalize_shapes] + [("tau_sweep", None)]
+    with ops.use_backend(backend):
+        for op, shape in progress(cases, "fastlt bench ops"):
+            if op == "expert_aggregate":
+                E, B, C = shape
 
-            impls = _implementations(ops.expert_aggregate, ops.expert_aggregate_reference, quick)
-            size = B * C * 4
-            rows += _time_modes(impls, make_inputs, (E + 1) * size, (2 * E + 2) * size, (B, C), bandwidth,
-                                ("expert_aggregate", f"E={E} B={B} C={C}"), repeats)
-        for C, D in NORMALIZE_SHAPES:
-            def make_inputs(grad, C=C, D=D):
-                return (torch.randn(C, D, requires_grad=grad), 0.7)
+                def make_inputs(grad, E=E, B=B, C=C):
+                    return (torch.randn(E, B, C, device=device, requires_grad=grad),)
 
-            impls = _implementations(ops.tau_normalize, ops.tau_normalize_reference, quick)
-            size = C * D * 4
-            rows += _time_modes(impls, make_inputs, 2 * size, 5 * size, (C, D), bandwidth,
-                                ("tau_normalize", f"C={C} D={D}"), repeats)
-        rows += _sweep_rows(quick)
+                impls = _implementations(ops.expert_aggregate, ops.expert_aggregate_reference, quick)
+                size = B * C * 4
+                rows += _time_modes(impls, make_inputs, (E + 1) * size, (2 * E + 2) * size, (B, C), bandwidth,
+                                    ("expert_aggregate", f"E={E} B={B} C={C}"), repeats, device)
+            elif op == "tau_normalize":
+                C, D = shape
+
+                def make_inputs(grad, C=C, D=D):
+                    return (torch.randn(C, D, device=device, requires_grad=grad), 0.7)
+
+                impls = _implementations(ops.tau_normalize, ops.tau_normalize_reference, quick)
+                size = C * D * 4
+                rows += _time_modes(impls, make_inputs, 2 * size, 5 * size, (C, D), bandwidth,
+                                    ("tau_normalize", f"C={C} D={D}"), repeats, device)
+            else:
+                rows += _sweep_rows(sweep_shape, device)
+    for row in rows:
+        if row["impl"] == "fused":
+            row["impl"] = f"fused ({backend})"
     return rows
 
 
-def _sweep_rows(quick):
-    s = SWEEP_SHAPE if not quick else dict(SWEEP_SHAPE, rows=5_000)
-    features, weight = torch.randn(s["rows"], s["dim"]), torch.randn(s["classes"], s["dim"])
+def _sweep_rows(s, device):
+    features = torch.randn(s["rows"], s["dim"], device=device)
+    weight = torch.randn(s["classes"], s["dim"], device=device)
     taus = torch.linspace(0, 2, s["num_taus"])
     label = f"K={s['num_taus']} N={s['rows']} C={s['classes']} D={s['dim']}"
     fused_ms, _ = measure(lambda: fastlt.ops.tau_sweep(features, weight, taus), warmup=1, repeats=3)

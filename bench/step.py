@@ -1,5 +1,6 @@
-"""`fastlt bench step`: where one training step's time goes, for CE and RIDE on the CIFAR ResNet-32 (batch 128,
-synthetic 32x32 images through fastlt's array loader with RIDE's CIFAR augmentation), fused vs eager loss.
+"""`fastlt bench step`: where one training step's time goes, for CE, RIDE, BalPoE and SADE on the CIFAR ResNet-32
+(batch 128, synthetic 32x32 images through fastlt's array loader with RIDE's CIFAR augmentation), fused vs eager loss.
+BalPoE and SADE train all experts' losses in one fused call; their eager rows loop over the experts.
 
 Per step (median over the timed steps): data = waiting for the next batch; compute = forward + backbone backward +
 SGD step; loss = the loss's forward + backward on detached logits (then fed back into the backbone's backward), so
@@ -15,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import fastlt
+from fastlt.methods.balpoe import BalPoELoss
+from fastlt.methods.sade import SADELoss
+from fastlt.bench.timing import progress
 from fastlt.data import LongTailSampler, make_loader
 from fastlt.data.base import ArrayDataset
 from fastlt.engine import build_sgd
@@ -41,6 +45,10 @@ def _loss(kind: str, counts: torch.Tensor):
     """(name, function of the detached [E, B, C] or [B, C] logits) for each case."""
     if kind == "ce":
         return lambda logits, targets: F.cross_entropy(logits, targets)
+    if kind == "balpoe":
+        return BalPoELoss(counts, taus=[0.0, 1.0, 2.0])
+    if kind == "sade":
+        return SADELoss(counts, tau=2.0)
     return lambda logits, targets: fastlt.ops.ride_loss(logits, targets, counts, drw=True)
 
 
@@ -84,11 +92,15 @@ def time_steps(model_name: str, kind: str, backend: str, steps: int, warmup: int
             "loss_pct": 100 * per_step["loss"] / step_ms, "threads": torch.get_num_threads()}
 
 
+def problem(quick=False):
+    return (f"CIFAR ResNet-32 (CE) and RIDE ResNet-32 (3 experts), batch {BATCH}, {NUM_CLASSES} classes, synthetic "
+            f"32x32 images, {2 if quick else 6} timed steps after 1 warm-up step")
+
+
 def run(quick: bool = False) -> list:
     steps = 2 if quick else 6
-    return [time_steps("resnet32", "ce", "auto", steps),
-            time_steps("ride_resnet32", "ride", "auto", steps),
-            time_steps("ride_resnet32", "ride", "reference", steps)]
+    cases = [("resnet32", "ce", "auto"), ("ride_resnet32", "ride", "auto"), ("ride_resnet32", "ride", "reference")]
+    return [time_steps(model, kind, backend, steps) for model, kind, backend in progress(cases, "fastlt bench step")]
 
 
 if __name__ == "__main__":

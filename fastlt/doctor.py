@@ -11,6 +11,7 @@ against the eager reference at small shapes, values and gradients, fp32 and bf16
 
 import argparse
 import importlib.metadata
+import json
 import os
 import platform
 import sys
@@ -170,17 +171,6 @@ def available_backends():
     return plan
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_isa():
     """The best of the ISAs fastlt's CPU kernels are cloned for that this CPU has (what GCC's resolver picks)."""
     try:
@@ -201,6 +191,7 @@ def _version(distribution):
 def environment_lines():
     import fastlt
     from fastlt import _extension
+    from fastlt.bench.timing import cpu_model
 
     dali = next((d.metadata["Name"] for d in importlib.metadata.distributions()
                  if (d.metadata["Name"] or "").lower().startswith("nvidia-dali")), None)
@@ -260,12 +251,17 @@ def format_rows(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastlt doctor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", nargs="+", choices=sorted(CASES), help="only these ops (default: all)")
+    parser.add_argument("--json", help="also write the environment and the table's rows to this JSON file")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     # The Triton interpreter runs the kernels on CPU tensors; it must be on before triton is first imported.
     if not torch.cuda.is_available() and "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    print("\n".join(environment_lines()), flush=True)
+    environment = environment_lines()
+    print("\n".join(environment), flush=True)
     rows = run_checks(ops=args.ops)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"environment": environment, "checks": rows}, handle, indent=1)
     print("\nevery op vs the eager reference (small shapes, values and gradients):")
     print(format_rows(rows), flush=True)
     first_failure = {}
