@@ -25,8 +25,8 @@ def shapes(quick=False, backend="auto", device="cpu"):
 
 def problem(quick=False, backend="auto", device="cpu"):
     backend = default_backend(device) if backend == "auto" else backend
-    return (f"fp32 logits on {device}, fused = the {backend} backend; (E or K, B, C) in {shapes(quick, backend, device)}"
-            f", fwd+bwd, {3 if quick else 10} timed repeats")
+    return (f"fp32 logits on {device}, fused = the {backend} backend; "
+            f"(E or K, B, C) in {shapes(quick, backend, device)}, fwd+bwd, {3 if quick else 10} timed repeats")
 
 
 def long_tailed_counts(num_classes, imbalance=100.0):

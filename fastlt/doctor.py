@@ -244,7 +244,8 @@ def format_rows(rows):
 
     status = {True: "ok", False: "MISMATCH", None: "-"}
     return format_table([dict(op=r["op"], device=r["device"], backend=r["backend"], dtype=r["dtype"],
-                              max_err_values=_format_error(r["forward_err"]), max_err_grads=_format_error(r["grad_err"]),
+                              max_err_values=_format_error(r["forward_err"]),
+                              max_err_grads=_format_error(r["grad_err"]),
                               result=status[r["ok"]], note=r["note"]) for r in rows])
 
 

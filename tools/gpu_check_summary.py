@@ -39,7 +39,8 @@ def read_junit(path):
     except (OSError, ElementTree.ParseError):
         return None
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    counts = {key: sum(int(suite.get(key, 0)) for suite in suites) for key in ("tests", "failures", "errors", "skipped")}
+    keys = ("tests", "failures", "errors", "skipped")
+    counts = {key: sum(int(suite.get(key, 0)) for suite in suites) for key in keys}
     counts["failed_tests"] = [f"{case.get('classname')}::{case.get('name')}" for suite in suites
                               for case in suite.iter("testcase")
                               if case.find("failure") is not None or case.find("error") is not None]
@@ -76,7 +77,8 @@ def main(argv=None):
         return 2
     summary = summarize(argv[0])
     print(f"gpu_check: ok={summary['ok']}; steps: "
-          + ", ".join(f"{name} exit {step['exit_code']} ({step['seconds']} s)" for name, step in summary["steps"].items()))
+          + ", ".join(f"{name} exit {step['exit_code']} ({step['seconds']} s)"
+                      for name, step in summary["steps"].items()))
     return 0
 
 

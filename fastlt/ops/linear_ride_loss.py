@@ -159,7 +159,8 @@ class _Problem:
             # [E, C] scale / ||w_c||: multiplies the GEMM's columns instead of normalising the weight.
             weight_norms = torch.linalg.vector_norm(weight, dim=-1, dtype=acc)
             self.column_scale = scale / weight_norms.clamp_min(NORM_EPS)
-            self.weight_above_eps = (weight_norms > NORM_EPS).to(acc)  # below eps F.normalize's clamp has no radial term
+            # below eps F.normalize's clamp has no radial term
+            self.weight_above_eps = (weight_norms > NORM_EPS).to(acc)
         else:
             self.features = raw_features
         self.target = target

@@ -35,8 +35,8 @@ def test_reference_is_ride_loss_of_the_cosine_logits():
     cosine = torch.stack([torch.nn.functional.normalize(features[k], dim=1)
                           @ torch.nn.functional.normalize(weight[k], dim=1).t() for k in range(2)])
     expected = ride_loss_reference(30 * cosine, target, counts, drw=True, scale=20.0)
-    torch.testing.assert_close(linear_ride_loss_reference(features, weight, target, counts, drw=True, margin_scale=20.0),
-                               expected)
+    actual = linear_ride_loss_reference(features, weight, target, counts, drw=True, margin_scale=20.0)
+    torch.testing.assert_close(actual, expected)
 
 
 @pytest.mark.parametrize("shared", [False, True])
