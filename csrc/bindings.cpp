@@ -15,8 +15,9 @@ TORCH_LIBRARY(fastlt, m) {
   m.def(
       "ride_loss(Tensor expert_logits, Tensor target, Tensor target_margins, Tensor? class_weights, "
       "Tensor temperatures, float diversity_factor, bool compute_grad) -> (Tensor, Tensor)");
-  m.def("reslt_loss(Tensor branch_logits, Tensor target, Tensor group_masks, float beta, bool compute_grad) -> "
-        "(Tensor, Tensor)");
+  m.def(
+      "reslt_loss(Tensor branch_logits, Tensor target, Tensor group_masks, float beta, float log_eps, "
+      "bool compute_grad) -> (Tensor, Tensor)");
   m.def("prior_shifted_ce(Tensor expert_logits, Tensor target, Tensor logit_shifts, bool compute_grad) -> "
         "(Tensor, Tensor)");
 }

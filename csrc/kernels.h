@@ -1,6 +1,6 @@
 // Kernel entry points of the fastlt ops, one set per device (fastlt::cpu in csrc/cpu/*.cpp, fastlt::cuda in
-// csrc/cuda/*.cu), registered in csrc/bindings.cpp. Each checks its arguments and raises c10::Error (RuntimeError
-// in Python) naming the argument.
+// csrc/cuda/*.cu), registered in csrc/bindings.cpp. Each checks its arguments and raises c10::Error naming the
+// argument (RuntimeError in Python; the fused losses raise ValueError, see loss_checks.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -25,7 +25,8 @@
       const std::optional<at::Tensor>& class_weights, const at::Tensor& temperatures, double diversity_factor,     \
       bool compute_grad);                                                                                          \
   std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, const at::Tensor& target,        \
-                                                const at::Tensor& group_masks, double beta, bool compute_grad);    \
+                                                const at::Tensor& group_masks, double beta, double log_eps,        \
+                                                bool compute_grad);                                                \
   std::tuple<at::Tensor, at::Tensor> prior_shifted_ce(const at::Tensor& expert_logits, const at::Tensor& target,  \
                                                       const at::Tensor& logit_shifts, bool compute_grad);
 

@@ -1,10 +1,12 @@
 // Host-side argument checks of the fused losses (ride_loss, reslt_loss, prior_shifted_ce), shared by the CPU kernels
-// and the CUDA launchers. Each returns the per-class tables converted to the accumulation dtype, contiguous.
+// and the CUDA launchers. Each returns the per-class tables converted to the accumulation dtype, contiguous. They
+// raise ValueError (TORCH_CHECK_VALUE), as the Python wrappers and the Triton ops do for the same inputs.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
 
 #include "fastlt/common.h"
@@ -13,31 +15,31 @@
 namespace fastlt {
 
 inline void check_loss_logits(const at::Tensor& logits, const char* op, const char* name) {
-  TORCH_CHECK(logits.dim() == 3, op, ": ", name, " must be [E, B, C], got ", logits.dim(), " dims");
-  TORCH_CHECK(is_float_dtype(logits), op, ": ", name, " must be floating point, got ", logits.scalar_type());
-  TORCH_CHECK(logits.size(0) >= 1 && logits.size(0) <= kMaxExperts, op, ": ", name, " must have 1..", kMaxExperts,
-              " experts / branches, got ", logits.size(0));
-  TORCH_CHECK(logits.size(1) >= 1 && logits.size(2) >= 1, op, ": ", name, " must have B >= 1 and C >= 1, got ",
-              logits.sizes());
+  TORCH_CHECK_VALUE(logits.dim() == 3, op, ": ", name, " must be [E, B, C], got ", logits.dim(), " dims");
+  TORCH_CHECK_VALUE(is_float_dtype(logits), op, ": ", name, " must be floating point, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.size(0) >= 1 && logits.size(0) <= kMaxExperts, op, ": ", name, " must have 1..",
+                    kMaxExperts, " experts / branches, got ", logits.size(0));
+  TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(2) >= 1, op, ": ", name,
+                    " must have B >= 1 and C >= 1, got ", logits.sizes());
 }
 
 // target [B] int64 in [0, C): the range check reads the labels (a device sync for CUDA tensors).
 inline void check_loss_target(const at::Tensor& target, const at::Tensor& logits, const char* op) {
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(1), op, ": target must be [B] = [", logits.size(1),
-              "], got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ", target.scalar_type());
-  TORCH_CHECK(target.device() == logits.device(), op, ": target must be on ", logits.device());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(1), op, ": target must be [B] = [",
+                    logits.size(1), "], got ", target.sizes());
+  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong, op, ": target must be int64, got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.device() == logits.device(), op, ": target must be on ", logits.device());
   const int64_t low = target.min().item<int64_t>(), high = target.max().item<int64_t>();
-  TORCH_CHECK(low >= 0 && high < logits.size(2), op, ": target must be in [0, ", logits.size(2), "), got ",
-              low < 0 ? low : high);
+  TORCH_CHECK_VALUE(low >= 0 && high < logits.size(2), op, ": target must be in [0, ", logits.size(2), "), got ",
+                    low < 0 ? low : high);
 }
 
 // A [C] floating table on the logits' device, as a contiguous tensor of the accumulation dtype.
 inline at::Tensor class_table(const at::Tensor& table, const at::Tensor& logits, const char* op, const char* name) {
-  TORCH_CHECK(table.dim() == 1 && table.size(0) == logits.size(2), op, ": ", name, " must be [C] = [",
-              logits.size(2), "], got ", table.sizes());
-  TORCH_CHECK(is_float_dtype(table), op, ": ", name, " must be floating point, got ", table.scalar_type());
-  TORCH_CHECK(table.device() == logits.device(), op, ": ", name, " must be on ", logits.device());
+  TORCH_CHECK_VALUE(table.dim() == 1 && table.size(0) == logits.size(2), op, ": ", name, " must be [C] = [",
+                    logits.size(2), "], got ", table.sizes());
+  TORCH_CHECK_VALUE(is_float_dtype(table), op, ": ", name, " must be floating point, got ", table.scalar_type());
+  TORCH_CHECK_VALUE(table.device() == logits.device(), op, ": ", name, " must be on ", logits.device());
   return table.to(accumulate_dtype(logits)).contiguous();
 }
 
@@ -48,9 +50,10 @@ struct RideTables {
 inline RideTables check_ride_loss_inputs(const at::Tensor& logits, const at::Tensor& target,
                                          const at::Tensor& target_margins,
                                          const std::optional<at::Tensor>& class_weights,
-                                         const at::Tensor& temperatures) {
+                                         const at::Tensor& temperatures, double diversity_factor) {
   constexpr const char* op = "fastlt.ride_loss";
   check_loss_logits(logits, op, "expert_logits");
+  TORCH_CHECK_VALUE(std::isfinite(diversity_factor), op, ": diversity_factor must be finite, got ", diversity_factor);
   check_loss_target(target, logits, op);
   RideTables tables;
   tables.margins = class_table(target_margins, logits, op, "target_margins");
@@ -61,18 +64,21 @@ inline RideTables check_ride_loss_inputs(const at::Tensor& logits, const at::Ten
 
 // group_masks [K, C] bool on the logits' device, each row selecting at least one class; returned contiguous.
 inline at::Tensor check_reslt_loss_inputs(const at::Tensor& logits, const at::Tensor& target,
-                                          const at::Tensor& group_masks, double beta) {
+                                          const at::Tensor& group_masks, double beta, double log_eps) {
   constexpr const char* op = "fastlt.reslt_loss";
   check_loss_logits(logits, op, "branch_logits");
   check_loss_target(target, logits, op);
-  TORCH_CHECK(group_masks.dim() == 2 && group_masks.size(0) == logits.size(0) && group_masks.size(1) == logits.size(2),
-              op, ": group_masks must be [K, C] = [", logits.size(0), ", ", logits.size(2), "], got ",
-              group_masks.sizes());
-  TORCH_CHECK(group_masks.scalar_type() == at::kBool, op, ": group_masks must be bool, got ",
-              group_masks.scalar_type());
-  TORCH_CHECK(group_masks.device() == logits.device(), op, ": group_masks must be on ", logits.device());
-  TORCH_CHECK(group_masks.any(1).all().item<bool>(), op, ": every row of group_masks must select a class");
-  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, op, ": beta must be in [0, 1], got ", beta);
+  TORCH_CHECK_VALUE(group_masks.dim() == 2 && group_masks.size(0) == logits.size(0) &&
+                        group_masks.size(1) == logits.size(2),
+                    op, ": group_masks must be [K, C] = [", logits.size(0), ", ", logits.size(2), "], got ",
+                    group_masks.sizes());
+  TORCH_CHECK_VALUE(group_masks.scalar_type() == at::kBool, op, ": group_masks must be bool, got ",
+                    group_masks.scalar_type());
+  TORCH_CHECK_VALUE(group_masks.device() == logits.device(), op, ": group_masks must be on ", logits.device());
+  TORCH_CHECK_VALUE(group_masks.any(1).all().item<bool>(), op, ": every row of group_masks must select a class");
+  TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, op, ": beta must be in [0, 1], got ", beta);
+  TORCH_CHECK_VALUE(std::isfinite(log_eps) && log_eps >= 0.0, op, ": log_eps must be a finite number >= 0, got ",
+                    log_eps);
   return group_masks.contiguous();
 }
 
@@ -82,13 +88,13 @@ inline at::Tensor check_prior_shifted_ce_inputs(const at::Tensor& logits, const 
   constexpr const char* op = "fastlt.prior_shifted_ce";
   check_loss_logits(logits, op, "expert_logits");
   check_loss_target(target, logits, op);
-  TORCH_CHECK(logit_shifts.dim() == 2 && logit_shifts.size(0) == logits.size(0) &&
-                  logit_shifts.size(1) == logits.size(2),
-              op, ": logit_shifts must be [E, C] = [", logits.size(0), ", ", logits.size(2), "], got ",
-              logit_shifts.sizes());
-  TORCH_CHECK(is_float_dtype(logit_shifts), op, ": logit_shifts must be floating point, got ",
-              logit_shifts.scalar_type());
-  TORCH_CHECK(logit_shifts.device() == logits.device(), op, ": logit_shifts must be on ", logits.device());
+  TORCH_CHECK_VALUE(logit_shifts.dim() == 2 && logit_shifts.size(0) == logits.size(0) &&
+                        logit_shifts.size(1) == logits.size(2),
+                    op, ": logit_shifts must be [E, C] = [", logits.size(0), ", ", logits.size(2), "], got ",
+                    logit_shifts.sizes());
+  TORCH_CHECK_VALUE(is_float_dtype(logit_shifts), op, ": logit_shifts must be floating point, got ",
+                    logit_shifts.scalar_type());
+  TORCH_CHECK_VALUE(logit_shifts.device() == logits.device(), op, ": logit_shifts must be on ", logits.device());
   return logit_shifts.to(accumulate_dtype(logits)).contiguous();
 }
 

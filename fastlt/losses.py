@@ -173,24 +173,32 @@ class ResLTLoss(nn.Module):
     ``groups`` is either the ``[K, C]`` bool group masks (row 0: all classes; then medium+tail, tail) or the class
     counts, from which :func:`fastlt.ops.reslt_groups` builds them (``cutoffs``, ``num_branches`` as there).
 
+    Every cross-entropy is ``-log(softmax_y + log_eps)`` with the official code's ``log_eps = 1e-7`` by default
+    (ResLT's ``crossEntropy``: ``torch.log(softmax(logit) + 1e-7)``), which caps a sample's loss at 16.1 and scales
+    its gradient by ``p_y / (p_y + 1e-7)``; ``log_eps=0`` gives the exact log-softmax cross-entropy.
+
     >>> criterion = fastlt.ResLTLoss(torch.linspace(500, 5, 100).floor(), beta=0.995, cutoffs=[35, 70])
     >>> loss = criterion(torch.randn(3, 8, 100), torch.randint(0, 100, (8,)))
     """
 
-    def __init__(self, groups, *, beta: float, cutoffs=None, num_branches: int = 3):
+    OFFICIAL_LOG_EPS = 1e-7
+
+    def __init__(self, groups, *, beta: float, cutoffs=None, num_branches: int = 3,
+                 log_eps: float = OFFICIAL_LOG_EPS):
         super().__init__()
         groups = torch.as_tensor(groups)
         if groups.dtype != torch.bool:
             groups = ops.reslt_groups(_counts_buffer(groups), cutoffs=cutoffs, num_branches=num_branches)
         self.register_buffer("group_masks", groups, persistent=False)
-        self.beta = beta
+        self.beta, self.log_eps = beta, log_eps
 
     def forward(self, branch_logits: ExpertLogits, target: torch.Tensor) -> torch.Tensor:
-        return ops.reslt_loss(stack_experts(branch_logits), target, self.group_masks, beta=self.beta)
+        return ops.reslt_loss(stack_experts(branch_logits), target, self.group_masks, beta=self.beta,
+                              log_eps=self.log_eps)
 
     def extra_repr(self) -> str:
         num_branches, num_classes = self.group_masks.shape
-        return f"num_branches={num_branches}, num_classes={num_classes}, beta={self.beta}"
+        return f"num_branches={num_branches}, num_classes={num_classes}, beta={self.beta}, log_eps={self.log_eps}"
 
 
 class PriorShiftedCE(nn.Module):

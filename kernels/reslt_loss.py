@@ -26,6 +26,16 @@ def _fused_logits(row_ptr, offsets, mask, stride_k, stride_c, K, ACC: tl.constex
 
 
 @triton.jit
+def _epsilon_cross_entropy(maximum, shifted_sum, target_logit, eps):
+    """(CE_eps, its gradient factor r) of csrc/include/fastlt/reslt_loss.h: eps = 0 is the exact log-sum-exp form."""
+    target_probability = tl.exp(target_logit - maximum) / shifted_sum
+    exact = eps == 0.0
+    loss = tl.where(exact, maximum + tl.log(shifted_sum) - target_logit, -tl.log(target_probability + eps))
+    scale = tl.where(exact, 1.0, target_probability / (target_probability + eps))
+    return loss, scale
+
+
+@triton.jit
 def _reslt_loss_kernel(logits_ptr, labels_ptr, masks_ptr, coefs_ptr, branch_stats_ptr, row_losses_ptr, grad_ptr,
                        stride_k, stride_b, stride_c, K, B, C, ACC: tl.constexpr,
                        WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
@@ -35,6 +45,7 @@ def _reslt_loss_kernel(logits_ptr, labels_ptr, masks_ptr, coefs_ptr, branch_stat
     lanes = tl.arange(0, BLOCK)
     ice_coef = tl.load(coefs_ptr)
     fused_coef = tl.load(coefs_ptr + 1)
+    eps = tl.load(coefs_ptr + 2)
 
     max_lanes = tl.full([BLOCK], float("-inf"), ACC)
     sum_lanes = tl.zeros([BLOCK], ACC)
@@ -47,9 +58,10 @@ def _reslt_loss_kernel(logits_ptr, labels_ptr, masks_ptr, coefs_ptr, branch_stat
     fused_target = tl.full([], 0.0, ACC)
     for k in range(K):
         fused_target += tl.load(row_ptr + k * stride_k + y * stride_c).to(ACC)
-    loss = fused_coef * (fused_max + tl.log(fused_sum) - fused_target)  # cross_entropy
+    fused_ce, fused_scale = _epsilon_cross_entropy(fused_max, fused_sum, fused_target, eps)
+    loss = fused_coef * fused_ce
 
-    # Each in-group branch's statistics, kept in a [B, K, 2] scratch for the gradient pass.
+    # Each in-group branch's statistics and gradient coefficient, kept in a [B, K, 3] scratch for the gradient pass.
     for k in range(K):
         if tl.load(masks_ptr + k * C + y) != 0:  # outside its group a branch only feeds the fused term
             branch_ptr = row_ptr + k * stride_k
@@ -61,9 +73,12 @@ def _reslt_loss_kernel(logits_ptr, labels_ptr, masks_ptr, coefs_ptr, branch_stat
                 z = tl.load(branch_ptr + offsets * stride_c, mask=mask, other=0.0).to(ACC)
                 max_lanes, sum_lanes = add_to_softmax_stats(max_lanes, sum_lanes, z, mask)
             branch_max, branch_sum = merge_lanes(max_lanes, sum_lanes)
-            loss += ice_coef * (branch_max + tl.log(branch_sum) - tl.load(branch_ptr + y * stride_c).to(ACC))
-            tl.store(branch_stats_ptr + (b * K + k) * 2, branch_max)
-            tl.store(branch_stats_ptr + (b * K + k) * 2 + 1, branch_sum)
+            branch_target = tl.load(branch_ptr + y * stride_c).to(ACC)
+            branch_ce, branch_scale = _epsilon_cross_entropy(branch_max, branch_sum, branch_target, eps)
+            loss += ice_coef * branch_ce
+            tl.store(branch_stats_ptr + (b * K + k) * 3, branch_max)
+            tl.store(branch_stats_ptr + (b * K + k) * 3 + 1, branch_sum)
+            tl.store(branch_stats_ptr + (b * K + k) * 3 + 2, ice_coef * branch_scale)
     tl.store(row_losses_ptr + b, loss)
 
     if WRITE_GRAD:
@@ -73,19 +88,20 @@ def _reslt_loss_kernel(logits_ptr, labels_ptr, masks_ptr, coefs_ptr, branch_stat
             mask = offsets < C
             indicator = tl.where(offsets == y, 1.0, 0.0)
             s = _fused_logits(row_ptr, offsets, mask, stride_k, stride_c, K, ACC)
-            fused_term = fused_coef * (tl.exp(s - fused_max) / fused_sum - indicator)
+            fused_term = fused_coef * fused_scale * (tl.exp(s - fused_max) / fused_sum - indicator)
             for k in range(K):
-                # logit_gradient: in_group * ice_coef * (softmax(z_b)_c - [c == y]) + the fused term
+                # logit_gradient: in_group * ice_coef * r_b * (softmax(z_b)_c - [c == y]) + the fused term
                 gradient = fused_term
                 if tl.load(masks_ptr + k * C + y) != 0:
-                    branch_max = tl.load(branch_stats_ptr + (b * K + k) * 2)
-                    branch_sum = tl.load(branch_stats_ptr + (b * K + k) * 2 + 1)
+                    branch_max = tl.load(branch_stats_ptr + (b * K + k) * 3)
+                    branch_sum = tl.load(branch_stats_ptr + (b * K + k) * 3 + 1)
+                    branch_coef = tl.load(branch_stats_ptr + (b * K + k) * 3 + 2)
                     z = tl.load(row_ptr + k * stride_k + offsets * stride_c, mask=mask, other=0.0).to(ACC)
-                    gradient += ice_coef * (tl.exp(z - branch_max) / branch_sum - indicator)
+                    gradient += branch_coef * (tl.exp(z - branch_max) / branch_sum - indicator)
                 tl.store(grad_ptr + (k * B + b) * C + offsets, gradient.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def forward(branch_logits, target, group_masks, beta, compute_grad):
+def forward(branch_logits, target, group_masks, beta, log_eps, compute_grad):
     """(loss, d loss / d branch_logits or an empty tensor), as the C++ op fastlt::reslt_loss returns them."""
     num_branches, batch, num_classes = branch_logits.shape
     acc = accumulate_dtype(branch_logits.dtype)
@@ -93,11 +109,13 @@ def forward(branch_logits, target, group_masks, beta, compute_grad):
     masks = group_masks.contiguous()
     labels = target.contiguous()
     # ice_coefficient and fused_coefficient of csrc/include/fastlt/reslt_loss.h, on the device in the accumulation
-    # dtype: beta over the (branch, sample) pairs whose group holds the label (0 when there are none), (1 - beta) / B.
+    # dtype: beta over the (branch, sample) pairs whose group holds the label (0 when there are none), (1 - beta) / B;
+    # then the epsilon.
     in_group_total = masks[:, labels].sum().to(acc)
     ice_coef = torch.where(in_group_total > 0, beta / in_group_total.clamp_min(1), 0.0)
-    coefs = torch.stack([ice_coef, torch.tensor((1.0 - beta) / batch, dtype=acc, device=device)])
-    branch_stats = torch.empty((batch, num_branches, 2), dtype=acc, device=device)
+    coefs = torch.stack([ice_coef, torch.tensor((1.0 - beta) / batch, dtype=acc, device=device),
+                         torch.tensor(log_eps, dtype=acc, device=device)])
+    branch_stats = torch.empty((batch, num_branches, 3), dtype=acc, device=device)
     grad = torch.empty(branch_logits.shape if compute_grad else (0,), dtype=branch_logits.dtype, device=device)
     row_losses = torch.empty(batch, dtype=acc, device=device)
     block = min(BLOCK_C, triton.next_power_of_2(num_classes))

@@ -133,7 +133,7 @@ def test_module_rejects_bad_counts_at_construction():
 def test_reslt_module_from_counts_or_masks_equals_functional_op():
     logits, target = _logits(), _target()
     groups = fastlt.ops.reslt_groups(COUNTS)
-    expected = fastlt.ops.reslt_loss(logits, target, groups, beta=0.99)
+    expected = fastlt.ops.reslt_loss(logits, target, groups, beta=0.99, log_eps=1e-7)
     from_counts = fastlt.ResLTLoss(COUNTS.tolist(), beta=0.99)
     from_masks = fastlt.ResLTLoss(groups, beta=0.99)
     assert torch.equal(from_counts.group_masks, groups)
@@ -145,8 +145,27 @@ def test_reslt_module_with_cutoffs_and_two_branches():
     criterion = fastlt.ResLTLoss(COUNTS, beta=0.85, cutoffs=[8], num_branches=2)
     assert criterion.group_masks.sum(1).tolist() == [NUM_CLASSES, NUM_CLASSES - 8]
     logits, target = _logits(num_experts=2), _target()
-    expected = fastlt.ops.reslt_loss(logits, target, criterion.group_masks, beta=0.85)
+    expected = fastlt.ops.reslt_loss(logits, target, criterion.group_masks, beta=0.85, log_eps=1e-7)
     torch.testing.assert_close(criterion(logits, target), expected, rtol=0, atol=0)
+
+
+def test_reslt_module_and_method_use_the_official_epsilon():
+    from types import SimpleNamespace
+
+    from fastlt.methods import build_method
+
+    logits, target = _logits(), _target()
+    with torch.no_grad():
+        logits[:, 0, target[0]] = -1000.0  # a hopeless sample: the official loss caps it at -log(1e-7)
+    groups = fastlt.ops.reslt_groups(COUNTS)
+    official = fastlt.ops.reslt_loss(logits, target, groups, beta=0.99, log_eps=1e-7)
+    exact = fastlt.ops.reslt_loss(logits, target, groups, beta=0.99, log_eps=0.0)
+    assert fastlt.ResLTLoss(COUNTS, beta=0.99).log_eps == 1e-7
+    torch.testing.assert_close(fastlt.ResLTLoss(COUNTS, beta=0.99)(logits, target), official, rtol=0, atol=0)
+    torch.testing.assert_close(fastlt.ResLTLoss(COUNTS, beta=0.99, log_eps=0)(logits, target), exact, rtol=0, atol=0)
+    assert exact - official > 10.0
+    method = build_method({"name": "reslt", "beta": 0.99}, COUNTS, model=None)
+    torch.testing.assert_close(method.loss_fn(SimpleNamespace(branch_logits=logits), target), official, rtol=0, atol=0)
 
 
 def test_prior_shifted_ce_module_equals_functional_op():

@@ -15,8 +15,9 @@ namespace fastlt {
 namespace cpu {
 
 std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, const at::Tensor& target,
-                                              const at::Tensor& group_masks, double beta, bool compute_grad) {
-  const at::Tensor masks = check_reslt_loss_inputs(branch_logits, target, group_masks, beta);
+                                              const at::Tensor& group_masks, double beta, double log_eps,
+                                              bool compute_grad) {
+  const at::Tensor masks = check_reslt_loss_inputs(branch_logits, target, group_masks, beta, log_eps);
   TORCH_CHECK(branch_logits.device().is_cpu(), "fastlt.reslt_loss (CPU kernel): branch_logits must be a CPU tensor");
   const int64_t K = branch_logits.size(0), B = branch_logits.size(1), C = branch_logits.size(2);
   const int64_t sK = branch_logits.stride(0), sB = branch_logits.stride(1), sC = branch_logits.stride(2);
@@ -41,6 +42,7 @@ std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, c
     const scalar_t* logits = branch_logits.data_ptr<scalar_t>();
     const A ice_coef = reslt_loss::ice_coefficient<A>(static_cast<A>(beta), in_group_total);
     const A fused_coef = reslt_loss::fused_coefficient<A>(static_cast<A>(beta), B);
+    const A eps = static_cast<A>(log_eps);
     scalar_t* grad_out = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
     A* losses = row_losses.data_ptr<A>();
     const A* no_scale = nullptr;
@@ -55,6 +57,7 @@ std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, c
       const A* rows[kMaxExperts];
       bool member[kMaxExperts];
       A branch_sum[kMaxExperts];
+      A branch_scale[kMaxExperts];  // epsilon_gradient_scale of each in-group branch
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t y = labels[b];
         for (int64_t k = 0; k < K; ++k)
@@ -67,26 +70,31 @@ std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, c
         }
         const A fused_max = row_max(fused, no_scale, C);
         const A fused_sum = exp_shifted(fused, no_scale, fused_max, fused_exp, C);
-        A loss = fused_coef * cross_entropy(fused_max, fused_sum, fused[y]);
+        A loss = fused_coef * reslt_loss::epsilon_cross_entropy(fused_max, fused_sum, fused[y], eps);
         for (int64_t k = 0; k < K; ++k) {
           member[k] = in_group[k * C + y];
           if (!member[k]) continue;  // outside its group a branch only feeds the fused term
           const A branch_max = row_max(rows[k], no_scale, C);
           branch_sum[k] = exp_shifted(rows[k], no_scale, branch_max, branch_exp + k * C, C);
-          loss += ice_coef * cross_entropy(branch_max, branch_sum[k], rows[k][y]);
+          loss += ice_coef * reslt_loss::epsilon_cross_entropy(branch_max, branch_sum[k], rows[k][y], eps);
+          branch_scale[k] = reslt_loss::epsilon_gradient_scale(branch_max, branch_sum[k], rows[k][y], eps);
         }
         losses[b] = loss;
         if (grad_out == nullptr) continue;
         const A inv_fused_sum = A(1) / fused_sum;
+        const A fused_grad_coef =
+            fused_coef * reslt_loss::epsilon_gradient_scale(fused_max, fused_sum, fused[y], eps);
         for (int64_t k = 0; k < K; ++k) {
           const A* branch_row = member[k] ? branch_exp + k * C : nullptr;
           const A inv_branch_sum = member[k] ? A(1) / branch_sum[k] : A(0);
+          const A branch_grad_coef = member[k] ? ice_coef * branch_scale[k] : A(0);
           scalar_t* out = grad_out + (k * B + b) * C;
           A* row_gradient = std::is_same_v<scalar_t, A> ? reinterpret_cast<A*>(out) : gradient;
-          scaled_rows(fused_exp, fused_coef * inv_fused_sum, branch_row, ice_coef * inv_branch_sum, row_gradient, C);
-          row_gradient[y] = reslt_loss::logit_gradient(ice_coef, member[k],
-                                                       member[k] ? branch_row[y] * inv_branch_sum : A(0), fused_coef,
-                                                       fused_exp[y] * inv_fused_sum, true);
+          scaled_rows(fused_exp, fused_grad_coef * inv_fused_sum, branch_row, branch_grad_coef * inv_branch_sum,
+                      row_gradient, C);
+          row_gradient[y] = reslt_loss::logit_gradient(branch_grad_coef, member[k],
+                                                       member[k] ? branch_row[y] * inv_branch_sum : A(0),
+                                                       fused_grad_coef, fused_exp[y] * inv_fused_sum, true);
           if (!std::is_same_v<scalar_t, A>)
             for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(gradient[c]);
         }

@@ -133,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
                                              const std::optional<at::Tensor>& class_weights,
                                              const at::Tensor& temperatures, double diversity_factor,
                                              bool compute_grad) {
-  const auto tables = check_ride_loss_inputs(expert_logits, target, target_margins, class_weights, temperatures);
+  const auto tables = check_ride_loss_inputs(expert_logits, target, target_margins, class_weights, temperatures,
+                                             diversity_factor);
   TORCH_CHECK(expert_logits.device().is_cpu(), "fastlt.ride_loss (CPU kernel): expert_logits must be a CPU tensor");
   const int64_t E = expert_logits.size(0), B = expert_logits.size(1), C = expert_logits.size(2);
   const int64_t sE = expert_logits.stride(0), sB = expert_logits.stride(1), sC = expert_logits.stride(2);

@@ -27,9 +27,10 @@ __device__ A fused_logit(const T* row, int64_t sK, int64_t sC, int K, int64_t c)
 template <typename T, typename A>
 __global__ void reslt_loss_rows(const T* logits, int64_t sK, int64_t sB, int64_t sC, int K, int64_t B, int64_t C,
                                 const int64_t* labels, const bool* in_group, const int64_t* in_group_total, A beta,
-                                A* row_losses, T* grad) {
+                                A eps, A* row_losses, T* grad) {
   __shared__ SoftmaxStats<A> stats_buffer[kThreads];
-  __shared__ A branch_max[kMaxExperts], inverse_branch_sum[kMaxExperts];
+  __shared__ A branch_max[kMaxExperts], inverse_branch_sum[kMaxExperts], branch_grad_coef[kMaxExperts];
+  __shared__ A fused_grad_coef;
   const int64_t b = blockIdx.x;
   const int64_t y = labels[b];
   const A ice_coef = reslt_loss::ice_coefficient<A>(beta, *in_group_total);
@@ -41,9 +42,13 @@ __global__ void reslt_loss_rows(const T* logits, int64_t sK, int64_t sB, int64_t
     add_to_softmax_stats(partial, fused_logit<T, A>(row, sK, sC, K, c));
   const SoftmaxStats<A> fused_stats = block_softmax_stats(partial, stats_buffer);
   A loss = A(0);  // meaningful in thread 0
-  if (threadIdx.x == 0)
+  if (threadIdx.x == 0) {
+    const A fused_target = fused_logit<T, A>(row, sK, sC, K, y);
     loss = fused_coef *
-           cross_entropy(fused_stats.maximum, fused_stats.shifted_sum, fused_logit<T, A>(row, sK, sC, K, y));
+           reslt_loss::epsilon_cross_entropy(fused_stats.maximum, fused_stats.shifted_sum, fused_target, eps);
+    fused_grad_coef = fused_coef * reslt_loss::epsilon_gradient_scale(fused_stats.maximum, fused_stats.shifted_sum,
+                                                                      fused_target, eps);
+  }
 
   for (int k = 0; k < K; ++k) {
     if (!in_group[k * C + y]) continue;  // outside its group a branch only feeds the fused term (same for the block)
@@ -53,14 +58,17 @@ __global__ void reslt_loss_rows(const T* logits, int64_t sK, int64_t sB, int64_t
       add_to_softmax_stats(branch_partial, static_cast<A>(branch[c * sC]));
     const SoftmaxStats<A> stats = block_softmax_stats(branch_partial, stats_buffer);
     if (threadIdx.x == 0) {
-      loss += ice_coef * cross_entropy(stats.maximum, stats.shifted_sum, static_cast<A>(branch[y * sC]));
+      const A target_logit = static_cast<A>(branch[y * sC]);
+      loss += ice_coef * reslt_loss::epsilon_cross_entropy(stats.maximum, stats.shifted_sum, target_logit, eps);
       branch_max[k] = stats.maximum;
       inverse_branch_sum[k] = A(1) / stats.shifted_sum;
+      branch_grad_coef[k] =
+          ice_coef * reslt_loss::epsilon_gradient_scale(stats.maximum, stats.shifted_sum, target_logit, eps);
     }
   }
   if (threadIdx.x == 0) row_losses[b] = loss;
   if (grad == nullptr) return;
-  __syncthreads();  // publishes branch_max / inverse_branch_sum
+  __syncthreads();  // publishes branch_max / inverse_branch_sum / the gradient coefficients
 
   const A inverse_fused_sum = A(1) / fused_stats.shifted_sum;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
@@ -71,8 +79,9 @@ __global__ void reslt_loss_rows(const T* logits, int64_t sK, int64_t sB, int64_t
       const bool member = in_group[k * C + y];
       const A branch_probability =
           member ? exponential(static_cast<A>(row[k * sK + c * sC]) - branch_max[k]) * inverse_branch_sum[k] : A(0);
-      grad[(k * B + b) * C + c] = static_cast<T>(reslt_loss::logit_gradient(ice_coef, member, branch_probability,
-                                                                             fused_coef, fused_probability, is_target));
+      grad[(k * B + b) * C + c] = static_cast<T>(
+          reslt_loss::logit_gradient(member ? branch_grad_coef[k] : A(0), member, branch_probability,
+                                     fused_grad_coef, fused_probability, is_target));
     }
   }
 }
@@ -80,11 +89,12 @@ __global__ void reslt_loss_rows(const T* logits, int64_t sK, int64_t sB, int64_t
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, const at::Tensor& target,
-                                              const at::Tensor& group_masks, double beta, bool compute_grad) {
+                                              const at::Tensor& group_masks, double beta, double log_eps,
+                                              bool compute_grad) {
   constexpr const char* op = "fastlt.reslt_loss";
   check_cuda(branch_logits, op, "branch_logits");  // before the shared checks, so a CPU tensor gets this message
   const c10::cuda::CUDAGuard guard(branch_logits.device());
-  const at::Tensor masks = check_reslt_loss_inputs(branch_logits, target, group_masks, beta);
+  const at::Tensor masks = check_reslt_loss_inputs(branch_logits, target, group_masks, beta, log_eps);
   const at::Tensor labels = target.contiguous();
   const int64_t K = branch_logits.size(0), B = branch_logits.size(1), C = branch_logits.size(2);
   at::Tensor grad = compute_grad ? at::empty({K, B, C}, branch_logits.options())
@@ -97,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, c
     reslt_loss_rows<scalar_t, A><<<B, kThreads, 0, current_stream()>>>(
         branch_logits.data_ptr<scalar_t>(), branch_logits.stride(0), branch_logits.stride(1), branch_logits.stride(2),
         static_cast<int>(K), B, C, labels.data_ptr<int64_t>(), masks.data_ptr<bool>(),
-        in_group_total.data_ptr<int64_t>(), static_cast<A>(beta), row_losses.data_ptr<A>(),
+        in_group_total.data_ptr<int64_t>(), static_cast<A>(beta), static_cast<A>(log_eps), row_losses.data_ptr<A>(),
         compute_grad ? grad.data_ptr<scalar_t>() : nullptr);
   });
   check_launch(op);

@@ -116,7 +116,8 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
   constexpr const char* op = "fastlt.ride_loss";
   check_cuda(expert_logits, op, "expert_logits");  // before the shared checks, so a CPU tensor gets this message
   const c10::cuda::CUDAGuard guard(expert_logits.device());
-  const auto tables = check_ride_loss_inputs(expert_logits, target, target_margins, class_weights, temperatures);
+  const auto tables = check_ride_loss_inputs(expert_logits, target, target_margins, class_weights, temperatures,
+                                             diversity_factor);
   const at::Tensor labels = target.contiguous();
   const int64_t E = expert_logits.size(0), B = expert_logits.size(1), C = expert_logits.size(2);
   const bool diversity = diversity_factor != 0.0;

@@ -4,8 +4,9 @@
     L_ice = sum_{b, i} g_b(y_i) * CE(z_b(x_i), y_i) / sum_{b, i} g_b(y_i)     (one joint normaliser)
     L_fce = (1 / B) * sum_i CE(sum_b z_b(x_i), y_i)
 
-with g_b(y) = group_masks[b, y] (:func:`reslt_groups`) and exact log-softmax cross-entropies (the official code's
-``log(softmax + 1e-7)`` is not reproduced). methods.md 4.3, 4.4 and 6.4 give the definition. Per-row math:
+with g_b(y) = group_masks[b, y] (:func:`reslt_groups`) and CE(x, y) = -log(softmax(x)_y + log_eps): the official
+code's ``-log(softmax + 1e-7)`` with ``log_eps=1e-7``, the exact log-softmax cross-entropy with ``log_eps=0`` (the
+op's default). methods.md 4.3, 4.4 and 6.4 give the definition. Per-row math:
 csrc/include/fastlt/reslt_loss.h; kernels: csrc/cpu/reslt_loss.cpp, csrc/cuda/reslt_loss.cu, kernels/reslt_loss.py;
 tests: tests/ops/test_reslt_loss.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py.
 
@@ -84,20 +85,28 @@ def _cutoff_groups(counts, cutoffs, num_branches):
     return [labels >= cutoff if tail_at_high_labels else labels < cutoff for cutoff in cutoffs]
 
 
-def reslt_loss_reference(branch_logits, target, group_masks, *, beta):
-    """Eager PyTorch reference written from the formulas (methods.md 6.4); fp32 math for fp16/bf16 inputs."""
-    _validate(branch_logits, target, group_masks, beta)
+def reslt_loss_reference(branch_logits, target, group_masks, *, beta, log_eps=0.0):
+    """Eager PyTorch reference written from the formulas (methods.md 6.4); fp32 math for fp16/bf16 inputs. With
+    ``log_eps > 0`` it computes ``-log(softmax + log_eps)`` literally, as the official ResLT code does."""
+    _validate(branch_logits, target, group_masks, beta, log_eps)
     logits = branch_logits.to(_checks.accumulate_dtype(branch_logits.dtype))
     num_branches, batch, _ = logits.shape
-    branch_ce = -F.log_softmax(logits, dim=-1).gather(-1, target.expand(num_branches, batch)[..., None])[..., 0]
+    branch_ce = _cross_entropy(logits, target.expand(num_branches, batch), log_eps)
     in_group = group_masks[:, target].to(logits)  # [K, B]: g_b(y_i)
     individual = (in_group * branch_ce).sum() / in_group.sum().clamp_min(1)  # no pair in a group: L_ice = 0
-    fused = F.cross_entropy(logits.sum(0), target)
+    fused = _cross_entropy(logits.sum(0), target, log_eps).mean()
     return beta * individual + (1 - beta) * fused
 
 
+def _cross_entropy(logits, target, log_eps):
+    """Per-row -log(softmax(logits)_y + log_eps); log_eps = 0 takes the exact log-softmax."""
+    if log_eps == 0:
+        return -F.log_softmax(logits, dim=-1).gather(-1, target[..., None])[..., 0]
+    return -torch.log(F.softmax(logits, dim=-1).gather(-1, target[..., None])[..., 0] + log_eps)
+
+
 def reslt_loss(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: torch.Tensor, *,
-               beta: float) -> torch.Tensor:
+               beta: float, log_eps: float = 0.0) -> torch.Tensor:
     """ResLT's loss over K branches, computed with its gradient in one pass over the logits.
 
     Args:
@@ -107,6 +116,9 @@ def reslt_loss(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: t
         group_masks: ``[K, C]`` bool, ``group_masks[b, c]``: class c belongs to branch b's group
             (:func:`reslt_groups`); every row must select a class.
         beta: weight of the branch loss L_ice in [0, 1] (the paper's alpha; 0.995 on CIFAR-100-LT r = 100).
+        log_eps: every cross-entropy is ``-log(softmax_y + log_eps)``. ``0`` (default) is the exact cross-entropy;
+            the official ResLT code uses ``1e-7`` (:class:`fastlt.ResLTLoss`' default), which caps a sample's loss
+            at ``-log(1e-7)`` = 16.1 and scales its gradient by ``p_y / (p_y + 1e-7)``.
 
     Returns the scalar loss in the accumulation dtype (fp32 for fp16/bf16 inputs; the gradient keeps
     ``branch_logits.dtype``), differentiable in ``branch_logits``. L_ice is 0 when no label of the batch is in any
@@ -117,17 +129,17 @@ def reslt_loss(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: t
     >>> groups = fastlt.ops.reslt_groups(counts, cutoffs=[35, 70])
     >>> loss = fastlt.ops.reslt_loss(torch.randn(3, 8, 100), torch.randint(0, 100, (8,)), groups, beta=0.995)
     """
-    _validate(branch_logits, target, group_masks, beta)
+    _validate(branch_logits, target, group_masks, beta, log_eps)
     backend = _backend.resolve(branch_logits, OP)
     if backend == "reference":
-        return reslt_loss_reference(branch_logits, target, group_masks, beta=beta)
+        return reslt_loss_reference(branch_logits, target, group_masks, beta=beta, log_eps=log_eps)
     compute_grad = branch_logits.requires_grad and torch.is_grad_enabled()
     fused_op = torch.ops.fastlt.reslt_loss_triton if backend == "triton" else torch.ops.fastlt.reslt_loss
-    loss, _ = fused_op(branch_logits, target, group_masks, float(beta), compute_grad)
+    loss, _ = fused_op(branch_logits, target, group_masks, float(beta), float(log_eps), compute_grad)
     return loss
 
 
-def _validate(branch_logits, target, group_masks, beta):
+def _validate(branch_logits, target, group_masks, beta, log_eps):
     _checks.tensor(OP, "branch_logits", branch_logits, dims=3, floating=True)
     num_branches, batch, num_classes = branch_logits.shape
     if num_branches > MAX_BRANCHES:
@@ -146,6 +158,7 @@ def _validate(branch_logits, target, group_masks, beta):
         raise ValueError(f"{OP}: group_masks row {empty_row} selects no class")
     if not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"{OP}: beta must be in [0, 1], got {beta}")
+    _checks.nonnegative_number(OP, "log_eps", log_eps)
 
 
 if _extension.AVAILABLE:
@@ -154,10 +167,10 @@ if _extension.AVAILABLE:
 
 @torch.library.custom_op("fastlt::reslt_loss_triton", mutates_args=())
 def _reslt_loss_triton(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: torch.Tensor, beta: float,
-                       compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       log_eps: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from fastlt.kernels import reslt_loss as kernel
 
-    return kernel.forward(branch_logits, target, group_masks, beta, compute_grad)
+    return kernel.forward(branch_logits, target, group_masks, beta, log_eps, compute_grad)
 
 
 _fused_loss.register("fastlt::reslt_loss_triton")

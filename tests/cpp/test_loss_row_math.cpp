@@ -11,22 +11,33 @@ using namespace fastlt;
 
 constexpr int kClasses = 5;
 
-// Softmax probabilities and cross-entropy of a row (two-pass statistics, as the CPU kernels).
-static void stats(const double* x, double* probabilities, double* cross_entropy_of, int y) {
+// Softmax probabilities and cross-entropy of a row (two-pass statistics, as the CPU kernels); with eps > 0 the
+// cross-entropy is -log(p_y + eps), computed literally as the official ResLT code does.
+static void stats(const double* x, double* probabilities, double* cross_entropy_of, int y, double eps = 0.0) {
   double maximum = -INFINITY, sum = 0;
   for (int c = 0; c < kClasses; ++c) maximum = std::fmax(maximum, x[c]);
   for (int c = 0; c < kClasses; ++c) sum += std::exp(x[c] - maximum);
   for (int c = 0; c < kClasses; ++c) probabilities[c] = std::exp(x[c] - maximum) / sum;
-  *cross_entropy_of = cross_entropy(maximum, sum, x[y]);
+  *cross_entropy_of = eps > 0 ? -std::log(probabilities[y] + eps) : cross_entropy(maximum, sum, x[y]);
+}
+
+// The header's (CE_eps, r) of a row, from its statistics.
+static void header_epsilon_terms(const double* x, int y, double eps, double* loss, double* scale) {
+  double maximum = -INFINITY, sum = 0;
+  for (int c = 0; c < kClasses; ++c) maximum = std::fmax(maximum, x[c]);
+  for (int c = 0; c < kClasses; ++c) sum += std::exp(x[c] - maximum);
+  *loss = reslt_loss::epsilon_cross_entropy(maximum, sum, x[y], eps);
+  *scale = reslt_loss::epsilon_gradient_scale(maximum, sum, x[y], eps);
 }
 
 // ResLT loss of one row with 2 branches, branch 1 in its group only when `in_group`.
-static double reslt_row_loss(const double z[2][kClasses], int y, bool in_group, double ice, double fused_coef) {
+static double reslt_row_loss(const double z[2][kClasses], int y, bool in_group, double ice, double fused_coef,
+                             double eps) {
   double fused[kClasses], p[kClasses], ce0, ce1, ce_fused;
   for (int c = 0; c < kClasses; ++c) fused[c] = z[0][c] + z[1][c];
-  stats(z[0], p, &ce0, y);
-  stats(z[1], p, &ce1, y);
-  stats(fused, p, &ce_fused, y);
+  stats(z[0], p, &ce0, y, eps);
+  stats(z[1], p, &ce1, y, eps);
+  stats(fused, p, &ce_fused, y, eps);
   return ice * (ce0 + (in_group ? ce1 : 0.0)) + fused_coef * ce_fused;
 }
 
@@ -38,24 +49,40 @@ int main() {
   CHECK_NEAR(reslt_loss::fused_coefficient(beta, int64_t(2)), 0.1, 1e-15);
 
   const double ice = reslt_loss::ice_coefficient(beta, int64_t(3)), fused_coef = reslt_loss::fused_coefficient(beta, 2);
-  for (bool in_group : {false, true}) {
-    double z[2][kClasses] = {{1.0, -2.0, 0.5, 3.0, -0.25}, {0.3, 2.0, -1.0, 0.0, 1.5}};
-    double fused[kClasses], fused_p[kClasses], branch_p[kClasses], unused;
-    for (int c = 0; c < kClasses; ++c) fused[c] = z[0][c] + z[1][c];
-    stats(fused, fused_p, &unused, y);
-    stats(z[1], branch_p, &unused, y);
-    for (int c = 0; c < kClasses; ++c) {
-      const double analytic =
-          reslt_loss::logit_gradient(ice, in_group, branch_p[c], fused_coef, fused_p[c], c == y);
-      const double h = 1e-6, saved = z[1][c];
-      z[1][c] = saved + h;
-      const double up = reslt_row_loss(z, y, in_group, ice, fused_coef);
-      z[1][c] = saved - h;
-      const double down = reslt_row_loss(z, y, in_group, ice, fused_coef);
-      z[1][c] = saved;
-      CHECK_NEAR(analytic, (up - down) / (2 * h), 1e-8);
+  // eps = 0.05 and 0.5 are of the order of p_y here, so the epsilon changes both the loss and its gradient.
+  for (double eps : {0.0, 1e-7, 0.05, 0.5}) {
+    for (bool in_group : {false, true}) {
+      double z[2][kClasses] = {{1.0, -2.0, 0.5, 3.0, -0.25}, {0.3, 2.0, -1.0, 0.0, 1.5}};
+      double fused[kClasses], fused_p[kClasses], branch_p[kClasses], expected_loss, loss, fused_scale, branch_scale;
+      for (int c = 0; c < kClasses; ++c) fused[c] = z[0][c] + z[1][c];
+      stats(fused, fused_p, &expected_loss, y, eps);
+      header_epsilon_terms(fused, y, eps, &loss, &fused_scale);
+      CHECK_NEAR(loss, expected_loss, 1e-12);
+      stats(z[1], branch_p, &expected_loss, y, eps);
+      header_epsilon_terms(z[1], y, eps, &loss, &branch_scale);
+      CHECK_NEAR(loss, expected_loss, 1e-12);
+      CHECK(eps > 0 || (fused_scale == 1.0 && branch_scale == 1.0));
+      for (int c = 0; c < kClasses; ++c) {
+        const double analytic = reslt_loss::logit_gradient(ice * branch_scale, in_group, branch_p[c],
+                                                           fused_coef * fused_scale, fused_p[c], c == y);
+        const double h = 1e-6, saved = z[1][c];
+        z[1][c] = saved + h;
+        const double up = reslt_row_loss(z, y, in_group, ice, fused_coef, eps);
+        z[1][c] = saved - h;
+        const double down = reslt_row_loss(z, y, in_group, ice, fused_coef, eps);
+        z[1][c] = saved;
+        CHECK_NEAR(analytic, (up - down) / (2 * h), 1e-8);
+      }
     }
   }
+  // Where softmax_y underflows, eps = 0 keeps the exact log-sum-exp loss and eps > 0 caps it at -log(eps).
+  const double far[kClasses] = {0.0, 0.0, 0.0, -800.0, 0.0};
+  double capped, capped_scale;
+  header_epsilon_terms(far, y, 0.0, &capped, &capped_scale);
+  CHECK_NEAR(capped, 800.0 + std::log(4.0), 1e-9);
+  header_epsilon_terms(far, y, 1e-7, &capped, &capped_scale);
+  CHECK_NEAR(capped, -std::log(1e-7), 1e-12);
+  CHECK(capped_scale == 0.0);
 
   // prior_shifted_ce: d/dz of (1/B) CE(z + shift) is (1/B)(softmax(z + shift) - onehot).
   const double inverse_batch = 0.25;

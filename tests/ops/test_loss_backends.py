@@ -158,7 +158,7 @@ def _raw_triton_args(name, logits, target):
     """The arguments of torch.ops.fastlt.<name>_triton (as the op wrapper builds them)."""
     num_experts, _, num_classes = logits.shape
     if name == "reslt_loss":
-        return (logits, target, _nested_groups(num_experts, num_classes).to(logits.device), 0.9, True)
+        return (logits, target, _nested_groups(num_experts, num_classes).to(logits.device), 0.9, 1e-7, True)
     shifts = prior_logit_shifts(_counts(num_classes), torch.linspace(0.0, 2.0, num_experts, dtype=torch.float64))
     return (logits, target, shifts.to(logits.device, torch.float32), True)
 
@@ -207,6 +207,21 @@ def test_triton_gradcheck_fp64(name):
     op, _, logits, target, args, kwargs = _loss_case(name, (2, 2, 3), torch.float64, scale=2.0)
     with backend("triton"):
         assert torch.autograd.gradcheck(lambda z: op(z, target, *args, **kwargs), (logits,))
+
+
+@pytest.mark.parametrize("log_eps", [1e-7, 0.05])
+def test_reslt_loss_triton_log_eps_matches_reference_and_gradcheck(log_eps):
+    logits, target, _ = _inputs((3, 5, 1100), scale=8.0)
+    groups = _nested_groups(3, 1100)
+    kwargs = dict(beta=0.9, log_eps=log_eps)
+    expected_loss, expected_grad = _run(reslt_loss_reference, logits, target, (groups,), kwargs)
+    with backend("triton"):
+        loss, grad = _run(reslt_loss, logits, target, (groups,), kwargs)
+        small, small_target, _ = _inputs((2, 2, 3), torch.float64, scale=3.0)
+        assert torch.autograd.gradcheck(
+            lambda z: reslt_loss(z, small_target, _nested_groups(2, 3), beta=0.7, log_eps=log_eps), (small,))
+    assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-9, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

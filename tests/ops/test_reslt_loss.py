@@ -22,8 +22,8 @@ def _inputs(shape, dtype=torch.float32, scale=10.0):
     return logits, torch.randint(0, C, (B,)), _groups(K, C)
 
 
-def _loss_and_grad(fn, logits, target, groups, beta=0.9):
-    loss = fn(logits, target, groups, beta=beta)
+def _loss_and_grad(fn, logits, target, groups, beta=0.9, **kwargs):
+    loss = fn(logits, target, groups, beta=beta, **kwargs)
     (grad,) = torch.autograd.grad(loss, logits)
     return loss.detach(), grad
 
@@ -40,6 +40,65 @@ def test_reference_matches_the_reslt_formula_by_hand():
         fused = fused - torch.log_softmax(logits[:, i].sum(0), 0)[target[i]] / 6
     expected = 0.8 * individual / pairs + 0.2 * fused
     torch.testing.assert_close(reslt_loss_reference(logits, target, groups, beta=0.8), expected)
+
+
+def test_reference_log_eps_is_the_official_resLT_cross_entropy():
+    """ResLT's crossEntropy (ImageNetLT/ImageNetTrain_reslt_ride.py): -(w * (onehot * log(softmax(z) + 1e-7)).sum(1))
+    .sum(), with I_loss normalised by the in-group pairs and F_loss by the batch."""
+    logits, target, groups = _inputs((3, 6, 7), torch.float64, scale=30.0)
+    onehot = F.one_hot(target, 7).double()
+
+    def official_cross_entropy(z, weight):
+        return -(weight * (onehot * torch.log(torch.softmax(z, 1) + 1e-7)).sum(1)).sum()
+
+    in_group = groups[:, target].double()
+    individual = sum(official_cross_entropy(logits[b], in_group[b]) for b in range(3)) / in_group.sum()
+    fused = official_cross_entropy(logits.sum(0), torch.ones(6, dtype=torch.float64)) / 6
+    expected = 0.99 * individual + 0.01 * fused
+    torch.testing.assert_close(reslt_loss_reference(logits, target, groups, beta=0.99, log_eps=1e-7), expected)
+    exact = reslt_loss_reference(logits, target, groups, beta=0.99)
+    assert (exact - expected).abs() > 1e-6  # at scale 30 the epsilon matters: 0 is not the official loss
+
+
+@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "reference"])
+@pytest.mark.parametrize("log_eps", [1e-7, 0.05])
+def test_log_eps_gradcheck_fp64(name, log_eps):
+    logits, target, groups = _inputs((3, 4, 5), torch.float64, scale=3.0)
+    with backend(name):
+        assert torch.autograd.gradcheck(lambda z: reslt_loss(z, target, groups, beta=0.7, log_eps=log_eps), (logits,))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("log_eps", [1e-7, 1e-3, 0.3])
+def test_cpp_log_eps_matches_reference(dtype, log_eps):
+    logits, target, groups = _inputs((3, 6, 40), dtype, scale=8.0)
+    expected_loss, expected_grad = _loss_and_grad(reslt_loss_reference, logits, target, groups, log_eps=log_eps)
+    with backend("cpp"):
+        loss, grad = _loss_and_grad(reslt_loss, logits, target, groups, log_eps=log_eps)
+    assert_close(loss, expected_loss, dtype)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-12, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "reference"])
+def test_log_eps_caps_the_loss_of_a_hopeless_sample(name):
+    logits = torch.zeros(1, 1, 4, dtype=torch.float64)
+    logits[0, 0, 3] = -800.0  # softmax of the label underflows to 0
+    logits.requires_grad_(True)
+    target, groups = torch.tensor([3]), torch.ones(1, 4, dtype=torch.bool)
+    with backend(name):
+        exact, exact_grad = _loss_and_grad(reslt_loss, logits, target, groups, beta=0.5)
+        capped, capped_grad = _loss_and_grad(reslt_loss, logits, target, groups, beta=0.5, log_eps=1e-7)
+    torch.testing.assert_close(exact, torch.tensor(800.0 + torch.log(torch.tensor(3.0)).item(), dtype=torch.float64))
+    torch.testing.assert_close(capped, -torch.log(torch.tensor(1e-7, dtype=torch.float64)))
+    assert exact_grad[0, 0, 3] == -1.0 and capped_grad.abs().max() < 1e-300  # p / (p + eps) = 0
+
+
+@pytest.mark.parametrize("log_eps", [-1e-7, float("nan"), float("inf")])
+def test_bad_log_eps_is_rejected(log_eps):
+    logits, target, groups = _inputs((3, 3, 10))
+    with pytest.raises(ValueError, match="log_eps"):
+        reslt_loss(logits, target, groups, beta=0.9, log_eps=log_eps)
 
 
 def test_groups_by_the_shot_rule():
@@ -198,12 +257,15 @@ def test_beta_outside_zero_one_is_rejected(beta):
 @needs_cpp
 def test_cpp_op_checks_its_own_arguments():
     logits, target, groups = _inputs((2, 3, 10))
-    with pytest.raises(RuntimeError, match="target must be in"):
-        torch.ops.fastlt.reslt_loss(logits.detach(), target + 10, groups, 0.9, False)
-    with pytest.raises(RuntimeError, match="every row of group_masks"):
-        torch.ops.fastlt.reslt_loss(logits.detach(), target, groups & False, 0.9, False)
-    with pytest.raises(RuntimeError, match="group_masks must be bool"):
-        torch.ops.fastlt.reslt_loss(logits.detach(), target, groups.float(), 0.9, False)
+    with pytest.raises(ValueError, match="target must be in"):
+        torch.ops.fastlt.reslt_loss(logits.detach(), target + 10, groups, 0.9, 0.0, False)
+    with pytest.raises(ValueError, match="every row of group_masks"):
+        torch.ops.fastlt.reslt_loss(logits.detach(), target, groups & False, 0.9, 0.0, False)
+    with pytest.raises(ValueError, match="group_masks must be bool"):
+        torch.ops.fastlt.reslt_loss(logits.detach(), target, groups.float(), 0.9, 0.0, False)
+    for log_eps in (-1e-7, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="log_eps"):
+            torch.ops.fastlt.reslt_loss(logits.detach(), target, groups, 0.9, log_eps, False)
 
 
 @needs_cpp
@@ -216,14 +278,14 @@ def test_backward_scales_by_grad_output_and_keeps_one_gradient_buffer():
     with backend("cpp"):
         loss = reslt_loss(logits.detach(), target, groups, beta=0.9)
     assert not loss.requires_grad
-    _, grad = torch.ops.fastlt.reslt_loss(logits.detach(), target, groups, 0.9, False)
+    _, grad = torch.ops.fastlt.reslt_loss(logits.detach(), target, groups, 0.9, 0.0, False)
     assert grad.numel() == 0
 
 
 @needs_cpp
 def test_opcheck():
     logits, target, groups = _inputs((3, 3, 10))
-    torch.library.opcheck(torch.ops.fastlt.reslt_loss.default, (logits, target, groups, 0.9, True),
+    torch.library.opcheck(torch.ops.fastlt.reslt_loss.default, (logits, target, groups, 0.9, 1e-7, True),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 

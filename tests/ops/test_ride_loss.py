@@ -132,10 +132,12 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(change, message):
 def test_cpp_op_checks_its_own_arguments():
     logits, target, counts = _inputs((2, 3, 10))
     margins = torch.zeros(10)
-    with pytest.raises(RuntimeError, match="target must be in"):
+    with pytest.raises(ValueError, match="target must be in"):
         torch.ops.fastlt.ride_loss(logits.detach(), target + 10, margins, None, torch.ones(10), -0.45, False)
-    with pytest.raises(RuntimeError, match="temperatures must be"):
+    with pytest.raises(ValueError, match="temperatures must be"):
         torch.ops.fastlt.ride_loss(logits.detach(), target, margins, None, torch.ones(9), -0.45, False)
+    with pytest.raises(ValueError, match="diversity_factor must be finite"):
+        torch.ops.fastlt.ride_loss(logits.detach(), target, margins, None, torch.ones(10), float("nan"), False)
 
 
 @needs_cpp

@@ -1,8 +1,13 @@
 // Per-row math of fastlt::reslt_loss (ResLT, methods.md 4.4). For one sample row with label y and K branch logits
 // z_b, g_b = group_masks[b][y], s = sum_b z_b:
-//   loss = ice_coef * sum_b g_b * CE(z_b, y) + fused_coef * CE(s, y),
+//   loss = ice_coef * sum_b g_b * CE_eps(z_b, y) + fused_coef * CE_eps(s, y),
 //   ice_coef = beta / sum_{b,i} g_b(y_i)  (one joint normaliser over branches and samples),  fused_coef = (1-beta) / B
-// and d loss / d z_b[c] = ice_coef * g_b * (softmax(z_b)_c - [c == y]) + fused_coef * (softmax(s)_c - [c == y]).
+//   CE_eps(x, y) = -log(softmax(x)_y + eps)   (the official code's epsilon, eps = log_eps; eps = 0: exact CE)
+// With p = softmax(x), d CE_eps / d x_c = -p_y (1[c == y] - p_c) / (p_y + eps) = r * (p_c - [c == y]),
+// r = p_y / (p_y + eps) (epsilon_gradient_scale; 1 when eps = 0), so
+//   d loss / d z_b[c] = ice_coef * r_b * g_b * (softmax(z_b)_c - [c == y])
+//                     + fused_coef * r_s * (softmax(s)_c - [c == y]),
+// r_b and r_s the factors of the branch row z_b and of the fused row s.
 #pragma once
 
 #include "fastlt/softmax_stats.h"
@@ -20,12 +25,29 @@ FASTLT_HOST_DEVICE A fused_coefficient(A beta, int64_t batch) {
   return (A(1) - beta) / static_cast<A>(batch);
 }
 
-// d loss / d z_b[c] from the branch's and the fused logits' softmax probabilities of class c.
+// CE_eps from the row's softmax statistics and target logit. eps = 0 takes the log-sum-exp form, exact where
+// softmax(x)_y underflows; eps > 0 computes -log(p_y + eps) as the official code does (at most -log(eps)).
 template <typename A>
-FASTLT_HOST_DEVICE A logit_gradient(A ice_coef, bool in_group, A branch_probability, A fused_coef,
+FASTLT_HOST_DEVICE A epsilon_cross_entropy(A maximum, A shifted_sum, A target_logit, A eps) {
+  if (eps == A(0)) return cross_entropy(maximum, shifted_sum, target_logit);
+  return -natural_log(exponential(target_logit - maximum) / shifted_sum + eps);
+}
+
+// r = p_y / (p_y + eps): the factor CE_eps's gradient carries over the exact CE's (softmax - onehot).
+template <typename A>
+FASTLT_HOST_DEVICE A epsilon_gradient_scale(A maximum, A shifted_sum, A target_logit, A eps) {
+  if (eps == A(0)) return A(1);
+  const A target_probability = exponential(target_logit - maximum) / shifted_sum;
+  return target_probability / (target_probability + eps);
+}
+
+// d loss / d z_b[c] from the branch's and the fused logits' softmax probabilities of class c; branch_coef and
+// fused_coef are ice_coef * r_b and fused_coef * r_s (the coefficients already scaled by the row's epsilon factors).
+template <typename A>
+FASTLT_HOST_DEVICE A logit_gradient(A branch_coef, bool in_group, A branch_probability, A fused_coef,
                                     A fused_probability, bool is_target) {
   const A indicator = is_target ? A(1) : A(0);
-  const A branch_term = in_group ? ice_coef * (branch_probability - indicator) : A(0);
+  const A branch_term = in_group ? branch_coef * (branch_probability - indicator) : A(0);
   return branch_term + fused_coef * (fused_probability - indicator);
 }
 
