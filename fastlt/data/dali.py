@@ -36,6 +36,7 @@ class _OrderedSource:
         self.position = 0
         self.recent = collections.deque(maxlen=4)
         self.skipped = 0
+        self.skipped_batches = 0
 
     def start(self, indices):
         self.indices, self.position = indices, 0
@@ -72,6 +73,7 @@ class _FileSource(_OrderedSource):
             encoded.append(data)
             labels.append(np.array([self.dataset.targets[index]], dtype=np.int64))
         if not encoded:  # every file of this batch was skipped
+            self.skipped_batches += 1
             return self()
         return encoded, labels
 
@@ -91,11 +93,17 @@ class _FileSource(_OrderedSource):
 
 
 def _looks_decodable(data):
+    """Pillow's verify(), which reads a JPEG's headers only; a JPEG that does not end with its end-of-image marker
+    (cut short: verify passes it, DALI's decoder fails) is decoded in full to decide."""
     from PIL import Image
 
+    encoded = data.tobytes()
     try:
-        with Image.open(io.BytesIO(data.tobytes())) as image:
+        with Image.open(io.BytesIO(encoded)) as image:
             image.verify()
+        if encoded[:2] == b"\xff\xd8" and encoded[-2:] != b"\xff\xd9":
+            with Image.open(io.BytesIO(encoded)) as image:
+                image.load()
         return True
     except Exception:  # noqa: BLE001  (PIL raises many types on broken files)
         return False
@@ -106,8 +114,9 @@ class DALILoader:
 
     Build it with `fastlt.data.make_loader(..., loader="dali")`. One pass = this rank's share of the sampler's
     current epoch (call `set_epoch`). With `skip_corrupt=True`, files that cannot be read or that Pillow's
-    `verify()` rejects are dropped before decoding and counted in `skipped`; a file that passes that check but
-    fails in DALI's decoder still raises an error naming it (a DALI batch cannot lose a sample mid-pipeline).
+    `verify()` rejects (JPEGs cut short: a full Pillow decode) are dropped before decoding and counted in
+    `skipped` (a batch left empty in `skipped_batches`); a file that passes that check but fails in DALI's decoder
+    still raises an error naming it (a DALI batch cannot lose a sample mid-pipeline).
     """
 
     backend = "dali"
@@ -137,6 +146,10 @@ class DALILoader:
     @property
     def skipped(self):
         return self.source.skipped
+
+    @property
+    def skipped_batches(self):
+        return self.source.skipped_batches
 
     def set_epoch(self, epoch):
         self.sampler.set_epoch(epoch)

@@ -21,9 +21,14 @@ def read_list_file(list_file):
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"list file not found: {list_file}")
     paths, labels = [], []
-    with open(list_file, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            line = line.strip()
+    with open(list_file, "rb") as handle:
+        for line_number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{list_file}:{line_number}: not UTF-8 text ({error.reason} at byte "
+                                 f"{error.start}: {raw[error.start:error.start + 4]!r}); re-encode the list file "
+                                 f"as UTF-8") from None
             if not line:
                 continue
             parts = line.rsplit(maxsplit=1)

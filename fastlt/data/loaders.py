@@ -86,7 +86,8 @@ class _Collate:
 
 class TorchLoader:
     """The torch `DataLoader` path: same sampler, same augmentations as `DALILoader`; `skipped` counts samples
-    dropped with `skip_corrupt=True`."""
+    dropped with `skip_corrupt=True`, `skipped_batches` the batches dropped because none of their images could be
+    read (as DALI drops them: a model cannot take an empty batch)."""
 
     backend = "torch"
 
@@ -105,6 +106,7 @@ class TorchLoader:
             items, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
             drop_last=drop_last, persistent_workers=num_workers > 0)
         self.skipped = 0
+        self.skipped_batches = 0
 
     def set_epoch(self, epoch):
         self.sampler.set_epoch(epoch)
@@ -115,6 +117,9 @@ class TorchLoader:
     def __iter__(self):
         for images, labels, skipped in self.loader:
             self.skipped += skipped
+            if len(labels) == 0:
+                self.skipped_batches += 1
+                continue
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels

@@ -202,6 +202,50 @@ def test_corrupt_and_missing_images(tmp_path, jpeg_tree, backend):
     assert labels.tolist() == [0, 1] and loader.skipped == 3
 
 
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_batch_of_only_unreadable_images_is_dropped_and_counted(tmp_path, jpeg_tree, backend):
+    root, _, _ = jpeg_tree
+    os.symlink(os.path.join(root, "class 0", "img 1.jpg"), tmp_path / "good.jpg")
+    (tmp_path / "garbage.jpg").write_bytes(b"not an image" * 20)
+    listing = tmp_path / "list.txt"
+    listing.write_text("good.jpg 0\ngood.jpg 1\ngarbage.jpg 1\nmissing.jpg 0\ngood.jpg 2\n")
+    loader = make_loader(ListFileDataset(str(tmp_path), str(listing), skip_corrupt=True), 2, train=False,
+                         loader=backend, image_size=16, resize_size=16, num_workers=0)
+    with pytest.warns(RuntimeWarning, match="skipping"):
+        batches = list(loader)
+    assert [labels.tolist() for _, labels in batches] == [[0, 1], [2]]
+    assert all(images.shape[1:] == (3, 16, 16) for images, _ in batches)
+    assert loader.skipped == 2 and loader.skipped_batches == 1
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_jpeg_missing_its_last_bytes_is_skipped(tmp_path, jpeg_tree, backend):
+    """Pillow's verify() accepts a JPEG cut short (it reads headers only); DALI's decoder fails on it."""
+    root, _, _ = jpeg_tree
+    good = os.path.join(root, "class 0", "img 1.jpg")
+    os.symlink(good, tmp_path / "good.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text("good.jpg 0\ncut.jpg 1\ngood.jpg 1\n")
+    for cut in (1, 100):
+        (tmp_path / "cut.jpg").write_bytes(open(good, "rb").read()[:-cut])
+        loader = make_loader(ListFileDataset(str(tmp_path), str(listing), skip_corrupt=True), 2, train=False,
+                             loader=backend, image_size=16, resize_size=16, num_workers=0)
+        with pytest.warns(RuntimeWarning, match="cut.jpg"):
+            _, labels, _ = run_epoch(loader)
+        assert labels.tolist() == [0, 1] and loader.skipped == 1, cut
+        strict = make_loader(ListFileDataset(str(tmp_path), str(listing)), 2, train=False, loader=backend,
+                             image_size=16, resize_size=16, num_workers=0)
+        with pytest.raises(RuntimeError, match="cut.jpg"):
+            run_epoch(strict)
+
+
+def test_list_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"a.jpg 0\nb\xe9.jpg 1\n")
+    with pytest.raises(ValueError, match=r"list.txt:2: not UTF-8 .*re-encode"):
+        ListFileDataset(str(tmp_path), str(listing))
+
+
 def test_auto_falls_back_to_torch_without_dali(mnist_train, monkeypatch):
     assert make_loader(mnist_train, 8, train=True).backend == "dali"
     monkeypatch.setattr(loaders_module, "dali_available", lambda: False)
