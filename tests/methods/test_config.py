@@ -61,3 +61,20 @@ def test_digit_recipes_crop_without_flip_and_the_others_keep_the_flip():
     assert augment.train and augment.pad == 4 and augment.flip is False
     with pytest.raises(ValueError, match="flip"):
         build_loader(MNISTLT(split="train"), {"loader": "torch", "augment_options": {"flip": "no"}}, 64, train=True)
+
+
+def test_unknown_keys_and_bad_values_are_refused_with_a_suggestion():
+    from fastlt.methods.config import ConfigError, check_config
+
+    with pytest.raises(ConfigError, match="unknown config key 'train.epochz': did you mean train.epochs"):
+        load_config("mnist_lt_ce", ["train.epochz=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'stage2.taw': did you mean stage2.tau"):
+        check_config({"stage2": {"name": "tau", "taw": 1.0}})
+    with pytest.raises(ConfigError, match="unknown config key 'zzz': known keys: "):
+        check_config({"zzz": 1})
+    for override, message in (("train.epochs=abc", "an integer >= 1, got 'abc'"), ("train.epochs=0", "got 0"),
+                              ("train.epochs=2.5", "got 2.5"), ("train.lr=-0.1", "train.lr must be a number >= 0"),
+                              ("train.nesterov=3", "true or false"), ("data.num_workers=true", "an integer")):
+        with pytest.raises(ConfigError, match=message):
+            load_config("mnist_lt_ce", [override])
+    assert load_config("mnist_lt_ce", ["train.epochs=3", "resume=true"])["train"]["epochs"] == 3
