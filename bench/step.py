@@ -1,6 +1,6 @@
 """`fastlt bench step`: where one training step's time goes, for CE, RIDE, BalPoE and SADE on the CIFAR ResNet-32
 (batch 128, synthetic 32x32 images through fastlt's array loader with RIDE's CIFAR augmentation), fused vs eager loss.
-BalPoE and SADE train all experts' losses in one fused call; their eager rows loop over the experts.
+BalPoE and SADE compute all experts' losses in one fused call; their eager rows loop over the experts.
 
 Per step (median over the timed steps): data = waiting for the next batch; compute = forward + backbone backward +
 SGD step; loss = the loss's forward + backward on detached logits (then fed back into the backbone's backward), so
@@ -93,13 +93,14 @@ def time_steps(model_name: str, kind: str, backend: str, steps: int, warmup: int
 
 
 def problem(quick=False):
-    return (f"CIFAR ResNet-32 (CE) and RIDE ResNet-32 (3 experts), batch {BATCH}, {NUM_CLASSES} classes, synthetic "
-            f"32x32 images, {2 if quick else 6} timed steps after 1 warm-up step")
+    return (f"CIFAR ResNet-32 (CE) and RIDE ResNet-32 (3 experts: RIDE, BalPoE, SADE losses), batch {BATCH}, "
+            f"{NUM_CLASSES} classes, synthetic 32x32 images, {2 if quick else 6} timed steps after 1 warm-up step")
 
 
 def run(quick: bool = False) -> list:
     steps = 2 if quick else 6
-    cases = [("resnet32", "ce", "auto"), ("ride_resnet32", "ride", "auto"), ("ride_resnet32", "ride", "reference")]
+    cases = [("resnet32", "ce", "auto")] + [("ride_resnet32", kind, backend) for kind in ("ride", "balpoe", "sade")
+                                            for backend in ("auto", "reference")]
     return [time_steps(model, kind, backend, steps) for model, kind, backend in progress(cases, "fastlt bench step")]
 
 
