@@ -122,8 +122,8 @@ def extension_modules():
         f"MAX_JOBS={os.environ['MAX_JOBS']}"
         + (f", CUDA archs {os.environ['TORCH_CUDA_ARCH_LIST']} (CUDA_HOME={cuda_home})" if build_cuda else "")
         + (": ninja prints [done/total] per file" if cpp_extension.is_ninja_available() else "")
-        + (f"; expect ~{2 + 2 * num_cuda} min on 2 cores (FASTLT_BUILD_CUDA=0: CPU kernels only, ~2 min)"
-           if build_cuda else "; expect ~2 min on 2 cores")
+        + ("; each CUDA file takes minutes on a few cores (FASTLT_BUILD_CUDA=0 builds the CPU kernels only)"
+           if build_cuda else "")
     )
 
     class BuildExtension(cpp_extension.BuildExtension):
