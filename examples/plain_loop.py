@@ -10,12 +10,12 @@ writes for fastlt is the lines marked `# fastlt`.
 import argparse
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 import fastlt
 from fastlt.data import DigitsLT
+from fastlt.models import NormedLinear
 
 
 class ExpertResNet(nn.Module):
@@ -27,12 +27,12 @@ class ExpertResNet(nn.Module):
         self.trunk = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, list(blocks))
         self.trunk.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1, bias=False)  # 8x8 images: no 7x7/2 stem
         self.trunk.maxpool, self.trunk.fc = nn.Identity(), nn.Identity()
-        self.heads = nn.Parameter(torch.randn(num_experts, num_classes, 512) * 0.01)
-        self.scale = scale
+        self.num_experts, self.num_classes = num_experts, num_classes
+        self.heads = NormedLinear(512, num_experts * num_classes, scale=scale)  # fastlt: RIDE's cosine experts
 
     def forward(self, images):
-        features = F.normalize(self.trunk(images), dim=-1)
-        return self.scale * torch.einsum("bd,ecd->ebc", features, F.normalize(self.heads, dim=-1))
+        logits = self.heads(self.trunk(images))  # [B, E * C]
+        return logits.unflatten(1, (self.num_experts, self.num_classes)).transpose(0, 1)  # [E, B, C], no copy
 
 
 def digits(split):

@@ -6,6 +6,7 @@ back to the eager reference, and these tests would not see the fused ops at all.
 
 import torch
 from example_loader import load_example
+from torch._dynamo.backends.debugging import aot_eager
 from torch._dynamo.utils import counters
 
 import fastlt
@@ -47,7 +48,7 @@ def test_compiled_step_recompiles_at_most_twice_over_12_epochs_across_drw():
         compile_id = torch._guards.CompileContext.current_compile_id()
         has_loss = "fastlt.ride_loss" in str(graph_module.graph)
         compiles.append((compile_id.frame_id, compile_id.frame_compile_id, has_loss))
-        return graph_module.forward
+        return aot_eager(graph_module, example_inputs)  # AOTAutograd as inductor: the ops' backward is traced too
 
     _, losses, _ = plain_loop.train(epochs=12, drw_epoch=8, batch_size=32, steps_per_epoch=1,
                                     blocks=SMALL_TRUNK, backend=counting_backend)
