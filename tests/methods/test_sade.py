@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DIGITS
+from op_helpers import backend, needs_cpp, needs_cuda
 
 from fastlt.cli import main
 from fastlt.methods import build_method
@@ -57,6 +58,34 @@ def test_loss_and_gradient_match_the_eager_reference(tau):
     (expected_grad,) = torch.autograd.grad(expected, logits)
     assert torch.allclose(fused, expected, rtol=1e-5)
     assert torch.allclose(fused_grad, expected_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "triton", "reference"])
+def test_every_backend_matches_the_eager_reference(name):
+    logits = torch.randn(3, 5, 1100, dtype=torch.float64, requires_grad=True)  # 1100 > one 1024-class block
+    targets = torch.tensor([0, 3, 1099, 512, 7])
+    counts = torch.linspace(1000, 2, 1100)
+    shifts = sade_logit_shifts(counts)
+    with backend(name):
+        fused = shifted_expert_ce(logits, targets, shifts)
+        (fused_grad,) = torch.autograd.grad(fused, logits)
+    expected = sum(F.cross_entropy(z + shift, targets) for z, shift in zip(logits, shifts))
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    assert torch.allclose(fused, expected, rtol=1e-10) and torch.allclose(fused_grad, expected_grad, atol=1e-12)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_loss_matches_the_eager_reference():
+    logits = torch.randn(3, 64, 1000, device="cuda", requires_grad=True)
+    targets = torch.randint(0, 1000, (64,), device="cuda")
+    counts = torch.linspace(1280, 5, 1000)
+    loss = SADELoss(counts).cuda()
+    fused = loss(logits, targets)
+    (fused_grad,) = torch.autograd.grad(fused, logits)
+    expected = sum(F.cross_entropy(z + shift, targets) for z, shift in zip(logits, loss.logit_shifts.float()))
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    assert torch.allclose(fused, expected, rtol=1e-5) and torch.allclose(fused_grad, expected_grad, atol=1e-6)
 
 
 def test_the_three_expert_losses_are_one_fused_call():
