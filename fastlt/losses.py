@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlt import ops
-from fastlt.ops import _lt_constants
+from fastlt.ops import _checks, _lt_constants
+from fastlt.ops.ride_loss import validate_hyperparameters as _validate_ride_hyperparameters
 
 ExpertLogits = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -103,6 +104,9 @@ class RIDELoss(nn.Module):
         self.scale, self.max_margin, self.diversity_factor = scale, max_margin, diversity_factor
         self.temperature_factor, self.base_temperature = temperature_factor, base_temperature
         self.drw_beta, self.drw_epoch = drw_beta, drw_epoch
+        _validate_ride_hyperparameters(scale=scale, max_margin=max_margin, diversity_factor=diversity_factor,
+                                       temperature_factor=temperature_factor, base_temperature=base_temperature,
+                                       drw_beta=drw_beta)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -141,8 +145,8 @@ class RIDEDistillLoss(nn.Module):
     def __init__(self, ride_loss: RIDELoss, *, temperature: float = 1.5, distill_factor: float = 1.0,
                  scale_by_experts: bool = True):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"RIDEDistillLoss: temperature must be > 0, got {temperature}")
+        _checks.number("RIDEDistillLoss", "temperature", temperature, low=0.0, low_open=True)
+        _checks.number("RIDEDistillLoss", "distill_factor", distill_factor)
         self.ride_loss = ride_loss
         self.temperature, self.distill_factor, self.scale_by_experts = temperature, distill_factor, scale_by_experts
 
@@ -190,6 +194,8 @@ class ResLTLoss(nn.Module):
         if groups.dtype != torch.bool:
             groups = ops.reslt_groups(_counts_buffer(groups), cutoffs=cutoffs, num_branches=num_branches)
         self.register_buffer("group_masks", groups, persistent=False)
+        _checks.number("fastlt.ResLTLoss", "beta", beta, low=0.0, high=1.0)
+        _checks.number("fastlt.ResLTLoss", "log_eps", log_eps, low=0.0)
         self.beta, self.log_eps = beta, log_eps
 
     def forward(self, branch_logits: ExpertLogits, target: torch.Tensor) -> torch.Tensor:

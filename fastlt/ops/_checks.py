@@ -1,6 +1,7 @@
 """Argument checks shared by the public op functions: clear ValueErrors that name the op and the argument."""
 
 import math
+import numbers
 
 import torch
 
@@ -31,6 +32,27 @@ def nonnegative_number(op: str, name: str, value) -> float:
     value = float(value)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def number(op: str, name: str, value, *, low=-math.inf, high=math.inf, low_open=False, high_open=False) -> float:
+    """A finite real number in [low, high] (``low_open`` / ``high_open`` exclude the bound) as a float; ValueError
+    naming ``name`` otherwise (TypeError for a value that is not a number)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{op}: {name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if not math.isfinite(value) or below or above:
+        left = "(" if low_open or low == -math.inf else "["
+        right = ")" if high_open or high == math.inf else "]"
+        interval = f"{left}{low:g}, {high:g}{right}"
+        domain = "a finite number" + ("" if interval == "(-inf, inf)" else f" in {interval}")
+        raise ValueError(f"{op}: {name} must be {domain}, got {value}")
     return value
 
 

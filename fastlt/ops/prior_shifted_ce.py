@@ -8,7 +8,7 @@ csrc/cpu/prior_shifted_ce.cpp, csrc/cuda/prior_shifted_ce.cu, kernels/prior_shif
 tests/ops/test_prior_shifted_ce.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py.
 
 As ride_loss, the kernel computes the loss and d loss / d logits in one pass per row and the backward only scales
-the saved gradient.
+the saved gradient (second-order gradients and torch.func: the eager formula, fastlt/ops/_fused_loss.py).
 """
 
 import torch
@@ -24,8 +24,13 @@ MAX_EXPERTS = 64  # kMaxExperts in csrc/include/fastlt/common.h
 def prior_shifted_ce_reference(expert_logits, target, class_counts, *, taus):
     """Eager PyTorch reference written from the formula; fp32 math for fp16/bf16 inputs."""
     tau_table = _validate(expert_logits, target, class_counts, taus)
+    return _loss_formula(expert_logits, target, _lt_constants.prior_logit_shifts(class_counts, tau_table))
+
+
+def _loss_formula(expert_logits, target, logit_shifts):
+    """The loss from the fused op's arguments in eager PyTorch: the reference, and the fused ops' second-order path."""
     logits = expert_logits.to(_checks.accumulate_dtype(expert_logits.dtype))
-    shifts = _lt_constants.prior_logit_shifts(class_counts, tau_table).to(logits)
+    shifts = logit_shifts.to(logits)
     return sum(F.cross_entropy(expert + shift, target) for expert, shift in zip(logits, shifts))
 
 
@@ -48,7 +53,7 @@ def prior_shifted_ce(expert_logits: torch.Tensor, target: torch.Tensor, class_co
     """
     tau_table = _validate(expert_logits, target, class_counts, taus)
     backend = _backend.resolve(expert_logits, OP)
-    if backend == "reference":
+    if backend == "reference" or _fused_loss.use_reference(expert_logits):
         return prior_shifted_ce_reference(expert_logits, target, class_counts, taus=tau_table)
     shifts = _lt_constants.prior_logit_shifts(class_counts.to(expert_logits.device), tau_table)
     shifts = shifts.to(_checks.accumulate_dtype(expert_logits.dtype))
@@ -72,7 +77,7 @@ def _validate(expert_logits, target, class_counts, taus) -> torch.Tensor:
 
 
 if _extension.AVAILABLE:
-    _fused_loss.register("fastlt::prior_shifted_ce")
+    _fused_loss.register("fastlt::prior_shifted_ce", _loss_formula)
 
 
 @torch.library.custom_op("fastlt::prior_shifted_ce_triton", mutates_args=())
@@ -83,4 +88,4 @@ def _prior_shifted_ce_triton(expert_logits: torch.Tensor, target: torch.Tensor, 
     return kernel.forward(expert_logits, target, logit_shifts, compute_grad)
 
 
-_fused_loss.register("fastlt::prior_shifted_ce_triton")
+_fused_loss.register("fastlt::prior_shifted_ce_triton", _loss_formula)

@@ -11,7 +11,7 @@ csrc/include/fastlt/reslt_loss.h; kernels: csrc/cpu/reslt_loss.cpp, csrc/cuda/re
 tests: tests/ops/test_reslt_loss.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py.
 
 As ride_loss, the kernel computes the loss and d loss / d logits in one pass per row and the backward only scales
-the saved gradient.
+the saved gradient (second-order gradients and torch.func: the eager formula, fastlt/ops/_fused_loss.py).
 """
 
 import torch
@@ -89,6 +89,11 @@ def reslt_loss_reference(branch_logits, target, group_masks, *, beta, log_eps=0.
     """Eager PyTorch reference written from the formulas (methods.md 6.4); fp32 math for fp16/bf16 inputs. With
     ``log_eps > 0`` it computes ``-log(softmax + log_eps)`` literally, as the official ResLT code does."""
     _validate(branch_logits, target, group_masks, beta, log_eps)
+    return _loss_formula(branch_logits, target, group_masks, beta, log_eps)
+
+
+def _loss_formula(branch_logits, target, group_masks, beta, log_eps):
+    """The loss from the fused op's arguments in eager PyTorch: the reference, and the fused ops' second-order path."""
     logits = branch_logits.to(_checks.accumulate_dtype(branch_logits.dtype))
     num_branches, batch, _ = logits.shape
     branch_ce = _cross_entropy(logits, target.expand(num_branches, batch), log_eps)
@@ -131,7 +136,7 @@ def reslt_loss(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: t
     """
     _validate(branch_logits, target, group_masks, beta, log_eps)
     backend = _backend.resolve(branch_logits, OP)
-    if backend == "reference":
+    if backend == "reference" or _fused_loss.use_reference(branch_logits):
         return reslt_loss_reference(branch_logits, target, group_masks, beta=beta, log_eps=log_eps)
     compute_grad = branch_logits.requires_grad and torch.is_grad_enabled()
     fused_op = torch.ops.fastlt.reslt_loss_triton if backend == "triton" else torch.ops.fastlt.reslt_loss
@@ -156,13 +161,12 @@ def _validate(branch_logits, target, group_masks, beta, log_eps):
     if not torch.compiler.is_compiling() and not bool(group_masks.any(1).all()):
         empty_row = int((~group_masks.any(1)).nonzero()[0])
         raise ValueError(f"{OP}: group_masks row {empty_row} selects no class")
-    if not 0.0 <= float(beta) <= 1.0:
-        raise ValueError(f"{OP}: beta must be in [0, 1], got {beta}")
-    _checks.nonnegative_number(OP, "log_eps", log_eps)
+    _checks.number(OP, "beta", beta, low=0.0, high=1.0)
+    _checks.number(OP, "log_eps", log_eps, low=0.0)
 
 
 if _extension.AVAILABLE:
-    _fused_loss.register("fastlt::reslt_loss")
+    _fused_loss.register("fastlt::reslt_loss", _loss_formula)
 
 
 @torch.library.custom_op("fastlt::reslt_loss_triton", mutates_args=())
@@ -173,4 +177,4 @@ def _reslt_loss_triton(branch_logits: torch.Tensor, target: torch.Tensor, group_
     return kernel.forward(branch_logits, target, group_masks, beta, log_eps, compute_grad)
 
 
-_fused_loss.register("fastlt::reslt_loss_triton")
+_fused_loss.register("fastlt::reslt_loss_triton", _loss_formula)

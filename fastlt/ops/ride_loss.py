@@ -9,17 +9,18 @@ tests: tests/ops/test_ride_loss.py, tests/ops/test_loss_backends.py; benchmark: 
 give the definition.
 
 The kernels compute the loss and d loss / d logits in one pass per row; the backward only scales the saved gradient
-by ``grad_output`` (in place in eager mode, so fwd+bwd needs no memory beyond one gradient).
+by ``grad_output`` (in place in eager mode, so fwd+bwd needs no memory beyond one gradient). Second-order gradients
+(``create_graph=True``) and ``torch.func`` transforms go through the eager formula (fastlt/ops/_fused_loss.py).
 """
 
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 
 from fastlt import _extension
-from fastlt.ops import _backend, _checks, _lt_constants
+from fastlt.ops import _backend, _checks, _fused_loss, _lt_constants
+from fastlt.ops._fused_loss import scale_saved_gradient  # noqa: F401 - shared with linear_ride_loss
 
 OP = "fastlt.ride_loss"
 MAX_EXPERTS = 64  # kMaxExperts in csrc/include/fastlt/common.h
@@ -39,20 +40,28 @@ def ride_tables(class_counts, *, scale, max_margin, temperature_factor, base_tem
 def ride_loss_reference(expert_logits, target, class_counts, *, scale=30.0, max_margin=0.5, diversity_factor=-0.45,
                         temperature_factor=0.05, base_temperature=1.0, drw=False, drw_beta=0.9999):
     """Eager PyTorch reference written from the formulas (methods.md 6.3); fp32 math for fp16/bf16 inputs."""
-    _validate(expert_logits, target, class_counts)
-    acc_dtype = _checks.accumulate_dtype(expert_logits.dtype)
-    logits = expert_logits.to(acc_dtype)
+    _validate(expert_logits, target, class_counts, scale=scale, max_margin=max_margin,
+              diversity_factor=diversity_factor, temperature_factor=temperature_factor,
+              base_temperature=base_temperature, drw_beta=drw_beta)
+    tables = ride_tables(class_counts, scale=scale, max_margin=max_margin, temperature_factor=temperature_factor,
+                         base_temperature=base_temperature, drw=drw, drw_beta=drw_beta,
+                         dtype=_checks.accumulate_dtype(expert_logits.dtype), device=expert_logits.device)
+    return _loss_formula(expert_logits, target, *tables, diversity_factor)
+
+
+def _loss_formula(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor):
+    """The loss from the fused op's arguments in eager PyTorch: the reference, and the fused ops' second-order path."""
+    logits = expert_logits.to(_checks.accumulate_dtype(expert_logits.dtype))
     num_classes = logits.shape[-1]
-    margins = _lt_constants.ldam_margins(class_counts, max_margin).to(logits)
-    weights = _lt_constants.drw_weights(class_counts, drw_beta).to(logits) if drw else None
-    temperatures = _lt_constants.ride_temperatures(class_counts, temperature_factor, base_temperature, drw).to(logits)
+    target_margins, temperatures = target_margins.to(logits), temperatures.to(logits)
+    weights = None if class_weights is None else class_weights.to(logits)
     mean_temperature = temperatures.mean()
     with torch.no_grad():
         mean_distribution = F.softmax(logits.mean(0) / temperatures, dim=-1)
     target_onehot = F.one_hot(target, num_classes).to(logits)
     loss = logits.new_zeros(())
     for expert in logits:
-        margin_logits = expert - scale * margins[target][:, None] * target_onehot
+        margin_logits = expert - target_margins[target][:, None] * target_onehot
         loss = loss + F.cross_entropy(margin_logits, target, weight=weights)
         if diversity_factor != 0:
             expert_log_distribution = F.log_softmax(expert / temperatures, dim=-1)
@@ -87,9 +96,11 @@ def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: t
     >>> counts = torch.linspace(500, 5, 100).floor()
     >>> loss = fastlt.ops.ride_loss(logits, torch.randint(0, 100, (8,)), counts, drw=True)
     """
-    _validate(expert_logits, target, class_counts)
+    _validate(expert_logits, target, class_counts, scale=scale, max_margin=max_margin,
+              diversity_factor=diversity_factor, temperature_factor=temperature_factor,
+              base_temperature=base_temperature, drw_beta=drw_beta)
     backend = _backend.resolve(expert_logits, OP)
-    if backend == "reference":
+    if backend == "reference" or _fused_loss.use_reference(expert_logits):
         return ride_loss_reference(expert_logits, target, class_counts, scale=scale, max_margin=max_margin,
                                    diversity_factor=diversity_factor, temperature_factor=temperature_factor,
                                    base_temperature=base_temperature, drw=drw, drw_beta=drw_beta)
@@ -104,48 +115,23 @@ def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: t
     return loss
 
 
-def _validate(expert_logits, target, class_counts):
+def _validate(expert_logits, target, class_counts, **hyperparameters):
     _checks.expert_loss_inputs(OP, expert_logits, target, class_counts, MAX_EXPERTS)
+    validate_hyperparameters(**hyperparameters)
 
 
-# ---- torch.library glue: fake (meta) implementation and autograd, shared by the C++ and Triton ops ----
-
-
-def _fake_forward(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor,
-                  compute_grad):
-    grad_shape = expert_logits.shape if compute_grad else (0,)
-    loss_dtype = _checks.accumulate_dtype(expert_logits.dtype)
-    return expert_logits.new_empty((), dtype=loss_dtype), expert_logits.new_empty(grad_shape)
-
-
-def _setup_context(ctx, inputs, output):
-    _, grad_logits = output
-    ctx.save_for_backward(grad_logits)
-    ctx.mark_non_differentiable(grad_logits)
-    ctx.set_materialize_grads(False)  # else autograd allocates a zero "gradient" for grad_logits, as big as it
-
-
-def _backward(ctx, grad_loss, _grad_of_grad_logits):
-    if grad_loss is None:  # only the (non-differentiable) gradient output was used
-        return None, None, None, None, None, None, None
-    (grad_logits,) = ctx.saved_tensors
-    return scale_saved_gradient(grad_logits, grad_loss), None, None, None, None, None, None
-
-
-def scale_saved_gradient(grad_logits, grad_loss):
-    """d loss / d logits * grad_output. Eager mode scales the saved buffer in place (no second gradient-sized
-    tensor; a second backward through the same graph then fails autograd's version check instead of returning a
-    wrong gradient). Compiled graphs stay functional."""
-    if torch.compiler.is_compiling() or is_fake(grad_loss):  # traced (torch.compile, opcheck): no data-dependent branch
-        return grad_logits * grad_loss.to(grad_logits.dtype)
-    if grad_loss.item() != 1.0:
-        grad_logits.mul_(grad_loss.to(grad_logits.dtype))
-    return grad_logits
+def validate_hyperparameters(*, scale, max_margin, diversity_factor, temperature_factor, base_temperature, drw_beta):
+    """ValueError naming the first hyper-parameter outside its domain (every backend, and RIDELoss, check here)."""
+    _checks.number(OP, "scale", scale, low=0.0)
+    _checks.number(OP, "max_margin", max_margin, low=0.0)
+    _checks.number(OP, "diversity_factor", diversity_factor)
+    _checks.number(OP, "temperature_factor", temperature_factor, low=0.0, high=1.0)
+    _checks.number(OP, "base_temperature", base_temperature, low=0.0, low_open=True)
+    _checks.number(OP, "drw_beta", drw_beta, low=0.0, high=1.0, high_open=True)
 
 
 if _extension.AVAILABLE:
-    torch.library.register_fake("fastlt::ride_loss")(_fake_forward)
-    torch.library.register_autograd("fastlt::ride_loss", _backward, setup_context=_setup_context)
+    _fused_loss.register("fastlt::ride_loss", _loss_formula)
 
 
 @torch.library.custom_op("fastlt::ride_loss_triton", mutates_args=())
@@ -158,5 +144,4 @@ def _ride_loss_triton(expert_logits: torch.Tensor, target: torch.Tensor, target_
                           compute_grad)
 
 
-_ride_loss_triton.register_fake(_fake_forward)
-_ride_loss_triton.register_autograd(_backward, setup_context=_setup_context)
+_fused_loss.register("fastlt::ride_loss_triton", _loss_formula)

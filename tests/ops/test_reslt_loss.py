@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from op_helpers import TOLERANCES, assert_close, backend, needs_cpp
 
+import fastlt
 from fastlt.ops import reslt_groups, reslt_loss, reslt_loss_reference
 
 CIFAR100_COUNTS = (500 * 0.01 ** (torch.arange(100) / 99)).floor()  # CIFAR-100-LT, r = 100
@@ -247,11 +248,14 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(change, message):
         reslt_loss(*change(logits, target, groups), beta=0.9)
 
 
-@pytest.mark.parametrize("beta", [-0.1, 1.5])
-def test_beta_outside_zero_one_is_rejected(beta):
+@pytest.mark.parametrize("beta", [-0.1, 1.5, float("nan")])
+@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "triton", "reference"])
+def test_beta_outside_zero_one_is_rejected(beta, name):
     logits, target, groups = _inputs((3, 3, 10))
-    with pytest.raises(ValueError, match="beta"):
+    with backend(name), pytest.raises(ValueError, match=r"beta must be a finite number in \[0, 1\]"):
         reslt_loss(logits, target, groups, beta=beta)
+    with pytest.raises(ValueError, match="beta"):
+        fastlt.ResLTLoss(groups, beta=beta)
 
 
 @needs_cpp

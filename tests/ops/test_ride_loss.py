@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from op_helpers import TOLERANCES, assert_close, backend, long_tail_counts, needs_cpp
 
+import fastlt
 from fastlt.ops import ride_loss, ride_loss_reference
 from fastlt.ops._lt_constants import drw_weights, ldam_margins, ride_temperatures
 
@@ -126,6 +127,32 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(change, message):
     logits, target, counts = _inputs((2, 3, 10))
     with pytest.raises(ValueError, match=message):
         ride_loss(*change(logits, target, counts))
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("drw_beta", 1.0, r"drw_beta must be a finite number in \[0, 1\)"),
+        ("drw_beta", -0.5, "drw_beta"),
+        ("base_temperature", 0.0, r"base_temperature must be a finite number in \(0, inf\)"),
+        ("base_temperature", float("inf"), "base_temperature"),
+        ("diversity_factor", float("nan"), "diversity_factor must be a finite number"),
+        ("max_margin", float("inf"), "max_margin must be a finite number in"),
+        ("max_margin", -0.1, "max_margin"),
+        ("scale", float("nan"), "scale"),
+        ("temperature_factor", 1.5, "temperature_factor"),
+    ],
+)
+@pytest.mark.parametrize("name_backend", [pytest.param("cpp", marks=needs_cpp), "triton", "reference"])
+def test_bad_hyperparameters_raise_the_same_value_error_on_every_backend(name, value, message, name_backend):
+    logits, target, counts = _inputs((2, 3, 10))
+    kwargs = {name: value, "drw": True}
+    with backend(name_backend), pytest.raises(ValueError, match=message):
+        ride_loss(logits, target, counts, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        ride_loss_reference(logits, target, counts, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        fastlt.RIDELoss(counts, **{key: v for key, v in kwargs.items() if key != "drw"})
 
 
 @needs_cpp
