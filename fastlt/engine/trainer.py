@@ -64,6 +64,18 @@ def settle_run_folder(run: RunFolder, progress: dict, resumed: bool) -> None:
     run.drop_epoch_records(progress["epoch"] if resumed else 0)
 
 
+def recover_interrupted_run(root: str) -> bool:
+    """Settles a folder whose `fit` was killed after writing last.pt but before renaming its new best, for a reader
+    that does not resume it (fastlt eval / stage2). Returns whether a pending best was found."""
+    last = os.path.join(root, "last.pt")
+    if not os.path.exists(last) or not any(_PENDING_BEST.match(name) for name in os.listdir(root)):
+        return False
+    progress = load_checkpoint(last, restore_rng=False)["extra"]["progress"]
+    next_epoch = progress["epoch"] + (1 if progress["epoch_complete"] else 0)
+    settle_run_folder(RunFolder(root), {**progress, "epoch": next_epoch}, resumed=True)
+    return True
+
+
 def fit(
     model: nn.Module,
     loss_fn: Callable,

@@ -19,6 +19,7 @@ import torch
 
 from fastlt.engine import (RunFolder, build_schedule, build_sgd, fit, format_results, init_distributed,
                            load_checkpoint, shutdown_distributed, wrap_model)
+from fastlt.engine.trainer import recover_interrupted_run
 from fastlt.methods import stage2
 from fastlt.methods.builders import (build_datasets, build_loader, build_model, build_sampler, evaluate,
                                      selected_checkpoint)
@@ -112,6 +113,7 @@ def load_stage1(run_dir: str, checkpoint: str = None, device=torch.device("cpu")
     # same head adaptations; no distillation teacher is needed to use the trained model
     build_method({**config["method"], "teacher": None}, datasets["train"].train_class_counts, model)
     if checkpoint is None:
+        recover_interrupted_run(run_dir)  # a run killed between its last.pt and best.pt: the committed best
         checkpoint = selected_checkpoint(run_dir)
     load_checkpoint(checkpoint, model=model, restore_rng=False)
     return config, datasets, model.to(device)

@@ -151,3 +151,15 @@ def test_killed_around_any_epoch_end_write_resumes_to_the_uninterrupted_run(tmp_
                                           for key, value in expected_best.items()), (n, after)
         assert sorted(path.name for path in root.iterdir()) == ["best.pt", "config.yaml", "last.pt",
                                                                 "metrics.jsonl"]
+
+
+def test_a_reader_of_an_interrupted_run_gets_the_committed_best(tmp_path, monkeypatch):
+    """fastlt eval of a run killed between last.pt and the rename of its new best (never resumed)."""
+    WriteKiller(monkeypatch, 6, after=True)
+    with pytest.raises(Interrupt):
+        run_fit(tmp_path / "run", seed=0, epochs=2)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "run" / "best.pt")["epoch"] == 0 and (tmp_path / "run" / "best.pt.pending-1").exists()
+    assert trainer_module.recover_interrupted_run(str(tmp_path / "run"))
+    assert torch.load(tmp_path / "run" / "best.pt")["epoch"] == 1
+    assert not trainer_module.recover_interrupted_run(str(tmp_path / "run"))  # nothing left to do
