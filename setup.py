@@ -153,7 +153,9 @@ def extension_modules():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        # Python's CFLAGS compile with -g: the debug info is 95% of the module (20 MB -> 0.7 MB CPU-only, 21.9 ->
+        # 1.7 MB with CUDA); symbols stay for backtraces.
+        extra_link_args=["-fopenmp", "-Wl,--strip-debug"],
     )
     return [module], {"build_ext": BuildExtension}
 
