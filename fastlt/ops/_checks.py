@@ -87,3 +87,28 @@ def expert_loss_inputs(op: str, expert_logits, target, class_counts, max_experts
     labels(op, "target", target, batch, num_classes)
     same_device(op, "target", target, expert_logits, "expert_logits")
     _lt_constants.check_class_counts(op, class_counts, num_classes)
+
+
+# ---- the fused-loss ops' own checks (csrc/loss_checks.h for the C++ ops; these for the Triton ops called raw) ----
+
+
+def fused_loss_inputs(op: str, logits_name: str, logits, target, max_experts: int = 64) -> None:
+    """[E, B, C] floating logits (1..max_experts experts, B, C >= 1) and [B] int64 labels in [0, C) on their device."""
+    tensor(op, logits_name, logits, dims=3, floating=True)
+    if not 1 <= logits.shape[0] <= max_experts:
+        raise ValueError(f"{op}: {logits_name} must have 1..{max_experts} experts / branches, got {logits.shape[0]}")
+    labels(op, "target", target, logits.shape[1], logits.shape[2])
+    same_device(op, "target", target, logits, logits_name)
+
+
+def fused_loss_table(op: str, name: str, table, shape: tuple, logits, *, dtype=None) -> None:
+    """A per-class table of exactly ``shape`` on the logits' device, floating (or of ``dtype``)."""
+    tensor(op, name, table, nonempty=False)
+    if tuple(table.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must be {list(shape)}, got {list(table.shape)}")
+    if dtype is None and table.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: {name} must be floating point, got {table.dtype}")
+    if dtype is not None and table.dtype != dtype:
+        raise ValueError(f"{op}: {name} must be {dtype}, got {table.dtype}")
+    same_device(op, name, table, logits, "the logits")
+

@@ -85,6 +85,8 @@ def _prior_shifted_ce_triton(expert_logits: torch.Tensor, target: torch.Tensor, 
                              compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from fastlt.kernels import prior_shifted_ce as kernel
 
+    _checks.fused_loss_inputs(OP, "expert_logits", expert_logits, target, MAX_EXPERTS)
+    _checks.fused_loss_table(OP, "logit_shifts", logit_shifts, expert_logits.shape[::2], expert_logits)
     return kernel.forward(expert_logits, target, logit_shifts, compute_grad)
 
 

@@ -174,6 +174,14 @@ def _reslt_loss_triton(branch_logits: torch.Tensor, target: torch.Tensor, group_
                        log_eps: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from fastlt.kernels import reslt_loss as kernel
 
+    _checks.fused_loss_inputs(OP, "branch_logits", branch_logits, target, MAX_BRANCHES)
+    num_branches, _, num_classes = branch_logits.shape
+    _checks.fused_loss_table(OP, "group_masks", group_masks, (num_branches, num_classes), branch_logits,
+                             dtype=torch.bool)
+    if not bool(group_masks.any(1).all()):
+        raise ValueError(f"{OP}: every row of group_masks must select a class")
+    _checks.number(OP, "beta", beta, low=0.0, high=1.0)
+    _checks.number(OP, "log_eps", log_eps, low=0.0)
     return kernel.forward(branch_logits, target, group_masks, beta, log_eps, compute_grad)
 
 

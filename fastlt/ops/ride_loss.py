@@ -140,6 +140,13 @@ def _ride_loss_triton(expert_logits: torch.Tensor, target: torch.Tensor, target_
                       compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from fastlt.kernels import ride_loss as kernel
 
+    _checks.fused_loss_inputs(OP, "expert_logits", expert_logits, target, MAX_EXPERTS)
+    num_classes = expert_logits.shape[2]
+    _checks.fused_loss_table(OP, "target_margins", target_margins, (num_classes,), expert_logits)
+    if class_weights is not None:
+        _checks.fused_loss_table(OP, "class_weights", class_weights, (num_classes,), expert_logits)
+    _checks.fused_loss_table(OP, "temperatures", temperatures, (num_classes,), expert_logits)
+    _checks.number(OP, "diversity_factor", diversity_factor)
     return kernel.forward(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor,
                           compute_grad)
 

@@ -345,3 +345,57 @@ def test_torch_func_grad_and_vmap(case, name):
         per_sample = torch.vmap(loss_of(op))(batched)
     torch.testing.assert_close(grad, torch.func.grad(loss_of(reference))(logits))
     torch.testing.assert_close(per_sample, torch.stack([loss_of(reference)(z) for z in batched]))
+
+
+# ---- the registered ops called directly refuse what the wrappers refuse (the Triton ops check as the C++ ops do) ----
+
+
+def _raw_arguments(name, E=2, B=3, C=10):
+    logits, target = torch.randn(E, B, C), torch.randint(0, C, (B,))
+    if name == "ride_loss":
+        margins, weights, temperatures = _tables(C, weights=True)
+        return [logits, target, margins, weights, temperatures, -0.45, True]
+    if name == "reslt_loss":
+        return [logits, target, _nested_groups(E, C), 0.9, 1e-7, True]
+    return [logits, target, torch.zeros(E, C), True]
+
+
+def _with(arguments, index, value):
+    arguments = list(arguments)
+    arguments[index] = value
+    return arguments
+
+
+RAW_REFUSALS = {
+    "target = C": lambda name, a: _with(a, 1, torch.full_like(a[1], a[0].shape[2])),
+    "negative target": lambda name, a: _with(a, 1, a[1] - a[1].max() - 1),
+    "int32 target": lambda name, a: _with(a, 1, a[1].int()),
+    "target of B - 1 rows": lambda name, a: _with(a, 1, a[1][:-1]),
+    "2-d logits": lambda name, a: _with(a, 0, a[0][0]),
+    "integer logits": lambda name, a: _with(a, 0, a[0].long()),
+    "table one class short": lambda name, a: _with(a, 2, a[2][..., :-1]),
+    "table of wrong rank": lambda name, a: _with(a, 2, a[2].reshape(-1)[:3] if name == "ride_loss" else a[2][0]),
+}
+RAW_OP_REFUSALS = {
+    ("ride_loss", "class_weights of 3"): lambda a: _with(a, 3, torch.ones(3)),
+    ("ride_loss", "temperatures one short"): lambda a: _with(a, 4, a[4][:-1]),
+    ("ride_loss", "NaN diversity_factor"): lambda a: _with(a, 5, float("nan")),
+    ("reslt_loss", "float group_masks"): lambda a: _with(a, 2, a[2].float()),
+    ("reslt_loss", "an all-False group_masks row"): lambda a: _with(a, 2, torch.cat([a[2][:1], ~a[2][:1] & a[2][:1]])),
+    ("reslt_loss", "beta 1.5"): lambda a: _with(a, 3, 1.5),
+    ("reslt_loss", "NaN log_eps"): lambda a: _with(a, 4, float("nan")),
+    ("prior_shifted_ce", "shifts [E, C - 1]"): lambda a: _with(a, 2, a[2][:, :-1]),
+    ("prior_shifted_ce", "shifts [E - 1, C]"): lambda a: _with(a, 2, a[2][:1]),
+}
+RAW_CASES = ([(name, what, (lambda change: lambda a, name=name: change(name, a))(change))
+              for name in ("ride_loss", "reslt_loss", "prior_shifted_ce") for what, change in RAW_REFUSALS.items()]
+             + [(name, what, change) for (name, what), change in RAW_OP_REFUSALS.items()])
+
+
+@pytest.mark.parametrize("suffix", [pytest.param("", marks=needs_cpp), "_triton"])
+@pytest.mark.parametrize("name, what, change", RAW_CASES, ids=[f"{n}-{w}" for n, w, _ in RAW_CASES])
+def test_raw_ops_refuse_bad_arguments_with_value_error(name, what, change, suffix):
+    op = getattr(torch.ops.fastlt, name + suffix)
+    op(*_raw_arguments(name))  # the unchanged arguments are fine
+    with pytest.raises(ValueError, match=r"fastlt\.(ride_loss|reslt_loss|prior_shifted_ce)"):
+        op(*change(_raw_arguments(name)))
