@@ -18,18 +18,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 import fastlt
 from fastlt.data import DigitsLT, LongTailSampler
-from fastlt.models import NormedLinear
 
 
 class ExpertCNN(nn.Module):
-    """A small CNN trunk and one cosine classifier holding E expert heads; returns [E, B, C] (a strided view)."""
+    """A small CNN trunk and one linear layer holding E expert heads; returns [E, B, C] (a strided view)."""
 
     def __init__(self, num_classes, num_experts=3):
         super().__init__()
         self.num_experts, self.num_classes = num_experts, num_classes
         self.trunk = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                                    nn.Linear(128, 64), nn.ReLU())
-        self.heads = NormedLinear(64, num_experts * num_classes, scale=30.0)  # fastlt: RIDE's cosine experts
+        self.heads = nn.Linear(64, num_experts * num_classes)
 
     def forward(self, images):
         logits = self.heads(self.trunk(images))

@@ -19,7 +19,6 @@ from torch import nn
 
 import fastlt
 from fastlt.data import DigitsLT, LongTailSampler
-from fastlt.models import NormedLinear
 
 
 def digits_tensors(split):
@@ -49,7 +48,7 @@ class LongTailModule(L.LightningModule):
         self.num_experts, self.num_classes, self.lr = num_experts, len(class_counts), lr
         self.trunk = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                                    nn.Linear(128, 64), nn.ReLU())
-        self.heads = NormedLinear(64, num_experts * self.num_classes, scale=30.0)  # fastlt: RIDE's cosine experts
+        self.heads = nn.Linear(64, num_experts * self.num_classes)  # E expert heads in one layer
         self.criterion = fastlt.RIDELoss(class_counts, drw_epoch=drw_epoch)  # fastlt
 
     def forward(self, images):

@@ -17,7 +17,6 @@ from torch import nn
 
 import fastlt
 from fastlt.data import DigitsLT
-from fastlt.models import NormedLinear
 
 
 def autocast_dtype(device):
@@ -27,14 +26,14 @@ def autocast_dtype(device):
 
 
 class ExpertCNN(nn.Module):
-    """A small CNN trunk and one cosine classifier holding E expert heads; returns [E, B, C] (a strided view)."""
+    """A small CNN trunk and one linear layer holding E expert heads; returns [E, B, C] (a strided view)."""
 
     def __init__(self, num_classes, num_experts=3, width=32):
         super().__init__()
         self.num_experts, self.num_classes = num_experts, num_classes
         self.trunk = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
                                    nn.Flatten(), nn.Linear(4 * width, 64), nn.ReLU())
-        self.heads = NormedLinear(64, num_experts * num_classes, scale=30.0)  # fastlt: RIDE's cosine experts
+        self.heads = nn.Linear(64, num_experts * num_classes)
 
     def forward(self, images):
         logits = self.heads(self.trunk(images))  # [B, E * C]
