@@ -50,6 +50,10 @@ VALUE_RULES = {
 }
 
 
+REQUIRED_KEYS = ("out", "data.name", "model.name", "method.name", "train.epochs", "train.batch_size", "train.lr",
+                 "train.schedule.name")
+
+
 class ConfigError(ValueError):
     """A recipe or override that fastlt cannot run: unknown key, wrong value type or range."""
 
@@ -80,7 +84,13 @@ def merge(base: dict, override: dict) -> dict:
 
 def read_recipe(path: str) -> dict:
     with open(path) as handle:
-        config = yaml.safe_load(handle) or {}
+        try:
+            config = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            problem = " ".join(str(error).split())
+            raise ConfigError(f"config {path} is not valid YAML: {problem}") from error
+    if not isinstance(config, dict):
+        raise ConfigError(f"config {path} must be a mapping of key: value, got {type(config).__name__}")
     base = config.pop("base", None)
     if base is None:
         return config
@@ -143,11 +153,12 @@ def check_config(config: dict) -> dict:
                 hint = (f"did you mean {(section + '.' if section else '') + close[0]}?" if close
                         else f"known keys: {', '.join(sorted(accepted))}")
                 raise ConfigError(f"unknown config key {dotted!r}: {hint}")
+    for dotted in REQUIRED_KEYS:
+        if _lookup(config, dotted) is None:
+            raise ConfigError(f"the config sets no {dotted}: add it to the recipe or pass {dotted}=<value>")
     for dotted, (kind, minimum) in VALUE_RULES.items():
         *parents, last = dotted.split(".")
-        node = config
-        for parent in parents:
-            node = node.get(parent) if isinstance(node, dict) else None
+        node = _lookup(config, ".".join(parents)) if parents else config
         if not isinstance(node, dict) or node.get(last) is None:
             continue
         value = node[last]
@@ -158,6 +169,13 @@ def check_config(config: dict) -> dict:
             raise ConfigError(f"{dotted} must be {wanted}, got {value!r}: set e.g. {dotted}="
                               f"{'true' if kind == BOOLEAN else max(minimum or 0, 1)}")
     return config
+
+
+def _lookup(config: dict, dotted: str):
+    node = config
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 def load_config(name_or_path: str, overrides: Iterable[str] = ()) -> dict:

@@ -78,3 +78,17 @@ def test_unknown_keys_and_bad_values_are_refused_with_a_suggestion():
         with pytest.raises(ConfigError, match=message):
             load_config("mnist_lt_ce", [override])
     assert load_config("mnist_lt_ce", ["train.epochs=3", "resume=true"])["train"]["epochs"] == 3
+    with pytest.raises(ConfigError, match="the config sets no train.lr: add it to the recipe or pass train.lr="):
+        load_config("mnist_lt_ce", ["train.lr=null"])
+
+
+def test_a_recipe_that_is_not_yaml_names_the_file(tmp_path):
+    from fastlt.methods.config import ConfigError
+
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("base: mnist_lt_ce\ntrain: {epochs: 3\n")
+    with pytest.raises(ConfigError, match=f"config {recipe} is not valid YAML"):
+        load_config(str(recipe))
+    recipe.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(str(recipe))
