@@ -18,6 +18,7 @@ BENCHMARKS = {
     "sampler": "fastlt.bench.data:run_sampler",
     "loader": "fastlt.bench.data:run_loader",
     "step": "fastlt.bench.step:run",
+    "fused-head": "fastlt.bench.fused_head:run",
 }
 
 

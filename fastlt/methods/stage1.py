@@ -97,6 +97,8 @@ def ride(config, counts, model) -> Method:
                            base_temperature=config.get("base_temperature", 1.0),
                            drw_beta=config.get("drw_beta", 0.9999),
                            drw_epoch=config.get("drw_epoch", 160)).to(counts.device)
+    if config.get("fused_head"):
+        return _fused_head_ride(loss, config, model)
     if config.get("teacher") is None:
         return Method("ride", lambda output, targets: loss(output.expert_logits, targets), epoch_hook(loss))
     teacher = load_teacher(config["teacher"], num_classes=counts.numel(), device=counts.device,
@@ -111,6 +113,31 @@ def ride(config, counts, model) -> Method:
         return distill(output.expert_logits, targets, teacher_logits)
 
     return Method("ride_distill", distill_loss, epoch_hook(distill), needs_images=True)
+
+
+def _fused_head_ride(loss, config, model) -> Method:
+    """`fused_head: true`: the RIDE model's classifiers and the loss become one fastlt.LinearRIDELoss (initialised
+    from the classifiers' weights), whose loss never forms the [E, B, C] logits."""
+    if config.get("teacher") is not None:
+        raise ValueError("ride: fused_head does not support teacher (distillation reads the students' logits)")
+    if not hasattr(model, "use_fused_head"):
+        raise ValueError(f"ride: fused_head needs a RIDE model, got {type(model).__name__}")
+    classifiers = list(model.classifiers)
+    normalize = isinstance(classifiers[0], NormedLinear)
+    in_features = classifiers[0].weight.shape[0] if normalize else classifiers[0].in_features
+    head = fastlt.LinearRIDELoss(
+        loss.class_counts, len(classifiers), in_features, normalize=normalize,
+        scale=model.scale if normalize else 1.0, margin_scale=loss.scale, max_margin=loss.max_margin,
+        diversity_factor=loss.diversity_factor, temperature_factor=loss.temperature_factor,
+        base_temperature=loss.base_temperature, drw_beta=loss.drw_beta, drw_epoch=loss.drw_epoch,
+        chunk_size=config.get("chunk_size")).to(loss.class_counts.device)
+    with torch.no_grad():
+        for index, classifier in enumerate(classifiers):
+            head.weight[index].copy_(classifier.weight.t() if normalize else classifier.weight)
+            if not normalize:
+                head.bias[index].copy_(classifier.bias)
+    model.use_fused_head(head)
+    return Method("ride", lambda output, targets: head(output.features, targets), epoch_hook(head))
 
 
 def load_teacher(path: str, *, num_classes: int, device=None, train_mode: bool = True) -> nn.Module:

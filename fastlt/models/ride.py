@@ -32,6 +32,7 @@ class RIDE(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.classifiers = nn.ModuleList(classifiers)
         self.scale = scale
+        self.fused_head = None
 
     @property
     def num_experts(self) -> int:
@@ -43,13 +44,24 @@ class RIDE(nn.Module):
     def forward_shared(self, images: torch.Tensor) -> torch.Tensor:
         return self.shared(images)
 
+    def use_fused_head(self, head: nn.Module) -> None:
+        """Replace the classifiers by `head` (fastlt.LinearRIDELoss, whose loss forms the logits chunk by chunk):
+        in training mode forward then returns only the features [E, B, D] (logits None); eval mode, the logits."""
+        self.classifiers = None
+        self.fused_head = head
+
     def forward_expert(self, shared_features: torch.Tensor, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(pooled features [B, D], logits [B, C]) of expert `index`."""
         features = self.experts[index](shared_features).mean(dim=(2, 3))
+        if self.fused_head is not None:
+            return features, self.fused_head.logits(features, expert=index)
         return features, self.classifiers[index](features) * self.scale
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
         shared_features = self.forward_shared(images)
+        if self.fused_head is not None and self.training:  # the loss reads the features and the head's weights
+            features = [expert(shared_features).mean(dim=(2, 3)) for expert in self.experts]
+            return ModelOutput(logits=None, features=torch.stack(features))
         features, logits = zip(*(self.forward_expert(shared_features, index) for index in range(self.num_experts)))
         expert_logits = torch.stack(logits)
         return ModelOutput(

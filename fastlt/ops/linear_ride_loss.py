@@ -17,8 +17,10 @@ walks the classes in chunks twice:
    norm backward runs once at the end.
 
 The forward computes the loss and the gradients of features, weight and bias; backward only scales them (as
-``ride_loss``). Files: this one (public function, reference, chunked PyTorch implementation, torch.library glue);
-tests: tests/ops/test_linear_ride_loss.py.
+``ride_loss``). Backends: ``cpp`` runs the C++ kernel (csrc/cpu/linear_ride_loss.cpp, per-class math in
+csrc/include/fastlt/linear_ride_loss.h); ``reference`` materialises the logits (``linear_ride_loss_reference``);
+otherwise (``triton``, devices without a compiled kernel, no extension) the same algorithm runs in PyTorch
+(``chunked_forward``, op ``fastlt::linear_ride_loss_torch``). Tests: tests/ops/test_linear_ride_loss.py.
 """
 
 from typing import Optional
@@ -26,6 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastlt import _extension
 from fastlt.ops import _backend, _checks, _lt_constants
 from fastlt.ops.ride_loss import MAX_EXPERTS, ride_loss_reference, ride_tables, scale_saved_gradient
 
@@ -95,7 +98,7 @@ def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch
     torch.Size([3, 1000, 16])
     """
     _validate(features, weight, target, class_counts, bias, scale, chunk_size)
-    if _backend.resolve(weight) == "reference":
+    if _backend.get_backend() == "reference":
         return linear_ride_loss_reference(
             features, weight, target, class_counts, normalize=normalize, scale=scale, bias=bias,
             margin_scale=margin_scale, max_margin=max_margin, diversity_factor=diversity_factor,
@@ -108,10 +111,20 @@ def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch
     chunk = chunk_size or default_chunk_size(num_experts, target.shape[0], num_classes)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (features, weight, bias))
-    loss, *_ = torch.ops.fastlt.linear_ride_loss_torch(
+    fused_op = _compiled_op(weight.device) if _backend.resolve(weight) == "cpp" else None
+    loss, *_ = (fused_op or torch.ops.fastlt.linear_ride_loss_torch)(
         features, weight, bias, target, target_margins, class_weights, temperatures, float(scale), bool(normalize),
         float(diversity_factor), int(chunk), compute_grad)
     return loss
+
+
+def _compiled_op(device):
+    """The extension's kernel for `device`, or None (extension built before this op, or no kernel for the device)."""
+    if not _extension.AVAILABLE or not hasattr(torch.ops.fastlt, "linear_ride_loss"):
+        return None
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("fastlt::linear_ride_loss", key)
+    return torch.ops.fastlt.linear_ride_loss if has_kernel else None
 
 
 def _validate(features, weight, target, class_counts, bias, scale, chunk_size):
@@ -352,3 +365,7 @@ def _backward(ctx, grad_loss, *_grads_of_gradients):
 
 
 _linear_ride_loss_torch.register_autograd(_backward, setup_context=_setup_context)
+
+if _extension.AVAILABLE and hasattr(torch.ops.fastlt, "linear_ride_loss"):
+    torch.library.register_fake("fastlt::linear_ride_loss")(_fake_forward)
+    torch.library.register_autograd("fastlt::linear_ride_loss", _backward, setup_context=_setup_context)

@@ -1,9 +1,26 @@
+import importlib
+
 import pytest
 import torch
-from op_helpers import TOLERANCES, long_tail_counts
+from op_helpers import backend, long_tail_counts
 
+import fastlt
 from fastlt.ops import linear_ride_loss, linear_ride_loss_reference, ride_loss_reference
 from fastlt.ops.linear_ride_loss import default_chunk_size
+
+linear_ride_loss_module = importlib.import_module("fastlt.ops.linear_ride_loss")  # the attribute is the function
+HAS_CPP = linear_ride_loss_module._compiled_op(torch.device("cpu")) is not None
+# "cpp": the C++ kernel; "torch": the same algorithm in PyTorch (devices without a kernel, the triton backend)
+IMPLEMENTATIONS = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="extension without the op")),
+                   "torch"]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def implementation(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(linear_ride_loss_module, "_compiled_op", lambda device: None)
+    with backend("cpp" if request.param == "cpp" else "auto"):
+        yield request.param
 
 
 def _inputs(E, B, C, D, *, shared=False, use_bias=False, dtype=torch.float64):
@@ -43,7 +60,8 @@ def test_reference_is_ride_loss_of_the_cosine_logits():
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("use_bias", [False, True])
 @pytest.mark.parametrize("drw", [False, True])
-def test_fp64_matches_reference_with_classes_not_a_multiple_of_the_chunk(shared, normalize, use_bias, drw):
+def test_fp64_matches_reference_with_classes_not_a_multiple_of_the_chunk(shared, normalize, use_bias, drw,
+                                                                           implementation):
     tensors, target, counts = _inputs(3, 5, 37, 7, shared=shared, use_bias=use_bias)
     _assert_matches_reference(tensors, target, counts, normalize=normalize, drw=drw, chunk_size=8,
                               scale=30.0 if normalize else 1.0)
@@ -51,19 +69,19 @@ def test_fp64_matches_reference_with_classes_not_a_multiple_of_the_chunk(shared,
 
 @pytest.mark.parametrize("num_experts", [1, 2, 5, 8])
 @pytest.mark.parametrize("diversity_factor", [-0.45, 0.0, 0.3])
-def test_fp64_any_number_of_experts_and_diversity(num_experts, diversity_factor):
+def test_fp64_any_number_of_experts_and_diversity(num_experts, diversity_factor, implementation):
     tensors, target, counts = _inputs(num_experts, 3, 20, 4)
     _assert_matches_reference(tensors, target, counts, drw=True, diversity_factor=diversity_factor, chunk_size=6)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, None])
-def test_batch_of_one_and_any_chunk(chunk_size):
+def test_batch_of_one_and_any_chunk(chunk_size, implementation):
     tensors, target, counts = _inputs(2, 1, 33, 6)
     _assert_matches_reference(tensors, target, counts, drw=True, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("use_bias", [False, True])
-def test_gradcheck_fp64(use_bias):
+def test_gradcheck_fp64(use_bias, implementation):
     tensors, target, counts = _inputs(2, 3, 11, 4, use_bias=use_bias)
 
     def loss(features, weight, *bias):
@@ -74,15 +92,14 @@ def test_gradcheck_fp64(use_bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_precision_tolerance_table(dtype):
+def test_low_precision_tolerance_table(dtype, implementation):
     tensors, target, counts = _inputs(3, 6, 300, 16, dtype=dtype)
-    atol, rtol = TOLERANCES[dtype]
     # Both compute in fp32; the reference's GEMM and normalisation round to the input dtype, the fused op's do not.
     rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else (3e-2, 3e-2)
     _assert_matches_reference(tensors, target, counts, drw=True, chunk_size=64, rtol=rtol, atol=atol)
 
 
-def test_backward_scales_by_grad_output():
+def test_backward_scales_by_grad_output(implementation):
     tensors, target, counts = _inputs(2, 3, 10, 4)
     _, unit = _loss_and_grads(linear_ride_loss, tensors, target, counts)
     features, weight = tensors
@@ -91,7 +108,7 @@ def test_backward_scales_by_grad_output():
     torch.testing.assert_close(features.grad, 2.5 * unit[0])
 
 
-def test_no_gradient_is_computed_without_requires_grad():
+def test_no_gradient_is_computed_without_requires_grad(implementation):
     (features, weight), target, counts = _inputs(2, 3, 10, 4)
     loss = linear_ride_loss(features.detach(), weight.detach(), target, counts)
     assert not loss.requires_grad
@@ -104,17 +121,33 @@ def test_default_chunk_size_is_a_power_of_two_of_about_two_million_logits():
     assert default_chunk_size(3, 256, 1000) == 1000
 
 
-def test_opcheck():
+@pytest.mark.parametrize("op_name", [
+    pytest.param("linear_ride_loss", marks=pytest.mark.skipif(not HAS_CPP, reason="extension without the op")),
+    "linear_ride_loss_torch"])
+def test_opcheck(op_name):
     (features, weight, bias), target, counts = _inputs(2, 3, 10, 4, use_bias=True, dtype=torch.float32)
-    for class_weights in (None, torch.rand(10) + 0.5):
-        args = (features, weight, bias, target, torch.rand(10), class_weights, torch.rand(10) + 0.5, 30.0, True,
+    op = getattr(torch.ops.fastlt, op_name).default
+    for class_weights, shared_features in ((None, features), (torch.rand(10) + 0.5, features[0].detach())):
+        args = (shared_features, weight, bias, target, torch.rand(10), class_weights, torch.rand(10) + 0.5, 30.0, True,
                 -0.45, 4, True)
-        torch.library.opcheck(torch.ops.fastlt.linear_ride_loss_torch.default, args,
-                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="extension without the op")
+def test_cpp_op_checks_its_own_arguments():
+    (features, weight), target, counts = _inputs(2, 3, 10, 4)
+    tables = (torch.zeros(10), None, torch.ones(10))
+    with pytest.raises(RuntimeError, match="target must be in"):
+        torch.ops.fastlt.linear_ride_loss(features, weight, None, target + 10, *tables, 30.0, True, -0.45, 4, False)
+    with pytest.raises(RuntimeError, match="temperatures must be"):
+        torch.ops.fastlt.linear_ride_loss(features, weight, None, target, tables[0], None, torch.ones(9), 30.0, True,
+                                          -0.45, 4, False)
+    with pytest.raises(RuntimeError, match="chunk_size must be"):
+        torch.ops.fastlt.linear_ride_loss(features, weight, None, target, *tables, 30.0, True, -0.45, 0, False)
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_matches_eager():
+def test_torch_compile_fullgraph_matches_eager(implementation):
     (features, weight), target, counts = _inputs(3, 4, 20, 8, dtype=torch.float32)
     compiled = torch.compile(lambda x, w: linear_ride_loss(x, w, target, counts, drw=True, chunk_size=8),
                              fullgraph=True)
@@ -152,3 +185,55 @@ def test_bad_inputs_raise_errors_naming_the_argument(change, error, message):
     arguments.update(change(features, weight, target, counts))
     with pytest.raises(error, match=message):
         linear_ride_loss(**arguments)
+
+
+def test_module_is_normed_linear_heads_plus_ride_loss():
+    from fastlt.models import NormedLinear
+
+    torch.manual_seed(0)
+    counts = long_tail_counts(30)
+    head = fastlt.LinearRIDELoss(counts, num_experts=3, in_features=8, drw_epoch=2, chunk_size=8).double()
+    classifiers = [NormedLinear(8, 30).double() for _ in range(3)]
+    with torch.no_grad():
+        for k, classifier in enumerate(classifiers):
+            classifier.weight.copy_(head.weight[k].t())
+    criterion = fastlt.RIDELoss(counts, drw_epoch=2)
+    features, target = torch.randn(3, 5, 8, dtype=torch.float64), torch.randint(0, 30, (5,))
+    for epoch in (1, 2):
+        head.set_epoch(epoch)
+        criterion.set_epoch(epoch)
+        assert head.drw == criterion.drw == (epoch >= 2)
+        logits = torch.stack([30 * classifier(features[k]) for k, classifier in enumerate(classifiers)])
+        torch.testing.assert_close(head.logits(features), logits)
+        torch.testing.assert_close(head.logits(features[1], expert=1), logits[1])
+        expected = criterion(logits, target)
+        expected.backward()
+        loss = head(features, target)
+        loss.backward()
+        torch.testing.assert_close(loss, expected)
+        for k, classifier in enumerate(classifiers):
+            torch.testing.assert_close(head.weight.grad[k], classifier.weight.grad.t())
+            classifier.weight.grad = None
+        head.weight.grad = None
+
+
+def test_ride_recipe_with_fused_head_trains_the_head_and_evaluates_the_same_logits():
+    from fastlt.methods.builders import build_model
+    from fastlt.methods.stage1 import build_method
+
+    torch.manual_seed(0)
+    config = {"model": {"name": "ride_small_cnn", "num_experts": 3}}
+    model = build_model(config, 10)
+    images, target = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    model.eval()
+    expected = model(images).logits
+    method = build_method({"name": "ride", "drw_epoch": 2, "fused_head": True}, long_tail_counts(10), model)
+    torch.testing.assert_close(model(images).logits, expected)
+    model.train()
+    output = model(images)
+    assert output.logits is None and output.features.shape[:2] == (3, 4)
+    method.on_epoch_start(2)
+    assert model.fused_head.drw
+    method.loss_fn(output, target).backward()
+    assert model.fused_head.weight.grad.abs().sum() > 0
+    assert any(parameter is model.fused_head.weight for parameter in model.parameters())

@@ -1,0 +1,107 @@
+"""`fastlt bench fused-head`: RIDE's cosine classifiers + loss at large class counts, fused
+(:func:`fastlt.ops.linear_ride_loss`, no [E, B, C] logits) vs (a) eager NormedLinear heads + the eager RIDE loss
+reference, (b) the same heads + fastlt's fused ``ride_loss``, (c) ``torch.compile`` of (a).
+
+E = 3 experts, B = 256, D = 512, fp32 on the CPU, DRW on. Per row: fwd+bwd time (median ms) and the peak memory
+allocated beyond the inputs, the weight and their gradients (torch profiler allocator events, as ``bench losses``),
+then the largest C that fits in 8 GiB, from a linear fit of the total bytes (inputs, weight, gradients, peak extra)
+over the measured class counts. Figures: BENCHMARKS.md "Fused head". Regenerate: `fastlt bench fused-head`.
+"""
+
+import torch
+
+import fastlt
+from fastlt.bench.losses import long_tailed_counts, peak_extra_bytes
+from fastlt.bench.timing import measure, progress
+from fastlt.ops.linear_ride_loss import expert_logits
+
+EXPERTS, BATCH, DIM = 3, 256, 512
+CLASS_COUNTS = (10_000, 100_000, 300_000)
+QUICK_CLASS_COUNTS = (2_000, 10_000)
+BUDGET_BYTES = 8 * 2**30
+
+
+def problem(quick=False):
+    sizes = QUICK_CLASS_COUNTS if quick else CLASS_COUNTS
+    return (f"E={EXPERTS}, B={BATCH}, D={DIM}, fp32 CPU, C in {sizes}, fwd+bwd; memory: peak beyond inputs, weight "
+            f"and gradients; max C: largest C within 8 GiB in all, from a linear fit over C")
+
+
+def _implementations(features, weight, target, counts, quick):
+    def heads(x, w):  # RIDE's NormedLinear x 30 for E experts ([E, C, D] weight rows)
+        return expert_logits(x, w, normalize=True, scale=30.0)
+
+    def eager(x, w):
+        return fastlt.ops.ride_loss_reference(heads(x, w), target, counts, drw=True)
+
+    def fused_loss(x, w):
+        return fastlt.ops.ride_loss(heads(x, w), target, counts, drw=True)
+
+    impls = {
+        "fused linear_ride_loss": lambda: fastlt.ops.linear_ride_loss(features, weight, target, counts, drw=True),
+        "(b) heads + fused ride_loss": lambda: fused_loss(features, weight),
+        "(a) heads + eager reference": lambda: eager(features, weight),
+    }
+    if not quick:
+        compiled = torch.compile(eager, dynamic=False)
+        impls["(c) torch.compile of (a)"] = lambda: compiled(features, weight)
+    return impls
+
+
+def _rows_for(num_classes, quick):
+    features = torch.randn(EXPERTS, BATCH, DIM, requires_grad=True)
+    weight = torch.randn(EXPERTS, num_classes, DIM, requires_grad=True)
+    target = torch.randint(0, num_classes, (BATCH,))
+    counts = long_tailed_counts(num_classes)
+    held = 2 * (features.numel() + weight.numel()) * 4  # inputs and their gradients
+    rows = []
+    for name, compute in _implementations(features, weight, target, counts, quick).items():
+
+        def step():
+            features.grad = weight.grad = None
+            compute().backward()
+
+        median_ms, _ = measure(step, warmup=1, repeats=1 if num_classes >= 100_000 else 3)
+        features.grad = weight.grad = None
+        extra = peak_extra_bytes(step, keep_bytes=(features.numel() + weight.numel()) * 4)
+        features.grad = weight.grad = None
+        rows.append(dict(C=num_classes, impl=name, ms=median_ms, peak_extra_mb=extra / 2**20,
+                         total_mb=(held + extra) / 2**20))
+    return rows
+
+
+def _largest_class_count(rows):
+    """Per implementation: the largest C whose total bytes (linear in C, fitted over the measured C) fit in 8 GiB."""
+    by_impl = {}
+    for row in rows:
+        by_impl.setdefault(row["impl"], []).append((row["C"], row["total_mb"] * 2**20))
+    for row in rows:
+        points = sorted(by_impl[row["impl"]])
+        (c0, bytes0), (c1, bytes1) = points[0], points[-1]
+        per_class = (bytes1 - bytes0) / (c1 - c0) if c1 > c0 else bytes1 / c1
+        fixed = bytes1 - per_class * c1
+        row["bytes_per_class"] = per_class
+        row["max_C_in_8GiB"] = int((BUDGET_BYTES - fixed) / per_class)
+    return rows
+
+
+def run(quick: bool = False, class_counts=None) -> list[dict]:
+    """One row per (C, implementation); the fused row's ``speedup_vs_b`` and memory ratios compare it with (a), (b)."""
+    torch.manual_seed(0)
+    sizes = class_counts or (QUICK_CLASS_COUNTS if quick else CLASS_COUNTS)
+    rows = []
+    with fastlt.ops.use_backend("auto"):
+        for num_classes in progress(sizes, "fastlt bench fused-head"):
+            block = _rows_for(num_classes, quick)
+            fused, fused_loss, eager = block[0], block[1], block[2]
+            fused["time_vs_b"] = fused["ms"] / fused_loss["ms"]
+            fused["memory_b_over_fused"] = fused_loss["peak_extra_mb"] / max(fused["peak_extra_mb"], 1e-9)
+            fused["memory_a_over_fused"] = eager["peak_extra_mb"] / max(fused["peak_extra_mb"], 1e-9)
+            rows += block
+    return _largest_class_count(rows) if len(sizes) > 1 else rows
+
+
+if __name__ == "__main__":
+    from fastlt.bench.timing import format_table
+
+    print(format_table(run()))
