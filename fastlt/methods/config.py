@@ -33,7 +33,7 @@ KNOWN_KEYS = {
     "method": {"name", "scale", "max_margin", "diversity_factor", "temperature_factor", "base_temperature",
                "drw_beta", "drw_epoch", "tau", "taus", "tau_min", "tau_max", "teacher", "teacher_train_mode",
                "distill_temperature", "distill_factor", "distill_scale_by_experts", "cutoffs", "num_branches",
-               "beta", "label_smoothing"},
+               "beta", "label_smoothing", "fused_head", "chunk_size"},
     "stage2": {"name", "epochs", "batch_size", "lr", "weight_decay", "sampler", "samples_per_class", "freeze_bn",
                "tau", "taus", "select_on", "feature_transform", "distance", "top_k", "pos_weight", "threshold",
                "adapt_on", "init"},
