@@ -92,3 +92,17 @@ def test_a_recipe_that_is_not_yaml_names_the_file(tmp_path):
     recipe.write_text("- a list\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(str(recipe))
+
+
+def test_every_option_the_methods_read_is_a_known_key():
+    """A new option read in stage1.py (method section) or stage2.py (stage2 section) must be added to
+    config.KNOWN_KEYS, or check_config would refuse it as a misspelling."""
+    import re
+
+    from fastlt.methods import stage1, stage2
+    from fastlt.methods.config import KNOWN_KEYS
+
+    for module, variable, section in ((stage1, "config", "method"), (stage2, "options", "stage2")):
+        with open(module.__file__) as handle:
+            read = set(re.findall(rf'\b{variable}(?:\.get\(|\[)"([a-z_]+)"', handle.read()))
+        assert read and read <= KNOWN_KEYS[section], sorted(read - KNOWN_KEYS[section])
