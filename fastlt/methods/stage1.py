@@ -23,6 +23,7 @@ from torch import nn
 
 import fastlt
 from fastlt.engine import load_checkpoint
+from fastlt.engine.trainer import recover_interrupted_run
 from fastlt.methods.balpoe import BalPoELoss, limits_taus
 from fastlt.methods.builders import build_model, selected_checkpoint
 from fastlt.methods.config import read_recipe
@@ -148,6 +149,7 @@ def load_teacher(path: str, *, num_classes: int, device=None, train_mode: bool =
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"ride: teacher {path!r} is not a fastlt run folder or a checkpoint in one "
                                 f"(no {config_path}); train the teacher recipe first")
+    recover_interrupted_run(folder)  # a teacher run killed between its last.pt and best.pt: the committed best
     checkpoint = selected_checkpoint(path) if os.path.isdir(path) else path
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"ride: teacher checkpoint {checkpoint!r} not found")
