@@ -66,10 +66,13 @@ def _view_of_common_base(experts):
     return base.as_strided((len(experts), *first.shape), (step, *first.stride()), first.storage_offset())
 
 
-def _counts_buffer(class_counts) -> torch.Tensor:
+def _counts_buffer(class_counts, *, allow_zero: bool = False) -> torch.Tensor:
     """Class counts as fp64 (exact for any count; the ops derive their [C] tables in fp64)."""
     counts = torch.as_tensor(class_counts, dtype=torch.float64)
-    _lt_constants.check_class_counts("fastlt.losses", counts, counts.numel())
+    if not allow_zero:
+        _lt_constants.check_class_counts("fastlt.losses", counts, counts.numel())
+    elif not bool((torch.isfinite(counts) & (counts >= 0)).all()):
+        raise ValueError(f"fastlt.losses: class_counts must be finite and >= 0, got {counts.tolist()}")
     return counts
 
 
@@ -191,8 +194,9 @@ class ResLTLoss(nn.Module):
                  log_eps: float = OFFICIAL_LOG_EPS):
         super().__init__()
         groups = torch.as_tensor(groups)
-        if groups.dtype != torch.bool:
-            groups = ops.reslt_groups(_counts_buffer(groups), cutoffs=cutoffs, num_branches=num_branches)
+        if groups.dtype != torch.bool:  # class counts; a class without samples belongs to the tail groups
+            groups = ops.reslt_groups(_counts_buffer(groups, allow_zero=True), cutoffs=cutoffs,
+                                      num_branches=num_branches)
         self.register_buffer("group_masks", groups, persistent=False)
         _checks.number("fastlt.ResLTLoss", "beta", beta, low=0.0, high=1.0)
         _checks.number("fastlt.ResLTLoss", "log_eps", log_eps, low=0.0)
@@ -209,19 +213,24 @@ class ResLTLoss(nn.Module):
 
 class PriorShiftedCE(nn.Module):
     """Sum over experts of ``CE(z_k + tau_k * log(pi), y)`` (Balanced Softmax: one expert, tau = 1),
-    :func:`fastlt.ops.prior_shifted_ce`. ``taus`` has one value per expert.
+    :func:`fastlt.ops.prior_shifted_ce`. ``taus`` has one value per expert, or is one number for every expert.
+    Single-head ``[B, C]`` logits, ``[B, C]`` probability targets (Mixup) and ``label_smoothing`` are taken as the
+    op takes them.
 
-    >>> criterion = fastlt.PriorShiftedCE(torch.linspace(500, 5, 100).floor(), taus=[1.0])
-    >>> loss = criterion(torch.randn(1, 8, 100), torch.randint(0, 100, (8,)))
+    >>> criterion = fastlt.PriorShiftedCE(torch.linspace(500, 5, 100).floor(), taus=1.0)
+    >>> loss = criterion(torch.randn(8, 100), torch.randint(0, 100, (8,)))
     """
 
-    def __init__(self, class_counts, taus: Sequence[float]):
+    def __init__(self, class_counts, taus: Union[float, Sequence[float]], *, label_smoothing: float = 0.0):
         super().__init__()
         self.register_buffer("class_counts", _counts_buffer(class_counts), persistent=False)
-        self.taus = [float(tau) for tau in taus]
+        self.taus = float(taus) if isinstance(taus, (int, float)) else [float(tau) for tau in taus]
+        self.label_smoothing = _checks.number("fastlt.PriorShiftedCE", "label_smoothing", label_smoothing,
+                                              low=0.0, high=1.0)
 
     def forward(self, expert_logits: ExpertLogits, target: torch.Tensor) -> torch.Tensor:
-        return ops.prior_shifted_ce(stack_experts(expert_logits), target, self.class_counts, taus=self.taus)
+        return ops.prior_shifted_ce(stack_experts(expert_logits), target, self.class_counts, taus=self.taus,
+                                    label_smoothing=self.label_smoothing)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.class_counts.numel()}, taus={self.taus}"
+        return f"num_classes={self.class_counts.numel()}, taus={self.taus}, label_smoothing={self.label_smoothing}"

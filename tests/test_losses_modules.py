@@ -219,3 +219,12 @@ def test_ride_distill_loss_refuses_bad_input():
         criterion(torch.randn(2, 3, 2), torch.tensor([0, 1, 0]), torch.randn(3, 5))
     with pytest.raises(ValueError, match="temperature must be a finite number in \\(0, inf\\)"):
         fastlt.RIDEDistillLoss(fastlt.RIDELoss(torch.tensor([5.0, 2])), temperature=0)
+
+
+def test_prior_shifted_ce_module_takes_one_tau_a_single_head_and_label_smoothing():
+    logits, target = _logits(num_experts=1), _target()
+    criterion = fastlt.PriorShiftedCE(COUNTS.tolist(), taus=1.0, label_smoothing=0.1)
+    expected = fastlt.ops.prior_shifted_ce(logits, target, COUNTS, taus=[1.0], label_smoothing=0.1)
+    torch.testing.assert_close(criterion(logits[0], target.int()), expected)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fastlt.PriorShiftedCE(COUNTS, taus=1.0, label_smoothing=-0.1)

@@ -76,7 +76,31 @@ def labels(op: str, name: str, value, batch: int, num_classes: int) -> None:
         raise ValueError(f"{op}: {name} must be in [0, {num_classes}), got {bad}")
 
 
-def expert_loss_inputs(op: str, expert_logits, target, class_counts, max_experts: int = 64) -> None:
+def loss_conveniences(target, class_counts):
+    """What the loss ops accept beyond their kernels' types, converted: integer targets of any width (int32 from
+    numpy or a loader) become int64; class counts given as a list / tuple / array become an fp64 tensor."""
+    if isinstance(target, torch.Tensor) and target.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+        target = target.long()
+    if class_counts is not None and not isinstance(class_counts, torch.Tensor):
+        try:
+            class_counts = torch.as_tensor(class_counts, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            pass  # expert_loss_inputs names the argument
+    return target, class_counts
+
+
+def probability_targets(op: str, name: str, value, batch: int, num_classes: int) -> None:
+    """[B, C] floating targets, finite and >= 0 (class probabilities; the value check is skipped under compile)."""
+    tensor(op, name, value, dims=2, floating=True, nonempty=False)
+    if tuple(value.shape) != (batch, num_classes):
+        raise ValueError(f"{op}: {name} as probabilities must be [B, C]=[{batch}, {num_classes}], got "
+                         f"{tuple(value.shape)}")
+    if not torch.compiler.is_compiling() and not bool((torch.isfinite(value) & (value >= 0)).all()):
+        raise ValueError(f"{op}: {name} probabilities must be finite and >= 0")
+
+
+def expert_loss_inputs(op: str, expert_logits, target, class_counts, max_experts: int = 64,
+                       why_positive: str = "", soft_targets: bool = False) -> None:
     """The checks every per-expert loss shares: logits [E, B, C], int64 target [B] in range, positive counts [C]."""
     from fastlt.ops import _lt_constants
 
@@ -84,9 +108,12 @@ def expert_loss_inputs(op: str, expert_logits, target, class_counts, max_experts
     num_experts, batch, num_classes = expert_logits.shape
     if num_experts > max_experts:
         raise ValueError(f"{op}: expert_logits has {num_experts} experts; at most {max_experts} are supported")
-    labels(op, "target", target, batch, num_classes)
+    if soft_targets and isinstance(target, torch.Tensor) and target.is_floating_point():
+        probability_targets(op, "target", target, batch, num_classes)
+    else:
+        labels(op, "target", target, batch, num_classes)
     same_device(op, "target", target, expert_logits, "expert_logits")
-    _lt_constants.check_class_counts(op, class_counts, num_classes)
+    _lt_constants.check_class_counts(op, class_counts, num_classes, why_positive)
 
 
 # ---- the fused-loss ops' own checks (csrc/loss_checks.h for the C++ ops; these for the Triton ops called raw) ----

@@ -9,8 +9,9 @@ import torch
 OP = "fastlt.ops"
 
 
-def check_class_counts(op: str, class_counts: torch.Tensor, num_classes: int) -> None:
-    """ValueError unless ``class_counts`` is a [C] tensor of positive, finite counts."""
+def check_class_counts(op: str, class_counts: torch.Tensor, num_classes: int, why_positive: str = "") -> None:
+    """ValueError unless ``class_counts`` is a [C] tensor of positive, finite counts (``why_positive``: what a zero
+    count would break, for the message)."""
     if not isinstance(class_counts, torch.Tensor):
         raise TypeError(f"{op}: class_counts must be a torch.Tensor, got {type(class_counts).__name__}")
     if tuple(class_counts.shape) != (num_classes,):
@@ -20,7 +21,8 @@ def check_class_counts(op: str, class_counts: torch.Tensor, num_classes: int) ->
     counts = class_counts.double()
     if not bool(torch.isfinite(counts).all()) or bool((counts <= 0).any()):
         bad = counts[~(torch.isfinite(counts) & (counts > 0))][0].item()
-        raise ValueError(f"{op}: class_counts must be positive and finite, got {bad}")
+        reason = f" ({why_positive})" if why_positive and bad == 0 else ""
+        raise ValueError(f"{op}: class_counts must be positive and finite{reason}, got {bad}")
 
 
 def class_prior(class_counts: torch.Tensor) -> torch.Tensor:

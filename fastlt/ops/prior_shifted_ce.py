@@ -21,28 +21,39 @@ OP = "fastlt.prior_shifted_ce"
 MAX_EXPERTS = 64  # kMaxExperts in csrc/include/fastlt/common.h
 
 
-def prior_shifted_ce_reference(expert_logits, target, class_counts, *, taus):
+def prior_shifted_ce_reference(expert_logits, target, class_counts, *, taus, label_smoothing=0.0):
     """Eager PyTorch reference written from the formula; fp32 math for fp16/bf16 inputs."""
-    tau_table = _validate(expert_logits, target, class_counts, taus)
-    return _loss_formula(expert_logits, target, _lt_constants.prior_logit_shifts(class_counts, tau_table))
+    expert_logits, target, class_counts, tau_table = _prepare(expert_logits, target, class_counts, taus,
+                                                              label_smoothing)
+    shifts = _lt_constants.prior_logit_shifts(class_counts.to(expert_logits.device), tau_table)
+    return _loss_formula(expert_logits, target, shifts, label_smoothing)
 
 
-def _loss_formula(expert_logits, target, logit_shifts):
+def _loss_formula(expert_logits, target, logit_shifts, label_smoothing=0.0):
     """The loss from the fused op's arguments in eager PyTorch: the reference, and the fused ops' second-order path."""
     logits = expert_logits.to(_checks.accumulate_dtype(expert_logits.dtype))
     shifts = logit_shifts.to(logits)
-    return sum(F.cross_entropy(expert + shift, target) for expert, shift in zip(logits, shifts))
+    target = target.to(logits) if target.is_floating_point() else target
+    return sum(F.cross_entropy(expert + shift, target, label_smoothing=label_smoothing)
+               for expert, shift in zip(logits, shifts))
 
 
 def prior_shifted_ce(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: torch.Tensor, *,
-                     taus) -> torch.Tensor:
+                     taus, label_smoothing: float = 0.0) -> torch.Tensor:
     """Sum over experts of the cross-entropy of ``z_k + tau_k * log(pi)``, with its gradient in one pass.
 
     Args:
-        expert_logits: ``[E, B, C]`` logits, any strides; fp32/fp16/bf16 (accumulated in fp32) or fp64.
-        target: ``[B]`` int64 labels in ``[0, C)``.
-        class_counts: ``[C]`` positive training counts per class (pi = counts / counts.sum()).
-        taus: E finite numbers (a sequence or a 1-D tensor), one per expert.
+        expert_logits: ``[E, B, C]`` logits, any strides; fp32/fp16/bf16 (accumulated in fp32) or fp64. A single
+            head's ``[B, C]`` logits are read as E = 1.
+        target: ``[B]`` integer labels in ``[0, C)`` (int32 and narrower are widened to int64), or ``[B, C]``
+            class probabilities (soft targets: Mixup / CutMix), finite and >= 0, as ``F.cross_entropy`` takes them.
+        class_counts: ``[C]`` positive training counts per class (a tensor or a list; pi = counts / counts.sum()).
+            A class without training samples is refused: its shift log(pi) would be -inf.
+        taus: E finite numbers (a sequence or a 1-D tensor), one per expert, or one number for every expert.
+        label_smoothing: in [0, 1], as ``F.cross_entropy``'s (applied to each expert's shifted logits).
+
+    Soft targets and ``label_smoothing > 0`` run the eager formula (``F.cross_entropy`` per expert), not the fused
+    kernel, on every backend.
 
     Returns the scalar loss in the accumulation dtype (fp32 for fp16/bf16 inputs; the gradient keeps
     ``expert_logits.dtype``), differentiable in ``expert_logits``. A NaN logit makes the loss and the gradient of
@@ -51,10 +62,13 @@ def prior_shifted_ce(expert_logits: torch.Tensor, target: torch.Tensor, class_co
     >>> counts = torch.linspace(500, 5, 100).floor()
     >>> loss = fastlt.ops.prior_shifted_ce(torch.randn(1, 8, 100), torch.randint(0, 100, (8,)), counts, taus=[1.0])
     """
-    tau_table = _validate(expert_logits, target, class_counts, taus)
+    expert_logits, target, class_counts, tau_table = _prepare(expert_logits, target, class_counts, taus,
+                                                              label_smoothing)
     backend = _backend.resolve(expert_logits, OP)
-    if backend == "reference" or _fused_loss.use_reference(expert_logits):
-        return prior_shifted_ce_reference(expert_logits, target, class_counts, taus=tau_table)
+    eager_only = target.is_floating_point() or label_smoothing != 0
+    if backend == "reference" or eager_only or _fused_loss.use_reference(expert_logits):
+        return prior_shifted_ce_reference(expert_logits, target, class_counts, taus=tau_table,
+                                          label_smoothing=label_smoothing)
     shifts = _lt_constants.prior_logit_shifts(class_counts.to(expert_logits.device), tau_table)
     shifts = shifts.to(_checks.accumulate_dtype(expert_logits.dtype))
     compute_grad = expert_logits.requires_grad and torch.is_grad_enabled()
@@ -63,11 +77,24 @@ def prior_shifted_ce(expert_logits: torch.Tensor, target: torch.Tensor, class_co
     return loss
 
 
+def _prepare(expert_logits, target, class_counts, taus, label_smoothing):
+    """The arguments checked, in the kernels' form: (expert_logits [E, B, C], target, class_counts, taus [E])."""
+    target, class_counts = _checks.loss_conveniences(target, class_counts)
+    if isinstance(expert_logits, torch.Tensor) and expert_logits.dim() == 2:  # one head: E = 1
+        expert_logits = expert_logits.unsqueeze(0)
+    tau_table = _validate(expert_logits, target, class_counts, taus)
+    _checks.number(OP, "label_smoothing", label_smoothing, low=0.0, high=1.0)
+    return expert_logits, target, class_counts, tau_table
+
+
 def _validate(expert_logits, target, class_counts, taus) -> torch.Tensor:
     """Checks the arguments; returns the taus as an fp64 [E] tensor."""
-    _checks.expert_loss_inputs(OP, expert_logits, target, class_counts, MAX_EXPERTS)
+    _checks.expert_loss_inputs(OP, expert_logits, target, class_counts, MAX_EXPERTS, soft_targets=True,
+                               why_positive="the log prior of a class without training samples is -inf")
     num_experts = expert_logits.shape[0]
     tau_table = torch.as_tensor(taus, dtype=torch.float64)
+    if tau_table.dim() == 0:  # one tau for every expert
+        tau_table = tau_table.expand(num_experts)
     if tuple(tau_table.shape) != (num_experts,):
         raise ValueError(f"{OP}: taus must hold one value per expert ({num_experts}), got shape "
                          f"{tuple(tau_table.shape)}")

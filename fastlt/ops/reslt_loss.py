@@ -88,6 +88,7 @@ def _cutoff_groups(counts, cutoffs, num_branches):
 def reslt_loss_reference(branch_logits, target, group_masks, *, beta, log_eps=0.0):
     """Eager PyTorch reference written from the formulas (methods.md 6.4); fp32 math for fp16/bf16 inputs. With
     ``log_eps > 0`` it computes ``-log(softmax + log_eps)`` literally, as the official ResLT code does."""
+    target, _ = _checks.loss_conveniences(target, None)
     _validate(branch_logits, target, group_masks, beta, log_eps)
     return _loss_formula(branch_logits, target, group_masks, beta, log_eps)
 
@@ -117,7 +118,7 @@ def reslt_loss(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: t
     Args:
         branch_logits: ``[K, B, C]`` logits of the K branches (main first), any strides; fp32/fp16/bf16 (accumulated
             in fp32) or fp64.
-        target: ``[B]`` int64 labels in ``[0, C)``.
+        target: ``[B]`` integer labels in ``[0, C)`` (int32 and narrower are widened to int64).
         group_masks: ``[K, C]`` bool, ``group_masks[b, c]``: class c belongs to branch b's group
             (:func:`reslt_groups`); every row must select a class.
         beta: weight of the branch loss L_ice in [0, 1] (the paper's alpha; 0.995 on CIFAR-100-LT r = 100).
@@ -134,6 +135,7 @@ def reslt_loss(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: t
     >>> groups = fastlt.ops.reslt_groups(counts, cutoffs=[35, 70])
     >>> loss = fastlt.ops.reslt_loss(torch.randn(3, 8, 100), torch.randint(0, 100, (8,)), groups, beta=0.995)
     """
+    target, _ = _checks.loss_conveniences(target, None)
     _validate(branch_logits, target, group_masks, beta, log_eps)
     backend = _backend.resolve(branch_logits, OP)
     if backend == "reference" or _fused_loss.use_reference(branch_logits):

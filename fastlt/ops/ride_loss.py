@@ -40,6 +40,7 @@ def ride_tables(class_counts, *, scale, max_margin, temperature_factor, base_tem
 def ride_loss_reference(expert_logits, target, class_counts, *, scale=30.0, max_margin=0.5, diversity_factor=-0.45,
                         temperature_factor=0.05, base_temperature=1.0, drw=False, drw_beta=0.9999):
     """Eager PyTorch reference written from the formulas (methods.md 6.3); fp32 math for fp16/bf16 inputs."""
+    target, class_counts = _checks.loss_conveniences(target, class_counts)
     _validate(expert_logits, target, class_counts, scale=scale, max_margin=max_margin,
               diversity_factor=diversity_factor, temperature_factor=temperature_factor,
               base_temperature=base_temperature, drw_beta=drw_beta)
@@ -78,8 +79,9 @@ def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: t
     Args:
         expert_logits: ``[E, B, C]`` logits of E experts, already multiplied by ``scale`` (cosine classifier), any
             strides; fp32/fp16/bf16 (accumulated in fp32) or fp64.
-        target: ``[B]`` int64 labels in ``[0, C)``.
-        class_counts: ``[C]`` positive training counts per class.
+        target: ``[B]`` integer labels in ``[0, C)`` (int32 and narrower are widened to int64).
+        class_counts: ``[C]`` positive training counts per class (a tensor or a list). A class without training
+            samples is refused: its LDAM margin would be infinite.
         scale: LDAM's ``s``: the target logit loses ``scale * m_y``.
         max_margin: LDAM margin of the rarest class.
         diversity_factor: lambda of the diversity term (negative in RIDE: experts are pushed apart). ``0`` drops
@@ -96,6 +98,7 @@ def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: t
     >>> counts = torch.linspace(500, 5, 100).floor()
     >>> loss = fastlt.ops.ride_loss(logits, torch.randint(0, 100, (8,)), counts, drw=True)
     """
+    target, class_counts = _checks.loss_conveniences(target, class_counts)
     _validate(expert_logits, target, class_counts, scale=scale, max_margin=max_margin,
               diversity_factor=diversity_factor, temperature_factor=temperature_factor,
               base_temperature=base_temperature, drw_beta=drw_beta)
@@ -116,7 +119,8 @@ def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: t
 
 
 def _validate(expert_logits, target, class_counts, **hyperparameters):
-    _checks.expert_loss_inputs(OP, expert_logits, target, class_counts, MAX_EXPERTS)
+    _checks.expert_loss_inputs(OP, expert_logits, target, class_counts, MAX_EXPERTS,
+                               why_positive="LDAM's margin n^-1/4 of a class without training samples is infinite")
     validate_hyperparameters(**hyperparameters)
 
 

@@ -119,7 +119,7 @@ def test_nan_logit_makes_loss_and_its_row_nan():
         (lambda z, y, n, t: (z, y, -n, t), "positive"),
         (lambda z, y, n, t: (z, y, n, t[:1]), "one value per expert"),
         (lambda z, y, n, t: (z, y, n, [float("inf"), 1.0]), "finite"),
-        (lambda z, y, n, t: (z[0], y, n, t), "expert_logits must have 3 dims"),
+        (lambda z, y, n, t: (z[0, 0], y, n, t), "expert_logits must have 3 dims"),
     ],
 )
 def test_bad_inputs_raise_value_errors_naming_the_argument(change, message):
@@ -167,3 +167,55 @@ def test_torch_compile_fullgraph_matches_eager():
         (grad,) = torch.autograd.grad(loss, logits)
     assert_close(loss.detach(), expected[0])
     assert_close(grad, expected[1])
+
+
+# ---- conveniences: single head, int32 targets, a list of counts, one tau, soft targets, label smoothing ----
+
+BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton", "reference"]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_single_head_int32_targets_list_counts_and_one_tau(name):
+    logits, target, counts, _ = _inputs((1, 5, 9))
+    expected_loss, expected_grad = _loss_and_grad(prior_shifted_ce_reference, logits, target, counts, [0.7])
+    head = logits.detach()[0].requires_grad_(True)
+    with backend(name):
+        loss = prior_shifted_ce(head, target.int(), counts.tolist(), taus=0.7)
+        (grad,) = torch.autograd.grad(loss, head)
+        two_experts = prior_shifted_ce(logits.detach().expand(2, 5, 9), target, counts, taus=0.7)
+    assert_close(loss.detach(), expected_loss)
+    assert_close(grad, expected_grad[0])
+    assert_close(two_experts, 2 * expected_loss)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_soft_targets_and_label_smoothing_match_cross_entropy(name):
+    logits, target, counts, taus = _inputs((2, 4, 6), torch.float64)
+    shifts = [tau * (counts.double() / counts.sum()).log() for tau in taus]
+    probabilities = torch.softmax(torch.randn(4, 6, dtype=torch.float64), 1)
+    with backend(name):
+        soft = prior_shifted_ce(logits, probabilities, counts, taus=taus)
+        smoothed = prior_shifted_ce(logits, target, counts, taus=taus, label_smoothing=0.1)
+    torch.testing.assert_close(soft, sum(F.cross_entropy(z + s, probabilities) for z, s in zip(logits, shifts)))
+    torch.testing.assert_close(smoothed, sum(F.cross_entropy(z + s, target, label_smoothing=0.1)
+                                             for z, s in zip(logits, shifts)))
+    onehot = F.one_hot(target, 6).double()
+    torch.testing.assert_close(prior_shifted_ce(logits, onehot, counts, taus=taus),
+                               prior_shifted_ce(logits, target, counts, taus=taus))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(target=lambda t: torch.rand(4, 5)), "must be \\[B, C\\]"),
+        (dict(target=lambda t: -torch.rand(4, 6)), "finite and >= 0"),
+        (dict(label_smoothing=1.5), "label_smoothing"),
+        (dict(counts=lambda n: torch.cat([n[:-1], torch.zeros(1)])), "log prior of a class without training"),
+    ],
+)
+def test_conveniences_refuse_what_is_ill_defined(change, message):
+    logits, target, counts, taus = _inputs((2, 4, 6))
+    target = change.get("target", lambda t: t)(target)
+    counts = change.get("counts", lambda n: n)(counts)
+    with pytest.raises(ValueError, match=message):
+        prior_shifted_ce(logits, target, counts, taus=taus, label_smoothing=change.get("label_smoothing", 0.0))

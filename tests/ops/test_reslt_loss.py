@@ -304,3 +304,19 @@ def test_torch_compile_fullgraph_matches_eager():
         (grad,) = torch.autograd.grad(loss, logits)
     assert_close(loss.detach(), expected[0])
     assert_close(grad, expected[1])
+
+
+@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "triton", "reference"])
+def test_int32_targets_are_accepted(name):
+    logits, target, groups = _inputs((3, 4, 10))
+    with backend(name):
+        loss = reslt_loss(logits, target.int(), groups, beta=0.9)
+    assert_close(loss, reslt_loss_reference(logits, target, groups, beta=0.9))
+
+
+def test_module_groups_from_counts_with_an_empty_class():
+    counts = torch.tensor([500.0, 300, 120, 60, 30, 10, 0])
+    criterion = fastlt.ResLTLoss(counts, beta=0.9)
+    assert criterion.group_masks[:, -1].all()  # no sample: a tail class, in every group
+    with pytest.raises(ValueError, match="class_counts"):
+        fastlt.ResLTLoss(torch.tensor([5.0, -1.0, 3.0]), beta=0.9)

@@ -116,7 +116,7 @@ def test_nan_logit_makes_loss_and_its_row_nan():
     [
         (lambda z, y, n: (z, y + 100, n), "target must be in"),
         (lambda z, y, n: (z, y[:-1], n), "target must be"),
-        (lambda z, y, n: (z, y.int(), n), "int64"),
+        (lambda z, y, n: (z, y.float(), n), "int64"),
         (lambda z, y, n: (z, y, n[:-1]), "class_counts must be"),
         (lambda z, y, n: (z, y, n - n), "positive"),
         (lambda z, y, n: (z, y, -n), "positive"),
@@ -214,3 +214,13 @@ def test_torch_compile_fullgraph_matches_eager():
         (grad,) = torch.autograd.grad(loss, logits)
     assert_close(loss.detach(), expected[0])
     assert_close(grad, expected[1])
+
+
+@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "triton", "reference"])
+def test_int32_targets_and_a_list_of_counts_are_accepted(name):
+    logits, target, counts = _inputs((2, 3, 10))
+    expected = ride_loss_reference(logits, target, counts, drw=True)
+    with backend(name):
+        assert_close(ride_loss(logits, target.int(), counts.tolist(), drw=True), expected)
+        with pytest.raises(ValueError, match="LDAM's margin n\\^-1/4 of a class without training samples"):
+            ride_loss(logits, target, [0.0] + counts.tolist()[1:])
