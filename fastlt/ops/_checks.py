@@ -63,6 +63,9 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def labels(op: str, name: str, value, batch: int, num_classes: int) -> None:
     """[B] int64 labels in [0, num_classes) (the range check is skipped while torch.compile traces)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 2:
+        raise ValueError(f"{op}: {name} must be [B] int64 labels; this loss takes no probability (soft) targets, got "
+                         f"shape {tuple(value.shape)}")
     tensor(op, name, value, dims=1, nonempty=False)
     if value.dtype != torch.int64:
         raise ValueError(f"{op}: {name} must be int64, got {value.dtype}")

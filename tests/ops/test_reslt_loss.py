@@ -320,3 +320,11 @@ def test_module_groups_from_counts_with_an_empty_class():
     assert criterion.group_masks[:, -1].all()  # no sample: a tail class, in every group
     with pytest.raises(ValueError, match="class_counts"):
         fastlt.ResLTLoss(torch.tensor([5.0, -1.0, 3.0]), beta=0.9)
+
+
+def test_soft_targets_are_refused_clearly():
+    logits, target, groups = _inputs((3, 4, 10))
+    with pytest.raises(ValueError, match="takes no probability \\(soft\\) targets"):
+        reslt_loss(logits, torch.softmax(torch.randn(4, 10), 1), groups, beta=0.9)
+    with pytest.raises(ValueError, match="takes no probability \\(soft\\) targets"):
+        fastlt.RIDELoss(torch.arange(1.0, 11.0))(logits * 30, torch.softmax(torch.randn(4, 10), 1))
