@@ -9,9 +9,26 @@ BLOCK_D = 1024
 
 
 @triton.jit
+def _clamp_norm(norm, eps):
+    """max(norm, eps) that keeps a NaN norm (a row holding a NaN gives a NaN row, as the reference)."""
+    return tl.where(norm < eps, eps, norm)
+
+
+@triton.jit
 def _row_scale(sum_squares, tau, eps):
-    norm = tl.maximum(tl.sqrt(sum_squares), eps)
-    return tl.exp(-tau * tl.log(norm))
+    # norm ** -tau; pow(x, 0) = 1 for every x (NaN, inf) as in C and torch, where exp(-0 * log(inf)) would be NaN
+    power = tl.exp(-tau * tl.log(_clamp_norm(tl.sqrt(sum_squares), eps)))
+    return tl.where(tau == 0, 1.0, power)
+
+
+@triton.jit
+def _grad_weight_coefficient(sum_squares, grad_dot_weight, scale, tau, eps):
+    """c of dL/dw = s * g - c * w (fastlt/tau_normalize.h row_grad_weight_coefficient): NaN for a NaN row, 0 for
+    a constant scale (tau = 0 or the norm clamped to eps)."""
+    norm = tl.sqrt(sum_squares)
+    constant = (tau == 0) | (norm < eps)
+    coefficient = tau * scale * grad_dot_weight / tl.where(constant, 1.0, sum_squares)
+    return tl.where(norm != norm, norm, tl.where(constant, 0.0, coefficient))
 
 
 @triton.jit
@@ -48,8 +65,7 @@ def _backward_kernel(grad_ptr, weight_ptr, out_ptr, params_ptr, D, BLOCK: tl.con
         dots += g * w
     sum_squares = tl.sum(squares, axis=0)
     scale = _row_scale(sum_squares, tau, eps)
-    clamped = tl.sqrt(sum_squares) <= eps
-    coefficient = tl.where(clamped, 0.0, tau * scale * tl.sum(dots, axis=0) / tl.where(clamped, 1.0, sum_squares))
+    coefficient = _grad_weight_coefficient(sum_squares, tl.sum(dots, axis=0), scale, tau, eps)
     for start in range(0, D, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         mask = offsets < D

@@ -113,7 +113,6 @@ at::Tensor expert_aggregate(const at::Tensor& logits, c10::string_view reduce,
   const int64_t E = logits.size(0), B = logits.size(1), C = logits.size(2);
   const int64_t sE = logits.stride(0), sB = logits.stride(1), sC = logits.stride(2);
   at::Tensor out = at::empty({B, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fastlt_expert_aggregate_cpu", [&] {
     using A = acc_t<scalar_t>;
@@ -151,8 +150,7 @@ std::tuple<at::Tensor, at::Tensor> expert_aggregate_backward(const at::Tensor& g
   const int reduce_kind = parse_reduce(reduce);
   auto [weight_table, active_table] = expert_aggregate_tables(logits, weights, active);
   const int64_t E = logits.size(0), B = logits.size(1), C = logits.size(2);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == C,
-              "fastlt.expert_aggregate_backward: grad must be [B, C]");
+  check_expert_aggregate_grad(grad, logits);
   const at::Tensor g = grad.to(logits.scalar_type()).contiguous();
   at::Tensor grad_logits = at::empty({E, B, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   const bool want_weights = weights_requires_grad && weights.has_value();

@@ -14,12 +14,6 @@ namespace fastlt {
 namespace cpu {
 namespace {
 
-void check_weight(const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [C, D], got ", weight.dim(), " dims");
-  TORCH_CHECK(is_float_dtype(weight), op, ": weight must be floating point, got ", weight.scalar_type());
-  TORCH_CHECK(weight.device().is_cpu(), op, " (CPU kernel): weight must be a CPU tensor");
-}
-
 // out = w * max(||w||, eps) ** -tau for one row of D values.
 template <typename T, typename A>
 FASTLT_ALWAYS_INLINE void normalize_row_impl(const T* w, T* out, int64_t D, A tau, A eps) {
@@ -72,12 +66,11 @@ FASTLT_PER_ISA void normalize_row_backward(const double* w, const double* g, dou
 }  // namespace
 
 at::Tensor tau_normalize(const at::Tensor& weight_in, double tau, double eps) {
-  check_weight(weight_in, "fastlt.tau_normalize");
-  check_tau(tau, "fastlt.tau_normalize");
+  check_tau_normalize_inputs(weight_in, tau, eps, "fastlt.tau_normalize");
+  TORCH_CHECK(weight_in.device().is_cpu(), "fastlt.tau_normalize (CPU kernel): weight must be a CPU tensor");
   const at::Tensor weight = weight_in.contiguous();
   at::Tensor out = at::empty_like(weight);
   const int64_t C = weight.size(0), D = weight.size(1);
-  if (weight.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fastlt_tau_normalize_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* w = weight.data_ptr<scalar_t>();
@@ -91,13 +84,12 @@ at::Tensor tau_normalize(const at::Tensor& weight_in, double tau, double eps) {
 }
 
 at::Tensor tau_normalize_backward(const at::Tensor& grad_in, const at::Tensor& weight_in, double tau, double eps) {
-  check_weight(weight_in, "fastlt.tau_normalize_backward");
-  TORCH_CHECK(grad_in.sizes() == weight_in.sizes(), "fastlt.tau_normalize_backward: grad must match weight's shape");
+  check_tau_normalize_backward_inputs(grad_in, weight_in, tau, eps);
+  TORCH_CHECK(weight_in.device().is_cpu(), "fastlt.tau_normalize_backward (CPU kernel): weight must be a CPU tensor");
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor grad = grad_in.to(weight.scalar_type()).contiguous();
   at::Tensor out = at::empty_like(weight);
   const int64_t C = weight.size(0), D = weight.size(1);
-  if (weight.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fastlt_tau_normalize_bwd", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* w = weight.data_ptr<scalar_t>();

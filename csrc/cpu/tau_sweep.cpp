@@ -83,26 +83,16 @@ FASTLT_PER_ISA int64_t row_argmax(const double* raw, const double* scales, const
 
 at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& taus,
                      const std::optional<at::Tensor>& bias, double eps) {
-  TORCH_CHECK(features.dim() == 2, "fastlt.tau_sweep: features must be [N, D], got ", features.dim(), " dims");
-  TORCH_CHECK(weight.dim() == 2, "fastlt.tau_sweep: weight must be [C, D], got ", weight.dim(), " dims");
-  TORCH_CHECK(features.size(1) == weight.size(1), "fastlt.tau_sweep: features [N, D] and weight [C, D] disagree on D (",
-              features.size(1), " vs ", weight.size(1), ")");
-  TORCH_CHECK(is_float_dtype(features) && is_float_dtype(weight), "fastlt.tau_sweep: features and weight must be floating point");
-  TORCH_CHECK(taus.dim() == 1 && is_float_dtype(taus), "fastlt.tau_sweep: taus must be a 1-D floating tensor");
-  TORCH_CHECK(features.device().is_cpu() && weight.device().is_cpu(), "fastlt.tau_sweep (CPU kernel): CPU tensors expected");
-  TORCH_CHECK(weight.size(0) >= 1, "fastlt.tau_sweep: weight must have at least one class");
+  check_tau_sweep_inputs(features, weight, taus, bias, eps);
+  TORCH_CHECK(features.device().is_cpu(), "fastlt.tau_sweep (CPU kernel): features must be a CPU tensor");
   const int64_t N = features.size(0), C = weight.size(0), K = taus.size(0);
   const at::ScalarType acc = (features.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble)
                                  ? at::kDouble : at::kFloat;
   const at::Tensor w = weight.to(acc);
   const at::Tensor tau_values = taus.to(at::kCPU, acc).contiguous();
   at::Tensor bias_values;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, "fastlt.tau_sweep: bias must be [C] = [", C, "]");
-    bias_values = bias->to(acc).contiguous();
-  }
+  if (bias.has_value()) bias_values = bias->to(acc).contiguous();
   at::Tensor predictions = at::empty({K, N}, features.options().dtype(at::kLong));
-  if (N == 0 || K == 0) return predictions;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "fastlt_tau_sweep_cpu", [&] {
     using A = scalar_t;
@@ -112,10 +102,8 @@ at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const
     const A* ss = sum_squares.data_ptr<A>();
     const A* tv = tau_values.data_ptr<A>();
     A* sc = scales.data_ptr<A>();
-    for (int64_t k = 0; k < K; ++k) {
-      check_tau(static_cast<double>(tv[k]), "fastlt.tau_sweep");
+    for (int64_t k = 0; k < K; ++k)
       for (int64_t j = 0; j < C; ++j) sc[k * C + j] = tau_normalize::row_scale<A>(ss[j], tv[k], static_cast<A>(eps));
-    }
     const A* bp = bias_values.defined() ? bias_values.data_ptr<A>() : nullptr;
     int64_t* out = predictions.data_ptr<int64_t>();
     const at::Tensor weight_t = w.t();

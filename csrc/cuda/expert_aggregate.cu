@@ -63,7 +63,6 @@ at::Tensor expert_aggregate(const at::Tensor& logits, c10::string_view reduce,
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t E = logits.size(0), B = logits.size(1), C = logits.size(2);
   at::Tensor out = at::empty({B, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fastlt_expert_aggregate_cuda", [&] {
     using A = acc_t<scalar_t>;
     aggregate_forward<scalar_t, A><<<B, kThreads, 0, current_stream()>>>(
@@ -84,6 +83,7 @@ std::tuple<at::Tensor, at::Tensor> expert_aggregate_backward(const at::Tensor& g
   check_cuda(grad, "fastlt.expert_aggregate_backward", "grad");
   const int reduce_kind = parse_reduce(reduce);
   auto [weight_table, active_table] = expert_aggregate_tables(logits, weights, active);
+  check_expert_aggregate_grad(grad, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t E = logits.size(0), B = logits.size(1), C = logits.size(2);
   const at::Tensor g = grad.to(logits.scalar_type()).contiguous();

@@ -39,21 +39,14 @@ __global__ void normalize_rows_backward(const T* grad, const T* weight, int64_t 
     out[blockIdx.x * D + d] = static_cast<T>(scale * static_cast<A>(g_row[d]) - coefficient * static_cast<A>(w_row[d]));
 }
 
-void check_weight(const at::Tensor& weight, const char* op) {
-  check_cuda(weight, op, "weight");
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [C, D], got ", weight.dim(), " dims");
-  TORCH_CHECK(is_float_dtype(weight), op, ": weight must be floating point, got ", weight.scalar_type());
-}
-
 }  // namespace
 
 at::Tensor tau_normalize(const at::Tensor& weight_in, double tau, double eps) {
-  check_weight(weight_in, "fastlt.tau_normalize");
-  check_tau(tau, "fastlt.tau_normalize");
+  check_cuda(weight_in, "fastlt.tau_normalize", "weight");
+  check_tau_normalize_inputs(weight_in, tau, eps, "fastlt.tau_normalize");
   const c10::cuda::CUDAGuard guard(weight_in.device());
   const at::Tensor weight = weight_in.contiguous();
   at::Tensor out = at::empty_like(weight);
-  if (weight.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fastlt_tau_normalize_cuda", [&] {
     using A = acc_t<scalar_t>;
     normalize_rows<scalar_t, A><<<weight.size(0), kThreads, 0, current_stream()>>>(
@@ -64,14 +57,13 @@ at::Tensor tau_normalize(const at::Tensor& weight_in, double tau, double eps) {
 }
 
 at::Tensor tau_normalize_backward(const at::Tensor& grad_in, const at::Tensor& weight_in, double tau, double eps) {
-  check_weight(weight_in, "fastlt.tau_normalize_backward");
+  check_cuda(weight_in, "fastlt.tau_normalize_backward", "weight");
   check_cuda(grad_in, "fastlt.tau_normalize_backward", "grad");
-  TORCH_CHECK(grad_in.sizes() == weight_in.sizes(), "fastlt.tau_normalize_backward: grad must match weight's shape");
+  check_tau_normalize_backward_inputs(grad_in, weight_in, tau, eps);
   const c10::cuda::CUDAGuard guard(weight_in.device());
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor grad = grad_in.to(weight.scalar_type()).contiguous();
   at::Tensor out = at::empty_like(weight);
-  if (weight.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fastlt_tau_normalize_bwd_cuda", [&] {
     using A = acc_t<scalar_t>;
     normalize_rows_backward<scalar_t, A><<<weight.size(0), kThreads, 0, current_stream()>>>(

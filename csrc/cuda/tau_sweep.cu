@@ -54,25 +54,16 @@ __global__ void sweep_rows(const A* raw, const A* scales, const A* bias, int64_t
 at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& taus,
                      const std::optional<at::Tensor>& bias, double eps) {
   check_cuda(features, "fastlt.tau_sweep", "features");
-  check_cuda(weight, "fastlt.tau_sweep", "weight");
-  TORCH_CHECK(features.dim() == 2 && weight.dim() == 2 && features.size(1) == weight.size(1),
-              "fastlt.tau_sweep: features [N, D] and weight [C, D] expected with the same D");
-  TORCH_CHECK(taus.dim() == 1, "fastlt.tau_sweep: taus must be 1-D");
-  TORCH_CHECK(weight.size(0) >= 1, "fastlt.tau_sweep: weight must have at least one class");
+  check_tau_sweep_inputs(features, weight, taus, bias, eps);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t N = features.size(0), C = weight.size(0), K = taus.size(0);
   const at::ScalarType acc = (features.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble)
                                  ? at::kDouble : at::kFloat;
   const at::Tensor w = weight.to(acc);
   const at::Tensor tau_values = taus.to(features.device(), acc).contiguous();
-  TORCH_CHECK(K == 0 || tau_values.min().item<double>() >= 0.0, "fastlt.tau_sweep: every tau must be >= 0");
   at::Tensor bias_values;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, "fastlt.tau_sweep: bias must be [C] = [", C, "]");
-    bias_values = bias->to(features.device(), acc).contiguous();
-  }
+  if (bias.has_value()) bias_values = bias->to(acc).contiguous();
   at::Tensor predictions = at::empty({K, N}, features.options().dtype(at::kLong));
-  if (N == 0 || K == 0) return predictions;
   AT_DISPATCH_FLOATING_TYPES(acc, "fastlt_tau_sweep_cuda", [&] {
     using A = scalar_t;
     const at::Tensor sum_squares = w.mul(w).sum(1).contiguous();

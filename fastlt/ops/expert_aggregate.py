@@ -77,6 +77,8 @@ def expert_aggregate(
 
 
 def _validate(logits, reduce, weights, active):
+    """The one argument check of every backend (the wrapper, the reference and the Triton op call it; the C++ op
+    runs the same checks, csrc/ops_common.h expert_aggregate_tables). Active rows are checked apart: a data read."""
     _checks.tensor(OP, "logits", logits, dims=3, floating=True)
     if reduce not in REDUCTIONS:
         raise ValueError(f"{OP}: reduce must be one of {REDUCTIONS}, got {reduce!r}")
@@ -125,10 +127,25 @@ def _setup_context(ctx, inputs, output):
     ctx.reduce = reduce
 
 
+def _differentiable_backward(grad, logits, reduce, weights, active, want_logits, want_weights):
+    """The gradients through the reference, themselves differentiable (create_graph=True: gradient penalties,
+    second-order methods); the kernels' backward is not."""
+    wanted = [tensor for tensor, want in ((logits, want_logits), (weights, want_weights)) if want]
+    with torch.enable_grad():
+        out = expert_aggregate_reference(logits, reduce=reduce, weights=weights, active=active)
+        grads = list(torch.autograd.grad(out, wanted, grad, create_graph=True))
+    return (grads.pop(0) if want_logits else None), (grads.pop(0) if want_weights else None)
+
+
 def _make_backward(backward_op):
     def backward(ctx, grad):
         logits, weights, active = ctx.saved_tensors
         want_weights = weights is not None and ctx.needs_input_grad[2]
+        if torch.is_grad_enabled():  # the backward is being recorded (create_graph=True)
+            grad_logits, grad_weights = _differentiable_backward(
+                grad, logits, ctx.reduce, weights, active, ctx.needs_input_grad[0], want_weights
+            )
+            return grad_logits, None, grad_weights, None
         grad_logits, grad_weights = backward_op(grad, logits, ctx.reduce, weights, active, want_weights)
         return grad_logits, None, (grad_weights if want_weights else None), None
 
@@ -151,6 +168,7 @@ def _expert_aggregate_triton(
 ) -> torch.Tensor:
     from fastlt.kernels import expert_aggregate as kernel
 
+    _validate(logits, reduce, weights, active)
     if active is not None:
         _check_active_rows(active)
     return kernel.forward(logits, reduce, weights, active)
@@ -167,6 +185,11 @@ def _expert_aggregate_triton_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from fastlt.kernels import expert_aggregate as kernel
 
+    _validate(logits, reduce, weights, active)
+    _checks.tensor(f"{OP}_backward", "grad", grad, floating=True)
+    if tuple(grad.shape) != tuple(logits.shape[1:]):
+        raise ValueError(f"{OP}_backward: grad must be [B, C]={list(logits.shape[1:])}, got {tuple(grad.shape)}")
+    _checks.same_device(f"{OP}_backward", "grad", grad, logits, "logits")
     return kernel.backward(grad, logits, reduce, weights, active, weights_requires_grad)
 
 

@@ -39,12 +39,27 @@ def tau_normalize(weight: torch.Tensor, tau: float, *, eps: float = 1e-12) -> to
 
 
 def _validate(weight, tau, eps):
+    """The one argument check of every backend (the wrapper, the reference and the Triton op call it; the C++ op
+    runs the same checks, csrc/ops_common.h check_tau_normalize_inputs). Returns (tau, eps) as floats."""
     _checks.tensor(OP, "weight", weight, dims=2, floating=True)
-    tau = _checks.nonnegative_number(OP, "tau", tau)
-    eps = _checks.nonnegative_number(OP, "eps", eps)
-    if eps == 0:
-        raise ValueError(f"{OP}: eps must be > 0")
-    return tau, eps
+    return _checks.nonnegative_number(OP, "tau", tau), check_eps(OP, eps)
+
+
+def check_eps(op: str, eps) -> float:
+    """The norm clamp max(||w||, eps) of tau_normalize and tau_sweep: a finite number > 0."""
+    value = _checks.nonnegative_number(op, "eps", eps)
+    if value == 0:
+        raise ValueError(f"{op}: eps must be a finite number > 0, got {value}")
+    return value
+
+
+def _differentiable_backward(grad, weight, tau, eps):
+    """d out / d weight . grad through the reference, itself differentiable (create_graph=True: gradient penalties,
+    second-order methods); the kernels' backward is not."""
+    with torch.enable_grad():
+        out = tau_normalize_reference(weight, tau, eps=eps)
+        (grad_weight,) = torch.autograd.grad(out, weight, grad, create_graph=True)
+    return grad_weight
 
 
 def _fake_forward(weight, tau, eps):
@@ -64,6 +79,8 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(backward_op):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # the backward is being recorded (create_graph=True)
+            return _differentiable_backward(grad, weight, ctx.tau, ctx.eps), None, None
         return backward_op(grad, weight, ctx.tau, ctx.eps), None, None
 
     return backward
@@ -81,6 +98,7 @@ if _extension.AVAILABLE:
 def _tau_normalize_triton(weight: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
     from fastlt.kernels import tau_normalize as kernel
 
+    tau, eps = _validate(weight, tau, eps)
     return kernel.forward(weight, tau, eps)
 
 
@@ -88,6 +106,13 @@ def _tau_normalize_triton(weight: torch.Tensor, tau: float, eps: float) -> torch
 def _tau_normalize_triton_backward(grad: torch.Tensor, weight: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
     from fastlt.kernels import tau_normalize as kernel
 
+    tau, eps = _validate(weight, tau, eps)
+    _checks.tensor(f"{OP}_backward", "grad", grad, floating=True)
+    if grad.shape != weight.shape:
+        raise ValueError(
+            f"{OP}_backward: grad must match weight's shape {tuple(weight.shape)}, got {tuple(grad.shape)}"
+        )
+    _checks.same_device(f"{OP}_backward", "grad", grad, weight, "weight")
     return kernel.backward(grad, weight, tau, eps)
 
 

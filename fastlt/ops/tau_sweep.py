@@ -14,7 +14,7 @@ import torch
 
 from fastlt import _extension
 from fastlt.ops import _backend, _checks
-from fastlt.ops.tau_normalize import tau_normalize_reference
+from fastlt.ops.tau_normalize import check_eps, tau_normalize_reference
 
 OP = "fastlt.tau_sweep"
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(21))  # Decoupling's grid 0.0, 0.1, ..., 2.0
@@ -22,7 +22,7 @@ DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(21))  # Decoupling's grid 
 
 def tau_sweep_reference(features, weight, taus, *, bias=None, eps=1e-12):
     """Eager reference: one tau-normalised matmul + argmax per tau (what Decoupling's tau_norm.py does)."""
-    taus = _validate(features, weight, taus, bias)
+    taus, eps = _validate(features, weight, taus, bias, eps)
     acc = _checks.accumulate_dtype(torch.promote_types(features.dtype, weight.dtype))
     predictions = []
     for tau in taus.tolist():
@@ -48,6 +48,7 @@ def tau_sweep(
         weight: ``[C, D]`` stage-1 classifier weight.
         taus: the taus to try (default Decoupling's grid 0.0..2.0 step 0.1); each >= 0.
         bias: optional ``[C]`` added after normalisation (Decoupling's tau-norm drops it: leave None).
+        eps: the norm clamp max(||w_j||, eps), a finite number > 0.
 
     >>> features, targets = torch.randn(50, 16), torch.randint(0, 10, (50,))   # a validation split's features
     >>> weight, taus = torch.randn(10, 16), torch.linspace(0, 2, 21)             # the stage-1 fc.weight
@@ -59,7 +60,7 @@ def tau_sweep(
     >>> len(rows), sorted(rows[0])
     (21, ['few', 'many', 'medium', 'overall', 'tau'])
     """
-    taus = _validate(features, weight, taus, bias)
+    taus, eps = _validate(features, weight, taus, bias, eps)
     backend = _backend.resolve(features, OP)
     if backend == "reference":
         return tau_sweep_reference(features, weight, taus, bias=bias, eps=eps)
@@ -87,7 +88,7 @@ def shot_accuracy_per_tau(predictions, targets, class_counts, taus=None):
         raise ValueError("shot_accuracy_per_tau: predictions [K, N] and targets [N] disagree on N")
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
         raise ValueError(f"shot_accuracy_per_tau: targets must lie in [0, {num_classes})")
-    taus = [None] * predictions.shape[0] if taus is None else [float(t) for t in torch.as_tensor(taus).tolist()]
+    taus = [None] * predictions.shape[0] if taus is None else _row_taus(taus, predictions.shape[0])
     correct = (predictions == targets).double()
     per_class_correct = torch.zeros(predictions.shape[0], num_classes, dtype=torch.float64, device=predictions.device)
     per_class_correct.index_add_(1, targets, correct)
@@ -113,7 +114,20 @@ def shot_accuracy_per_tau(predictions, targets, class_counts, taus=None):
     return rows
 
 
-def _validate(features, weight, taus, bias):
+def _row_taus(taus, num_rows):
+    """The taus of shot_accuracy_per_tau's rows as floats: one per row of predictions."""
+    values = torch.as_tensor(taus, dtype=torch.float64)
+    if values.dim() > 1 or values.numel() != num_rows:
+        raise ValueError(
+            f"shot_accuracy_per_tau: taus must hold one value per row of predictions ({num_rows}), got shape "
+            f"{tuple(values.shape)}"
+        )
+    return values.reshape(-1).tolist()
+
+
+def _validate(features, weight, taus, bias, eps):
+    """The one argument check of every backend (the wrapper, the reference and the Triton op call it; the C++ op
+    runs the same checks, csrc/ops_common.h check_tau_sweep_inputs). Returns (taus on the features' device, eps)."""
     _checks.tensor(OP, "features", features, dims=2, floating=True)
     _checks.tensor(OP, "weight", weight, dims=2, floating=True)
     _checks.same_device(OP, "weight", weight, features, "features")
@@ -131,7 +145,7 @@ def _validate(features, weight, taus, bias):
         _checks.same_device(OP, "bias", bias, features, "features")
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{OP}: bias must be [C]=[{weight.shape[0]}], got {tuple(bias.shape)}")
-    return taus
+    return taus, check_eps(OP, eps)
 
 
 def _fake(features, weight, taus, bias, eps):
@@ -148,6 +162,7 @@ def _tau_sweep_triton(
 ) -> torch.Tensor:
     from fastlt.kernels import tau_sweep as kernel
 
+    taus, eps = _validate(features, weight, taus, bias, eps)
     return kernel.forward(features, weight, taus, bias, eps)
 
 

@@ -38,6 +38,11 @@ int main() {
   CHECK_NEAR(tau_normalize::row_scale(25.0, 2.0, 1e-12), 0.04, 1e-15);
   CHECK_NEAR(tau_normalize::row_scale(0.0, 1.0, 1e-3), 1e3, 1e-12);  // clamped by eps
   CHECK(tau_normalize::row_grad_weight_coefficient(0.0, 1.0, 1.0, 1e-3) == 0.0);
+  // A row holding a NaN: NaN scale and gradient (not eps ** -tau); tau = 0 still leaves the row unchanged.
+  const double nan_norm = std::numeric_limits<double>::quiet_NaN();
+  CHECK(std::isnan(tau_normalize::row_scale(nan_norm, 1.0, 1e-12)));
+  CHECK(tau_normalize::row_scale(nan_norm, 0.0, 1e-12) == 1.0);
+  CHECK(std::isnan(tau_normalize::row_grad_weight_coefficient(nan_norm, 1.0, 0.0, 1e-12)));
   const double w[5] = {0.3, -1.2, 0.7, 2.0, -0.1}, g[5] = {1.0, 0.5, -2.0, 0.25, 3.0};
   for (double tau : {0.0, 0.3, 1.0, 1.7}) check_gradient(w, g, 5, tau);
 

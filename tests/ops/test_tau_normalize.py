@@ -113,11 +113,77 @@ def test_bad_input_names_the_argument(name):
                 tau_normalize(**kwargs)
 
 
-def test_cpp_kernel_refuses_negative_tau_directly():
-    if not fastlt._extension.AVAILABLE:
-        pytest.skip("extension not built")
-    with pytest.raises(RuntimeError, match="tau must be >= 0"):
-        torch.ops.fastlt.tau_normalize(torch.randn(3, 4), -1.0, 1e-12)
+RAW_OPS = [
+    pytest.param("tau_normalize", marks=pytest.mark.skipif(not fastlt._extension.AVAILABLE, reason="no extension")),
+    "tau_normalize_triton",
+]
+
+
+@pytest.mark.parametrize("op_name", RAW_OPS)
+def test_raw_op_refuses_what_the_wrapper_refuses(op_name):
+    forward = getattr(torch.ops.fastlt, op_name)
+    backward = getattr(torch.ops.fastlt, f"{op_name}_backward")
+    w = torch.randn(3, 4)
+    cases = [
+        ((torch.randn(2, 3, 4), 1.0, 1e-12), "weight"),
+        ((torch.ones(3, 4, dtype=torch.int32), 1.0, 1e-12), "weight"),
+        ((torch.randn(0, 4), 1.0, 1e-12), "weight"),
+        ((w, -1.0, 1e-12), "tau"),
+        ((w, float("nan"), 1e-12), "tau"),
+        ((w, float("inf"), 1e-12), "tau"),
+        ((w, 1.0, 0.0), "eps"),
+        ((w, 1.0, -1e-3), "eps"),
+        ((w, 1.0, float("nan")), "eps"),
+    ]
+    for args, needle in cases:
+        with pytest.raises(ValueError, match=needle):
+            forward(*args)
+        with pytest.raises(ValueError, match=needle):
+            backward(torch.ones_like(args[0], dtype=torch.float32), *args)
+    with pytest.raises(ValueError, match="grad"):
+        backward(torch.randn(4, 3), w, 1.0, 1e-12)
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS + ["reference"])
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_row_matches_reference(name, tau, bad):
+    """A NaN in a row gave eps ** -tau (1e12) times its other entries on the compiled backends; every backend must
+    give the reference's values and gradient (NaN row; an inf row: NaN at the inf, 0 elsewhere; tau = 0: unchanged)."""
+    weight = torch.randn(3, 5, dtype=torch.float64)
+    weight[1, 2] = bad
+    grad = torch.randn(3, 5, dtype=torch.float64)
+    ref = weight.clone().requires_grad_(True)
+    expected = tau_normalize_reference(ref, tau)
+    expected.backward(grad)
+    actual_weight = weight.clone().requires_grad_(True)
+    with backend(name):
+        actual = tau_normalize(actual_weight, tau)
+    actual.backward(grad)
+    torch.testing.assert_close(actual, expected, equal_nan=True)
+    torch.testing.assert_close(actual_weight.grad, ref.grad, equal_nan=True)
+    if bad != bad and tau > 0:
+        assert actual[1].isnan().all() and actual_weight.grad[1].isnan().all()
+    assert torch.isfinite(actual[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS + ["reference"])
+def test_double_backward_matches_reference(name):
+    """create_graph=True (gradient penalties): the compiled backends' backward was not differentiable."""
+    weight = torch.randn(4, 6, dtype=torch.float64)
+    features = torch.randn(5, 6, dtype=torch.float64)
+
+    def penalty(w, fn):
+        loss = (features @ fn(w, 0.7).t()).logsumexp(1).sum()
+        (grad,) = torch.autograd.grad(loss, w, create_graph=True)
+        return grad.pow(2).sum()
+
+    ref = weight.clone().requires_grad_(True)
+    penalty(ref, tau_normalize_reference).backward()
+    actual = weight.clone().requires_grad_(True)
+    with backend(name):
+        penalty(actual, tau_normalize).backward()
+    torch.testing.assert_close(actual.grad, ref.grad)
 
 
 @needs_cuda_build

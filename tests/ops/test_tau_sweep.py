@@ -116,6 +116,59 @@ def test_bad_input_names_the_argument(name):
                 tau_sweep(**kwargs)
 
 
+@pytest.mark.parametrize("name", COMPILED_BACKENDS + ["reference"])
+@pytest.mark.parametrize("eps", [0.0, -1e-3, float("nan"), float("inf")])
+def test_invalid_eps_is_refused_by_every_backend(name, eps):
+    """The compiled backends returned predictions for eps <= 0 / NaN (every tau > 0 picked the dead class)."""
+    weight = torch.randn(5, 3)
+    weight[2] = 0
+    with backend(name), pytest.raises(ValueError, match="eps"):
+        tau_sweep(torch.randn(4, 3), weight, [0.0, 1.0], eps=eps)
+
+
+RAW_OPS = [
+    pytest.param("tau_sweep", marks=pytest.mark.skipif(not fastlt._extension.AVAILABLE, reason="no extension")),
+    "tau_sweep_triton",
+]
+
+
+@pytest.mark.parametrize("op_name", RAW_OPS)
+def test_raw_op_refuses_what_the_wrapper_refuses(op_name):
+    op = getattr(torch.ops.fastlt, op_name)
+    f, w, taus = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0.0, 1.0])
+    cases = [
+        ((torch.randn(4), w, taus, None, 1e-12), "features"),
+        ((f, torch.randn(5, 4), taus, None, 1e-12), "disagree on D"),
+        ((f.long(), w, taus, None, 1e-12), "features"),
+        ((torch.randn(0, 3), w, taus, None, 1e-12), "features"),
+        ((f, torch.randn(0, 3), taus, None, 1e-12), "weight"),
+        ((f, w, torch.tensor([0.5, -1.0]), None, 1e-12), "tau"),
+        ((f, w, torch.tensor([0.5, float("nan")]), None, 1e-12), "tau"),
+        ((f, w, torch.tensor([float("inf")]), None, 1e-12), "tau"),
+        ((f, w, torch.zeros(2, 2), None, 1e-12), "taus"),
+        ((f, w, torch.zeros(0), None, 1e-12), "taus"),
+        ((f, w, torch.tensor([0, 1]), None, 1e-12), "taus"),
+        ((f, w, taus, torch.randn(4), 1e-12), "bias"),
+        ((f, w, taus, torch.randn(5, 1), 1e-12), "bias"),
+        ((f, w, taus, None, 0.0), "eps"),
+        ((f, w, taus, None, float("nan")), "eps"),
+    ]
+    for args, needle in cases:
+        with pytest.raises(ValueError, match=needle):
+            op(*args)
+        with backend("reference"), pytest.raises(ValueError, match=needle):
+            tau_sweep(*args[:3], bias=args[3], eps=args[4])
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS + ["reference"])
+def test_nan_weight_row_matches_reference(name):
+    features, weight = torch.randn(6, 4), torch.randn(5, 4)
+    weight[3, 1] = float("nan")
+    taus = torch.tensor([0.0, 0.5, 1.0])
+    with backend(name):
+        torch.testing.assert_close(tau_sweep(features, weight, taus), tau_sweep_reference(features, weight, taus))
+
+
 @needs_cuda_build
 def test_cuda_kernel_refuses_cpu_tensors():
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
@@ -137,6 +190,16 @@ def test_shot_accuracy_per_tau_counts_class_means():
     assert rows[1]["overall"] == pytest.approx(100 * (0.5 + 1 + 0 + 0.5 + 0 + 1 / 3) / 6)
     with pytest.raises(ValueError, match="targets"):
         shot_accuracy_per_tau(predictions, targets + 10, class_counts)
+
+
+@pytest.mark.parametrize("taus", [[0.0], [0.0, 1.0, 2.0], [[0.0, 1.0]]])
+def test_shot_accuracy_per_tau_needs_one_tau_per_row(taus):
+    """Fewer taus than rows silently dropped rows; more gave a bare IndexError."""
+    predictions = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="taus must hold one value per row of predictions"):
+        shot_accuracy_per_tau(predictions, torch.zeros(4, dtype=torch.long), np.array([5, 5]), taus=taus)
+    row = shot_accuracy_per_tau(predictions[0], torch.zeros(4, dtype=torch.long), np.array([5, 5]), taus=0.5)
+    assert [r["tau"] for r in row] == [0.5]
 
 
 @needs_cuda
