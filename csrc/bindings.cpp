@@ -20,6 +20,10 @@ TORCH_LIBRARY(fastlt, m) {
       "bool compute_grad) -> (Tensor, Tensor)");
   m.def("prior_shifted_ce(Tensor expert_logits, Tensor target, Tensor logit_shifts, bool compute_grad) -> "
         "(Tensor, Tensor)");
+  m.def(
+      "linear_ride_loss(Tensor features, Tensor weight, Tensor? bias, Tensor target, Tensor target_margins, "
+      "Tensor? class_weights, Tensor temperatures, float scale, bool normalize, float diversity_factor, "
+      "int chunk_size, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
@@ -31,6 +35,7 @@ TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
   m.impl("ride_loss", &fastlt::cpu::ride_loss);
   m.impl("reslt_loss", &fastlt::cpu::reslt_loss);
   m.impl("prior_shifted_ce", &fastlt::cpu::prior_shifted_ce);
+  m.impl("linear_ride_loss", &fastlt::cpu::linear_ride_loss);
 }
 
 #ifdef FASTLT_WITH_CUDA

@@ -28,7 +28,12 @@
                                                 const at::Tensor& group_masks, double beta, double log_eps,        \
                                                 bool compute_grad);                                                \
   std::tuple<at::Tensor, at::Tensor> prior_shifted_ce(const at::Tensor& expert_logits, const at::Tensor& target,  \
-                                                      const at::Tensor& logit_shifts, bool compute_grad);
+                                                      const at::Tensor& logit_shifts, bool compute_grad);          \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(                                     \
+      const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,                 \
+      const at::Tensor& target, const at::Tensor& target_margins, const std::optional<at::Tensor>& class_weights,  \
+      const at::Tensor& temperatures, double scale, bool normalize, double diversity_factor, int64_t chunk_size,   \
+      bool compute_grad);
 
 namespace fastlt {
 namespace cpu {

@@ -120,11 +120,19 @@ def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch
 
 def _compiled_op(device):
     """The extension's kernel for `device`, or None (extension built before this op, or no kernel for the device)."""
+    return torch.ops.fastlt.linear_ride_loss if _KERNEL_DEVICE_TYPES.get(device.type, False) else None
+
+
+def _kernel_device_types():
+    """{device type: whether the extension has a linear_ride_loss kernel for it}, looked up once (at import, so
+    torch.compile reads a plain dict)."""
     if not _extension.AVAILABLE or not hasattr(torch.ops.fastlt, "linear_ride_loss"):
-        return None
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("fastlt::linear_ride_loss", key)
-    return torch.ops.fastlt.linear_ride_loss if has_kernel else None
+        return {}
+    return {device_type: torch._C._dispatch_has_kernel_for_dispatch_key("fastlt::linear_ride_loss", key)
+            for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+_KERNEL_DEVICE_TYPES = _kernel_device_types()
 
 
 def _validate(features, weight, target, class_counts, bias, scale, chunk_size):

@@ -137,12 +137,12 @@ def test_opcheck(op_name):
 def test_cpp_op_checks_its_own_arguments():
     (features, weight), target, counts = _inputs(2, 3, 10, 4)
     tables = (torch.zeros(10), None, torch.ones(10))
-    with pytest.raises(RuntimeError, match="target must be in"):
+    with pytest.raises(ValueError, match="target must be in"):
         torch.ops.fastlt.linear_ride_loss(features, weight, None, target + 10, *tables, 30.0, True, -0.45, 4, False)
-    with pytest.raises(RuntimeError, match="temperatures must be"):
+    with pytest.raises(ValueError, match="temperatures must be"):
         torch.ops.fastlt.linear_ride_loss(features, weight, None, target, tables[0], None, torch.ones(9), 30.0, True,
                                           -0.45, 4, False)
-    with pytest.raises(RuntimeError, match="chunk_size must be"):
+    with pytest.raises(ValueError, match="chunk_size must be"):
         torch.ops.fastlt.linear_ride_loss(features, weight, None, target, *tables, 30.0, True, -0.45, 0, False)
 
 

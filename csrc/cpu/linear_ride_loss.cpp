@@ -1,0 +1,383 @@
+// CPU kernel of fastlt::linear_ride_loss: the experts' classifiers fused with RIDE's loss, never holding the
+// [E, B, C] logits. Two passes over chunks of classes. Each chunk's logits come from one batched GEMM (ATen / BLAS)
+// into a reused [E, B, chunk] buffer; OpenMP over sample rows then (1) merges the chunk into the rows' online softmax
+// statistics (LDAM-margin CE and tempered softmax per expert, tempered expert mean, KL gaps), or (2) overwrites the
+// chunk with d loss / d logits, which two more GEMMs turn into d features (accumulated) and d weight (written for the
+// chunk's classes). The cosine classifier's weight normalisation is a column scale of the GEMM's result, and its
+// backward is row-local (fastlt/linear_ride_loss.h). Memory beyond inputs and gradients: the logit buffer, one
+// [E, chunk, D] weight-gradient buffer and O(E x B x D + E x C) of normalised features and per-class tables.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "cpu/softmax_vectorized.h"
+#include "fastlt/linear_ride_loss.h"
+#include "kernels.h"
+
+namespace fastlt {
+namespace cpu {
+namespace {
+
+constexpr const char* kOp = "fastlt.linear_ride_loss";
+constexpr double kNormEps = 1e-12;  // F.normalize's eps (NormedLinear)
+
+// z[c] = z[c] * column_scale[c] + bias[c], in place; either table may be nullptr (1 and 0).
+template <typename A>
+FASTLT_ALWAYS_INLINE void affine_row_impl(A* z, const A* column_scale, const A* bias, int64_t n) {
+  if (column_scale != nullptr && bias != nullptr) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) z[c] = linear_ride_loss::chunk_logit(z[c], column_scale[c], bias[c]);
+  } else if (column_scale != nullptr) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) z[c] *= column_scale[c];
+  } else if (bias != nullptr) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) z[c] += bias[c];
+  }
+}
+
+// total[c] = z[c] (first expert) or total[c] + z[c]; the last expert turns the total into the tempered mean logits
+// v[c] = total[c] / E / T_c.
+template <typename A>
+FASTLT_ALWAYS_INLINE void add_to_mean_impl(const A* z, A* total, bool first, bool last, A inverse_experts,
+                                           const A* inverse_temperature, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const A sum = first ? z[c] : total[c] + z[c];
+    total[c] = last ? ride_loss::tempered_mean_logit(sum, inverse_experts, inverse_temperature[c]) : sum;
+  }
+}
+
+// sum_c exp(v_c - max v) (v_c - z_c / T_c): one expert's KL gap over a chunk.
+template <typename A>
+FASTLT_ALWAYS_INLINE A gap_sum_impl(const A* mean_exp, const A* mean_logits, const A* z, const A* inverse_temperature,
+                                    int64_t n) {
+  A gap = A(0);
+#pragma omp simd reduction(+ : gap)
+  for (int64_t c = 0; c < n; ++c)
+    gap += ride_loss::weighted_gap_term(mean_exp[c], mean_logits[c], ride_loss::tempered_logit(z[c], inverse_temperature[c]));
+  return gap;
+}
+
+// z[c] <- d loss / d z[c] for a non-target class, in place: ce_scale * exp(z - ce_max) +
+// (expert_scale * exp(z / T - expert_max) - mean_scale * mean_exp) / T, with ce_scale = ce_coef / ce_sum,
+// expert_scale = div_coef / expert_sum, mean_scale = div_coef / mean_sum; inverse_temperature == nullptr: CE only.
+template <typename A>
+FASTLT_ALWAYS_INLINE void gradient_row_impl(A* z, A ce_max, A ce_scale, const A* inverse_temperature, A expert_max,
+                                            A expert_scale, const A* mean_exp, A mean_scale, int64_t n) {
+  if (inverse_temperature == nullptr) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) z[c] = ce_scale * vector_exp(z[c] - ce_max);
+    return;
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const A u = ride_loss::tempered_logit(z[c], inverse_temperature[c]);
+    z[c] = ce_scale * vector_exp(z[c] - ce_max) +
+           (expert_scale * vector_exp(u - expert_max) - mean_scale * mean_exp[c]) * inverse_temperature[c];
+  }
+}
+
+// p -= w * radial_coefficient(w . p): the cosine classifier's row-local weight-gradient correction.
+template <typename A>
+FASTLT_ALWAYS_INLINE void radial_correction_impl(const A* w, A* p, A column_scale, A scale, bool above_eps,
+                                                 int64_t d) {
+  A radial = A(0);
+#pragma omp simd reduction(+ : radial)
+  for (int64_t i = 0; i < d; ++i) radial += w[i] * p[i];
+  const A coefficient = linear_ride_loss::radial_coefficient(radial, column_scale, scale, above_eps);
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) p[i] -= w[i] * coefficient;
+}
+
+#define FASTLT_LINEAR_RIDE_ROW_FUNCTIONS(A)                                                                        \
+  FASTLT_PER_ISA void affine_row(A* z, const A* column_scale, const A* bias, int64_t n) {                          \
+    affine_row_impl(z, column_scale, bias, n);                                                                     \
+  }                                                                                                                \
+  FASTLT_PER_ISA void add_to_mean(const A* z, A* total, bool first, bool last, A inverse_experts,                  \
+                                  const A* inverse_temperature, int64_t n) {                                       \
+    add_to_mean_impl(z, total, first, last, inverse_experts, inverse_temperature, n);                              \
+  }                                                                                                                \
+  FASTLT_PER_ISA A gap_sum(const A* mean_exp, const A* mean_logits, const A* z, const A* inverse_temperature,      \
+                           int64_t n) {                                                                            \
+    return gap_sum_impl(mean_exp, mean_logits, z, inverse_temperature, n);                                         \
+  }                                                                                                                \
+  FASTLT_PER_ISA void gradient_row(A* z, A ce_max, A ce_scale, const A* inverse_temperature, A expert_max,         \
+                                   A expert_scale, const A* mean_exp, A mean_scale, int64_t n) {                   \
+    gradient_row_impl(z, ce_max, ce_scale, inverse_temperature, expert_max, expert_scale, mean_exp, mean_scale, n); \
+  }                                                                                                                \
+  FASTLT_PER_ISA void radial_correction(const A* w, A* p, A column_scale, A scale, bool above_eps, int64_t d) {     \
+    radial_correction_impl(w, p, column_scale, scale, above_eps, d);                                               \
+  }
+FASTLT_LINEAR_RIDE_ROW_FUNCTIONS(float)
+FASTLT_LINEAR_RIDE_ROW_FUNCTIONS(double)
+#undef FASTLT_LINEAR_RIDE_ROW_FUNCTIONS
+
+// A [C] per-class table on the weight's device, contiguous in the accumulation dtype.
+at::Tensor class_table(const at::Tensor& table, int64_t C, const at::Tensor& weight, at::ScalarType acc,
+                       const char* name) {
+  TORCH_CHECK_VALUE(table.dim() == 1 && table.size(0) == C, kOp, ": ", name, " must be [C]=[", C, "], got ",
+                    table.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(table.scalar_type()), kOp, ": ", name, " must be floating, got ",
+                    table.scalar_type());
+  TORCH_CHECK_VALUE(table.device() == weight.device(), kOp, ": ", name, " must be on ", weight.device());
+  return table.to(acc).contiguous();
+}
+
+// The statistics of a row's class range merged over the chunks; one entry per (expert, row) or per row.
+struct RowStatistics {
+  at::Tensor ce_max, ce_sum, expert_max, expert_sum, gap, target_logit;  // [E, B]
+  at::Tensor mean_max, mean_sum;                                          // [B]
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
+    const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& target_margins, const std::optional<at::Tensor>& class_weights,
+    const at::Tensor& temperatures, double scale, bool normalize, double diversity_factor, int64_t chunk_size,
+    bool compute_grad) {
+  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.numel() > 0, kOp, ": weight must be a non-empty [E, C, D], got ",
+                    weight.sizes());
+  const int64_t E = weight.size(0), C = weight.size(1), D = weight.size(2);
+  TORCH_CHECK_VALUE(E <= kMaxExperts, kOp, ": weight has ", E, " experts; at most ", kMaxExperts, " are supported");
+  TORCH_CHECK_VALUE(at::isFloatingType(weight.scalar_type()), kOp, ": weight must be floating, got ",
+                    weight.scalar_type());
+  TORCH_CHECK_VALUE((features.dim() == 2 || (features.dim() == 3 && features.size(0) == E)) &&
+                        features.size(-1) == D && features.size(-2) > 0,
+                    kOp, ": features must be [B, D] or [E, B, D] with D = ", D, ", E = ", E, ", got ",
+                    features.sizes());
+  TORCH_CHECK_VALUE(features.scalar_type() == weight.scalar_type(), kOp, ": features must have weight's dtype ",
+                    weight.scalar_type(), ", got ", features.scalar_type());
+  TORCH_CHECK_VALUE(features.device() == weight.device(), kOp, ": features must be on ", weight.device());
+  TORCH_CHECK(weight.device().is_cpu(), kOp, " (CPU kernel): weight must be a CPU tensor");
+  const int64_t B = features.size(-2);
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == B && target.scalar_type() == at::kLong, kOp,
+                    ": target must be int64 [B]=[", B, "], got ", target.scalar_type(), " ", target.sizes());
+  TORCH_CHECK_VALUE(target.device() == weight.device(), kOp, ": target must be on ", weight.device());
+  TORCH_CHECK_VALUE(target.min().item<int64_t>() >= 0 && target.max().item<int64_t>() < C, kOp,
+                    ": target must be in [0, ", C, ")");
+  TORCH_CHECK_VALUE(chunk_size >= 1, kOp, ": chunk_size must be >= 1, got ", chunk_size);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, kOp, ": scale must be a finite number > 0, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(diversity_factor), kOp, ": diversity_factor must be finite, got ",
+                    diversity_factor);
+  const at::ScalarType acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_options = weight.options().dtype(acc);
+  const at::Tensor margins = class_table(target_margins, C, weight, acc, "target_margins");
+  const at::Tensor temperature_table = class_table(temperatures, C, weight, acc, "temperatures");
+  at::Tensor bias_table;
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == C &&
+                          bias->scalar_type() == weight.scalar_type() && bias->device() == weight.device(),
+                      kOp, ": bias must be [E, C]=[", E, ", ", C, "] of weight's dtype and device, got ",
+                      bias->sizes());
+    bias_table = bias->to(acc).contiguous();
+  }
+  const at::Tensor target_contiguous = target.contiguous();
+  at::Tensor row_weights = class_weights.has_value()
+                               ? class_table(*class_weights, C, weight, acc, "class_weights").index_select(0, target_contiguous)
+                               : at::ones({B}, acc_options);
+  const at::Tensor ce_coef = (row_weights / row_weights.sum()).contiguous();  // [B]
+  const at::Tensor row_margins = margins.index_select(0, target_contiguous).contiguous();
+  const at::Tensor inverse_temperature_table = temperature_table.reciprocal();
+  const bool diversity = diversity_factor != 0.0;
+  const double div_coef = diversity_factor * std::pow(temperature_table.mean().item<double>(), 2) / B;
+
+  // Normalised features x_hat [E, B, D] and the weight's column scales scale / ||w_c|| [E, C].
+  const at::Tensor raw_features = features.to(acc).expand({E, B, D});
+  at::Tensor feature_norms, unit_features, column_scale, weight_above_eps;
+  if (normalize) {
+    feature_norms = at::linalg_vector_norm(raw_features, 2, {-1}, true).clamp_min(kNormEps);
+    unit_features = (raw_features / feature_norms).contiguous();
+    const at::Tensor weight_norms = at::linalg_vector_norm(weight, 2, {-1}, false, acc);
+    column_scale = (scale / weight_norms.clamp_min(kNormEps)).contiguous();
+    weight_above_eps = (weight_norms > kNormEps).contiguous();
+  } else {
+    unit_features = raw_features.contiguous();
+  }
+
+  RowStatistics stats;
+  stats.ce_max = at::full({E, B}, -std::numeric_limits<double>::infinity(), acc_options);
+  stats.expert_max = stats.ce_max.clone();
+  stats.mean_max = at::full({B}, -std::numeric_limits<double>::infinity(), acc_options);
+  stats.ce_sum = at::zeros({E, B}, acc_options);
+  stats.expert_sum = at::zeros({E, B}, acc_options);
+  stats.gap = at::zeros({E, B}, acc_options);
+  stats.target_logit = at::zeros({E, B}, acc_options);
+  stats.mean_sum = at::zeros({B}, acc_options);
+
+  const int64_t chunk = std::min(chunk_size, C);
+  at::Tensor logit_buffer = at::empty({E * B * chunk}, acc_options);
+  // Per-thread scratch, [chunk] each: the tempered mean logits, their exps, and one row of throw-away exps.
+  at::Tensor scratch = at::empty({at::get_num_threads(), 3 * chunk}, acc_options);
+  at::Tensor grad_features, grad_weight, grad_bias;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fastlt_linear_ride_loss_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const int64_t* labels = target_contiguous.data_ptr<int64_t>();
+    const A* margin_of_row = row_margins.data_ptr<A>();
+    const A* coef_of_row = ce_coef.data_ptr<A>();
+    const A* inverse_temperature = inverse_temperature_table.data_ptr<A>();
+    const A* scales = normalize ? column_scale.data_ptr<A>() : nullptr;
+    const A* biases = bias_table.defined() ? bias_table.data_ptr<A>() : nullptr;
+    const A inverse_experts = A(1) / static_cast<A>(E);
+    A* ce_max = stats.ce_max.data_ptr<A>();
+    A* ce_sum = stats.ce_sum.data_ptr<A>();
+    A* expert_max = stats.expert_max.data_ptr<A>();
+    A* expert_sum = stats.expert_sum.data_ptr<A>();
+    A* gap = stats.gap.data_ptr<A>();
+    A* target_logit = stats.target_logit.data_ptr<A>();
+    A* mean_max = stats.mean_max.data_ptr<A>();
+    A* mean_sum = stats.mean_sum.data_ptr<A>();
+
+    // The chunk [c0, c0 + n)'s logits, [E, B, n] contiguous in the logit buffer, before column scale and bias.
+    auto chunk_logits = [&](int64_t c0, int64_t n, const at::Tensor& weight_chunk) {
+      at::Tensor logits = logit_buffer.narrow(0, 0, E * B * n).view({E, B, n});
+      at::bmm_out(logits, unit_features, weight_chunk.transpose(1, 2));
+      return logits;
+    };
+    // Applies column scale and bias to the chunk's rows of sample b and forms the tempered mean logits (diversity
+    // term only) in `mean_logits`.
+    auto chunk_rows = [&](A* logits, int64_t b, int64_t c0, int64_t n, A* mean_logits) {
+      for (int64_t k = 0; k < E; ++k) {
+        A* z = logits + (k * B + b) * n;
+        affine_row(z, scales == nullptr ? nullptr : scales + k * C + c0, biases == nullptr ? nullptr : biases + k * C + c0,
+                   n);
+        if (diversity) add_to_mean(z, mean_logits, k == 0, k == E - 1, inverse_experts, inverse_temperature + c0, n);
+      }
+    };
+
+    // Pass 1: the statistics.
+    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+      const int64_t n = std::min(chunk, C - c0);
+      const at::Tensor weight_chunk = weight.narrow(1, c0, n).to(acc);
+      A* logits = chunk_logits(c0, n, weight_chunk).data_ptr<A>();
+      at::parallel_for(0, B, rows_per_task(E * n), [&](int64_t b0, int64_t b1) {
+        A* mean_logits = scratch.data_ptr<A>() + at::get_thread_num() * 3 * chunk;
+        A* mean_exp = mean_logits + chunk;
+        A* throwaway = mean_exp + chunk;
+        for (int64_t b = b0; b < b1; ++b) {
+          chunk_rows(logits, b, c0, n, mean_logits);
+          const int64_t t = labels[b] - c0;  // the target's column in the chunk, if 0 <= t < n
+          const bool has_target = t >= 0 && t < n;
+          const std::pair<int64_t, int64_t> others[2] = {{0, has_target ? t : n}, {has_target ? t + 1 : n, has_target ? n - t - 1 : 0}};
+          A chunk_mean_max = -std::numeric_limits<A>::infinity(), chunk_mean_sum = A(0);
+          if (diversity) {
+            chunk_mean_max = row_max(mean_logits, static_cast<const A*>(nullptr), n);
+            chunk_mean_sum = exp_shifted(mean_logits, static_cast<const A*>(nullptr), chunk_mean_max, mean_exp, n);
+          }
+          const A merged_mean_max = std::max(mean_max[b], chunk_mean_max);
+          for (int64_t k = 0; k < E; ++k) {
+            const int64_t row = k * B + b;
+            const A* z = logits + row * n;
+            // LDAM-margin CE over the chunk: the target (if here) lowered by its margin, the others as they are.
+            const A margin_target = has_target ? ride_loss::margin_logit(z[t], true, margin_of_row[b]) : A(0);
+            A m = has_target ? margin_target : -std::numeric_limits<A>::infinity();
+            for (const auto& [begin, count] : others) m = std::max(m, row_max(z + begin, static_cast<const A*>(nullptr), count));
+            A s = has_target ? exponential(margin_target - m) : A(0);
+            for (const auto& [begin, count] : others)
+              s += exp_shifted(z + begin, static_cast<const A*>(nullptr), m, throwaway + begin, count);
+            const SoftmaxStats<A> ce = merge_softmax_stats<A>({ce_max[row], ce_sum[row]}, {m, s});
+            ce_max[row] = ce.maximum;
+            ce_sum[row] = ce.shifted_sum;
+            if (has_target) target_logit[row] = margin_target;
+            if (!diversity) continue;
+            const A expert_m = row_max(z, inverse_temperature + c0, n);
+            const A expert_s = exp_shifted(z, inverse_temperature + c0, expert_m, throwaway, n);
+            const SoftmaxStats<A> expert = merge_softmax_stats<A>({expert_max[row], expert_sum[row]}, {expert_m, expert_s});
+            expert_max[row] = expert.maximum;
+            expert_sum[row] = expert.shifted_sum;
+            const A chunk_gap = gap_sum(mean_exp, mean_logits, z, inverse_temperature + c0, n);
+            gap[row] = linear_ride_loss::rescale(gap[row], mean_max[b], merged_mean_max) +
+                       linear_ride_loss::rescale(chunk_gap, chunk_mean_max, merged_mean_max);
+          }
+          if (diversity) {
+            const SoftmaxStats<A> mean = merge_softmax_stats<A>({mean_max[b], mean_sum[b]}, {chunk_mean_max, chunk_mean_sum});
+            mean_max[b] = mean.maximum;
+            mean_sum[b] = mean.shifted_sum;
+          }
+        }
+      });
+    }
+    if (!compute_grad) return;
+
+    // Pass 2: each chunk's d loss / d logits, then d features += dz @ W and d weight[chunk] = dz^T @ x_hat.
+    at::Tensor grad_unit_features = at::zeros({E, B, D}, acc_options);
+    grad_weight = at::empty({E, C, D}, weight.options().memory_format(at::MemoryFormat::Contiguous));
+    if (bias_table.defined()) grad_bias = at::empty({E, C}, acc_options);
+    at::Tensor weight_gradient_buffer = at::empty({E * chunk * D}, acc_options);
+    const A div = static_cast<A>(div_coef);
+    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+      const int64_t n = std::min(chunk, C - c0);
+      const at::Tensor weight_chunk = weight.narrow(1, c0, n).to(acc);
+      at::Tensor logits_tensor = chunk_logits(c0, n, weight_chunk);
+      A* logits = logits_tensor.data_ptr<A>();
+      at::parallel_for(0, B, rows_per_task(E * n), [&](int64_t b0, int64_t b1) {
+        A* mean_logits = scratch.data_ptr<A>() + at::get_thread_num() * 3 * chunk;
+        A* mean_exp = mean_logits + chunk;
+        for (int64_t b = b0; b < b1; ++b) {
+          chunk_rows(logits, b, c0, n, mean_logits);
+          const int64_t t = labels[b] - c0;
+          const bool has_target = t >= 0 && t < n;
+          if (diversity) exp_shifted(mean_logits, static_cast<const A*>(nullptr), mean_max[b], mean_exp, n);
+          const A mean_scale = diversity ? div / mean_sum[b] : A(0);
+          for (int64_t k = 0; k < E; ++k) {
+            const int64_t row = k * B + b;
+            A* z = logits + row * n;
+            const A ce_scale = coef_of_row[b] / ce_sum[row];
+            const A expert_scale = diversity ? div / expert_sum[row] : A(0);
+            const A z_target = has_target ? z[t] : A(0);  // read before the gradient overwrites it
+            gradient_row(z, ce_max[row], ce_scale, diversity ? inverse_temperature + c0 : nullptr, expert_max[row],
+                         expert_scale, mean_exp, mean_scale, n);
+            if (!has_target) continue;
+            const A invT = inverse_temperature[c0 + t];
+            const A ce_probability = exponential(ride_loss::margin_logit(z_target, true, margin_of_row[b]) - ce_max[row]) / ce_sum[row];
+            const A expert_probability =
+                diversity ? exponential(ride_loss::tempered_logit(z_target, invT) - expert_max[row]) / expert_sum[row] : A(0);
+            const A mean_probability = diversity ? mean_exp[t] / mean_sum[b] : A(0);
+            z[t] = ride_loss::logit_gradient(coef_of_row[b], ce_probability, true, div, expert_probability,
+                                             mean_probability, invT);
+          }
+        }
+      });
+      if (grad_bias.defined()) grad_bias.narrow(1, c0, n).copy_(logits_tensor.sum(1));
+      if (normalize) logits_tensor.mul_(column_scale.narrow(1, c0, n).unsqueeze(1));
+      grad_unit_features.baddbmm_(logits_tensor, weight_chunk);
+      at::Tensor weight_gradient = weight_gradient_buffer.narrow(0, 0, E * n * D).view({E, n, D});
+      at::bmm_out(weight_gradient, logits_tensor.transpose(1, 2), unit_features);
+      if (normalize) {
+        const at::Tensor weight_chunk_contiguous = weight_chunk.contiguous();
+        const A* w = weight_chunk_contiguous.data_ptr<A>();
+        A* p = weight_gradient.data_ptr<A>();
+        const bool* above_eps = weight_above_eps.data_ptr<bool>();
+        at::parallel_for(0, E * n, std::max<int64_t>(1, (int64_t(1) << 14) / D), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t k = r / n, c = c0 + r % n;
+            radial_correction(w + r * D, p + r * D, scales[k * C + c], static_cast<A>(scale), above_eps[k * C + c], D);
+          }
+        });
+      }
+      grad_weight.narrow(1, c0, n).copy_(weight_gradient);
+    }
+    // The features' norm backward (F.normalize's), then the sum over experts for shared features.
+    if (normalize) {
+      const at::Tensor radial = (grad_unit_features * unit_features).sum(-1, true) * (feature_norms > kNormEps);
+      grad_unit_features = (grad_unit_features - unit_features * radial) / feature_norms;
+    }
+    grad_features = (features.dim() == 2 ? grad_unit_features.sum(0) : grad_unit_features).to(features.scalar_type());
+  });
+
+  at::Tensor loss = ((stats.ce_sum.log() + stats.ce_max - stats.target_logit) * ce_coef.unsqueeze(0)).sum();
+  if (diversity) {
+    const at::Tensor mean_lse = stats.mean_sum.log() + stats.mean_max;
+    const at::Tensor expert_lse = stats.expert_sum.log() + stats.expert_max;
+    loss = loss + div_coef * (stats.gap / stats.mean_sum.unsqueeze(0) + expert_lse - mean_lse.unsqueeze(0)).sum();
+  }
+  const auto empty = [&] { return at::empty({0}, features.options()); };
+  if (!compute_grad) return {loss, empty(), empty(), empty()};
+  return {loss, grad_features, grad_weight,
+          grad_bias.defined() ? grad_bias.to(weight.scalar_type()) : empty()};
+}
+
+}  // namespace cpu
+}  // namespace fastlt
