@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from fastlt.data.splits import shot_split
+from fastlt.splits import shot_split
 
 
 def exponential_counts(n_max, ratio, num_classes):
@@ -65,7 +65,7 @@ class LongTailedDataset(torch.utils.data.Dataset):
         return np.bincount(self.targets, minlength=self.num_classes)
 
     def shot_split(self):
-        """(many_ids, medium_ids, few_ids) from the training counts, see `fastlt.data.splits.shot_split`."""
+        """(many_ids, medium_ids, few_ids) from the training counts, see `fastlt.splits.shot_split`."""
         return shot_split(self.train_class_counts)
 
     def __len__(self):

@@ -12,7 +12,6 @@ _LAYOUT = {
     10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
     100: ("cifar-100-python", ["train"], ["test"], "fine_labels"),
 }
-RATIOS = (10, 50, 100, 200)
 
 
 def _load_pickles(folder, names, label_key):

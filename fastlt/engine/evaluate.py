@@ -1,5 +1,5 @@
 """Evaluation as the papers report it: overall top-1 and many / medium / few accuracies, each split being the mean
-of per-class accuracies over its classes, with the split decided by TRAINING counts (fastlt.data.splits), and a
+of per-class accuracies over its classes, with the split decided by TRAINING counts (fastlt.splits), and a
 plot of per-class accuracy against training count.
 
 >>> results = evaluate_predictions([0, 1, 1, 2], [0, 1, 2, 2], class_counts=[500, 50, 5])
@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from fastlt.data.splits import shot_split
+from fastlt.splits import split_accuracies
 
 
 def per_class_accuracy(predictions, targets, num_classes: int) -> np.ndarray:
@@ -28,23 +28,6 @@ def per_class_accuracy(predictions, targets, num_classes: int) -> np.ndarray:
     correct = torch.bincount(targets[predictions == targets], minlength=num_classes).double()
     accuracy = 100.0 * correct / samples
     return accuracy.numpy()  # 0 / 0 = NaN marks classes without samples
-
-
-def split_accuracies(per_class: np.ndarray, class_counts: Sequence[int]) -> dict:
-    """{"class_mean", "many", "medium", "few"}: means of per-class accuracies over each split's evaluated classes
-    (NaN when a split has none)."""
-    per_class = np.asarray(per_class, dtype=np.float64)
-    if len(per_class) != len(class_counts):
-        raise ValueError(f"split_accuracies: {len(per_class)} per-class accuracies but {len(class_counts)} counts")
-    many, medium, few = shot_split(class_counts)
-
-    def mean_over(class_ids) -> float:
-        values = per_class[np.asarray(class_ids, dtype=np.int64)]
-        values = values[~np.isnan(values)]
-        return float(values.mean()) if values.size else math.nan
-
-    return {"class_mean": mean_over(np.arange(len(per_class))), "many": mean_over(many),
-            "medium": mean_over(medium), "few": mean_over(few)}
 
 
 def evaluate_predictions(predictions, targets, class_counts: Sequence[int]) -> dict:
