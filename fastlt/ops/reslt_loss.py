@@ -98,8 +98,10 @@ def _loss_formula(branch_logits, target, group_masks, beta, log_eps):
     logits = branch_logits.to(_checks.accumulate_dtype(branch_logits.dtype))
     num_branches, batch, _ = logits.shape
     branch_ce = _cross_entropy(logits, target.expand(num_branches, batch), log_eps)
-    in_group = group_masks[:, target].to(logits)  # [K, B]: g_b(y_i)
-    individual = (in_group * branch_ce).sum() / in_group.sum().clamp_min(1)  # no pair in a group: L_ice = 0
+    in_group = group_masks[:, target]  # [K, B]: g_b(y_i)
+    # where, not a product: a branch outside its group contributes nothing, even an infinite CE (0 * inf = NaN)
+    in_group_ce = torch.where(in_group, branch_ce, torch.zeros_like(branch_ce))
+    individual = in_group_ce.sum() / in_group.sum().clamp_min(1).to(logits)  # no pair in a group: L_ice = 0
     fused = _cross_entropy(logits.sum(0), target, log_eps).mean()
     return beta * individual + (1 - beta) * fused
 

@@ -328,3 +328,15 @@ def test_soft_targets_are_refused_clearly():
         reslt_loss(logits, torch.softmax(torch.randn(4, 10), 1), groups, beta=0.9)
     with pytest.raises(ValueError, match="takes no probability \\(soft\\) targets"):
         fastlt.RIDELoss(torch.arange(1.0, 11.0))(logits * 30, torch.softmax(torch.randn(4, 10), 1))
+
+
+@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "triton", "reference"])
+def test_a_branch_outside_its_group_adds_nothing_even_an_infinite_cross_entropy(name):
+    logits = torch.tensor([[[-1.0, 0.5, 3.0]], [[-float("inf"), 1.8, 9.2]], [[5.0, -4.3, 8.9]]], dtype=torch.float64)
+    groups = torch.tensor([[True, True, True], [False, False, True], [True, True, False]])
+    target = torch.tensor([0])  # branch 1 is not in class 0's group: its CE (inf) must not enter L_ice
+    with backend(name):
+        loss = reslt_loss(logits.requires_grad_(True), target, groups, beta=0.995)
+        (grad,) = torch.autograd.grad(loss, logits)
+    assert loss == float("inf")  # the fused term: sum of the branches' target logits is -inf
+    assert not torch.isnan(grad[0]).any() and not torch.isnan(grad[2]).any()
