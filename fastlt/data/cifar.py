@@ -1,4 +1,4 @@
-"""CIFAR-10/100-LT from the standard python-pickle folders, with LDAM-DRW's generator (methods.md section 1.1)."""
+"""CIFAR-10/100-LT from the standard python-pickle folders, with LDAM-DRW's generator (docs/methods.md section 1.1)."""
 
 import os
 import pickle

@@ -1,4 +1,4 @@
-"""Seedable, DDP-aware, resumable long-tail samplers (methods.md section 2.2).
+"""Seedable, DDP-aware, resumable long-tail samplers (docs/methods.md section 2.2).
 
 Every strategy picks a class, then takes the next index of that class's own reshuffled, cycling bucket, so an epoch
 costs O(N + C) in numba, whatever the class count (no O(N*C) build, no 2**24 cap of `torch.multinomial`):

@@ -1,4 +1,4 @@
-"""The torch-side augmentations, the same recipes as the DALI pipelines in `fastlt.data.dali` (methods.md 1.4).
+"""The torch-side augmentations, the same recipes as the DALI pipelines in `fastlt.data.dali` (docs/methods.md 1.4).
 
 - Arrays (CIFAR/MNIST-style): pad-4 random crop + horizontal flip (+ random rotation, 15 degrees in RIDE's CIFAR
   recipe), normalise. Applied to a whole uint8 batch at once (`ArrayBatchAugment`), in the DataLoader workers.

@@ -1,4 +1,4 @@
-"""Decoupling stage 2 on a frozen stage-1 backbone (methods.md §2.4-2.7): cRT, LWS, tau-norm and NCM.
+"""Decoupling stage 2 on a frozen stage-1 backbone (docs/methods.md §2.4-2.7): cRT, LWS, tau-norm and NCM.
 
 All four keep `model.backbone` and replace `model.classifier` of a `fastlt.models.FeatureClassifier`:
 

@@ -1,4 +1,4 @@
-"""RIDE stage 2: the expert-assignment router (methods.md §3.4), trained on a frozen RIDE model.
+"""RIDE stage 2: the expert-assignment router (docs/methods.md §3.4), trained on a frozen RIDE model.
 
 Router i (i = 0..E-2) decides from expert i's normalised pooled feature (through a 16-d hidden layer of its own)
 and the top-k values of the running mean logits of experts 0..i (through one shared output layer) whether to
@@ -173,7 +173,7 @@ def routed_predict(model, router, loader, threshold: float = 0.5, device=torch.d
 
 def count_macs(run, module: nn.Module) -> int:
     """Multiply-accumulates of convolutions and linear layers inside `module` while `run()` executes, per sample of
-    a batch of one (the papers' "FLOPs" are thop MACs, methods.md §3.7)."""
+    a batch of one (the papers' "FLOPs" are thop MACs, docs/methods.md §3.7)."""
     total = [0]
 
     def conv(layer, inputs, output):

@@ -2,7 +2,7 @@
 `fastlt.engine.fit`, plus an optional per-epoch hook (RIDE's and LDAM's DRW switch).
 
 The losses themselves are fastlt's fused ops (`fastlt.RIDELoss`, `fastlt.ResLTLoss`, `fastlt.PriorShiftedCE`);
-nothing here re-implements them. Constants default to the CIFAR recipes of methods.md §3.5 and §4.4.
+nothing here re-implements them. Constants default to the CIFAR recipes of docs/methods.md §3.5 and §4.4.
 
 >>> import torch
 >>> from fastlt.models import create_model
@@ -89,7 +89,7 @@ def ride(config, counts, model) -> Method:
     `drw_epoch` (the official 1-based `epoch > drw_epoch`).
 
     With `teacher: <fastlt run folder or a checkpoint in one>` (a RIDE model trained first, 6 experts in the official
-    recipes) it is RIDE + distillation (methods.md 3.3, `fastlt.RIDEDistillLoss`): `distill_temperature` (1.5),
+    recipes) it is RIDE + distillation (docs/methods.md 3.3, `fastlt.RIDEDistillLoss`): `distill_temperature` (1.5),
     `distill_factor` (1.0), `distill_scale_by_experts` (true: the official x E). The teacher runs under no_grad in
     train mode (batch-statistics BN) as in the official trainer, unless `teacher_train_mode: false`."""
     loss = fastlt.RIDELoss(counts, scale=config.get("scale", LDAM_SCALE), max_margin=config.get("max_margin", 0.5),

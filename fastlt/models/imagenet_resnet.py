@@ -1,4 +1,4 @@
-"""ImageNet-scale ResNet / ResNeXt trunks built from torchvision's blocks (methods.md §2.1, §3.1, §4.2).
+"""ImageNet-scale ResNet / ResNeXt trunks built from torchvision's blocks (docs/methods.md §2.1, §3.1, §4.2).
 
 Module names match torchvision's ResNet (conv1, bn1, layer1, ...), so torchvision or Decoupling checkpoints load
 into the trunk with `load_state_dict(..., strict=False)` (e.g. Places-LT's ImageNet-pretrained ResNet-152).

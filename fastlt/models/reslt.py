@@ -1,5 +1,5 @@
 """ResLT: one shared trunk, three branch views of its last features (head / medium / tail), ONE shared linear
-classifier applied to each branch, prediction = sum of branch logits (methods.md §4.2, §4.5)."""
+classifier applied to each branch, prediction = sum of branch logits (docs/methods.md §4.2, §4.5)."""
 
 import torch
 from torch import nn
@@ -100,7 +100,7 @@ class ResLTConv(nn.Module):
 
 
 class RIDEResLT(nn.Module):
-    """ResLT on RIDE's multi-expert ResNeXt (the ResLT README's "RIDE + ResLT", methods.md §4.7): RIDE's shared trunk
+    """ResLT on RIDE's multi-expert ResNeXt (the ResLT README's "RIDE + ResLT", docs/methods.md §4.7): RIDE's shared trunk
     and E reduced-width experts (no cosine classifier, s = 1); each expert gets its own 1x1 branch block (as
     `ResLTConv`) and its own linear classifier shared by its three branches. Expert prediction = sum of its branch
     logits (tau-normalised weights without bias in eval); model prediction = mean over experts.
@@ -166,7 +166,7 @@ def reslt_small_cnn(num_classes: int, in_channels: int = 1) -> ResLTBatchNorm:
     return ResLTBatchNorm(small_cnn.make_trunk(in_channels), small_cnn.WIDTHS[-1], num_classes)
 
 
-# Test-time tau (the papers' gamma) and block order of the released scripts (methods.md §4.6).
+# Test-time tau (the papers' gamma) and block order of the released scripts (docs/methods.md §4.6).
 @register_model
 def reslt_resnet10(num_classes: int, test_tau=0.3, block_order: str = "pool_first") -> ResLTConv:
     return ResLTConv("resnet10", num_classes, test_tau, block_order)
@@ -186,13 +186,13 @@ def reslt_resnext101_32x4d(num_classes: int, test_tau=0.7, block_order: str = "o
 def reslt_resnet50(
     num_classes: int, test_tau=0.3, block_order: str = "official", summed_branches: int = NUM_BRANCHES
 ) -> ResLTConv:
-    """The iNaturalist 2018 model; its recipe sets summed_branches=2 (methods.md §4.3)."""
+    """The iNaturalist 2018 model; its recipe sets summed_branches=2 (docs/methods.md §4.3)."""
     return ResLTConv("resnet50", num_classes, test_tau, block_order, summed_branches)
 
 
 @register_model
 def reslt_resnet152(num_classes: int, test_tau=0.7, block_order: str = "official") -> ResLTConv:
-    """The Places-LT model (methods.md §4.8). No Places-LT code was released, so the defaults are the ImageNet-LT
+    """The Places-LT model (docs/methods.md §4.8). No Places-LT code was released, so the defaults are the ImageNet-LT
     ResNeXt-50 script's, not a published setting. The trunk takes torchvision's ImageNet ResNet-152 weights with
     `model.trunk.load_state_dict(torchvision_state_dict, strict=False)` (only fc.* is left unused)."""
     return ResLTConv("resnet152", num_classes, test_tau, block_order)

@@ -1,5 +1,5 @@
 """RIDE: a shared early trunk feeding E experts, each owning the later stages at 3/4 width and a cosine
-classifier scaled by s = 30; the prediction is the mean of expert logits (methods.md §3.1)."""
+classifier scaled by s = 30; the prediction is the mean of expert logits (docs/methods.md §3.1)."""
 
 from typing import List, Tuple
 

@@ -1,4 +1,4 @@
-"""Per-class constants of the long-tailed losses, one function per formula (methods.md 3.2, 4.3).
+"""Per-class constants of the long-tailed losses, one function per formula (docs/methods.md 3.2, 4.3).
 
 Every backend (eager reference, C++ CPU, CUDA, Triton) receives these [C] tables from here, so each formula has
 exactly one definition. They are computed in fp64 from the class counts and cast by the caller.
@@ -54,7 +54,7 @@ def drw_weights(class_counts: torch.Tensor, beta: float) -> torch.Tensor:
 
 def ride_temperatures(class_counts: torch.Tensor, temperature_factor: float, base_temperature: float,
                       drw: bool) -> torch.Tensor:
-    """RIDE's per-class diversity temperatures T_j (methods.md 3.2b).
+    """RIDE's per-class diversity temperatures T_j (docs/methods.md 3.2b).
 
     With DRW on: T_j = base * t_j, t_j = (g*C*pi_j + 1 - g) / max_i(g*C*pi_i + 1 - g) with g = temperature_factor;
     before DRW every class has T_j = base.

@@ -1,7 +1,7 @@
 """fastlt.ops.linear_ride_loss: the experts' classifiers and RIDE's loss fused, without the [E, B, C] logits.
 
     z_k = scale * normalize(x_k) @ normalize(W_k)^T + b_k      (normalize=False: z_k = x_k @ W_k^T + b_k)
-    L   = ride_loss(z, y)                                      (fastlt/ops/ride_loss.py, methods.md 3.2 and 6.3)
+    L   = ride_loss(z, y)                                      (fastlt/ops/ride_loss.py, docs/methods.md 3.2 and 6.3)
 
 At 1e4 to 1e6 classes the logits and their gradient (E x B x C each) dominate a long-tailed model's memory. This op
 walks the classes in chunks twice:

@@ -6,7 +6,7 @@
 
 with g_b(y) = group_masks[b, y] (:func:`reslt_groups`) and CE(x, y) = -log(softmax(x)_y + log_eps): the official
 code's ``-log(softmax + 1e-7)`` with ``log_eps=1e-7``, the exact log-softmax cross-entropy with ``log_eps=0`` (the
-op's default). methods.md 4.3, 4.4 and 6.4 give the definition. Per-row math:
+op's default). docs/methods.md 4.3, 4.4 and 6.4 give the definition. Per-row math:
 csrc/include/fastlt/reslt_loss.h; kernels: csrc/cpu/reslt_loss.cpp, csrc/cuda/reslt_loss.cu, kernels/reslt_loss.py;
 tests: tests/ops/test_reslt_loss.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py.
 
@@ -86,7 +86,7 @@ def _cutoff_groups(counts, cutoffs, num_branches):
 
 
 def reslt_loss_reference(branch_logits, target, group_masks, *, beta, log_eps=0.0):
-    """Eager PyTorch reference written from the formulas (methods.md 6.4); fp32 math for fp16/bf16 inputs. With
+    """Eager PyTorch reference written from the formulas (docs/methods.md 6.4); fp32 math for fp16/bf16 inputs. With
     ``log_eps > 0`` it computes ``-log(softmax + log_eps)`` literally, as the official ResLT code does."""
     target, _ = _checks.loss_conveniences(target, None)
     _validate(branch_logits, target, group_masks, beta, log_eps)

@@ -5,7 +5,7 @@
 with ``pbar = softmax(mean_k(z_k) / T)`` detached, KL reduced as ``batchmean`` and the CE weighted (DRW) or not.
 Constants (margins m, DRW weights w, temperatures T): fastlt/ops/_lt_constants.py. Per-row math:
 csrc/include/fastlt/ride_loss.h; kernels: csrc/cpu/ride_loss.cpp, csrc/cuda/ride_loss.cu, kernels/ride_loss.py;
-tests: tests/ops/test_ride_loss.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py. methods.md 3.2 and 6.3
+tests: tests/ops/test_ride_loss.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py. docs/methods.md 3.2 and 6.3
 give the definition.
 
 The kernels compute the loss and d loss / d logits in one pass per row; the backward only scales the saved gradient
@@ -39,7 +39,7 @@ def ride_tables(class_counts, *, scale, max_margin, temperature_factor, base_tem
 
 def ride_loss_reference(expert_logits, target, class_counts, *, scale=30.0, max_margin=0.5, diversity_factor=-0.45,
                         temperature_factor=0.05, base_temperature=1.0, drw=False, drw_beta=0.9999):
-    """Eager PyTorch reference written from the formulas (methods.md 6.3); fp32 math for fp16/bf16 inputs."""
+    """Eager PyTorch reference written from the formulas (docs/methods.md 6.3); fp32 math for fp16/bf16 inputs."""
     target, class_counts = _checks.loss_conveniences(target, class_counts)
     _validate(expert_logits, target, class_counts, scale=scale, max_margin=max_margin,
               diversity_factor=diversity_factor, temperature_factor=temperature_factor,

@@ -8,7 +8,7 @@ from fastlt.data import CIFAR10LT, CIFAR100LT, DigitsLT, MNISTLT, exponential_co
 from fastlt.data.listfile import ListFileDataset, read_list_file
 from fastlt.data.mnist import mnist_folder, read_idx
 
-# methods.md section 1.1: N, max, min, many/medium/few (CIFAR-100-LT) or the counts (CIFAR-10-LT).
+# docs/methods.md section 1.1: N, max, min, many/medium/few (CIFAR-100-LT) or the counts (CIFAR-10-LT).
 CIFAR100_TABLE = {100: (10847, 500, 5, (35, 35, 30)), 50: (12608, 500, 10, (41, 41, 18)),
                   10: (19573, 500, 50, (69, 31, 0))}
 CIFAR10_TABLE = {

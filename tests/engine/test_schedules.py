@@ -1,4 +1,4 @@
-"""Exact learning rates of the papers' schedules (methods.md §2.3, §3.4, §3.5, §4.6), against the tables and
+"""Exact learning rates of the papers' schedules (docs/methods.md §2.3, §3.4, §3.5, §4.6), against the tables and
 against torch's own schedulers stepped the way the official code steps them."""
 
 import math
@@ -31,7 +31,7 @@ def torch_lrs(make_scheduler, epochs, step_at_start):
 
 
 def test_ride_cifar_custom_lr_table():
-    # lr 0.1, warmup 5, x0.01 at 160 and 180: 0.1 -> 1e-3 -> 1e-5 (methods.md §3.5)
+    # lr 0.1, warmup 5, x0.01 at 160 and 180: 0.1 -> 1e-3 -> 1e-5 (docs/methods.md §3.5)
     schedule = build_schedule("ride_custom", 200, warmup_epochs=5, milestones=(160, 180), gamma=0.01)
     got = lrs(schedule, 0.1, [0, 1, 2, 3, 4, 5, 159, 160, 179, 180, 199])
     expected = [0.02, 0.04, 0.06, 0.08, 0.1, 0.1, 0.1, 1e-3, 1e-3, 1e-5, 1e-5]
@@ -39,7 +39,7 @@ def test_ride_cifar_custom_lr_table():
 
 
 def test_ride_custom_lr_matches_the_official_lambda_lr_stepped_at_epoch_end():
-    def official_lambda(epoch, step1=60, step2=80, gamma=0.1, warmup=5):  # CustomLR as methods.md §3.5 writes it
+    def official_lambda(epoch, step1=60, step2=80, gamma=0.1, warmup=5):  # CustomLR as docs/methods.md §3.5 writes it
         factor = 1 if epoch < step1 else gamma if epoch < step2 else gamma * gamma
         return factor * (epoch + 1) / warmup if epoch < warmup else factor
 

@@ -1,4 +1,4 @@
-// Per-class math of fastlt::linear_ride_loss (the experts' classifiers fused with RIDE's loss, methods.md 3.2): a
+// Per-class math of fastlt::linear_ride_loss (the experts' classifiers fused with RIDE's loss, docs/methods.md 3.2): a
 // chunk of classes' logits comes from a GEMM, and the softmax statistics of each term of ride_loss.h are merged over
 // the chunks (softmax_stats.h). Shared by the CPU and CUDA kernels.
 #pragma once

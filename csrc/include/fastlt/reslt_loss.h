@@ -1,4 +1,4 @@
-// Per-row math of fastlt::reslt_loss (ResLT, methods.md 4.4). For one sample row with label y and K branch logits
+// Per-row math of fastlt::reslt_loss (ResLT, docs/methods.md 4.4). For one sample row with label y and K branch logits
 // z_b, g_b = group_masks[b][y], s = sum_b z_b:
 //   loss = ice_coef * sum_b g_b * CE_eps(z_b, y) + fused_coef * CE_eps(s, y),
 //   ice_coef = beta / sum_{b,i} g_b(y_i)  (one joint normaliser over branches and samples),  fused_coef = (1-beta) / B

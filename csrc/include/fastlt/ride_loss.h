@@ -1,4 +1,4 @@
-// Per-row math of fastlt::ride_loss (RIDE stage-1 loss, methods.md 3.2). For one sample row with label y:
+// Per-row math of fastlt::ride_loss (RIDE stage-1 loss, docs/methods.md 3.2). For one sample row with label y:
 //   CE_k  = log_sum_exp(z'_k) - z'_k[y],          z'_k = z_k - target_margin[y] * onehot(y)      (LDAM)
 //   KL_k  = sum_c p_c (v_c - u_c) + lse(u) - lse(v),  u = z_k / T, v = mean_k(z_k) / T, p = softmax(v)
 //   loss  = sum_k  ce_coef * CE_k + div_coef * KL_k,   ce_coef = w_y / sum_i w_{y_i},  div_coef = lambda Tbar^2 / B
