@@ -76,8 +76,8 @@ def problem_run_sampler(quick=False):
 
 def problem_run_loader(quick=False):
     num_images, rounds = (400, 1) if quick else (2000, 3)
-    return (f"{num_images} generated 320x240 JPEGs in 20 classes -> RandomResizedCrop 224 + flip + normalise, batch 64, "
-            f"class-balanced order, {rounds} timed epochs each")
+    return (f"{num_images} generated 320x240 JPEGs in 20 classes -> RandomResizedCrop 224 + flip + normalise, "
+            f"batch 64, class-balanced order, {rounds} timed epochs each")
 
 
 def run_sampler(quick=False):

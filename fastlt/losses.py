@@ -131,7 +131,8 @@ class RIDELoss(nn.Module):
 
 
 class RIDEDistillLoss(nn.Module):
-    """RIDE with knowledge distillation from a trained teacher (docs/methods.md 3.3, the official ``RIDELossWithDistill``):
+    """RIDE with knowledge distillation from a trained teacher (docs/methods.md 3.3; the official
+    ``RIDELossWithDistill``):
 
         loss = E * (RIDE(z_1..z_E) + distill_factor * T^2 * KL(softmax(t / T) || softmax(mean_k z_k / T)))
 

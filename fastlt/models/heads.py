@@ -1,4 +1,5 @@
-"""Classifier heads: the cosine classifier of RIDE and the four Decoupling stage-2 classifiers (docs/methods.md §2, §3.1).
+"""Classifier heads: the cosine classifier of RIDE and the four Decoupling stage-2 classifiers
+(docs/methods.md §2, §3.1).
 
 Every head maps pooled features [B, D] to logits [B, C]. A plain linear classifier is `torch.nn.Linear`.
 """

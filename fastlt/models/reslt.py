@@ -100,8 +100,8 @@ class ResLTConv(nn.Module):
 
 
 class RIDEResLT(nn.Module):
-    """ResLT on RIDE's multi-expert ResNeXt (the ResLT README's "RIDE + ResLT", docs/methods.md §4.7): RIDE's shared trunk
-    and E reduced-width experts (no cosine classifier, s = 1); each expert gets its own 1x1 branch block (as
+    """ResLT on RIDE's multi-expert ResNeXt (the ResLT README's "RIDE + ResLT", docs/methods.md §4.7): RIDE's shared
+    trunk and E reduced-width experts (no cosine classifier, s = 1); each expert gets its own 1x1 branch block (as
     `ResLTConv`) and its own linear classifier shared by its three branches. Expert prediction = sum of its branch
     logits (tau-normalised weights without bias in eval); model prediction = mean over experts.
 

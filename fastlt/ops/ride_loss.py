@@ -5,8 +5,8 @@
 with ``pbar = softmax(mean_k(z_k) / T)`` detached, KL reduced as ``batchmean`` and the CE weighted (DRW) or not.
 Constants (margins m, DRW weights w, temperatures T): fastlt/ops/_lt_constants.py. Per-row math:
 csrc/include/fastlt/ride_loss.h; kernels: csrc/cpu/ride_loss.cpp, csrc/cuda/ride_loss.cu, kernels/ride_loss.py;
-tests: tests/ops/test_ride_loss.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py. docs/methods.md 3.2 and 6.3
-give the definition.
+tests: tests/ops/test_ride_loss.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py.
+docs/methods.md 3.2 and 6.3 give the definition.
 
 The kernels compute the loss and d loss / d logits in one pass per row; the backward only scales the saved gradient
 by ``grad_output`` (in place in eager mode, so fwd+bwd needs no memory beyond one gradient). Second-order gradients
