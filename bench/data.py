@@ -182,7 +182,7 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m bench.data [--quick]: both tables as markdown (same rows as the CLI)
+if __name__ == "__main__":  # python -m fastlt.bench.data [--quick]: both tables as markdown (same rows as the CLI)
     import sys
 
     quick = "--quick" in sys.argv

@@ -3,7 +3,7 @@ reference vs torch.compile(reference).
 
 fwd+bwd time (median ms, same run, so the ratios compare like with like) and peak memory allocated beyond the
 returned gradient, as a % of the gradient's size (from the torch profiler's allocator events, which include the
-kernels' own scratch). Figures: BENCHMARKS.md "Fused losses". Regenerate: `.venv/bin/python -m bench.losses`.
+kernels' own scratch). Figures: BENCHMARKS.md "Fused losses". Regenerate: `.venv/bin/python -m fastlt.bench.losses`.
 """
 
 import torch

@@ -105,6 +105,6 @@ def run(quick: bool = False) -> list:
 
 
 if __name__ == "__main__":
-    from bench.timing import format_table
+    from fastlt.bench.timing import format_table
 
     print(format_table(run()))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data import inat_like_counts, python_class_aware_epoch, run_loader
+from fastlt.bench.data import inat_like_counts, python_class_aware_epoch, run_loader
 from fastlt.data.sampling import LongTailSampler
 
 

@@ -7,10 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlt.ops.expert_aggregate import expert_coefficients
-from fastlt.ops._checks import accumulate_dtype
-
-BLOCK_C = 1024
+from fastlt._formulas import accumulate_dtype, expert_coefficients
+from fastlt.kernels._common import class_block
 
 
 @triton.jit
@@ -63,7 +61,7 @@ def forward(logits, reduce, weights, active):
     num_experts, num_rows, num_classes = logits.shape
     _, coef = _tables(logits, reduce, weights, active)
     out = torch.empty((num_rows, num_classes), dtype=logits.dtype, device=logits.device)
-    block = min(BLOCK_C, triton.next_power_of_2(num_classes))
+    block = class_block(num_classes)
     grid = (num_rows, triton.cdiv(num_classes, block))
     _forward_kernel[grid](logits, coef, out, *logits.stride(), num_experts, num_classes, BLOCK=block)
     return out
@@ -74,7 +72,7 @@ def backward(grad, logits, reduce, weights, active, weights_requires_grad):
     unweighted, coef = _tables(logits, reduce, weights, active)
     grad = grad.to(logits.dtype).contiguous()
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    block = min(BLOCK_C, triton.next_power_of_2(num_classes))
+    block = class_block(num_classes)
     _backward_logits_kernel[(num_rows, triton.cdiv(num_classes, block))](
         grad, coef, grad_logits, num_rows, num_experts, num_classes, BLOCK=block
     )

@@ -9,10 +9,8 @@ import triton
 import triton.language as tl
 
 from fastlt.kernels._softmax_stats import add_to_softmax_stats, merge_lanes
-from fastlt.ops._checks import accumulate_dtype
-
-BLOCK_C = 1024
-_TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+from fastlt._formulas import accumulate_dtype
+from fastlt.kernels._common import TRITON_DTYPES, class_block
 
 
 @triton.jit
@@ -59,9 +57,9 @@ def forward(expert_logits, target, logit_shifts, compute_grad):
     grad = torch.empty(expert_logits.shape if compute_grad else (0,), dtype=expert_logits.dtype,
                        device=expert_logits.device)
     row_losses = torch.empty(batch, dtype=acc, device=expert_logits.device)
-    block = min(BLOCK_C, triton.next_power_of_2(num_classes))
+    block = class_block(num_classes)
     _prior_shifted_ce_kernel[(batch,)](
         expert_logits, target.contiguous(), shifts, row_losses, grad, *expert_logits.stride(), num_experts, batch,
-        num_classes, ACC=_TRITON_DTYPES[acc], WRITE_GRAD=compute_grad, BLOCK=block,
+        num_classes, ACC=TRITON_DTYPES[acc], WRITE_GRAD=compute_grad, BLOCK=block,
     )
     return row_losses.sum(), grad

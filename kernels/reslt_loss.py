@@ -10,10 +10,8 @@ import triton
 import triton.language as tl
 
 from fastlt.kernels._softmax_stats import add_to_softmax_stats, merge_lanes
-from fastlt.ops._checks import accumulate_dtype
-
-BLOCK_C = 1024
-_TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+from fastlt._formulas import accumulate_dtype
+from fastlt.kernels._common import TRITON_DTYPES, class_block
 
 
 @triton.jit
@@ -118,9 +116,9 @@ def forward(branch_logits, target, group_masks, beta, log_eps, compute_grad):
     branch_stats = torch.empty((batch, num_branches, 3), dtype=acc, device=device)
     grad = torch.empty(branch_logits.shape if compute_grad else (0,), dtype=branch_logits.dtype, device=device)
     row_losses = torch.empty(batch, dtype=acc, device=device)
-    block = min(BLOCK_C, triton.next_power_of_2(num_classes))
+    block = class_block(num_classes)
     _reslt_loss_kernel[(batch,)](
         branch_logits, labels, masks, coefs, branch_stats, row_losses, grad, *branch_logits.stride(),
-        num_branches, batch, num_classes, ACC=_TRITON_DTYPES[acc], WRITE_GRAD=compute_grad, BLOCK=block,
+        num_branches, batch, num_classes, ACC=TRITON_DTYPES[acc], WRITE_GRAD=compute_grad, BLOCK=block,
     )
     return row_losses.sum(), grad

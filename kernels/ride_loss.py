@@ -12,10 +12,8 @@ import triton
 import triton.language as tl
 
 from fastlt.kernels._softmax_stats import add_to_softmax_stats, merge_lanes
-from fastlt.ops._checks import accumulate_dtype
-
-BLOCK_C = 1024
-_TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+from fastlt._formulas import accumulate_dtype
+from fastlt.kernels._common import TRITON_DTYPES, class_block
 
 
 @triton.jit
@@ -117,10 +115,10 @@ def forward(expert_logits, target, target_margins, class_weights, temperatures, 
     mean_scratch = torch.empty((batch, num_classes) if diversity else (1,), dtype=acc, device=device)
     grad = torch.empty(expert_logits.shape if compute_grad else (0,), dtype=expert_logits.dtype, device=device)
     row_losses = torch.empty(batch, dtype=acc, device=device)
-    block = min(BLOCK_C, triton.next_power_of_2(num_classes))
+    block = class_block(num_classes)
     _ride_loss_kernel[(batch,)](
         expert_logits, target.contiguous(), margins, ce_coefs, inverse_temperature, div_coef, mean_scratch, row_losses,
         grad, *expert_logits.stride(), num_experts, batch, num_classes,
-        ACC=_TRITON_DTYPES[acc], DIVERSITY=diversity, WRITE_GRAD=compute_grad, BLOCK=block,
+        ACC=TRITON_DTYPES[acc], DIVERSITY=diversity, WRITE_GRAD=compute_grad, BLOCK=block,
     )
     return row_losses.sum(), grad

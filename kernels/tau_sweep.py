@@ -5,7 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_C = 1024
+from fastlt.kernels._common import class_block
+
 ROW_BLOCK = 4096
 
 
@@ -46,7 +47,7 @@ def forward(features, weight, taus, bias, eps):
     out = torch.empty((num_taus, num_rows), dtype=torch.long, device=features.device)
     if num_rows == 0 or num_taus == 0:
         return out
-    block = min(BLOCK_C, triton.next_power_of_2(num_classes))
+    block = class_block(num_classes)
     for start in range(0, num_rows, ROW_BLOCK):
         raw = (features[start:start + ROW_BLOCK].to(acc) @ w.t()).contiguous()
         _sweep_kernel[(raw.shape[0],)](
