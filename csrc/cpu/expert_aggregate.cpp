@@ -177,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> expert_aggregate_backward(const at::Tensor& g
             scalar_t* out_row = gl + (k * B + b) * C;
             const A ck = coef[k];
             write_row(out_row, C, [&](int64_t c) { return ck * static_cast<A>(g_row[c]); });
-            if (gw != nullptr && unweighted[k] != A(0)) {
+            if (gw != nullptr) {  // inactive experts too: 0 * a NaN logit is NaN, as in the reference
               const scalar_t* zk = z + k * sE + b * sB;
               A dot = A(0);
               for (int64_t c = 0; c < C; ++c) dot += static_cast<A>(g_row[c]) * static_cast<A>(zk[c * sC]);

@@ -207,6 +207,23 @@ def test_raw_op_refuses_what_the_wrapper_refuses(op_name):
             backward(grad, logits, "mean", None, None, False)
 
 
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_nan_logit_of_an_inactive_expert_matches_reference(name):
+    """The reference's weight gradient is 0 * NaN = NaN there (as the forward's 0 * NaN); cpp skipped the expert."""
+    logits, w, _ = _inputs((3, 2, 4), weights="expert")
+    logits[2, 1, 3] = float("nan")
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    grad = torch.randn(2, 4)
+    expected = [t.clone().requires_grad_(True) for t in (logits, w)]
+    expert_aggregate_reference(expected[0], weights=expected[1], active=mask).backward(grad)
+    actual = [t.clone().requires_grad_(True) for t in (logits, w)]
+    with backend(name):
+        expert_aggregate(actual[0], weights=actual[1], active=mask).backward(grad)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.grad, e.grad, equal_nan=True)
+    assert actual[1].grad[2].isnan()
+
+
 @pytest.mark.parametrize("name", COMPILED_BACKENDS + ["reference"])
 @pytest.mark.parametrize("weights", ["expert", "row"])
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
