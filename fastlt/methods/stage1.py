@@ -131,7 +131,7 @@ def _fused_head_ride(loss, config, model) -> Method:
         scale=model.scale if normalize else 1.0, margin_scale=loss.scale, max_margin=loss.max_margin,
         diversity_factor=loss.diversity_factor, temperature_factor=loss.temperature_factor,
         base_temperature=loss.base_temperature, drw_beta=loss.drw_beta, drw_epoch=loss.drw_epoch,
-        chunk_size=config.get("chunk_size")).to(loss.class_counts.device)
+        chunk_size=config.get("chunk_size")).to(classifiers[0].weight.device)  # moves with the model from here
     with torch.no_grad():
         for index, classifier in enumerate(classifiers):
             head.weight[index].copy_(classifier.weight.t() if normalize else classifier.weight)
