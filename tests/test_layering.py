@@ -1,5 +1,5 @@
-"""The layers import downwards only: fastlt.ops (the fused ops) does not load the data, model, engine or recipe
-layers; the Triton kernels (kernels/, installed as fastlt.kernels) never import fastlt.ops, which imports them; and
+"""The layers import downwards only: fastlt.ops (the fused ops) does not import the data, model, engine or recipe
+layers, not even lazily; the Triton kernels (kernels/, installed as fastlt.kernels) never import fastlt.ops, which imports them; and
 the benchmarks import themselves as installed, fastlt.bench.*, never as a top-level `bench` package."""
 
 import ast
@@ -34,6 +34,11 @@ def test_importing_fastlt_ops_loads_no_upper_layer():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "fastlt" / "ops").glob("*.py")), ids=lambda path: path.name)
+def test_ops_import_no_upper_layer_even_lazily(path):
+    assert [name for name in imported_modules(path) if any(is_within(name, layer) for layer in UPPER_LAYERS)] == []
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "kernels").glob("*.py")), ids=lambda path: path.name)

@@ -5,6 +5,10 @@ import numbers
 
 import torch
 
+from fastlt._formulas import accumulate_dtype  # noqa: F401 - the ops' accumulation dtype, shared with kernels/
+
+MAX_EXPERTS = 64  # the most experts / branches a kernel takes: kMaxExperts in csrc/include/fastlt/common.h
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -54,11 +58,6 @@ def number(op: str, name: str, value, *, low=-math.inf, high=math.inf, low_open=
         domain = "a finite number" + ("" if interval == "(-inf, inf)" else f" in {interval}")
         raise ValueError(f"{op}: {name} must be {domain}, got {value}")
     return value
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation for fp16/bf16/fp32, fp64 for fp64 (as the kernels do)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def labels(op: str, name: str, value, batch: int, num_classes: int) -> None:

@@ -13,23 +13,11 @@ from typing import Optional
 import torch
 
 from fastlt import _extension
+from fastlt._formulas import expert_coefficients
 from fastlt.ops import _backend, _checks
 
 OP = "fastlt.expert_aggregate"
 REDUCTIONS = ("mean", "sum")
-MAX_EXPERTS = 64  # kMaxExperts in csrc/include/fastlt/common.h
-
-
-def expert_coefficients(num_rows: int, num_experts: int, reduce: str, weights, active, dtype, device):
-    """(unweighted [B, E], coef [B, E]) of the formula above, in ``dtype`` (the accumulation dtype)."""
-    if active is None:
-        on = torch.ones(num_rows, num_experts, dtype=dtype, device=device)
-    else:
-        on = active.to(dtype)
-    divisor = on.sum(1, keepdim=True) if reduce == "mean" else torch.ones(num_rows, 1, dtype=dtype, device=device)
-    unweighted = on / divisor.clamp_min(1)
-    coef = unweighted if weights is None else unweighted * weights.to(dtype).expand(num_rows, num_experts)
-    return unweighted, coef
 
 
 def expert_aggregate_reference(logits, *, reduce="mean", weights=None, active=None):
@@ -83,8 +71,8 @@ def _validate(logits, reduce, weights, active):
     if reduce not in REDUCTIONS:
         raise ValueError(f"{OP}: reduce must be one of {REDUCTIONS}, got {reduce!r}")
     num_experts, num_rows, _ = logits.shape
-    if num_experts > MAX_EXPERTS:
-        raise ValueError(f"{OP}: logits has {num_experts} experts; at most {MAX_EXPERTS} are supported")
+    if num_experts > _checks.MAX_EXPERTS:
+        raise ValueError(f"{OP}: logits has {num_experts} experts; at most {_checks.MAX_EXPERTS} are supported")
     if weights is not None:
         _checks.tensor(OP, "weights", weights, dims=(1, 2), floating=True)
         _checks.same_device(OP, "weights", weights, logits, "logits")

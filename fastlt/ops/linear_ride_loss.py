@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from fastlt import _extension
 from fastlt.ops import _backend, _checks, _lt_constants
-from fastlt.ops.ride_loss import MAX_EXPERTS, ride_loss_reference, ride_tables, scale_saved_gradient
+from fastlt.ops.ride_loss import ride_loss_reference, ride_tables, scale_saved_gradient
 
 OP = "fastlt.linear_ride_loss"
 NORM_EPS = 1e-12  # F.normalize's eps, as NormedLinear uses it
@@ -139,8 +139,8 @@ def _validate(features, weight, target, class_counts, bias, scale, chunk_size):
     _checks.tensor(OP, "weight", weight, dims=3, floating=True)
     _checks.tensor(OP, "features", features, dims=(2, 3), floating=True)
     num_experts, num_classes, dim = weight.shape
-    if num_experts > MAX_EXPERTS:
-        raise ValueError(f"{OP}: weight has {num_experts} experts; at most {MAX_EXPERTS} are supported")
+    if num_experts > _checks.MAX_EXPERTS:
+        raise ValueError(f"{OP}: weight has {num_experts} experts; at most {_checks.MAX_EXPERTS} are supported")
     if features.dtype != weight.dtype:
         raise ValueError(f"{OP}: features must have weight's dtype {weight.dtype}, got {features.dtype}")
     if features.shape[-1] != dim:

@@ -18,7 +18,6 @@ from fastlt import _extension
 from fastlt.ops import _backend, _checks, _fused_loss, _lt_constants
 
 OP = "fastlt.prior_shifted_ce"
-MAX_EXPERTS = 64  # kMaxExperts in csrc/include/fastlt/common.h
 
 
 def prior_shifted_ce_reference(expert_logits, target, class_counts, *, taus, label_smoothing=0.0):
@@ -89,7 +88,7 @@ def _prepare(expert_logits, target, class_counts, taus, label_smoothing):
 
 def _validate(expert_logits, target, class_counts, taus) -> torch.Tensor:
     """Checks the arguments; returns the taus as an fp64 [E] tensor."""
-    _checks.expert_loss_inputs(OP, expert_logits, target, class_counts, MAX_EXPERTS, soft_targets=True,
+    _checks.expert_loss_inputs(OP, expert_logits, target, class_counts, _checks.MAX_EXPERTS, soft_targets=True,
                                why_positive="the log prior of a class without training samples is -inf")
     num_experts = expert_logits.shape[0]
     tau_table = torch.as_tensor(taus, dtype=torch.float64)
@@ -112,7 +111,7 @@ def _prior_shifted_ce_triton(expert_logits: torch.Tensor, target: torch.Tensor, 
                              compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from fastlt.kernels import prior_shifted_ce as kernel
 
-    _checks.fused_loss_inputs(OP, "expert_logits", expert_logits, target, MAX_EXPERTS)
+    _checks.fused_loss_inputs(OP, "expert_logits", expert_logits, target, _checks.MAX_EXPERTS)
     _checks.fused_loss_table(OP, "logit_shifts", logit_shifts, expert_logits.shape[::2], expert_logits)
     return kernel.forward(expert_logits, target, logit_shifts, compute_grad)
 

@@ -18,17 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from fastlt import _extension
+from fastlt.splits import shot_split
 from fastlt.ops import _backend, _checks, _fused_loss
 
 OP = "fastlt.reslt_loss"
-MAX_BRANCHES = 64  # kMaxExperts in csrc/include/fastlt/common.h
 
 
 def reslt_groups(class_counts, *, cutoffs=None, num_branches: int = 3) -> torch.Tensor:
     """ResLT's ``[K, C]`` bool group masks: row 0 every class, row 1 medium + tail, row 2 tail (K = num_branches).
 
     Without ``cutoffs`` the groups follow the many / medium / few rule (> 100 / 20..100 / < 20 training images,
-    :func:`fastlt.data.splits.shot_split`). ``cutoffs`` (K - 1 label indices) reproduce the papers' hard-coded
+    :func:`fastlt.splits.shot_split`). ``cutoffs`` (K - 1 label indices) reproduce the papers' hard-coded
     groups instead; the labels must be sorted by frequency and each group runs from its cut-off to the tail end:
     ``[35, 70]`` on CIFAR-100-LT (index order, tail at high labels: labels 35..99 and 70..99), ``[825, 220]`` on
     ImageNet-LT after the ascending-frequency remap (tail at low labels: labels 0..824 and 0..219), ``[6600]`` on
@@ -58,8 +58,6 @@ def reslt_groups(class_counts, *, cutoffs=None, num_branches: int = 3) -> torch.
 
 
 def _shot_groups(counts, num_branches):
-    from fastlt.data.splits import shot_split  # fastlt.data imports the loaders: only load it when needed
-
     if num_branches > 3:
         raise ValueError(f"fastlt.reslt_groups: the shot rule gives at most 3 branches, got {num_branches}; pass "
                          "cutoffs")
@@ -151,8 +149,9 @@ def reslt_loss(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: t
 def _validate(branch_logits, target, group_masks, beta, log_eps):
     _checks.tensor(OP, "branch_logits", branch_logits, dims=3, floating=True)
     num_branches, batch, num_classes = branch_logits.shape
-    if num_branches > MAX_BRANCHES:
-        raise ValueError(f"{OP}: branch_logits has {num_branches} branches; at most {MAX_BRANCHES} are supported")
+    if num_branches > _checks.MAX_EXPERTS:
+        raise ValueError(
+            f"{OP}: branch_logits has {num_branches} branches; at most {_checks.MAX_EXPERTS} are supported")
     _checks.labels(OP, "target", target, batch, num_classes)
     _checks.same_device(OP, "target", target, branch_logits, "branch_logits")
     _checks.tensor(OP, "group_masks", group_masks, dims=2)
@@ -178,7 +177,7 @@ def _reslt_loss_triton(branch_logits: torch.Tensor, target: torch.Tensor, group_
                        log_eps: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from fastlt.kernels import reslt_loss as kernel
 
-    _checks.fused_loss_inputs(OP, "branch_logits", branch_logits, target, MAX_BRANCHES)
+    _checks.fused_loss_inputs(OP, "branch_logits", branch_logits, target, _checks.MAX_EXPERTS)
     num_branches, _, num_classes = branch_logits.shape
     _checks.fused_loss_table(OP, "group_masks", group_masks, (num_branches, num_classes), branch_logits,
                              dtype=torch.bool)

@@ -23,7 +23,6 @@ from fastlt.ops import _backend, _checks, _fused_loss, _lt_constants
 from fastlt.ops._fused_loss import scale_saved_gradient  # noqa: F401 - shared with linear_ride_loss
 
 OP = "fastlt.ride_loss"
-MAX_EXPERTS = 64  # kMaxExperts in csrc/include/fastlt/common.h
 
 
 def ride_tables(class_counts, *, scale, max_margin, temperature_factor, base_temperature, drw, drw_beta, dtype,
@@ -119,7 +118,7 @@ def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: t
 
 
 def _validate(expert_logits, target, class_counts, **hyperparameters):
-    _checks.expert_loss_inputs(OP, expert_logits, target, class_counts, MAX_EXPERTS,
+    _checks.expert_loss_inputs(OP, expert_logits, target, class_counts, _checks.MAX_EXPERTS,
                                why_positive="LDAM's margin n^-1/4 of a class without training samples is infinite")
     validate_hyperparameters(**hyperparameters)
 
@@ -144,7 +143,7 @@ def _ride_loss_triton(expert_logits: torch.Tensor, target: torch.Tensor, target_
                       compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from fastlt.kernels import ride_loss as kernel
 
-    _checks.fused_loss_inputs(OP, "expert_logits", expert_logits, target, MAX_EXPERTS)
+    _checks.fused_loss_inputs(OP, "expert_logits", expert_logits, target, _checks.MAX_EXPERTS)
     num_classes = expert_logits.shape[2]
     _checks.fused_loss_table(OP, "target_margins", target_margins, (num_classes,), expert_logits)
     if class_weights is not None:

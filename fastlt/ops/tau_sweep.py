@@ -15,6 +15,7 @@ import torch
 from fastlt import _extension
 from fastlt.ops import _backend, _checks
 from fastlt.ops.tau_normalize import check_eps, tau_normalize_reference
+from fastlt.splits import split_accuracies
 
 OP = "fastlt.tau_sweep"
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(21))  # Decoupling's grid 0.0, 0.1, ..., 2.0
@@ -73,11 +74,10 @@ def shot_accuracy_per_tau(predictions, targets, class_counts, taus=None):
     """Turn ``tau_sweep`` predictions into accuracy rows, one per tau.
 
     Every accuracy is the mean of per-class accuracies (classes without evaluation samples are left out); many /
-    medium / few use the training counts (> 100, 20..100, < 20 images; ``fastlt.data.splits.shot_split``).
-    Returns ``[{"tau", "overall", "many", "medium", "few"}, ...]`` with accuracies in percent (NaN for an empty split).
+    medium / few use the training counts (> 100, 20..100, < 20 images; ``fastlt.splits.split_accuracies``, as
+    ``fastlt.engine.evaluate`` reports them). Returns ``[{"tau", "overall", "many", "medium", "few"}, ...]`` with
+    accuracies in percent (NaN for an empty split).
     """
-    from fastlt.data.splits import shot_split
-
     predictions = torch.as_tensor(predictions)
     if predictions.dim() == 1:
         predictions = predictions.unsqueeze(0)
@@ -93,24 +93,12 @@ def shot_accuracy_per_tau(predictions, targets, class_counts, taus=None):
     per_class_correct = torch.zeros(predictions.shape[0], num_classes, dtype=torch.float64, device=predictions.device)
     per_class_correct.index_add_(1, targets, correct)
     samples = torch.bincount(targets, minlength=num_classes).double()
-    per_class = (per_class_correct / samples.clamp_min(1)).cpu().numpy()
-    evaluated = samples.cpu().numpy() > 0
-    many, medium, few = shot_split(class_counts)
-
-    def mean_over(ids, row):
-        ids = np.asarray(ids, dtype=np.int64)
-        ids = ids[evaluated[ids]]
-        return float(100.0 * row[ids].mean()) if len(ids) else float("nan")
-
+    per_class = (100.0 * per_class_correct / samples).cpu().numpy()  # 0 / 0 = NaN: a class without samples
     rows = []
-    for k, tau in enumerate(taus):
-        rows.append({
-            "tau": tau,
-            "overall": mean_over(np.arange(num_classes), per_class[k]),
-            "many": mean_over(many, per_class[k]),
-            "medium": mean_over(medium, per_class[k]),
-            "few": mean_over(few, per_class[k]),
-        })
+    for tau, row in zip(taus, per_class):
+        split = split_accuracies(row, class_counts)
+        rows.append({"tau": tau, "overall": split["class_mean"], "many": split["many"], "medium": split["medium"],
+                     "few": split["few"]})
     return rows
 
 
