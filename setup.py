@@ -23,6 +23,7 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
+from build_flags import CUDA_DEFINES, CXX_FLAGS, LINK_FLAGS, NVCC_FLAGS  # noqa: E402
 from cuda_env import find_cuda_home, nvidia_wheel_dirs  # noqa: E402
 
 # setup.py commands that compile the extension (pip's PEP 517 builds run bdist_wheel / editable_wheel).
@@ -88,8 +89,7 @@ def extension_modules():
         log(f"CUDA kernels skipped (torch.version.cuda={torch.version.cuda}, toolkit={cuda_home})")
     sources = ["csrc/bindings.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-fopenmp"]  # torch picks the C++ standard it needs
-    extra = {"cxx": cxx_flags}
+    extra = {"cxx": list(CXX_FLAGS)}
     if build_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # No GPU to ask: Ampere (runs on Hopper too). `make nvcc-check` separately compiles every kernel for sm_90.
@@ -97,8 +97,8 @@ def extension_modules():
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
         sources += cuda_sources
         include_dirs += nvidia_wheel_dirs("include")
-        extra["cxx"] = cxx_flags + ["-DFASTLT_WITH_CUDA"]
-        extra["nvcc"] = ["-O3", "-DFASTLT_WITH_CUDA", "--expt-relaxed-constexpr"]
+        extra["cxx"] = CXX_FLAGS + CUDA_DEFINES
+        extra["nvcc"] = list(NVCC_FLAGS)
         extension = cpp_extension.CUDAExtension
     else:
         extension = cpp_extension.CppExtension
@@ -153,9 +153,7 @@ def extension_modules():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args=extra,
-        # Python's CFLAGS compile with -g: the debug info is 95% of the module (20 MB -> 0.7 MB CPU-only, 21.9 ->
-        # 1.7 MB with CUDA); symbols stay for backtraces.
-        extra_link_args=["-fopenmp", "-Wl,--strip-debug"],
+        extra_link_args=list(LINK_FLAGS),
     )
     return [module], {"build_ext": BuildExtension}
 
