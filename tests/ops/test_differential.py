@@ -1,0 +1,600 @@
+"""Differential test of every fastlt op against its eager reference.
+
+A seeded generator draws inputs for each op over shapes (B = 1, C = 1 / 2, odd sizes), strides (transposed, sliced,
+broadcast and offset views), dtypes (fp32, fp64, bf16, fp16, mixed), NaN / Inf placement and argument values,
+invalid ones included. Every backend (reference, cpp, triton; their CUDA versions when a GPU is present; the raw
+``torch.ops.fastlt`` ops of expert_aggregate / tau_normalize / tau_sweep) runs each draw, and they must either all
+refuse it with the same exception type at the same stage (forward, first-order or second-order backward) or agree
+with the reference within the dtype tolerance, in values and in first- and second-order gradients. A draw known to
+be invalid must be refused with a ValueError.
+
+    FASTLT_DIFF_DRAWS=3000 FASTLT_DIFF_SEED=1 pytest tests/ops/test_differential.py    # a longer / other run
+
+A failure names the op, the seed and the draw; FASTLT_DIFF_ONLY=<draw> replays that draw alone.
+"""
+
+import dataclasses
+import math
+import os
+import random
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+from fastlt import _extension, ops
+
+DRAWS = int(os.environ.get("FASTLT_DIFF_DRAWS", "300"))
+SEED = int(os.environ.get("FASTLT_DIFF_SEED", "0"))
+ONLY = os.environ.get("FASTLT_DIFF_ONLY")
+
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# (atol, rtol): atol is relative to the largest finite magnitude of the reference result (a sum that cancels keeps
+# the rounding of its terms), rtol to each element. Both sides accumulate in fp32 (fp64 for fp64) and round once.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-6, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def _backends():
+    names = ["reference"] + (["cpp"] if _extension.AVAILABLE else []) + ["triton"]
+    runs = [(name, "cpu") for name in names]
+    if torch.cuda.is_available():
+        runs += [(name, "cuda") for name in names if name != "cpp" or _extension.HAS_CUDA]
+    return runs
+
+
+BACKENDS = _backends()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: waking an intra-op thread pool per op costs more than the op (30x on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- draws ----
+
+
+@dataclasses.dataclass
+class Input:
+    """A tensor argument: ``view(base)`` is what the op receives (a strided view of ``base``, the leaf)."""
+
+    base: torch.Tensor
+    view: Callable = lambda t: t
+    grad: bool = False  # differentiate with respect to base
+
+
+@dataclasses.dataclass
+class Draw:
+    label: str
+    inputs: dict  # name -> Input
+    call: Callable  # call(**views) -> output tensor; runs under fastlt.ops.use_backend
+    order: int = 1  # 0: values only, 1: + gradients, 2: + gradients of a function of the gradients
+    invalid: Optional[str] = None  # a known-invalid argument: every backend must raise ValueError
+    raw: Optional[Callable] = None  # raw(op_suffix, **views): the registered op called directly ("" or "_triton")
+    compare: Optional[Callable] = None  # compare(actual, expected, views) for outputs that are not tolerance-equal
+    dtype: torch.dtype = torch.float32  # of the main input: results are no more precise than its accumulation dtype
+
+
+class Gen:
+    """Seeded choices (random.Random) and tensors (torch.Generator) of one draw."""
+
+    def __init__(self, seed):
+        self.rng = random.Random(seed)
+        self.torch = torch.Generator().manual_seed(seed)
+
+    def pick(self, *options, weights=None):
+        return self.rng.choices(options, weights=weights)[0]
+
+    def chance(self, p):
+        return self.rng.random() < p
+
+    def randn(self, shape, scale=1.0):
+        return torch.randn(shape, generator=self.torch, dtype=torch.float64) * scale
+
+    def randint(self, low, high, shape):
+        return torch.randint(low, high, shape, generator=self.torch)
+
+    def dtype(self):
+        return self.pick(*FLOAT_DTYPES, weights=[4, 3, 2, 2])
+
+    def float_input(self, shape, dtype, scale=1.0, grad=False, special=0.15, prepare=None):
+        """A float tensor of ``shape`` as a random layout (contiguous, permuted, sliced, broadcast, offset), with
+        NaN / +-inf at a random element with probability ``special``; ``prepare(values)`` edits it first."""
+        values = self.randn(shape, scale)
+        if prepare is not None:
+            prepare(values)
+        if special and self.chance(special) and values.numel():
+            values.view(-1)[self.rng.randrange(values.numel())] = self.pick(math.nan, math.inf, -math.inf)
+        return self.layout(values.to(dtype), grad)
+
+    def layout(self, values, grad=False, broadcast=True):
+        """``values`` as one of the layouts; ``broadcast`` (row 0 repeated) only where the rows' content may change."""
+        shape = tuple(values.shape)
+        kinds = ("contiguous", "permuted", "sliced", "broadcast", "offset")
+        kind = self.pick(*kinds, weights=[4, 2, 2, int(broadcast), 1])
+        if kind == "permuted" and len(shape) >= 2:
+            perm = list(range(len(shape)))
+            while perm == sorted(perm):
+                self.rng.shuffle(perm)
+            inverse = [perm.index(i) for i in range(len(shape))]
+            return Input(values.permute(perm).contiguous(), lambda t: t.permute(inverse), grad)
+        if kind == "sliced" and shape:
+            base = torch.zeros(shape[:-1] + (2 * shape[-1],), dtype=values.dtype)
+            base[..., ::2] = values
+            return Input(base, lambda t: t[..., ::2], grad)
+        if kind == "broadcast" and shape and shape[0] > 1:
+            return Input(values[:1].clone(), lambda t: t.expand(shape), grad)
+        if kind == "offset" and shape:
+            base = torch.cat([torch.zeros((1,) + shape[1:], dtype=values.dtype), values])
+            return Input(base, lambda t: t[1:], grad)
+        return Input(values, lambda t: t, grad)
+
+
+def _counts(gen, num_classes):
+    """Positive training counts spanning the many / medium / few ranges, as int64 or float."""
+    counts = torch.tensor([gen.pick(1, 3, 7, 19, 20, 50, 100, 101, 300, 1000) for _ in range(num_classes)])
+    return counts.to(gen.pick(torch.int64, torch.float32, torch.float64))
+
+
+def _target(gen, batch, num_classes):
+    target = gen.randint(0, num_classes, (batch,))
+    if gen.chance(0.2):
+        base = torch.stack([target, gen.randint(0, num_classes, (batch,))], 1)
+        return Input(base, lambda t: t[:, 0])  # stride 2
+    return Input(target)
+
+
+def draw_expert_aggregate(gen):
+    dtype = gen.dtype()
+    E = gen.pick(1, 2, 3, 4, 5, 6, 7, 8, weights=[3, 4, 4, 2, 1, 1, 1, 1])
+    B, C = gen.pick(1, 2, 3, 5, weights=[4, 3, 2, 1]), gen.pick(1, 2, 3, 7, 33)
+    invalid = None
+    if gen.chance(0.02):
+        E, B, C, invalid = 65, 1, 2, "experts"
+    reduce = gen.pick("mean", "sum")
+    if gen.chance(0.04):
+        reduce, invalid = gen.pick("max", "", "Mean"), "reduce"
+    inputs = {"logits": gen.float_input((E, B, C), dtype, scale=3.0, grad=True)}
+    weights_kind = gen.pick(None, "expert", "row", weights=[2, 2, 2])
+    if weights_kind:
+        shape = (E,) if weights_kind == "expert" else (B, E)
+        if gen.chance(0.05):
+            shape, invalid = gen.pick((E + 1,), (B + 1, E), (B, E, 1)), "weights"
+        weight_dtype = dtype if gen.chance(0.7) else gen.dtype()
+        inputs["weights"] = gen.float_input(shape, weight_dtype, grad=True, special=0.05)
+        if gen.chance(0.03) and invalid is None:
+            inputs["weights"], invalid = Input(gen.randint(0, 3, shape)), "weights"
+    if gen.chance(0.4):
+        active = torch.rand((B, E), generator=gen.torch) > 0.5
+        active[torch.arange(B), gen.randint(0, E, (B,))] = True
+        if gen.chance(0.1):
+            active[gen.rng.randrange(B)] = False
+            invalid = "active row"
+        if gen.chance(0.03):
+            active, invalid = active.float(), "active"
+        inputs["active"] = gen.layout(active, broadcast=False)
+
+    def call(logits, weights=None, active=None):
+        return ops.expert_aggregate(logits, reduce=reduce, weights=weights, active=active)
+
+    def raw(suffix, logits, weights=None, active=None):
+        return getattr(torch.ops.fastlt, "expert_aggregate" + suffix)(logits, reduce, weights, active)
+
+    label = f"E={E} B={B} C={C} {dtype} reduce={reduce!r} weights={weights_kind} active={'active' in inputs}"
+    return Draw(label, inputs, call, order=gen.pick(0, 1, 2, weights=[1, 2, 2]), invalid=invalid, raw=raw, dtype=dtype)
+
+
+def draw_tau_normalize(gen):
+    dtype = gen.dtype()
+    C, D = gen.pick(1, 2, 3, 5, weights=[4, 3, 2, 1]), gen.pick(1, 2, 3, 7, 16)
+    tau = gen.pick(0.0, 0.3, 0.5, 1.0, 1.7, 2.0)
+    eps = gen.pick(1e-12, 1e-6, 0.1, 1.0)
+    invalid = None
+    if gen.chance(0.05):
+        tau, invalid = gen.pick(-0.5, math.nan, math.inf), "tau"
+    if gen.chance(0.05):
+        eps, invalid = gen.pick(0.0, -1e-3, math.nan, math.inf), "eps"
+    zero_row = gen.chance(0.2)  # its norm is clamped to eps
+
+    def prepare(values):
+        if zero_row:
+            values[gen.rng.randrange(C)] = 0
+
+    weight = gen.float_input((C, D), dtype, scale=gen.pick(1.0, 0.05), grad=True, prepare=prepare)
+
+    def call(weight):
+        return ops.tau_normalize(weight, tau, eps=eps)
+
+    def raw(suffix, weight):
+        return getattr(torch.ops.fastlt, "tau_normalize" + suffix)(weight, tau, eps)
+
+    label = f"C={C} D={D} {dtype} tau={tau} eps={eps}"
+    order = gen.pick(0, 1, 2, weights=[1, 2, 2])
+    return Draw(label, {"weight": weight}, call, order=order, invalid=invalid, raw=raw, dtype=dtype)
+
+
+def _tau_sweep_scores(features, weight, taus, bias, eps):
+    """fp64 scores [K, N, C] and their rounding scale sum_d |f_d| |w_jd| s_kj + |b_j|."""
+    f, w = features.double(), weight.double()
+    norms = torch.linalg.vector_norm(w, dim=1).clamp_min(eps)
+    scales = norms[None, :] ** -torch.as_tensor(taus, dtype=torch.float64)[:, None]  # [K, C]
+    raw, magnitude = f @ w.t(), f.abs() @ w.abs().t()
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    return raw[None] * scales[:, None] + b, magnitude[None] * scales[:, None] + b.abs()
+
+
+def _same_argmax(taus, eps):
+    def compare(actual, expected, views):
+        """Equal predictions, or near-ties: the two classes' fp64 scores differ by less than fp32 rounding."""
+        assert actual.shape == expected.shape and actual.dtype == expected.dtype == torch.long
+        differ = actual.cpu() != expected.cpu()
+        if not differ.any():
+            return
+        scores, magnitude = _tau_sweep_scores(views["features"], views["weight"], taus, views.get("bias"), eps)
+        k, n = differ.nonzero(as_tuple=True)
+        a, e = actual.cpu()[k, n], expected.cpu()[k, n]
+        score_a, score_e = scores[k, n, a], scores[k, n, e]
+        dtypes = {views["features"].dtype, views["weight"].dtype}
+        tol = 1e-10 if torch.float64 in dtypes else 2e-5
+        slack = tol * (magnitude[k, n, a] + magnitude[k, n, e])
+        near_tie = (score_a - score_e).abs() <= slack
+        assert bool(near_tie.all()), (
+            f"predictions differ beyond a near-tie at (tau index, row) {list(zip(k.tolist(), n.tolist()))}: "
+            f"classes {a.tolist()} vs {e.tolist()}, scores {score_a.tolist()} vs {score_e.tolist()}"
+        )
+
+    return compare
+
+
+def draw_tau_sweep(gen):
+    N, C, D = gen.pick(1, 2, 3, 5, weights=[4, 3, 2, 1]), gen.pick(1, 2, 3, 7, 33), gen.pick(1, 2, 4, 5)
+    f_dtype = gen.dtype()
+    w_dtype = f_dtype if gen.chance(0.7) else gen.dtype()
+    K = gen.pick(1, 2, 3)
+    taus = [gen.pick(0.0, 0.5, 1.0, 1.5, 2.0) for _ in range(K)]
+    eps = gen.pick(1e-12, 1e-6, 0.5)
+    invalid = None
+    if gen.chance(0.05):
+        taus[gen.rng.randrange(K)], invalid = gen.pick(-1.0, math.nan, math.inf), "tau"
+    if gen.chance(0.05):
+        eps, invalid = gen.pick(0.0, -1.0, math.nan, math.inf), "eps"
+    duplicate, zero = gen.chance(0.15), gen.chance(0.15)
+
+    def prepare(values):
+        if duplicate:  # exact ties: the first index wins
+            values[gen.rng.randrange(C)] = values[gen.rng.randrange(C)]
+        if zero:  # clamped to eps
+            values[gen.rng.randrange(C)] = 0
+
+    inputs = {
+        "features": gen.float_input((N, D), f_dtype, special=0.1),
+        "weight": gen.float_input((C, D), w_dtype, scale=gen.pick(1.0, 3.0), special=0.1, prepare=prepare),
+    }
+    if gen.chance(0.3):
+        shape = (C,) if not gen.chance(0.05) else gen.pick((C + 1,), (C, 1))
+        invalid = invalid if shape == (C,) else "bias"
+        inputs["bias"] = gen.float_input(shape, gen.dtype(), special=0.05)
+    taus_as_tensor = gen.chance(0.5)
+    if gen.chance(0.04):
+        taus, invalid = [], "taus"
+
+    def tau_argument(device):
+        return torch.tensor(taus, dtype=torch.float64, device=device) if taus_as_tensor else taus
+
+    def call(features, weight, bias=None):
+        return ops.tau_sweep(features, weight, tau_argument(features.device), bias=bias, eps=eps)
+
+    def raw(suffix, features, weight, bias=None):
+        taus_tensor = torch.tensor(taus, dtype=torch.float64, device=features.device)
+        return getattr(torch.ops.fastlt, "tau_sweep" + suffix)(features, weight, taus_tensor, bias, eps)
+
+    label = f"N={N} C={C} D={D} {f_dtype}/{w_dtype} taus={taus} eps={eps} bias={'bias' in inputs}"
+    return Draw(label, inputs, call, order=0, invalid=invalid, raw=raw, compare=_same_argmax(taus, eps))
+
+
+def _shot_accuracy_oracle(predictions, targets, class_counts, taus):
+    """shot_accuracy_per_tau written as plain loops (mean of per-class accuracies over evaluated classes)."""
+    counts = [int(c) for c in class_counts]
+    groups = {
+        "overall": range(len(counts)),
+        "many": [c for c, n in enumerate(counts) if n > 100],
+        "medium": [c for c, n in enumerate(counts) if 20 <= n <= 100],
+        "few": [c for c, n in enumerate(counts) if n < 20],
+    }
+    rows = []
+    for k, row in enumerate(predictions.tolist()):
+        per_class = {}
+        for c in range(len(counts)):
+            hits = [row[i] == c for i, y in enumerate(targets.tolist()) if y == c]
+            if hits:
+                per_class[c] = sum(hits) / len(hits)
+        entry = {"tau": None if taus is None else float(taus[k])}
+        for name, classes in groups.items():
+            values = [per_class[c] for c in classes if c in per_class]
+            entry[name] = 100.0 * sum(values) / len(values) if values else math.nan
+        rows.append(entry)
+    return rows
+
+
+def draw_shot_accuracy_per_tau(gen):
+    K, N, C = gen.pick(1, 2, 3), gen.pick(1, 2, 5, 9), gen.pick(1, 2, 3, 6)
+    class_counts = _counts(gen, C).numpy()
+    targets = gen.randint(0, C, (N,))
+    predictions = gen.randint(0, C, (K, N))
+    taus = gen.pick(None, "match", "fewer", "more", "nested", weights=[2, 6, 1, 1, 1])
+    invalid = None
+    if taus == "match":
+        taus = [round(0.5 * k, 1) for k in range(K)]
+    elif taus is not None:
+        invalid = "taus"
+        taus = {"fewer": [0.0] * (K - 1), "more": [0.0] * (K + 1), "nested": [[0.0] * K]}[taus]
+    if gen.chance(0.05):
+        targets[gen.rng.randrange(N)], invalid = gen.pick(-1, C), "targets"
+    if gen.chance(0.05):
+        targets, invalid = targets[:-1] if N > 1 else targets.repeat(2), "targets"
+    as_numpy = gen.chance(0.3)
+    label = f"K={K} N={N} C={C} taus={taus} numpy={as_numpy}"
+    return label, predictions, targets, class_counts, taus, as_numpy, invalid
+
+
+def _rows(gen):
+    """Batch sizes: the Triton interpreter runs one program per row at Python speed, so few rows, mostly."""
+    return gen.pick(1, 2, 3, 5, weights=[4, 3, 2, 1])
+
+
+def _loss_order(gen):
+    return gen.pick(0, 1, 2, weights=[1, 2, 2])
+
+
+def draw_ride_loss(gen):
+    dtype = gen.dtype()
+    E, B, C = gen.pick(1, 2, 3, 4, weights=[3, 3, 2, 1]), _rows(gen), gen.pick(1, 2, 3, 5, 8)
+    kwargs = dict(
+        scale=gen.pick(30.0, 1.0, 0.0),
+        max_margin=gen.pick(0.5, 0.1, 0.0),
+        diversity_factor=gen.pick(-0.45, 0.0, 0.2),
+        temperature_factor=gen.pick(0.05, 0.2),
+        base_temperature=gen.pick(1.0, 1.5),
+        drw=gen.chance(0.5),
+        drw_beta=gen.pick(0.9999, 0.99),
+    )
+    invalid = None
+    if gen.chance(0.08):
+        name, value = gen.pick(("diversity_factor", math.nan), ("max_margin", math.inf), ("base_temperature", 0.0),
+                               ("drw_beta", 1.0))
+        kwargs[name], invalid = value, name
+        kwargs["drw"] = kwargs["drw"] or name == "drw_beta"
+    inputs = {"expert_logits": gen.float_input((E, B, C), dtype, scale=gen.pick(1.0, 10.0), grad=True),
+              "target": _target(gen, B, C)}
+    counts = _counts(gen, C)
+    if gen.chance(0.04):
+        counts[gen.rng.randrange(C)], invalid = gen.pick(0, -3), "class_counts"
+    if gen.chance(0.03):
+        inputs["target"].base[0], invalid = C, "target"
+
+    def call(expert_logits, target):
+        return ops.ride_loss(expert_logits, target, counts.to(expert_logits.device), **kwargs)
+
+    label = f"E={E} B={B} C={C} {dtype} {kwargs}"
+    return Draw(label, inputs, call, order=_loss_order(gen), invalid=invalid, dtype=dtype)
+
+
+def draw_reslt_loss(gen):
+    dtype = gen.dtype()
+    K, B, C = gen.pick(1, 2, 3), _rows(gen), gen.pick(1, 2, 3, 5, 8)
+    beta = gen.pick(0.0, 0.5, 0.995, 1.0)
+    log_eps = gen.pick(0.0, 0.0, 1e-7)
+    invalid = None
+    if gen.chance(0.05):
+        beta, invalid = gen.pick(-0.1, 1.5, math.nan), "beta"
+    if gen.chance(0.03):
+        log_eps, invalid = gen.pick(-1e-7, math.nan), "log_eps"
+    masks = torch.rand((K, C), generator=gen.torch) > 0.5
+    masks[0] = True
+    masks[torch.arange(K), gen.randint(0, C, (K,))] = True
+    if gen.chance(0.05):
+        masks[gen.rng.randrange(K)], invalid = False, "group_masks"
+    inputs = {"branch_logits": gen.float_input((K, B, C), dtype, scale=gen.pick(1.0, 10.0), grad=True),
+              "target": _target(gen, B, C), "group_masks": gen.layout(masks, broadcast=False)}
+
+    def call(branch_logits, target, group_masks):
+        return ops.reslt_loss(branch_logits, target, group_masks, beta=beta, log_eps=log_eps)
+
+    label = f"K={K} B={B} C={C} {dtype} beta={beta} log_eps={log_eps}"
+    return Draw(label, inputs, call, order=_loss_order(gen), invalid=invalid, dtype=dtype)
+
+
+def draw_prior_shifted_ce(gen):
+    dtype = gen.dtype()
+    E, B, C = gen.pick(1, 2, 3), _rows(gen), gen.pick(1, 2, 3, 5, 8)
+    taus = [gen.pick(0.0, 1.0, 2.0, -1.0) for _ in range(E)]
+    invalid = None
+    if gen.chance(0.05):
+        taus[gen.rng.randrange(E)], invalid = gen.pick(math.nan, math.inf), "taus"
+    if gen.chance(0.03):
+        taus, invalid = taus + [1.0], "taus"
+    inputs = {"expert_logits": gen.float_input((E, B, C), dtype, scale=gen.pick(1.0, 10.0), grad=True),
+              "target": _target(gen, B, C)}
+    counts = _counts(gen, C)
+    if gen.chance(0.04):
+        counts = counts.double()
+        counts[gen.rng.randrange(C)], invalid = gen.pick(0.0, math.nan, math.inf), "class_counts"
+
+    def call(expert_logits, target):
+        return ops.prior_shifted_ce(expert_logits, target, counts.to(expert_logits.device), taus=taus)
+
+    label = f"E={E} B={B} C={C} {dtype} taus={taus}"
+    return Draw(label, inputs, call, order=_loss_order(gen), invalid=invalid, dtype=dtype)
+
+
+# ---- running a draw on one backend ----
+
+
+@dataclasses.dataclass
+class Outcome:
+    results: dict  # "out", "grad:<name>", "grad2:<name>" -> tensor
+    error: Optional[type] = None
+    stage: Optional[str] = None
+    message: str = ""
+
+
+def _probe(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def run(draw, backend, device, raw_suffix=None):
+    bases = {name: inp.base.to(device).clone().requires_grad_(inp.grad) for name, inp in draw.inputs.items()}
+    leaves = [name for name, inp in draw.inputs.items() if inp.grad]
+    results = {}
+    stage = "forward"
+    try:
+        with ops.use_backend(backend):
+            views = {name: draw.inputs[name].view(base) for name, base in bases.items()}
+            out = draw.raw(raw_suffix, **views) if raw_suffix is not None else draw.call(**views)
+            results["out"] = out.detach()
+            if draw.order == 0 or not leaves or not out.requires_grad:
+                return Outcome(results)
+            stage = "backward"
+            objective = (out.double() * _probe(out.shape, 1).to(device)).sum()
+            grads = torch.autograd.grad(objective, [bases[n] for n in leaves], create_graph=draw.order >= 2,
+                                        allow_unused=True)
+            grads = [torch.zeros_like(bases[n]) if g is None else g for n, g in zip(leaves, grads)]
+            results.update({f"grad:{n}": g.detach() for n, g in zip(leaves, grads)})
+            if draw.order < 2:
+                return Outcome(results)
+            stage = "double backward"
+            objective = sum((g.double() ** 2 * _probe(g.shape, 2 + i).to(device)).sum() for i, g in enumerate(grads))
+            # Gradients that do not depend on the inputs (a linear op) have zero second derivatives. A backend that
+            # returns a gradient detached from the graph where the reference's is not shows as different values.
+            second = (torch.autograd.grad(objective, [bases[n] for n in leaves], allow_unused=True)
+                      if objective.requires_grad else [None] * len(leaves))
+            results.update({f"grad2:{n}": (torch.zeros_like(bases[n]) if g is None else g).detach()
+                            for n, g in zip(leaves, second)})
+            return Outcome(results)
+    except Exception as error:  # noqa: BLE001 - the type is what the backends must agree on
+        return Outcome(results, type(error), stage, str(error).splitlines()[0][:300] if str(error) else "")
+
+
+def assert_tensors_close(actual, expected, what, compute_dtype):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} vs {expected.dtype}"
+    actual, expected = actual.cpu(), expected.cpu()
+    if not actual.is_floating_point():
+        assert torch.equal(actual, expected), f"{what}: {actual.tolist()} vs {expected.tolist()}"
+        return
+    accumulation = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    atol, rtol = max(TOLERANCES[expected.dtype], TOLERANCES[accumulation], key=lambda tol: tol[1])
+    finite = expected[torch.isfinite(expected)]
+    magnitude = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+    torch.testing.assert_close(actual, expected, atol=atol * magnitude, rtol=rtol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def check(draw, runs):
+    """Every outcome agrees with the reference's (the first run)."""
+    (ref_key, expected), *others = runs.items()
+    if draw.invalid is not None:
+        for key, outcome in runs.items():
+            assert outcome.error is ValueError and outcome.stage == "forward", (
+                f"{key}: an invalid {draw.invalid} must raise ValueError, got "
+                f"{outcome.error.__name__ if outcome.error else 'a result'} ({outcome.message})"
+            )
+    for key, outcome in others:
+        assert (outcome.error, outcome.stage) == (expected.error, expected.stage), (
+            f"{key} vs {ref_key}: {outcome.error and outcome.error.__name__} at {outcome.stage} ({outcome.message!r}) "
+            f"vs {expected.error and expected.error.__name__} at {expected.stage} ({expected.message!r})"
+        )
+        assert outcome.results.keys() == expected.results.keys(), (
+            f"{key}: {list(outcome.results)} vs {list(expected.results)}"
+        )
+        views = {name: inp.view(inp.base) for name, inp in draw.inputs.items()}
+        for name, value in expected.results.items():
+            if name == "out" and draw.compare is not None:
+                draw.compare(outcome.results[name], value, views)
+            else:
+                assert_tensors_close(outcome.results[name], value, f"{key} {name}", draw.dtype)
+
+
+def check_draw(draw, check_raw):
+    """Every backend on ``draw``; with ``check_raw``, also the raw registered ops (values only: their gradients are
+    the wrapper's)."""
+    check(draw, {(backend, device): run(draw, backend, device) for backend, device in BACKENDS})
+    if draw.raw is not None and check_raw:
+        values_only = dataclasses.replace(draw, order=0)
+        runs = {("reference", "cpu"): run(values_only, "reference", "cpu")}
+        for backend, device in BACKENDS:
+            if backend != "reference":
+                suffix = "_triton" if backend == "triton" else ""
+                runs[(backend + " raw op", device)] = run(values_only, backend, device, suffix)
+        check(values_only, runs)
+
+
+DRAWERS = {
+    "expert_aggregate": draw_expert_aggregate,
+    "tau_normalize": draw_tau_normalize,
+    "tau_sweep": draw_tau_sweep,
+    "ride_loss": draw_ride_loss,
+    "reslt_loss": draw_reslt_loss,
+    "prior_shifted_ce": draw_prior_shifted_ce,
+}
+
+
+def _draw_indices():
+    return [int(ONLY)] if ONLY is not None else range(DRAWS)
+
+
+def _seed(op, index):
+    return (SEED * 1_000_003 + index) * 31 + sorted(DRAWERS.keys() | {"shot_accuracy_per_tau"}).index(op)
+
+
+@pytest.mark.parametrize("op", list(DRAWERS))
+def test_backends_agree_or_refuse_alike(op):
+    failures = []
+    for index in _draw_indices():
+        draw = DRAWERS[op](Gen(_seed(op, index)))
+        try:
+            # raw ops on every invalid draw and a quarter of the valid ones (the Triton interpreter is slow)
+            check_draw(draw, check_raw=draw.invalid is not None or index % 4 == 0)
+        except AssertionError as error:
+            failures.append(f"draw {index} ({draw.label}): {error}")
+    assert not failures, (
+        f"{op}: {len(failures)} of {len(_draw_indices())} draws disagree (FASTLT_DIFF_SEED={SEED}; replay one with "
+        f"FASTLT_DIFF_ONLY=<draw>):\n" + "\n".join(failures[:10])
+    )
+
+
+def test_shot_accuracy_per_tau_matches_its_oracle():
+    """No backends to compare: every draw (fed from tensors or numpy, on every device) matches the plain-loop oracle
+    or, for a known-invalid draw, raises ValueError."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    failures = []
+    for index in _draw_indices():
+        draw = draw_shot_accuracy_per_tau(Gen(_seed("shot_accuracy_per_tau", index)))
+        label, predictions, targets, class_counts, taus, as_numpy, invalid = draw
+        for device in devices:
+            p, t = (predictions.numpy(), targets.numpy()) if as_numpy else (predictions.to(device), targets.to(device))
+            try:
+                try:
+                    rows = ops.shot_accuracy_per_tau(p, t, class_counts, taus)
+                except ValueError as error:
+                    assert invalid is not None, f"a valid draw was refused: {error}"
+                    continue
+                assert invalid is None, f"an invalid {invalid} was accepted"
+                expected = _shot_accuracy_oracle(predictions, targets, class_counts, taus)
+                assert len(rows) == len(expected)
+                for row, want in zip(rows, expected):
+                    assert row.keys() == want.keys()
+                    for key in want:
+                        assert (row[key] is None and want[key] is None) or row[key] == pytest.approx(
+                            want[key], nan_ok=True), f"{key}: {row[key]} vs {want[key]}"
+            except AssertionError as error:
+                failures.append(f"draw {index} ({label}) on {device}: {error}")
+    assert not failures, f"{len(failures)} draws disagree:\n" + "\n".join(failures[:10])
