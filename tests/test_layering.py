@@ -1,6 +1,7 @@
 """The layers import downwards only: fastlt.ops (the fused ops) does not import the data, model, engine or recipe
 layers, not even lazily; the Triton kernels (kernels/, installed as fastlt.kernels) never import fastlt.ops, which
-imports them; and the benchmarks import themselves as installed, fastlt.bench.*, never as a top-level `bench` package."""
+imports them; and the benchmarks import themselves as installed, fastlt.bench.*, never as a top-level `bench`
+package."""
 
 import ast
 import pathlib
