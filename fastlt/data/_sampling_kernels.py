@@ -32,6 +32,17 @@ def _below(bits32, bound):
 
 
 @njit(cache=True, inline="always")
+def _alias_class(bits, keep, alias):
+    """A class from the alias table (keep, alias), drawn with the high 32 bits of `bits`: the class index from
+    hi * C, the alias coin from the fraction of it."""
+    scaled = (bits >> _SHIFT_32) * np.uint64(keep.shape[0])
+    cls = np.int64(scaled >> _SHIFT_32)
+    if (scaled & _LOW_32) >= keep[cls]:
+        cls = alias[cls]
+    return cls
+
+
+@njit(cache=True, inline="always")
 def _take_next(work, start, size, pointers, cls, bits32):
     """Next index of class `cls` from its cycling, lazily reshuffled bucket `work[start:start+size]`.
 
@@ -102,15 +113,11 @@ def build_alias_table(probabilities):
 def draw_by_class_probability(work, offsets, keep, alias, pointers, num_samples, state):
     """Per sample: a class from the alias table, then the next index of that class's bucket (`pointers[c]` items of
     bucket c are already used in its current pass)."""
-    num_classes = keep.shape[0]
     out = np.empty(num_samples, dtype=np.int64)
     for slot in range(num_samples):
         state += _GOLDEN
         bits = _splitmix(state)
-        scaled = (bits >> _SHIFT_32) * np.uint64(num_classes)
-        cls = np.int64(scaled >> _SHIFT_32)
-        if (scaled & _LOW_32) >= keep[cls]:
-            cls = alias[cls]
+        cls = _alias_class(bits, keep, alias)
         start = offsets[cls]
         out[slot] = _take_next(work, start, offsets[cls + 1] - start, pointers, cls, bits & _LOW_32)
     return out
@@ -120,15 +127,11 @@ def draw_by_class_probability(work, offsets, keep, alias, pointers, num_samples,
 def draw_with_replacement(order, offsets, keep, alias, num_samples, state):
     """Per sample, independently: a class from the alias table, then a uniform instance of that class (i.i.d. draws
     with replacement; with p_c = n_c**q / sum n**q this is per-instance weight n_c**q / n_c)."""
-    num_classes = keep.shape[0]
     out = np.empty(num_samples, dtype=np.int64)
     for slot in range(num_samples):
         state += _GOLDEN
         bits = _splitmix(state)
-        scaled = (bits >> _SHIFT_32) * np.uint64(num_classes)
-        cls = np.int64(scaled >> _SHIFT_32)
-        if (scaled & _LOW_32) >= keep[cls]:
-            cls = alias[cls]
+        cls = _alias_class(bits, keep, alias)
         start = offsets[cls]
         out[slot] = order[start + _below(bits & _LOW_32, offsets[cls + 1] - start)]
     return out
