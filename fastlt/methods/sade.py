@@ -9,9 +9,9 @@ three experts of a RIDE-style model:
 - backward expert: CE(z_3 + log pi - tau * log pi_bar, y), where pi_bar is the prior reversed by rank (the most
   frequent class gets the rarest class's prior), tau = 2 (CIFAR-100-LT, ImageNet-LT), 1 (iNaturalist 2018).
 
-The three shifted cross-entropies are one call of the `prior_shifted_ce` kernel with an explicit [3, C] shift
-table (`shifted_expert_ce`): the public op builds its shifts as tau_k * log(pi), and the backward expert's shift is
-not of that form unless the class counts follow an exact exponential profile.
+The three shifted cross-entropies are one fused call, `fastlt.ops.shifted_ce` with an explicit [3, C] shift
+table (the `prior_shifted_ce` kernel): `prior_shifted_ce` builds its shifts as tau_k * log(pi), and the backward
+expert's shift is not of that form unless the class counts follow an exact exponential profile.
 
 Test time (`adapt_expert_weights`, the official test_training_*.py): the model is frozen in eval mode; a 3-vector
 w (initialised to 1/3) gives the aggregation softmax(w), the prediction is sum_k softmax(w)_k z_k
@@ -29,10 +29,8 @@ from torch import nn
 
 from fastlt import ops
 from fastlt.engine.loop import move_batch
-from fastlt.ops import _backend, _checks
 from fastlt.ops._lt_constants import class_prior
 
-OP = "fastlt.methods.sade"
 STOP_WEIGHT = 0.05  # the official loop stops once an expert's aggregation weight falls below this
 
 
@@ -55,33 +53,6 @@ def sade_logit_shifts(class_counts, tau: float = 2.0) -> torch.Tensor:
     return torch.stack([torch.zeros_like(log_prior), log_prior, log_prior - tau * reversed_prior(prior).log()])
 
 
-def shifted_expert_ce_reference(expert_logits, target, logit_shifts):
-    """Eager sum_k CE(z_k + shift_k, y), written from the formula (fp32 math for fp16/bf16 logits)."""
-    logits = expert_logits.to(_checks.accumulate_dtype(expert_logits.dtype))
-    shifts = logit_shifts.to(logits)
-    return sum(F.cross_entropy(expert + shift, target) for expert, shift in zip(logits, shifts))
-
-
-def shifted_expert_ce(expert_logits: torch.Tensor, target: torch.Tensor, logit_shifts: torch.Tensor) -> torch.Tensor:
-    """sum_k CE(z_k + shift_k, y) over `expert_logits` [E, B, C] with `logit_shifts` [E, C], in one fused pass
-    (the kernel of `fastlt.ops.prior_shifted_ce`, which also returns the gradient), on the active op backend."""
-    _checks.tensor(OP, "expert_logits", expert_logits, dims=3, floating=True)
-    num_experts, batch, num_classes = expert_logits.shape
-    _checks.labels(OP, "target", target, batch, num_classes)
-    _checks.tensor(OP, "logit_shifts", logit_shifts, dims=2, floating=True)
-    if tuple(logit_shifts.shape) != (num_experts, num_classes):
-        raise ValueError(f"{OP}: logit_shifts must be [E, C]=[{num_experts}, {num_classes}], "
-                         f"got {tuple(logit_shifts.shape)}")
-    backend = _backend.resolve(expert_logits)
-    if backend == "reference":
-        return shifted_expert_ce_reference(expert_logits, target, logit_shifts)
-    shifts = logit_shifts.to(device=expert_logits.device, dtype=_checks.accumulate_dtype(expert_logits.dtype))
-    compute_grad = expert_logits.requires_grad and torch.is_grad_enabled()
-    fused = torch.ops.fastlt.prior_shifted_ce_triton if backend == "triton" else torch.ops.fastlt.prior_shifted_ce
-    loss, _ = fused(expert_logits, target, shifts.contiguous(), compute_grad)
-    return loss
-
-
 class SADELoss(nn.Module):
     """Sum of the forward / uniform / backward experts' shifted cross-entropies on [3, B, C] expert logits."""
 
@@ -94,7 +65,7 @@ class SADELoss(nn.Module):
         if expert_logits.dim() != 3 or expert_logits.shape[0] != 3:
             raise ValueError(f"SADELoss: expert_logits must be [3, B, C] (forward, uniform, backward experts), got "
                              f"shape {tuple(expert_logits.shape)}")
-        return shifted_expert_ce(expert_logits, target, self.logit_shifts)
+        return ops.shifted_ce(expert_logits, target, self.logit_shifts)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.logit_shifts.shape[1]}, tau={self.tau}"

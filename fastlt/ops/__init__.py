@@ -3,7 +3,7 @@
 from fastlt.ops._backend import get_backend, set_backend, use_backend
 from fastlt.ops.expert_aggregate import expert_aggregate, expert_aggregate_reference
 from fastlt.ops.linear_ride_loss import linear_ride_loss, linear_ride_loss_reference
-from fastlt.ops.prior_shifted_ce import prior_shifted_ce, prior_shifted_ce_reference
+from fastlt.ops.prior_shifted_ce import prior_shifted_ce, prior_shifted_ce_reference, shifted_ce
 from fastlt.ops.reslt_loss import reslt_groups, reslt_loss, reslt_loss_reference
 from fastlt.ops.ride_loss import ride_loss, ride_loss_reference
 from fastlt.ops.tau_normalize import tau_normalize, tau_normalize_reference
@@ -29,4 +29,5 @@ __all__ = [
     "linear_ride_loss",
     "linear_ride_loss_reference",
     "prior_shifted_ce_reference",
+    "shifted_ce",
 ]

@@ -63,13 +63,43 @@ def prior_shifted_ce(expert_logits: torch.Tensor, target: torch.Tensor, class_co
     """
     expert_logits, target, class_counts, tau_table = _prepare(expert_logits, target, class_counts, taus,
                                                               label_smoothing)
+    shifts = _lt_constants.prior_logit_shifts(class_counts.to(expert_logits.device), tau_table)
+    return _shifted_ce(expert_logits, target, shifts, label_smoothing)
+
+
+def shifted_ce(expert_logits: torch.Tensor, target: torch.Tensor, logit_shifts: torch.Tensor, *,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """Sum over experts of the cross-entropy of ``z_k + logit_shifts[k]``: :func:`prior_shifted_ce` with an
+    explicit ``[E, C]`` shift table, for shifts that are not ``tau_k * log(pi)`` (SADE's backward expert
+    ``log pi - tau * log pi_bar``). Same kernel, arguments and return value as :func:`prior_shifted_ce`; the shifts
+    must be finite.
+
+    >>> shifts = torch.zeros(2, 10)                             # two experts, no shift: plain CE summed
+    >>> loss = fastlt.ops.shifted_ce(torch.randn(2, 4, 10), torch.tensor([0, 3, 9, 2]), shifts)
+    """
+    target, _ = _checks.loss_conveniences(target, None)
+    if isinstance(expert_logits, torch.Tensor) and expert_logits.dim() == 2:  # one head: E = 1
+        expert_logits = expert_logits.unsqueeze(0)
+    _checks.tensor(OP, "expert_logits", expert_logits, dims=3, floating=True)
+    if target.is_floating_point():
+        _checks.probability_targets(OP, "target", target, expert_logits.shape[1], expert_logits.shape[2])
+    else:
+        _checks.fused_loss_inputs(OP, "expert_logits", expert_logits, target, _checks.MAX_EXPERTS)
+    _checks.fused_loss_table(OP, "logit_shifts", logit_shifts, expert_logits.shape[::2], expert_logits)
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(logit_shifts).all()):
+        raise ValueError(f"{OP}: logit_shifts must be finite")
+    _checks.number(OP, "label_smoothing", label_smoothing, low=0.0, high=1.0)
+    return _shifted_ce(expert_logits, target, logit_shifts, label_smoothing)
+
+
+def _shifted_ce(expert_logits, target, logit_shifts, label_smoothing):
+    """The checked loss on the active backend: the fused kernel, or the eager formula where the kernel does not
+    apply (soft targets, label smoothing, torch.func transforms)."""
     backend = _backend.resolve(expert_logits, OP)
     eager_only = target.is_floating_point() or label_smoothing != 0
     if backend == "reference" or eager_only or _fused_loss.use_reference(expert_logits):
-        return prior_shifted_ce_reference(expert_logits, target, class_counts, taus=tau_table,
-                                          label_smoothing=label_smoothing)
-    shifts = _lt_constants.prior_logit_shifts(class_counts.to(expert_logits.device), tau_table)
-    shifts = shifts.to(_checks.accumulate_dtype(expert_logits.dtype))
+        return _loss_formula(expert_logits, target, logit_shifts, label_smoothing)
+    shifts = logit_shifts.to(_checks.accumulate_dtype(expert_logits.dtype))
     compute_grad = expert_logits.requires_grad and torch.is_grad_enabled()
     fused_op = torch.ops.fastlt.prior_shifted_ce_triton if backend == "triton" else torch.ops.fastlt.prior_shifted_ce
     loss, _ = fused_op(expert_logits, target, shifts, compute_grad)

@@ -7,13 +7,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+import fastlt
 from conftest import DIGITS
 from op_helpers import backend, needs_cpp, needs_cuda
 
 from fastlt.cli import main
 from fastlt.methods import build_method
-from fastlt.methods.sade import (SADELoss, adapt_expert_weights, aggregate, reversed_prior, sade_logit_shifts,
-                                 shifted_expert_ce)
+from fastlt.methods.sade import SADELoss, adapt_expert_weights, aggregate, reversed_prior, sade_logit_shifts
 from fastlt.models import create_model
 
 COUNTS = torch.tensor([40.0, 500, 15, 200, 5, 90])  # unsorted on purpose: pi_bar goes by rank, not by position
@@ -67,7 +67,7 @@ def test_every_backend_matches_the_eager_reference(name):
     counts = torch.linspace(1000, 2, 1100)
     shifts = sade_logit_shifts(counts)
     with backend(name):
-        fused = shifted_expert_ce(logits, targets, shifts)
+        fused = fastlt.ops.shifted_ce(logits, targets, shifts)
         (fused_grad,) = torch.autograd.grad(fused, logits)
     expected = sum(F.cross_entropy(z + shift, targets) for z, shift in zip(logits, shifts))
     (expected_grad,) = torch.autograd.grad(expected, logits)
@@ -103,9 +103,9 @@ def test_bad_inputs_are_refused_with_the_argument_named():
     with pytest.raises(ValueError, match=r"expert_logits must be \[3, B, C\]"):
         SADELoss(COUNTS)(torch.zeros(2, 4, len(COUNTS)), targets)
     with pytest.raises(ValueError, match="logit_shifts must be"):
-        shifted_expert_ce(torch.zeros(3, 4, len(COUNTS)), targets, torch.zeros(3, 5))
+        fastlt.ops.shifted_ce(torch.zeros(3, 4, len(COUNTS)), targets, torch.zeros(3, 5))
     with pytest.raises(ValueError, match="target must be in"):
-        shifted_expert_ce(torch.zeros(3, 4, len(COUNTS)), targets + 6, torch.zeros(3, len(COUNTS)))
+        fastlt.ops.shifted_ce(torch.zeros(3, 4, len(COUNTS)), targets + 6, torch.zeros(3, len(COUNTS)))
     with pytest.raises(ValueError, match="3-expert model"):
         build_method({"name": "sade"}, COUNTS, create_model("ride_small_cnn", num_classes=6, num_experts=4))
     assert "tau=2.0" in repr(SADELoss(COUNTS))
