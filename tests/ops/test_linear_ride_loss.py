@@ -237,3 +237,23 @@ def test_ride_recipe_with_fused_head_trains_the_head_and_evaluates_the_same_logi
     method.loss_fn(output, target).backward()
     assert model.fused_head.weight.grad.abs().sum() > 0
     assert any(parameter is model.fused_head.weight for parameter in model.parameters())
+
+
+@pytest.mark.slow
+def test_bench_fused_head_runs_and_fits_memory_linearly(monkeypatch):
+    from fastlt.bench import fused_head
+
+    monkeypatch.setattr(fused_head, "EXPERTS", 2)
+    monkeypatch.setattr(fused_head, "BATCH", 4)
+    monkeypatch.setattr(fused_head, "DIM", 8)
+    rows = fused_head.run(quick=True, class_counts=(100, 300))
+    assert [row["impl"] for row in rows[:3]] == ["fused linear_ride_loss", "(b) heads + fused ride_loss",
+                                                  "(a) heads + eager reference"]
+    for first, second in zip(rows[:3], rows[3:]):  # the fit passes through both points; max C is where it hits 8 GiB
+        per_class = (second["total_mb"] - first["total_mb"]) * 2**20 / 200
+        assert second["bytes_per_class"] == pytest.approx(per_class)
+        fixed = second["total_mb"] * 2**20 - per_class * 300
+        largest = second["max_C_in_8GiB"]
+        assert fixed + per_class * largest <= 8 * 2**30 < fixed + per_class * (largest + 1)
+    fused = rows[3]
+    assert fused["C"] == 300 and fused["memory_b_over_fused"] > 0 and fused["time_vs_b"] > 0
