@@ -6,8 +6,6 @@ exactly one definition. They are computed in fp64 from the class counts and cast
 
 import torch
 
-OP = "fastlt.ops"
-
 
 def check_class_counts(op: str, class_counts: torch.Tensor, num_classes: int, why_positive: str = "") -> None:
     """ValueError unless ``class_counts`` is a [C] tensor of positive, finite counts (``why_positive``: what a zero
