@@ -152,22 +152,34 @@ FASTLT_ALWAYS_INLINE void scaled_rows_impl(const A* a, A a_scale, const A* b, A 
   for (int64_t c = 0; c < n; ++c) out[c] = a[c] * a_scale + b[c] * b_scale;
 }
 
+// Internal to each kernel .cpp (a target_clones function cannot be inline); each uses only some of them.
 namespace {
-FASTLT_PER_ISA void add_rows(const float* x, const float* y, float* out, int64_t n) { add_rows_impl(x, y, out, n); }
-FASTLT_PER_ISA void add_rows(const double* x, const double* y, double* out, int64_t n) { add_rows_impl(x, y, out, n); }
-FASTLT_PER_ISA void scaled_rows(const float* a, float a_scale, const float* b, float b_scale, float* out, int64_t n) {
+[[maybe_unused]] FASTLT_PER_ISA void add_rows(const float* x, const float* y, float* out, int64_t n) {
+  add_rows_impl(x, y, out, n);
+}
+[[maybe_unused]] FASTLT_PER_ISA void add_rows(const double* x, const double* y, double* out, int64_t n) {
+  add_rows_impl(x, y, out, n);
+}
+[[maybe_unused]] FASTLT_PER_ISA void scaled_rows(const float* a, float a_scale, const float* b, float b_scale,
+                                                 float* out, int64_t n) {
   scaled_rows_impl(a, a_scale, b, b_scale, out, n);
 }
-FASTLT_PER_ISA void scaled_rows(const double* a, double a_scale, const double* b, double b_scale, double* out,
-                                int64_t n) {
+[[maybe_unused]] FASTLT_PER_ISA void scaled_rows(const double* a, double a_scale, const double* b, double b_scale,
+                                                 double* out, int64_t n) {
   scaled_rows_impl(a, a_scale, b, b_scale, out, n);
 }
-FASTLT_PER_ISA float row_max(const float* x, const float* scale, int64_t n) { return row_max_impl(x, scale, n); }
-FASTLT_PER_ISA double row_max(const double* x, const double* scale, int64_t n) { return row_max_impl(x, scale, n); }
-FASTLT_PER_ISA float exp_shifted(const float* x, const float* scale, float shift, float* out, int64_t n) {
+[[maybe_unused]] FASTLT_PER_ISA float row_max(const float* x, const float* scale, int64_t n) {
+  return row_max_impl(x, scale, n);
+}
+[[maybe_unused]] FASTLT_PER_ISA double row_max(const double* x, const double* scale, int64_t n) {
+  return row_max_impl(x, scale, n);
+}
+[[maybe_unused]] FASTLT_PER_ISA float exp_shifted(const float* x, const float* scale, float shift, float* out,
+                                                  int64_t n) {
   return exp_shifted_impl(x, scale, shift, out, n);
 }
-FASTLT_PER_ISA double exp_shifted(const double* x, const double* scale, double shift, double* out, int64_t n) {
+[[maybe_unused]] FASTLT_PER_ISA double exp_shifted(const double* x, const double* scale, double shift, double* out,
+                                                   int64_t n) {
   return exp_shifted_impl(x, scale, shift, out, n);
 }
 }  // namespace

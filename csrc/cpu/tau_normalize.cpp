@@ -1,6 +1,6 @@
 // CPU kernels of fastlt::tau_normalize: one weight row per iteration, OpenMP over rows; math in
 // fastlt/tau_normalize.h. The row loops are vectorised (`omp simd` reductions, compiled per ISA): a plain
-// `sum += w * w` loop is one dependent add per element, and ran at a third of eager PyTorch's speed.
+// `sum += w * w` loop is one dependent add per element, a third of eager PyTorch's speed.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -14,9 +14,16 @@
 namespace fastlt {
 
 // Accumulation type: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 (gradcheck).
-template <typename T> struct acc_type { using type = float; };
-template <> struct acc_type<double> { using type = double; };
-template <typename T> using acc_t = typename acc_type<T>::type;
+template <typename T>
+struct acc_type {
+  using type = float;
+};
+template <>
+struct acc_type<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename acc_type<T>::type;
 
 // torch.argmax semantics: NaN wins over any number, the first index wins ties.
 template <typename A>
@@ -29,10 +36,6 @@ FASTLT_HOST_DEVICE bool argmax_better(A value, int64_t index, A best, int64_t be
   }
   return value > best || (value == best && index < best_index);
 }
-
-}  // namespace fastlt
-
-namespace fastlt {
 
 // pow that resolves to powf/pow on both the host and the device.
 FASTLT_HOST_DEVICE float power(float base, float exponent) { return powf(base, exponent); }
