@@ -18,9 +18,11 @@ walks the classes in chunks twice:
 
 The forward computes the loss and the gradients of features, weight and bias; backward only scales them (as
 ``ride_loss``). Backends: ``cpp`` runs the C++ kernel (csrc/cpu/linear_ride_loss.cpp, per-class math in
-csrc/include/fastlt/linear_ride_loss.h); ``reference`` materialises the logits (``linear_ride_loss_reference``);
-otherwise (``triton``, devices without a compiled kernel, no extension) the same algorithm runs in PyTorch
-(``chunked_forward``, op ``fastlt::linear_ride_loss_torch``). Tests: tests/ops/test_linear_ride_loss.py.
+csrc/include/fastlt/linear_ride_loss.h); ``triton`` the same host loop with Triton kernels for the row statistics
+and the chunk gradient (kernels/linear_ride_loss.py, op ``fastlt::linear_ride_loss_triton``); ``reference``
+materialises the logits (``linear_ride_loss_reference``); otherwise (devices without a compiled kernel, no extension)
+the host loop runs its elementwise work in PyTorch (``chunked_forward``, op ``fastlt::linear_ride_loss_torch``).
+Tests: tests/ops/test_linear_ride_loss.py.
 """
 
 from typing import Optional
@@ -111,8 +113,13 @@ def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch
     chunk = chunk_size or default_chunk_size(num_experts, target.shape[0], num_classes)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (features, weight, bias))
-    fused_op = _compiled_op(weight.device) if _backend.resolve(weight) == "cpp" else None
-    loss, *_ = (fused_op or torch.ops.fastlt.linear_ride_loss_torch)(
+    backend = _backend.resolve(weight)
+    if backend == "triton":
+        fused_op = torch.ops.fastlt.linear_ride_loss_triton
+    else:
+        compiled = _compiled_op(weight.device) if backend == "cpp" else None
+        fused_op = compiled or torch.ops.fastlt.linear_ride_loss_torch
+    loss, *_ = fused_op(
         features, weight, bias, target, target_margins, class_weights, temperatures, float(scale), bool(normalize),
         float(diversity_factor), int(chunk), compute_grad)
     return loss
@@ -222,7 +229,7 @@ def _chunk_views(problem, logits, mask, c0, c1):
     return margin_logits, tempered, tempered_mean
 
 
-def _statistics(problem, chunk, diversity):
+def _statistics(problem, chunk, diversity, kernels=None):
     """Pass 1: per-row softmax statistics of z' (per expert), u (per expert), v (per row), the KL gaps and the
     margin target logits."""
     E, B = problem.features.shape[:2]
@@ -235,6 +242,10 @@ def _statistics(problem, chunk, diversity):
     for c0 in range(0, problem.num_classes, chunk):
         c1 = min(problem.num_classes, c0 + chunk)
         logits = problem.logits(problem.weight_chunk(c0, c1), c0, c1)
+        if kernels is not None:
+            kernels.merge_chunk(logits, problem.target, problem.target_margins,
+                                problem.inverse_temperature[c0:c1].contiguous(), stats, c0, diversity)
+            continue
         mask = problem.target_mask(c0, c1)
         margin_logits, tempered, tempered_mean = _chunk_views(problem, logits, mask, c0, c1)
         stats["target_logit"].add_((margin_logits * mask).sum(-1))
@@ -261,7 +272,7 @@ def _loss(stats, ce_coef, div_coef, diversity):
     return loss
 
 
-def _gradients(problem, stats, chunk, ce_coef, div_coef, diversity, grad_weight, grad_bias):
+def _gradients(problem, stats, chunk, ce_coef, div_coef, diversity, grad_weight, grad_bias, kernels=None):
     """Pass 2: each chunk's d loss / d logits, accumulated into d (normalised) features and written to
     grad_weight / grad_bias chunk by chunk. Returns d features in the accumulation dtype, [E, B, D]."""
     grad_features = torch.zeros_like(problem.features)
@@ -273,19 +284,27 @@ def _gradients(problem, stats, chunk, ce_coef, div_coef, diversity, grad_weight,
         c1 = min(problem.num_classes, c0 + chunk)
         weight_chunk = problem.weight_chunk(c0, c1)
         logits = problem.logits(weight_chunk, c0, c1)
-        mask = problem.target_mask(c0, c1)
-        margin_logits, tempered, tempered_mean = _chunk_views(problem, logits, mask, c0, c1)
-        # ce_coef * (softmax(z')_c - [c == y])
-        grad = torch.exp(margin_logits - stats["ce_max"][..., None]).mul_(ce_inv_sum).sub_(mask).mul_(ce_coef)
-        if diversity:
-            expert_p = torch.exp(tempered - stats["expert_max"][..., None]).mul_(expert_inv_sum)
-            mean_p = torch.exp(tempered_mean - stats["mean_max"][:, None]).mul_(mean_inv_sum)
-            grad.add_(expert_p.sub_(mean_p).mul_(problem.inverse_temperature[c0:c1] * div_coef))
+        if kernels is not None:
+            cosine_part = logits.clone() if problem.normalize else None  # the kernel overwrites the logits
+            kernels.chunk_gradient(logits, problem.target, problem.target_margins, ce_coef.reshape(-1).contiguous(),
+                                   problem.inverse_temperature[c0:c1].contiguous(), stats, div_coef, c0, diversity)
+            grad = logits
+        else:
+            mask = problem.target_mask(c0, c1)
+            margin_logits, tempered, tempered_mean = _chunk_views(problem, logits, mask, c0, c1)
+            # ce_coef * (softmax(z')_c - [c == y])
+            grad = torch.exp(margin_logits - stats["ce_max"][..., None]).mul_(ce_inv_sum).sub_(mask).mul_(ce_coef)
+            if diversity:
+                expert_p = torch.exp(tempered - stats["expert_max"][..., None]).mul_(expert_inv_sum)
+                mean_p = torch.exp(tempered_mean - stats["mean_max"][:, None]).mul_(mean_inv_sum)
+                grad.add_(expert_p.sub_(mean_p).mul_(problem.inverse_temperature[c0:c1] * div_coef))
+            cosine_part = logits
         if grad_bias is not None:
             grad_bias[:, c0:c1] = grad.sum(1)
         if problem.normalize:
             # d w_c = (column_scale_c * dz^T x_hat - w_c * column_scale_c / ||w_c||^2 * sum_b dz_bc cos_bc*scale)
-            cosine_part = logits if problem.bias is None else logits.sub_(problem.bias[:, None, c0:c1].to(problem.acc))
+            if problem.bias is not None:
+                cosine_part = cosine_part.sub_(problem.bias[:, None, c0:c1].to(problem.acc))
             radial = (grad * cosine_part).sum(1)  # [E, n]: w_hat_c . d w_hat_c
             grad.mul_(problem.column_scale[:, None, c0:c1])
         for k in range(problem.num_experts):
@@ -310,22 +329,23 @@ def _features_gradient(problem, grad_features, shared):
 
 
 def chunked_forward(features, weight, bias, target, target_margins, class_weights, temperatures, scale, normalize,
-                    diversity_factor, chunk_size, compute_grad):
-    """The loss and (when compute_grad) d features, d weight, d bias ([0]-shaped when absent)."""
+                    diversity_factor, chunk_size, compute_grad, kernels=None):
+    """The loss and (when compute_grad) d features, d weight, d bias ([0]-shaped when absent); the elementwise work
+    in PyTorch, or in ``kernels`` (fastlt.kernels.linear_ride_loss: Triton)."""
     problem = _Problem(features, weight, bias, target, target_margins, temperatures, scale, normalize)
     batch = target.shape[0]
     diversity = diversity_factor != 0.0
     row_weights = class_weights[target] if class_weights is not None else torch.ones_like(problem.target_margins)
     ce_coef = (row_weights / row_weights.sum())[None, :]  # [1, B]
     div_coef = diversity_factor * temperatures.mean().item() ** 2 / batch
-    stats = _statistics(problem, chunk_size, diversity)
+    stats = _statistics(problem, chunk_size, diversity, kernels)
     loss = _loss(stats, ce_coef, div_coef, diversity)
     if not compute_grad:  # three distinct empty outputs: a custom op's outputs may not alias each other
         return loss, features.new_empty((0,)), features.new_empty((0,)), features.new_empty((0,))
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     grad_bias = torch.empty_like(bias, dtype=problem.acc) if bias is not None else None
     grad_features = _gradients(problem, stats, chunk_size, ce_coef[..., None], div_coef, diversity, grad_weight,
-                               grad_bias)
+                               grad_bias, kernels)
     grad_features = _features_gradient(problem, grad_features, features.dim() == 2).to(features.dtype)
     return loss, grad_features, grad_weight, grad_bias.to(bias.dtype) if bias is not None else features.new_empty((0,))
 
@@ -373,6 +393,22 @@ def _backward(ctx, grad_loss, *_grads_of_gradients):
 
 
 _linear_ride_loss_torch.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastlt::linear_ride_loss_triton", mutates_args=())
+def _linear_ride_loss_triton(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             target: torch.Tensor, target_margins: torch.Tensor,
+                             class_weights: Optional[torch.Tensor], temperatures: torch.Tensor, scale: float,
+                             normalize: bool, diversity_factor: float, chunk_size: int, compute_grad: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastlt.kernels import linear_ride_loss as kernels
+
+    return chunked_forward(features, weight, bias, target, target_margins, class_weights, temperatures, scale,
+                           normalize, diversity_factor, chunk_size, compute_grad, kernels)
+
+
+_linear_ride_loss_triton.register_fake(_fake_forward)
+_linear_ride_loss_triton.register_autograd(_backward, setup_context=_setup_context)
 
 if _extension.AVAILABLE and hasattr(torch.ops.fastlt, "linear_ride_loss"):
     torch.library.register_fake("fastlt::linear_ride_loss")(_fake_forward)

@@ -10,16 +10,17 @@ from fastlt.ops.linear_ride_loss import default_chunk_size
 
 linear_ride_loss_module = importlib.import_module("fastlt.ops.linear_ride_loss")  # the attribute is the function
 HAS_CPP = linear_ride_loss_module._compiled_op(torch.device("cpu")) is not None
-# "cpp": the C++ kernel; "torch": the same algorithm in PyTorch (devices without a kernel, the triton backend)
+# "cpp": the C++ kernel; "triton": Triton kernels (interpreter); "torch": the same algorithm in PyTorch (devices
+# without a kernel)
 IMPLEMENTATIONS = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="extension without the op")),
-                   "torch"]
+                   "torch"]  # the Triton kernels (slow in the interpreter) have their own tests below
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
 def implementation(request, monkeypatch):
     if request.param == "torch":
         monkeypatch.setattr(linear_ride_loss_module, "_compiled_op", lambda device: None)
-    with backend("cpp" if request.param == "cpp" else "auto"):
+    with backend({"cpp": "cpp", "triton": "triton", "torch": "auto"}[request.param]):
         yield request.param
 
 
@@ -65,6 +66,15 @@ def test_fp64_matches_reference_with_classes_not_a_multiple_of_the_chunk(shared,
     tensors, target, counts = _inputs(3, 5, 37, 7, shared=shared, use_bias=use_bias)
     _assert_matches_reference(tensors, target, counts, normalize=normalize, drw=drw, chunk_size=8,
                               scale=30.0 if normalize else 1.0)
+
+
+@pytest.mark.parametrize("shared, normalize, use_bias, drw, diversity_factor, num_experts", [
+    (False, True, False, True, -0.45, 3), (True, True, True, False, 0.3, 2), (False, False, True, True, 0.0, 1)])
+def test_triton_matches_reference_fp64(shared, normalize, use_bias, drw, diversity_factor, num_experts):
+    tensors, target, counts = _inputs(num_experts, 4, 21, 5, shared=shared, use_bias=use_bias)
+    with backend("triton"):
+        _assert_matches_reference(tensors, target, counts, normalize=normalize, drw=drw,
+                                  diversity_factor=diversity_factor, chunk_size=8)
 
 
 @pytest.mark.parametrize("num_experts", [1, 2, 5, 8])
@@ -123,7 +133,7 @@ def test_default_chunk_size_is_a_power_of_two_of_about_two_million_logits():
 
 @pytest.mark.parametrize("op_name", [
     pytest.param("linear_ride_loss", marks=pytest.mark.skipif(not HAS_CPP, reason="extension without the op")),
-    "linear_ride_loss_torch"])
+    "linear_ride_loss_torch", "linear_ride_loss_triton"])
 def test_opcheck(op_name):
     (features, weight, bias), target, counts = _inputs(2, 3, 10, 4, use_bias=True, dtype=torch.float32)
     op = getattr(torch.ops.fastlt, op_name).default
