@@ -5,6 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlt._formulas import accumulate_dtype
+from fastlt.kernels._common import TRITON_DTYPES
+
 BLOCK_D = 1024
 
 
@@ -76,10 +79,10 @@ def _backward_kernel(grad_ptr, weight_ptr, out_ptr, params_ptr, D, BLOCK: tl.con
 
 def _launch_args(weight, tau, eps):
     """(tau, eps) as a tensor in the accumulation dtype (a Python float would reach the kernel as fp32)."""
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(weight.dtype)
     params = torch.tensor([tau, eps], dtype=acc, device=weight.device)
     block = min(BLOCK_D, triton.next_power_of_2(weight.shape[1]))
-    return params, block, (tl.float64 if acc == torch.float64 else tl.float32)
+    return params, block, TRITON_DTYPES[acc]
 
 
 def forward(weight, tau, eps):
