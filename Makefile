@@ -10,7 +10,7 @@ NVCC ?= nvcc
 export TRITON_INTERPRET ?= 1
 export PYTHONHASHSEED ?= 0
 
-.PHONY: run test build venv lint pytest ctest nvcc-check bench clean
+.PHONY: run test build venv lint pytest ctest nvcc-check portable-check bench clean
 
 venv: $(STAMP)
 $(STAMP): requirements-dev.txt
@@ -42,7 +42,7 @@ run: build
 	$(VENV)/bin/fastlt demo
 
 test: build
-	$(MAKE) lint pytest ctest nvcc-check
+	$(MAKE) lint pytest ctest nvcc-check portable-check
 
 # ruff's rule set and exceptions live in pyproject.toml ([tool.ruff]).
 lint: venv
@@ -63,6 +63,10 @@ ctest: venv
 # Every .cu file must compile for Ampere (sm_80) and Hopper (sm_90); they cannot run on a machine without a GPU.
 nvcc-check: venv
 	$(PY) tools/nvcc_check.py --archs 80 90
+
+# The CPU kernels' portable path (no x86 intrinsics or target_clones: aarch64 builds take it) must compile.
+portable-check: venv
+	$(PY) tools/portable_check.py
 
 bench: build
 	$(VENV)/bin/fastlt bench ops --json BENCHMARKS.json

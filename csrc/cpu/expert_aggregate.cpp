@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include "cpu/per_isa.h"
 #include "kernels.h"
@@ -25,7 +24,7 @@ template <typename F>
 inline void write_row(float* out, int64_t C, F value) {
   int64_t c = 0;
   for (; c < C && (reinterpret_cast<uintptr_t>(out + c) & 15) != 0; ++c) out[c] = value(c);
-  for (; c + 4 <= C; c += 4) _mm_stream_ps(out + c, _mm_setr_ps(value(c), value(c + 1), value(c + 2), value(c + 3)));
+  for (; c + 4 <= C; c += 4) stream_store4(out + c, value(c), value(c + 1), value(c + 2), value(c + 3));
   for (; c < C; ++c) out[c] = value(c);
 }
 
@@ -79,7 +78,7 @@ FASTLT_PER_ISA void weighted_sum_row(const float* row, int64_t expert_stride, in
     float* o = out + c0;
     int64_t c = 0;
     for (; c < n && (reinterpret_cast<uintptr_t>(o + c) & 15) != 0; ++c) o[c] = acc[c];
-    for (; c + 4 <= n; c += 4) _mm_stream_ps(o + c, _mm_loadu_ps(acc + c));
+    for (; c + 4 <= n; c += 4) stream_store4(o + c, acc[c], acc[c + 1], acc[c + 2], acc[c + 3]);
     for (; c < n; ++c) o[c] = acc[c];
   }
 }
@@ -137,7 +136,7 @@ at::Tensor expert_aggregate(const at::Tensor& logits, c10::string_view reduce,
         }
       }
     });
-    _mm_sfence();  // make the streaming stores visible before the tensor is handed out
+    stream_fence();
   });
   return out;
 }
@@ -186,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> expert_aggregate_backward(const at::Tensor& g
           }
         }
       });
-      _mm_sfence();
+      stream_fence();
     });
   }
   at::Tensor grad_weights;
