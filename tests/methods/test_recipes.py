@@ -11,13 +11,14 @@ import torch
 
 from fastlt.data import exponential_counts
 from fastlt.methods.builders import build_model, build_sampler, check_data_spec
-from fastlt.methods.config import CONFIG_DIR, load_config
+from fastlt.methods.config import CONFIG_DIR, load_config, read_recipe, resolve_path
 from fastlt.methods.stage1 import build_method
 from fastlt.methods.stage2 import STAGE2_METHODS
 
 ALL = sorted(os.path.basename(path)[:-5] for path in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
-CONFIGS = {name: load_config(name) for name in ALL}
-RECIPES = [name for name in ALL if "name" in CONFIGS[name]]  # bases have no name
+RAW = {name: read_recipe(resolve_path(name)) for name in ALL}  # with their bases merged in
+RECIPES = [name for name in ALL if "name" in RAW[name]]  # bases have no name (and no out: load_config refuses them)
+CONFIGS = {**RAW, **{name: load_config(name) for name in RECIPES}}
 LIST_FILE_CLASSES = {"ImageNet_LT": 1000, "iNaturalist18": 8142, "Places_LT": 365}
 
 
