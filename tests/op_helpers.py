@@ -26,6 +26,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 needs_cuda_build = pytest.mark.skipif(not _extension.HAS_CUDA, reason="extension built without CUDA kernels")
 
 
+def raw_ops(op_name):
+    """Parameters naming the registered ops of ``op_name`` that a test may call raw: the C++ one (when the extension
+    is built) and the Triton one."""
+    return [pytest.param(op_name, marks=needs_cpp), f"{op_name}_triton"]
+
+
 def assert_close(actual, expected, dtype=None):
     atol, rtol = TOLERANCES[dtype or expected.dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)

@@ -5,18 +5,14 @@ The CUDA kernels cannot run on a machine without a GPU; this proves they compile
 """
 
 import argparse
-import concurrent.futures
 import glob
 import os
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from build_flags import NVCC_FLAGS  # noqa: E402
+from compile_check import ROOT, run_checks  # noqa: E402
 from cuda_env import find_cuda_home, nvidia_wheel_dirs  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_CXX_STANDARD = "-std=c++20"  # what torch.utils.cpp_extension adds to every nvcc command (it has no constant)
 
 
@@ -56,23 +52,9 @@ def main():
     out_dir = os.path.join(ROOT, "build", "nvcc-check")
     os.makedirs(out_dir, exist_ok=True)
 
-    def compile_one(source):
-        output = os.path.join(out_dir, os.path.basename(source) + ".o")
-        start = time.time()
-        result = subprocess.run(nvcc_command(source, output, args.archs, cuda_home), capture_output=True, text=True)
-        return source, result, time.time() - start
-
-    failed = 0
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        for source, result, seconds in pool.map(compile_one, sources):
-            name = os.path.relpath(source, ROOT)
-            if result.returncode == 0:
-                print(f"nvcc-check: {name} compiles for sm_{', sm_'.join(args.archs)} ({seconds:.0f} s)", flush=True)
-            else:
-                failed += 1
-                print(f"nvcc-check: {name} FAILED\n{result.stderr[-4000:]}", flush=True)
-    print(f"nvcc-check: {len(sources) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    run_checks("nvcc-check", sources, lambda source: nvcc_command(
+        source, os.path.join(out_dir, os.path.basename(source) + ".o"), args.archs, cuda_home), args.jobs,
+        f"compiles for sm_{', sm_'.join(args.archs)}")
 
 
 if __name__ == "__main__":

@@ -6,18 +6,14 @@ fast it runs. CI runs it with `make test`.
 """
 
 import argparse
-import concurrent.futures
 import glob
 import os
-import subprocess
 import sys
 import sysconfig
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from build_flags import CXX_FLAGS  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from compile_check import ROOT, run_checks  # noqa: E402
 
 
 def compile_command(source):
@@ -42,22 +38,7 @@ def main():
     if not sources:
         sys.exit("portable-check: no .cpp files found")
 
-    def check(source):
-        start = time.time()
-        result = subprocess.run(compile_command(source), capture_output=True, text=True)
-        return source, result, time.time() - start
-
-    failed = 0
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        for source, result, seconds in pool.map(check, sources):
-            name = os.path.relpath(source, ROOT)
-            if result.returncode == 0:
-                print(f"portable-check: {name} compiles on the portable path ({seconds:.0f} s)", flush=True)
-            else:
-                failed += 1
-                print(f"portable-check: {name} FAILED\n{result.stderr[-4000:]}", flush=True)
-    print(f"portable-check: {len(sources) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    run_checks("portable-check", sources, compile_command, args.jobs, "compiles on the portable path")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from op_helpers import COMPILED_BACKENDS, TOLERANCES, assert_close, backend, needs_cuda, needs_cuda_build
+from op_helpers import COMPILED_BACKENDS, TOLERANCES, assert_close, backend, needs_cuda, needs_cuda_build, raw_ops
 
 import fastlt
 from fastlt.ops import expert_aggregate, expert_aggregate_reference
@@ -165,13 +165,7 @@ def test_bad_input_names_the_argument(name):
                 expert_aggregate(**kwargs)
 
 
-RAW_OPS = [
-    pytest.param("expert_aggregate", marks=pytest.mark.skipif(not fastlt._extension.AVAILABLE, reason="no extension")),
-    "expert_aggregate_triton",
-]
-
-
-@pytest.mark.parametrize("op_name", RAW_OPS)
+@pytest.mark.parametrize("op_name", raw_ops("expert_aggregate"))
 def test_raw_op_refuses_what_the_wrapper_refuses(op_name):
     """The raw Triton op treated reduce="max" as "sum" and read weights / active of the wrong shape out of bounds."""
     forward = getattr(torch.ops.fastlt, op_name)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from op_helpers import (COMPILED_BACKEND_NAMES, COMPILED_BACKENDS, TOLERANCES, assert_close, backend, needs_cuda,
-                        needs_cuda_build)
+                        needs_cuda_build, raw_ops)
 
 import fastlt
 from fastlt.ops import tau_normalize, tau_normalize_reference
@@ -113,13 +113,7 @@ def test_bad_input_names_the_argument(name):
                 tau_normalize(**kwargs)
 
 
-RAW_OPS = [
-    pytest.param("tau_normalize", marks=pytest.mark.skipif(not fastlt._extension.AVAILABLE, reason="no extension")),
-    "tau_normalize_triton",
-]
-
-
-@pytest.mark.parametrize("op_name", RAW_OPS)
+@pytest.mark.parametrize("op_name", raw_ops("tau_normalize"))
 def test_raw_op_refuses_what_the_wrapper_refuses(op_name):
     forward = getattr(torch.ops.fastlt, op_name)
     backward = getattr(torch.ops.fastlt, f"{op_name}_backward")

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from op_helpers import COMPILED_BACKENDS, backend, needs_cuda, needs_cuda_build
+from op_helpers import COMPILED_BACKENDS, backend, needs_cuda, needs_cuda_build, raw_ops
 
 import fastlt
 from fastlt.ops import shot_accuracy_per_tau, tau_normalize_reference, tau_sweep, tau_sweep_reference
@@ -126,13 +126,7 @@ def test_invalid_eps_is_refused_by_every_backend(name, eps):
         tau_sweep(torch.randn(4, 3), weight, [0.0, 1.0], eps=eps)
 
 
-RAW_OPS = [
-    pytest.param("tau_sweep", marks=pytest.mark.skipif(not fastlt._extension.AVAILABLE, reason="no extension")),
-    "tau_sweep_triton",
-]
-
-
-@pytest.mark.parametrize("op_name", RAW_OPS)
+@pytest.mark.parametrize("op_name", raw_ops("tau_sweep"))
 def test_raw_op_refuses_what_the_wrapper_refuses(op_name):
     op = getattr(torch.ops.fastlt, op_name)
     f, w, taus = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0.0, 1.0])
