@@ -1,4 +1,4 @@
-"""BalPoE (Sanchez Aimar et al., CVPR 2023; docs/methods.md): a balanced product of logit-adjusted experts.
+"""BalPoE (Sanchez Aimar et al., CVPR 2023; docs/methods.md 8.2): a balanced product of logit-adjusted experts.
 
 Expert k is trained with logit-adjusted cross-entropy at its own tau_k, CE(z_k + tau_k * log pi, y), and the
 prediction is the mean of the expert logits. With mean(tau) = 1 the mean of the experts' logits estimates the

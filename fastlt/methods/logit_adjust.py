@@ -1,4 +1,4 @@
-"""Post-hoc logit adjustment (Menon et al., ICLR 2021; docs/methods.md) as a stage 2: predict argmax_j z_j - tau *
+"""Post-hoc logit adjustment (Menon et al., ICLR 2021; docs/methods.md 8.4) as a stage 2: predict argmax_j z_j - tau *
 log pi_j with the stage-1 logits z, tau picked on the VALIDATION split (never on test).
 
 The sweep follows `fastlt.ops.tau_sweep`: the validation logits are computed once, and every tau is an argmax over

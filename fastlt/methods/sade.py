@@ -1,4 +1,4 @@
-"""SADE (Zhang et al., NeurIPS 2022; docs/methods.md): three skill-diverse experts and test-time self-supervised
+"""SADE (Zhang et al., NeurIPS 2022; docs/methods.md 8.3): three skill-diverse experts and test-time self-supervised
 aggregation.
 
 Training (`SADELoss`, the official `DiverseExpertLoss` of Vanint/SADE-AgnosticLT, model/loss.py), summed over the
