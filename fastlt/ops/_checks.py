@@ -28,17 +28,6 @@ def same_device(op: str, name: str, value: torch.Tensor, reference: torch.Tensor
         raise ValueError(f"{op}: {name} is on {value.device} but {reference_name} is on {reference.device}")
 
 
-def nonnegative_number(op: str, name: str, value) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{op}: {name} must be a number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value}")
-    return value
-
-
 def number(op: str, name: str, value, *, low=-math.inf, high=math.inf, low_open=False, high_open=False) -> float:
     """A finite real number in [low, high] (``low_open`` / ``high_open`` exclude the bound) as a float; ValueError
     naming ``name`` otherwise (TypeError for a value that is not a number)."""

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from fastlt import _extension
 from fastlt.ops import _backend, _checks, _lt_constants
-from fastlt.ops.ride_loss import ride_loss_reference, ride_tables, scale_saved_gradient
+from fastlt.ops._fused_loss import scale_saved_gradient
+from fastlt.ops.ride_loss import ride_loss_reference, ride_tables
 
 OP = "fastlt.linear_ride_loss"
 NORM_EPS = 1e-12  # F.normalize's eps, as NormedLinear uses it

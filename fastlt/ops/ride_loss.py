@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from fastlt import _extension
 from fastlt.ops import _backend, _checks, _fused_loss, _lt_constants
-from fastlt.ops._fused_loss import scale_saved_gradient  # noqa: F401 - shared with linear_ride_loss
 
 OP = "fastlt.ride_loss"
 

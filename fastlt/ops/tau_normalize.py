@@ -42,15 +42,12 @@ def _validate(weight, tau, eps):
     """The one argument check of every backend (the wrapper, the reference and the Triton op call it; the C++ op
     runs the same checks, csrc/ops_common.h check_tau_normalize_inputs). Returns (tau, eps) as floats."""
     _checks.tensor(OP, "weight", weight, dims=2, floating=True)
-    return _checks.nonnegative_number(OP, "tau", tau), check_eps(OP, eps)
+    return _checks.number(OP, "tau", tau, low=0.0), check_eps(OP, eps)
 
 
 def check_eps(op: str, eps) -> float:
     """The norm clamp max(||w||, eps) of tau_normalize and tau_sweep: a finite number > 0."""
-    value = _checks.nonnegative_number(op, "eps", eps)
-    if value == 0:
-        raise ValueError(f"{op}: eps must be a finite number > 0, got {value}")
-    return value
+    return _checks.number(op, "eps", eps, low=0.0, low_open=True)
 
 
 def _differentiable_backward(grad, weight, tau, eps):
