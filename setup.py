@@ -87,7 +87,7 @@ def extension_modules():
         )
     if want_cuda is None and not build_cuda:
         log(f"CUDA kernels skipped (torch.version.cuda={torch.version.cuda}, toolkit={cuda_home})")
-    sources = ["csrc/bindings.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     extra = {"cxx": list(CXX_FLAGS)}
     if build_cuda:

@@ -32,6 +32,13 @@ def raw_ops(op_name):
     return [pytest.param(op_name, marks=needs_cpp), f"{op_name}_triton"]
 
 
+def call_cuda_kernel(op_name, *args):
+    """Call the CUDA kernel registered for ``torch.ops.fastlt.<op_name>`` directly, whatever the inputs' device (the
+    dispatcher would pick the CPU kernel for CPU tensors): lets a machine without a GPU check that it refuses them."""
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    return getattr(torch.ops.fastlt, op_name).default.redispatch(cuda_only, *args)
+
+
 def assert_close(actual, expected, dtype=None):
     atol, rtol = TOLERANCES[dtype or expected.dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)

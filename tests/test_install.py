@@ -57,7 +57,7 @@ def test_sdist_has_every_source_without_importing_torch(sdist):
                 "fastlt/configs/*.yaml", "fastlt/**/*.py", "tools/*.py", "tools/*.sh"]
     expected = {os.path.relpath(f, ROOT) for pattern in patterns for f in glob.glob(os.path.join(ROOT, pattern),
                                                                                       recursive=True)}
-    assert {"tools/cuda_env.py", "csrc/kernels.h", "csrc/cuda/cuda_common.cuh", "setup.py", "pyproject.toml",
+    assert {"tools/cuda_env.py", "csrc/loss_checks.h", "csrc/cuda/cuda_common.cuh", "setup.py", "pyproject.toml",
             "MANIFEST.in"} <= names
     assert expected - names == set()
     assert not any(name.endswith(".so") or "__pycache__" in name for name in names)

@@ -3,9 +3,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include "cpu/per_isa.h"
-#include "kernels.h"
 #include "fastlt/expert_aggregate.h"
 #include "ops_common.h"
 
@@ -199,3 +199,16 @@ std::tuple<at::Tensor, at::Tensor> expert_aggregate_backward(const at::Tensor& g
 
 }  // namespace cpu
 }  // namespace fastlt
+
+TORCH_LIBRARY_FRAGMENT(fastlt, m) {
+  m.def(
+      "expert_aggregate(Tensor logits, str reduce, Tensor? weights, Tensor? active) -> Tensor");
+  m.def(
+      "expert_aggregate_backward(Tensor grad, Tensor logits, str reduce, Tensor? weights, Tensor? active, "
+      "bool weights_requires_grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
+  m.impl("expert_aggregate", &fastlt::cpu::expert_aggregate);
+  m.impl("expert_aggregate_backward", &fastlt::cpu::expert_aggregate_backward);
+}

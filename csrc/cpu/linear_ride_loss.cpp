@@ -9,10 +9,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include "cpu/softmax_vectorized.h"
 #include "fastlt/linear_ride_loss.h"
-#include "kernels.h"
 
 namespace fastlt {
 namespace cpu {
@@ -381,3 +381,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
 
 }  // namespace cpu
 }  // namespace fastlt
+
+TORCH_LIBRARY_FRAGMENT(fastlt, m) {
+  m.def(
+      "linear_ride_loss(Tensor features, Tensor weight, Tensor? bias, Tensor target, Tensor target_margins, "
+      "Tensor? class_weights, Tensor temperatures, float scale, bool normalize, float diversity_factor, "
+      "int chunk_size, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
+  m.impl("linear_ride_loss", &fastlt::cpu::linear_ride_loss);
+}

@@ -4,10 +4,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include "cpu/softmax_vectorized.h"
 #include "fastlt/prior_shifted_ce.h"
-#include "kernels.h"
 #include "loss_checks.h"
 
 namespace fastlt {
@@ -72,3 +72,13 @@ std::tuple<at::Tensor, at::Tensor> prior_shifted_ce(const at::Tensor& expert_log
 
 }  // namespace cpu
 }  // namespace fastlt
+
+TORCH_LIBRARY_FRAGMENT(fastlt, m) {
+  m.def(
+      "prior_shifted_ce(Tensor expert_logits, Tensor target, Tensor logit_shifts, bool compute_grad) -> "
+      "(Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
+  m.impl("prior_shifted_ce", &fastlt::cpu::prior_shifted_ce);
+}

@@ -5,10 +5,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include "cpu/softmax_vectorized.h"
 #include "fastlt/reslt_loss.h"
-#include "kernels.h"
 #include "loss_checks.h"
 
 namespace fastlt {
@@ -107,3 +107,13 @@ std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, c
 
 }  // namespace cpu
 }  // namespace fastlt
+
+TORCH_LIBRARY_FRAGMENT(fastlt, m) {
+  m.def(
+      "reslt_loss(Tensor branch_logits, Tensor target, Tensor group_masks, float beta, float log_eps, "
+      "bool compute_grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
+  m.impl("reslt_loss", &fastlt::cpu::reslt_loss);
+}

@@ -6,10 +6,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include "cpu/softmax_vectorized.h"
 #include "fastlt/ride_loss.h"
-#include "kernels.h"
 #include "loss_checks.h"
 
 namespace fastlt {
@@ -267,3 +267,13 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
 
 }  // namespace cpu
 }  // namespace fastlt
+
+TORCH_LIBRARY_FRAGMENT(fastlt, m) {
+  m.def(
+      "ride_loss(Tensor expert_logits, Tensor target, Tensor target_margins, Tensor? class_weights, "
+      "Tensor temperatures, float diversity_factor, bool compute_grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
+  m.impl("ride_loss", &fastlt::cpu::ride_loss);
+}

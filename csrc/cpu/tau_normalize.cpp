@@ -4,9 +4,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include "cpu/per_isa.h"
-#include "kernels.h"
 #include "fastlt/tau_normalize.h"
 #include "ops_common.h"
 
@@ -105,3 +105,15 @@ at::Tensor tau_normalize_backward(const at::Tensor& grad_in, const at::Tensor& w
 
 }  // namespace cpu
 }  // namespace fastlt
+
+TORCH_LIBRARY_FRAGMENT(fastlt, m) {
+  m.def(
+      "tau_normalize(Tensor weight, float tau, float eps) -> Tensor");
+  m.def(
+      "tau_normalize_backward(Tensor grad, Tensor weight, float tau, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
+  m.impl("tau_normalize", &fastlt::cpu::tau_normalize);
+  m.impl("tau_normalize_backward", &fastlt::cpu::tau_normalize_backward);
+}

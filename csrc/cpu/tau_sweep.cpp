@@ -4,13 +4,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cstring>
 #include <limits>
 #include <vector>
 
 #include "cpu/per_isa.h"
-#include "kernels.h"
 #include "fastlt/tau_sweep.h"
 #include "ops_common.h"
 
@@ -125,3 +125,12 @@ at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const
 
 }  // namespace cpu
 }  // namespace fastlt
+
+TORCH_LIBRARY_FRAGMENT(fastlt, m) {
+  m.def(
+      "tau_sweep(Tensor features, Tensor weight, Tensor taus, Tensor? bias, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
+  m.impl("tau_sweep", &fastlt::cpu::tau_sweep);
+}

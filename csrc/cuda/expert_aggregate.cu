@@ -3,9 +3,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
+#include <torch/library.h>
+
 #include "cuda/cuda_common.cuh"
 #include "fastlt/expert_aggregate.h"
-#include "kernels.h"
 #include "ops_common.h"
 
 namespace fastlt {
@@ -109,3 +110,8 @@ std::tuple<at::Tensor, at::Tensor> expert_aggregate_backward(const at::Tensor& g
 
 }  // namespace cuda
 }  // namespace fastlt
+
+TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
+  m.impl("expert_aggregate", &fastlt::cuda::expert_aggregate);
+  m.impl("expert_aggregate_backward", &fastlt::cuda::expert_aggregate_backward);
+}

@@ -5,9 +5,10 @@
 // Per-element math: fastlt/reslt_loss.h and fastlt/softmax_stats.h (the code the CPU kernel runs).
 #include <ATen/ops/empty.h>
 
+#include <torch/library.h>
+
 #include "cuda/cuda_common.cuh"
 #include "fastlt/reslt_loss.h"
-#include "kernels.h"
 #include "loss_checks.h"
 
 namespace fastlt {
@@ -117,3 +118,7 @@ std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, c
 
 }  // namespace cuda
 }  // namespace fastlt
+
+TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
+  m.impl("reslt_loss", &fastlt::cuda::reslt_loss);
+}

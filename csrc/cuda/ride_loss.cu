@@ -10,9 +10,10 @@
 // pass would otherwise re-read E times).
 #include <ATen/ops/empty.h>
 
+#include <torch/library.h>
+
 #include "cuda/cuda_common.cuh"
 #include "fastlt/ride_loss.h"
-#include "kernels.h"
 #include "loss_checks.h"
 
 namespace fastlt {
@@ -153,3 +154,7 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
 
 }  // namespace cuda
 }  // namespace fastlt
+
+TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
+  m.impl("ride_loss", &fastlt::cuda::ride_loss);
+}

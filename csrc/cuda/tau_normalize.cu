@@ -1,9 +1,10 @@
 // CUDA kernels of fastlt::tau_normalize: one block per weight row; row math from fastlt/tau_normalize.h.
 #include <ATen/ops/empty_like.h>
 
+#include <torch/library.h>
+
 #include "cuda/cuda_common.cuh"
 #include "fastlt/tau_normalize.h"
-#include "kernels.h"
 #include "ops_common.h"
 
 namespace fastlt {
@@ -76,3 +77,8 @@ at::Tensor tau_normalize_backward(const at::Tensor& grad_in, const at::Tensor& w
 
 }  // namespace cuda
 }  // namespace fastlt
+
+TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
+  m.impl("tau_normalize", &fastlt::cuda::tau_normalize);
+  m.impl("tau_normalize_backward", &fastlt::cuda::tau_normalize_backward);
+}

@@ -3,9 +3,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
+#include <torch/library.h>
+
 #include "cuda/cuda_common.cuh"
 #include "fastlt/tau_sweep.h"
-#include "kernels.h"
 #include "ops_common.h"
 
 namespace fastlt {
@@ -87,3 +88,7 @@ at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const
 
 }  // namespace cuda
 }  // namespace fastlt
+
+TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
+  m.impl("tau_sweep", &fastlt::cuda::tau_sweep);
+}

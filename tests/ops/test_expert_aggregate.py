@@ -1,6 +1,7 @@
 import pytest
 import torch
-from op_helpers import COMPILED_BACKENDS, TOLERANCES, assert_close, backend, needs_cuda, needs_cuda_build, raw_ops
+from op_helpers import (COMPILED_BACKENDS, TOLERANCES, assert_close, backend, call_cuda_kernel, needs_cuda,
+                        needs_cuda_build, raw_ops)
 
 import fastlt
 from fastlt.ops import expert_aggregate, expert_aggregate_reference
@@ -243,7 +244,7 @@ def test_double_backward_matches_reference(name, weights, reduce):
 @needs_cuda_build
 def test_cuda_kernel_refuses_cpu_tensors():
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        fastlt._C.cuda_launchers.expert_aggregate(torch.randn(2, 3, 4), "mean", None, None)
+        call_cuda_kernel("expert_aggregate", torch.randn(2, 3, 4), "mean", None, None)
 
 
 @needs_cuda

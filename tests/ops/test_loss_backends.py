@@ -4,7 +4,7 @@ tensors on a machine without a GPU (their values are tested by the `gpu`-marked 
 
 import pytest
 import torch
-from op_helpers import TOLERANCES, assert_close, backend, needs_cpp, needs_cuda, needs_cuda_build
+from op_helpers import TOLERANCES, assert_close, backend, call_cuda_kernel, needs_cpp, needs_cuda, needs_cuda_build
 
 import fastlt
 from fastlt.ops import prior_shifted_ce, prior_shifted_ce_reference, reslt_loss, reslt_loss_reference
@@ -37,7 +37,7 @@ def test_ride_loss_cuda_launcher_refuses_cpu_tensors():
     logits, target, _ = _inputs((2, 3, 10))
     margins, weights, temperatures = _tables(10, weights=True)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        fastlt._C.cuda_launchers.ride_loss(logits.detach(), target, margins, weights, temperatures, -0.45, True)
+        call_cuda_kernel("ride_loss", logits.detach(), target, margins, weights, temperatures, -0.45, True)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 7), (3, 4, 1100)])  # 1100 > one 1024-class block
@@ -174,7 +174,7 @@ def _run(fn, logits, target, args, kwargs):
 def test_cuda_launcher_refuses_cpu_tensors(name):
     logits, target, _ = _inputs((2, 3, 10))
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        getattr(fastlt._C.cuda_launchers, name)(*_raw_triton_args(name, logits.detach(), target))
+        call_cuda_kernel(name, *_raw_triton_args(name, logits.detach(), target))
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

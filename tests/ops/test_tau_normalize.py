@@ -1,7 +1,7 @@
 import pytest
 import torch
-from op_helpers import (COMPILED_BACKEND_NAMES, COMPILED_BACKENDS, TOLERANCES, assert_close, backend, needs_cuda,
-                        needs_cuda_build, raw_ops)
+from op_helpers import (COMPILED_BACKEND_NAMES, COMPILED_BACKENDS, TOLERANCES, assert_close, backend,
+                        call_cuda_kernel, needs_cuda, needs_cuda_build, raw_ops)
 
 import fastlt
 from fastlt.ops import tau_normalize, tau_normalize_reference
@@ -183,7 +183,7 @@ def test_double_backward_matches_reference(name):
 @needs_cuda_build
 def test_cuda_kernel_refuses_cpu_tensors():
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        fastlt._C.cuda_launchers.tau_normalize(torch.randn(3, 4), 0.5, 1e-12)
+        call_cuda_kernel("tau_normalize", torch.randn(3, 4), 0.5, 1e-12)
 
 
 @needs_cuda

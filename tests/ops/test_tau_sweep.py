@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from op_helpers import COMPILED_BACKENDS, backend, needs_cuda, needs_cuda_build, raw_ops
+from op_helpers import COMPILED_BACKENDS, backend, call_cuda_kernel, needs_cuda, needs_cuda_build, raw_ops
 
 import fastlt
 from fastlt.ops import shot_accuracy_per_tau, tau_normalize_reference, tau_sweep, tau_sweep_reference
@@ -166,7 +166,7 @@ def test_nan_weight_row_matches_reference(name):
 @needs_cuda_build
 def test_cuda_kernel_refuses_cpu_tensors():
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        fastlt._C.cuda_launchers.tau_sweep(torch.randn(3, 4), torch.randn(5, 4), torch.ones(2), None, 1e-12)
+        call_cuda_kernel("tau_sweep", torch.randn(3, 4), torch.randn(5, 4), torch.ones(2), None, 1e-12)
 
 
 def test_shot_accuracy_per_tau_counts_class_means():
