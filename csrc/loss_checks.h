@@ -23,15 +23,23 @@ inline void check_loss_logits(const at::Tensor& logits, const char* op, const ch
                     " must have B >= 1 and C >= 1, got ", logits.sizes());
 }
 
-// target [B] int64 in [0, C): the range check reads the labels (a device sync for CUDA tensors).
-inline void check_loss_target(const at::Tensor& target, const at::Tensor& logits, const char* op) {
+// target [B] int64 in [0, C), or equal to ignore_index (rows the loss skips): the range check reads the labels (a
+// device sync for CUDA tensors).
+inline void check_loss_target(const at::Tensor& target, const at::Tensor& logits, const char* op,
+                              std::optional<int64_t> ignore_index = std::nullopt) {
   TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(1), op, ": target must be [B] = [",
                     logits.size(1), "], got ", target.sizes());
   TORCH_CHECK_VALUE(target.scalar_type() == at::kLong, op, ": target must be int64, got ", target.scalar_type());
   TORCH_CHECK_VALUE(target.device() == logits.device(), op, ": target must be on ", logits.device());
-  const int64_t low = target.min().item<int64_t>(), high = target.max().item<int64_t>();
-  TORCH_CHECK_VALUE(low >= 0 && high < logits.size(2), op, ": target must be in [0, ", logits.size(2), "), got ",
-                    low < 0 ? low : high);
+  const at::Tensor labels = ignore_index.has_value() ? target.masked_fill(target == *ignore_index, 0) : target;
+  const int64_t low = labels.min().item<int64_t>(), high = labels.max().item<int64_t>();
+  TORCH_CHECK_VALUE(low >= 0 && high < logits.size(2), op, ": target must be in [0, ", logits.size(2), ")",
+                    ignore_index.has_value() ? " or equal to ignore_index" : "", ", got ", low < 0 ? low : high);
+}
+
+inline void check_reduction(int64_t reduction, const char* op) {
+  TORCH_CHECK_VALUE(reduction == kReductionNone || reduction == kReductionMean || reduction == kReductionSum, op,
+                    ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
 // A [C] floating table on the logits' device, as a contiguous tensor of the accumulation dtype.

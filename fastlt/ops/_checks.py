@@ -11,6 +11,11 @@ MAX_EXPERTS = 64  # the most experts / branches a kernel takes: kMaxExperts in c
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# The losses' reductions, as torch.nn.CrossEntropyLoss names them; the fused ops take the index (0 none, 1 mean,
+# 2 sum: csrc/include/fastlt/common.h's Reduction).
+REDUCTIONS = ("none", "mean", "sum")
+DEFAULT_IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's
+
 
 def tensor(op: str, name: str, value, *, dims=None, floating=False, nonempty=True) -> None:
     if not isinstance(value, torch.Tensor):
@@ -49,8 +54,25 @@ def number(op: str, name: str, value, *, low=-math.inf, high=math.inf, low_open=
     return value
 
 
-def labels(op: str, name: str, value, batch: int, num_classes: int) -> None:
-    """[B] int64 labels in [0, num_classes) (the range check is skipped while torch.compile traces)."""
+def reduction(op: str, value) -> int:
+    """The fused ops' code of a reduction name: 0 "none", 1 "mean", 2 "sum"."""
+    if not isinstance(value, str) or value not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {value!r}")
+    return REDUCTIONS.index(value)
+
+
+def ignore_index(op: str, value) -> int:
+    """An integer label value whose rows a loss skips (any int; negative ones cannot collide with a class)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def labels(op: str, name: str, value, batch: int, num_classes: int, ignore_index=None) -> None:
+    """[B] int64 labels in [0, num_classes), or equal to ``ignore_index`` (rows the loss skips); the range check is
+    skipped while torch.compile traces."""
     if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 2:
         raise ValueError(f"{op}: {name} must be [B] int64 labels; this loss takes no probability (soft) targets, got "
                          f"shape {tuple(value.shape)}")
@@ -59,6 +81,8 @@ def labels(op: str, name: str, value, batch: int, num_classes: int) -> None:
         raise ValueError(f"{op}: {name} must be int64, got {value.dtype}")
     if value.shape[0] != batch:
         raise ValueError(f"{op}: {name} must be [B]=[{batch}], got {tuple(value.shape)}")
+    if ignore_index is not None and not torch.compiler.is_compiling():
+        value = value[value != ignore_index]
     if torch.compiler.is_compiling() or value.numel() == 0:
         return
     low, high = int(value.min()), int(value.max())
@@ -91,8 +115,9 @@ def probability_targets(op: str, name: str, value, batch: int, num_classes: int)
 
 
 def expert_loss_inputs(op: str, expert_logits, target, class_counts, max_experts: int = 64,
-                       why_positive: str = "", soft_targets: bool = False) -> None:
-    """The checks every per-expert loss shares: logits [E, B, C], int64 target [B] in range, positive counts [C]."""
+                       why_positive: str = "", soft_targets: bool = False, ignore_index=None) -> None:
+    """The checks every per-expert loss shares: logits [E, B, C], int64 target [B] in range (or ``ignore_index``),
+    positive counts [C]."""
     from fastlt.ops import _lt_constants
 
     tensor(op, "expert_logits", expert_logits, dims=3, floating=True)
@@ -102,7 +127,7 @@ def expert_loss_inputs(op: str, expert_logits, target, class_counts, max_experts
     if soft_targets and isinstance(target, torch.Tensor) and target.is_floating_point():
         probability_targets(op, "target", target, batch, num_classes)
     else:
-        labels(op, "target", target, batch, num_classes)
+        labels(op, "target", target, batch, num_classes, ignore_index)
     same_device(op, "target", target, expert_logits, "expert_logits")
     _lt_constants.check_class_counts(op, class_counts, num_classes, why_positive)
 
@@ -110,12 +135,13 @@ def expert_loss_inputs(op: str, expert_logits, target, class_counts, max_experts
 # ---- the fused-loss ops' own checks (csrc/loss_checks.h for the C++ ops; these for the Triton ops called raw) ----
 
 
-def fused_loss_inputs(op: str, logits_name: str, logits, target, max_experts: int = 64) -> None:
-    """[E, B, C] floating logits (1..max_experts experts, B, C >= 1) and [B] int64 labels in [0, C) on their device."""
+def fused_loss_inputs(op: str, logits_name: str, logits, target, max_experts: int = 64, ignore_index=None) -> None:
+    """[E, B, C] floating logits (1..max_experts experts, B, C >= 1) and [B] int64 labels in [0, C) (or
+    ``ignore_index``) on their device."""
     tensor(op, logits_name, logits, dims=3, floating=True)
     if not 1 <= logits.shape[0] <= max_experts:
         raise ValueError(f"{op}: {logits_name} must have 1..{max_experts} experts / branches, got {logits.shape[0]}")
-    labels(op, "target", target, logits.shape[1], logits.shape[2])
+    labels(op, "target", target, logits.shape[1], logits.shape[2], ignore_index)
     same_device(op, "target", target, logits, logits_name)
 
 

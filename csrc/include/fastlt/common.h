@@ -43,6 +43,10 @@ FASTLT_HOST_DEVICE double power(double base, double exponent) { return pow(base,
 FASTLT_HOST_DEVICE float square_root(float x) { return sqrtf(x); }
 FASTLT_HOST_DEVICE double square_root(double x) { return sqrt(x); }
 
+// The fused losses' reduction argument, as fastlt.ops._checks.REDUCTIONS numbers them. kNone returns per-row losses
+// whose sum is the kSum loss; kMean divides each term by its normaliser (docs/methods.md 6.5).
+enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };
+
 // Largest expert / branch count the kernels keep per-row state for (local arrays).
 constexpr int kMaxExperts = 64;
 
