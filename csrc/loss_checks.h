@@ -58,11 +58,12 @@ struct RideTables {
 inline RideTables check_ride_loss_inputs(const at::Tensor& logits, const at::Tensor& target,
                                          const at::Tensor& target_margins,
                                          const std::optional<at::Tensor>& class_weights,
-                                         const at::Tensor& temperatures, double diversity_factor) {
+                                         const at::Tensor& temperatures, double diversity_factor,
+                                         std::optional<int64_t> ignore_index = std::nullopt) {
   constexpr const char* op = "fastlt.ride_loss";
   check_loss_logits(logits, op, "expert_logits");
   TORCH_CHECK_VALUE(std::isfinite(diversity_factor), op, ": diversity_factor must be finite, got ", diversity_factor);
-  check_loss_target(target, logits, op);
+  check_loss_target(target, logits, op, ignore_index);
   RideTables tables;
   tables.margins = class_table(target_margins, logits, op, "target_margins");
   if (class_weights.has_value()) tables.weights = class_table(*class_weights, logits, op, "class_weights");
