@@ -73,10 +73,11 @@ inline RideTables check_ride_loss_inputs(const at::Tensor& logits, const at::Ten
 
 // group_masks [K, C] bool on the logits' device, each row selecting at least one class; returned contiguous.
 inline at::Tensor check_reslt_loss_inputs(const at::Tensor& logits, const at::Tensor& target,
-                                          const at::Tensor& group_masks, double beta, double log_eps) {
+                                          const at::Tensor& group_masks, double beta, double log_eps,
+                                          std::optional<int64_t> ignore_index = std::nullopt) {
   constexpr const char* op = "fastlt.reslt_loss";
   check_loss_logits(logits, op, "branch_logits");
-  check_loss_target(target, logits, op);
+  check_loss_target(target, logits, op, ignore_index);
   TORCH_CHECK_VALUE(group_masks.dim() == 2 && group_masks.size(0) == logits.size(0) &&
                         group_masks.size(1) == logits.size(2),
                     op, ": group_masks must be [K, C] = [", logits.size(0), ", ", logits.size(2), "], got ",
