@@ -94,10 +94,11 @@ inline at::Tensor check_reslt_loss_inputs(const at::Tensor& logits, const at::Te
 
 // logit_shifts [E, C] floating on the logits' device; returned contiguous in the accumulation dtype.
 inline at::Tensor check_prior_shifted_ce_inputs(const at::Tensor& logits, const at::Tensor& target,
-                                                const at::Tensor& logit_shifts) {
+                                                const at::Tensor& logit_shifts,
+                                                std::optional<int64_t> ignore_index = std::nullopt) {
   constexpr const char* op = "fastlt.prior_shifted_ce";
   check_loss_logits(logits, op, "expert_logits");
-  check_loss_target(target, logits, op);
+  check_loss_target(target, logits, op, ignore_index);
   TORCH_CHECK_VALUE(logit_shifts.dim() == 2 && logit_shifts.size(0) == logits.size(0) &&
                         logit_shifts.size(1) == logits.size(2),
                     op, ": logit_shifts must be [E, C] = [", logits.size(0), ", ", logits.size(2), "], got ",
