@@ -27,9 +27,15 @@ needs_cuda_build = pytest.mark.skipif(not _extension.HAS_CUDA, reason="extension
 
 
 def raw_ops(op_name):
-    """Parameters naming the registered ops of ``op_name`` that a test may call raw: the C++ one (when the extension
-    is built) and the Triton one."""
-    return [pytest.param(op_name, marks=needs_cpp), f"{op_name}_triton"]
+    """Parameters naming the registered overloads of ``op_name`` that a test may call raw (:func:`raw_op`): the
+    compiled one (when the extension is built) and the Triton one."""
+    return [pytest.param(op_name, marks=needs_cpp), f"{op_name}.triton"]
+
+
+def raw_op(name):
+    """``torch.ops.fastlt.<op>.default`` for ``"<op>"`` (the compiled kernels), ``.triton`` for ``"<op>.triton"``."""
+    op_name, _, overload = name.partition(".")
+    return getattr(getattr(torch.ops.fastlt, op_name), overload or "default")
 
 
 def call_cuda_kernel(op_name, *args):

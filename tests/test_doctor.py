@@ -17,8 +17,8 @@ from fastlt.ops import _backend
 @pytest.fixture
 def wrong_cpp_expert_aggregate(monkeypatch):
     """The compiled expert_aggregate made wrong on purpose: 1% too large (its gradient too, through autograd)."""
-    correct = torch.ops.fastlt.expert_aggregate
-    monkeypatch.setattr(torch.ops.fastlt, "expert_aggregate", lambda *args: correct(*args) * 1.01)
+    correct = torch.ops.fastlt.expert_aggregate.default
+    monkeypatch.setattr(torch.ops.fastlt.expert_aggregate, "default", lambda *args: correct(*args) * 1.01)
 
 
 @needs_cpp
@@ -50,7 +50,7 @@ def test_check_op_reports_a_kernel_that_raises(monkeypatch):
     def broken(*args):
         raise RuntimeError("illegal memory access")
 
-    monkeypatch.setattr(torch.ops.fastlt, "tau_normalize_triton", broken)
+    monkeypatch.setattr(torch.ops.fastlt.tau_normalize, "triton", broken)
     (row,) = doctor.check_op("fastlt.tau_normalize", "cpu", "triton", dtypes=(torch.float32,), tiny=True)
     assert row["ok"] is False and row["op"] == "tau_normalize"
     assert row["note"] == "raised RuntimeError: illegal memory access"

@@ -14,9 +14,14 @@ import torch
 
 from fastlt import _extension
 from fastlt._formulas import expert_coefficients
-from fastlt.ops import _backend, _checks
+from fastlt.ops import _backend, _checks, _library
 
 OP = "fastlt.expert_aggregate"
+# The arguments of fastlt::expert_aggregate and its backward, as csrc/cpu/expert_aggregate.cpp defines them (their
+# Triton overloads take the same).
+SCHEMA = "(Tensor logits, str reduce, Tensor? weights, Tensor? active) -> Tensor"
+BACKWARD_SCHEMA = ("(Tensor grad, Tensor logits, str reduce, Tensor? weights, Tensor? active, "
+                   "bool weights_requires_grad) -> (Tensor, Tensor)")
 REDUCTIONS = ("mean", "sum")
 
 
@@ -59,9 +64,7 @@ def expert_aggregate(
     backend = _backend.resolve(logits, OP)
     if backend == "reference":
         return expert_aggregate_reference(logits, reduce=reduce, weights=weights, active=active)
-    if backend == "cpp":
-        return torch.ops.fastlt.expert_aggregate(logits, reduce, weights, active)
-    return torch.ops.fastlt.expert_aggregate_triton(logits, reduce, weights, active)
+    return _library.overload("expert_aggregate", backend)(logits, reduce, weights, active)
 
 
 def _validate(logits, reduce, weights, active):
@@ -140,20 +143,21 @@ def _make_backward(backward_op):
     return backward
 
 
+def _register(overload: str) -> None:
+    """Fake and autograd registrations of one overload ("default": the C++ / CUDA kernels, "triton")."""
+    suffix = "" if overload == "default" else f".{overload}"
+    torch.library.register_fake(f"fastlt::expert_aggregate{suffix}")(_fake_forward)
+    torch.library.register_fake(f"fastlt::expert_aggregate_backward{suffix}")(_fake_backward)
+    backward_op = getattr(torch.ops.fastlt.expert_aggregate_backward, overload)
+    torch.library.register_autograd(f"fastlt::expert_aggregate{suffix}", _make_backward(backward_op),
+                                    setup_context=_setup_context)
+
+
 if _extension.AVAILABLE:
-    torch.library.register_fake("fastlt::expert_aggregate")(_fake_forward)
-    torch.library.register_fake("fastlt::expert_aggregate_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "fastlt::expert_aggregate",
-        _make_backward(torch.ops.fastlt.expert_aggregate_backward),
-        setup_context=_setup_context,
-    )
+    _register("default")
 
 
-@torch.library.custom_op("fastlt::expert_aggregate_triton", mutates_args=())
-def _expert_aggregate_triton(
-    logits: torch.Tensor, reduce: str, weights: Optional[torch.Tensor], active: Optional[torch.Tensor]
-) -> torch.Tensor:
+def _expert_aggregate_triton(logits, reduce, weights, active):
     from fastlt.kernels import expert_aggregate as kernel
 
     _validate(logits, reduce, weights, active)
@@ -162,15 +166,7 @@ def _expert_aggregate_triton(
     return kernel.forward(logits, reduce, weights, active)
 
 
-@torch.library.custom_op("fastlt::expert_aggregate_triton_backward", mutates_args=())
-def _expert_aggregate_triton_backward(
-    grad: torch.Tensor,
-    logits: torch.Tensor,
-    reduce: str,
-    weights: Optional[torch.Tensor],
-    active: Optional[torch.Tensor],
-    weights_requires_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _expert_aggregate_triton_backward(grad, logits, reduce, weights, active, weights_requires_grad):
     from fastlt.kernels import expert_aggregate as kernel
 
     _validate(logits, reduce, weights, active)
@@ -181,8 +177,6 @@ def _expert_aggregate_triton_backward(
     return kernel.backward(grad, logits, reduce, weights, active, weights_requires_grad)
 
 
-_expert_aggregate_triton.register_fake(_fake_forward)
-_expert_aggregate_triton_backward.register_fake(_fake_backward)
-_expert_aggregate_triton.register_autograd(
-    _make_backward(torch.ops.fastlt.expert_aggregate_triton_backward), setup_context=_setup_context
-)
+_library.define_triton("expert_aggregate", SCHEMA, _expert_aggregate_triton)
+_library.define_triton("expert_aggregate_backward", BACKWARD_SCHEMA, _expert_aggregate_triton_backward)
+_register("triton")

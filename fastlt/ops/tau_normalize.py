@@ -7,9 +7,13 @@ kernels/tau_normalize.py; tests: tests/ops/test_tau_normalize.py; benchmark: ben
 import torch
 
 from fastlt import _extension
-from fastlt.ops import _backend, _checks
+from fastlt.ops import _backend, _checks, _library
 
 OP = "fastlt.tau_normalize"
+# The arguments of fastlt::tau_normalize and its backward, as csrc/cpu/tau_normalize.cpp defines them (their Triton
+# overloads take the same).
+SCHEMA = "(Tensor weight, float tau, float eps) -> Tensor"
+BACKWARD_SCHEMA = "(Tensor grad, Tensor weight, float tau, float eps) -> Tensor"
 
 
 def tau_normalize_reference(weight, tau, *, eps=1e-12):
@@ -33,9 +37,7 @@ def tau_normalize(weight: torch.Tensor, tau: float, *, eps: float = 1e-12) -> to
     backend = _backend.resolve(weight, OP)
     if backend == "reference":
         return tau_normalize_reference(weight, tau, eps=eps)
-    if backend == "cpp":
-        return torch.ops.fastlt.tau_normalize(weight, tau, eps)
-    return torch.ops.fastlt.tau_normalize_triton(weight, tau, eps)
+    return _library.overload("tau_normalize", backend)(weight, tau, eps)
 
 
 def _validate(weight, tau, eps):
@@ -83,24 +85,28 @@ def _make_backward(backward_op):
     return backward
 
 
+def _register(overload: str) -> None:
+    """Fake and autograd registrations of one overload ("default": the C++ / CUDA kernels, "triton")."""
+    suffix = "" if overload == "default" else f".{overload}"
+    torch.library.register_fake(f"fastlt::tau_normalize{suffix}")(_fake_forward)
+    torch.library.register_fake(f"fastlt::tau_normalize_backward{suffix}")(_fake_backward)
+    backward_op = getattr(torch.ops.fastlt.tau_normalize_backward, overload)
+    torch.library.register_autograd(f"fastlt::tau_normalize{suffix}", _make_backward(backward_op),
+                                    setup_context=_setup_context)
+
+
 if _extension.AVAILABLE:
-    torch.library.register_fake("fastlt::tau_normalize")(_fake_forward)
-    torch.library.register_fake("fastlt::tau_normalize_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "fastlt::tau_normalize", _make_backward(torch.ops.fastlt.tau_normalize_backward), setup_context=_setup_context
-    )
+    _register("default")
 
 
-@torch.library.custom_op("fastlt::tau_normalize_triton", mutates_args=())
-def _tau_normalize_triton(weight: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
+def _tau_normalize_triton(weight, tau, eps):
     from fastlt.kernels import tau_normalize as kernel
 
     tau, eps = _validate(weight, tau, eps)
     return kernel.forward(weight, tau, eps)
 
 
-@torch.library.custom_op("fastlt::tau_normalize_triton_backward", mutates_args=())
-def _tau_normalize_triton_backward(grad: torch.Tensor, weight: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
+def _tau_normalize_triton_backward(grad, weight, tau, eps):
     from fastlt.kernels import tau_normalize as kernel
 
     tau, eps = _validate(weight, tau, eps)
@@ -113,8 +119,6 @@ def _tau_normalize_triton_backward(grad: torch.Tensor, weight: torch.Tensor, tau
     return kernel.backward(grad, weight, tau, eps)
 
 
-_tau_normalize_triton.register_fake(_fake_forward)
-_tau_normalize_triton_backward.register_fake(_fake_backward)
-_tau_normalize_triton.register_autograd(
-    _make_backward(torch.ops.fastlt.tau_normalize_triton_backward), setup_context=_setup_context
-)
+_library.define_triton("tau_normalize", SCHEMA, _tau_normalize_triton)
+_library.define_triton("tau_normalize_backward", BACKWARD_SCHEMA, _tau_normalize_triton_backward)
+_register("triton")

@@ -13,11 +13,13 @@ import numpy as np
 import torch
 
 from fastlt import _extension
-from fastlt.ops import _backend, _checks
+from fastlt.ops import _backend, _checks, _library
 from fastlt.ops.tau_normalize import check_eps, tau_normalize_reference
 from fastlt.splits import split_accuracies
 
 OP = "fastlt.tau_sweep"
+# The arguments of fastlt::tau_sweep, as csrc/cpu/tau_sweep.cpp defines them (its Triton overload takes the same).
+SCHEMA = "(Tensor features, Tensor weight, Tensor taus, Tensor? bias, float eps) -> Tensor"
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(21))  # Decoupling's grid 0.0, 0.1, ..., 2.0
 
 
@@ -65,9 +67,7 @@ def tau_sweep(
     backend = _backend.resolve(features, OP)
     if backend == "reference":
         return tau_sweep_reference(features, weight, taus, bias=bias, eps=eps)
-    if backend == "cpp":
-        return torch.ops.fastlt.tau_sweep(features, weight, taus, bias, eps)
-    return torch.ops.fastlt.tau_sweep_triton(features, weight, taus, bias, eps)
+    return _library.overload("tau_sweep", backend)(features, weight, taus, bias, eps)
 
 
 def shot_accuracy_per_tau(predictions, targets, class_counts, taus=None):
@@ -144,14 +144,12 @@ if _extension.AVAILABLE:
     torch.library.register_fake("fastlt::tau_sweep")(_fake)
 
 
-@torch.library.custom_op("fastlt::tau_sweep_triton", mutates_args=())
-def _tau_sweep_triton(
-    features: torch.Tensor, weight: torch.Tensor, taus: torch.Tensor, bias: Optional[torch.Tensor], eps: float
-) -> torch.Tensor:
+def _tau_sweep_triton(features, weight, taus, bias, eps):
     from fastlt.kernels import tau_sweep as kernel
 
     taus, eps = _validate(features, weight, taus, bias, eps)
     return kernel.forward(features, weight, taus, bias, eps)
 
 
-_tau_sweep_triton.register_fake(_fake)
+_library.define_triton("tau_sweep", SCHEMA, _tau_sweep_triton)
+torch.library.register_fake("fastlt::tau_sweep.triton")(_fake)

@@ -78,7 +78,7 @@ class Draw:
     call: Callable  # call(**views) -> output tensor; runs under fastlt.ops.use_backend
     order: int = 1  # 0: values only, 1: + gradients, 2: + gradients of a function of the gradients
     invalid: Optional[str] = None  # a known-invalid argument: every backend must raise ValueError
-    raw: Optional[Callable] = None  # raw(op_suffix, **views): the registered op called directly ("" or "_triton")
+    raw: Optional[Callable] = None  # raw(overload, **views): the registered op called directly ("default" or "triton")
     compare: Optional[Callable] = None  # compare(actual, expected, views) for outputs that are not tolerance-equal
     dtype: torch.dtype = torch.float32  # of the main input: results are no more precise than its accumulation dtype
 
@@ -185,8 +185,8 @@ def draw_expert_aggregate(gen):
     def call(logits, weights=None, active=None):
         return ops.expert_aggregate(logits, reduce=reduce, weights=weights, active=active)
 
-    def raw(suffix, logits, weights=None, active=None):
-        return getattr(torch.ops.fastlt, "expert_aggregate" + suffix)(logits, reduce, weights, active)
+    def raw(overload, logits, weights=None, active=None):
+        return getattr(torch.ops.fastlt.expert_aggregate, overload)(logits, reduce, weights, active)
 
     label = f"E={E} B={B} C={C} {dtype} reduce={reduce!r} weights={weights_kind} active={'active' in inputs}"
     return Draw(label, inputs, call, order=gen.pick(0, 1, 2, weights=[1, 2, 2]), invalid=invalid, raw=raw, dtype=dtype)
@@ -213,8 +213,8 @@ def draw_tau_normalize(gen):
     def call(weight):
         return ops.tau_normalize(weight, tau, eps=eps)
 
-    def raw(suffix, weight):
-        return getattr(torch.ops.fastlt, "tau_normalize" + suffix)(weight, tau, eps)
+    def raw(overload, weight):
+        return getattr(torch.ops.fastlt.tau_normalize, overload)(weight, tau, eps)
 
     label = f"C={C} D={D} {dtype} tau={tau} eps={eps}"
     order = gen.pick(0, 1, 2, weights=[1, 2, 2])
@@ -292,9 +292,9 @@ def draw_tau_sweep(gen):
     def call(features, weight, bias=None):
         return ops.tau_sweep(features, weight, tau_argument(features.device), bias=bias, eps=eps)
 
-    def raw(suffix, features, weight, bias=None):
+    def raw(overload, features, weight, bias=None):
         taus_tensor = torch.tensor(taus, dtype=torch.float64, device=features.device)
-        return getattr(torch.ops.fastlt, "tau_sweep" + suffix)(features, weight, taus_tensor, bias, eps)
+        return getattr(torch.ops.fastlt.tau_sweep, overload)(features, weight, taus_tensor, bias, eps)
 
     label = f"N={N} C={C} D={D} {f_dtype}/{w_dtype} taus={taus} eps={eps} bias={'bias' in inputs}"
     return Draw(label, inputs, call, order=0, invalid=invalid, raw=raw, compare=_same_argmax(taus, eps))
@@ -450,7 +450,7 @@ def _probe(shape, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def run(draw, backend, device, raw_suffix=None):
+def run(draw, backend, device, raw_overload=None):
     bases = {name: inp.base.to(device).clone().requires_grad_(inp.grad) for name, inp in draw.inputs.items()}
     leaves = [name for name, inp in draw.inputs.items() if inp.grad]
     results = {}
@@ -458,7 +458,7 @@ def run(draw, backend, device, raw_suffix=None):
     try:
         with ops.use_backend(backend):
             views = {name: draw.inputs[name].view(base) for name, base in bases.items()}
-            out = draw.raw(raw_suffix, **views) if raw_suffix is not None else draw.call(**views)
+            out = draw.raw(raw_overload, **views) if raw_overload is not None else draw.call(**views)
             results["out"] = out.detach()
             if draw.order == 0 or not leaves or not out.requires_grad:
                 return Outcome(results)
@@ -532,8 +532,8 @@ def check_draw(draw, check_raw):
         runs = {("reference", "cpu"): run(values_only, "reference", "cpu")}
         for backend, device in BACKENDS:
             if backend != "reference":
-                suffix = "_triton" if backend == "triton" else ""
-                runs[(backend + " raw op", device)] = run(values_only, backend, device, suffix)
+                overload = "triton" if backend == "triton" else "default"
+                runs[(backend + " raw op", device)] = run(values_only, backend, device, overload)
         check(values_only, runs)
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from op_helpers import (COMPILED_BACKENDS, TOLERANCES, assert_close, backend, call_cuda_kernel, needs_cuda,
-                        needs_cuda_build, raw_ops)
+                        needs_cuda_build, raw_op, raw_ops)
 
 import fastlt
 from fastlt.ops import expert_aggregate, expert_aggregate_reference
@@ -111,9 +111,9 @@ def test_opcheck():
     ]
     transposed = torch.randn(4, 2, 6).transpose(0, 1)
     samples.append((transposed, None, None))
-    ops = [torch.ops.fastlt.expert_aggregate_triton]
+    ops = [torch.ops.fastlt.expert_aggregate.triton]
     if fastlt._extension.AVAILABLE:
-        ops.append(torch.ops.fastlt.expert_aggregate)
+        ops.append(torch.ops.fastlt.expert_aggregate.default)
     for op in ops:
         for logits, w, mask in samples:
             logits = logits.clone().requires_grad_(True) if logits.is_contiguous() else logits.requires_grad_(True)
@@ -169,8 +169,8 @@ def test_bad_input_names_the_argument(name):
 @pytest.mark.parametrize("op_name", raw_ops("expert_aggregate"))
 def test_raw_op_refuses_what_the_wrapper_refuses(op_name):
     """The raw Triton op treated reduce="max" as "sum" and read weights / active of the wrong shape out of bounds."""
-    forward = getattr(torch.ops.fastlt, op_name)
-    backward = getattr(torch.ops.fastlt, f"{op_name}_backward")
+    forward = raw_op(op_name)
+    backward = raw_op(op_name.replace("expert_aggregate", "expert_aggregate_backward"))
     logits = torch.randn(3, 4, 5)
     no_expert = torch.ones(4, 3, dtype=torch.bool)
     no_expert[2] = False

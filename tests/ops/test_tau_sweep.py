@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from op_helpers import COMPILED_BACKENDS, backend, call_cuda_kernel, needs_cuda, needs_cuda_build, raw_ops
+from op_helpers import COMPILED_BACKENDS, backend, call_cuda_kernel, needs_cuda, needs_cuda_build, raw_op, raw_ops
 
 import fastlt
 from fastlt.ops import shot_accuracy_per_tau, tau_normalize_reference, tau_sweep, tau_sweep_reference
@@ -82,9 +82,9 @@ def test_strided_inputs(name):
 
 def test_opcheck():
     args = (torch.randn(9, 5), torch.randn(7, 5), torch.tensor([0.0, 0.5, 1.0]), torch.randn(7), 1e-12)
-    ops = [torch.ops.fastlt.tau_sweep_triton]
+    ops = [torch.ops.fastlt.tau_sweep.triton]
     if fastlt._extension.AVAILABLE:
-        ops.append(torch.ops.fastlt.tau_sweep)
+        ops.append(torch.ops.fastlt.tau_sweep.default)
     for op in ops:
         torch.library.opcheck(op, args)
         torch.library.opcheck(op, args[:3] + (None, 1e-12))
@@ -128,7 +128,7 @@ def test_invalid_eps_is_refused_by_every_backend(name, eps):
 
 @pytest.mark.parametrize("op_name", raw_ops("tau_sweep"))
 def test_raw_op_refuses_what_the_wrapper_refuses(op_name):
-    op = getattr(torch.ops.fastlt, op_name)
+    op = raw_op(op_name)
     f, w, taus = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0.0, 1.0])
     cases = [
         ((torch.randn(4), w, taus, None, 1e-12), "features"),

@@ -1,0 +1,24 @@
+"""One op name per op: the C++ extension defines ``fastlt::<op>`` (``torch.ops.fastlt.<op>.default``: the compiled
+CPU and CUDA kernels, registered at the bottom of ``csrc/cpu/<op>.cpp`` and ``csrc/cuda/<op>.cu``), and the Triton
+kernel is the same op's ``triton`` overload (``torch.ops.fastlt.<op>.triton``), with the same arguments, defined
+here from Python. Fake and autograd registrations take either overload's qualified name (``"fastlt::<op>"`` or
+``"fastlt::<op>.triton"``); ``tests/ops/test_op_registry.py`` checks that the two schemas agree.
+"""
+
+import torch
+
+LIBRARY = torch.library.Library("fastlt", "FRAGMENT")  # kept alive for the process: it owns the registrations
+
+
+def define_triton(op_name: str, schema: str, implementation) -> torch._ops.OpOverload:
+    """Define ``fastlt::<op_name>.triton`` with ``schema`` (what follows the op name in the C++ ``m.def``:
+    ``"(Tensor x, float eps) -> Tensor"``), run by ``implementation`` for CPU tensors (under ``TRITON_INTERPRET=1``)
+    and CUDA tensors; returns the overload."""
+    LIBRARY.define(f"{op_name}.triton{schema}")
+    torch.library.register_kernel(f"fastlt::{op_name}.triton", ("cpu", "cuda"), implementation, lib=LIBRARY)
+    return getattr(torch.ops.fastlt, op_name).triton
+
+
+def overload(op_name: str, backend: str) -> torch._ops.OpOverload:
+    """The registered op that runs ``backend``'s kernel: ``"cpp"`` -> ``.default``, ``"triton"`` -> ``.triton``."""
+    return getattr(getattr(torch.ops.fastlt, op_name), "triton" if backend == "triton" else "default")
