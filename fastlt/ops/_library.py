@@ -22,3 +22,15 @@ def define_triton(op_name: str, schema: str, implementation) -> torch._ops.OpOve
 def overload(op_name: str, backend: str) -> torch._ops.OpOverload:
     """The registered op that runs ``backend``'s kernel: ``"cpp"`` -> ``.default``, ``"triton"`` -> ``.triton``."""
     return getattr(getattr(torch.ops.fastlt, op_name), "triton" if backend == "triton" else "default")
+
+
+def register_with_backward_op(op_name: str, overload: str, fake_forward, fake_backward, make_backward,
+                              setup_context) -> None:
+    """Fake and autograd registrations of one overload ("default" or "triton") of an op whose backward is its own op,
+    ``fastlt::<op_name>_backward`` (same overload): ``make_backward(backward_op)`` gives the autograd formula."""
+    suffix = "" if overload == "default" else f".{overload}"
+    torch.library.register_fake(f"fastlt::{op_name}{suffix}")(fake_forward)
+    torch.library.register_fake(f"fastlt::{op_name}_backward{suffix}")(fake_backward)
+    backward_op = getattr(getattr(torch.ops.fastlt, f"{op_name}_backward"), overload)
+    torch.library.register_autograd(f"fastlt::{op_name}{suffix}", make_backward(backward_op),
+                                    setup_context=setup_context)

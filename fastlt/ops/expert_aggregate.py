@@ -143,18 +143,9 @@ def _make_backward(backward_op):
     return backward
 
 
-def _register(overload: str) -> None:
-    """Fake and autograd registrations of one overload ("default": the C++ / CUDA kernels, "triton")."""
-    suffix = "" if overload == "default" else f".{overload}"
-    torch.library.register_fake(f"fastlt::expert_aggregate{suffix}")(_fake_forward)
-    torch.library.register_fake(f"fastlt::expert_aggregate_backward{suffix}")(_fake_backward)
-    backward_op = getattr(torch.ops.fastlt.expert_aggregate_backward, overload)
-    torch.library.register_autograd(f"fastlt::expert_aggregate{suffix}", _make_backward(backward_op),
-                                    setup_context=_setup_context)
-
-
 if _extension.AVAILABLE:
-    _register("default")
+    _library.register_with_backward_op("expert_aggregate", "default", _fake_forward, _fake_backward, _make_backward,
+                                       _setup_context)
 
 
 def _expert_aggregate_triton(logits, reduce, weights, active):
@@ -179,4 +170,5 @@ def _expert_aggregate_triton_backward(grad, logits, reduce, weights, active, wei
 
 _library.define_triton("expert_aggregate", SCHEMA, _expert_aggregate_triton)
 _library.define_triton("expert_aggregate_backward", BACKWARD_SCHEMA, _expert_aggregate_triton_backward)
-_register("triton")
+_library.register_with_backward_op("expert_aggregate", "triton", _fake_forward, _fake_backward, _make_backward,
+                                   _setup_context)

@@ -85,18 +85,9 @@ def _make_backward(backward_op):
     return backward
 
 
-def _register(overload: str) -> None:
-    """Fake and autograd registrations of one overload ("default": the C++ / CUDA kernels, "triton")."""
-    suffix = "" if overload == "default" else f".{overload}"
-    torch.library.register_fake(f"fastlt::tau_normalize{suffix}")(_fake_forward)
-    torch.library.register_fake(f"fastlt::tau_normalize_backward{suffix}")(_fake_backward)
-    backward_op = getattr(torch.ops.fastlt.tau_normalize_backward, overload)
-    torch.library.register_autograd(f"fastlt::tau_normalize{suffix}", _make_backward(backward_op),
-                                    setup_context=_setup_context)
-
-
 if _extension.AVAILABLE:
-    _register("default")
+    _library.register_with_backward_op("tau_normalize", "default", _fake_forward, _fake_backward, _make_backward,
+                                       _setup_context)
 
 
 def _tau_normalize_triton(weight, tau, eps):
@@ -121,4 +112,5 @@ def _tau_normalize_triton_backward(grad, weight, tau, eps):
 
 _library.define_triton("tau_normalize", SCHEMA, _tau_normalize_triton)
 _library.define_triton("tau_normalize_backward", BACKWARD_SCHEMA, _tau_normalize_triton_backward)
-_register("triton")
+_library.register_with_backward_op("tau_normalize", "triton", _fake_forward, _fake_backward, _make_backward,
+                                   _setup_context)
