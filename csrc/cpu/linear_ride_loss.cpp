@@ -177,7 +177,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
   at::Tensor row_weights = class_weights.has_value()
                                ? class_table(*class_weights, C, weight, acc, "class_weights").index_select(0, target_contiguous)
                                : at::ones({B}, acc_options);
-  const at::Tensor ce_coef = (row_weights / row_weights.sum()).contiguous();  // [B]
+  // Zero class weights are allowed (class masks): a zero total gives the CE term 0 and no gradient.
+  const at::Tensor weight_total = row_weights.sum();
+  const at::Tensor ce_coef = at::where(weight_total > 0, row_weights / weight_total, at::zeros_like(row_weights)).contiguous();  // [B]
   const at::Tensor row_margins = margins.index_select(0, target_contiguous).contiguous();
   const at::Tensor inverse_temperature_table = temperature_table.reciprocal();
   const bool diversity = diversity_factor != 0.0;

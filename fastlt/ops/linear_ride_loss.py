@@ -106,15 +106,49 @@ def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch
             features, weight, target, class_counts, normalize=normalize, scale=scale, bias=bias,
             margin_scale=margin_scale, max_margin=max_margin, diversity_factor=diversity_factor,
             temperature_factor=temperature_factor, base_temperature=base_temperature, drw=drw, drw_beta=drw_beta)
-    acc_dtype = _checks.accumulate_dtype(weight.dtype)
     target_margins, class_weights, temperatures = ride_tables(
         class_counts, scale=margin_scale, max_margin=max_margin, temperature_factor=temperature_factor,
-        base_temperature=base_temperature, drw=drw, drw_beta=drw_beta, dtype=acc_dtype, device=weight.device)
+        base_temperature=base_temperature, drw=drw, drw_beta=drw_beta,
+        dtype=_checks.accumulate_dtype(weight.dtype), device=weight.device)
+    return fused_linear_ride_loss(features, weight, bias, target, target_margins, class_weights, temperatures,
+                                  scale=scale, normalize=normalize, diversity_factor=diversity_factor,
+                                  chunk_size=chunk_size)
+
+
+def fused_linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           target: torch.Tensor, target_margins: torch.Tensor, class_weights: Optional[torch.Tensor],
+                           temperatures: torch.Tensor, *, scale: float, normalize: bool, diversity_factor: float,
+                           chunk_size: Optional[int] = None) -> torch.Tensor:
+    """The fused head + loss from RIDE's per-class tables instead of class counts: the op :func:`linear_ride_loss`
+    runs after :func:`fastlt.ops.ride_loss.ride_tables`, on the backend it would pick (C++ kernel, Triton, or the
+    chunked PyTorch loop). ``linear_prior_shifted_ce`` and ``linear_reslt_loss`` build on it with their own tables.
+
+    Args:
+        features, weight, bias, target, scale, normalize, diversity_factor, chunk_size: as in
+            :func:`linear_ride_loss`.
+        target_margins: ``[C]`` the amount the target logit is lowered by (LDAM's ``s * m_y``; zeros: plain CE).
+        class_weights: ``[C]`` weights w_y of the rows' CE terms (RIDE's DRW weights), or None (all 1). Zeros are
+            allowed (0/1 masks select classes): the CE is divided by the sum of the rows' weights, and a zero sum
+            gives a CE term of 0 with zero gradients.
+        temperatures: ``[C]`` positive per-class temperatures of the diversity term.
+    """
+    _validate_head(features, weight, target, bias, scale, chunk_size)
     num_experts, num_classes = weight.shape[0], weight.shape[1]
+    acc_dtype = _checks.accumulate_dtype(weight.dtype)
+    for name, table in (("target_margins", target_margins), ("class_weights", class_weights),
+                        ("temperatures", temperatures)):
+        if table is not None:
+            _checks.fused_loss_table(OP, name, table, (num_classes,), weight)
+    target_margins, temperatures = target_margins.to(acc_dtype), temperatures.to(acc_dtype)
+    class_weights = class_weights.to(acc_dtype) if class_weights is not None else None
+    diversity_factor = _checks.number(OP, "diversity_factor", diversity_factor)
     chunk = chunk_size or default_chunk_size(num_experts, target.shape[0], num_classes)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (features, weight, bias))
     backend = _backend.resolve(weight)
+    if backend == "reference":
+        return _loss_formula(expert_logits(features, weight, normalize=normalize, scale=scale, bias=bias), target,
+                             target_margins, class_weights, temperatures, diversity_factor)
     if backend == "triton":
         fused_op = torch.ops.fastlt.linear_ride_loss_triton
     else:
@@ -123,6 +157,27 @@ def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch
     loss, *_ = fused_op(
         features, weight, bias, target, target_margins, class_weights, temperatures, float(scale), bool(normalize),
         float(diversity_factor), int(chunk), compute_grad)
+    return loss
+
+
+def _loss_formula(logits, target, target_margins, class_weights, temperatures, diversity_factor):
+    """RIDE's loss (docs/methods.md 6.3) of materialised [E, B, C] logits from the per-class tables, in eager
+    PyTorch; the CE is divided by the sum of the rows' class weights (0 when that sum is 0)."""
+    logits = logits.to(target_margins.dtype)
+    num_experts, batch, num_classes = logits.shape
+    row_weights = torch.ones_like(target_margins[target]) if class_weights is None else class_weights[target]
+    weight_total = row_weights.sum()
+    ce_coefs = torch.where(weight_total > 0, row_weights / weight_total, 0.0)
+    with torch.no_grad():
+        mean_distribution = F.softmax(logits.mean(0) / temperatures, dim=-1)
+    target_onehot = F.one_hot(target, num_classes).to(logits)
+    loss = logits.new_zeros(())
+    for expert in logits:
+        margin_logits = expert - target_margins[target][:, None] * target_onehot
+        loss = loss + (ce_coefs * F.cross_entropy(margin_logits, target, reduction="none")).sum()
+        if diversity_factor != 0:
+            kl = F.kl_div(F.log_softmax(expert / temperatures, dim=-1), mean_distribution, reduction="none").sum()
+            loss = loss + diversity_factor * temperatures.mean() ** 2 / batch * kl
     return loss
 
 
@@ -144,6 +199,11 @@ _KERNEL_DEVICE_TYPES = _kernel_device_types()
 
 
 def _validate(features, weight, target, class_counts, bias, scale, chunk_size):
+    _validate_head(features, weight, target, bias, scale, chunk_size)
+    _lt_constants.check_class_counts(OP, class_counts, weight.shape[1])
+
+
+def _validate_head(features, weight, target, bias, scale, chunk_size):
     _checks.tensor(OP, "weight", weight, dims=3, floating=True)
     _checks.tensor(OP, "features", features, dims=(2, 3), floating=True)
     num_experts, num_classes, dim = weight.shape
@@ -158,7 +218,6 @@ def _validate(features, weight, target, class_counts, bias, scale, chunk_size):
     _checks.same_device(OP, "features", features, weight, "weight")
     _checks.labels(OP, "target", target, features.shape[-2], num_classes)
     _checks.same_device(OP, "target", target, weight, "weight")
-    _lt_constants.check_class_counts(OP, class_counts, num_classes)
     if bias is not None:
         _checks.tensor(OP, "bias", bias, floating=True)
         if tuple(bias.shape) != (num_experts, num_classes) or bias.dtype != weight.dtype:
@@ -337,7 +396,8 @@ def chunked_forward(features, weight, bias, target, target_margins, class_weight
     batch = target.shape[0]
     diversity = diversity_factor != 0.0
     row_weights = class_weights[target] if class_weights is not None else torch.ones_like(problem.target_margins)
-    ce_coef = (row_weights / row_weights.sum())[None, :]  # [1, B]
+    weight_total = row_weights.sum()
+    ce_coef = torch.where(weight_total > 0, row_weights / weight_total, 0.0)[None, :]  # [1, B]
     div_coef = diversity_factor * temperatures.mean().item() ** 2 / batch
     stats = _statistics(problem, chunk_size, diversity, kernels)
     loss = _loss(stats, ce_coef, div_coef, diversity)

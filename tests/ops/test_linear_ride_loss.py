@@ -267,3 +267,27 @@ def test_bench_fused_head_runs_and_fits_memory_linearly(monkeypatch):
         assert fixed + per_class * largest <= 8 * 2**30 < fixed + per_class * (largest + 1)
     fused = rows[3]
     assert fused["C"] == 300 and fused["memory_b_over_fused"] > 0 and fused["time_vs_b"] > 0
+
+
+@pytest.mark.parametrize("diversity_factor", [0.0, -0.45])
+def test_fused_tables_with_zero_class_weights(diversity_factor, implementation):
+    from fastlt.ops.linear_ride_loss import fused_linear_ride_loss
+
+    (features, weight), target, counts = _inputs(2, 5, 12, 4)
+    target_margins, temperatures = torch.rand(12, dtype=torch.float64), torch.rand(12, dtype=torch.float64) + 0.5
+    mask = (torch.arange(12) % 2).double()  # a 0/1 class mask as class weights
+    kwargs = dict(scale=30.0, normalize=True, diversity_factor=diversity_factor, chunk_size=5)
+    with backend("reference"):
+        expected = fused_linear_ride_loss(features, weight, None, target, target_margins, mask, temperatures,
+                                          **kwargs)
+        expected_grads = torch.autograd.grad(expected, [features, weight])
+    loss = fused_linear_ride_loss(features, weight, None, target, target_margins, mask, temperatures, **kwargs)
+    grads = torch.autograd.grad(loss, [features, weight])
+    torch.testing.assert_close(loss, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+    zero = torch.zeros(12, dtype=torch.float64)
+    loss = fused_linear_ride_loss(features, weight, None, target, target_margins, zero, temperatures,
+                                  **dict(kwargs, diversity_factor=0.0))
+    grads = torch.autograd.grad(loss, [features, weight])
+    assert loss.item() == 0.0 and all(bool((grad == 0).all()) for grad in grads)
