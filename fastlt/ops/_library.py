@@ -19,6 +19,14 @@ def define_triton(op_name: str, schema: str, implementation) -> torch._ops.OpOve
     return getattr(torch.ops.fastlt, op_name).triton
 
 
+def define_overload(op_name: str, overload_name: str, schema: str, implementation) -> torch._ops.OpOverload:
+    """Define ``fastlt::<op_name>.<overload_name>`` with ``schema``, run by ``implementation`` on every device (an
+    op's portable PyTorch implementation, e.g. linear_ride_loss's ``.torch``); returns the overload."""
+    LIBRARY.define(f"{op_name}.{overload_name}{schema}")
+    torch.library.register_kernel(f"fastlt::{op_name}.{overload_name}", None, implementation, lib=LIBRARY)
+    return getattr(getattr(torch.ops.fastlt, op_name), overload_name)
+
+
 def overload(op_name: str, backend: str) -> torch._ops.OpOverload:
     """The registered op that runs ``backend``'s kernel: ``"cpp"`` -> ``.default``, ``"triton"`` -> ``.triton``."""
     return getattr(getattr(torch.ops.fastlt, op_name), "triton" if backend == "triton" else "default")
