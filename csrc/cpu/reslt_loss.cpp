@@ -1,11 +1,13 @@
 // CPU kernel of fastlt::reslt_loss: OpenMP (at::parallel_for) over sample rows; each row's K branch rows are read
 // once into L2-resident scratch, the softmax statistics of the summed logits and of the branches whose group holds
-// the label computed with vectorised exp, and the loss and d loss / d logits written in the same pass.
-// Per-row math: fastlt/reslt_loss.h.
+// the label computed with vectorised exp, and the loss, its K + 1 row terms and d loss / d logits written in the same
+// pass. Rows labelled ignore_index are skipped (zero terms and gradient). Per-row math: fastlt/reslt_loss.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "cpu/softmax_vectorized.h"
 #include "fastlt/reslt_loss.h"
@@ -14,10 +16,11 @@
 namespace fastlt {
 namespace cpu {
 
-std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, const at::Tensor& target,
-                                              const at::Tensor& group_masks, double beta, double log_eps,
-                                              bool compute_grad) {
-  const at::Tensor masks = check_reslt_loss_inputs(branch_logits, target, group_masks, beta, log_eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, const at::Tensor& target,
+                                                          const at::Tensor& group_masks, double beta, double log_eps,
+                                                          int64_t reduction, int64_t ignore_index, bool compute_grad) {
+  check_reduction(reduction, "fastlt.reslt_loss");
+  const at::Tensor masks = check_reslt_loss_inputs(branch_logits, target, group_masks, beta, log_eps, ignore_index);
   TORCH_CHECK(branch_logits.device().is_cpu(), "fastlt.reslt_loss (CPU kernel): branch_logits must be a CPU tensor");
   const int64_t K = branch_logits.size(0), B = branch_logits.size(1), C = branch_logits.size(2);
   const int64_t sK = branch_logits.stride(0), sB = branch_logits.stride(1), sC = branch_logits.stride(2);
@@ -25,6 +28,7 @@ std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, c
   at::Tensor grad = compute_grad ? empty_with_huge_pages({K, B, C}, branch_logits.options())
                                  : at::empty({0}, branch_logits.options());
   at::Tensor row_losses = at::empty({B}, acc_options);
+  at::Tensor row_terms = at::empty({B, K + 1}, acc_options);  // K branch terms, then the fused term
   // Per-thread scratch, [C] each: K logit rows (when not contiguous fp32/fp64), K branch softmax rows, the summed
   // logits, their exp and one gradient row.
   const int64_t scratch_rows = 2 * K + 3;
@@ -32,19 +36,23 @@ std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, c
   const bool* in_group = masks.data_ptr<bool>();
   const at::Tensor target_contiguous = target.contiguous();  // a strided [B] view is read by index
   const int64_t* labels = target_contiguous.data_ptr<int64_t>();
-  // L_ice's joint normaliser: the (branch, sample) pairs whose group holds the sample's label.
-  int64_t in_group_total = 0;
-  for (int64_t b = 0; b < B; ++b)
+  // The normalisers: the kept rows, and the (branch, kept row) pairs whose group holds the row's label.
+  int64_t in_group_total = 0, kept_rows = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    if (labels[b] == ignore_index) continue;
+    ++kept_rows;
     for (int64_t k = 0; k < K; ++k) in_group_total += in_group[k * C + labels[b]];
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, branch_logits.scalar_type(), "fastlt_reslt_loss_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* logits = branch_logits.data_ptr<scalar_t>();
-    const A ice_coef = reslt_loss::ice_coefficient<A>(static_cast<A>(beta), in_group_total);
-    const A fused_coef = reslt_loss::fused_coefficient<A>(static_cast<A>(beta), B);
+    const A ice_coef = reslt_loss::ice_coefficient<A>(static_cast<A>(beta), in_group_total, reduction);
+    const A fused_coef = reslt_loss::fused_coefficient<A>(static_cast<A>(beta), kept_rows, reduction);
     const A eps = static_cast<A>(log_eps);
     scalar_t* grad_out = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
     A* losses = row_losses.data_ptr<A>();
+    A* all_terms = row_terms.data_ptr<A>();
     const A* no_scale = nullptr;
 
     at::parallel_for(0, B, rows_per_task(K * C), [&](int64_t b0, int64_t b1) {
@@ -60,6 +68,14 @@ std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, c
       A branch_scale[kMaxExperts];  // epsilon_gradient_scale of each in-group branch
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t y = labels[b];
+        A* terms = all_terms + b * (K + 1);
+        if (y == ignore_index) {  // y is no class: never an index
+          std::fill_n(terms, K + 1, A(0));
+          losses[b] = A(0);
+          if (grad_out != nullptr)
+            for (int64_t k = 0; k < K; ++k) std::fill_n(grad_out + (k * B + b) * C, C, scalar_t(0));
+          continue;
+        }
         for (int64_t k = 0; k < K; ++k)
           rows[k] = contiguous_row<scalar_t, A>(logits + k * sK + b * sB, sC, C, staging + k * C);
         const A* fused = rows[0];
@@ -70,13 +86,16 @@ std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, c
         }
         const A fused_max = row_max(fused, no_scale, C);
         const A fused_sum = exp_shifted(fused, no_scale, fused_max, fused_exp, C);
-        A loss = fused_coef * reslt_loss::epsilon_cross_entropy(fused_max, fused_sum, fused[y], eps);
+        terms[K] = fused_coef * reslt_loss::epsilon_cross_entropy(fused_max, fused_sum, fused[y], eps);
+        A loss = terms[K];
         for (int64_t k = 0; k < K; ++k) {
           member[k] = in_group[k * C + y];
+          terms[k] = A(0);
           if (!member[k]) continue;  // outside its group a branch only feeds the fused term
           const A branch_max = row_max(rows[k], no_scale, C);
           branch_sum[k] = exp_shifted(rows[k], no_scale, branch_max, branch_exp + k * C, C);
-          loss += ice_coef * reslt_loss::epsilon_cross_entropy(branch_max, branch_sum[k], rows[k][y], eps);
+          terms[k] = ice_coef * reslt_loss::epsilon_cross_entropy(branch_max, branch_sum[k], rows[k][y], eps);
+          loss += terms[k];
           branch_scale[k] = reslt_loss::epsilon_gradient_scale(branch_max, branch_sum[k], rows[k][y], eps);
         }
         losses[b] = loss;
@@ -102,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, c
     });
   });
   // Row losses are summed after the parallel part: the result does not depend on how rows were split.
-  return {row_losses.sum(), grad};  // fp32 loss for fp16/bf16, as ride_loss
+  return {reduction == kReductionNone ? row_losses : row_losses.sum(), grad, row_terms};  // fp32 for fp16/bf16
 }
 
 }  // namespace cpu
@@ -111,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, c
 TORCH_LIBRARY_FRAGMENT(fastlt, m) {
   m.def(
       "reslt_loss(Tensor branch_logits, Tensor target, Tensor group_masks, float beta, float log_eps, "
-      "bool compute_grad) -> (Tensor, Tensor)");
+      "int reduction, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastlt, CPU, m) {

@@ -1,7 +1,8 @@
 // CUDA kernel of fastlt::reslt_loss: one block per sample row b, threads over classes. The block keeps online
 // (max, sum) softmax statistics of the summed logits s = sum_b z_b and of each branch whose group holds the label,
-// merges them over the block, and writes the row's loss and d loss / d logits in the same launch; the gradient pass
-// walks classes and writes every branch's gradient at c from the one fused probability of c.
+// merges them over the block, and writes the row's loss, its K + 1 row terms and d loss / d logits in the same launch;
+// the gradient pass walks classes and writes every branch's gradient at c from the one fused probability of c. A row
+// labelled ignore_index only writes zeros.
 // Per-element math: fastlt/reslt_loss.h and fastlt/softmax_stats.h (the code the CPU kernel runs).
 #include <ATen/ops/empty.h>
 
@@ -23,19 +24,30 @@ __device__ A fused_logit(const T* row, int64_t sK, int64_t sC, int K, int64_t c)
   return total;
 }
 
-// in_group: contiguous [K, C] group masks; in_group_total: device scalar sum_{b,i} g_b(y_i) (ice_coefficient's
-// normaliser). grad: contiguous [K, B, C] or nullptr when no gradient is wanted.
+// in_group: contiguous [K, C] group masks; in_group_total and kept_rows: device scalars, the normalisers G and N of
+// ice_coefficient / fused_coefficient. row_terms: [B, K + 1]. grad: contiguous [K, B, C] or nullptr when no gradient
+// is wanted.
 template <typename T, typename A>
 __global__ void reslt_loss_rows(const T* logits, int64_t sK, int64_t sB, int64_t sC, int K, int64_t B, int64_t C,
-                                const int64_t* labels, const bool* in_group, const int64_t* in_group_total, A beta,
-                                A eps, A* row_losses, T* grad) {
+                                const int64_t* labels, const bool* in_group, const int64_t* in_group_total,
+                                const int64_t* kept_rows, int64_t reduction, int64_t ignore_index, A beta, A eps,
+                                A* row_losses, A* row_terms, T* grad) {
   __shared__ SoftmaxStats<A> stats_buffer[kThreads];
   __shared__ A branch_max[kMaxExperts], inverse_branch_sum[kMaxExperts], branch_grad_coef[kMaxExperts];
   __shared__ A fused_grad_coef;
   const int64_t b = blockIdx.x;
   const int64_t y = labels[b];
-  const A ice_coef = reslt_loss::ice_coefficient<A>(beta, *in_group_total);
-  const A fused_coef = reslt_loss::fused_coefficient<A>(beta, B);
+  A* terms = row_terms + b * (K + 1);
+  if (y == ignore_index) {  // the whole block returns: y is no class, never an index
+    for (int64_t k = threadIdx.x; k <= K; k += blockDim.x) terms[k] = A(0);
+    if (threadIdx.x == 0) row_losses[b] = A(0);
+    if (grad != nullptr)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = threadIdx.x; c < C; c += blockDim.x) grad[(k * B + b) * C + c] = T(0);
+    return;
+  }
+  const A ice_coef = reslt_loss::ice_coefficient<A>(beta, *in_group_total, reduction);
+  const A fused_coef = reslt_loss::fused_coefficient<A>(beta, *kept_rows, reduction);
   const T* row = logits + b * sB;
 
   SoftmaxStats<A> partial = empty_softmax_stats<A>();
@@ -47,12 +59,16 @@ __global__ void reslt_loss_rows(const T* logits, int64_t sK, int64_t sB, int64_t
     const A fused_target = fused_logit<T, A>(row, sK, sC, K, y);
     loss = fused_coef *
            reslt_loss::epsilon_cross_entropy(fused_stats.maximum, fused_stats.shifted_sum, fused_target, eps);
+    terms[K] = loss;
     fused_grad_coef = fused_coef * reslt_loss::epsilon_gradient_scale(fused_stats.maximum, fused_stats.shifted_sum,
                                                                       fused_target, eps);
   }
 
   for (int k = 0; k < K; ++k) {
-    if (!in_group[k * C + y]) continue;  // outside its group a branch only feeds the fused term (same for the block)
+    if (!in_group[k * C + y]) {  // outside its group a branch only feeds the fused term (same for the block)
+      if (threadIdx.x == 0) terms[k] = A(0);
+      continue;
+    }
     const T* branch = row + k * sK;
     SoftmaxStats<A> branch_partial = empty_softmax_stats<A>();
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
@@ -60,7 +76,8 @@ __global__ void reslt_loss_rows(const T* logits, int64_t sK, int64_t sB, int64_t
     const SoftmaxStats<A> stats = block_softmax_stats(branch_partial, stats_buffer);
     if (threadIdx.x == 0) {
       const A target_logit = static_cast<A>(branch[y * sC]);
-      loss += ice_coef * reslt_loss::epsilon_cross_entropy(stats.maximum, stats.shifted_sum, target_logit, eps);
+      terms[k] = ice_coef * reslt_loss::epsilon_cross_entropy(stats.maximum, stats.shifted_sum, target_logit, eps);
+      loss += terms[k];
       branch_max[k] = stats.maximum;
       inverse_branch_sum[k] = A(1) / stats.shifted_sum;
       branch_grad_coef[k] =
@@ -89,31 +106,39 @@ __global__ void reslt_loss_rows(const T* logits, int64_t sK, int64_t sB, int64_t
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, const at::Tensor& target,
-                                              const at::Tensor& group_masks, double beta, double log_eps,
-                                              bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, const at::Tensor& target,
+                                                          const at::Tensor& group_masks, double beta, double log_eps,
+                                                          int64_t reduction, int64_t ignore_index, bool compute_grad) {
   constexpr const char* op = "fastlt.reslt_loss";
   check_cuda(branch_logits, op, "branch_logits");  // before the shared checks, so a CPU tensor gets this message
+  check_reduction(reduction, op);
   const c10::cuda::CUDAGuard guard(branch_logits.device());
-  const at::Tensor masks = check_reslt_loss_inputs(branch_logits, target, group_masks, beta, log_eps);
+  const at::Tensor masks = check_reslt_loss_inputs(branch_logits, target, group_masks, beta, log_eps, ignore_index);
   const at::Tensor labels = target.contiguous();
   const int64_t K = branch_logits.size(0), B = branch_logits.size(1), C = branch_logits.size(2);
   at::Tensor grad = compute_grad ? at::empty({K, B, C}, branch_logits.options())
                                  : at::empty({0}, branch_logits.options());
-  at::Tensor row_losses = at::empty({B}, branch_logits.options().dtype(accumulate_dtype(branch_logits)));
-  // L_ice's joint normaliser, counted on the device: the (branch, sample) pairs whose group holds the label.
-  const at::Tensor in_group_total = masks.index_select(1, labels).sum(at::kLong);
+  const auto acc_options = branch_logits.options().dtype(accumulate_dtype(branch_logits));
+  at::Tensor row_losses = at::empty({B}, acc_options);
+  at::Tensor row_terms = at::empty({B, K + 1}, acc_options);  // K branch terms, then the fused term
+  // The normalisers, counted on the device (no host sync): the kept rows, and the (branch, kept row) pairs whose group
+  // holds the row's label. An ignored row's label is replaced by class 0 before the lookup, then masked out.
+  const at::Tensor kept = labels.ne(ignore_index);
+  const at::Tensor kept_rows = kept.sum(at::kLong);
+  const at::Tensor in_group_total =
+      masks.index_select(1, labels.masked_fill(kept.logical_not(), 0)).logical_and(kept).sum(at::kLong);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, branch_logits.scalar_type(), "fastlt_reslt_loss_cuda", [&] {
     using A = acc_t<scalar_t>;
     reslt_loss_rows<scalar_t, A><<<B, kThreads, 0, current_stream()>>>(
         branch_logits.data_ptr<scalar_t>(), branch_logits.stride(0), branch_logits.stride(1), branch_logits.stride(2),
         static_cast<int>(K), B, C, labels.data_ptr<int64_t>(), masks.data_ptr<bool>(),
-        in_group_total.data_ptr<int64_t>(), static_cast<A>(beta), static_cast<A>(log_eps), row_losses.data_ptr<A>(),
+        in_group_total.data_ptr<int64_t>(), kept_rows.data_ptr<int64_t>(), reduction, ignore_index,
+        static_cast<A>(beta), static_cast<A>(log_eps), row_losses.data_ptr<A>(), row_terms.data_ptr<A>(),
         compute_grad ? grad.data_ptr<scalar_t>() : nullptr);
   });
   check_launch(op);
   // Deterministic on-device reduction of the row losses (no atomics): fp32 loss for fp16/bf16, as on the CPU.
-  return {row_losses.sum(), grad};
+  return {reduction == kReductionNone ? row_losses : row_losses.sum(), grad, row_terms};
 }
 
 }  // namespace cuda

@@ -19,9 +19,13 @@ import torch.nn.functional as F
 
 from fastlt import _extension
 from fastlt.splits import shot_split
-from fastlt.ops import _backend, _checks, _fused_loss
+from fastlt.ops import _backend, _checks, _fused_loss, _library
 
 OP = "fastlt.reslt_loss"
+# The arguments of fastlt::reslt_loss, as csrc/cpu/reslt_loss.cpp defines them (its Triton overload takes the same).
+SCHEMA = ("(Tensor branch_logits, Tensor target, Tensor group_masks, float beta, float log_eps, int reduction, "
+          "int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)")
+_MEAN = _checks.REDUCTIONS.index("mean")
 
 
 def reslt_groups(class_counts, *, cutoffs=None, num_branches: int = 3) -> torch.Tensor:
@@ -83,25 +87,52 @@ def _cutoff_groups(counts, cutoffs, num_branches):
     return [labels >= cutoff if tail_at_high_labels else labels < cutoff for cutoff in cutoffs]
 
 
-def reslt_loss_reference(branch_logits, target, group_masks, *, beta, log_eps=0.0):
-    """Eager PyTorch reference written from the formulas (docs/methods.md 6.4); fp32 math for fp16/bf16 inputs. With
-    ``log_eps > 0`` it computes ``-log(softmax + log_eps)`` literally, as the official ResLT code does."""
+def reslt_loss_reference(branch_logits, target, group_masks, *, beta, log_eps=0.0, reduction="mean",
+                         ignore_index=_checks.DEFAULT_IGNORE_INDEX, return_components=False):
+    """Eager PyTorch reference written from the formulas (docs/methods.md 6.4 and 6.5); fp32 math for fp16/bf16
+    inputs. With ``log_eps > 0`` it computes ``-log(softmax + log_eps)`` literally, as the official ResLT code does.
+    The keywords are :func:`reslt_loss`'s."""
     target, _ = _checks.loss_conveniences(target, None)
-    _validate(branch_logits, target, group_masks, beta, log_eps)
-    return _loss_formula(branch_logits, target, group_masks, beta, log_eps)
+    reduction = _checks.reduction(OP, reduction)
+    ignore_index = _checks.ignore_index(OP, ignore_index)
+    _validate(branch_logits, target, group_masks, beta, log_eps, ignore_index)
+    terms = _row_terms(branch_logits, target, group_masks, beta, log_eps, reduction, ignore_index)
+    loss = _fused_loss.reduce_row_terms(terms, reduction)
+    if return_components:
+        return loss, _fused_loss.components(terms, _component_names(branch_logits.shape[0]), reduction)
+    return loss
 
 
-def _loss_formula(branch_logits, target, group_masks, beta, log_eps):
-    """The loss from the fused op's arguments in eager PyTorch: the reference, and the fused ops' second-order path."""
+def _component_names(num_branches):
+    """Where each of ``return_components``' names sits in the ``[B, K + 1]`` row terms (docs/methods.md 6.5)."""
+    return {"branch": slice(0, num_branches), "fused": num_branches}
+
+
+def _row_terms(branch_logits, target, group_masks, beta, log_eps, reduction, ignore_index):
+    """The ``[B, K + 1]`` row terms in eager PyTorch: column b < K is ``beta * g_b(y) * CE(z_b)``, column K is
+    ``(1 - beta) * CE(sum_b z_b)``, each divided by its normaliser under mean (G, the kept (branch, row) pairs in a
+    group, clamped to >= 1, and N, the kept rows); an ignored row's terms are 0."""
     logits = branch_logits.to(_checks.accumulate_dtype(branch_logits.dtype))
     num_branches, batch, _ = logits.shape
-    branch_ce = _cross_entropy(logits, target.expand(num_branches, batch), log_eps)
-    in_group = group_masks[:, target]  # [K, B]: g_b(y_i)
-    # where, not a product: a branch outside its group contributes nothing, even an infinite CE (0 * inf = NaN)
-    in_group_ce = torch.where(in_group, branch_ce, torch.zeros_like(branch_ce))
-    individual = in_group_ce.sum() / in_group.sum().clamp_min(1).to(logits)  # no pair in a group: L_ice = 0
-    fused = _cross_entropy(logits.sum(0), target, log_eps).mean()
-    return beta * individual + (1 - beta) * fused
+    kept = target != ignore_index
+    labels = torch.where(kept, target, torch.zeros_like(target))  # an ignored row's label is never an index
+    branch_ce = _cross_entropy(logits, labels.expand(num_branches, batch), log_eps)
+    in_group = group_masks[:, labels] & kept  # [K, B]: g_b(y_i) of the kept rows
+    fused_ce = _cross_entropy(logits.sum(0), labels, log_eps)
+    # where, not a product: a branch outside its group (or an ignored row) contributes nothing, even an infinite CE
+    # (0 * inf = NaN)
+    branch_terms = beta * torch.where(in_group, branch_ce, torch.zeros_like(branch_ce))
+    fused_terms = (1 - beta) * torch.where(kept, fused_ce, torch.zeros_like(fused_ce))
+    if reduction == _MEAN:
+        branch_terms = branch_terms / in_group.sum().clamp_min(1).to(logits)  # no pair in a group: L_ice = 0
+        fused_terms = fused_terms / kept.sum().clamp_min(1).to(logits)  # every row ignored: 0
+    return torch.cat([branch_terms.T, fused_terms[:, None]], 1)
+
+
+def _loss_formula(branch_logits, target, group_masks, beta, log_eps, reduction, ignore_index):
+    """The loss from the fused op's arguments in eager PyTorch: the fused ops' second-order path."""
+    terms = _row_terms(branch_logits, target, group_masks, beta, log_eps, reduction, ignore_index)
+    return _fused_loss.reduce_row_terms(terms, reduction)
 
 
 def _cross_entropy(logits, target, log_eps):
@@ -112,47 +143,66 @@ def _cross_entropy(logits, target, log_eps):
 
 
 def reslt_loss(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: torch.Tensor, *,
-               beta: float, log_eps: float = 0.0) -> torch.Tensor:
+               beta: float, log_eps: float = 0.0, reduction: str = "mean",
+               ignore_index: int = _checks.DEFAULT_IGNORE_INDEX, return_components: bool = False):
     """ResLT's loss over K branches, computed with its gradient in one pass over the logits.
 
     Args:
         branch_logits: ``[K, B, C]`` logits of the K branches (main first), any strides; fp32/fp16/bf16 (accumulated
             in fp32) or fp64.
-        target: ``[B]`` integer labels in ``[0, C)`` (int32 and narrower are widened to int64).
+        target: ``[B]`` integer labels in ``[0, C)`` or equal to ``ignore_index`` (int32 and narrower are widened to
+            int64).
         group_masks: ``[K, C]`` bool, ``group_masks[b, c]``: class c belongs to branch b's group
             (:func:`reslt_groups`); every row must select a class.
         beta: weight of the branch loss L_ice in [0, 1] (the paper's alpha; 0.995 on CIFAR-100-LT r = 100).
         log_eps: every cross-entropy is ``-log(softmax_y + log_eps)``. ``0`` (default) is the exact cross-entropy;
             the official ResLT code uses ``1e-7`` (:class:`fastlt.ResLTLoss`' default), which caps a sample's loss
             at ``-log(1e-7)`` = 16.1 and scales its gradient by ``p_y / (p_y + 1e-7)``.
+        reduction: ``"mean"`` (the paper's loss): the branch terms ``beta * g_b(y) * CE(z_b)`` summed over branches
+            and kept rows and divided by G, the number of (branch, kept row) pairs whose group holds the label, plus
+            the fused terms ``(1 - beta) * CE(sum_b z_b)`` summed over kept rows and divided by N, the number of kept
+            rows. ``"sum"``: the same sums without the normalisers. ``"none"``: the ``[B]`` per-row sums of the terms
+            (they add up to the ``"sum"`` loss). docs/methods.md 6.5.
+        ignore_index: rows whose label equals it are skipped: they add nothing to any term or normaliser, their loss
+            (``"none"``) is 0 and their logits get a zero gradient. With every row ignored the loss is 0 (where
+            ``torch.nn.functional.cross_entropy`` gives NaN under ``"mean"``).
+        return_components: also return ``{"branch": [K], "fused": []}``, the terms reduced as the loss is (a leading
+            ``[B]`` dimension under ``"none"``), detached; they add up to the loss.
 
-    Returns the scalar loss in the accumulation dtype (fp32 for fp16/bf16 inputs; the gradient keeps
-    ``branch_logits.dtype``), differentiable in ``branch_logits``. L_ice is 0 when no label of the batch is in any
-    group (impossible when row 0 selects every class, as in ResLT). A NaN logit makes the loss and the gradient of
-    its row (every branch, through the fused logits) NaN.
+    Returns the loss (a scalar, or ``[B]`` under ``"none"``) in the accumulation dtype (fp32 for fp16/bf16 inputs;
+    the gradient keeps ``branch_logits.dtype``), differentiable in ``branch_logits``; ``(loss, components)`` with
+    ``return_components``. L_ice is 0 when no kept label of the batch is in any group (impossible when row 0 selects
+    every class, as in ResLT). A NaN logit of a kept row makes the loss and the gradient of its row (every branch,
+    through the fused logits) NaN.
 
     >>> counts = (500 * 0.01 ** (torch.arange(100) / 99)).floor()
     >>> groups = fastlt.ops.reslt_groups(counts, cutoffs=[35, 70])
     >>> loss = fastlt.ops.reslt_loss(torch.randn(3, 8, 100), torch.randint(0, 100, (8,)), groups, beta=0.995)
     """
     target, _ = _checks.loss_conveniences(target, None)
-    _validate(branch_logits, target, group_masks, beta, log_eps)
+    reduction_code = _checks.reduction(OP, reduction)
+    ignore_index = _checks.ignore_index(OP, ignore_index)
+    _validate(branch_logits, target, group_masks, beta, log_eps, ignore_index)
     backend = _backend.resolve(branch_logits, OP)
     if backend == "reference" or _fused_loss.use_reference(branch_logits):
-        return reslt_loss_reference(branch_logits, target, group_masks, beta=beta, log_eps=log_eps)
+        return reslt_loss_reference(branch_logits, target, group_masks, beta=beta, log_eps=log_eps, reduction=reduction,
+                                    ignore_index=ignore_index, return_components=return_components)
     compute_grad = branch_logits.requires_grad and torch.is_grad_enabled()
-    fused_op = torch.ops.fastlt.reslt_loss_triton if backend == "triton" else torch.ops.fastlt.reslt_loss
-    loss, _ = fused_op(branch_logits, target, group_masks, float(beta), float(log_eps), compute_grad)
+    loss, _, terms = _library.overload("reslt_loss", backend)(branch_logits, target, group_masks, float(beta),
+                                                               float(log_eps), reduction_code, ignore_index,
+                                                               compute_grad)
+    if return_components:
+        return loss, _fused_loss.components(terms, _component_names(branch_logits.shape[0]), reduction_code)
     return loss
 
 
-def _validate(branch_logits, target, group_masks, beta, log_eps):
+def _validate(branch_logits, target, group_masks, beta, log_eps, ignore_index):
     _checks.tensor(OP, "branch_logits", branch_logits, dims=3, floating=True)
     num_branches, batch, num_classes = branch_logits.shape
     if num_branches > _checks.MAX_EXPERTS:
         raise ValueError(
             f"{OP}: branch_logits has {num_branches} branches; at most {_checks.MAX_EXPERTS} are supported")
-    _checks.labels(OP, "target", target, batch, num_classes)
+    _checks.labels(OP, "target", target, batch, num_classes, ignore_index)
     _checks.same_device(OP, "target", target, branch_logits, "branch_logits")
     _checks.tensor(OP, "group_masks", group_masks, dims=2)
     if group_masks.dtype != torch.bool:
@@ -168,16 +218,20 @@ def _validate(branch_logits, target, group_masks, beta, log_eps):
     _checks.number(OP, "log_eps", log_eps, low=0.0)
 
 
+def _num_terms(branch_logits, *args):
+    return branch_logits.shape[0] + 1  # K branch terms and the fused term
+
+
 if _extension.AVAILABLE:
-    _fused_loss.register("fastlt::reslt_loss", _loss_formula)
+    _fused_loss.register("fastlt::reslt_loss", _loss_formula, num_terms=_num_terms)
 
 
-@torch.library.custom_op("fastlt::reslt_loss_triton", mutates_args=())
-def _reslt_loss_triton(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: torch.Tensor, beta: float,
-                       log_eps: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _reslt_loss_triton(branch_logits, target, group_masks, beta, log_eps, reduction, ignore_index, compute_grad):
     from fastlt.kernels import reslt_loss as kernel
 
-    _checks.fused_loss_inputs(OP, "branch_logits", branch_logits, target, _checks.MAX_EXPERTS)
+    if reduction not in range(len(_checks.REDUCTIONS)):
+        raise ValueError(f"{OP}: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
+    _checks.fused_loss_inputs(OP, "branch_logits", branch_logits, target, _checks.MAX_EXPERTS, ignore_index)
     num_branches, _, num_classes = branch_logits.shape
     _checks.fused_loss_table(OP, "group_masks", group_masks, (num_branches, num_classes), branch_logits,
                              dtype=torch.bool)
@@ -185,7 +239,8 @@ def _reslt_loss_triton(branch_logits: torch.Tensor, target: torch.Tensor, group_
         raise ValueError(f"{OP}: every row of group_masks must select a class")
     _checks.number(OP, "beta", beta, low=0.0, high=1.0)
     _checks.number(OP, "log_eps", log_eps, low=0.0)
-    return kernel.forward(branch_logits, target, group_masks, beta, log_eps, compute_grad)
+    return kernel.forward(branch_logits, target, group_masks, beta, log_eps, reduction, ignore_index, compute_grad)
 
 
-_fused_loss.register("fastlt::reslt_loss_triton", _loss_formula)
+_library.define_triton("reslt_loss", SCHEMA, _reslt_loss_triton)
+_fused_loss.register("fastlt::reslt_loss.triton", _loss_formula, num_terms=_num_terms)

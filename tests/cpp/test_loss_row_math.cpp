@@ -44,11 +44,20 @@ static double reslt_row_loss(const double z[2][kClasses], int y, bool in_group, 
 int main() {
   const int y = 3;
   const double beta = 0.8;
-  CHECK_NEAR(reslt_loss::ice_coefficient(beta, int64_t(4)), 0.2, 1e-15);
-  CHECK(reslt_loss::ice_coefficient(beta, int64_t(0)) == 0.0);
-  CHECK_NEAR(reslt_loss::fused_coefficient(beta, int64_t(2)), 0.1, 1e-15);
+  CHECK_NEAR(reslt_loss::ice_coefficient(beta, int64_t(4), kReductionMean), 0.2, 1e-15);
+  CHECK(reslt_loss::ice_coefficient(beta, int64_t(0), kReductionMean) == 0.0);
+  CHECK_NEAR(reslt_loss::fused_coefficient(beta, int64_t(2), kReductionMean), 0.1, 1e-15);
+  // Every row ignored: no normaliser, and the coefficients are 0 rather than a division by zero.
+  CHECK(reslt_loss::fused_coefficient(beta, int64_t(0), kReductionMean) == 0.0);
+  CHECK(reslt_loss::fused_coefficient(beta, int64_t(0), kReductionSum) == 0.0);
+  // "sum" and "none" have no normaliser.
+  for (int64_t reduction : {int64_t(kReductionSum), int64_t(kReductionNone)}) {
+    CHECK(reslt_loss::ice_coefficient(beta, int64_t(4), reduction) == beta);
+    CHECK(reslt_loss::fused_coefficient(beta, int64_t(2), reduction) == 1.0 - beta);
+  }
 
-  const double ice = reslt_loss::ice_coefficient(beta, int64_t(3)), fused_coef = reslt_loss::fused_coefficient(beta, 2);
+  const double ice = reslt_loss::ice_coefficient(beta, int64_t(3), kReductionMean),
+               fused_coef = reslt_loss::fused_coefficient(beta, int64_t(2), kReductionMean);
   // eps = 0.05 and 0.5 are of the order of p_y here, so the epsilon changes both the loss and its gradient.
   for (double eps : {0.0, 1e-7, 0.05, 0.5}) {
     for (bool in_group : {false, true}) {

@@ -4,7 +4,8 @@ tensors on a machine without a GPU (their values are tested by the `gpu`-marked 
 
 import pytest
 import torch
-from op_helpers import TOLERANCES, assert_close, backend, call_cuda_kernel, needs_cpp, needs_cuda, needs_cuda_build
+from op_helpers import (TOLERANCES, assert_close, backend, call_cuda_kernel, needs_cpp, needs_cuda, needs_cuda_build,
+                        raw_op)
 
 import fastlt
 from fastlt.ops import prior_shifted_ce, prior_shifted_ce_reference, reslt_loss, reslt_loss_reference
@@ -155,12 +156,17 @@ def _loss_case(name, shape, dtype=torch.float32, scale=10.0, device="cpu"):
 
 
 def _raw_triton_args(name, logits, target):
-    """The arguments of torch.ops.fastlt.<name>_triton (as the op wrapper builds them)."""
+    """The arguments of the registered Triton op of ``name`` (as the op wrapper builds them)."""
     num_experts, _, num_classes = logits.shape
     if name == "reslt_loss":
-        return (logits, target, _nested_groups(num_experts, num_classes).to(logits.device), 0.9, 1e-7, True)
+        return (logits, target, _nested_groups(num_experts, num_classes).to(logits.device), 0.9, 1e-7, 1, -100, True)
     shifts = prior_logit_shifts(_counts(num_classes), torch.linspace(0.0, 2.0, num_experts, dtype=torch.float64))
     return (logits, target, shifts.to(logits.device, torch.float32), True)
+
+
+def _triton_op(name):
+    """The registered Triton op of ``name``: reslt_loss's is its ``triton`` overload (fastlt/ops/_library.py)."""
+    return raw_op(f"{name}.triton") if name == "reslt_loss" else getattr(torch.ops.fastlt, f"{name}_triton").default
 
 
 def _run(fn, logits, target, args, kwargs):
@@ -249,7 +255,7 @@ def test_triton_nan_logit_makes_loss_and_its_row_nan(name):
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_triton_opcheck(name):
     logits, target, _ = _inputs((2, 3, 10))
-    torch.library.opcheck(getattr(torch.ops.fastlt, f"{name}_triton").default, _raw_triton_args(name, logits, target),
+    torch.library.opcheck(_triton_op(name), _raw_triton_args(name, logits, target),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
@@ -356,7 +362,7 @@ def _raw_arguments(name, E=2, B=3, C=10):
         margins, weights, temperatures = _tables(C, weights=True)
         return [logits, target, margins, weights, temperatures, -0.45, True]
     if name == "reslt_loss":
-        return [logits, target, _nested_groups(E, C), 0.9, 1e-7, True]
+        return [logits, target, _nested_groups(E, C), 0.9, 1e-7, 1, -100, True]
     return [logits, target, torch.zeros(E, C), True]
 
 
@@ -395,7 +401,10 @@ RAW_CASES = ([(name, what, (lambda change: lambda a, name=name: change(name, a))
 @pytest.mark.parametrize("suffix", [pytest.param("", marks=needs_cpp), "_triton"])
 @pytest.mark.parametrize("name, what, change", RAW_CASES, ids=[f"{n}-{w}" for n, w, _ in RAW_CASES])
 def test_raw_ops_refuse_bad_arguments_with_value_error(name, what, change, suffix):
-    op = getattr(torch.ops.fastlt, name + suffix)
+    if name == "reslt_loss":  # one op with a triton overload (fastlt/ops/_library.py)
+        op = raw_op(name + suffix.replace("_", "."))
+    else:
+        op = getattr(torch.ops.fastlt, name + suffix)
     op(*_raw_arguments(name))  # the unchanged arguments are fine
     with pytest.raises(ValueError, match=r"fastlt\.(ride_loss|reslt_loss|prior_shifted_ce)"):
         op(*change(_raw_arguments(name)))

@@ -262,14 +262,14 @@ def test_beta_outside_zero_one_is_rejected(beta, name):
 def test_cpp_op_checks_its_own_arguments():
     logits, target, groups = _inputs((2, 3, 10))
     with pytest.raises(ValueError, match="target must be in"):
-        torch.ops.fastlt.reslt_loss(logits.detach(), target + 10, groups, 0.9, 0.0, False)
+        torch.ops.fastlt.reslt_loss(logits.detach(), target + 10, groups, 0.9, 0.0, 1, -100, False)
     with pytest.raises(ValueError, match="every row of group_masks"):
-        torch.ops.fastlt.reslt_loss(logits.detach(), target, groups & False, 0.9, 0.0, False)
+        torch.ops.fastlt.reslt_loss(logits.detach(), target, groups & False, 0.9, 0.0, 1, -100, False)
     with pytest.raises(ValueError, match="group_masks must be bool"):
-        torch.ops.fastlt.reslt_loss(logits.detach(), target, groups.float(), 0.9, 0.0, False)
+        torch.ops.fastlt.reslt_loss(logits.detach(), target, groups.float(), 0.9, 0.0, 1, -100, False)
     for log_eps in (-1e-7, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="log_eps"):
-            torch.ops.fastlt.reslt_loss(logits.detach(), target, groups, 0.9, log_eps, False)
+            torch.ops.fastlt.reslt_loss(logits.detach(), target, groups, 0.9, log_eps, 1, -100, False)
 
 
 @needs_cpp
@@ -282,14 +282,14 @@ def test_backward_scales_by_grad_output_and_keeps_one_gradient_buffer():
     with backend("cpp"):
         loss = reslt_loss(logits.detach(), target, groups, beta=0.9)
     assert not loss.requires_grad
-    _, grad = torch.ops.fastlt.reslt_loss(logits.detach(), target, groups, 0.9, 0.0, False)
+    _, grad, _ = torch.ops.fastlt.reslt_loss(logits.detach(), target, groups, 0.9, 0.0, 1, -100, False)
     assert grad.numel() == 0
 
 
 @needs_cpp
 def test_opcheck():
     logits, target, groups = _inputs((3, 3, 10))
-    torch.library.opcheck(torch.ops.fastlt.reslt_loss.default, (logits, target, groups, 0.9, 1e-7, True),
+    torch.library.opcheck(torch.ops.fastlt.reslt_loss.default, (logits, target, groups, 0.9, 1e-7, 1, -100, True),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 

@@ -1,7 +1,10 @@
-// Per-row math of fastlt::reslt_loss (ResLT, docs/methods.md 4.4). For one sample row with label y and K branch logits
-// z_b, g_b = group_masks[b][y], s = sum_b z_b:
-//   loss = ice_coef * sum_b g_b * CE_eps(z_b, y) + fused_coef * CE_eps(s, y),
-//   ice_coef = beta / sum_{b,i} g_b(y_i)  (one joint normaliser over branches and samples),  fused_coef = (1-beta) / B
+// Per-row math of fastlt::reslt_loss (ResLT, docs/methods.md 4.4 and 6.5). For one kept sample row with label y and K
+// branch logits z_b, g_b = group_masks[b][y], s = sum_b z_b:
+//   loss = ice_coef * sum_b g_b * CE_eps(z_b, y) + fused_coef * CE_eps(s, y)   (K branch terms and the fused term),
+//   under "mean": ice_coef = beta / G, G = sum over branches and kept rows of g_b(y_i) (one joint normaliser),
+//                 fused_coef = (1 - beta) / N, N = the number of kept rows;
+//   under "sum" and "none": ice_coef = beta, fused_coef = 1 - beta.
+// A row whose label is ignore_index is not kept: its terms and gradient are 0.
 //   CE_eps(x, y) = -log(softmax(x)_y + eps)   (the official code's epsilon, eps = log_eps; eps = 0: exact CE)
 // With p = softmax(x), d CE_eps / d x_c = -p_y (1[c == y] - p_c) / (p_y + eps) = r * (p_c - [c == y]),
 // r = p_y / (p_y + eps) (epsilon_gradient_scale; 1 when eps = 0), so
@@ -15,14 +18,17 @@
 namespace fastlt {
 namespace reslt_loss {
 
-// The loss coefficients of the header comment; an empty group total (no sample in any group) gives ice_coef = 0.
+// The loss coefficients of the header comment (reduction: fastlt::Reduction). An empty normaliser (no kept sample in
+// any group; every row ignored) gives 0, so such a batch's loss and gradient are 0 instead of NaN.
 template <typename A>
-FASTLT_HOST_DEVICE A ice_coefficient(A beta, int64_t in_group_total) {
-  return in_group_total > 0 ? beta / static_cast<A>(in_group_total) : A(0);
+FASTLT_HOST_DEVICE A ice_coefficient(A beta, int64_t in_group_total, int64_t reduction) {
+  if (in_group_total == 0) return A(0);
+  return reduction == kReductionMean ? beta / static_cast<A>(in_group_total) : beta;
 }
 template <typename A>
-FASTLT_HOST_DEVICE A fused_coefficient(A beta, int64_t batch) {
-  return (A(1) - beta) / static_cast<A>(batch);
+FASTLT_HOST_DEVICE A fused_coefficient(A beta, int64_t kept_rows, int64_t reduction) {
+  if (kept_rows == 0) return A(0);
+  return reduction == kReductionMean ? (A(1) - beta) / static_cast<A>(kept_rows) : A(1) - beta;
 }
 
 // CE_eps from the row's softmax statistics and target logit. eps = 0 takes the log-sum-exp form, exact where
