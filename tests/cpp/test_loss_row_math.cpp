@@ -93,8 +93,14 @@ int main() {
   CHECK_NEAR(capped, -std::log(1e-7), 1e-12);
   CHECK(capped_scale == 0.0);
 
-  // prior_shifted_ce: d/dz of (1/B) CE(z + shift) is (1/B)(softmax(z + shift) - onehot).
-  const double inverse_batch = 0.25;
+  // prior_shifted_ce: coef = 1 / N (kept rows) under "mean", 1 under "sum" and "none", 0 when no row is kept; d/dz of
+  // coef * CE(z + shift) is coef * (softmax(z + shift) - onehot).
+  CHECK(prior_shifted_ce::row_coefficient<double>(int64_t(4), kReductionMean) == 0.25);
+  for (int64_t reduction : {int64_t(kReductionMean), int64_t(kReductionSum), int64_t(kReductionNone)})
+    CHECK(prior_shifted_ce::row_coefficient<double>(int64_t(0), reduction) == 0.0);
+  CHECK(prior_shifted_ce::row_coefficient<double>(int64_t(4), kReductionSum) == 1.0);
+  CHECK(prior_shifted_ce::row_coefficient<double>(int64_t(4), kReductionNone) == 1.0);
+  const double inverse_batch = prior_shifted_ce::row_coefficient<double>(int64_t(4), kReductionMean);
   double shifted[kClasses] = {0.5, -1.0, 2.0, 0.0, -3.0}, p[kClasses], ce;
   stats(shifted, p, &ce, y);
   for (int c = 0; c < kClasses; ++c) {

@@ -161,12 +161,12 @@ def _raw_triton_args(name, logits, target):
     if name == "reslt_loss":
         return (logits, target, _nested_groups(num_experts, num_classes).to(logits.device), 0.9, 1e-7, 1, -100, True)
     shifts = prior_logit_shifts(_counts(num_classes), torch.linspace(0.0, 2.0, num_experts, dtype=torch.float64))
-    return (logits, target, shifts.to(logits.device, torch.float32), True)
+    return (logits, target, shifts.to(logits.device, torch.float32), 1, -100, True)
 
 
 def _triton_op(name):
-    """The registered Triton op of ``name``: reslt_loss's is its ``triton`` overload (fastlt/ops/_library.py)."""
-    return raw_op(f"{name}.triton") if name == "reslt_loss" else getattr(torch.ops.fastlt, f"{name}_triton").default
+    """The registered Triton op of ``name``: its ``triton`` overload (fastlt/ops/_library.py)."""
+    return raw_op(f"{name}.triton")
 
 
 def _run(fn, logits, target, args, kwargs):
@@ -363,7 +363,7 @@ def _raw_arguments(name, E=2, B=3, C=10):
         return [logits, target, margins, weights, temperatures, -0.45, True]
     if name == "reslt_loss":
         return [logits, target, _nested_groups(E, C), 0.9, 1e-7, 1, -100, True]
-    return [logits, target, torch.zeros(E, C), True]
+    return [logits, target, torch.zeros(E, C), 1, -100, True]
 
 
 def _with(arguments, index, value):
@@ -401,7 +401,7 @@ RAW_CASES = ([(name, what, (lambda change: lambda a, name=name: change(name, a))
 @pytest.mark.parametrize("suffix", [pytest.param("", marks=needs_cpp), "_triton"])
 @pytest.mark.parametrize("name, what, change", RAW_CASES, ids=[f"{n}-{w}" for n, w, _ in RAW_CASES])
 def test_raw_ops_refuse_bad_arguments_with_value_error(name, what, change, suffix):
-    if name == "reslt_loss":  # one op with a triton overload (fastlt/ops/_library.py)
+    if name in ("reslt_loss", "prior_shifted_ce"):  # ops with a triton overload (fastlt/ops/_library.py)
         op = raw_op(name + suffix.replace("_", "."))
     else:
         op = getattr(torch.ops.fastlt, name + suffix)

@@ -1,9 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import TOLERANCES, assert_close, backend, long_tail_counts, needs_cpp
+from op_helpers import (TOLERANCES, assert_close, backend, long_tail_counts, needs_cpp, needs_cuda, needs_cuda_build,
+                        raw_op, raw_ops)
 
-from fastlt.ops import prior_shifted_ce, prior_shifted_ce_reference
+from fastlt.ops import prior_shifted_ce, prior_shifted_ce_reference, shifted_ce
 
 def _inputs(shape, dtype=torch.float32, scale=10.0):
     E, B, C = shape
@@ -133,9 +134,9 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(change, message):
 def test_cpp_op_checks_its_own_arguments():
     logits, target, _, _ = _inputs((2, 3, 10))
     with pytest.raises(ValueError, match="target must be in"):
-        torch.ops.fastlt.prior_shifted_ce(logits.detach(), target + 10, torch.zeros(2, 10), False)
+        torch.ops.fastlt.prior_shifted_ce(logits.detach(), target + 10, torch.zeros(2, 10), 1, -100, False)
     with pytest.raises(ValueError, match="logit_shifts must be"):
-        torch.ops.fastlt.prior_shifted_ce(logits.detach(), target, torch.zeros(1, 10), False)
+        torch.ops.fastlt.prior_shifted_ce(logits.detach(), target, torch.zeros(1, 10), 1, -100, False)
 
 
 @needs_cpp
@@ -145,14 +146,15 @@ def test_backward_scales_by_grad_output_and_keeps_one_gradient_buffer():
         _, unit_grad = _loss_and_grad(prior_shifted_ce, logits, target, counts, taus)
         (prior_shifted_ce(logits, target, counts, taus=taus) * 2.5).backward()
     torch.testing.assert_close(logits.grad, 2.5 * unit_grad)
-    _, grad = torch.ops.fastlt.prior_shifted_ce(logits.detach(), target, torch.zeros(2, 10), False)
+    _, grad, _ = torch.ops.fastlt.prior_shifted_ce(logits.detach(), target, torch.zeros(2, 10), 1, -100, False)
     assert grad.numel() == 0
 
 
 @needs_cpp
 def test_opcheck():
     logits, target, _, _ = _inputs((2, 3, 10))
-    torch.library.opcheck(torch.ops.fastlt.prior_shifted_ce.default, (logits, target, torch.randn(2, 10), True),
+    torch.library.opcheck(torch.ops.fastlt.prior_shifted_ce.default,
+                          (logits, target, torch.randn(2, 10), 1, -100, True),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
@@ -219,3 +221,229 @@ def test_conveniences_refuse_what_is_ill_defined(change, message):
     counts = change.get("counts", lambda n: n)(counts)
     with pytest.raises(ValueError, match=message):
         prior_shifted_ce(logits, target, counts, taus=taus, label_smoothing=change.get("label_smoothing", 0.0))
+
+
+# ---- reduction, ignore_index and return_components (docs/methods.md 6.5) ----
+
+REDUCTIONS = ["mean", "sum", "none"]
+IGNORED_ROWS = {"no row ignored": [], "some rows ignored": [1, 3], "every row ignored": [0, 1, 2, 3, 4]}
+FUSED = [pytest.param("cpp", "cpu", marks=needs_cpp), pytest.param("triton", "cpu"),
+         pytest.param("cpp", "cuda", marks=[needs_cuda, needs_cuda_build, pytest.mark.gpu]),
+         pytest.param("triton", "cuda", marks=[needs_cuda, pytest.mark.gpu])]
+FUSED_ON_CPU = [pytest.param("cpp", marks=needs_cpp), "triton"]
+
+
+def _with_ignored_rows(rows, shape=(3, 5, 7), dtype=torch.float32, device="cpu", ignore_index=-100):
+    logits, target, counts, taus = _inputs(shape, dtype)
+    target[rows] = ignore_index
+    return logits.detach().to(device).requires_grad_(True), target.to(device), counts.to(device), taus
+
+
+def _shift_table(counts, taus):
+    """[E, C]: tau_k * log(pi)."""
+    return torch.tensor(taus, dtype=torch.float64)[:, None] * (counts.double() / counts.sum()).log()
+
+
+def _shifted(logits, counts, taus):
+    return [expert + shift.to(logits.device) for expert, shift in zip(logits, _shift_table(counts, taus))]
+
+
+@pytest.mark.parametrize("name, device", FUSED)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ignored", list(IGNORED_ROWS))
+def test_fused_reductions_and_ignored_rows_match_reference(name, device, reduction, ignored):
+    logits, target, counts, taus = _with_ignored_rows(IGNORED_ROWS[ignored], device=device)
+    kwargs = dict(taus=taus, reduction=reduction, return_components=True)
+    # grad_output: per-row weights under none (the backward scales row b by weights[b])
+    grad_output = torch.rand(5, device=device) + 0.5 if reduction == "none" else torch.tensor(1.7, device=device)
+    expected, expected_parts = prior_shifted_ce_reference(logits, target, counts, **kwargs)
+    (expected_grad,) = torch.autograd.grad(expected, logits, grad_output)
+    with backend(name):
+        loss, parts = prior_shifted_ce(logits, target, counts, **kwargs)
+        (grad,) = torch.autograd.grad(loss, logits, grad_output)
+    assert loss.shape == ((5,) if reduction == "none" else ())
+    assert_close(loss.detach(), expected.detach())
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-9, rtol=1e-5)
+    assert list(parts) == ["ce"] and parts["ce"].shape == ((5, 3) if reduction == "none" else (3,))
+    assert not parts["ce"].requires_grad
+    assert_close(parts["ce"], expected_parts["ce"])
+    assert_close(parts["ce"].sum(-1), loss.detach())
+    assert (grad[:, IGNORED_ROWS[ignored]] == 0).all()
+    if ignored == "every row ignored":
+        assert (loss == 0).all() and (grad == 0).all()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("ignored", list(IGNORED_ROWS))
+def test_reductions_match_torch_cross_entropy(name, ignored):
+    logits, target, counts, taus = _with_ignored_rows(IGNORED_ROWS[ignored])
+    shifted = _shifted(logits.detach(), counts, taus)
+    with backend(name), torch.no_grad():
+        losses = {reduction: prior_shifted_ce(logits, target, counts, taus=taus, reduction=reduction)
+                  for reduction in REDUCTIONS}
+    assert_close(losses["sum"], sum(F.cross_entropy(x, target, reduction="sum") for x in shifted).float())
+    assert_close(losses["none"], sum(F.cross_entropy(x, target, reduction="none") for x in shifted).float())
+    assert_close(losses["none"].sum(), losses["sum"])
+    if ignored == "every row ignored":  # F.cross_entropy's mean is NaN here
+        assert losses["mean"] == 0
+    else:
+        assert_close(losses["mean"], sum(F.cross_entropy(x, target) for x in shifted).float())
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("ignore_index", [2, 2**40])  # a class of the batch; a label far outside any row of logits
+def test_any_ignore_index_skips_its_rows(name, ignore_index):
+    logits, target, counts, taus = _with_ignored_rows([0, 4], ignore_index=ignore_index)
+    if ignore_index == 2:
+        target[2] = 2
+    kept = target != ignore_index
+    shifted = _shifted(logits.detach().double(), counts, taus)
+    shifts = _shift_table(counts, taus)
+    with backend(name):
+        loss = prior_shifted_ce(logits, target, counts, taus=taus, ignore_index=ignore_index)
+        (grad,) = torch.autograd.grad(loss, logits)
+        explicit = shifted_ce(logits, target, shifts, ignore_index=ignore_index)
+    expected = sum(F.cross_entropy(x, target, ignore_index=ignore_index) for x in shifted).float()
+    assert_close(loss.detach(), expected)
+    assert_close(explicit.detach(), expected)
+    assert (grad[:, ~kept] == 0).all() and (grad[:, kept] != 0).any()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradcheck_fp64_with_an_ignored_row(name, reduction):
+    logits, target, counts, taus = _inputs((2, 3, 4), torch.float64, scale=2.0)
+    target[1] = -100
+    with backend(name):
+        assert torch.autograd.gradcheck(
+            lambda z: prior_shifted_ce(z, target, counts, taus=taus, reduction=reduction), (logits,))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_reduction_none_jacobian_fp64_matches_finite_differences(name):
+    """gradcheck for "none", one backward per forward: gradcheck's own runs two backwards through one graph (its
+    reentrancy check), which the fused ops refuse, as their backward scales the saved gradient in place."""
+    logits, target, counts, taus = _inputs((2, 3, 4), torch.float64, scale=2.0)
+    target[1] = -100
+
+    def per_row(z):
+        return prior_shifted_ce(z, target, counts, taus=taus, reduction="none")
+
+    step = 1e-6
+    with backend(name):
+        analytic = torch.stack([torch.autograd.grad(per_row(logits), logits, F.one_hot(torch.tensor(b), 3).double())[0]
+                                for b in range(3)])
+        with torch.no_grad():
+            numeric = torch.stack([(per_row(logits + step * e) - per_row(logits - step * e)) / (2 * step)
+                                   for e in torch.eye(logits.numel(), dtype=torch.float64).view(-1, *logits.shape)],
+                                  dim=-1).view(3, *logits.shape)
+    torch.testing.assert_close(analytic, numeric, atol=1e-7, rtol=1e-5)
+    assert (analytic[:, :, 1] == 0).all()
+
+
+@pytest.mark.parametrize("overload", raw_ops("prior_shifted_ce"))
+@pytest.mark.parametrize("reduction", [0, 1])  # none, mean
+def test_opcheck_with_reduction_and_ignored_rows(overload, reduction):
+    logits, target, _, _ = _inputs((2, 3, 10))
+    target[1] = -100
+    torch.library.opcheck(raw_op(overload), (logits, target, torch.randn(2, 10), reduction, -100, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("name", FUSED_ON_CPU)
+def test_torch_compile_fullgraph_with_reduction_none(name):
+    logits, target, counts, taus = _with_ignored_rows([1], shape=(2, 5, 9))
+    grad_output = torch.rand(5) + 0.5
+
+    def per_row(z):
+        return prior_shifted_ce(z, target, counts, taus=taus, reduction="none")
+
+    compiled = torch.compile(per_row, fullgraph=True, backend="aot_eager")
+    expected = prior_shifted_ce_reference(logits, target, counts, taus=taus, reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected, logits, grad_output)
+    with backend(name):
+        loss = compiled(logits)
+        (grad,) = torch.autograd.grad(loss, logits, grad_output)
+    assert_close(loss.detach(), expected.detach())
+    assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("name", FUSED_ON_CPU)
+def test_create_graph_with_reduction_none_keeps_the_second_order_term(name):
+    features, weight = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    target, counts, row_weights = torch.tensor([0, -100, 3]), long_tail_counts(4), torch.tensor([0.5, 2.0, 1.5])
+
+    def penalised_gradients(fn):
+        """d/d(features, weight) of sum_b w_b loss_b + ||d (sum_b w_b loss_b) / d logits||^2, logits = features @ W."""
+        f, w = features.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        logits = f @ w
+        loss = fn(logits, target, counts, taus=[1.0, 0.5], reduction="none")
+        (grad_logits,) = torch.autograd.grad(loss, logits, row_weights, create_graph=True)
+        return torch.autograd.grad((loss * row_weights).sum() + grad_logits.square().sum(), (f, w))
+
+    expected = penalised_gradients(prior_shifted_ce_reference)
+    with backend(name):
+        actual = penalised_gradients(prior_shifted_ce)
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_eager_only_paths_take_reduction_and_components(name, reduction):
+    """Soft targets and label smoothing run F.cross_entropy per expert, reduced as the kernels reduce."""
+    logits, target, counts, taus = _with_ignored_rows([1], shape=(2, 4, 6), dtype=torch.float64)
+    shifted = _shifted(logits, counts, taus)
+    probabilities = torch.softmax(torch.randn(4, 6, dtype=torch.float64), 1)
+    with backend(name):
+        soft, soft_parts = prior_shifted_ce(logits, probabilities, counts, taus=taus, reduction=reduction,
+                                            return_components=True)
+        smoothed, smoothed_parts = prior_shifted_ce(logits, target, counts, taus=taus, label_smoothing=0.1,
+                                                    reduction=reduction, return_components=True)
+        none_kept = prior_shifted_ce(logits, torch.full_like(target, -100), counts, taus=taus, label_smoothing=0.1,
+                                     reduction=reduction)
+        (none_kept_grad,) = torch.autograd.grad(none_kept.sum(), logits)
+    torch.testing.assert_close(soft, sum(F.cross_entropy(x, probabilities, reduction=reduction) for x in shifted))
+    torch.testing.assert_close(smoothed, sum(F.cross_entropy(x, target, label_smoothing=0.1, reduction=reduction)
+                                             for x in shifted))
+    for loss, parts in ((soft, soft_parts), (smoothed, smoothed_parts)):
+        assert parts["ce"].shape == ((4, 2) if reduction == "none" else (2,)) and not parts["ce"].requires_grad
+        torch.testing.assert_close(parts["ce"].sum(-1), loss.detach())
+    assert (none_kept == 0).all() and (none_kept_grad == 0).all()  # F.cross_entropy's mean would be NaN
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_shifted_ce_takes_the_same_keywords(name):
+    logits, target, counts, taus = _with_ignored_rows([2])
+    shifts = _shift_table(counts, taus)
+    with backend(name):
+        for reduction in REDUCTIONS:
+            loss, parts = shifted_ce(logits, target, shifts, reduction=reduction, return_components=True)
+            expected, expected_parts = prior_shifted_ce_reference(logits, target, counts, taus=taus,
+                                                                  reduction=reduction, return_components=True)
+            assert_close(loss.detach(), expected.detach())
+            assert_close(parts["ce"], expected_parts["ce"])
+
+
+@pytest.mark.parametrize("fn", [prior_shifted_ce, prior_shifted_ce_reference,
+                                lambda z, y, n, taus, **kw: shifted_ce(z, y, torch.zeros(2, 10), **kw)])
+def test_bad_reduction_and_ignore_index_are_refused(fn):
+    logits, target, counts, taus = _inputs((2, 3, 10))
+    for reduction in ("avg", 1, None):
+        with pytest.raises(ValueError, match="reduction"):
+            fn(logits, target, counts, taus=taus, reduction=reduction)
+    with pytest.raises(TypeError, match="ignore_index"):
+        fn(logits, target, counts, taus=taus, ignore_index=-100.0)
+    for bad_label in (-1, 10):  # outside [0, C) and not ignore_index
+        with pytest.raises(ValueError, match="target must be in"):
+            fn(logits, torch.tensor([0, bad_label, -100]), counts, taus=taus)
+
+
+@pytest.mark.parametrize("overload", raw_ops("prior_shifted_ce"))
+def test_raw_ops_refuse_a_bad_reduction_code_and_label(overload):
+    logits, target, _, _ = _inputs((2, 3, 10))
+    op, shifts = raw_op(overload), torch.zeros(2, 10)
+    with pytest.raises(ValueError, match="reduction"):
+        op(logits.detach(), target, shifts, 3, -100, False)
+    with pytest.raises(ValueError, match="target must be in"):
+        op(logits.detach(), torch.tensor([0, -1, -100]), shifts, 1, -100, False)
