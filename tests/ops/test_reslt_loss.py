@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import TOLERANCES, assert_close, backend, needs_cpp
+from op_helpers import TOLERANCES, assert_close, backend, needs_cpp, needs_cuda, raw_op, raw_ops
 
 import fastlt
 from fastlt.ops import reslt_groups, reslt_loss, reslt_loss_reference
@@ -340,3 +340,207 @@ def test_a_branch_outside_its_group_adds_nothing_even_an_infinite_cross_entropy(
         (grad,) = torch.autograd.grad(loss, logits)
     assert loss == float("inf")  # the fused term: sum of the branches' target logits is -inf
     assert not torch.isnan(grad[0]).any() and not torch.isnan(grad[2]).any()
+
+
+# ---- reduction, ignore_index and return_components (docs/methods.md 6.5) ----
+
+BACKENDS = ["reference", pytest.param("cpp", marks=needs_cpp), "triton"]
+IGNORED_ROWS = {"no row": [], "some rows": [1, 4], "every row": [0, 1, 2, 3, 4]}
+
+
+def _with_ignored_rows(shape, ignored, dtype=torch.float32, scale=10.0, ignore_index=-100, device="cpu"):
+    logits, target, groups = _inputs(shape, dtype, scale)
+    target[IGNORED_ROWS[ignored]] = ignore_index
+    return logits.detach().to(device).requires_grad_(True), target.to(device), groups.to(device)
+
+
+def _loss_grad_components(fn, logits, target, groups, grad_output, **kwargs):
+    """(loss, d <loss, grad_output> / d logits, components); grad_output scales each row under "none"."""
+    loss, components = fn(logits, target, groups, beta=0.9, return_components=True, **kwargs)
+    (grad,) = torch.autograd.grad(loss, logits, grad_output if loss.dim() else None)
+    return loss.detach(), grad, components
+
+
+def _assert_components_add_up(components, loss, reduction, num_branches):
+    assert set(components) == {"branch", "fused"} and not components["fused"].requires_grad
+    leading = tuple(loss.shape)  # [B] under "none", () otherwise
+    assert components["branch"].shape == (*leading, num_branches) and components["fused"].shape == leading
+    torch.testing.assert_close(components["branch"].sum(-1) + components["fused"], loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignored", list(IGNORED_ROWS))
+def test_reductions_and_ignored_rows_match_the_reference(name, reduction, ignored):
+    logits, target, groups = _with_ignored_rows((3, 5, 9), ignored)
+    grad_output = torch.rand(5) + 0.5
+    kwargs = dict(reduction=reduction)
+    expected = _loss_grad_components(reslt_loss_reference, logits, target, groups, grad_output, **kwargs)
+    with backend(name):
+        loss, grad, components = _loss_grad_components(reslt_loss, logits, target, groups, grad_output, **kwargs)
+    assert loss.shape == ((5,) if reduction == "none" else ())
+    assert_close(loss, expected[0])
+    torch.testing.assert_close(grad, expected[1], atol=1e-6 * expected[1].abs().max().item() + 1e-9, rtol=1e-5)
+    for key in ("branch", "fused"):
+        assert_close(components[key], expected[2][key])
+    _assert_components_add_up(components, loss, reduction, 3)
+    ignored_rows = IGNORED_ROWS[ignored]
+    assert (grad[:, ignored_rows] == 0).all()  # exactly 0, not a small number
+    if reduction == "none":
+        assert (loss[ignored_rows] == 0).all()
+    if ignored == "every row":
+        assert (loss == 0).all() and (grad == 0).all()  # no NaN from an empty normaliser
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_mean_is_torch_cross_entropy_with_ignore_index_and_none_sums_to_sum(name):
+    logits, target, groups = _with_ignored_rows((3, 5, 9), "some rows", torch.float64)
+    kept = target != -100
+    in_group = groups[:, target.clamp_min(0)] & kept  # [K, B]
+    # L_ice's normaliser G is the number of (branch, kept row) pairs in a group: the ignore_index mean over them
+    branch_targets = torch.where(in_group, target, -100).reshape(-1)
+    expected = (0.9 * F.cross_entropy(logits.reshape(15, 9), branch_targets, ignore_index=-100)
+                + 0.1 * F.cross_entropy(logits.sum(0), target, ignore_index=-100))
+    with backend(name):
+        mean = reslt_loss(logits, target, groups, beta=0.9)
+        total = reslt_loss(logits, target, groups, beta=0.9, reduction="sum")
+        rows = reslt_loss(logits, target, groups, beta=0.9, reduction="none")
+    torch.testing.assert_close(mean, expected)
+    torch.testing.assert_close(rows.sum(), total)
+    assert total > mean  # "sum" has no normaliser
+
+
+def _ignoring_loss(name, reduction):
+    """A tiny fp64 case with one ignored row: (logits, the loss as a scalar function of them). Under "none" the
+    scalar is sum_b w_b * loss_b, so its backward feeds the op a [B] grad_output."""
+    logits, target, groups = _inputs((2, 3, 3), torch.float64, scale=2.0)
+    target[1] = -100
+    row_weights = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
+
+    def loss_of(z):
+        with backend(name):
+            loss = reslt_loss(z, target, groups, beta=0.7, log_eps=1e-3, reduction=reduction)
+        return (loss * row_weights).sum() if reduction == "none" else loss
+
+    return logits, loss_of
+
+
+@pytest.mark.parametrize("name, reduction", [("reference", "mean"), ("reference", "none"),
+                                             pytest.param("cpp", "mean", marks=needs_cpp)])
+def test_gradcheck_fp64_with_ignored_rows(name, reduction):
+    logits, loss_of = _ignoring_loss(name, reduction)
+    assert torch.autograd.gradcheck(loss_of, (logits,))
+
+
+@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "triton"])
+def test_reduction_none_gradient_fp64_matches_finite_differences(name):
+    """gradcheck itself cannot run here: it backpropagates twice through one graph, and the fused ops scale their
+    saved gradient in place by a [B] grad_output (fastlt/ops/_fused_loss.py), so autograd refuses the second pass."""
+    logits, loss_of = _ignoring_loss(name, "none")
+    (analytic,) = torch.autograd.grad(loss_of(logits), logits)
+    numeric = torch.zeros_like(analytic)
+    step = 1e-6
+    with torch.no_grad():
+        for index in range(logits.numel()):
+            shift = torch.zeros(logits.numel(), dtype=torch.float64)
+            shift[index] = step
+            shift = shift.view_as(logits)
+            numeric.view(-1)[index] = (loss_of(logits + shift) - loss_of(logits - shift)) / (2 * step)
+    torch.testing.assert_close(analytic, numeric, atol=1e-7, rtol=1e-6)
+    assert (analytic[:, 1] == 0).all()
+
+
+@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "triton", "reference"])
+def test_an_ignore_index_outside_the_classes_is_never_used_as_a_class(name):
+    logits, target, groups = _with_ignored_rows((3, 5, 9), "some rows", ignore_index=1000)
+    expected = reslt_loss_reference(logits, target.masked_fill(target == 1000, -100), groups, beta=0.9)
+    with backend(name):
+        loss = reslt_loss(logits, target, groups, beta=0.9, ignore_index=1000)
+    assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("op_name", raw_ops("reslt_loss"))
+@pytest.mark.parametrize("reduction", [0, 1])
+def test_opcheck_with_reduction_and_ignored_rows(op_name, reduction):
+    logits, target, groups = _with_ignored_rows((3, 5, 10), "some rows")
+    torch.library.opcheck(raw_op(op_name), (logits, target, groups, 0.9, 1e-7, reduction, -100, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "triton"])
+def test_torch_compile_fullgraph_reduction_none(name):
+    logits, target, groups = _with_ignored_rows((3, 5, 9), "some rows")
+    compiled = torch.compile(lambda z: reslt_loss(z, target, groups, beta=0.9, reduction="none"), fullgraph=True,
+                             backend="aot_eager")
+    grad_output = torch.rand(5)
+    expected = reslt_loss_reference(logits, target, groups, beta=0.9, reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected, logits, grad_output)
+    with backend(name):
+        loss = compiled(logits)
+        (grad,) = torch.autograd.grad(loss, logits, grad_output)
+    assert_close(loss.detach(), expected.detach())
+    assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "triton"])
+def test_create_graph_with_reduction_none(name):
+    """A gradient penalty through the per-row losses: the backward is differentiated (the eager formula's path)."""
+    features, weight = torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    target, groups, grad_output = torch.tensor([0, 5, -100, 3, 4]), _groups(2, 6), torch.rand(5, dtype=torch.float64)
+
+    def penalised(fn):
+        weight_leaf = weight.clone().requires_grad_(True)
+        logits = features @ weight_leaf
+        loss = fn(logits, target, groups, beta=0.7, reduction="none")
+        (grad_logits,) = torch.autograd.grad(loss, logits, grad_output, create_graph=True)
+        assert (grad_logits[:, 2] == 0).all()
+        return torch.autograd.grad((loss * grad_output).sum() + grad_logits.square().sum(), weight_leaf)[0]
+
+    expected = penalised(reslt_loss_reference)
+    with backend(name):
+        actual = penalised(reslt_loss)
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_bad_reduction_or_ignore_index_is_rejected(name):
+    logits, target, groups = _inputs((3, 3, 10))
+    with backend(name):
+        for reduction in ("avg", None, 1):
+            with pytest.raises(ValueError, match="reduction"):
+                reslt_loss(logits, target, groups, beta=0.9, reduction=reduction)
+        with pytest.raises(TypeError, match="ignore_index"):
+            reslt_loss(logits, target, groups, beta=0.9, ignore_index=-100.0)
+        with pytest.raises(ValueError, match="target must be in"):  # 10 is no class and not ignore_index
+            reslt_loss(logits, torch.tensor([0, 10, -100]), groups, beta=0.9)
+        with pytest.raises(ValueError, match="target must be in"):  # -100 is a label only while it is ignore_index
+            reslt_loss(logits, torch.tensor([0, 1, -100]), groups, beta=0.9, ignore_index=-1)
+
+
+@pytest.mark.parametrize("op_name", raw_ops("reslt_loss"))
+def test_raw_ops_refuse_a_bad_reduction_code(op_name):
+    logits, target, groups = _inputs((2, 3, 10))
+    raw_op(op_name)(logits.detach(), target, groups, 0.9, 0.0, 2, -100, False)  # sum is fine
+    with pytest.raises(ValueError, match="reduction"):
+        raw_op(op_name)(logits.detach(), target, groups, 0.9, 0.0, 3, -100, False)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignored", list(IGNORED_ROWS))
+def test_cuda_reductions_and_ignored_rows_match_the_reference(name, reduction, ignored):
+    if name == "cpp" and not fastlt._extension.HAS_CUDA:
+        pytest.skip("extension built without CUDA kernels")
+    logits, target, groups = _with_ignored_rows((3, 5, 1100), ignored, device="cuda")
+    grad_output = torch.rand(5, device="cuda") + 0.5
+    kwargs = dict(reduction=reduction)
+    expected = _loss_grad_components(reslt_loss_reference, logits, target, groups, grad_output, **kwargs)
+    with backend(name):
+        loss, grad, components = _loss_grad_components(reslt_loss, logits, target, groups, grad_output, **kwargs)
+    assert_close(loss, expected[0])
+    torch.testing.assert_close(grad, expected[1], atol=1e-6 * expected[1].abs().max().item() + 1e-9, rtol=1e-5)
+    for key in ("branch", "fused"):
+        assert_close(components[key], expected[2][key])
+    assert (grad[:, IGNORED_ROWS[ignored]] == 0).all()
