@@ -18,10 +18,32 @@ from fastlt.kernels._common import TRITON_DTYPES, class_block
 
 @triton.jit
 def _ride_loss_kernel(logits_ptr, labels_ptr, margins_ptr, ce_coefs_ptr, inverse_temperature_ptr, div_coef_ptr,
-                      mean_ptr, row_losses_ptr, grad_ptr, stride_e, stride_b, stride_c, E, B, C,
-                      ACC: tl.constexpr, DIVERSITY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+                      mean_ptr, row_losses_ptr, row_terms_ptr, grad_ptr, stride_e, stride_b, stride_c, E, B, C,
+                      ignore_index, ACC: tl.constexpr, DIVERSITY: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                      BLOCK: tl.constexpr):
     b = tl.program_id(0)
     y = tl.load(labels_ptr + b)
+    lanes = tl.arange(0, BLOCK)
+    if y == ignore_index:  # an ignored row: zero terms and gradient, and its label is never an index
+        for k in range(E):
+            tl.store(row_terms_ptr + b * 2 * E + k, tl.zeros([], ACC))
+            tl.store(row_terms_ptr + b * 2 * E + E + k, tl.zeros([], ACC))
+            if WRITE_GRAD:
+                for start in range(0, C, BLOCK):
+                    offsets = start + lanes
+                    tl.store(grad_ptr + (k * B + b) * C + offsets,
+                             tl.zeros([BLOCK], ACC).to(grad_ptr.dtype.element_ty), mask=offsets < C)
+        tl.store(row_losses_ptr + b, tl.zeros([], ACC))
+    else:
+        _ride_loss_row(logits_ptr, y, b, margins_ptr, ce_coefs_ptr, inverse_temperature_ptr, div_coef_ptr, mean_ptr,
+                       row_losses_ptr, row_terms_ptr, grad_ptr, stride_e, stride_b, stride_c, E, B, C, ACC, DIVERSITY,
+                       WRITE_GRAD, BLOCK)
+
+
+@triton.jit
+def _ride_loss_row(logits_ptr, y, b, margins_ptr, ce_coefs_ptr, inverse_temperature_ptr, div_coef_ptr, mean_ptr,
+                   row_losses_ptr, row_terms_ptr, grad_ptr, stride_e, stride_b, stride_c, E, B, C,
+                   ACC: tl.constexpr, DIVERSITY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     margin = tl.load(margins_ptr + y)
     ce_coef = tl.load(ce_coefs_ptr + b)
     row_ptr = logits_ptr + b * stride_b
@@ -70,14 +92,19 @@ def _ride_loss_kernel(logits_ptr, labels_ptr, margins_ptr, ce_coefs_ptr, inverse
                 gap_lanes += tl.where(mask, tl.exp(v - mean_max) * (v - u), 0.0)  # weighted_gap_term
         ce_max, ce_sum = merge_lanes(ce_max_lanes, ce_sum_lanes)
         target_logit = tl.load(expert_ptr + y * stride_c).to(ACC) - margin
-        loss += ce_coef * (ce_max + tl.log(ce_sum) - target_logit)  # cross_entropy
+        ce_term = ce_coef * (ce_max + tl.log(ce_sum) - target_logit)  # cross_entropy
+        loss += ce_term
+        tl.store(row_terms_ptr + b * 2 * E + k, ce_term)
         expert_max = tl.full([], 0.0, ACC)
         expert_sum = tl.full([], 1.0, ACC)
+        diversity_term = tl.zeros([], ACC)
         if DIVERSITY:
             expert_max, expert_sum = merge_lanes(expert_max_lanes, expert_sum_lanes)
             gap = tl.sum(gap_lanes, axis=0)
-            # kl_to_mean
-            loss += div_coef * (gap / mean_sum + expert_max + tl.log(expert_sum) - (mean_max + tl.log(mean_sum)))
+            kl = gap / mean_sum + expert_max + tl.log(expert_sum) - (mean_max + tl.log(mean_sum))  # kl_to_mean
+            diversity_term = div_coef * kl
+            loss += diversity_term
+        tl.store(row_terms_ptr + b * 2 * E + E + k, diversity_term)
         if WRITE_GRAD:
             grad_row_ptr = grad_ptr + (k * B + b) * C
             for start in range(0, C, BLOCK):
@@ -98,27 +125,36 @@ def _ride_loss_kernel(logits_ptr, labels_ptr, margins_ptr, ce_coefs_ptr, inverse
     tl.store(row_losses_ptr + b, loss)
 
 
-def forward(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor, compute_grad):
-    """(loss, d loss / d expert_logits or an empty tensor), as the C++ op fastlt::ride_loss returns them."""
+def forward(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor, reduction,
+            ignore_index, compute_grad):
+    """(loss, d loss / d expert_logits or an empty tensor, [B, 2E] row terms), as the C++ op fastlt::ride_loss returns
+    them. The normalisers of docs/methods.md 6.5 (W: the kept rows' DRW weights, N: the kept rows) are computed here
+    on the device and reach the kernel as coefficients: per-row CE coefficients and one diversity coefficient."""
     num_experts, batch, num_classes = expert_logits.shape
     acc = accumulate_dtype(expert_logits.dtype)
     device = expert_logits.device
     margins = target_margins.to(acc).contiguous()
     inverse_temperature = temperatures.to(acc).reciprocal().contiguous()
+    kept = target != ignore_index
     if class_weights is None:
-        ce_coefs = torch.full((batch,), 1.0 / batch, dtype=acc, device=device)
+        ce_coefs = kept.to(acc)
     else:
-        row_weights = class_weights.to(acc)[target]
-        ce_coefs = (row_weights / row_weights.sum()).contiguous()
+        ce_coefs = class_weights.to(acc)[torch.where(kept, target, 0)] * kept
+    div_coef = temperatures.to(acc).mean().square() * diversity_factor
+    if reduction == 1:  # mean; an all-ignored batch (W = N = 0) gets zero coefficients, never a division by 0
+        weight_total, kept_rows = ce_coefs.sum(), kept.sum().to(acc)
+        ce_coefs = torch.where(weight_total > 0, ce_coefs / weight_total, 0.0)
+        div_coef = torch.where(kept_rows > 0, div_coef * kept_rows.reciprocal(), 0.0)
+    ce_coefs, div_coef = ce_coefs.contiguous(), div_coef.reshape(1)
     diversity = diversity_factor != 0.0
-    div_coef = (temperatures.to(acc).mean().square() * diversity_factor / batch).reshape(1)
     mean_scratch = torch.empty((batch, num_classes) if diversity else (1,), dtype=acc, device=device)
     grad = torch.empty(expert_logits.shape if compute_grad else (0,), dtype=expert_logits.dtype, device=device)
     row_losses = torch.empty(batch, dtype=acc, device=device)
+    row_terms = torch.empty((batch, 2 * num_experts), dtype=acc, device=device)
     block = class_block(num_classes)
     _ride_loss_kernel[(batch,)](
         expert_logits, target.contiguous(), margins, ce_coefs, inverse_temperature, div_coef, mean_scratch, row_losses,
-        grad, *expert_logits.stride(), num_experts, batch, num_classes,
+        row_terms, grad, *expert_logits.stride(), num_experts, batch, num_classes, ignore_index,
         ACC=TRITON_DTYPES[acc], DIVERSITY=diversity, WRITE_GRAD=compute_grad, BLOCK=block,
     )
-    return row_losses.sum(), grad
+    return (row_losses if reduction == 0 else row_losses.sum()), grad, row_terms

@@ -2,7 +2,8 @@
 // while three vector passes run over them: (1) the softmax shifts and the tempered expert mean, (2) every exp (the
 // LDAM-margin CE and the tempered expert softmax: 2E + 1 exps per class) with their sums, the KL gap and the loss,
 // (3) d loss / d logits. Pass 2 prefetches the next sample's logit and gradient rows, so DRAM traffic overlaps the
-// exp arithmetic that bounds the kernel. Per-row math: fastlt/ride_loss.h.
+// exp arithmetic that bounds the kernel. A row whose label is ignore_index is skipped: zero terms, zero gradient.
+// Per-row math: fastlt/ride_loss.h; reductions and normalisers: docs/methods.md 6.5.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -128,13 +129,14 @@ FASTLT_RIDE_ROW_FUNCTIONS(double)
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, const at::Tensor& target,
-                                             const at::Tensor& target_margins,
-                                             const std::optional<at::Tensor>& class_weights,
-                                             const at::Tensor& temperatures, double diversity_factor,
-                                             bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, const at::Tensor& target,
+                                                         const at::Tensor& target_margins,
+                                                         const std::optional<at::Tensor>& class_weights,
+                                                         const at::Tensor& temperatures, double diversity_factor,
+                                                         int64_t reduction, int64_t ignore_index, bool compute_grad) {
+  check_reduction(reduction, "fastlt.ride_loss");
   const auto tables = check_ride_loss_inputs(expert_logits, target, target_margins, class_weights, temperatures,
-                                             diversity_factor);
+                                             diversity_factor, ignore_index);
   TORCH_CHECK(expert_logits.device().is_cpu(), "fastlt.ride_loss (CPU kernel): expert_logits must be a CPU tensor");
   const int64_t E = expert_logits.size(0), B = expert_logits.size(1), C = expert_logits.size(2);
   const int64_t sE = expert_logits.stride(0), sB = expert_logits.stride(1), sC = expert_logits.stride(2);
@@ -142,6 +144,7 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
   at::Tensor grad = compute_grad ? empty_with_huge_pages({E, B, C}, expert_logits.options())
                                  : at::empty({0}, expert_logits.options());
   at::Tensor row_losses = at::empty({B}, tables.margins.options());
+  at::Tensor row_terms = at::empty({B, 2 * E}, tables.margins.options());  // [b, k]: CE of expert k, [b, E + k]: KL
   // Per-thread scratch, [C] each: E logit rows (when not contiguous fp32/fp64), E CE exp rows (when the gradient
   // rows cannot hold them), E tempered expert exp rows, the tempered mean logits, their exp and one gradient row.
   const int64_t scratch_rows = 3 * E + 3;
@@ -159,9 +162,21 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
     const A* inverse_temperature = inverse_temperature_table.data_ptr<A>();
     const A* diversity_temperature = diversity ? inverse_temperature : nullptr;  // nullptr: CE only
     const A mean_temperature = tables.temperatures.mean().item<A>();
+    // The normalisers under mean (docs/methods.md 6.5): W = the kept rows' DRW weights (their count without DRW)
+    // for the CE terms, N = the kept rows for the diversity terms; 1 for sum and none. W = 0 (every row ignored, or
+    // zero class weights) or N = 0 gives zero coefficients, not a division by 0.
+    const bool mean = reduction == kReductionMean;
     A weight_total = A(0);
-    for (int64_t b = 0; b < B; ++b) weight_total += weights == nullptr ? A(1) : weights[labels[b]];
-    const A div_coef = static_cast<A>(diversity_factor) * mean_temperature * mean_temperature / static_cast<A>(B);
+    int64_t kept_rows = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      if (labels[b] == ignore_index) continue;
+      weight_total += weights == nullptr ? A(1) : weights[labels[b]];
+      ++kept_rows;
+    }
+    const A ce_normaliser = mean ? weight_total : A(1);
+    const A diversity_normaliser = mean ? static_cast<A>(kept_rows) : A(1);
+    const A diversity_scale = static_cast<A>(diversity_factor) * mean_temperature * mean_temperature;
+    const A div_coef = kept_rows > 0 ? diversity_scale / diversity_normaliser : A(0);
     const A inverse_experts = A(1) / static_cast<A>(E);
     scalar_t* grad_out = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
     // fp32/fp64: logit rows are read in place when contiguous, and each gradient row holds its CE exps until the
@@ -169,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
     A* grad_rows = kAccumulatesInInputType && compute_grad ? reinterpret_cast<A*>(grad_out) : nullptr;
     const A* in_place_logits = kAccumulatesInInputType && sC == 1 ? reinterpret_cast<const A*>(logits) : nullptr;
     A* losses = row_losses.data_ptr<A>();
+    A* terms = row_terms.data_ptr<A>();
     const A* no_scale = nullptr;
     constexpr A kNoMax = -std::numeric_limits<A>::infinity();
 
@@ -184,10 +200,18 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
       A ce_max[kMaxExperts], expert_max[kMaxExperts], ce_sum[kMaxExperts], expert_sum[kMaxExperts];
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t y = labels[b];
+        A* row_terms_b = terms + b * 2 * E;
+        if (y == ignore_index) {
+          losses[b] = A(0);
+          std::fill(row_terms_b, row_terms_b + 2 * E, A(0));
+          for (int64_t k = 0; grad_out != nullptr && k < E; ++k)
+            std::fill_n(grad_out + (k * B + b) * C, C, static_cast<scalar_t>(0));
+          continue;
+        }
         // The vector passes run over [0, y) and (y, C), as (first class, count); the target is done by hand.
         const std::pair<int64_t, int64_t> non_target[2] = {{0, y}, {y + 1, C - y - 1}};
         const A margin = margins[y];
-        const A ce_coef = (weights == nullptr ? A(1) : weights[y]) / weight_total;
+        const A ce_coef = ce_normaliser > A(0) ? (weights == nullptr ? A(1) : weights[y]) / ce_normaliser : A(0);
 
         // Pass 1: the shifts, and the tempered mean logits v (diversity term only).
         A mean_max = kNoMax;
@@ -229,13 +253,19 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
           const A target_logit = ride_loss::margin_logit(z[y], true, margin);
           ce_row[y] = exponential(target_logit - ce_max[k]);
           ce_sum[k] = sums[0] + ce_row[y];
-          loss += ce_coef * cross_entropy(ce_max[k], ce_sum[k], target_logit);
+          const A ce_term = ce_coef * cross_entropy(ce_max[k], ce_sum[k], target_logit);
+          row_terms_b[k] = ce_term;
+          loss += ce_term;
+          row_terms_b[E + k] = A(0);
           if (!diversity) continue;
           const A u = ride_loss::tempered_logit(z[y], inverse_temperature[y]);
           expert_row[y] = exponential(u - expert_max[k]);
           expert_sum[k] = sums[1] + expert_row[y];
           const A gap = sums[2] + ride_loss::weighted_gap_term(mean_exp[y], mean_logits[y], u);
-          loss += div_coef * ride_loss::kl_to_mean(gap, mean_max, mean_sum, expert_max[k], expert_sum[k]);
+          const A kl = ride_loss::kl_to_mean(gap, mean_max, mean_sum, expert_max[k], expert_sum[k]);
+          const A diversity_term = div_coef * kl;
+          row_terms_b[E + k] = diversity_term;
+          loss += diversity_term;
         }
         losses[b] = loss;
         if (grad_out == nullptr) continue;
@@ -262,7 +292,8 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
     });
   });
   // Row losses are summed after the parallel part: the result does not depend on how rows were split.
-  return {row_losses.sum(), grad};  // fp32 loss for fp16/bf16: it may exceed the fp16 range
+  // fp32 loss for fp16/bf16: it may exceed the fp16 range.
+  return {reduction == kReductionNone ? row_losses : row_losses.sum(), grad, row_terms};
 }
 
 }  // namespace cpu
@@ -271,7 +302,8 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
 TORCH_LIBRARY_FRAGMENT(fastlt, m) {
   m.def(
       "ride_loss(Tensor expert_logits, Tensor target, Tensor target_margins, Tensor? class_weights, "
-      "Tensor temperatures, float diversity_factor, bool compute_grad) -> (Tensor, Tensor)");
+      "Tensor temperatures, float diversity_factor, int reduction, int ignore_index, bool compute_grad) -> "
+      "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastlt, CPU, m) {

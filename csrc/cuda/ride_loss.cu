@@ -7,7 +7,9 @@
 // Reads per row: the E expert rows once for the mean (diversity term only), then per expert once for its statistics
 // and once more for its gradient; the second read is of the C values this block just read, so it is served by L2.
 // v is kept in a [B, C] accumulation-dtype scratch between the passes (it needs every expert, which a per-expert
-// pass would otherwise re-read E times).
+// pass would otherwise re-read E times). A row whose label is ignore_index gets zero terms and a zero gradient and
+// nothing else; the normalisers of docs/methods.md 6.5 reach the kernel as per-row CE coefficients and one diversity
+// coefficient, computed on the device.
 #include <ATen/ops/empty.h>
 
 #include <torch/library.h>
@@ -20,20 +22,28 @@ namespace fastlt {
 namespace cuda {
 namespace {
 
-// ce_coefs: [B] w_{y_b} / sum_i w_{y_i} (nullptr without DRW: every row has uniform_ce_coef = 1 / B).
-// div_coef: device scalar lambda * Tbar^2 / B (nullptr: no diversity term; mean_scratch is unused then).
-// grad: contiguous [E, B, C] or nullptr when no gradient is wanted.
+// ce_coefs: [B] w_{y_b} / W under mean (w = 1 without DRW), w_{y_b} otherwise; 0 for an ignored row.
+// div_coef: device scalar lambda * Tbar^2 / N under mean, lambda * Tbar^2 otherwise (nullptr: no diversity term;
+// mean_scratch is unused then). row_terms: [B, 2E]. grad: contiguous [E, B, C] or nullptr when no gradient is wanted.
 template <typename T, typename A>
 __global__ void ride_loss_rows(const T* logits, int64_t sE, int64_t sB, int64_t sC, int E, int64_t B, int64_t C,
-                               const int64_t* labels, const A* margins, const A* ce_coefs, A uniform_ce_coef,
-                               const A* inverse_temperature, const A* div_coef_ptr, A* mean_scratch,
-                               A* row_losses, T* grad) {
+                               const int64_t* labels, int64_t ignore_index, const A* margins, const A* ce_coefs,
+                               const A* inverse_temperature, const A* div_coef_ptr, A* mean_scratch, A* row_losses,
+                               A* row_terms, T* grad) {
   __shared__ SoftmaxStats<A> stats_buffer[kThreads];
   __shared__ A sum_buffer[kThreads];
   const int64_t b = blockIdx.x;
   const int64_t y = labels[b];
+  A* terms = row_terms + b * 2 * E;
+  if (y == ignore_index) {  // the whole block returns here, before any barrier
+    for (int k = 0; grad != nullptr && k < E; ++k)
+      for (int64_t c = threadIdx.x; c < C; c += blockDim.x) grad[(k * B + b) * C + c] = T(0);
+    for (int t = threadIdx.x; t < 2 * E; t += blockDim.x) terms[t] = A(0);
+    if (threadIdx.x == 0) row_losses[b] = A(0);
+    return;
+  }
   const A margin = margins[y];
-  const A ce_coef = ce_coefs != nullptr ? ce_coefs[b] : uniform_ce_coef;
+  const A ce_coef = ce_coefs[b];
   const bool diversity = div_coef_ptr != nullptr;
   const A div_coef = diversity ? *div_coef_ptr : A(0);
   const T* row = logits + b * sB;
@@ -74,14 +84,21 @@ __global__ void ride_loss_rows(const T* logits, int64_t sE, int64_t sB, int64_t 
     SoftmaxStats<A> expert_stats = empty_softmax_stats<A>();
     if (threadIdx.x == 0) {
       const A target_logit = ride_loss::margin_logit(static_cast<A>(expert[y * sC]), true, margin);
-      loss += ce_coef * cross_entropy(ce_stats.maximum, ce_stats.shifted_sum, target_logit);
+      const A ce_term = ce_coef * cross_entropy(ce_stats.maximum, ce_stats.shifted_sum, target_logit);
+      terms[k] = ce_term;
+      terms[E + k] = A(0);
+      loss += ce_term;
     }
     if (diversity) {
       expert_stats = block_softmax_stats(expert_partial, stats_buffer);
       const A gap = block_sum(gap_partial, sum_buffer);
-      if (threadIdx.x == 0)
-        loss += div_coef * ride_loss::kl_to_mean(gap, mean_stats.maximum, mean_stats.shifted_sum,
-                                                 expert_stats.maximum, expert_stats.shifted_sum);
+      if (threadIdx.x == 0) {
+        const A kl = ride_loss::kl_to_mean(gap, mean_stats.maximum, mean_stats.shifted_sum, expert_stats.maximum,
+                                           expert_stats.shifted_sum);
+        const A diversity_term = div_coef * kl;
+        terms[E + k] = diversity_term;
+        loss += diversity_term;
+      }
     }
     if (grad == nullptr) continue;
     const A inverse_ce_sum = A(1) / ce_stats.shifted_sum;
@@ -109,16 +126,17 @@ __global__ void ride_loss_rows(const T* logits, int64_t sE, int64_t sB, int64_t 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, const at::Tensor& target,
-                                             const at::Tensor& target_margins,
-                                             const std::optional<at::Tensor>& class_weights,
-                                             const at::Tensor& temperatures, double diversity_factor,
-                                             bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, const at::Tensor& target,
+                                                         const at::Tensor& target_margins,
+                                                         const std::optional<at::Tensor>& class_weights,
+                                                         const at::Tensor& temperatures, double diversity_factor,
+                                                         int64_t reduction, int64_t ignore_index, bool compute_grad) {
   constexpr const char* op = "fastlt.ride_loss";
   check_cuda(expert_logits, op, "expert_logits");  // before the shared checks, so a CPU tensor gets this message
   const c10::cuda::CUDAGuard guard(expert_logits.device());
+  check_reduction(reduction, op);
   const auto tables = check_ride_loss_inputs(expert_logits, target, target_margins, class_weights, temperatures,
-                                             diversity_factor);
+                                             diversity_factor, ignore_index);
   const at::Tensor labels = target.contiguous();
   const int64_t E = expert_logits.size(0), B = expert_logits.size(1), C = expert_logits.size(2);
   const bool diversity = diversity_factor != 0.0;
@@ -126,30 +144,34 @@ std::tuple<at::Tensor, at::Tensor> ride_loss(const at::Tensor& expert_logits, co
   at::Tensor grad = compute_grad ? at::empty({E, B, C}, expert_logits.options())
                                  : at::empty({0}, expert_logits.options());
   at::Tensor row_losses = at::empty({B}, accumulate_options);
+  at::Tensor row_terms = at::empty({B, 2 * E}, accumulate_options);
   const at::Tensor inverse_temperature = tables.temperatures.reciprocal();
-  // The per-row and per-batch coefficients stay on the device (no host sync beyond the label range check).
-  at::Tensor ce_coefs;
-  if (tables.weights.defined()) {
-    const at::Tensor row_weights = tables.weights.index_select(0, labels);
-    ce_coefs = row_weights / row_weights.sum();
+  // The per-row and per-batch coefficients stay on the device (no host sync beyond the label range check). Under
+  // mean an all-ignored batch (W = N = 0) gets zero coefficients instead of a division by 0.
+  const at::Tensor kept = labels != ignore_index;
+  at::Tensor ce_coefs = tables.weights.defined()
+                            ? tables.weights.index_select(0, labels.masked_fill(kept.logical_not(), 0)).mul_(kept)
+                            : kept.to(tables.margins.scalar_type());
+  at::Tensor div_coef = diversity ? tables.temperatures.mean().square().mul(diversity_factor) : at::Tensor();
+  if (reduction == kReductionMean) {
+    const at::Tensor weight_total = ce_coefs.sum(), kept_rows = kept.sum().to(tables.margins.scalar_type());
+    ce_coefs = at::where(weight_total > 0, ce_coefs / weight_total, at::zeros_like(ce_coefs));
+    if (diversity) div_coef = at::where(kept_rows > 0, div_coef * kept_rows.reciprocal(), at::zeros_like(div_coef));
   }
-  const at::Tensor div_coef =
-      diversity ? tables.temperatures.mean().square().mul(diversity_factor).div(static_cast<double>(B)) : at::Tensor();
   const at::Tensor mean_scratch = diversity ? at::empty({B, C}, accumulate_options) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, expert_logits.scalar_type(), "fastlt_ride_loss_cuda", [&] {
     using A = acc_t<scalar_t>;
     ride_loss_rows<scalar_t, A><<<B, kThreads, 0, current_stream()>>>(
         expert_logits.data_ptr<scalar_t>(), expert_logits.stride(0), expert_logits.stride(1), expert_logits.stride(2),
-        static_cast<int>(E), B, C, labels.data_ptr<int64_t>(), tables.margins.data_ptr<A>(),
-        ce_coefs.defined() ? ce_coefs.data_ptr<A>() : nullptr, A(1) / static_cast<A>(B),
-        inverse_temperature.data_ptr<A>(), diversity ? div_coef.data_ptr<A>() : nullptr,
-        diversity ? mean_scratch.data_ptr<A>() : nullptr, row_losses.data_ptr<A>(),
+        static_cast<int>(E), B, C, labels.data_ptr<int64_t>(), ignore_index, tables.margins.data_ptr<A>(),
+        ce_coefs.data_ptr<A>(), inverse_temperature.data_ptr<A>(), diversity ? div_coef.data_ptr<A>() : nullptr,
+        diversity ? mean_scratch.data_ptr<A>() : nullptr, row_losses.data_ptr<A>(), row_terms.data_ptr<A>(),
         compute_grad ? grad.data_ptr<scalar_t>() : nullptr);
   });
   check_launch(op);
   // Deterministic on-device reduction of the row losses (no atomics): fp32 loss for fp16/bf16, as on the CPU.
-  return {row_losses.sum(), grad};
+  return {reduction == kReductionNone ? row_losses : row_losses.sum(), grad, row_terms};
 }
 
 }  // namespace cuda

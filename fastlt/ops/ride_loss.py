@@ -13,15 +13,16 @@ by ``grad_output`` (in place in eager mode, so fwd+bwd needs no memory beyond on
 (``create_graph=True``) and ``torch.func`` transforms go through the eager formula (fastlt/ops/_fused_loss.py).
 """
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from fastlt import _extension
-from fastlt.ops import _backend, _checks, _fused_loss, _lt_constants
+from fastlt.ops import _backend, _checks, _fused_loss, _library, _lt_constants
 
 OP = "fastlt.ride_loss"
+# The arguments of fastlt::ride_loss, as csrc/cpu/ride_loss.cpp defines them (its Triton overload takes the same).
+SCHEMA = ("(Tensor expert_logits, Tensor target, Tensor target_margins, Tensor? class_weights, Tensor temperatures, "
+          "float diversity_factor, int reduction, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)")
 
 
 def ride_tables(class_counts, *, scale, max_margin, temperature_factor, base_temperature, drw, drw_beta, dtype,
@@ -36,48 +37,84 @@ def ride_tables(class_counts, *, scale, max_margin, temperature_factor, base_tem
 
 
 def ride_loss_reference(expert_logits, target, class_counts, *, scale=30.0, max_margin=0.5, diversity_factor=-0.45,
-                        temperature_factor=0.05, base_temperature=1.0, drw=False, drw_beta=0.9999):
-    """Eager PyTorch reference written from the formulas (docs/methods.md 6.3); fp32 math for fp16/bf16 inputs."""
+                        temperature_factor=0.05, base_temperature=1.0, drw=False, drw_beta=0.9999, reduction="mean",
+                        ignore_index=_checks.DEFAULT_IGNORE_INDEX, return_components=False):
+    """Eager PyTorch reference written from the formulas (docs/methods.md 6.3, reductions and ignored rows as in 6.5);
+    fp32 math for fp16/bf16 inputs. Same arguments and results as :func:`ride_loss`."""
     target, class_counts = _checks.loss_conveniences(target, class_counts)
-    _validate(expert_logits, target, class_counts, scale=scale, max_margin=max_margin,
-              diversity_factor=diversity_factor, temperature_factor=temperature_factor,
-              base_temperature=base_temperature, drw_beta=drw_beta)
+    reduction_code, ignore_index = _validate(
+        expert_logits, target, class_counts, reduction, ignore_index, scale=scale, max_margin=max_margin,
+        diversity_factor=diversity_factor, temperature_factor=temperature_factor, base_temperature=base_temperature,
+        drw_beta=drw_beta)
     tables = ride_tables(class_counts, scale=scale, max_margin=max_margin, temperature_factor=temperature_factor,
                          base_temperature=base_temperature, drw=drw, drw_beta=drw_beta,
                          dtype=_checks.accumulate_dtype(expert_logits.dtype), device=expert_logits.device)
-    return _loss_formula(expert_logits, target, *tables, diversity_factor)
+    row_terms = _row_terms_formula(expert_logits, target, *tables, diversity_factor, reduction_code, ignore_index)
+    loss = _fused_loss.reduce_row_terms(row_terms, reduction_code)
+    if return_components:
+        return loss, _components(row_terms, reduction_code)
+    return loss
 
 
-def _loss_formula(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor):
-    """The loss from the fused op's arguments in eager PyTorch: the reference, and the fused ops' second-order path."""
-    logits = expert_logits.to(_checks.accumulate_dtype(expert_logits.dtype))
+def _row_terms_formula(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor,
+                       reduction, ignore_index):
+    """The ``[B, 2E]`` row terms in eager PyTorch (columns: each expert's CE, then each expert's diversity term), each
+    already divided by its normaliser under mean (docs/methods.md 6.5); an ignored row's terms are 0."""
+    kept = target != ignore_index
+    # An ignored row's logits are not read (a NaN there changes nothing, as in the kernels) and get a zero gradient.
+    logits = torch.where(kept[:, None], expert_logits, 0).to(_checks.accumulate_dtype(expert_logits.dtype))
     num_classes = logits.shape[-1]
     target_margins, temperatures = target_margins.to(logits), temperatures.to(logits)
-    weights = None if class_weights is None else class_weights.to(logits)
-    mean_temperature = temperatures.mean()
+    labels = torch.where(kept, target, 0)  # an ignored row's label is never an index
+    row_weights = kept.to(logits) if class_weights is None else class_weights.to(logits)[labels] * kept
+    ce_coefs, div_coef = row_weights, diversity_factor * temperatures.mean() ** 2
+    if reduction == 1:  # mean: W = the kept rows' DRW weights (their count without DRW), N = the kept rows
+        weight_total, kept_rows = row_weights.sum(), kept.sum().to(logits)
+        ce_coefs = torch.where(weight_total > 0, ce_coefs / weight_total, 0.0)
+        div_coef = torch.where(kept_rows > 0, div_coef / kept_rows, 0.0)
     with torch.no_grad():
         mean_distribution = F.softmax(logits.mean(0) / temperatures, dim=-1)
-    target_onehot = F.one_hot(target, num_classes).to(logits)
-    loss = logits.new_zeros(())
+        negative_entropy = torch.special.xlogy(mean_distribution, mean_distribution).sum(-1)
+    target_onehot = F.one_hot(labels, num_classes).to(logits)
+    ce_terms, diversity_terms = [], []
     for expert in logits:
-        margin_logits = expert - target_margins[target][:, None] * target_onehot
-        loss = loss + F.cross_entropy(margin_logits, target, weight=weights)
-        if diversity_factor != 0:
-            expert_log_distribution = F.log_softmax(expert / temperatures, dim=-1)
-            loss = loss + diversity_factor * mean_temperature**2 * F.kl_div(
-                expert_log_distribution, mean_distribution, reduction="batchmean")
-    return loss
+        margin_logits = expert - target_margins[labels][:, None] * target_onehot
+        ce_terms.append(ce_coefs * F.cross_entropy(margin_logits, labels, reduction="none"))
+        if diversity_factor == 0:  # the term is dropped (as the kernels do), not computed and multiplied by 0
+            diversity_terms.append(torch.zeros_like(ce_terms[-1]))
+            continue
+        expert_log_distribution = F.log_softmax(expert / temperatures, dim=-1)
+        kl = negative_entropy - (mean_distribution * expert_log_distribution).sum(-1)  # F.kl_div's, per row
+        diversity_terms.append(torch.where(kept, div_coef * kl, 0.0))
+    return torch.stack(ce_terms + diversity_terms, dim=1)
+
+
+def _loss_formula(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor, reduction,
+                  ignore_index):
+    """The loss from the fused op's arguments in eager PyTorch: the fused ops' second-order path."""
+    row_terms = _row_terms_formula(expert_logits, target, target_margins, class_weights, temperatures,
+                                   diversity_factor, reduction, ignore_index)
+    return _fused_loss.reduce_row_terms(row_terms, reduction)
+
+
+def _components(row_terms, reduction):
+    """``return_components``: {"ce": [E], "diversity": [E]} (a leading [B] under none), adding up to the loss."""
+    num_experts = row_terms.shape[1] // 2
+    names = {"ce": slice(0, num_experts), "diversity": slice(num_experts, 2 * num_experts)}
+    return _fused_loss.components(row_terms, names, reduction)
 
 
 def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: torch.Tensor, *, scale: float = 30.0,
               max_margin: float = 0.5, diversity_factor: float = -0.45, temperature_factor: float = 0.05,
-              base_temperature: float = 1.0, drw: bool = False, drw_beta: float = 0.9999) -> torch.Tensor:
+              base_temperature: float = 1.0, drw: bool = False, drw_beta: float = 0.9999, reduction: str = "mean",
+              ignore_index: int = _checks.DEFAULT_IGNORE_INDEX, return_components: bool = False):
     """RIDE's stage-1 loss over all experts, computed with its gradient in one pass over the logits.
 
     Args:
         expert_logits: ``[E, B, C]`` logits of E experts, already multiplied by ``scale`` (cosine classifier), any
             strides; fp32/fp16/bf16 (accumulated in fp32) or fp64.
-        target: ``[B]`` integer labels in ``[0, C)`` (int32 and narrower are widened to int64).
+        target: ``[B]`` integer labels in ``[0, C)`` or equal to ``ignore_index`` (int32 and narrower are widened to
+            int64).
         class_counts: ``[C]`` positive training counts per class (a tensor or a list). A class without training
             samples is refused: its LDAM margin would be infinite.
         scale: LDAM's ``s``: the target logit loses ``scale * m_y``.
@@ -87,39 +124,59 @@ def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: t
         temperature_factor, base_temperature: the per-class diversity temperatures (used with ``drw``).
         drw: deferred re-weighting phase on (RIDE: epochs > 160): DRW class weights and per-class temperatures.
         drw_beta: beta of the effective-number weights.
+        reduction: ``"mean"`` (RIDE's loss: the CE terms divided by W, the sum of the kept rows' DRW weights, or
+            their count without DRW; the diversity terms by N, the number of kept rows), ``"sum"`` (no normaliser)
+            or ``"none"`` (the ``[B]`` per-row losses, which add up to the ``"sum"`` loss). docs/methods.md 6.5.
+        ignore_index: rows whose label equals it add nothing to the loss or to W and N, and get a zero gradient.
+            When every row is ignored the loss is 0 with a zero gradient (``F.cross_entropy`` gives NaN there).
+        return_components: also return ``{"ce": [E], "diversity": [E]}``, each expert's CE and diversity term,
+            reduced as the loss (a leading ``[B]`` dimension under ``"none"``), detached; they add up to the loss.
 
-    Returns the scalar loss in the accumulation dtype (fp32 for fp16/bf16 inputs, whose loss can exceed the fp16
-    range; the gradient keeps ``expert_logits.dtype``), differentiable in ``expert_logits``. A NaN logit makes the
-    loss and the gradient of its row NaN.
+    Returns the loss (scalar, or ``[B]`` under ``"none"``) in the accumulation dtype (fp32 for fp16/bf16 inputs,
+    whose loss can exceed the fp16 range; the gradient keeps ``expert_logits.dtype``), differentiable in
+    ``expert_logits``; ``(loss, components)`` with ``return_components``. A NaN logit in a kept row makes the loss
+    and the gradient of its row NaN.
 
     >>> logits = torch.randn(3, 8, 100) * 30                   # 3 experts, batch 8, 100 classes
     >>> counts = torch.linspace(500, 5, 100).floor()
     >>> loss = fastlt.ops.ride_loss(logits, torch.randint(0, 100, (8,)), counts, drw=True)
+    >>> loss, parts = fastlt.ops.ride_loss(logits, torch.randint(0, 100, (8,)), counts, return_components=True)
+    >>> parts["ce"].shape, parts["diversity"].shape
+    (torch.Size([3]), torch.Size([3]))
     """
     target, class_counts = _checks.loss_conveniences(target, class_counts)
-    _validate(expert_logits, target, class_counts, scale=scale, max_margin=max_margin,
-              diversity_factor=diversity_factor, temperature_factor=temperature_factor,
-              base_temperature=base_temperature, drw_beta=drw_beta)
+    reduction_code, ignore_index = _validate(
+        expert_logits, target, class_counts, reduction, ignore_index, scale=scale, max_margin=max_margin,
+        diversity_factor=diversity_factor, temperature_factor=temperature_factor, base_temperature=base_temperature,
+        drw_beta=drw_beta)
     backend = _backend.resolve(expert_logits, OP)
     if backend == "reference" or _fused_loss.use_reference(expert_logits):
         return ride_loss_reference(expert_logits, target, class_counts, scale=scale, max_margin=max_margin,
                                    diversity_factor=diversity_factor, temperature_factor=temperature_factor,
-                                   base_temperature=base_temperature, drw=drw, drw_beta=drw_beta)
+                                   base_temperature=base_temperature, drw=drw, drw_beta=drw_beta, reduction=reduction,
+                                   ignore_index=ignore_index, return_components=return_components)
     target_margins, class_weights, temperatures = ride_tables(
         class_counts, scale=scale, max_margin=max_margin, temperature_factor=temperature_factor,
         base_temperature=base_temperature, drw=drw, drw_beta=drw_beta,
         dtype=_checks.accumulate_dtype(expert_logits.dtype), device=expert_logits.device)
     compute_grad = expert_logits.requires_grad and torch.is_grad_enabled()
-    fused_op = torch.ops.fastlt.ride_loss_triton if backend == "triton" else torch.ops.fastlt.ride_loss
-    loss, _ = fused_op(expert_logits, target, target_margins, class_weights, temperatures, float(diversity_factor),
-                 compute_grad)
+    loss, _, row_terms = _library.overload("ride_loss", backend)(
+        expert_logits, target, target_margins, class_weights, temperatures, float(diversity_factor), reduction_code,
+        ignore_index, compute_grad)
+    if return_components:
+        return loss, _components(row_terms, reduction_code)
     return loss
 
 
-def _validate(expert_logits, target, class_counts, **hyperparameters):
+def _validate(expert_logits, target, class_counts, reduction, ignore_index, **hyperparameters):
+    """Every check of the public functions; returns (the reduction's code, ignore_index as an int)."""
+    reduction_code = _checks.reduction(OP, reduction)
+    ignore_index = _checks.ignore_index(OP, ignore_index)
     _checks.expert_loss_inputs(OP, expert_logits, target, class_counts, _checks.MAX_EXPERTS,
-                               why_positive="LDAM's margin n^-1/4 of a class without training samples is infinite")
+                               why_positive="LDAM's margin n^-1/4 of a class without training samples is infinite",
+                               ignore_index=ignore_index)
     validate_hyperparameters(**hyperparameters)
+    return reduction_code, ignore_index
 
 
 def validate_hyperparameters(*, scale, max_margin, diversity_factor, temperature_factor, base_temperature, drw_beta):
@@ -132,25 +189,30 @@ def validate_hyperparameters(*, scale, max_margin, diversity_factor, temperature
     _checks.number(OP, "drw_beta", drw_beta, low=0.0, high=1.0, high_open=True)
 
 
+def _num_terms(expert_logits, *args):
+    return 2 * expert_logits.shape[0]
+
+
 if _extension.AVAILABLE:
-    _fused_loss.register("fastlt::ride_loss", _loss_formula)
+    _fused_loss.register("fastlt::ride_loss", _loss_formula, num_terms=_num_terms)
 
 
-@torch.library.custom_op("fastlt::ride_loss_triton", mutates_args=())
-def _ride_loss_triton(expert_logits: torch.Tensor, target: torch.Tensor, target_margins: torch.Tensor,
-                      class_weights: Optional[torch.Tensor], temperatures: torch.Tensor, diversity_factor: float,
-                      compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _ride_loss_triton(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor, reduction,
+                      ignore_index, compute_grad):
     from fastlt.kernels import ride_loss as kernel
 
-    _checks.fused_loss_inputs(OP, "expert_logits", expert_logits, target, _checks.MAX_EXPERTS)
+    _checks.fused_loss_inputs(OP, "expert_logits", expert_logits, target, _checks.MAX_EXPERTS, ignore_index)
     num_classes = expert_logits.shape[2]
     _checks.fused_loss_table(OP, "target_margins", target_margins, (num_classes,), expert_logits)
     if class_weights is not None:
         _checks.fused_loss_table(OP, "class_weights", class_weights, (num_classes,), expert_logits)
     _checks.fused_loss_table(OP, "temperatures", temperatures, (num_classes,), expert_logits)
     _checks.number(OP, "diversity_factor", diversity_factor)
+    if reduction not in range(len(_checks.REDUCTIONS)):
+        raise ValueError(f"{OP}: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     return kernel.forward(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor,
-                          compute_grad)
+                          reduction, ignore_index, compute_grad)
 
 
-_fused_loss.register("fastlt::ride_loss_triton", _loss_formula)
+_library.define_triton("ride_loss", SCHEMA, _ride_loss_triton)
+_fused_loss.register("fastlt::ride_loss.triton", _loss_formula, num_terms=_num_terms)

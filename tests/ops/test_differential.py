@@ -377,6 +377,11 @@ def draw_ride_loss(gen):
     counts = _counts(gen, C)
     if gen.chance(0.04):
         counts[gen.rng.randrange(C)], invalid = gen.pick(0, -3), "class_counts"
+    kwargs["reduction"] = gen.pick("mean", "sum", "none", weights=[2, 1, 1])
+    if gen.chance(0.3):  # some rows ignored (every row, at times), NaN / inf logits there included
+        kwargs["ignore_index"] = gen.pick(-100, -1)
+        target = inputs["target"]
+        target.view(target.base)[gen.randint(0, 2, (B,)).bool()] = kwargs["ignore_index"]
     if gen.chance(0.03):
         inputs["target"].base[0], invalid = C, "target"
 

@@ -38,7 +38,7 @@ def test_ride_loss_cuda_launcher_refuses_cpu_tensors():
     logits, target, _ = _inputs((2, 3, 10))
     margins, weights, temperatures = _tables(10, weights=True)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        call_cuda_kernel("ride_loss", logits.detach(), target, margins, weights, temperatures, -0.45, True)
+        call_cuda_kernel("ride_loss", logits.detach(), target, margins, weights, temperatures, -0.45, 1, -100, True)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 7), (3, 4, 1100)])  # 1100 > one 1024-class block
@@ -96,8 +96,8 @@ def test_ride_loss_triton_opcheck():
     logits, target, _ = _inputs((2, 3, 10))
     for weights in (False, True):
         margins, class_weights, temperatures = _tables(10, weights)
-        args = (logits, target, margins, class_weights, temperatures, -0.45, True)
-        torch.library.opcheck(torch.ops.fastlt.ride_loss_triton.default, args,
+        args = (logits, target, margins, class_weights, temperatures, -0.45, 1, -100, True)
+        torch.library.opcheck(raw_op("ride_loss.triton"), args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
@@ -360,7 +360,7 @@ def _raw_arguments(name, E=2, B=3, C=10):
     logits, target = torch.randn(E, B, C), torch.randint(0, C, (B,))
     if name == "ride_loss":
         margins, weights, temperatures = _tables(C, weights=True)
-        return [logits, target, margins, weights, temperatures, -0.45, True]
+        return [logits, target, margins, weights, temperatures, -0.45, 1, -100, True]
     if name == "reslt_loss":
         return [logits, target, _nested_groups(E, C), 0.9, 1e-7, 1, -100, True]
     return [logits, target, torch.zeros(E, C), 1, -100, True]
@@ -401,10 +401,7 @@ RAW_CASES = ([(name, what, (lambda change: lambda a, name=name: change(name, a))
 @pytest.mark.parametrize("suffix", [pytest.param("", marks=needs_cpp), "_triton"])
 @pytest.mark.parametrize("name, what, change", RAW_CASES, ids=[f"{n}-{w}" for n, w, _ in RAW_CASES])
 def test_raw_ops_refuse_bad_arguments_with_value_error(name, what, change, suffix):
-    if name in ("reslt_loss", "prior_shifted_ce"):  # ops with a triton overload (fastlt/ops/_library.py)
-        op = raw_op(name + suffix.replace("_", "."))
-    else:
-        op = getattr(torch.ops.fastlt, name + suffix)
+    op = raw_op(name + suffix.replace("_", "."))  # the compiled op or its triton overload (fastlt/ops/_library.py)
     op(*_raw_arguments(name))  # the unchanged arguments are fine
     with pytest.raises(ValueError, match=r"fastlt\.(ride_loss|reslt_loss|prior_shifted_ce)"):
         op(*change(_raw_arguments(name)))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import TOLERANCES, assert_close, backend, long_tail_counts, needs_cpp
+from op_helpers import TOLERANCES, assert_close, backend, long_tail_counts, needs_cpp, needs_cuda, raw_op, raw_ops
 
 import fastlt
 from fastlt.ops import ride_loss, ride_loss_reference
@@ -160,11 +160,12 @@ def test_cpp_op_checks_its_own_arguments():
     logits, target, counts = _inputs((2, 3, 10))
     margins = torch.zeros(10)
     with pytest.raises(ValueError, match="target must be in"):
-        torch.ops.fastlt.ride_loss(logits.detach(), target + 10, margins, None, torch.ones(10), -0.45, False)
+        torch.ops.fastlt.ride_loss(logits.detach(), target + 10, margins, None, torch.ones(10), -0.45, 1, -100, False)
     with pytest.raises(ValueError, match="temperatures must be"):
-        torch.ops.fastlt.ride_loss(logits.detach(), target, margins, None, torch.ones(9), -0.45, False)
+        torch.ops.fastlt.ride_loss(logits.detach(), target, margins, None, torch.ones(9), -0.45, 1, -100, False)
     with pytest.raises(ValueError, match="diversity_factor must be finite"):
-        torch.ops.fastlt.ride_loss(logits.detach(), target, margins, None, torch.ones(10), float("nan"), False)
+        torch.ops.fastlt.ride_loss(logits.detach(), target, margins, None, torch.ones(10), float("nan"), 1, -100,
+                                   False)
 
 
 @needs_cpp
@@ -190,7 +191,8 @@ def test_no_gradient_is_computed_without_requires_grad():
     with backend("cpp"):
         loss = ride_loss(logits.detach(), target, counts)
     assert not loss.requires_grad
-    _, grad = torch.ops.fastlt.ride_loss(logits.detach(), target, torch.zeros(10), None, torch.ones(10), -0.45, False)
+    _, grad, _ = torch.ops.fastlt.ride_loss(logits.detach(), target, torch.zeros(10), None, torch.ones(10), -0.45, 1,
+                                            -100, False)
     assert grad.numel() == 0
 
 
@@ -198,7 +200,7 @@ def test_no_gradient_is_computed_without_requires_grad():
 def test_opcheck():
     logits, target, counts = _inputs((2, 3, 10))
     for weights in (None, torch.rand(10) + 0.5):
-        args = (logits, target, torch.rand(10), weights, torch.rand(10) + 0.5, -0.45, True)
+        args = (logits, target, torch.rand(10), weights, torch.rand(10) + 0.5, -0.45, 1, -100, True)
         torch.library.opcheck(torch.ops.fastlt.ride_loss.default, args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -224,3 +226,212 @@ def test_int32_targets_and_a_list_of_counts_are_accepted(name):
         assert_close(ride_loss(logits, target.int(), counts.tolist(), drw=True), expected)
         with pytest.raises(ValueError, match="LDAM's margin n\\^-1/4 of a class without training samples"):
             ride_loss(logits, target, [0.0] + counts.tolist()[1:])
+
+
+# ---- reductions, ignored rows and components (docs/methods.md 6.5) ----
+
+BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton", "reference"]
+FUSED_BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
+IGNORED_ROWS = {"no row ignored": [], "some rows ignored": [1, 3], "all rows ignored": [0, 1, 2, 3, 4]}  # of B = 5
+
+
+def _with_ignored(target, rows, ignore_index=-100):
+    target = target.clone()
+    target[rows] = ignore_index
+    return target
+
+
+def _row_weights(batch, dtype=torch.float64):
+    """A grad_output that weights each row differently (for reduction="none")."""
+    return torch.linspace(0.5, 2.0, batch, dtype=dtype)
+
+
+def _loss_grad_components(fn, logits, target, counts, reduction, **kwargs):
+    loss, components = fn(logits, target, counts, reduction=reduction, return_components=True, **kwargs)
+    grad_output = _row_weights(loss.shape[0], loss.dtype).to(loss.device) if reduction == "none" else None
+    (grad,) = torch.autograd.grad(loss, logits, grad_output)
+    return loss.detach(), grad, components
+
+
+def _check_against_reference(name, logits, target, counts, reduction, rows):
+    expected_loss, expected_grad, expected_components = _loss_grad_components(
+        ride_loss_reference, logits, target, counts, reduction, drw=True)
+    with backend(name):
+        loss, grad, components = _loss_grad_components(ride_loss, logits, target, counts, reduction, drw=True)
+    assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-9, rtol=1e-5)
+    assert (grad[:, rows] == 0).all()  # exactly: an ignored row's logits get no gradient
+    num_experts, batch = logits.shape[:2]
+    assert sorted(components) == ["ce", "diversity"]
+    for key, value in components.items():
+        assert value.shape == ((batch, num_experts) if reduction == "none" else (num_experts,))
+        assert not value.requires_grad
+        assert_close(value, expected_components[key])
+    assert_close(components["ce"].sum(-1) + components["diversity"].sum(-1), loss)  # they add up to the loss
+    if reduction == "none":
+        assert (loss[rows] == 0).all()
+    if len(rows) == batch:  # all ignored: 0 with a zero gradient, where F.cross_entropy gives NaN
+        assert (loss == 0).all() and (grad == 0).all()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignored", list(IGNORED_ROWS))
+def test_reductions_and_ignored_rows_match_the_reference(name, reduction, ignored):
+    torch.manual_seed(0)
+    logits, target, counts = _inputs((3, 5, 7))
+    rows = IGNORED_ROWS[ignored]
+    _check_against_reference(name, logits, _with_ignored(target, rows), counts, reduction, rows)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignored", list(IGNORED_ROWS))
+def test_cuda_reductions_and_ignored_rows_match_the_reference(name, reduction, ignored):
+    if name == "cpp" and not fastlt._extension.HAS_CUDA:
+        pytest.skip("extension built without CUDA kernels")
+    torch.manual_seed(0)
+    logits, target, counts = _inputs((3, 5, 1100))
+    rows = IGNORED_ROWS[ignored]
+    logits = logits.detach().cuda().requires_grad_(True)
+    _check_against_reference(name, logits, _with_ignored(target, rows).cuda(), counts.cuda(), reduction, rows)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("drw", [False, True])
+def test_mean_is_weighted_cross_entropy_plus_batchmean_kl_over_the_kept_rows(name, drw):
+    torch.manual_seed(1)
+    logits, target, counts = _inputs((2, 6, 9), torch.float64)
+    target = _with_ignored(target, [0, 4], ignore_index=-1)
+    kept = target != -1
+    margins = 30 * ldam_margins(counts, 0.5)
+    weights = drw_weights(counts, 0.9999) if drw else None
+    temperatures = ride_temperatures(counts, 0.05, 1.0, drw=drw)
+    labels = target.clamp_min(0)
+    mean_distribution = F.softmax(logits.detach()[:, kept].mean(0) / temperatures, -1)
+    expected = 0
+    for z in logits:
+        margin_logits = z - margins[labels][:, None] * F.one_hot(labels, 9)
+        expected = expected + F.cross_entropy(margin_logits, target, weight=weights, ignore_index=-1)
+        expected = expected - 0.45 * temperatures.mean() ** 2 * F.kl_div(
+            F.log_softmax(z[kept] / temperatures, -1), mean_distribution, reduction="batchmean")
+    with backend(name):
+        torch.testing.assert_close(ride_loss(logits, target, counts, drw=drw, ignore_index=-1), expected)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_none_rows_add_up_to_the_sum(name):
+    logits, target, counts = _inputs((2, 5, 7))
+    target = _with_ignored(target, [2])
+    with backend(name):
+        rows = ride_loss(logits, target, counts, drw=True, reduction="none")
+        total = ride_loss(logits, target, counts, drw=True, reduction="sum")
+    assert rows.shape == (5,) and rows[2] == 0
+    assert_close(rows.sum(), total)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradcheck_fp64_with_an_ignored_row(name, reduction):
+    logits, target, counts = _inputs((2, 3, 4), torch.float64, scale=2.0)
+    target = _with_ignored(target, [1])
+    with backend(name):
+        assert torch.autograd.gradcheck(
+            lambda z: ride_loss(z, target, counts, scale=3.0, drw=True, reduction=reduction), (logits,), fast_mode=True)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_reduction_none_gradient_matches_central_differences_fp64(name):
+    """gradcheck's test, written out: gradcheck backpropagates twice through one graph, which the fused ops refuse
+    for a [B] grad_output (they scale the saved gradient in place, fastlt/ops/_fused_loss.py)."""
+    logits, target, counts = _inputs((2, 3, 3), torch.float64, scale=2.0)
+    target = _with_ignored(target, [1])
+
+    def objective(z):  # the rows weighted unevenly
+        return (ride_loss(z, target, counts, scale=3.0, drw=True, reduction="none") * _row_weights(3)).sum()
+
+    step = 1e-6
+    with backend(name):
+        (analytical,) = torch.autograd.grad(objective(logits), logits)
+        numerical = torch.zeros_like(analytical)
+        point = logits.detach().clone()
+        for index in range(point.numel()):
+            for sign in (1.0, -1.0):
+                point.view(-1)[index] += sign * step
+                numerical.view(-1)[index] += sign * objective(point).item() / (2 * step)
+                point.view(-1)[index] -= sign * step
+    torch.testing.assert_close(analytical, numerical, atol=1e-6, rtol=1e-4)
+    assert (analytical[:, 1] == 0).all()
+
+
+@pytest.mark.parametrize("op_name", raw_ops("ride_loss"))
+@pytest.mark.parametrize("reduction", [0, 1])  # none, mean
+def test_opcheck_with_a_reduction_and_an_ignored_row(op_name, reduction):
+    logits, target, _ = _inputs((2, 3, 10))
+    args = (logits, _with_ignored(target, [1]), torch.rand(10), torch.rand(10) + 0.5, torch.rand(10) + 0.5, -0.45,
+            reduction, -100, True)
+    torch.library.opcheck(raw_op(op_name), args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("name", FUSED_BACKENDS)
+def test_torch_compile_fullgraph_with_reduction_none(name):
+    logits, target, counts = _inputs((2, 4, 9))
+    target = _with_ignored(target, [1])
+    compiled = torch.compile(lambda z: ride_loss(z, target, counts, drw=True, reduction="none"), fullgraph=True,
+                             backend="aot_eager")
+    expected_loss = ride_loss_reference(logits, target, counts, drw=True, reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected_loss, logits, _row_weights(4, torch.float32))
+    with backend(name):
+        loss = compiled(logits)
+        (grad,) = torch.autograd.grad(loss, logits, _row_weights(4, torch.float32))
+    assert_close(loss.detach(), expected_loss.detach())
+    assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("name", FUSED_BACKENDS)
+def test_create_graph_with_reduction_none_matches_the_reference(name):
+    """A gradient penalty on per-row losses: the second-order path recomputes through the eager row terms."""
+    features, weight = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    target, counts = torch.tensor([0, -100, 3]), long_tail_counts(4)
+
+    def penalised_gradients(fn):
+        leaves = features.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        logits = leaves[0] @ leaves[1]
+        rows = fn(logits, target, counts, scale=3.0, drw=True, reduction="none")
+        (grad_logits,) = torch.autograd.grad(rows, logits, _row_weights(3), create_graph=True)
+        return torch.autograd.grad((rows * _row_weights(3)).sum() + grad_logits.square().sum(), leaves)
+
+    expected = penalised_gradients(ride_loss_reference)
+    with backend(name):
+        actual = penalised_gradients(ride_loss)
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_bad_reduction_or_ignore_index_is_refused(name):
+    logits, target, counts = _inputs((2, 3, 10))
+    for function in (ride_loss, ride_loss_reference):
+        with backend(name):
+            with pytest.raises(ValueError, match="reduction must be one of"):
+                function(logits, target, counts, reduction="avg")
+            with pytest.raises(TypeError, match="ignore_index must be an int"):
+                function(logits, target, counts, ignore_index=-100.0)
+            with pytest.raises(ValueError, match="target must be in"):  # -1 is not the ignore_index
+                function(logits, _with_ignored(target, [0], -1), counts)
+            with pytest.raises(ValueError, match="target must be in"):
+                function(logits, _with_ignored(target, [0], 10), counts, ignore_index=-1)
+
+
+@pytest.mark.parametrize("op_name", raw_ops("ride_loss"))
+def test_raw_op_refuses_a_bad_reduction_code_and_a_label_that_is_not_ignored(op_name):
+    logits, target, _ = _inputs((2, 3, 10))
+    tables = (torch.zeros(10), None, torch.ones(10), -0.45)
+    op = raw_op(op_name)
+    with pytest.raises(ValueError, match="reduction must be 0"):
+        op(logits.detach(), target, *tables, 3, -100, False)
+    with pytest.raises(ValueError, match="target must be in"):
+        op(logits.detach(), _with_ignored(target, [0]), *tables, 1, -1, False)

@@ -1,9 +1,11 @@
 // Per-row math of fastlt::ride_loss (RIDE stage-1 loss, docs/methods.md 3.2). For one sample row with label y:
 //   CE_k  = log_sum_exp(z'_k) - z'_k[y],          z'_k = z_k - target_margin[y] * onehot(y)      (LDAM)
 //   KL_k  = sum_c p_c (v_c - u_c) + lse(u) - lse(v),  u = z_k / T, v = mean_k(z_k) / T, p = softmax(v)
-//   loss  = sum_k  ce_coef * CE_k + div_coef * KL_k,   ce_coef = w_y / sum_i w_{y_i},  div_coef = lambda Tbar^2 / B
+//   loss  = sum_k  ce_coef * CE_k + div_coef * KL_k,   ce_coef = w_y / W,  div_coef = lambda Tbar^2 / N
 // and d loss / d z_k[c] = ce_coef * (softmax(z'_k)_c - [c == y]) + div_coef * (softmax(u)_c - p_c) / T_c
-// (p is detached: no gradient flows through the expert mean).
+// (p is detached: no gradient flows through the expert mean). The normalisers (docs/methods.md 6.5): under mean,
+// W = sum of w_{y_i} and N = the count over the kept rows i (w = 1 without DRW); W = N = 1 under sum and none. An
+// ignored row has no terms and a zero gradient.
 #pragma once
 
 #include "fastlt/softmax_stats.h"
