@@ -81,11 +81,14 @@ def labels(op: str, name: str, value, batch: int, num_classes: int, ignore_index
         raise ValueError(f"{op}: {name} must be int64, got {value.dtype}")
     if value.shape[0] != batch:
         raise ValueError(f"{op}: {name} must be [B]=[{batch}], got {tuple(value.shape)}")
-    if ignore_index is not None and not torch.compiler.is_compiling():
-        value = value[value != ignore_index]
     if torch.compiler.is_compiling() or value.numel() == 0:
         return
-    low, high = int(value.min()), int(value.max())
+    low, high = (int(bound) for bound in torch.aminmax(value))
+    if ignore_index is not None and (low < 0 or high >= num_classes):  # the extremes may be ignored rows' labels
+        value = value[value != ignore_index]
+        if value.numel() == 0:
+            return
+        low, high = (int(bound) for bound in torch.aminmax(value))
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
         raise ValueError(f"{op}: {name} must be in [0, {num_classes}), got {bad}")
