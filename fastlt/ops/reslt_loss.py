@@ -6,12 +6,15 @@
 
 with g_b(y) = group_masks[b, y] (:func:`reslt_groups`) and CE(x, y) = -log(softmax(x)_y + log_eps): the official
 code's ``-log(softmax + 1e-7)`` with ``log_eps=1e-7``, the exact log-softmax cross-entropy with ``log_eps=0`` (the
-op's default). docs/methods.md 4.3, 4.4 and 6.4 give the definition. Per-row math:
+op's default). docs/methods.md 4.3, 4.4 and 6.4 give the definition. That is ``reduction="mean"``; the sums run over
+the kept rows (label != ``ignore_index``), ``"sum"`` drops both normalisers and ``"none"`` gives each row's sum of
+terms (docs/methods.md 6.5). The K + 1 terms (K branch terms, the fused term) are the op's row terms, which
+``return_components`` reports. Per-row math:
 csrc/include/fastlt/reslt_loss.h; kernels: csrc/cpu/reslt_loss.cpp, csrc/cuda/reslt_loss.cu, kernels/reslt_loss.py;
 tests: tests/ops/test_reslt_loss.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py.
 
-As ride_loss, the kernel computes the loss and d loss / d logits in one pass per row and the backward only scales
-the saved gradient (second-order gradients and torch.func: the eager formula, fastlt/ops/_fused_loss.py).
+As ride_loss, the kernel computes the loss, its row terms and d loss / d logits in one pass per row and the backward
+only scales the saved gradient (second-order gradients and torch.func: the eager formula, fastlt/ops/_fused_loss.py).
 """
 
 import torch
@@ -116,6 +119,8 @@ def _row_terms(branch_logits, target, group_masks, beta, log_eps, reduction, ign
     num_branches, batch, _ = logits.shape
     kept = target != ignore_index
     labels = torch.where(kept, target, torch.zeros_like(target))  # an ignored row's label is never an index
+    # an ignored row's logits are replaced, not only its terms: a zero gradient even for inf / NaN logits there
+    logits = torch.where(kept[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
     branch_ce = _cross_entropy(logits, labels.expand(num_branches, batch), log_eps)
     in_group = group_masks[:, labels] & kept  # [K, B]: g_b(y_i) of the kept rows
     fused_ce = _cross_entropy(logits.sum(0), labels, log_eps)

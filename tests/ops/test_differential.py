@@ -409,11 +409,16 @@ def draw_reslt_loss(gen):
         masks[gen.rng.randrange(K)], invalid = False, "group_masks"
     inputs = {"branch_logits": gen.float_input((K, B, C), dtype, scale=gen.pick(1.0, 10.0), grad=True),
               "target": _target(gen, B, C), "group_masks": gen.layout(masks, broadcast=False)}
+    kwargs = dict(beta=beta, log_eps=log_eps, reduction=gen.pick("mean", "sum", "none", weights=[2, 1, 1]))
+    if gen.chance(0.3):  # some rows ignored (every row, at times)
+        kwargs["ignore_index"] = gen.pick(-100, -1, C + 3)
+        target = inputs["target"]
+        target.view(target.base)[gen.randint(0, 2, (B,)).bool()] = kwargs["ignore_index"]
 
     def call(branch_logits, target, group_masks):
-        return ops.reslt_loss(branch_logits, target, group_masks, beta=beta, log_eps=log_eps)
+        return ops.reslt_loss(branch_logits, target, group_masks, **kwargs)
 
-    label = f"K={K} B={B} C={C} {dtype} beta={beta} log_eps={log_eps}"
+    label = f"K={K} B={B} C={C} {dtype} {kwargs}"
     return Draw(label, inputs, call, order=_loss_order(gen), invalid=invalid, dtype=dtype)
 
 

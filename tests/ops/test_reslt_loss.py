@@ -450,6 +450,19 @@ def test_reduction_none_gradient_fp64_matches_finite_differences(name):
     assert (analytic[:, 1] == 0).all()
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_an_ignored_row_with_non_finite_logits_adds_nothing(name):
+    logits, target, groups = _with_ignored_rows((3, 5, 9), "some rows")
+    with torch.no_grad():
+        logits[2, 1, 0], logits[:, 4] = -float("inf"), float("nan")  # rows 1 and 4 are ignored
+    expected = reslt_loss_reference(logits.detach()[:, [0, 2, 3]], target[[0, 2, 3]], groups, beta=0.9)
+    with backend(name):
+        loss = reslt_loss(logits, target, groups, beta=0.9)
+        (grad,) = torch.autograd.grad(loss, logits)
+    assert_close(loss.detach(), expected)
+    assert (grad[:, [1, 4]] == 0).all() and torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "triton", "reference"])
 def test_an_ignore_index_outside_the_classes_is_never_used_as_a_class(name):
     logits, target, groups = _with_ignored_rows((3, 5, 9), "some rows", ignore_index=1000)
