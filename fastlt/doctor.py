@@ -88,6 +88,20 @@ def _prior_shifted_ce_case(device, dtype, tiny):
     return (lambda x: fastlt.ops.prior_shifted_ce(x, target, counts, taus=taus)), (logits,)
 
 
+def _linear_ride_loss_case(device, dtype, tiny):
+    import fastlt
+
+    E, B, C, D = (2, 3, 9, 4) if tiny else (3, 6, 37, 8)
+    features = torch.randn(E, B, D, device=device).to(dtype).requires_grad_()
+    weight = torch.randn(E, C, D, device=device).to(dtype).requires_grad_()
+    target = torch.randint(0, C, (B,), device=device)
+    target[1] = -100  # an ignored row
+    counts = _counts(C, device)
+    # a small classifier scale keeps the reference's bf16 logits (rounded before the loss) within the tolerance
+    return (lambda x, w: fastlt.ops.linear_ride_loss(x, w, target, counts, scale=4.0, margin_scale=3.0, drw=True,
+                                                     chunk_size=4)), (features, weight)
+
+
 CASES = {
     "expert_aggregate": _expert_aggregate_case,
     "tau_normalize": _tau_normalize_case,
@@ -95,6 +109,7 @@ CASES = {
     "ride_loss": _ride_loss_case,
     "reslt_loss": _reslt_loss_case,
     "prior_shifted_ce": _prior_shifted_ce_case,
+    "linear_ride_loss": _linear_ride_loss_case,
 }
 
 

@@ -5,11 +5,13 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastlt import ops
 from fastlt.losses import _counts_buffer
-from fastlt.ops.linear_ride_loss import expert_logits
+from fastlt.ops import _checks
+from fastlt.ops.linear_ride_loss import OP, check_reduction, expert_logits
 
 
 class LinearRIDELoss(nn.Module):
@@ -21,7 +23,14 @@ class LinearRIDELoss(nn.Module):
     Holds ``weight`` [E, C, D] (one row per class; NormedLinear's is its transpose, [D, C]) and, with
     ``normalize=False``, a ``bias`` [E, C] (RIDE's nn.Linear heads). The DRW schedule is RIDELoss's: ``set_epoch``
     with the 0-based epoch, DRW on for ``epoch >= drw_epoch``. The loss arguments are RIDELoss's, with its ``scale``
-    (LDAM's s) named ``margin_scale`` here; ``scale`` is the classifier's.
+    (LDAM's s) named ``margin_scale`` here; ``scale`` is the classifier's. ``reduction`` (``"mean"`` or ``"sum"``;
+    ``"none"`` is refused, see :func:`fastlt.ops.linear_ride_loss`) and ``ignore_index`` are RIDELoss's.
+
+    Distillation (RIDE's teacher, docs/methods.md 3.3, as :class:`fastlt.RIDEDistillLoss`): ``forward(features,
+    target, teacher_logits)`` adds ``distill_factor * T^2 * KL(softmax(t / T) || softmax(mean_k z_k / T))``
+    (``T = distill_temperature``; batchmean under "mean", summed under "sum", over every row: it needs no label) and
+    multiplies the total by E with ``distill_scale_by_experts``. The students' mean logits come from one GEMM over
+    the experts' concatenated features (:meth:`mean_logits`): [B, C], as big as the teacher's, never [E, B, C].
 
     >>> head = fastlt.LinearRIDELoss(torch.linspace(500, 5, 1000).floor(), num_experts=3, in_features=16)
     >>> features = torch.randn(3, 8, 16)                 # [E, B, D], one feature row per expert
@@ -33,8 +42,16 @@ class LinearRIDELoss(nn.Module):
     def __init__(self, class_counts, num_experts: int, in_features: int, *, normalize: bool = True,
                  scale: float = 30.0, margin_scale: float = 30.0, max_margin: float = 0.5,
                  diversity_factor: float = -0.45, temperature_factor: float = 0.05, base_temperature: float = 1.0,
-                 drw_beta: float = 0.9999, drw_epoch: int = 160, chunk_size: Optional[int] = None):
+                 drw_beta: float = 0.9999, drw_epoch: int = 160, chunk_size: Optional[int] = None,
+                 reduction: str = "mean", ignore_index: int = _checks.DEFAULT_IGNORE_INDEX,
+                 distill_temperature: float = 1.5, distill_factor: float = 1.0, distill_scale_by_experts: bool = True):
         super().__init__()
+        check_reduction(reduction)
+        self.distill_temperature = _checks.number(OP, "distill_temperature", distill_temperature, low=0.0,
+                                                  low_open=True)
+        self.distill_factor = _checks.number(OP, "distill_factor", distill_factor)
+        self.distill_scale_by_experts = bool(distill_scale_by_experts)
+        self.reduction, self.ignore_index = reduction, _checks.ignore_index(OP, ignore_index)
         self.register_buffer("class_counts", _counts_buffer(class_counts), persistent=False)
         num_classes = self.class_counts.numel()
         self.normalize, self.scale, self.margin_scale, self.max_margin = normalize, scale, margin_scale, max_margin
@@ -56,14 +73,47 @@ class LinearRIDELoss(nn.Module):
         self.epoch = int(epoch)
         self.drw = self.epoch >= self.drw_epoch
 
-    def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The loss of features [E, B, D] (or [B, D] shared by the experts) and labels [B]."""
+    def forward(self, features: torch.Tensor, target: torch.Tensor,
+                teacher_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The loss of features [E, B, D] (or [B, D] shared by the experts) and labels [B]; with the teacher's
+        ``teacher_logits`` [B, C] (taken as constants), RIDE's distillation loss (see the class docstring)."""
+        loss = self._ride_loss(features, target)
+        if teacher_logits is None:
+            return loss
+        num_experts, num_classes = self.weight.shape[:2]
+        batch = features.shape[-2]
+        if not isinstance(teacher_logits, torch.Tensor) or tuple(teacher_logits.shape) != (batch, num_classes):
+            raise ValueError(f"{OP}: teacher_logits must be a [B, C] = [{batch}, {num_classes}] tensor, got "
+                             f"{getattr(teacher_logits, 'shape', type(teacher_logits).__name__)}")
+        temperature = self.distill_temperature
+        student = self.mean_logits(features).to(loss.dtype) / temperature
+        teacher = teacher_logits.detach().to(student.dtype) / temperature
+        kl = F.kl_div(F.log_softmax(student, dim=1), F.log_softmax(teacher, dim=1), log_target=True,
+                      reduction="batchmean" if self.reduction == "mean" else "sum")
+        loss = loss + self.distill_factor * temperature ** 2 * kl
+        return loss * num_experts if self.distill_scale_by_experts else loss
+
+    def mean_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The experts' mean logits [B, C] of features [E, B, D] or [B, D]: sum_k x_k . w_kc / E is one GEMM of the
+        experts' concatenated (normalised) features [B, E * D] and weights [C, E * D], so the [E, B, C] logits are
+        never formed."""
+        num_experts, num_classes, dim = self.weight.shape
+        features = features.expand(num_experts, *features.shape[-2:])
+        weight = self.weight
+        if self.normalize:
+            features, weight = F.normalize(features, dim=-1), F.normalize(weight, dim=-1)
+        factor = (self.scale if self.normalize else 1.0) / num_experts
+        logits = (features.transpose(0, 1).reshape(-1, num_experts * dim)
+                  @ weight.transpose(0, 1).reshape(num_classes, num_experts * dim).t()) * factor
+        return logits if self.bias is None else logits + self.bias.mean(0)
+
+    def _ride_loss(self, features, target):
         return ops.linear_ride_loss(
             features, self.weight, target, self.class_counts, normalize=self.normalize, scale=self.scale,
             bias=self.bias, margin_scale=self.margin_scale, max_margin=self.max_margin,
             diversity_factor=self.diversity_factor, temperature_factor=self.temperature_factor,
             base_temperature=self.base_temperature, drw=self.drw, drw_beta=self.drw_beta,
-            chunk_size=self.chunk_size)
+            chunk_size=self.chunk_size, reduction=self.reduction, ignore_index=self.ignore_index)
 
     def logits(self, features: torch.Tensor, expert: Optional[int] = None) -> torch.Tensor:
         """[E, B, C] logits of features [E, B, D] or [B, D] (inference: the training loss never forms them);

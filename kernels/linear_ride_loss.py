@@ -72,14 +72,15 @@ def _merge_chunk_kernel(logits_ptr, labels_ptr, margins_ptr, inverse_temperature
 
 @triton.jit
 def _chunk_gradient_kernel(logits_ptr, labels_ptr, margins_ptr, ce_coef_ptr, inverse_temperature_ptr, ce_max_ptr,
-                           ce_sum_ptr, expert_max_ptr, expert_sum_ptr, mean_max_ptr, mean_sum_ptr, div_coef, E, B, n,
-                           c0, DIVERSITY: tl.constexpr, BLOCK: tl.constexpr):
+                           ce_sum_ptr, expert_max_ptr, expert_sum_ptr, mean_max_ptr, mean_sum_ptr, div_coef_ptr, E, B,
+                           n, c0, DIVERSITY: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
     mask = lanes < n
     is_target = (lanes == tl.load(labels_ptr + b) - c0) & mask
     margin = tl.load(margins_ptr + b)
     ce_coef = tl.load(ce_coef_ptr + b)
+    div_coef = tl.load(div_coef_ptr + b)
     inverse_temperature = tl.load(inverse_temperature_ptr + lanes, mask=mask, other=1.0)
     acc = margin.dtype
     mean_probability = tl.zeros([BLOCK], acc)
@@ -114,9 +115,10 @@ def merge_chunk(logits, target, row_margins, inverse_temperature, stats, c0, div
 
 
 def chunk_gradient(logits, target, row_margins, ce_coef, inverse_temperature, stats, div_coef, c0, diversity):
-    """Overwrites the chunk's logits [E, B, n] with d loss / d logits."""
+    """Overwrites the chunk's logits [E, B, n] with d loss / d logits; ce_coef and div_coef are the rows' [B]
+    factors (0 for ignored rows, whose label is -1)."""
     E, B, n = logits.shape
     _chunk_gradient_kernel[(B,)](logits, target, row_margins, ce_coef, inverse_temperature, stats["ce_max"],
                                  stats["ce_sum"], stats["expert_max"], stats["expert_sum"], stats["mean_max"],
-                                 stats["mean_sum"], float(div_coef), E, B, n, c0, DIVERSITY=diversity,
+                                 stats["mean_sum"], div_coef, E, B, n, c0, DIVERSITY=diversity,
                                  BLOCK=triton.next_power_of_2(n))

@@ -13,13 +13,11 @@
 
 #include "cpu/softmax_vectorized.h"
 #include "fastlt/linear_ride_loss.h"
+#include "linear_ride_loss_setup.h"
 
 namespace fastlt {
 namespace cpu {
 namespace {
-
-constexpr const char* kOp = "fastlt.linear_ride_loss";
-constexpr double kNormEps = 1e-12;  // F.normalize's eps (NormedLinear)
 
 // z[c] = z[c] * column_scale[c] + bias[c], in place; either table may be nullptr (1 and 0).
 template <typename A>
@@ -113,102 +111,24 @@ FASTLT_LINEAR_RIDE_ROW_FUNCTIONS(float)
 FASTLT_LINEAR_RIDE_ROW_FUNCTIONS(double)
 #undef FASTLT_LINEAR_RIDE_ROW_FUNCTIONS
 
-// A [C] per-class table on the weight's device, contiguous in the accumulation dtype.
-at::Tensor class_table(const at::Tensor& table, int64_t C, const at::Tensor& weight, at::ScalarType acc,
-                       const char* name) {
-  TORCH_CHECK_VALUE(table.dim() == 1 && table.size(0) == C, kOp, ": ", name, " must be [C]=[", C, "], got ",
-                    table.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(table.scalar_type()), kOp, ": ", name, " must be floating, got ",
-                    table.scalar_type());
-  TORCH_CHECK_VALUE(table.device() == weight.device(), kOp, ": ", name, " must be on ", weight.device());
-  return table.to(acc).contiguous();
-}
-
-// The statistics of a row's class range merged over the chunks; one entry per (expert, row) or per row.
-struct RowStatistics {
-  at::Tensor ce_max, ce_sum, expert_max, expert_sum, gap, target_logit;  // [E, B]
-  at::Tensor mean_max, mean_sum;                                          // [B]
-};
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
     const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& target_margins, const std::optional<at::Tensor>& class_weights,
-    const at::Tensor& temperatures, double scale, bool normalize, double diversity_factor, int64_t chunk_size,
-    bool compute_grad) {
-  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.numel() > 0, kOp, ": weight must be a non-empty [E, C, D], got ",
-                    weight.sizes());
-  const int64_t E = weight.size(0), C = weight.size(1), D = weight.size(2);
-  TORCH_CHECK_VALUE(E <= kMaxExperts, kOp, ": weight has ", E, " experts; at most ", kMaxExperts, " are supported");
-  TORCH_CHECK_VALUE(at::isFloatingType(weight.scalar_type()), kOp, ": weight must be floating, got ",
-                    weight.scalar_type());
-  TORCH_CHECK_VALUE((features.dim() == 2 || (features.dim() == 3 && features.size(0) == E)) &&
-                        features.size(-1) == D && features.size(-2) > 0,
-                    kOp, ": features must be [B, D] or [E, B, D] with D = ", D, ", E = ", E, ", got ",
-                    features.sizes());
-  TORCH_CHECK_VALUE(features.scalar_type() == weight.scalar_type(), kOp, ": features must have weight's dtype ",
-                    weight.scalar_type(), ", got ", features.scalar_type());
-  TORCH_CHECK_VALUE(features.device() == weight.device(), kOp, ": features must be on ", weight.device());
-  TORCH_CHECK(weight.device().is_cpu(), kOp, " (CPU kernel): weight must be a CPU tensor");
-  const int64_t B = features.size(-2);
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == B && target.scalar_type() == at::kLong, kOp,
-                    ": target must be int64 [B]=[", B, "], got ", target.scalar_type(), " ", target.sizes());
-  TORCH_CHECK_VALUE(target.device() == weight.device(), kOp, ": target must be on ", weight.device());
-  TORCH_CHECK_VALUE(target.min().item<int64_t>() >= 0 && target.max().item<int64_t>() < C, kOp,
-                    ": target must be in [0, ", C, ")");
-  TORCH_CHECK_VALUE(chunk_size >= 1, kOp, ": chunk_size must be >= 1, got ", chunk_size);
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, kOp, ": scale must be a finite number > 0, got ", scale);
-  TORCH_CHECK_VALUE(std::isfinite(diversity_factor), kOp, ": diversity_factor must be finite, got ",
-                    diversity_factor);
-  const at::ScalarType acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::Tensor& temperatures, double scale, bool normalize, double diversity_factor, int64_t reduction,
+    int64_t ignore_index, int64_t chunk_size, bool compute_grad) {
+  TORCH_CHECK(weight.device().is_cpu(), linear_ride_loss::kOp, " (CPU kernel): weight must be a CPU tensor");
+  const linear_ride_loss::Setup setup =
+      linear_ride_loss::setup(features, weight, bias, target, target_margins, class_weights, temperatures, scale,
+                              normalize, diversity_factor, reduction, ignore_index, chunk_size);
+  const int64_t E = setup.E, B = setup.B, C = setup.C, D = setup.D, chunk = setup.chunk;
+  const at::ScalarType acc = setup.acc;
   const auto acc_options = weight.options().dtype(acc);
-  const at::Tensor margins = class_table(target_margins, C, weight, acc, "target_margins");
-  const at::Tensor temperature_table = class_table(temperatures, C, weight, acc, "temperatures");
-  at::Tensor bias_table;
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == C &&
-                          bias->scalar_type() == weight.scalar_type() && bias->device() == weight.device(),
-                      kOp, ": bias must be [E, C]=[", E, ", ", C, "] of weight's dtype and device, got ",
-                      bias->sizes());
-    bias_table = bias->to(acc).contiguous();
-  }
-  const at::Tensor target_contiguous = target.contiguous();
-  at::Tensor row_weights = class_weights.has_value()
-                               ? class_table(*class_weights, C, weight, acc, "class_weights").index_select(0, target_contiguous)
-                               : at::ones({B}, acc_options);
-  // Zero class weights are allowed (class masks): a zero total gives the CE term 0 and no gradient.
-  const at::Tensor weight_total = row_weights.sum();
-  const at::Tensor ce_coef = at::where(weight_total > 0, row_weights / weight_total, at::zeros_like(row_weights)).contiguous();  // [B]
-  const at::Tensor row_margins = margins.index_select(0, target_contiguous).contiguous();
-  const at::Tensor inverse_temperature_table = temperature_table.reciprocal();
-  const bool diversity = diversity_factor != 0.0;
-  const double div_coef = diversity_factor * std::pow(temperature_table.mean().item<double>(), 2) / B;
+  const bool diversity = setup.diversity;
+  const at::Tensor& unit_features = setup.unit_features;
+  linear_ride_loss::RowStatistics stats = linear_ride_loss::empty_statistics(setup, acc_options);
 
-  // Normalised features x_hat [E, B, D] and the weight's column scales scale / ||w_c|| [E, C].
-  const at::Tensor raw_features = features.to(acc).expand({E, B, D});
-  at::Tensor feature_norms, unit_features, column_scale, weight_above_eps;
-  if (normalize) {
-    feature_norms = at::linalg_vector_norm(raw_features, 2, {-1}, true).clamp_min(kNormEps);
-    unit_features = (raw_features / feature_norms).contiguous();
-    const at::Tensor weight_norms = at::linalg_vector_norm(weight, 2, {-1}, false, acc);
-    column_scale = (scale / weight_norms.clamp_min(kNormEps)).contiguous();
-    weight_above_eps = (weight_norms > kNormEps).contiguous();
-  } else {
-    unit_features = raw_features.contiguous();
-  }
-
-  RowStatistics stats;
-  stats.ce_max = at::full({E, B}, -std::numeric_limits<double>::infinity(), acc_options);
-  stats.expert_max = stats.ce_max.clone();
-  stats.mean_max = at::full({B}, -std::numeric_limits<double>::infinity(), acc_options);
-  stats.ce_sum = at::zeros({E, B}, acc_options);
-  stats.expert_sum = at::zeros({E, B}, acc_options);
-  stats.gap = at::zeros({E, B}, acc_options);
-  stats.target_logit = at::zeros({E, B}, acc_options);
-  stats.mean_sum = at::zeros({B}, acc_options);
-
-  const int64_t chunk = std::min(chunk_size, C);
   at::Tensor logit_buffer = at::empty({E * B * chunk}, acc_options);
   // Per-thread scratch, [chunk] each: the tempered mean logits, their exps, and one row of throw-away exps.
   at::Tensor scratch = at::empty({at::get_num_threads(), 3 * chunk}, acc_options);
@@ -216,12 +136,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fastlt_linear_ride_loss_cpu", [&] {
     using A = acc_t<scalar_t>;
-    const int64_t* labels = target_contiguous.data_ptr<int64_t>();
-    const A* margin_of_row = row_margins.data_ptr<A>();
-    const A* coef_of_row = ce_coef.data_ptr<A>();
-    const A* inverse_temperature = inverse_temperature_table.data_ptr<A>();
-    const A* scales = normalize ? column_scale.data_ptr<A>() : nullptr;
-    const A* biases = bias_table.defined() ? bias_table.data_ptr<A>() : nullptr;
+    const int64_t* labels = setup.labels.data_ptr<int64_t>();  // -1 for ignored rows: never in a chunk
+    const A* margin_of_row = setup.row_margins.data_ptr<A>();
+    const A* coef_of_row = setup.ce_coef.data_ptr<A>();
+    const A* div_of_row = setup.div_coef.data_ptr<A>();
+    const A* inverse_temperature = setup.inverse_temperature.data_ptr<A>();
+    const A* scales = normalize ? setup.column_scale.data_ptr<A>() : nullptr;
+    const A* biases = setup.bias.defined() ? setup.bias.data_ptr<A>() : nullptr;
     const A inverse_experts = A(1) / static_cast<A>(E);
     A* ce_max = stats.ce_max.data_ptr<A>();
     A* ce_sum = stats.ce_sum.data_ptr<A>();
@@ -306,9 +227,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
     // Pass 2: each chunk's d loss / d logits, then d features += dz @ W and d weight[chunk] = dz^T @ x_hat.
     at::Tensor grad_unit_features = at::zeros({E, B, D}, acc_options);
     grad_weight = at::empty({E, C, D}, weight.options().memory_format(at::MemoryFormat::Contiguous));
-    if (bias_table.defined()) grad_bias = at::empty({E, C}, acc_options);
+    if (setup.bias.defined()) grad_bias = at::empty({E, C}, acc_options);
     at::Tensor weight_gradient_buffer = at::empty({E * chunk * D}, acc_options);
-    const A div = static_cast<A>(div_coef);
     for (int64_t c0 = 0; c0 < C; c0 += chunk) {
       const int64_t n = std::min(chunk, C - c0);
       const at::Tensor weight_chunk = weight.narrow(1, c0, n).to(acc);
@@ -322,6 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
           const int64_t t = labels[b] - c0;
           const bool has_target = t >= 0 && t < n;
           if (diversity) exp_shifted(mean_logits, static_cast<const A*>(nullptr), mean_max[b], mean_exp, n);
+          const A div = div_of_row[b];
           const A mean_scale = diversity ? div / mean_sum[b] : A(0);
           for (int64_t k = 0; k < E; ++k) {
             const int64_t row = k * B + b;
@@ -343,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
         }
       });
       if (grad_bias.defined()) grad_bias.narrow(1, c0, n).copy_(logits_tensor.sum(1));
-      if (normalize) logits_tensor.mul_(column_scale.narrow(1, c0, n).unsqueeze(1));
+      if (normalize) logits_tensor.mul_(setup.column_scale.narrow(1, c0, n).unsqueeze(1));
       grad_unit_features.baddbmm_(logits_tensor, weight_chunk);
       at::Tensor weight_gradient = weight_gradient_buffer.narrow(0, 0, E * n * D).view({E, n, D});
       at::bmm_out(weight_gradient, logits_tensor.transpose(1, 2), unit_features);
@@ -351,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
         const at::Tensor weight_chunk_contiguous = weight_chunk.contiguous();
         const A* w = weight_chunk_contiguous.data_ptr<A>();
         A* p = weight_gradient.data_ptr<A>();
-        const bool* above_eps = weight_above_eps.data_ptr<bool>();
+        const bool* above_eps = setup.weight_above_eps.data_ptr<bool>();
         at::parallel_for(0, E * n, std::max<int64_t>(1, (int64_t(1) << 14) / D), [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
             const int64_t k = r / n, c = c0 + r % n;
@@ -361,20 +282,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
       }
       grad_weight.narrow(1, c0, n).copy_(weight_gradient);
     }
-    // The features' norm backward (F.normalize's), then the sum over experts for shared features.
-    if (normalize) {
-      const at::Tensor radial = (grad_unit_features * unit_features).sum(-1, true) * (feature_norms > kNormEps);
-      grad_unit_features = (grad_unit_features - unit_features * radial) / feature_norms;
-    }
-    grad_features = (features.dim() == 2 ? grad_unit_features.sum(0) : grad_unit_features).to(features.scalar_type());
+    grad_features = linear_ride_loss::features_gradient(grad_unit_features, setup, features);
   });
 
-  at::Tensor loss = ((stats.ce_sum.log() + stats.ce_max - stats.target_logit) * ce_coef.unsqueeze(0)).sum();
-  if (diversity) {
-    const at::Tensor mean_lse = stats.mean_sum.log() + stats.mean_max;
-    const at::Tensor expert_lse = stats.expert_sum.log() + stats.expert_max;
-    loss = loss + div_coef * (stats.gap / stats.mean_sum.unsqueeze(0) + expert_lse - mean_lse.unsqueeze(0)).sum();
-  }
+  const at::Tensor loss = linear_ride_loss::loss_of(stats, setup);
   const auto empty = [&] { return at::empty({0}, features.options()); };
   if (!compute_grad) return {loss, empty(), empty(), empty()};
   return {loss, grad_features, grad_weight,
@@ -388,7 +299,7 @@ TORCH_LIBRARY_FRAGMENT(fastlt, m) {
   m.def(
       "linear_ride_loss(Tensor features, Tensor weight, Tensor? bias, Tensor target, Tensor target_margins, "
       "Tensor? class_weights, Tensor temperatures, float scale, bool normalize, float diversity_factor, "
-      "int chunk_size, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int reduction, int ignore_index, int chunk_size, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastlt, CPU, m) {

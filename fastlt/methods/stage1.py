@@ -118,9 +118,9 @@ def ride(config, counts, model) -> Method:
 
 def _fused_head_ride(loss, config, model) -> Method:
     """`fused_head: true`: the RIDE model's classifiers and the loss become one fastlt.LinearRIDELoss (initialised
-    from the classifiers' weights), whose loss never forms the [E, B, C] logits."""
-    if config.get("teacher") is not None:
-        raise ValueError("ride: fused_head does not support teacher (distillation reads the students' logits)")
+    from the classifiers' weights), whose loss never forms the [E, B, C] logits. With `teacher`, the head adds RIDE's
+    distillation term from the students' [B, C] mean logits (fastlt.LinearRIDELoss.mean_logits), with the same keys
+    and teacher as the unfused ride_distill."""
     if not hasattr(model, "use_fused_head"):
         raise ValueError(f"ride: fused_head needs a RIDE model, got {type(model).__name__}")
     classifiers = list(model.classifiers)
@@ -131,14 +131,27 @@ def _fused_head_ride(loss, config, model) -> Method:
         scale=model.scale if normalize else 1.0, margin_scale=loss.scale, max_margin=loss.max_margin,
         diversity_factor=loss.diversity_factor, temperature_factor=loss.temperature_factor,
         base_temperature=loss.base_temperature, drw_beta=loss.drw_beta, drw_epoch=loss.drw_epoch,
-        chunk_size=config.get("chunk_size")).to(classifiers[0].weight.device)  # moves with the model from here
+        chunk_size=config.get("chunk_size"), distill_temperature=config.get("distill_temperature", 1.5),
+        distill_factor=config.get("distill_factor", 1.0),
+        distill_scale_by_experts=config.get("distill_scale_by_experts", True),
+    ).to(classifiers[0].weight.device)  # moves with the model from here
     with torch.no_grad():
         for index, classifier in enumerate(classifiers):
             head.weight[index].copy_(classifier.weight.t() if normalize else classifier.weight)
             if not normalize:
                 head.bias[index].copy_(classifier.bias)
     model.use_fused_head(head)
-    return Method("ride", lambda output, targets: head(output.features, targets), epoch_hook(head))
+    if config.get("teacher") is None:
+        return Method("ride", lambda output, targets: head(output.features, targets), epoch_hook(head))
+    teacher = load_teacher(config["teacher"], num_classes=head.weight.shape[1], device=head.weight.device,
+                           train_mode=config.get("teacher_train_mode", True))
+
+    def distill_loss(output, targets, images):
+        with torch.no_grad():
+            teacher_logits = teacher(images).logits.float()
+        return head(output.features, targets, teacher_logits)
+
+    return Method("ride_distill", distill_loss, epoch_hook(head), needs_images=True)
 
 
 def load_teacher(path: str, *, num_classes: int, device=None, train_mode: bool = True) -> nn.Module:

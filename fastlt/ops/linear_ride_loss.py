@@ -19,9 +19,15 @@ walks the classes in chunks twice:
 The forward computes the loss and the gradients of features, weight and bias; backward only scales them (as
 ``ride_loss``). Backends: ``cpp`` runs the C++ kernel (csrc/cpu/linear_ride_loss.cpp, per-class math in
 csrc/include/fastlt/linear_ride_loss.h); ``triton`` the same host loop with Triton kernels for the row statistics
-and the chunk gradient (kernels/linear_ride_loss.py, op ``fastlt::linear_ride_loss_triton``); ``reference``
+and the chunk gradient (kernels/linear_ride_loss.py, overload ``fastlt::linear_ride_loss.triton``); ``reference``
 materialises the logits (``linear_ride_loss_reference``); otherwise (devices without a compiled kernel, no extension)
-the host loop runs its elementwise work in PyTorch (``chunked_forward``, op ``fastlt::linear_ride_loss_torch``).
+the host loop runs its elementwise work in PyTorch (``chunked_forward``, overload ``fastlt::linear_ride_loss.torch``).
+The CUDA kernel (csrc/cuda/linear_ride_loss.cu) is the op's CUDA implementation of ``.default``.
+
+Reductions and ignored rows follow docs/methods.md 6.5: under ``"mean"`` the CE is divided by the sum of the kept
+rows' class weights w_y and the diversity term by the number of kept rows; an ignored row adds nothing and its
+features get a zero gradient. ``"none"`` is refused: the weight gradient is accumulated in the forward pass for
+one scalar loss, so a per-row grad_output could not be applied.
 Tests: tests/ops/test_linear_ride_loss.py.
 """
 
@@ -31,11 +37,17 @@ import torch
 import torch.nn.functional as F
 
 from fastlt import _extension
-from fastlt.ops import _backend, _checks, _lt_constants
+from fastlt.ops import _backend, _checks, _library, _lt_constants
 from fastlt.ops._fused_loss import scale_saved_gradient
-from fastlt.ops.ride_loss import ride_loss_reference, ride_tables
+from fastlt.ops.ride_loss import ride_tables
 
 OP = "fastlt.linear_ride_loss"
+# The arguments of fastlt::linear_ride_loss as csrc/cpu/linear_ride_loss.cpp defines them; its .triton and .torch
+# overloads take the same. reduction: 1 mean, 2 sum (0, none, is refused); the forward returns (loss, d features,
+# d weight, d bias), the gradients [0]-shaped without compute_grad (d bias also without bias).
+SCHEMA = ("(Tensor features, Tensor weight, Tensor? bias, Tensor target, Tensor target_margins, "
+          "Tensor? class_weights, Tensor temperatures, float scale, bool normalize, float diversity_factor, "
+          "int reduction, int ignore_index, int chunk_size, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)")
 NORM_EPS = 1e-12  # F.normalize's eps, as NormedLinear uses it
 CHUNK_ELEMENTS = 1 << 21  # default chunk: about 2M logits (E x B x chunk), 8 MB in fp32, per buffer
 
@@ -49,13 +61,17 @@ def default_chunk_size(num_experts: int, batch: int, num_classes: int) -> int:
 
 def linear_ride_loss_reference(features, weight, target, class_counts, *, normalize=True, scale=30.0, bias=None,
                                margin_scale=30.0, max_margin=0.5, diversity_factor=-0.45, temperature_factor=0.05,
-                               base_temperature=1.0, drw=False, drw_beta=0.9999, chunk_size=None):
-    """Eager reference: materialises the [E, B, C] logits and calls :func:`fastlt.ops.ride_loss_reference`."""
-    _validate(features, weight, target, class_counts, bias, scale, chunk_size)
-    return ride_loss_reference(
-        expert_logits(features, weight, normalize=normalize, scale=scale, bias=bias), target, class_counts,
-        scale=margin_scale, max_margin=max_margin, diversity_factor=diversity_factor,
-        temperature_factor=temperature_factor, base_temperature=base_temperature, drw=drw, drw_beta=drw_beta)
+                               base_temperature=1.0, drw=False, drw_beta=0.9999, chunk_size=None,
+                               reduction="mean", ignore_index=_checks.DEFAULT_IGNORE_INDEX):
+    """Eager reference: materialises the [E, B, C] logits and computes RIDE's loss of them (docs/methods.md 6.3, with
+    6.5's reductions and ignored rows); equals :func:`fastlt.ops.ride_loss_reference` of those logits."""
+    reduction, ignore_index = _validate(features, weight, target, class_counts, bias, scale, chunk_size, reduction,
+                                        ignore_index)
+    tables = ride_tables(class_counts, scale=margin_scale, max_margin=max_margin,
+                         temperature_factor=temperature_factor, base_temperature=base_temperature, drw=drw,
+                         drw_beta=drw_beta, dtype=_checks.accumulate_dtype(weight.dtype), device=weight.device)
+    logits = expert_logits(features, weight, normalize=normalize, scale=scale, bias=bias)
+    return _loss_formula(logits, target, *tables, diversity_factor, reduction, ignore_index)
 
 
 def expert_logits(features, weight, *, normalize=True, scale=30.0, bias=None):
@@ -71,13 +87,14 @@ def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch
                      *, normalize: bool = True, scale: float = 30.0, bias: Optional[torch.Tensor] = None,
                      margin_scale: float = 30.0, max_margin: float = 0.5, diversity_factor: float = -0.45,
                      temperature_factor: float = 0.05, base_temperature: float = 1.0, drw: bool = False,
-                     drw_beta: float = 0.9999, chunk_size: Optional[int] = None) -> torch.Tensor:
+                     drw_beta: float = 0.9999, chunk_size: Optional[int] = None, reduction: str = "mean",
+                     ignore_index: int = _checks.DEFAULT_IGNORE_INDEX) -> torch.Tensor:
     """RIDE's loss of E cosine (or linear) classifiers, computed with its gradients without the [E, B, C] logits.
 
     Args:
         features: ``[E, B, D]`` one feature row per expert, or ``[B, D]`` shared by the experts.
         weight: ``[E, C, D]`` the experts' classifier weights (one row per class), same dtype as ``features``.
-        target: ``[B]`` int64 labels in ``[0, C)``.
+        target: ``[B]`` int64 labels in ``[0, C)``, or ``ignore_index`` (rows the loss skips).
         class_counts: ``[C]`` positive training counts per class.
         normalize: cosine classifier (``scale * cos(x, w_c)``, RIDE's NormedLinear x 30); ``False``: ``x @ W^T``.
         scale: the cosine classifier's scale (ignored with ``normalize=False``).
@@ -87,6 +104,12 @@ def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch
         max_margin, diversity_factor, temperature_factor, base_temperature, drw, drw_beta: as in
             :func:`fastlt.ops.ride_loss`.
         chunk_size: classes per chunk; ``None`` picks a power of two from E and B (about 2M logits per chunk).
+        reduction: ``"mean"`` (RIDE's loss: the CE divided by the sum of the kept rows' DRW weights, the diversity
+            term by the number of kept rows; 0 when every row is ignored) or ``"sum"`` (docs/methods.md 6.5).
+            ``"none"`` raises ValueError: the weight gradient is accumulated in the forward pass for one scalar
+            loss; for per-row losses use :func:`expert_logits` and :func:`fastlt.ops.ride_loss` with
+            ``reduction="none"``.
+        ignore_index: rows whose label equals it add nothing to the loss, and their features get a zero gradient.
 
     Memory beyond the inputs and their gradients: O(E x B x chunk_size) for a few chunk-sized logit buffers, plus
     O(chunk_size x D) for one chunk of the weight (fp16/bf16 inputs are upcast chunk by chunk), O(E x B x D) for the
@@ -100,39 +123,36 @@ def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch
     >>> loss.backward(); weight.grad.shape
     torch.Size([3, 1000, 16])
     """
-    _validate(features, weight, target, class_counts, bias, scale, chunk_size)
-    if _backend.get_backend() == "reference":
-        return linear_ride_loss_reference(
-            features, weight, target, class_counts, normalize=normalize, scale=scale, bias=bias,
-            margin_scale=margin_scale, max_margin=max_margin, diversity_factor=diversity_factor,
-            temperature_factor=temperature_factor, base_temperature=base_temperature, drw=drw, drw_beta=drw_beta)
+    _validate(features, weight, target, class_counts, bias, scale, chunk_size, reduction, ignore_index)
     target_margins, class_weights, temperatures = ride_tables(
         class_counts, scale=margin_scale, max_margin=max_margin, temperature_factor=temperature_factor,
         base_temperature=base_temperature, drw=drw, drw_beta=drw_beta,
         dtype=_checks.accumulate_dtype(weight.dtype), device=weight.device)
     return fused_linear_ride_loss(features, weight, bias, target, target_margins, class_weights, temperatures,
                                   scale=scale, normalize=normalize, diversity_factor=diversity_factor,
-                                  chunk_size=chunk_size)
+                                  chunk_size=chunk_size, reduction=reduction, ignore_index=ignore_index)
 
 
 def fused_linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                            target: torch.Tensor, target_margins: torch.Tensor, class_weights: Optional[torch.Tensor],
                            temperatures: torch.Tensor, *, scale: float, normalize: bool, diversity_factor: float,
-                           chunk_size: Optional[int] = None) -> torch.Tensor:
+                           chunk_size: Optional[int] = None, reduction: str = "mean",
+                           ignore_index: int = _checks.DEFAULT_IGNORE_INDEX) -> torch.Tensor:
     """The fused head + loss from RIDE's per-class tables instead of class counts: the op :func:`linear_ride_loss`
     runs after :func:`fastlt.ops.ride_loss.ride_tables`, on the backend it would pick (C++ kernel, Triton, or the
     chunked PyTorch loop). ``linear_prior_shifted_ce`` and ``linear_reslt_loss`` build on it with their own tables.
 
     Args:
-        features, weight, bias, target, scale, normalize, diversity_factor, chunk_size: as in
-            :func:`linear_ride_loss`.
+        features, weight, bias, target, scale, normalize, diversity_factor, chunk_size, reduction, ignore_index: as
+            in :func:`linear_ride_loss`.
         target_margins: ``[C]`` the amount the target logit is lowered by (LDAM's ``s * m_y``; zeros: plain CE).
         class_weights: ``[C]`` weights w_y of the rows' CE terms (RIDE's DRW weights), or None (all 1). Zeros are
-            allowed (0/1 masks select classes): the CE is divided by the sum of the rows' weights, and a zero sum
-            gives a CE term of 0 with zero gradients.
+            allowed (0/1 masks select classes): under ``"mean"`` the CE is divided by the sum of the kept rows'
+            weights, and a zero sum gives a CE term of 0 with zero gradients.
         temperatures: ``[C]`` positive per-class temperatures of the diversity term.
     """
-    _validate_head(features, weight, target, bias, scale, chunk_size)
+    reduction, ignore_index = _validate_head(features, weight, target, bias, scale, chunk_size, reduction,
+                                             ignore_index)
     num_experts, num_classes = weight.shape[0], weight.shape[1]
     acc_dtype = _checks.accumulate_dtype(weight.dtype)
     for name, table in (("target_margins", target_margins), ("class_weights", class_weights),
@@ -145,51 +165,68 @@ def fused_linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, bias: O
     chunk = chunk_size or default_chunk_size(num_experts, target.shape[0], num_classes)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (features, weight, bias))
-    backend = _backend.resolve(weight)
+    backend = _backend.resolve(weight, OP)  # CUDA: the first call checks the kernel against the reference
     if backend == "reference":
         return _loss_formula(expert_logits(features, weight, normalize=normalize, scale=scale, bias=bias), target,
-                             target_margins, class_weights, temperatures, diversity_factor)
+                             target_margins, class_weights, temperatures, diversity_factor, reduction, ignore_index)
     if backend == "triton":
-        fused_op = torch.ops.fastlt.linear_ride_loss_triton
+        fused_op = torch.ops.fastlt.linear_ride_loss.triton
     else:
         compiled = _compiled_op(weight.device) if backend == "cpp" else None
-        fused_op = compiled or torch.ops.fastlt.linear_ride_loss_torch
+        fused_op = compiled or torch.ops.fastlt.linear_ride_loss.torch
     loss, *_ = fused_op(
         features, weight, bias, target, target_margins, class_weights, temperatures, float(scale), bool(normalize),
-        float(diversity_factor), int(chunk), compute_grad)
+        float(diversity_factor), reduction, ignore_index, int(chunk), compute_grad)
     return loss
 
 
-def _loss_formula(logits, target, target_margins, class_weights, temperatures, diversity_factor):
-    """RIDE's loss (docs/methods.md 6.3) of materialised [E, B, C] logits from the per-class tables, in eager
-    PyTorch; the CE is divided by the sum of the rows' class weights (0 when that sum is 0)."""
+def row_coefficients(target, class_weights, temperatures, diversity_factor, reduction, ignore_index):
+    """Each row's factor on its CE and on its diversity term (docs/methods.md 6.5), and its label with ignored rows
+    set to -1 (never a class): (labels [B], ce_coefs [B], div_coefs [B]) in the tables' dtype. Under mean the CE is
+    divided by the kept rows' total class weight W, the diversity term by the number of kept rows N (0 if W or N
+    is 0); the kernels take these as their per-row tables."""
+    kept = target != ignore_index
+    labels = torch.where(kept, target, -1)
+    kept_values = kept.to(temperatures.dtype)
+    ce_coefs = kept_values if class_weights is None else class_weights[labels.clamp_min(0)] * kept_values
+    div_coefs = diversity_factor * temperatures.mean() ** 2 * kept_values
+    if reduction == 1:
+        weight_total, kept_rows = ce_coefs.sum(), kept_values.sum()
+        ce_coefs = torch.where(weight_total > 0, ce_coefs / weight_total, 0.0)
+        div_coefs = torch.where(kept_rows > 0, div_coefs / kept_rows, 0.0)
+    return labels, ce_coefs, div_coefs
+
+
+def _loss_formula(logits, target, target_margins, class_weights, temperatures, diversity_factor, reduction,
+                  ignore_index):
+    """RIDE's loss (docs/methods.md 6.3, 6.5) of materialised [E, B, C] logits from the per-class tables, in eager
+    PyTorch."""
     logits = logits.to(target_margins.dtype)
-    num_experts, batch, num_classes = logits.shape
-    row_weights = torch.ones_like(target_margins[target]) if class_weights is None else class_weights[target]
-    weight_total = row_weights.sum()
-    ce_coefs = torch.where(weight_total > 0, row_weights / weight_total, 0.0)
+    labels, ce_coefs, div_coefs = row_coefficients(target, class_weights, temperatures, diversity_factor, reduction,
+                                                   ignore_index)
+    labels = labels.clamp_min(0)  # an ignored row's coefficients are 0
     with torch.no_grad():
         mean_distribution = F.softmax(logits.mean(0) / temperatures, dim=-1)
-    target_onehot = F.one_hot(target, num_classes).to(logits)
+    target_onehot = F.one_hot(labels, logits.shape[-1]).to(logits)
     loss = logits.new_zeros(())
     for expert in logits:
-        margin_logits = expert - target_margins[target][:, None] * target_onehot
-        loss = loss + (ce_coefs * F.cross_entropy(margin_logits, target, reduction="none")).sum()
+        margin_logits = expert - target_margins[labels][:, None] * target_onehot
+        loss = loss + (ce_coefs * F.cross_entropy(margin_logits, labels, reduction="none")).sum()
         if diversity_factor != 0:
-            kl = F.kl_div(F.log_softmax(expert / temperatures, dim=-1), mean_distribution, reduction="none").sum()
-            loss = loss + diversity_factor * temperatures.mean() ** 2 / batch * kl
+            kl = F.kl_div(F.log_softmax(expert / temperatures, dim=-1), mean_distribution, reduction="none").sum(-1)
+            loss = loss + (div_coefs * kl).sum()
     return loss
 
 
 def _compiled_op(device):
     """The extension's kernel for `device`, or None (extension built before this op, or no kernel for the device)."""
-    return torch.ops.fastlt.linear_ride_loss if _KERNEL_DEVICE_TYPES.get(device.type, False) else None
+    return torch.ops.fastlt.linear_ride_loss.default if _KERNEL_DEVICE_TYPES.get(device.type, False) else None
 
 
 def _kernel_device_types():
     """{device type: whether the extension has a linear_ride_loss kernel for it}, looked up once (at import, so
     torch.compile reads a plain dict)."""
-    if not _extension.AVAILABLE or not hasattr(torch.ops.fastlt, "linear_ride_loss"):
+    if not _extension.AVAILABLE or not torch._C._dispatch_has_kernel("fastlt::linear_ride_loss"):
         return {}
     return {device_type: torch._C._dispatch_has_kernel_for_dispatch_key("fastlt::linear_ride_loss", key)
             for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
@@ -198,12 +235,27 @@ def _kernel_device_types():
 _KERNEL_DEVICE_TYPES = _kernel_device_types()
 
 
-def _validate(features, weight, target, class_counts, bias, scale, chunk_size):
-    _validate_head(features, weight, target, bias, scale, chunk_size)
+def _validate(features, weight, target, class_counts, bias, scale, chunk_size, reduction, ignore_index):
+    """The wrappers' checks; returns (reduction code, ignore_index)."""
+    checked = _validate_head(features, weight, target, bias, scale, chunk_size, reduction, ignore_index)
     _lt_constants.check_class_counts(OP, class_counts, weight.shape[1])
+    return checked
 
 
-def _validate_head(features, weight, target, bias, scale, chunk_size):
+def check_reduction(reduction) -> int:
+    """The code of a reduction the fused head supports: 1 "mean", 2 "sum"; ValueError for "none" with the reason."""
+    code = _checks.reduction(OP, reduction)
+    if code == 0:
+        raise ValueError(
+            f"{OP}: reduction='none' is not supported: the fused head accumulates the weight gradient in the forward "
+            "pass for one scalar loss, so per-row losses cannot be weighted in the backward; use the unfused heads "
+            "(expert_logits) with fastlt.ops.ride_loss(..., reduction='none')")
+    return code
+
+
+def _validate_head(features, weight, target, bias, scale, chunk_size, reduction, ignore_index):
+    reduction = check_reduction(reduction)
+    ignore_index = _checks.ignore_index(OP, ignore_index)
     _checks.tensor(OP, "weight", weight, dims=3, floating=True)
     _checks.tensor(OP, "features", features, dims=(2, 3), floating=True)
     num_experts, num_classes, dim = weight.shape
@@ -216,7 +268,7 @@ def _validate_head(features, weight, target, bias, scale, chunk_size):
     if features.dim() == 3 and features.shape[0] != num_experts:
         raise ValueError(f"{OP}: features must be [B, D] or [E={num_experts}, B, D], got {tuple(features.shape)}")
     _checks.same_device(OP, "features", features, weight, "weight")
-    _checks.labels(OP, "target", target, features.shape[-2], num_classes)
+    _checks.labels(OP, "target", target, features.shape[-2], num_classes, ignore_index)
     _checks.same_device(OP, "target", target, weight, "weight")
     if bias is not None:
         _checks.tensor(OP, "bias", bias, floating=True)
@@ -228,6 +280,7 @@ def _validate_head(features, weight, target, bias, scale, chunk_size):
         raise ValueError(f"{OP}: scale must be a finite number > 0, got {scale!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    return reduction, ignore_index
 
 
 # ---- the chunked algorithm (PyTorch; every tensor is at most [E, B, chunk] or [chunk, D]) ----
@@ -236,7 +289,7 @@ def _validate_head(features, weight, target, bias, scale, chunk_size):
 class _Problem:
     """Inputs in the accumulation dtype and the per-chunk logits."""
 
-    def __init__(self, features, weight, bias, target, target_margins, temperatures, scale, normalize):
+    def __init__(self, features, weight, bias, labels, target_margins, temperatures, scale, normalize):
         acc = target_margins.dtype
         self.weight, self.bias, self.normalize, self.scale, self.acc = weight, bias, normalize, scale, acc
         self.num_experts, self.num_classes, _ = weight.shape
@@ -251,9 +304,9 @@ class _Problem:
             self.weight_above_eps = (weight_norms > NORM_EPS).to(acc)
         else:
             self.features = raw_features
-        self.target = target
+        self.target = labels  # -1 for ignored rows: never in a chunk
         self.inverse_temperature = temperatures.reciprocal()
-        self.target_margins = target_margins[target]  # [B]
+        self.target_margins = target_margins[labels.clamp_min(0)]  # [B]
 
     def weight_chunk(self, c0, c1):
         return self.weight[:, c0:c1].to(self.acc)  # [E, n, D]; a view for fp32 / fp64
@@ -323,12 +376,12 @@ def _statistics(problem, chunk, diversity, kernels=None):
 
 def _loss(stats, ce_coef, div_coef, diversity):
     ce = torch.log(stats["ce_sum"]) + stats["ce_max"] - stats["target_logit"]  # [E, B]
-    loss = (ce * ce_coef).sum()
+    loss = (ce * ce_coef).sum()  # ce_coef, div_coef: [B] per-row factors
     if diversity:
         mean_lse = torch.log(stats["mean_sum"]) + stats["mean_max"]
         expert_lse = torch.log(stats["expert_sum"]) + stats["expert_max"]
         kl = stats["gap"] / stats["mean_sum"] + expert_lse - mean_lse
-        loss = loss + div_coef * kl.sum()
+        loss = loss + (div_coef * kl).sum()
     return loss
 
 
@@ -337,6 +390,7 @@ def _gradients(problem, stats, chunk, ce_coef, div_coef, diversity, grad_weight,
     grad_weight / grad_bias chunk by chunk. Returns d features in the accumulation dtype, [E, B, D]."""
     grad_features = torch.zeros_like(problem.features)
     ce_inv_sum = stats["ce_sum"].reciprocal()[..., None]
+    row_div_coef = div_coef[:, None]  # [B, 1]
     if diversity:
         expert_inv_sum = stats["expert_sum"].reciprocal()[..., None]
         mean_inv_sum = stats["mean_sum"].reciprocal()[:, None]
@@ -347,7 +401,8 @@ def _gradients(problem, stats, chunk, ce_coef, div_coef, diversity, grad_weight,
         if kernels is not None:
             cosine_part = logits.clone() if problem.normalize else None  # the kernel overwrites the logits
             kernels.chunk_gradient(logits, problem.target, problem.target_margins, ce_coef.reshape(-1).contiguous(),
-                                   problem.inverse_temperature[c0:c1].contiguous(), stats, div_coef, c0, diversity)
+                                   problem.inverse_temperature[c0:c1].contiguous(), stats, div_coef.contiguous(), c0,
+                                   diversity)
             grad = logits
         else:
             mask = problem.target_mask(c0, c1)
@@ -357,7 +412,7 @@ def _gradients(problem, stats, chunk, ce_coef, div_coef, diversity, grad_weight,
             if diversity:
                 expert_p = torch.exp(tempered - stats["expert_max"][..., None]).mul_(expert_inv_sum)
                 mean_p = torch.exp(tempered_mean - stats["mean_max"][:, None]).mul_(mean_inv_sum)
-                grad.add_(expert_p.sub_(mean_p).mul_(problem.inverse_temperature[c0:c1] * div_coef))
+                grad.add_(expert_p.sub_(mean_p).mul_(problem.inverse_temperature[c0:c1] * row_div_coef))
             cosine_part = logits
         if grad_bias is not None:
             grad_bias[:, c0:c1] = grad.sum(1)
@@ -389,16 +444,19 @@ def _features_gradient(problem, grad_features, shared):
 
 
 def chunked_forward(features, weight, bias, target, target_margins, class_weights, temperatures, scale, normalize,
-                    diversity_factor, chunk_size, compute_grad, kernels=None):
+                    diversity_factor, reduction, ignore_index, chunk_size, compute_grad, kernels=None):
     """The loss and (when compute_grad) d features, d weight, d bias ([0]-shaped when absent); the elementwise work
-    in PyTorch, or in ``kernels`` (fastlt.kernels.linear_ride_loss: Triton)."""
-    problem = _Problem(features, weight, bias, target, target_margins, temperatures, scale, normalize)
-    batch = target.shape[0]
+    in PyTorch, or in ``kernels`` (fastlt.kernels.linear_ride_loss: Triton). The arguments are the op's (SCHEMA)."""
+    _check_op_arguments(features, weight, bias, target, target_margins, class_weights, temperatures, scale,
+                        diversity_factor, reduction, ignore_index, chunk_size)
+    acc = _checks.accumulate_dtype(weight.dtype)
+    target_margins, temperatures = target_margins.to(acc), temperatures.to(acc)
+    class_weights = class_weights.to(acc) if class_weights is not None else None
+    labels, ce_coef, div_coef = row_coefficients(target, class_weights, temperatures, diversity_factor, reduction,
+                                                 ignore_index)
+    problem = _Problem(features, weight, bias, labels, target_margins, temperatures, scale, normalize)
     diversity = diversity_factor != 0.0
-    row_weights = class_weights[target] if class_weights is not None else torch.ones_like(problem.target_margins)
-    weight_total = row_weights.sum()
-    ce_coef = torch.where(weight_total > 0, row_weights / weight_total, 0.0)[None, :]  # [1, B]
-    div_coef = diversity_factor * temperatures.mean().item() ** 2 / batch
+    ce_coef = ce_coef[None, :]  # [1, B]
     stats = _statistics(problem, chunk_size, diversity, kernels)
     loss = _loss(stats, ce_coef, div_coef, diversity)
     if not compute_grad:  # three distinct empty outputs: a custom op's outputs may not alias each other
@@ -411,24 +469,35 @@ def chunked_forward(features, weight, bias, target, target_margins, class_weight
     return loss, grad_features, grad_weight, grad_bias.to(bias.dtype) if bias is not None else features.new_empty((0,))
 
 
-# ---- torch.library glue ----
+def _check_op_arguments(features, weight, bias, target, target_margins, class_weights, temperatures, scale,
+                        diversity_factor, reduction, ignore_index, chunk_size):
+    """The op's own checks (as csrc/cpu/linear_ride_loss.cpp's), for the Python overloads called directly."""
+    _validate_head(features, weight, target, bias, scale, chunk_size,
+                   _checks.REDUCTIONS[reduction] if reduction in (0, 1, 2) else reduction, ignore_index)
+    for name, table in (("target_margins", target_margins), ("class_weights", class_weights),
+                        ("temperatures", temperatures)):
+        if table is not None:
+            _checks.fused_loss_table(OP, name, table, (weight.shape[1],), weight)
+    _checks.number(OP, "diversity_factor", diversity_factor)
 
 
-@torch.library.custom_op("fastlt::linear_ride_loss_torch", mutates_args=())
-def _linear_ride_loss_torch(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                            target: torch.Tensor, target_margins: torch.Tensor, class_weights: Optional[torch.Tensor],
-                            temperatures: torch.Tensor, scale: float, normalize: bool, diversity_factor: float,
-                            chunk_size: int, compute_grad: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return chunked_forward(features, weight, bias, target, target_margins, class_weights, temperatures, scale,
-                           normalize, diversity_factor, chunk_size, compute_grad)
+# ---- torch.library glue: fastlt::linear_ride_loss (C++, csrc/), its .torch and .triton overloads ----
 
 
-@_linear_ride_loss_torch.register_fake
+def _torch_forward(*args):
+    return chunked_forward(*args)
+
+
+def _triton_forward(*args):
+    from fastlt.kernels import linear_ride_loss as kernels
+
+    return chunked_forward(*args, kernels=kernels)
+
+
 def _fake_forward(features, weight, bias, target, target_margins, class_weights, temperatures, scale, normalize,
-                  diversity_factor, chunk_size, compute_grad):
-    loss = weight.new_empty((), dtype=target_margins.dtype)
-    if not compute_grad:
+                  diversity_factor, reduction, ignore_index, chunk_size, compute_grad):
+    loss = weight.new_empty((), dtype=_checks.accumulate_dtype(weight.dtype))
+    if not compute_grad:  # three distinct empty outputs: a custom op's outputs may not alias each other
         return loss, features.new_empty((0,)), features.new_empty((0,)), features.new_empty((0,))
     grad_bias = torch.empty_like(bias) if bias is not None else features.new_empty((0,))
     return loss, torch.empty_like(features), torch.empty_like(weight), grad_bias
@@ -436,6 +505,7 @@ def _fake_forward(features, weight, bias, target, target_margins, class_weights,
 
 def _setup_context(ctx, inputs, output):
     _, *grads = output
+    ctx.num_inputs = len(inputs)
     ctx.has_bias = inputs[2] is not None
     ctx.save_for_backward(*grads)
     ctx.mark_non_differentiable(*grads)
@@ -443,7 +513,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_grads_of_gradients):
-    no_grads = (None,) * 9
+    no_grads = (None,) * (ctx.num_inputs - 3)
     if grad_loss is None:
         return (None, None, None, *no_grads)
     grad_features, grad_weight, grad_bias = ctx.saved_tensors
@@ -453,24 +523,14 @@ def _backward(ctx, grad_loss, *_grads_of_gradients):
             scale_saved_gradient(grad_bias, grad_loss) if ctx.has_bias else None, *no_grads)
 
 
-_linear_ride_loss_torch.register_autograd(_backward, setup_context=_setup_context)
+def _register(qualified_name):
+    torch.library.register_fake(qualified_name)(_fake_forward)
+    torch.library.register_autograd(qualified_name, _backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("fastlt::linear_ride_loss_triton", mutates_args=())
-def _linear_ride_loss_triton(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                             target: torch.Tensor, target_margins: torch.Tensor,
-                             class_weights: Optional[torch.Tensor], temperatures: torch.Tensor, scale: float,
-                             normalize: bool, diversity_factor: float, chunk_size: int, compute_grad: bool
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastlt.kernels import linear_ride_loss as kernels
-
-    return chunked_forward(features, weight, bias, target, target_margins, class_weights, temperatures, scale,
-                           normalize, diversity_factor, chunk_size, compute_grad, kernels)
-
-
-_linear_ride_loss_triton.register_fake(_fake_forward)
-_linear_ride_loss_triton.register_autograd(_backward, setup_context=_setup_context)
-
-if _extension.AVAILABLE and hasattr(torch.ops.fastlt, "linear_ride_loss"):
-    torch.library.register_fake("fastlt::linear_ride_loss")(_fake_forward)
-    torch.library.register_autograd("fastlt::linear_ride_loss", _backward, setup_context=_setup_context)
+_library.define_overload("linear_ride_loss", "torch", SCHEMA, _torch_forward)
+_library.define_triton("linear_ride_loss", SCHEMA, _triton_forward)
+_register("fastlt::linear_ride_loss.torch")
+_register("fastlt::linear_ride_loss.triton")
+if _extension.AVAILABLE and torch._C._dispatch_has_kernel("fastlt::linear_ride_loss"):
+    _register("fastlt::linear_ride_loss")

@@ -2,7 +2,7 @@ import importlib
 
 import pytest
 import torch
-from op_helpers import backend, long_tail_counts
+from op_helpers import backend, call_cuda_kernel, long_tail_counts, needs_cuda, needs_cuda_build
 
 import fastlt
 from fastlt.ops import linear_ride_loss, linear_ride_loss_reference, ride_loss_reference
@@ -131,29 +131,42 @@ def test_default_chunk_size_is_a_power_of_two_of_about_two_million_logits():
     assert default_chunk_size(3, 256, 1000) == 1000
 
 
-@pytest.mark.parametrize("op_name", [
-    pytest.param("linear_ride_loss", marks=pytest.mark.skipif(not HAS_CPP, reason="extension without the op")),
-    "linear_ride_loss_torch", "linear_ride_loss_triton"])
-def test_opcheck(op_name):
+OVERLOADS = [pytest.param("default", marks=pytest.mark.skipif(not HAS_CPP, reason="extension without the op")),
+             "torch", "triton"]
+
+
+def test_schema_constant_is_every_overloads_schema():
+    overloads = ["torch", "triton"] + (["default"] if HAS_CPP else [])
+    for overload in overloads:
+        schema = str(getattr(torch.ops.fastlt.linear_ride_loss, overload)._schema)
+        assert schema.split("(", 1)[1] == linear_ride_loss_module.SCHEMA[1:], overload
+
+
+@pytest.mark.parametrize("overload", OVERLOADS)
+def test_opcheck(overload):
     (features, weight, bias), target, counts = _inputs(2, 3, 10, 4, use_bias=True, dtype=torch.float32)
-    op = getattr(torch.ops.fastlt, op_name).default
-    for class_weights, shared_features in ((None, features), (torch.rand(10) + 0.5, features[0].detach())):
-        args = (shared_features, weight, bias, target, torch.rand(10), class_weights, torch.rand(10) + 0.5, 30.0, True,
-                -0.45, 4, True)
+    op = getattr(torch.ops.fastlt.linear_ride_loss, overload)
+    cases = ((None, features, 1, -100, target), (torch.rand(10) + 0.5, features[0].detach(), 2, 3, target),
+             (torch.rand(10), features, 1, -1, torch.tensor([-1, 2, -1])))
+    for class_weights, shared_features, reduction, ignore_index, labels in cases:
+        args = (shared_features, weight, bias, labels, torch.rand(10), class_weights, torch.rand(10) + 0.5, 30.0,
+                True, -0.45, reduction, ignore_index, 4, True)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-@pytest.mark.skipif(not HAS_CPP, reason="extension without the op")
-def test_cpp_op_checks_its_own_arguments():
+@pytest.mark.parametrize("overload", OVERLOADS)
+def test_op_checks_its_own_arguments(overload):
     (features, weight), target, counts = _inputs(2, 3, 10, 4)
+    op = getattr(torch.ops.fastlt.linear_ride_loss, overload)
     tables = (torch.zeros(10), None, torch.ones(10))
     with pytest.raises(ValueError, match="target must be in"):
-        torch.ops.fastlt.linear_ride_loss(features, weight, None, target + 10, *tables, 30.0, True, -0.45, 4, False)
+        op(features, weight, None, target + 10, *tables, 30.0, True, -0.45, 1, -100, 4, False)
     with pytest.raises(ValueError, match="temperatures must be"):
-        torch.ops.fastlt.linear_ride_loss(features, weight, None, target, tables[0], None, torch.ones(9), 30.0, True,
-                                          -0.45, 4, False)
+        op(features, weight, None, target, tables[0], None, torch.ones(9), 30.0, True, -0.45, 1, -100, 4, False)
     with pytest.raises(ValueError, match="chunk_size must be"):
-        torch.ops.fastlt.linear_ride_loss(features, weight, None, target, *tables, 30.0, True, -0.45, 0, False)
+        op(features, weight, None, target, *tables, 30.0, True, -0.45, 1, -100, 0, False)
+    with pytest.raises(ValueError, match="reduction"):
+        op(features, weight, None, target, *tables, 30.0, True, -0.45, 0, -100, 4, False)
 
 
 @pytest.mark.slow
@@ -291,3 +304,199 @@ def test_fused_tables_with_zero_class_weights(diversity_factor, implementation):
                                   **dict(kwargs, diversity_factor=0.0))
     grads = torch.autograd.grad(loss, [features, weight])
     assert loss.item() == 0.0 and all(bool((grad == 0).all()) for grad in grads)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("drw", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_ignored_rows_and_reductions_match_reference(reduction, drw, shared, implementation):
+    tensors, target, counts = _inputs(3, 6, 23, 5, shared=shared)
+    target[[1, 4]] = -100
+    _assert_matches_reference(tensors, target, counts, drw=drw, chunk_size=7, reduction=reduction)
+    # the reference itself: RIDE's loss of the kept rows alone (mean), or the sum of the rows' losses (sum)
+    kept = target != -100
+    features, weight = tensors
+    kept_features = features[kept] if shared else features[:, kept]
+    kept_loss = linear_ride_loss_reference(kept_features, weight, target[kept], counts, drw=drw, reduction=reduction)
+    torch.testing.assert_close(linear_ride_loss_reference(features, weight, target, counts, drw=drw,
+                                                          reduction=reduction), kept_loss)
+    _, grads = _loss_and_grads(linear_ride_loss, tensors, target, counts, drw=drw, chunk_size=7, reduction=reduction,
+                               ignore_index=-100)
+    if not shared:
+        assert bool((grads[0][:, ~kept] == 0).all())  # exactly zero
+
+
+def test_sum_is_the_sum_of_per_row_losses_without_drw(implementation):
+    tensors, target, counts = _inputs(2, 4, 15, 4)
+    features, weight = tensors
+    total = linear_ride_loss(features, weight, target, counts, reduction="sum", chunk_size=4)
+    rows = [linear_ride_loss(features[:, b:b + 1], weight, target[b:b + 1], counts, chunk_size=4) for b in range(4)]
+    torch.testing.assert_close(total, sum(rows))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_every_row_ignored_gives_zero_loss_and_zero_gradients(reduction, implementation):
+    tensors, target, counts = _inputs(2, 3, 10, 4, use_bias=True)
+    target.fill_(7)
+    loss, grads = _loss_and_grads(linear_ride_loss, tensors, target, counts, drw=True, chunk_size=4,
+                                  reduction=reduction, ignore_index=7)
+    assert loss.item() == 0.0
+    assert all(bool((grad == 0).all()) for grad in grads)
+
+
+def test_triton_ignored_rows_and_sum_match_reference():
+    tensors, target, counts = _inputs(2, 5, 13, 4, use_bias=True)
+    target[2] = 3
+    with backend("triton"):
+        _assert_matches_reference(tensors, target, counts, drw=True, chunk_size=8, reduction="sum", ignore_index=3)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradcheck_fp64_with_ignored_rows(reduction, implementation):
+    tensors, target, counts = _inputs(2, 3, 9, 4, use_bias=True)
+    target[0] = -5
+
+    def loss(features, weight, bias):
+        return linear_ride_loss(features, weight, target, counts, bias=bias, drw=True, scale=4.0, margin_scale=3.0,
+                                chunk_size=4, reduction=reduction, ignore_index=-5)
+
+    assert torch.autograd.gradcheck(loss, tuple(tensors))
+
+
+def test_reduction_none_is_refused_with_the_reason():
+    (features, weight), target, counts = _inputs(2, 3, 10, 4)
+    with pytest.raises(ValueError, match="reduction='none' is not supported.*weight gradient.*ride_loss"):
+        linear_ride_loss(features, weight, target, counts, reduction="none")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        linear_ride_loss(features, weight, target, counts, reduction="avg")
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        linear_ride_loss(features, weight, target, counts, ignore_index=1.5)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        fastlt.LinearRIDELoss(counts, num_experts=2, in_features=4, reduction="none")
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_with_ignored_rows(implementation):
+    (features, weight), target, counts = _inputs(2, 4, 12, 8, dtype=torch.float32)
+    target[1] = -100
+    kwargs = dict(drw=True, chunk_size=8, reduction="sum")
+    compiled = torch.compile(lambda x, w: linear_ride_loss(x, w, target, counts, **kwargs), fullgraph=True)
+    expected_loss, expected_grads = _loss_and_grads(linear_ride_loss, [features, weight], target, counts, **kwargs)
+    loss = compiled(features, weight)
+    torch.testing.assert_close(loss.detach(), expected_loss)
+    for grad, expected in zip(torch.autograd.grad(loss, [features, weight]), expected_grads):
+        torch.testing.assert_close(grad, expected)
+
+
+def test_module_passes_reduction_and_ignore_index():
+    counts = long_tail_counts(12)
+    head = fastlt.LinearRIDELoss(counts, num_experts=2, in_features=4, chunk_size=5, reduction="sum",
+                                 ignore_index=-1).double()
+    features, target = torch.randn(2, 3, 4, dtype=torch.float64), torch.tensor([1, -1, 5])
+    expected = linear_ride_loss_reference(features, head.weight, target, counts, reduction="sum", ignore_index=-1)
+    torch.testing.assert_close(head(features, target), expected)
+
+
+@needs_cuda_build
+def test_cuda_kernel_refuses_cpu_tensors():
+    (features, weight), target, counts = _inputs(2, 3, 10, 4)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        call_cuda_kernel("linear_ride_loss", features, weight, None, target, torch.zeros(10), None, torch.ones(10),
+                         30.0, True, -0.45, 1, -100, 4, True)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shared, use_bias, normalize", [(False, False, True), (True, True, False)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cuda_matches_reference(dtype, shared, use_bias, normalize, reduction):
+    torch.manual_seed(0)
+    tensors, target, counts = _inputs(3, 33, 1000, 24, shared=shared, use_bias=use_bias, dtype=dtype)
+    tensors = [t.detach().cuda().requires_grad_(True) for t in tensors]
+    target, counts = target.cuda(), counts.cuda()
+    target[[0, 5]] = -100
+    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-5)
+    with backend("cpp"):
+        _assert_matches_reference(tensors, target, counts, drw=True, chunk_size=256, normalize=normalize,
+                                  scale=30.0 if normalize else 1.0, reduction=reduction, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("normalize, shared", [(True, False), (False, True)])
+def test_mean_logits_are_the_experts_mean_without_the_stack(normalize, shared):
+    head = fastlt.LinearRIDELoss(long_tail_counts(20), num_experts=3, in_features=6, normalize=normalize).double()
+    features = torch.randn(5, 6, dtype=torch.float64) if shared else torch.randn(3, 5, 6, dtype=torch.float64)
+    torch.testing.assert_close(head.mean_logits(features), head.logits(features).mean(0))
+
+
+def _heads_and_unfused_copies(counts, num_experts, in_features, **kwargs):
+    from fastlt.models import NormedLinear
+
+    head = fastlt.LinearRIDELoss(counts, num_experts=num_experts, in_features=in_features, drw_epoch=2, chunk_size=8,
+                                 **kwargs).double()
+    classifiers = [NormedLinear(in_features, len(counts)).double() for _ in range(num_experts)]
+    with torch.no_grad():
+        for k, classifier in enumerate(classifiers):
+            classifier.weight.copy_(head.weight[k].t())
+    return head, classifiers
+
+
+@pytest.mark.parametrize("scale_by_experts", [True, False])
+def test_distillation_matches_unfused_heads_and_ride_distill_loss(scale_by_experts, implementation):
+    torch.manual_seed(0)
+    counts = long_tail_counts(30)
+    head, classifiers = _heads_and_unfused_copies(counts, 3, 8, distill_temperature=1.5, distill_factor=0.7,
+                                                  distill_scale_by_experts=scale_by_experts)
+    criterion = fastlt.RIDEDistillLoss(fastlt.RIDELoss(counts, drw_epoch=2), temperature=1.5, distill_factor=0.7,
+                                       scale_by_experts=scale_by_experts)
+    teacher_logits = 5 * torch.randn(5, 30, dtype=torch.float64)
+    target = torch.randint(0, 30, (5,))
+    for epoch in (1, 2):
+        head.set_epoch(epoch)
+        criterion.set_epoch(epoch)
+        features = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+        logits = torch.stack([30 * classifier(features[k]) for k, classifier in enumerate(classifiers)])
+        expected = criterion(logits, target, teacher_logits)
+        expected_grads = torch.autograd.grad(expected, [features] + [c.weight for c in classifiers])
+        loss = head(features, target, teacher_logits)
+        grad_features, grad_weight = torch.autograd.grad(loss, [features, head.weight])
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(grad_features, expected_grads[0])
+        for k in range(3):
+            torch.testing.assert_close(grad_weight[k], expected_grads[1 + k].t())
+    with pytest.raises(ValueError, match="teacher_logits must be"):
+        head(features, target, teacher_logits[:, :5])
+
+
+def test_ride_recipe_with_fused_head_distils_from_a_teacher(tmp_path):
+    import yaml
+
+    from fastlt.engine import save_checkpoint
+    from fastlt.methods.builders import build_model
+    from fastlt.methods.stage1 import build_method
+    from fastlt.models import create_model
+
+    torch.manual_seed(0)
+    counts = long_tail_counts(10)
+    teacher = create_model("ride_small_cnn", num_classes=10, num_experts=4)
+    config = {"model": {"name": "ride_small_cnn", "num_experts": 4}, "method": {"name": "ride"}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    save_checkpoint(str(tmp_path / "last.pt"), model=teacher, epoch=0, step=0)
+    model = build_model({"model": {"name": "ride_small_cnn", "num_experts": 3}}, 10)
+    unfused = build_model({"model": {"name": "ride_small_cnn", "num_experts": 3}}, 10)
+    unfused.load_state_dict(model.state_dict())
+    method_config = {"name": "ride", "drw_epoch": 1, "teacher": str(tmp_path)}
+    fused_method = build_method(dict(method_config, fused_head=True), counts, model)
+    unfused_method = build_method(method_config, counts, unfused)
+    assert fused_method.needs_images and fused_method.name == "ride_distill"
+    images, target = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    for epoch in (0, 1):
+        fused_method.on_epoch_start(epoch)
+        unfused_method.on_epoch_start(epoch)
+        torch.manual_seed(1)  # the teacher runs in train mode: same batch statistics in both
+        loss = fused_method.loss_fn(model(images), target, images)
+        torch.manual_seed(1)
+        expected = unfused_method.loss_fn(unfused(images), target, images)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert model.fused_head.weight.grad.abs().sum() > 0

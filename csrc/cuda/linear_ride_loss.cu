@@ -1,0 +1,250 @@
+// CUDA kernel of fastlt::linear_ride_loss: the CPU kernel's two-pass plan on the device. Each chunk of classes'
+// logits comes from one batched GEMM (at::bmm: cuBLAS) into a reused [E, B, chunk] buffer; then one block per sample
+// row (threads over the chunk's classes) either (1) merges the chunk into the row's online softmax statistics
+// (LDAM-margin CE and tempered softmax per expert, tempered expert mean, KL gaps), or (2) overwrites the chunk with
+// d loss / d logits, which two more GEMMs turn into d features (accumulated) and d weight (the chunk's classes).
+// The setup, the loss and the features' norm backward are ATen (linear_ride_loss_setup.h, shared with the CPU
+// kernel); per-class math: fastlt/linear_ride_loss.h, fastlt/ride_loss.h, fastlt/softmax_stats.h.
+#include <ATen/ATen.h>
+
+#include <torch/library.h>
+
+#include "cuda/cuda_common.cuh"
+#include "fastlt/linear_ride_loss.h"
+#include "linear_ride_loss_setup.h"
+
+namespace fastlt {
+namespace cuda {
+namespace {
+
+// Running statistics of the rows, [E, B] (per expert and row) or [B] (per row).
+template <typename A>
+struct StatisticsPointers {
+  A *ce_max, *ce_sum, *expert_max, *expert_sum, *gap, *target_logit, *mean_max, *mean_sum;
+};
+
+template <typename A>
+StatisticsPointers<A> pointers(const linear_ride_loss::RowStatistics& stats) {
+  return {stats.ce_max.data_ptr<A>(),     stats.ce_sum.data_ptr<A>(), stats.expert_max.data_ptr<A>(),
+          stats.expert_sum.data_ptr<A>(), stats.gap.data_ptr<A>(),    stats.target_logit.data_ptr<A>(),
+          stats.mean_max.data_ptr<A>(),   stats.mean_sum.data_ptr<A>()};
+}
+
+// Pass 1, one block per row b: applies column scale and bias to the chunk's logits [E, B, n] in place, forms the
+// tempered mean logits (in mean_scratch [B, n]) and merges the chunk's statistics into the row's.
+template <typename A>
+__global__ void merge_chunk(A* logits, int E, int64_t B, int64_t C, int64_t n, int64_t c0, const A* column_scale,
+                            const A* bias, const int64_t* labels, const A* row_margins, const A* inverse_temperature,
+                            bool diversity, A* mean_scratch, StatisticsPointers<A> stats) {
+  __shared__ SoftmaxStats<A> stats_buffer[kThreads];
+  __shared__ A sum_buffer[kThreads];
+  const int64_t b = blockIdx.x;
+  const int64_t t = labels[b] - c0;  // the target's column in the chunk, if 0 <= t < n (ignored rows: label -1)
+  const bool has_target = t >= 0 && t < n;
+  const A margin = row_margins[b];
+  const A inverse_experts = A(1) / static_cast<A>(E);
+  A* mean_logits = mean_scratch + b * n;
+  SoftmaxStats<A> mean_partial = empty_softmax_stats<A>();
+  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+    A total = A(0);
+    for (int k = 0; k < E; ++k) {
+      A* z = logits + (k * B + b) * n + c;
+      *z = linear_ride_loss::chunk_logit(*z, column_scale != nullptr ? column_scale[k * C + c0 + c] : A(1),
+                                         bias != nullptr ? bias[k * C + c0 + c] : A(0));
+      total += *z;  // experts in order, as the CPU kernel
+    }
+    if (diversity) {
+      const A v = ride_loss::tempered_mean_logit(total, inverse_experts, inverse_temperature[c0 + c]);
+      mean_logits[c] = v;
+      add_to_softmax_stats(mean_partial, v);
+    }
+  }
+  // Publishes every thread's scaled logits (thread 0 reads the target's) and reduces the mean's statistics.
+  const SoftmaxStats<A> chunk_mean = block_softmax_stats(mean_partial, stats_buffer);
+  const A old_mean_max = stats.mean_max[b];
+  const A merged_mean_max = diversity ? (chunk_mean.maximum > old_mean_max ? chunk_mean.maximum : old_mean_max)
+                                      : old_mean_max;
+  for (int k = 0; k < E; ++k) {
+    const int64_t row = k * B + b;
+    const A* z = logits + row * n;
+    SoftmaxStats<A> ce_partial = empty_softmax_stats<A>(), expert_partial = empty_softmax_stats<A>();
+    A gap_partial = A(0);
+    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+      add_to_softmax_stats(ce_partial, ride_loss::margin_logit(z[c], c == t, margin));
+      if (diversity) {
+        const A u = ride_loss::tempered_logit(z[c], inverse_temperature[c0 + c]);
+        add_to_softmax_stats(expert_partial, u);
+        const A v = mean_logits[c];
+        gap_partial += ride_loss::weighted_gap_term(exponential(v - chunk_mean.maximum), v, u);
+      }
+    }
+    const SoftmaxStats<A> ce = block_softmax_stats(ce_partial, stats_buffer);
+    SoftmaxStats<A> expert = empty_softmax_stats<A>();
+    A chunk_gap = A(0);
+    if (diversity) {
+      expert = block_softmax_stats(expert_partial, stats_buffer);
+      chunk_gap = block_sum(gap_partial, sum_buffer);
+    }
+    if (threadIdx.x != 0) continue;
+    const SoftmaxStats<A> merged_ce = merge_softmax_stats<A>({stats.ce_max[row], stats.ce_sum[row]}, ce);
+    stats.ce_max[row] = merged_ce.maximum;
+    stats.ce_sum[row] = merged_ce.shifted_sum;
+    if (has_target) stats.target_logit[row] = ride_loss::margin_logit(z[t], true, margin);
+    if (!diversity) continue;
+    const SoftmaxStats<A> merged_expert =
+        merge_softmax_stats<A>({stats.expert_max[row], stats.expert_sum[row]}, expert);
+    stats.expert_max[row] = merged_expert.maximum;
+    stats.expert_sum[row] = merged_expert.shifted_sum;
+    stats.gap[row] = linear_ride_loss::rescale(stats.gap[row], old_mean_max, merged_mean_max) +
+                     linear_ride_loss::rescale(chunk_gap, chunk_mean.maximum, merged_mean_max);
+  }
+  if (threadIdx.x == 0 && diversity) {
+    const SoftmaxStats<A> merged_mean = merge_softmax_stats<A>({old_mean_max, stats.mean_sum[b]}, chunk_mean);
+    stats.mean_max[b] = merged_mean.maximum;
+    stats.mean_sum[b] = merged_mean.shifted_sum;
+  }
+}
+
+// Pass 2, one block per row b: overwrites the chunk's raw logits [E, B, n] with d loss / d z (each thread owns its
+// columns across the experts, so reading every expert for the mean before overwriting needs no barrier).
+template <typename A>
+__global__ void chunk_gradient(A* logits, int E, int64_t B, int64_t C, int64_t n, int64_t c0, const A* column_scale,
+                               const A* bias, const int64_t* labels, const A* row_margins, const A* ce_coefs,
+                               const A* div_coefs, const A* inverse_temperature, bool diversity,
+                               StatisticsPointers<A> stats) {
+  const int64_t b = blockIdx.x;
+  const int64_t t = labels[b] - c0;
+  const A margin = row_margins[b], ce_coef = ce_coefs[b], div_coef = div_coefs[b];
+  const A inverse_experts = A(1) / static_cast<A>(E);
+  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+    const A inverse_t = inverse_temperature[c0 + c];
+    A mean_probability = A(0);
+    if (diversity) {
+      A total = A(0);
+      for (int k = 0; k < E; ++k)
+        total += linear_ride_loss::chunk_logit(logits[(k * B + b) * n + c],
+                                               column_scale != nullptr ? column_scale[k * C + c0 + c] : A(1),
+                                               bias != nullptr ? bias[k * C + c0 + c] : A(0));
+      const A v = ride_loss::tempered_mean_logit(total, inverse_experts, inverse_t);
+      mean_probability = exponential(v - stats.mean_max[b]) / stats.mean_sum[b];
+    }
+    for (int k = 0; k < E; ++k) {
+      const int64_t row = k * B + b;
+      A* z = logits + row * n + c;
+      const A logit = linear_ride_loss::chunk_logit(*z, column_scale != nullptr ? column_scale[k * C + c0 + c] : A(1),
+                                                    bias != nullptr ? bias[k * C + c0 + c] : A(0));
+      const bool is_target = c == t;
+      const A ce_probability =
+          exponential(ride_loss::margin_logit(logit, is_target, margin) - stats.ce_max[row]) / stats.ce_sum[row];
+      const A expert_probability =
+          diversity ? exponential(ride_loss::tempered_logit(logit, inverse_t) - stats.expert_max[row]) /
+                          stats.expert_sum[row]
+                    : A(0);
+      *z = ride_loss::logit_gradient(ce_coef, ce_probability, is_target, diversity ? div_coef : A(0),
+                                     expert_probability, mean_probability, inverse_t);
+    }
+  }
+}
+
+// The cosine classifier's weight-gradient correction, one block per class row r of the chunk's [E * n, D] gradient
+// p = column_scale * dz^T x_hat: p -= w * radial_coefficient(w . p).
+template <typename A>
+__global__ void radial_correction(const A* weight_chunk, A* gradient, int64_t C, int64_t n, int64_t c0, int64_t D,
+                                  const A* column_scale, const bool* above_eps, A scale) {
+  __shared__ A sum_buffer[kThreads];
+  const int64_t r = blockIdx.x;
+  const int64_t column = (r / n) * C + c0 + r % n;
+  const A* w = weight_chunk + r * D;
+  A* p = gradient + r * D;
+  A partial = A(0);
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) partial += w[i] * p[i];
+  const A coefficient = linear_ride_loss::radial_coefficient(block_sum(partial, sum_buffer), column_scale[column],
+                                                             scale, above_eps[column]);
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) p[i] -= w[i] * coefficient;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
+    const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& target_margins, const std::optional<at::Tensor>& class_weights,
+    const at::Tensor& temperatures, double scale, bool normalize, double diversity_factor, int64_t reduction,
+    int64_t ignore_index, int64_t chunk_size, bool compute_grad) {
+  constexpr const char* op = linear_ride_loss::kOp;
+  check_cuda(weight, op, "weight");  // before the shared checks, so a CPU tensor gets this message
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const linear_ride_loss::Setup setup =
+      linear_ride_loss::setup(features, weight, bias, target, target_margins, class_weights, temperatures, scale,
+                              normalize, diversity_factor, reduction, ignore_index, chunk_size);
+  const int64_t E = setup.E, B = setup.B, C = setup.C, D = setup.D, chunk = setup.chunk;
+  const auto acc_options = weight.options().dtype(setup.acc);
+  linear_ride_loss::RowStatistics stats = linear_ride_loss::empty_statistics(setup, acc_options);
+  at::Tensor logit_buffer = at::empty({E * B * chunk}, acc_options);
+  at::Tensor mean_scratch = at::empty({setup.diversity ? B * chunk : 1}, acc_options);
+  at::Tensor grad_features, grad_weight, grad_bias;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fastlt_linear_ride_loss_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    const StatisticsPointers<A> statistics = pointers<A>(stats);
+    const A* scales = normalize ? setup.column_scale.data_ptr<A>() : nullptr;
+    const A* biases = setup.bias.defined() ? setup.bias.data_ptr<A>() : nullptr;
+    auto chunk_logits = [&](int64_t n, const at::Tensor& weight_chunk) {
+      at::Tensor logits = logit_buffer.narrow(0, 0, E * B * n).view({E, B, n});
+      at::bmm_out(logits, setup.unit_features, weight_chunk.transpose(1, 2));
+      return logits;
+    };
+
+    // Pass 1: the statistics.
+    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+      const int64_t n = std::min(chunk, C - c0);
+      at::Tensor logits = chunk_logits(n, weight.narrow(1, c0, n).to(setup.acc));
+      merge_chunk<A><<<B, kThreads, 0, current_stream()>>>(
+          logits.data_ptr<A>(), static_cast<int>(E), B, C, n, c0, scales, biases, setup.labels.data_ptr<int64_t>(),
+          setup.row_margins.data_ptr<A>(), setup.inverse_temperature.data_ptr<A>(), setup.diversity,
+          mean_scratch.data_ptr<A>(), statistics);
+      check_launch(op);
+    }
+    if (!compute_grad) return;
+
+    // Pass 2: each chunk's d loss / d logits, then d features += dz @ W and d weight[chunk] = dz^T @ x_hat.
+    at::Tensor grad_unit_features = at::zeros({E, B, D}, acc_options);
+    grad_weight = at::empty({E, C, D}, weight.options().memory_format(at::MemoryFormat::Contiguous));
+    if (setup.bias.defined()) grad_bias = at::empty({E, C}, acc_options);
+    at::Tensor weight_gradient_buffer = at::empty({E * chunk * D}, acc_options);
+    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+      const int64_t n = std::min(chunk, C - c0);
+      const at::Tensor weight_chunk = weight.narrow(1, c0, n).to(setup.acc).contiguous();
+      at::Tensor logits = chunk_logits(n, weight_chunk);
+      chunk_gradient<A><<<B, kThreads, 0, current_stream()>>>(
+          logits.data_ptr<A>(), static_cast<int>(E), B, C, n, c0, scales, biases, setup.labels.data_ptr<int64_t>(),
+          setup.row_margins.data_ptr<A>(), setup.ce_coef.data_ptr<A>(), setup.div_coef.data_ptr<A>(),
+          setup.inverse_temperature.data_ptr<A>(), setup.diversity, statistics);
+      check_launch(op);
+      if (grad_bias.defined()) grad_bias.narrow(1, c0, n).copy_(logits.sum(1));
+      if (normalize) logits.mul_(setup.column_scale.narrow(1, c0, n).unsqueeze(1));
+      grad_unit_features.baddbmm_(logits, weight_chunk);
+      at::Tensor weight_gradient = weight_gradient_buffer.narrow(0, 0, E * n * D).view({E, n, D});
+      at::bmm_out(weight_gradient, logits.transpose(1, 2), setup.unit_features);
+      if (normalize) {
+        radial_correction<A><<<E * n, kThreads, 0, current_stream()>>>(
+            weight_chunk.data_ptr<A>(), weight_gradient.data_ptr<A>(), C, n, c0, D, scales,
+            setup.weight_above_eps.data_ptr<bool>(), static_cast<A>(scale));
+        check_launch(op);
+      }
+      grad_weight.narrow(1, c0, n).copy_(weight_gradient);
+    }
+    grad_features = linear_ride_loss::features_gradient(grad_unit_features, setup, features);
+  });
+
+  const at::Tensor loss = linear_ride_loss::loss_of(stats, setup);
+  const auto empty = [&] { return at::empty({0}, features.options()); };
+  if (!compute_grad) return {loss, empty(), empty(), empty()};
+  return {loss, grad_features, grad_weight, grad_bias.defined() ? grad_bias.to(weight.scalar_type()) : empty()};
+}
+
+}  // namespace cuda
+}  // namespace fastlt
+
+TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
+  m.impl("linear_ride_loss", &fastlt::cuda::linear_ride_loss);
+}
