@@ -2,6 +2,8 @@
 
 from fastlt.ops._backend import get_backend, set_backend, use_backend
 from fastlt.ops.expert_aggregate import expert_aggregate, expert_aggregate_reference
+from fastlt.ops.linear_prior_shifted_ce import linear_prior_shifted_ce, linear_prior_shifted_ce_reference
+from fastlt.ops.linear_reslt_loss import linear_reslt_loss, linear_reslt_loss_reference
 from fastlt.ops.linear_ride_loss import linear_ride_loss, linear_ride_loss_reference
 from fastlt.ops.prior_shifted_ce import prior_shifted_ce, prior_shifted_ce_reference, shifted_ce
 from fastlt.ops.reslt_loss import reslt_groups, reslt_loss, reslt_loss_reference
@@ -28,6 +30,10 @@ __all__ = [
     "prior_shifted_ce",
     "linear_ride_loss",
     "linear_ride_loss_reference",
+    "linear_prior_shifted_ce",
+    "linear_prior_shifted_ce_reference",
+    "linear_reslt_loss",
+    "linear_reslt_loss_reference",
     "prior_shifted_ce_reference",
     "shifted_ce",
 ]

@@ -1,0 +1,157 @@
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from op_helpers import backend, long_tail_counts
+
+from fastlt.ops import linear_prior_shifted_ce, linear_prior_shifted_ce_reference
+
+linear_ride_loss_module = importlib.import_module("fastlt.ops.linear_ride_loss")
+HAS_CPP = linear_ride_loss_module._compiled_op(torch.device("cpu")) is not None
+# Every backend of linear_ride_loss: the eager reference, the C++ kernel, the Triton kernels (interpreter) and the
+# chunked PyTorch loop ("torch": what devices without a compiled kernel run under "auto").
+IMPLEMENTATIONS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="no C++ op")),
+                   "triton", "torch"]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def implementation(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(linear_ride_loss_module, "_compiled_op", lambda device: None)
+    with backend({"torch": "auto"}.get(request.param, request.param)):
+        yield request.param
+
+
+def _inputs(E, B, C, D, *, shared=False, use_bias=False, dtype=torch.float64):
+    features = torch.randn(B, D) if shared else torch.randn(E, B, D)
+    weight = torch.randn(E, C, D)
+    bias = torch.randn(E, C) if use_bias else None
+    tensors = [t.to(dtype).requires_grad_(True) for t in (features, weight, bias) if t is not None]
+    return tensors, torch.randint(0, C, (B,)), long_tail_counts(C)
+
+
+def _loss_and_grads(fn, tensors, target, counts, **kwargs):
+    features, weight, *bias = tensors
+    loss = fn(features, weight, target, counts, bias=bias[0] if bias else None, **kwargs)
+    return loss.detach(), torch.autograd.grad(loss, tensors)
+
+
+def _assert_matches_reference(tensors, target, counts, rtol=1e-10, atol=1e-12, **kwargs):
+    expected_loss, expected_grads = _loss_and_grads(linear_prior_shifted_ce_reference, tensors, target, counts,
+                                                    **kwargs)
+    loss, grads = _loss_and_grads(linear_prior_shifted_ce, tensors, target, counts, **kwargs)
+    assert loss.dtype == expected_loss.dtype
+    torch.testing.assert_close(loss, expected_loss, rtol=rtol, atol=atol)
+    for grad, expected in zip(grads, expected_grads):
+        assert grad.dtype == expected.dtype and grad.shape == expected.shape
+        torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol * max(1.0, expected.abs().max().item()))
+    return grads
+
+
+def test_reference_is_the_shifted_cross_entropy_of_the_heads_summed_over_experts():
+    (features, weight, bias), target, counts = _inputs(3, 6, 13, 4, use_bias=True)
+    taus = [0.0, 1.0, 2.0]
+    log_prior = (counts / counts.sum()).log().double()
+    expected = sum(F.cross_entropy(30 * F.normalize(features[k], dim=1) @ F.normalize(weight[k], dim=1).t() + bias[k]
+                                   + tau * log_prior, target) for k, tau in enumerate(taus))
+    actual = linear_prior_shifted_ce_reference(features, weight, target, counts, taus=taus, bias=bias)
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("num_experts, shared, normalize, use_bias, reduction", [
+    (1, False, True, False, "mean"), (2, True, True, True, "sum"), (3, False, False, True, "mean"),
+    (4, True, False, False, "sum"), (3, True, True, False, "mean"), (2, False, False, False, "sum")])
+def test_fp64_matches_reference_with_classes_not_a_multiple_of_the_chunk(num_experts, shared, normalize, use_bias,
+                                                                           reduction, implementation):
+    tensors, target, counts = _inputs(num_experts, 4, 21, 5, shared=shared, use_bias=use_bias)
+    taus = torch.linspace(0.0, 2.0, num_experts).tolist()
+    _assert_matches_reference(tensors, target, counts, taus=taus, normalize=normalize, reduction=reduction,
+                              chunk_size=8, scale=30.0 if normalize else 1.0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 64, None])
+def test_batch_of_one_and_any_chunk(chunk_size, implementation):
+    tensors, target, counts = _inputs(2, 1, 19, 5, use_bias=True)
+    _assert_matches_reference(tensors, target, counts, taus=1.0, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_ignored_rows_add_nothing_and_get_zero_gradient(shared, implementation):
+    tensors, target, counts = _inputs(2, 6, 23, 4, shared=shared, use_bias=True)
+    target[[1, 4]] = -7
+    (grad_features, *_) = _assert_matches_reference(tensors, target, counts, taus=[1.0, 0.5], ignore_index=-7,
+                                                    chunk_size=8)
+    rows = grad_features[..., [1, 4], :]
+    assert torch.equal(rows, torch.zeros_like(rows)) and grad_features.abs().sum() > 0
+    kept = torch.tensor([0, 2, 3, 5])
+    features, weight, bias = tensors
+    kept_features = features[kept] if shared else features[:, kept]
+    torch.testing.assert_close(  # N counts the kept rows only
+        linear_prior_shifted_ce(features, weight, target, counts, taus=[1.0, 0.5], bias=bias, ignore_index=-7),
+        linear_prior_shifted_ce(kept_features, weight, target[kept], counts, taus=[1.0, 0.5], bias=bias))
+
+
+def test_every_row_ignored_gives_zero_loss_and_gradients(implementation):
+    tensors, target, counts = _inputs(2, 3, 11, 4)
+    loss, grads = _loss_and_grads(linear_prior_shifted_ce, tensors, torch.full_like(target, -100), counts, taus=1.0)
+    assert loss.item() == 0.0
+    assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in grads)
+
+
+def test_gradcheck_fp64(implementation):
+    tensors, target, counts = _inputs(2, 2, 5, 3, use_bias=True)
+
+    def loss(features, weight, bias):
+        return linear_prior_shifted_ce(features, weight, target, counts, taus=[0.5, 1.5], bias=bias, scale=3.0,
+                                       chunk_size=2)
+
+    assert torch.autograd.gradcheck(loss, tuple(tensors), fast_mode=True)
+
+
+def test_fp32_matches_reference(implementation):
+    tensors, target, counts = _inputs(3, 4, 150, 8, use_bias=True, dtype=torch.float32)
+    _assert_matches_reference(tensors, target, counts, taus=[0.0, 1.0, 2.0], chunk_size=32, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    tensors, target, counts = _inputs(3, 4, 20, 8, use_bias=True, dtype=torch.float32)
+    kwargs = dict(taus=[0.0, 1.0, 2.0], chunk_size=8)
+
+    def loss(features, weight, bias):
+        return linear_prior_shifted_ce(features, weight, target, counts, bias=bias, **kwargs)
+
+    expected_loss, expected_grads = _loss_and_grads(linear_prior_shifted_ce, tensors, target, counts, **kwargs)
+    compiled_loss = torch.compile(loss, fullgraph=True, backend="aot_eager")(*tensors)
+    torch.testing.assert_close(compiled_loss.detach(), expected_loss)
+    for grad, expected in zip(torch.autograd.grad(compiled_loss, tensors), expected_grads):
+        torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda x, w, y, n: dict(features=x[0, 0]), ValueError, "features must have"),
+        (lambda x, w, y, n: dict(features=x[:1]), ValueError, "features must be"),
+        (lambda x, w, y, n: dict(features=x.float()), ValueError, "features must have weight's dtype"),
+        (lambda x, w, y, n: dict(weight=w[0]), ValueError, "weight must have 3 dims"),
+        (lambda x, w, y, n: dict(target=y + 100), ValueError, "target must be in"),
+        (lambda x, w, y, n: dict(target=y.float()), ValueError, "target must be int64"),
+        (lambda x, w, y, n: dict(class_counts=n[:-1]), ValueError, "class_counts must be"),
+        (lambda x, w, y, n: dict(class_counts=n * 0), ValueError, "log prior"),
+        (lambda x, w, y, n: dict(taus=[1.0, 2.0, 3.0]), ValueError, "taus must hold one value per expert"),
+        (lambda x, w, y, n: dict(taus=float("inf")), ValueError, "taus must be finite"),
+        (lambda x, w, y, n: dict(bias=torch.zeros(2, 9, dtype=w.dtype)), ValueError, "bias must be"),
+        (lambda x, w, y, n: dict(scale=0.0), ValueError, "scale must be"),
+        (lambda x, w, y, n: dict(chunk_size=0), ValueError, "chunk_size must be"),
+        (lambda x, w, y, n: dict(reduction="none"), ValueError, "reduction='none' is not supported"),
+        (lambda x, w, y, n: dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (lambda x, w, y, n: dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_bad_inputs_raise_errors_naming_the_argument(change, error, message):
+    (features, weight), target, counts = _inputs(2, 3, 10, 4)
+    arguments = dict(features=features, weight=weight, target=target, class_counts=counts, taus=[1.0, 1.0])
+    arguments.update(change(features, weight, target, counts))
+    with pytest.raises(error, match=message):
+        linear_prior_shifted_ce(**arguments)
