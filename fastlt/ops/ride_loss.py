@@ -2,7 +2,8 @@
 
     L = sum_k [ CE_w(z_k - s * m_y * onehot(y), y) + lambda * Tbar^2 * KL(pbar || softmax(z_k / T)) ]
 
-with ``pbar = softmax(mean_k(z_k) / T)`` detached, KL reduced as ``batchmean`` and the CE weighted (DRW) or not.
+with ``pbar = softmax(mean_k(z_k) / T)`` detached, KL reduced as ``batchmean`` and the CE weighted (DRW) or not: the
+``reduction="mean"`` loss. Sum and per-row reductions, ignored rows and the loss's components: docs/methods.md 6.5.
 Constants (margins m, DRW weights w, temperatures T): fastlt/ops/_lt_constants.py. Per-row math:
 csrc/include/fastlt/ride_loss.h; kernels: csrc/cpu/ride_loss.cpp, csrc/cuda/ride_loss.cu, kernels/ride_loss.py;
 tests: tests/ops/test_ride_loss.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py.
