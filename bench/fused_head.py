@@ -6,6 +6,12 @@ E = 3 experts, B = 256, D = 512, fp32 on the CPU, DRW on. Per row: fwd+bwd time 
 allocated beyond the inputs, the weight and their gradients (torch profiler allocator events, as ``bench losses``),
 then the largest C that fits in 8 GiB, from a linear fit of the total bytes (inputs, weight, gradients, peak extra)
 over the measured class counts. Figures: BENCHMARKS.md "Fused head". Regenerate: `fastlt bench fused-head`.
+
+After the RIDE rows, at the same sizes, the two compositions over the same fused head (docs/methods.md 8.5):
+:func:`fastlt.ops.linear_prior_shifted_ce` (E = 3 cosine heads, taus 0, 1, 2 as BalPoE's) vs the heads + fastlt's
+fused ``prior_shifted_ce``, and :func:`fastlt.ops.linear_reslt_loss` (K = 3 branches through one shared linear
+classifier, beta = 0.995, groups at 35 % and 70 % of the labels) vs the branch logits + fastlt's fused
+``reslt_loss``.
 """
 
 import torch
@@ -19,12 +25,14 @@ EXPERTS, BATCH, DIM = 3, 256, 512
 CLASS_COUNTS = (10_000, 100_000, 300_000)
 QUICK_CLASS_COUNTS = (2_000, 10_000)
 BUDGET_BYTES = 8 * 2**30
+RESLT_BETA = 0.995  # CIFAR-100-LT r = 100 (docs/methods.md 4.4)
 
 
 def problem(quick=False):
     sizes = QUICK_CLASS_COUNTS if quick else CLASS_COUNTS
     return (f"E={EXPERTS}, B={BATCH}, D={DIM}, fp32 CPU, C in {sizes}, fwd+bwd; memory: peak beyond inputs, weight "
-            f"and gradients; max C: largest C within 8 GiB in all, from a linear fit over C")
+            f"and gradients; max C: largest C within 8 GiB in all, from a linear fit over C; RIDE, then the "
+            f"prior-shifted CE (E={EXPERTS} cosine heads) and ResLT (K={EXPERTS} branches, one linear classifier)")
 
 
 def _implementations(features, weight, target, counts, quick):
@@ -48,14 +56,63 @@ def _implementations(features, weight, target, counts, quick):
     return impls
 
 
+def _prior_shifted_ce_implementations(features, weight, target, counts):
+    """E cosine heads ([E, C, D] weight) + the prior-shifted CE: fused vs the heads + the fused loss op."""
+    taus = torch.arange(EXPERTS, dtype=torch.float64)  # BalPoE's 0, 1, 2
+    return {
+        "fused linear_prior_shifted_ce": lambda: fastlt.ops.linear_prior_shifted_ce(features, weight, target, counts,
+                                                                                    taus=taus),
+        "(b) heads + fused prior_shifted_ce": lambda: fastlt.ops.prior_shifted_ce(
+            expert_logits(features, weight, normalize=True, scale=30.0), target, counts, taus=taus),
+    }
+
+
+def _reslt_implementations(features, weight, target, counts):
+    """K branches through one shared linear classifier ([C, D] weight) + ResLT's loss: fused vs the branch logits
+    + the fused loss op."""
+    num_classes = weight.shape[0]
+    cutoffs = [num_classes * 35 * branch // 100 for branch in range(1, EXPERTS)]  # 35 % and 70 % for 3 branches
+    groups = fastlt.ops.reslt_groups(counts, cutoffs=cutoffs, num_branches=EXPERTS)
+    return {
+        "fused linear_reslt_loss": lambda: fastlt.ops.linear_reslt_loss(features, weight, target, groups,
+                                                                        beta=RESLT_BETA),
+        "(b) branch logits + fused reslt_loss": lambda: fastlt.ops.reslt_loss(features @ weight.t(), target, groups,
+                                                                              beta=RESLT_BETA),
+    }
+
+
+def _composition_rows_for(num_classes):
+    target = torch.randint(0, num_classes, (BATCH,))
+    counts = long_tailed_counts(num_classes)
+    rows = []
+    for weight_shape, implementations in (((EXPERTS, num_classes, DIM), _prior_shifted_ce_implementations),
+                                          ((num_classes, DIM), _reslt_implementations)):
+        features = torch.randn(EXPERTS, BATCH, DIM, requires_grad=True)
+        weight = torch.randn(*weight_shape, requires_grad=True)
+        block = _measure(num_classes, features, weight, implementations(features, weight, target, counts))
+        _compare(block[0], block[1], "b")
+        rows += block
+    return rows
+
+
+def _compare(fused, other, name):
+    """The fused row's time and peak-memory ratios against the row ``other`` (labelled ``name``)."""
+    fused[f"time_vs_{name}"] = fused["ms"] / other["ms"]
+    fused[f"memory_{name}_over_fused"] = other["peak_extra_mb"] / max(fused["peak_extra_mb"], 1e-9)
+
+
 def _rows_for(num_classes, quick):
     features = torch.randn(EXPERTS, BATCH, DIM, requires_grad=True)
     weight = torch.randn(EXPERTS, num_classes, DIM, requires_grad=True)
     target = torch.randint(0, num_classes, (BATCH,))
     counts = long_tailed_counts(num_classes)
+    return _measure(num_classes, features, weight, _implementations(features, weight, target, counts, quick))
+
+
+def _measure(num_classes, features, weight, implementations):
     held = 2 * (features.numel() + weight.numel()) * 4  # inputs and their gradients
     rows = []
-    for name, compute in _implementations(features, weight, target, counts, quick).items():
+    for name, compute in implementations.items():
 
         def step():
             features.grad = weight.grad = None
@@ -86,18 +143,20 @@ def _largest_class_count(rows):
 
 
 def run(quick: bool = False, class_counts=None) -> list[dict]:
-    """One row per (C, implementation); the fused row's ``speedup_vs_b`` and memory ratios compare it with (a), (b)."""
+    """One row per (C, implementation): the RIDE rows at every C, then the prior-shifted CE and ResLT rows; each
+    fused row's ``time_vs_b`` and memory ratios compare it with the materialised logits + fused loss op (b) (and
+    RIDE's with the eager reference (a))."""
     torch.manual_seed(0)
     sizes = class_counts or (QUICK_CLASS_COUNTS if quick else CLASS_COUNTS)
     rows = []
     with fastlt.ops.use_backend("auto"):
         for num_classes in progress(sizes, "fastlt bench fused-head"):
             block = _rows_for(num_classes, quick)
-            fused, fused_loss, eager = block[0], block[1], block[2]
-            fused["time_vs_b"] = fused["ms"] / fused_loss["ms"]
-            fused["memory_b_over_fused"] = fused_loss["peak_extra_mb"] / max(fused["peak_extra_mb"], 1e-9)
-            fused["memory_a_over_fused"] = eager["peak_extra_mb"] / max(fused["peak_extra_mb"], 1e-9)
+            _compare(block[0], block[1], "b")
+            block[0]["memory_a_over_fused"] = block[2]["peak_extra_mb"] / max(block[0]["peak_extra_mb"], 1e-9)
             rows += block
+        for num_classes in progress(sizes, "fastlt bench fused-head: prior-shifted CE and ResLT"):
+            rows += _composition_rows_for(num_classes)
     return _largest_class_count(rows) if len(sizes) > 1 else rows
 
 

@@ -155,3 +155,15 @@ def test_bad_inputs_raise_errors_naming_the_argument(change, error, message):
     arguments.update(change(features, weight, target, counts))
     with pytest.raises(error, match=message):
         linear_prior_shifted_ce(**arguments)
+
+
+def test_bench_fused_head_has_the_composition_rows(monkeypatch):
+    from fastlt.bench import fused_head
+
+    monkeypatch.setattr(fused_head, "BATCH", 4)
+    monkeypatch.setattr(fused_head, "DIM", 8)
+    rows = fused_head._composition_rows_for(200)
+    assert [row["impl"] for row in rows] == ["fused linear_prior_shifted_ce", "(b) heads + fused prior_shifted_ce",
+                                             "fused linear_reslt_loss", "(b) branch logits + fused reslt_loss"]
+    for fused in (rows[0], rows[2]):
+        assert fused["C"] == 200 and fused["time_vs_b"] > 0 and fused["memory_b_over_fused"] > 0
