@@ -3,7 +3,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import backend, long_tail_counts
+from op_helpers import backend, long_tail_counts, needs_cuda
 
 from fastlt.ops import linear_prior_shifted_ce, linear_prior_shifted_ce_reference
 
@@ -167,3 +167,21 @@ def test_bench_fused_head_has_the_composition_rows(monkeypatch):
                                              "fused linear_reslt_loss", "(b) branch logits + fused reslt_loss"]
     for fused in (rows[0], rows[2]):
         assert fused["C"] == 200 and fused["time_vs_b"] > 0 and fused["memory_b_over_fused"] > 0
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused_backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shared, use_bias, normalize, reduction", [(False, True, True, "mean"),
+                                                                    (True, False, False, "sum")])
+def test_cuda_matches_reference(fused_backend, dtype, shared, use_bias, normalize, reduction):
+    tensors, target, counts = _inputs(3, 33, 1000, 24, shared=shared, use_bias=use_bias, dtype=dtype)
+    tensors = [t.detach().cuda().requires_grad_(True) for t in tensors]
+    target, counts = target.cuda(), counts.cuda()
+    target[[0, 5]] = -100
+    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-5)
+    with backend(fused_backend):
+        _assert_matches_reference(tensors, target, counts, taus=[0.0, 1.0, 2.0], normalize=normalize,
+                                  scale=30.0 if normalize else 1.0, reduction=reduction, chunk_size=256, rtol=rtol,
+                                  atol=atol)

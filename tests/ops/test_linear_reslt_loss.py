@@ -3,7 +3,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import backend
+from op_helpers import backend, needs_cuda
 
 from fastlt.ops import linear_reslt_loss, linear_reslt_loss_reference
 
@@ -200,3 +200,20 @@ def test_bad_inputs_raise_errors_naming_the_argument(change, error, message):
     arguments.update(change(features, weight, target, groups))
     with pytest.raises(error, match=message):
         linear_reslt_loss(**arguments)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused_backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("use_bias, normalize, reduction", [(True, False, "mean"), (False, True, "sum")])
+def test_cuda_matches_reference(fused_backend, dtype, use_bias, normalize, reduction):
+    tensors, target, groups = _inputs(3, 33, 1000, 24, use_bias=use_bias, dtype=dtype)
+    tensors = [t.detach().cuda().requires_grad_(True) for t in tensors]
+    target, groups = target.cuda(), groups.cuda()
+    target[[0, 5]] = -100
+    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-5)
+    with backend(fused_backend):
+        _assert_matches_reference(tensors, target, groups, beta=0.995, normalize=normalize,
+                                  scale=16.0 if normalize else 1.0, reduction=reduction, chunk_size=256, rtol=rtol,
+                                  atol=atol)
