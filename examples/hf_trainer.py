@@ -4,9 +4,10 @@ ViT built from its config, correct under gradient accumulation.
 With gradient accumulation the Trainer passes `num_items_in_batch` (the labelled rows of the whole accumulated
 batch) and, for a model whose `forward` takes `**kwargs` as every transformers model does, expects the loss of a
 micro-batch already divided by it: it does not divide by the number of accumulation steps itself. A per-batch mean
-would come out `gradient_accumulation_steps` times too large, so `compute_loss` returns sum / num_items_in_batch,
-the sum being the loss's batch mean times the batch's rows. That is exact for `PriorShiftedCE` (an unweighted
-mean); a class-weighted loss (RIDELoss in its DRW phase) is a weighted mean and would need its plain sum.
+would come out `gradient_accumulation_steps` times too large, so `compute_loss` takes the loss with
+`reduction="sum"` and divides it by `num_items_in_batch`: exactly the accumulated batch's mean for `PriorShiftedCE`
+(docs/methods.md 6.5 says which terms of the other losses are row means). Padding labels (-100, the Trainer's and
+torch's `ignore_index`) are skipped by the loss; `num_items_in_batch` does not count them either.
 
     python examples/hf_trainer.py --accumulation 4
 
@@ -41,14 +42,14 @@ class DigitsForTrainer(torch.utils.data.Dataset):
 class BalancedSoftmaxTrainer(Trainer):
     def __init__(self, *args, class_counts, **kwargs):
         super().__init__(*args, **kwargs)
-        self.criterion = fastlt.PriorShiftedCE(class_counts, taus=[1.0]).to(self.args.device)  # fastlt
+        self.criterion = fastlt.PriorShiftedCE(class_counts, taus=[1.0], reduction="sum").to(self.args.device)  # fastlt
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        loss = self.criterion(outputs.logits.unsqueeze(0), labels)  # fastlt: one expert, [1, B, C]; batch mean
-        if num_items_in_batch is not None:  # fastlt: None in evaluation or for a model without **kwargs: mean
-            loss = loss * labels.numel() / num_items_in_batch  # fastlt: mean x rows = sum (exact: no class weights)
+        loss = self.criterion(outputs.logits, labels)  # fastlt: the sum over the kept rows
+        rows = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()  # fastlt: None in eval
+        loss = loss / rows  # fastlt
         return (loss, outputs) if return_outputs else loss
 
 

@@ -76,6 +76,20 @@ def _counts_buffer(class_counts, *, allow_zero: bool = False) -> torch.Tensor:
     return counts
 
 
+def _reduction_arguments(owner: str, reduction, ignore_index):
+    """``reduction`` and ``ignore_index`` checked when the module is built (as torch.nn.CrossEntropyLoss takes them)."""
+    _checks.reduction(owner, reduction)
+    return reduction, _checks.ignore_index(owner, ignore_index)
+
+
+def _reduction_repr(module) -> str:
+    """The non-default reduction arguments for extra_repr."""
+    text = "" if module.reduction == "mean" else f", reduction={module.reduction!r}"
+    if module.ignore_index != _checks.DEFAULT_IGNORE_INDEX:
+        text += f", ignore_index={module.ignore_index}"
+    return text
+
+
 class RIDELoss(nn.Module):
     """RIDE's stage-1 loss (per-expert LDAM-DRW + distribution-aware diversity KL), :func:`fastlt.ops.ride_loss`.
 
@@ -85,7 +99,8 @@ class RIDELoss(nn.Module):
     epochs 160..199, the official 1-based ``epoch > 160`` (161..200). Before the first ``set_epoch`` the loss is at
     epoch 0. Only the on/off state reaches ``forward``, so a ``torch.compile``-d step recompiles once, at the
     switch, not every epoch. ``diversity_factor=0`` gives (individual) LDAM-DRW. Arguments as in
-    :func:`fastlt.ops.ride_loss`.
+    :func:`fastlt.ops.ride_loss`, including ``reduction`` ("mean", "sum", "none") and ``ignore_index``; call it with
+    ``return_components=True`` for ``(loss, {"ce": [E], "diversity": [E]})`` (docs/methods.md 6.5).
 
     >>> criterion = fastlt.RIDELoss(torch.linspace(500, 5, 100).floor())
     >>> criterion.set_epoch(159); criterion.drw
@@ -100,10 +115,12 @@ class RIDELoss(nn.Module):
 
     def __init__(self, class_counts, *, scale: float = 30.0, max_margin: float = 0.5,
                  diversity_factor: float = -0.45, temperature_factor: float = 0.05, base_temperature: float = 1.0,
-                 drw_beta: float = 0.9999, drw_epoch: int = 160):
+                 drw_beta: float = 0.9999, drw_epoch: int = 160, reduction: str = "mean",
+                 ignore_index: int = _checks.DEFAULT_IGNORE_INDEX):
         super().__init__()
         # Not persistent: the counts come from the dataset at construction, not from a checkpoint.
         self.register_buffer("class_counts", _counts_buffer(class_counts), persistent=False)
+        self.reduction, self.ignore_index = _reduction_arguments("fastlt.RIDELoss", reduction, ignore_index)
         self.scale, self.max_margin, self.diversity_factor = scale, max_margin, diversity_factor
         self.temperature_factor, self.base_temperature = temperature_factor, base_temperature
         self.drw_beta, self.drw_epoch = drw_beta, drw_epoch
@@ -117,17 +134,18 @@ class RIDELoss(nn.Module):
         self.epoch = int(epoch)
         self.drw = self.epoch >= self.drw_epoch  # forward reads only this bool (one recompile under torch.compile)
 
-    def forward(self, expert_logits: ExpertLogits, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, expert_logits: ExpertLogits, target: torch.Tensor, *, return_components: bool = False):
         return ops.ride_loss(stack_experts(expert_logits), target, self.class_counts, scale=self.scale,
                              max_margin=self.max_margin, diversity_factor=self.diversity_factor,
                              temperature_factor=self.temperature_factor, base_temperature=self.base_temperature,
-                             drw=self.drw, drw_beta=self.drw_beta)
+                             drw=self.drw, drw_beta=self.drw_beta, reduction=self.reduction,
+                             ignore_index=self.ignore_index, return_components=return_components)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.class_counts.numel()}, scale={self.scale}, max_margin={self.max_margin}, "
                 f"diversity_factor={self.diversity_factor}, temperature_factor={self.temperature_factor}, "
                 f"base_temperature={self.base_temperature}, drw_beta={self.drw_beta}, drw_epoch={self.drw_epoch}, "
-                f"epoch={self.epoch}, drw={self.drw}")
+                f"epoch={self.epoch}, drw={self.drw}{_reduction_repr(self)}")
 
 
 class RIDEDistillLoss(nn.Module):
@@ -139,7 +157,9 @@ class RIDEDistillLoss(nn.Module):
     with the KL averaged over the batch (``batchmean``), ``t`` the teacher's (mean) logits, taken as constants, and
     ``T = temperature`` (1.5 in every official config). The factor E reproduces the official code, which adds both
     terms once per student expert; ``scale_by_experts=False`` drops it (same minimum, E times smaller gradients,
-    which interacts with weight decay: keep the default to match the papers' numbers).
+    which interacts with weight decay: keep the default to match the papers' numbers). The KL is reduced as
+    ``ride_loss.reduction`` says (``batchmean`` for "mean"); it needs no label, so rows whose label is
+    ``ride_loss.ignore_index`` still learn from the teacher.
 
     >>> criterion = RIDEDistillLoss(RIDELoss(torch.tensor([50.0, 20, 5])))
     >>> student, teacher = torch.randn(3, 4, 3) * 30, torch.randn(4, 3) * 30
@@ -165,8 +185,11 @@ class RIDEDistillLoss(nn.Module):
                              f"{list(teacher_logits.shape)}")
         student = ops.expert_aggregate(stacked, reduce="mean") / self.temperature
         teacher = teacher_logits.detach().to(student.dtype) / self.temperature
-        kl = F.kl_div(F.log_softmax(student, dim=1), F.log_softmax(teacher, dim=1), reduction="batchmean",
-                      log_target=True)
+        reduction = self.ride_loss.reduction  # the KL is reduced as the RIDE loss: batchmean, sum or per row
+        kl = F.kl_div(F.log_softmax(student, dim=1), F.log_softmax(teacher, dim=1), log_target=True,
+                      reduction="batchmean" if reduction == "mean" else "none")
+        if reduction != "mean":
+            kl = kl.sum(1) if reduction == "none" else kl.sum()
         loss = self.ride_loss(stacked, target) + self.distill_factor * self.temperature**2 * kl
         return loss * stacked.shape[0] if self.scale_by_experts else loss
 
@@ -184,6 +207,8 @@ class ResLTLoss(nn.Module):
     Every cross-entropy is ``-log(softmax_y + log_eps)`` with the official code's ``log_eps = 1e-7`` by default
     (ResLT's ``crossEntropy``: ``torch.log(softmax(logit) + 1e-7)``), which caps a sample's loss at 16.1 and scales
     its gradient by ``p_y / (p_y + 1e-7)``; ``log_eps=0`` gives the exact log-softmax cross-entropy.
+    ``reduction``, ``ignore_index`` and ``return_components=True`` (``(loss, {"branch": [K], "fused": []})``) as in
+    :func:`fastlt.ops.reslt_loss` (docs/methods.md 6.5).
 
     >>> criterion = fastlt.ResLTLoss(torch.linspace(500, 5, 100).floor(), beta=0.995, cutoffs=[35, 70])
     >>> loss = criterion(torch.randn(3, 8, 100), torch.randint(0, 100, (8,)))
@@ -192,8 +217,10 @@ class ResLTLoss(nn.Module):
     OFFICIAL_LOG_EPS = 1e-7
 
     def __init__(self, groups, *, beta: float, cutoffs=None, num_branches: int = 3,
-                 log_eps: float = OFFICIAL_LOG_EPS):
+                 log_eps: float = OFFICIAL_LOG_EPS, reduction: str = "mean",
+                 ignore_index: int = _checks.DEFAULT_IGNORE_INDEX):
         super().__init__()
+        self.reduction, self.ignore_index = _reduction_arguments("fastlt.ResLTLoss", reduction, ignore_index)
         groups = torch.as_tensor(groups)
         if groups.dtype != torch.bool:  # class counts; a class without samples belongs to the tail groups
             groups = ops.reslt_groups(_counts_buffer(groups, allow_zero=True), cutoffs=cutoffs,
@@ -203,35 +230,42 @@ class ResLTLoss(nn.Module):
         _checks.number("fastlt.ResLTLoss", "log_eps", log_eps, low=0.0)
         self.beta, self.log_eps = beta, log_eps
 
-    def forward(self, branch_logits: ExpertLogits, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, branch_logits: ExpertLogits, target: torch.Tensor, *, return_components: bool = False):
         return ops.reslt_loss(stack_experts(branch_logits), target, self.group_masks, beta=self.beta,
-                              log_eps=self.log_eps)
+                              log_eps=self.log_eps, reduction=self.reduction, ignore_index=self.ignore_index,
+                              return_components=return_components)
 
     def extra_repr(self) -> str:
         num_branches, num_classes = self.group_masks.shape
-        return f"num_branches={num_branches}, num_classes={num_classes}, beta={self.beta}, log_eps={self.log_eps}"
+        return (f"num_branches={num_branches}, num_classes={num_classes}, beta={self.beta}, log_eps={self.log_eps}"
+                f"{_reduction_repr(self)}")
 
 
 class PriorShiftedCE(nn.Module):
     """Sum over experts of ``CE(z_k + tau_k * log(pi), y)`` (Balanced Softmax: one expert, tau = 1),
     :func:`fastlt.ops.prior_shifted_ce`. ``taus`` has one value per expert, or is one number for every expert.
-    Single-head ``[B, C]`` logits, ``[B, C]`` probability targets (Mixup) and ``label_smoothing`` are taken as the
-    op takes them.
+    Single-head ``[B, C]`` logits, ``[B, C]`` probability targets (Mixup), ``label_smoothing``, ``reduction``,
+    ``ignore_index`` and ``return_components=True`` (``(loss, {"ce": [E]})``) are taken as the op takes them
+    (docs/methods.md 6.5).
 
     >>> criterion = fastlt.PriorShiftedCE(torch.linspace(500, 5, 100).floor(), taus=1.0)
     >>> loss = criterion(torch.randn(8, 100), torch.randint(0, 100, (8,)))
     """
 
-    def __init__(self, class_counts, taus: Union[float, Sequence[float]], *, label_smoothing: float = 0.0):
+    def __init__(self, class_counts, taus: Union[float, Sequence[float]], *, label_smoothing: float = 0.0,
+                 reduction: str = "mean", ignore_index: int = _checks.DEFAULT_IGNORE_INDEX):
         super().__init__()
+        self.reduction, self.ignore_index = _reduction_arguments("fastlt.PriorShiftedCE", reduction, ignore_index)
         self.register_buffer("class_counts", _counts_buffer(class_counts), persistent=False)
         self.taus = float(taus) if isinstance(taus, (int, float)) else [float(tau) for tau in taus]
         self.label_smoothing = _checks.number("fastlt.PriorShiftedCE", "label_smoothing", label_smoothing,
                                               low=0.0, high=1.0)
 
-    def forward(self, expert_logits: ExpertLogits, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, expert_logits: ExpertLogits, target: torch.Tensor, *, return_components: bool = False):
         return ops.prior_shifted_ce(stack_experts(expert_logits), target, self.class_counts, taus=self.taus,
-                                    label_smoothing=self.label_smoothing)
+                                    label_smoothing=self.label_smoothing, reduction=self.reduction,
+                                    ignore_index=self.ignore_index, return_components=return_components)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.class_counts.numel()}, taus={self.taus}, label_smoothing={self.label_smoothing}"
+        return (f"num_classes={self.class_counts.numel()}, taus={self.taus}, label_smoothing={self.label_smoothing}"
+                f"{_reduction_repr(self)}")

@@ -228,3 +228,75 @@ def test_prior_shifted_ce_module_takes_one_tau_a_single_head_and_label_smoothing
     torch.testing.assert_close(criterion(logits[0], target.int()), expected)
     with pytest.raises(ValueError, match="label_smoothing"):
         fastlt.PriorShiftedCE(COUNTS, taus=1.0, label_smoothing=-0.1)
+
+
+# ---- reduction, ignore_index and components (docs/methods.md 6.5) ----
+
+MODULES = {
+    "ride": (lambda **kw: fastlt.RIDELoss(COUNTS, **kw), 3),
+    "reslt": (lambda **kw: fastlt.ResLTLoss(COUNTS, beta=0.9, **kw), 3),
+    "prior_shifted_ce": (lambda **kw: fastlt.PriorShiftedCE(COUNTS, taus=[1.0, 0.5], **kw), 2),
+}
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_module_reductions_and_ignored_rows_agree_with_each_other(name):
+    make, num_experts = MODULES[name]
+    torch.manual_seed(3)
+    logits = _logits(num_experts, batch=6)
+    target = _target(6)
+    target[[1, 4]] = -100
+    per_row = make(reduction="none")(logits, target)
+    total = make(reduction="sum")(logits, target)
+    assert per_row.shape == (6,)
+    assert per_row[1] == 0 and per_row[4] == 0
+    torch.testing.assert_close(per_row.sum(), total)
+    # an ignored row is the same as a row that is not there, for the sum
+    kept = torch.tensor([0, 2, 3, 5])
+    torch.testing.assert_close(make(reduction="sum")(logits[:, kept], target[kept]), total)
+    (grad,) = torch.autograd.grad(make()(logits, target), logits)
+    assert grad[:, [1, 4]].abs().max() == 0 and grad[:, kept].abs().max() > 0
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_module_components_add_up_to_the_loss(name):
+    make, num_experts = MODULES[name]
+    torch.manual_seed(4)
+    logits, target = _logits(num_experts), _target()
+    for reduction in ("mean", "sum", "none"):
+        loss, components = make(reduction=reduction)(logits, target, return_components=True)
+        total = sum(value.sum(-1) if value.dim() == loss.dim() + 1 else value for value in components.values())
+        torch.testing.assert_close(total, loss.detach(), rtol=1e-5, atol=1e-5)
+        assert all(not value.requires_grad for value in components.values())
+
+
+def test_module_ignore_index_other_than_the_default():
+    criterion = fastlt.PriorShiftedCE(COUNTS, taus=1.0, ignore_index=NUM_CLASSES - 1)
+    logits, target = _logits(1), torch.tensor([0, 3, NUM_CLASSES - 1, 5, NUM_CLASSES - 1])
+    expected = torch.nn.functional.cross_entropy(
+        logits[0] + fastlt.ops._lt_constants.prior_logit_shifts(COUNTS, torch.ones(1))[0].float(), target,
+        ignore_index=NUM_CLASSES - 1)
+    torch.testing.assert_close(criterion(logits, target), expected)
+    assert "ignore_index=11" in repr(criterion)
+
+
+def test_modules_refuse_a_bad_reduction_or_ignore_index_at_construction():
+    with pytest.raises(ValueError, match="reduction"):
+        fastlt.RIDELoss(COUNTS, reduction="average")
+    with pytest.raises(TypeError, match="ignore_index"):
+        fastlt.ResLTLoss(COUNTS, beta=0.5, ignore_index=-1.5)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_ride_distill_loss_reduces_its_kl_as_the_ride_loss(reduction):
+    torch.manual_seed(5)
+    student, teacher, target = _logits(), torch.randn(5, NUM_CLASSES) * 10, _target()
+    criterion = fastlt.RIDEDistillLoss(fastlt.RIDELoss(COUNTS, reduction=reduction), scale_by_experts=False)
+    mean = fastlt.RIDEDistillLoss(fastlt.RIDELoss(COUNTS), scale_by_experts=False)
+    loss = criterion(student, target, teacher)
+    assert loss.shape == ((5,) if reduction == "none" else ())
+    ride_sum = fastlt.ops.ride_loss(student, target, COUNTS, reduction="sum")
+    ride_mean = fastlt.ops.ride_loss(student, target, COUNTS)
+    # without DRW every RIDE term is a row mean, so sum = mean x B for the RIDE part and for the KL
+    torch.testing.assert_close(loss.sum() - ride_sum, (mean(student, target, teacher) - ride_mean) * 5,
+                               rtol=1e-5, atol=1e-5)

@@ -4,6 +4,8 @@ import torch
 from example_loader import load_example
 from transformers import TrainerCallback
 
+import fastlt
+
 hf_trainer = load_example("hf_trainer")
 
 
@@ -39,7 +41,7 @@ class MeanLossTrainer(hf_trainer.BalancedSoftmaxTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
-        return self.criterion(model(**inputs).logits.unsqueeze(0), labels)
+        return fastlt.PriorShiftedCE(self.criterion.class_counts, taus=[1.0])(model(**inputs).logits, labels)
 
 
 def test_a_batch_mean_would_be_accumulation_times_too_large(tmp_path):
