@@ -48,8 +48,11 @@ def _row_terms(expert_logits, target, logit_shifts, reduction, ignore_index, lab
         kept_rows = torch.tensor(target.shape[0], device=logits.device)
         ignored = {}
     else:
-        kept_rows = (target != ignore_index).sum()
+        kept = target != ignore_index
+        kept_rows = kept.sum()
         ignored = dict(ignore_index=ignore_index)
+        # an ignored row's logits are replaced, not only its terms: a zero gradient even for inf / NaN logits there
+        logits = torch.where(kept[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
     terms = torch.stack([F.cross_entropy(expert + shift, target, reduction="none", label_smoothing=label_smoothing,
                                          **ignored) for expert, shift in zip(logits, shifts)], dim=1)
     return terms / kept_rows.clamp_min(1) if reduction == MEAN else terms

@@ -437,11 +437,16 @@ def draw_prior_shifted_ce(gen):
     if gen.chance(0.04):
         counts = counts.double()
         counts[gen.rng.randrange(C)], invalid = gen.pick(0.0, math.nan, math.inf), "class_counts"
+    kwargs = dict(taus=taus, reduction=gen.pick("mean", "sum", "none", weights=[2, 1, 1]))
+    if gen.chance(0.3):  # some rows ignored (every row, at times)
+        kwargs["ignore_index"] = gen.pick(-100, -1, C + 3)
+        target = inputs["target"]
+        target.view(target.base)[gen.randint(0, 2, (B,)).bool()] = kwargs["ignore_index"]
 
     def call(expert_logits, target):
-        return ops.prior_shifted_ce(expert_logits, target, counts.to(expert_logits.device), taus=taus)
+        return ops.prior_shifted_ce(expert_logits, target, counts.to(expert_logits.device), **kwargs)
 
-    label = f"E={E} B={B} C={C} {dtype} taus={taus}"
+    label = f"E={E} B={B} C={C} {dtype} {kwargs}"
     return Draw(label, inputs, call, order=_loss_order(gen), invalid=invalid, dtype=dtype)
 
 

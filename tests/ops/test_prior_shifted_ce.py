@@ -310,6 +310,19 @@ def test_any_ignore_index_skips_its_rows(name, ignore_index):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])  # the fused kernels; the eager formula
+def test_an_ignored_row_with_nan_and_inf_logits_adds_nothing(name, label_smoothing):
+    logits, target, counts, taus = _with_ignored_rows([2])
+    with torch.no_grad():
+        logits[0, 2, 1], logits[1, 2, 3] = float("nan"), float("inf")
+    with backend(name):
+        loss = prior_shifted_ce(logits, target, counts, taus=taus, label_smoothing=label_smoothing, reduction="none")
+        (grad,) = torch.autograd.grad(loss.sum(), logits)
+    assert loss[2] == 0 and torch.isfinite(loss).all()
+    assert (grad[:, 2] == 0).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_gradcheck_fp64_with_an_ignored_row(name, reduction):
     logits, target, counts, taus = _inputs((2, 3, 4), torch.float64, scale=2.0)
