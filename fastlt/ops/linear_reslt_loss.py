@@ -5,14 +5,15 @@
     L_ice = sum_{b, i kept} g_b(y_i) * CE(z_b(x_i), y_i) / G,   G = sum_{b, i kept} g_b(y_i)
     L_fce = (1 / N) * sum_{i kept} CE(sum_b z_b(x_i), y_i)
 
-A composition of K + 1 calls of the fused head of RIDE (``fused_linear_ride_loss`` in
-fastlt/ops/linear_ride_loss.py), exact by construction (docs/methods.md 4.4, 6.4 and 8.5). With no LDAM margin, no
-diversity term and unit temperatures, that op's ``reduction="sum"`` loss with the 0/1 class weights g_b is
-``sum_i g_b(y_i) * CE(z_b(x_i), y_i)``: one call per branch (one expert: the shared weight), divided by G. The fused
-logits are one head too: sum_b z_b = (sum_b f_b) @ W^T + K * bias (cosine: the sum of the normalised branch
-features times ``scale`` against the normalised weight, a plain linear head), one more call, divided by N. It runs on
-every backend of :func:`fastlt.ops.linear_ride_loss` (C++ CPU and CUDA kernels, Triton, the chunked PyTorch loop,
-and the eager reference, which materialises the logits). Tests: tests/ops/test_linear_reslt_loss.py; benchmark:
+Two calls of the fused head of RIDE (``fused_linear_ride_loss`` in fastlt/ops/linear_ride_loss.py), exact by
+construction (docs/methods.md 4.4, 6.4 and 8.5). With no LDAM margin, no diversity term and unit temperatures, that
+op's ``reduction="sum"`` loss of one head is the sum of the kept rows' CE. The branch term: the K branches' feature
+rows stacked into one batch of K x B rows through the shared weight, a row whose label is outside its branch's group
+relabelled ``ignore_index``, so the call gives sum_{b, i} g_b(y_i) * CE(z_b(x_i), y_i); divided by G. The fused term:
+sum_b z_b = (sum_b f_b) @ W^T + K * bias is one linear head too (cosine: the sum of the normalised branch features
+times ``scale`` against the normalised weight), one more call, divided by N. It runs on every backend of
+:func:`fastlt.ops.linear_ride_loss` (C++ CPU and CUDA kernels, Triton, the chunked PyTorch loop, and the eager
+reference, which materialises the logits). Tests: tests/ops/test_linear_reslt_loss.py; benchmark:
 ``fastlt bench fused-head``.
 """
 
@@ -78,13 +79,12 @@ def linear_reslt_loss(branch_features: torch.Tensor, weight: torch.Tensor, targe
             (:func:`fastlt.ops.reslt_loss`'s ``log_eps``) is refused: the fused head's online softmax statistics
             give log-probabilities, not probabilities.
 
-    Memory beyond the inputs and their gradients: each of the K + 1 calls needs O(B x chunk_size) for its chunk
-    buffers, never O(K x B x C). A call computes the gradient of the weight in its forward pass; eager mode takes
-    each call's gradients at once and adds them up (two C x D gradients at the peak), while under torch.compile the
-    K + 1 calls keep theirs until the backward ((K + 1) x C x D). With ``normalize=True`` the fused call also takes
-    the normalised weight (C x D, and its gradient). So it saves memory over the materialised logits when K x B is
-    large against D: per class the logits take K x B values, the passing gradient D. At K = 3, B = 256, D = 512 the
-    two are at par, and the K + 1 passes over the weight take about 3x the time (``fastlt bench fused-head``).
+    Memory beyond the inputs and their gradients: O(K x B x chunk_size) for the chunk buffers, never O(K x B x C).
+    Each call computes the weight's gradient in its forward pass; eager mode takes the first call's gradients at
+    once, so one C x D gradient is held beyond the result (torch.compile traces the plain sum of the two calls and
+    holds both until the backward). With ``normalize=True`` the fused call also takes the normalised weight (C x D,
+    and its gradient). So it saves memory over the materialised logits when K x B is large against D: per class,
+    the logits take K x B values, the passing gradient D (``fastlt bench fused-head``).
     Returns the loss in the accumulation dtype (fp32 for fp16/bf16/fp32, fp64 for fp64), differentiable in
     ``branch_features``, ``weight`` and ``bias``.
 
@@ -108,55 +108,55 @@ def linear_reslt_loss(branch_features: torch.Tensor, weight: torch.Tensor, targe
                              normalize=bool(normalize), scale=float(scale), chunk_size=chunk_size,
                              reduction=reduction, ignore_index=ignore_index)
     inputs = (branch_features, weight, bias)
-    num_terms = branch_features.shape[0] + 1
     if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
             or not any(x is not None and x.requires_grad for x in inputs)):
-        loss = term(0, *inputs)
-        for index in range(1, num_terms):
-            loss = loss + term(index, *inputs)
-        return loss
-    return _GradientsInForward.apply(term, num_terms, *inputs)
+        return term(0, *inputs) + term(1, *inputs)
+    return _GradientsInForward.apply(term, 2, *inputs)
 
 
 def _loss_term(index, branch_features, weight, bias, *, target, group_masks, beta, normalize, scale, chunk_size,
                reduction, ignore_index):
-    """Term ``index`` of the loss, one fused head call: for b < K the branch term beta * sum_i g_b(y_i) CE(z_b) / G,
-    for b = K the fused term (1 - beta) * sum_i CE(sum_b z_b) / N (G = N = 1 under ``reduction="sum"``)."""
-    num_branches = branch_features.shape[0]
+    """Term ``index`` of the loss, one fused head call: 0 the branch term beta * sum_{b, i} g_b(y_i) CE(z_b(x_i)) / G
+    (the K x B branch rows stacked, a row outside its group labelled ignore_index), 1 the fused term
+    (1 - beta) * sum_i CE(sum_b z_b(x_i)) / N (G = N = 1 under ``reduction="sum"``)."""
+    num_branches, batch, dim = branch_features.shape
     acc_dtype = _checks.accumulate_dtype(weight.dtype)
     num_classes = weight.shape[0]
     no_margins = torch.zeros(num_classes, dtype=acc_dtype, device=weight.device)
     unit_temperatures = torch.ones(num_classes, dtype=acc_dtype, device=weight.device)
 
-    def head_loss(features, head_weight, head_bias, class_weights, head_normalize):
-        """sum_i w_{y_i} CE(z(x_i), y_i) over the kept rows, z one linear (or cosine) head: a [1, C, D] expert."""
+    def head_loss(features, head_weight, head_bias, head_target, head_normalize):
+        """sum_i CE(z(x_i), y_i) over the rows not labelled ignore_index, z one linear (or cosine) head: a
+        [1, C, D] expert."""
         return fused_linear_ride_loss(
-            features, head_weight[None], None if head_bias is None else head_bias[None], target, no_margins,
-            class_weights, unit_temperatures, scale=scale, normalize=head_normalize, diversity_factor=0.0,
+            features, head_weight[None], None if head_bias is None else head_bias[None], head_target, no_margins,
+            None, unit_temperatures, scale=scale, normalize=head_normalize, diversity_factor=0.0,
             chunk_size=chunk_size, reduction="sum", ignore_index=ignore_index)
 
     kept = target != ignore_index
-    if index < num_branches:
-        term = beta * head_loss(branch_features[index], weight, bias, group_masks[index].to(acc_dtype), normalize)
-        if reduction == "sum":
-            return term
+    if index == 0:
         labels = torch.where(kept, target, torch.zeros_like(target))  # an ignored row's label is never an index
-        return term / (group_masks[:, labels] & kept).sum().clamp_min(1).to(acc_dtype)  # G
+        in_group = group_masks[:, labels] & kept  # [K, B]: g_b(y_i) of the kept rows
+        branch_target = torch.where(in_group, target, ignore_index).reshape(num_branches * batch)
+        term = beta * head_loss(branch_features.reshape(num_branches * batch, dim), weight, bias, branch_target,
+                                normalize)
+        return term if reduction == "sum" else term / in_group.sum().clamp_min(1).to(acc_dtype)  # G
     fused_bias = None if bias is None else num_branches * bias
     if normalize:  # sum_b scale * cos(f_b, W) is a plain linear head on scale * sum_b f_b / |f_b| and W / |w|
         fused_features = scale * F.normalize(branch_features, dim=-1, eps=NORM_EPS).sum(0)
-        term = (1 - beta) * head_loss(fused_features, F.normalize(weight, dim=-1, eps=NORM_EPS), fused_bias, None,
+        term = (1 - beta) * head_loss(fused_features, F.normalize(weight, dim=-1, eps=NORM_EPS), fused_bias, target,
                                       False)
     else:
-        term = (1 - beta) * head_loss(branch_features.sum(0), weight, fused_bias, None, False)
+        term = (1 - beta) * head_loss(branch_features.sum(0), weight, fused_bias, target, False)
     return term if reduction == "sum" else term / kept.sum().clamp_min(1).to(acc_dtype)  # N
 
 
 class _GradientsInForward(torch.autograd.Function):
     """The sum of the loss terms, whose gradients are taken in the forward pass one term at a time and added into
-    one buffer per input. Each fused head call keeps the gradient of the weight it saw until its backward; running
-    that backward at once holds two weight-sized gradients at the peak instead of K + 1. The backward scales the
-    buffers by grad_output. (torch.compile traces the plain sum instead: dynamo cannot trace autograd.grad.)"""
+    one buffer per input, which the backward scales by grad_output and hands on (it becomes the weight's ``.grad``).
+    Each fused head call keeps the gradient of the weight it saw until its backward: through plain autograd both
+    calls' gradients would live until the backward, which then copies one into ``.grad``, one C x D gradient more at
+    the peak. (torch.compile traces the plain sum instead: dynamo cannot trace autograd.grad.)"""
 
     @staticmethod
     def forward(ctx, term, num_terms, *inputs):

@@ -154,8 +154,8 @@ def test_eager_mode_holds_one_weight_gradient_beyond_the_result(implementation):
 
     step()  # one-time allocations out of the way
     extra = peak_extra_bytes(step, keep_bytes=(features.numel() + weight.numel()) * 4)
-    # the K + 1 = 4 calls' weight gradients summed as they come: the running sum (which becomes weight.grad) and one
-    # call's gradient at a time, where keeping them all until the backward would take 3 more than weight.grad
+    # the two calls' weight gradients summed as they come, the sum becoming weight.grad: one more weight-sized
+    # gradient at the peak, where keeping both until the backward (plain autograd) takes two beyond weight.grad
     assert extra < 1.6 * weight.numel() * 4
 
 
