@@ -24,16 +24,23 @@ inline void check_loss_logits(const at::Tensor& logits, const char* op, const ch
 }
 
 // target [B] int64 in [0, C), or equal to ignore_index (rows the loss skips): the range check reads the labels (a
-// device sync for CUDA tensors).
+// device sync for CUDA tensors). One aminmax over the labels; ignore_index is filtered out only when an extreme is out
+// of range (the common all-valid batch pays no masked copy).
 inline void check_loss_target(const at::Tensor& target, const at::Tensor& logits, const char* op,
                               std::optional<int64_t> ignore_index = std::nullopt) {
   TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(1), op, ": target must be [B] = [",
                     logits.size(1), "], got ", target.sizes());
   TORCH_CHECK_VALUE(target.scalar_type() == at::kLong, op, ": target must be int64, got ", target.scalar_type());
   TORCH_CHECK_VALUE(target.device() == logits.device(), op, ": target must be on ", logits.device());
-  const at::Tensor labels = ignore_index.has_value() ? target.masked_fill(target == *ignore_index, 0) : target;
-  const int64_t low = labels.min().item<int64_t>(), high = labels.max().item<int64_t>();
-  TORCH_CHECK_VALUE(low >= 0 && high < logits.size(2), op, ": target must be in [0, ", logits.size(2), ")",
+  const int64_t num_classes = logits.size(2);
+  auto extremes = at::aminmax(target);
+  int64_t low = std::get<0>(extremes).item<int64_t>(), high = std::get<1>(extremes).item<int64_t>();
+  if ((low < 0 || high >= num_classes) && ignore_index.has_value()) {
+    const at::Tensor labels = target.masked_fill(target == *ignore_index, 0);  // all ignored: in range
+    extremes = at::aminmax(labels);
+    low = std::get<0>(extremes).item<int64_t>(), high = std::get<1>(extremes).item<int64_t>();
+  }
+  TORCH_CHECK_VALUE(low >= 0 && high < num_classes, op, ": target must be in [0, ", num_classes, ")",
                     ignore_index.has_value() ? " or equal to ignore_index" : "", ", got ", low < 0 ? low : high);
 }
 
