@@ -5,6 +5,11 @@ They live below both, so that the Triton kernels never import fastlt.ops (which 
 
 import torch
 
+# The losses' reductions, as torch.nn.CrossEntropyLoss names them; the fused ops take the index (0 none, 1 mean,
+# 2 sum: csrc/include/fastlt/common.h's Reduction).
+REDUCTIONS = ("none", "mean", "sum")
+REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = range(3)
+
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 accumulation for fp16/bf16/fp32, fp64 for fp64 (as the kernels do).

@@ -10,10 +10,9 @@ import triton
 import triton.language as tl
 
 from fastlt.kernels._softmax_stats import add_to_softmax_stats, merge_lanes
-from fastlt._formulas import accumulate_dtype
+from fastlt._formulas import REDUCTION_MEAN, REDUCTION_NONE, accumulate_dtype
 from fastlt.kernels._common import TRITON_DTYPES, class_block
 
-NONE, MEAN = 0, 1  # the reduction codes of fastlt.ops._checks.REDUCTIONS
 
 
 @triton.jit
@@ -94,7 +93,7 @@ def forward(expert_logits, target, logit_shifts, reduction, ignore_index, comput
     # kept rows), 1 under sum and none, 0 when no row is kept.
     kept_rows = (labels != ignore_index).sum()
     one = torch.ones((), dtype=acc, device=device)
-    scale = one / kept_rows.clamp_min(1).to(acc) if reduction == MEAN else one
+    scale = one / kept_rows.clamp_min(1).to(acc) if reduction == REDUCTION_MEAN else one
     coefficient = torch.where(kept_rows > 0, scale, 0.0).reshape(1)
     grad = torch.empty(expert_logits.shape if compute_grad else (0,), dtype=expert_logits.dtype, device=device)
     row_losses = torch.empty(batch, dtype=acc, device=device)
@@ -104,4 +103,4 @@ def forward(expert_logits, target, logit_shifts, reduction, ignore_index, comput
         expert_logits, labels, shifts, coefficient, row_losses, row_terms, grad, *expert_logits.stride(), num_experts,
         batch, num_classes, ignore_index, ACC=TRITON_DTYPES[acc], WRITE_GRAD=compute_grad, BLOCK=block,
     )
-    return (row_losses if reduction == NONE else row_losses.sum()), grad, row_terms
+    return (row_losses if reduction == REDUCTION_NONE else row_losses.sum()), grad, row_terms

@@ -11,11 +11,9 @@ import triton
 import triton.language as tl
 
 from fastlt.kernels._softmax_stats import add_to_softmax_stats, merge_lanes
-from fastlt._formulas import accumulate_dtype
+from fastlt._formulas import REDUCTION_MEAN, REDUCTION_NONE, accumulate_dtype
 from fastlt.kernels._common import TRITON_DTYPES, class_block
-from fastlt.ops._checks import REDUCTIONS
 
-NONE, MEAN = REDUCTIONS.index("none"), REDUCTIONS.index("mean")
 
 
 @triton.jit
@@ -150,7 +148,7 @@ def forward(branch_logits, target, group_masks, beta, log_eps, reduction, ignore
     kept = labels != ignore_index
     in_group_total = (masks[:, labels.masked_fill(~kept, 0)] & kept).sum().to(acc)  # ignored labels: never an index
     kept_rows = kept.sum()
-    if reduction == MEAN:
+    if reduction == REDUCTION_MEAN:
         ice_coef = torch.where(in_group_total > 0, beta / in_group_total.clamp_min(1), 0.0)
         fused_coef = torch.where(kept_rows > 0, (1.0 - beta) / kept_rows.clamp_min(1).double(), 0.0).to(acc)
     else:
@@ -166,4 +164,4 @@ def forward(branch_logits, target, group_masks, beta, log_eps, reduction, ignore
         branch_logits, labels, masks, coefs, branch_stats, row_losses, row_terms, grad, *branch_logits.stride(),
         num_branches, batch, num_classes, ignore_index, ACC=TRITON_DTYPES[acc], WRITE_GRAD=compute_grad, BLOCK=block,
     )
-    return (row_losses if reduction == NONE else row_losses.sum()), grad, row_terms
+    return (row_losses if reduction == REDUCTION_NONE else row_losses.sum()), grad, row_terms

@@ -5,15 +5,12 @@ import numbers
 
 import torch
 
-from fastlt._formulas import accumulate_dtype  # noqa: F401 - the ops' accumulation dtype, shared with kernels/
+from fastlt._formulas import REDUCTIONS, accumulate_dtype  # noqa: F401 - shared with kernels/
 
 MAX_EXPERTS = 64  # the most experts / branches a kernel takes: kMaxExperts in csrc/include/fastlt/common.h
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# The losses' reductions, as torch.nn.CrossEntropyLoss names them; the fused ops take the index (0 none, 1 mean,
-# 2 sum: csrc/include/fastlt/common.h's Reduction).
-REDUCTIONS = ("none", "mean", "sum")
 DEFAULT_IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's
 
 
