@@ -14,7 +14,6 @@ from fastlt._formulas import REDUCTION_MEAN, REDUCTION_NONE, accumulate_dtype
 from fastlt.kernels._common import TRITON_DTYPES, class_block
 
 
-
 @triton.jit
 def _prior_shifted_ce_kernel(logits_ptr, labels_ptr, shifts_ptr, coefficient_ptr, row_losses_ptr, terms_ptr, grad_ptr,
                              stride_e, stride_b, stride_c, E, B, C, ignore_index, ACC: tl.constexpr,

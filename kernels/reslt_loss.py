@@ -15,7 +15,6 @@ from fastlt._formulas import REDUCTION_MEAN, REDUCTION_NONE, accumulate_dtype
 from fastlt.kernels._common import TRITON_DTYPES, class_block
 
 
-
 @triton.jit
 def _fused_logits(row_ptr, offsets, mask, stride_k, stride_c, K, ACC: tl.constexpr):
     """s = sum_b z_b at `offsets`, branches in order as every backend adds them."""
