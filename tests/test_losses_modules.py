@@ -300,3 +300,18 @@ def test_ride_distill_loss_reduces_its_kl_as_the_ride_loss(reduction):
     # without DRW every RIDE term is a row mean, so sum = mean x B for the RIDE part and for the KL
     torch.testing.assert_close(loss.sum() - ride_sum, (mean(student, target, teacher) - ride_mean) * 5,
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_per_row_losses_have_the_references_jacobian(name):
+    """reduction="none" can be backpropagated more than once (a Jacobian runs one backward per row)."""
+    make, num_experts = MODULES[name]
+    torch.manual_seed(6)
+    logits, target = _logits(num_experts, batch=4).detach().double(), _target(4)
+    target[2] = -100
+    criterion = make(reduction="none")
+    jacobian = torch.autograd.functional.jacobian(lambda z: criterion(z, target), logits)
+    with fastlt.ops.use_backend("reference"):
+        expected = torch.autograd.functional.jacobian(lambda z: criterion(z, target), logits)
+    torch.testing.assert_close(jacobian, expected)
+    assert jacobian[2].abs().max() == 0  # the ignored row's loss depends on nothing

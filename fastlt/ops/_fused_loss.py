@@ -10,11 +10,12 @@ Every such op takes ``reduction`` (0 none, 1 mean, 2 sum: ``_checks.REDUCTIONS``
   per-branch CE, ...), already divided by the term's normaliser under ``mean``; the loss is their sum (over terms
   for ``none``, over everything otherwise). They are what ``return_components=True`` reports (:func:`components`).
 
-The backward only scales the saved gradient by ``grad_output`` (in place in eager mode, so fwd+bwd needs no memory
-beyond one gradient). When the backward is itself differentiated (``create_graph=True``: gradient penalties,
-meta-learning), it recomputes the gradient through the op's eager formula instead, so the second-order terms are
-kept; for that the op's inputs are saved (references, no copy). ``torch.func`` transforms cannot see through a
-torch.library autograd formula: :func:`use_reference` sends such calls to the eager reference.
+The backward only scales the saved gradient by ``grad_output`` (in place in eager mode for a scalar loss, so fwd+bwd
+needs no memory beyond one gradient; :func:`scale_saved_gradient`). When the backward is itself differentiated
+(``create_graph=True``: gradient penalties, meta-learning), it recomputes the gradient through the op's eager
+formula instead, so the second-order terms are kept; for that the op's inputs are saved (references, no copy).
+``torch.func`` transforms cannot see through a torch.library autograd formula: :func:`use_reference` sends such
+calls to the eager reference.
 """
 
 import torch
@@ -32,16 +33,17 @@ def use_reference(logits: torch.Tensor) -> bool:
 
 
 def scale_saved_gradient(grad_logits, grad_loss):
-    """d loss / d logits * grad_output; a ``[B]`` grad_output (``reduction="none"``) scales each row of the
-    ``[..., B, C]`` gradient. Eager mode scales the saved buffer in place (no second gradient-sized tensor; a second
-    backward through the same graph then fails autograd's version check instead of returning a wrong gradient).
-    Compiled graphs stay functional."""
+    """d loss / d logits * grad_output. A scalar loss's backward scales the saved buffer in place in eager mode (no
+    second gradient-sized tensor; a second backward through the same graph then fails autograd's version check
+    instead of returning a wrong gradient). A ``[B]`` grad_output (``reduction="none"``) scales each row of the
+    ``[..., B, C]`` gradient into a new tensor, so per-row losses can be backpropagated more than once (Jacobians,
+    ``retain_graph=True``). Compiled graphs stay functional."""
+    if grad_loss.dim() == 1:
+        return grad_logits * grad_loss.to(grad_logits.dtype)[:, None]
     scale = grad_loss.to(grad_logits.dtype)
-    if scale.dim() == 1:
-        scale = scale[:, None]
     if torch.compiler.is_compiling() or is_fake(grad_loss):  # traced (torch.compile, opcheck): no data-dependent branch
         return grad_logits * scale
-    if grad_loss.dim() == 1 or grad_loss.item() != 1.0:
+    if grad_loss.item() != 1.0:
         grad_logits.mul_(scale)
     return grad_logits
 
@@ -61,14 +63,7 @@ def components(row_terms: torch.Tensor, names: dict, reduction: int) -> dict:
     return {name: row_terms[..., where] for name, where in names.items()}
 
 
-def _fake_forward(logits, *args):
-    compute_grad = args[-1]
-    grad_shape = logits.shape if compute_grad else (0,)
-    loss_dtype = _checks.accumulate_dtype(logits.dtype)
-    return logits.new_empty((), dtype=loss_dtype), logits.new_empty(grad_shape)
-
-
-def _fake_forward_with_terms(num_terms):
+def _fake_forward(num_terms):
     def fake_forward(logits, *args):
         reduction, compute_grad = args[-3], args[-1]
         batch = logits.shape[-2]
@@ -80,11 +75,10 @@ def _fake_forward_with_terms(num_terms):
     return fake_forward
 
 
-def register(qualified_name: str, loss_formula, num_terms=None) -> None:
+def register(qualified_name: str, loss_formula, num_terms) -> None:
     """Fake and autograd registrations of the op ``qualified_name`` (e.g. ``"fastlt::reslt_loss"``).
     ``loss_formula(*op_arguments_but_compute_grad)`` is the op's loss in differentiable eager PyTorch, used when the
-    backward is differentiated. ``num_terms(*op_arguments)``: T of the op's ``[B, T]`` row terms (the module
-    docstring's contract); None for an op that still returns ``(loss, grad_logits)`` only."""
+    backward is differentiated. ``num_terms(*op_arguments)``: T of the op's ``[B, T]`` row terms."""
 
     def setup_context(ctx, inputs, output):
         grad_logits, *row_terms = output[1:]
@@ -110,6 +104,5 @@ def register(qualified_name: str, loss_formula, num_terms=None) -> None:
             return (grad, *no_grads)
         return (scale_saved_gradient(grad_logits, grad_loss), *no_grads)
 
-    torch.library.register_fake(qualified_name)(_fake_forward if num_terms is None else
-                                                _fake_forward_with_terms(num_terms))
+    torch.library.register_fake(qualified_name)(_fake_forward(num_terms))
     torch.library.register_autograd(qualified_name, backward, setup_context=setup_context)
