@@ -10,9 +10,11 @@ against the eager reference at small shapes, values and gradients, fp32 and bf16
 """
 
 import argparse
+import importlib
 import importlib.metadata
 import json
 import os
+import pkgutil
 import platform
 import sys
 
@@ -24,93 +26,35 @@ DTYPES = (torch.float32, torch.bfloat16)
 TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float64: (1e-10, 1e-9)}
 
 
-def _counts(num_classes, device):
+def sample_counts(num_classes, device):
+    """Long-tailed class counts for the ops' doctor cases."""
     return (100 * torch.exp(-torch.arange(num_classes, device=device) / num_classes * 5)).floor().clamp_min(1)
 
 
-# op -> function(device, dtype, tiny) -> (call, inputs): call(*inputs) runs the public op; the floating inputs that
-# require grad get their gradients checked (a random cotangent for non-scalar outputs).
-def _expert_aggregate_case(device, dtype, tiny):
-    import fastlt
-
-    E, B, C = (2, 3, 9) if tiny else (3, 6, 37)
-    logits = torch.randn(E, B, C, device=device).to(dtype).requires_grad_()
-    weights = torch.rand(E, device=device).to(dtype)
-    return (lambda x: fastlt.ops.expert_aggregate(x, weights=weights)), (logits,)
-
-
-def _tau_normalize_case(device, dtype, tiny):
-    import fastlt
-
-    C, D = (5, 8) if tiny else (37, 24)
-    weight = torch.randn(C, D, device=device).to(dtype).requires_grad_()
-    return (lambda w: fastlt.ops.tau_normalize(w, 0.7)), (weight,)
-
-
-def _tau_sweep_case(device, dtype, tiny):
-    import fastlt
-
-    N, C, D = (6, 5, 8) if tiny else (40, 11, 24)
-    features = torch.randn(N, D, device=device).to(dtype)
-    weight = (torch.randn(C, D, device=device) * torch.linspace(0.2, 3, C, device=device)[:, None]).to(dtype)
-    taus = torch.linspace(0, 2, 5)
-    return (lambda f, w: fastlt.ops.tau_sweep(f, w, taus)), (features, weight)
-
-
-def _loss_inputs(device, dtype, tiny, scale):
+def loss_sample(device, dtype, tiny, scale):
+    """(logits [K, B, C] requiring grad, target [B], counts [C]) for a fused loss's doctor case."""
     K, B, C = (2, 3, 9) if tiny else (3, 6, 37)
     logits = (torch.randn(K, B, C, device=device) * scale).to(dtype).requires_grad_()
     target = torch.randint(0, C, (B,), device=device)
-    return logits, target, _counts(C, device)
+    return logits, target, sample_counts(C, device)
 
 
-def _ride_loss_case(device, dtype, tiny):
-    import fastlt
+def _cases():
+    """op -> its ``doctor_case(device, dtype, tiny) -> (call, inputs)``, defined next to the op in
+    fastlt/ops/<op>.py: ``call(*inputs)`` runs the public op; the floating inputs that require grad get their
+    gradients checked (a random cotangent for non-scalar outputs). Every module of fastlt.ops that defines one is
+    checked."""
+    import fastlt.ops
 
-    logits, target, counts = _loss_inputs(device, dtype, tiny, scale=10)
-    return (lambda x: fastlt.ops.ride_loss(x, target, counts, drw=True)), (logits,)
-
-
-def _reslt_loss_case(device, dtype, tiny):
-    import fastlt
-
-    logits, target, counts = _loss_inputs(device, dtype, tiny, scale=3)
-    num_classes = counts.numel()
-    groups = fastlt.ops.reslt_groups(counts.cpu(), cutoffs=[num_classes // 3, 2 * num_classes // 3]).to(device)
-    return (lambda x: fastlt.ops.reslt_loss(x, target, groups, beta=0.5)), (logits,)
-
-
-def _prior_shifted_ce_case(device, dtype, tiny):
-    import fastlt
-
-    logits, target, counts = _loss_inputs(device, dtype, tiny, scale=3)
-    taus = [float(k) for k in range(logits.shape[0])]
-    return (lambda x: fastlt.ops.prior_shifted_ce(x, target, counts, taus=taus)), (logits,)
+    cases = {}
+    for module in pkgutil.iter_modules(fastlt.ops.__path__):
+        case = getattr(importlib.import_module(f"fastlt.ops.{module.name}"), "doctor_case", None)
+        if case is not None:
+            cases[module.name] = case
+    return cases
 
 
-def _linear_ride_loss_case(device, dtype, tiny):
-    import fastlt
-
-    E, B, C, D = (2, 3, 9, 4) if tiny else (3, 6, 37, 8)
-    features = torch.randn(E, B, D, device=device).to(dtype).requires_grad_()
-    weight = torch.randn(E, C, D, device=device).to(dtype).requires_grad_()
-    target = torch.randint(0, C, (B,), device=device)
-    target[1] = -100  # an ignored row
-    counts = _counts(C, device)
-    # a small classifier scale keeps the reference's bf16 logits (rounded before the loss) within the tolerance
-    return (lambda x, w: fastlt.ops.linear_ride_loss(x, w, target, counts, scale=4.0, margin_scale=3.0, drw=True,
-                                                     chunk_size=4)), (features, weight)
-
-
-CASES = {
-    "expert_aggregate": _expert_aggregate_case,
-    "tau_normalize": _tau_normalize_case,
-    "tau_sweep": _tau_sweep_case,
-    "ride_loss": _ride_loss_case,
-    "reslt_loss": _reslt_loss_case,
-    "prior_shifted_ce": _prior_shifted_ce_case,
-    "linear_ride_loss": _linear_ride_loss_case,
-}
+CASES = _cases()
 
 
 def _run(op, backend, device, dtype, tiny, seed):

@@ -172,3 +172,11 @@ _library.define_triton("expert_aggregate", SCHEMA, _expert_aggregate_triton)
 _library.define_triton("expert_aggregate_backward", BACKWARD_SCHEMA, _expert_aggregate_triton_backward)
 _library.register_with_backward_op("expert_aggregate", "triton", _fake_forward, _fake_backward, _make_backward,
                                    _setup_context)
+
+
+def doctor_case(device, dtype, tiny):
+    """`fastlt doctor`'s check of this op (and the CUDA kernel's first-use self-check): ``(call, inputs)``."""
+    E, B, C = (2, 3, 9) if tiny else (3, 6, 37)
+    logits = torch.randn(E, B, C, device=device).to(dtype).requires_grad_()
+    weights = torch.rand(E, device=device).to(dtype)
+    return (lambda x: expert_aggregate(x, weights=weights)), (logits,)

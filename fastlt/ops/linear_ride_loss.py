@@ -534,3 +534,18 @@ _register("fastlt::linear_ride_loss.torch")
 _register("fastlt::linear_ride_loss.triton")
 if _extension.AVAILABLE and torch._C._dispatch_has_kernel("fastlt::linear_ride_loss"):
     _register("fastlt::linear_ride_loss")
+
+
+def doctor_case(device, dtype, tiny):
+    """`fastlt doctor`'s check of this op (and the CUDA kernel's first-use self-check): ``(call, inputs)``."""
+    from fastlt.doctor import sample_counts
+
+    E, B, C, D = (2, 3, 9, 4) if tiny else (3, 6, 37, 8)
+    features = torch.randn(E, B, D, device=device).to(dtype).requires_grad_()
+    weight = torch.randn(E, C, D, device=device).to(dtype).requires_grad_()
+    target = torch.randint(0, C, (B,), device=device)
+    target[1] = -100  # an ignored row
+    counts = sample_counts(C, device)
+    # a small classifier scale keeps the reference's bf16 logits (rounded before the loss) within the tolerance
+    return (lambda x, w: linear_ride_loss(x, w, target, counts, scale=4.0, margin_scale=3.0, drw=True,
+                                                     chunk_size=4)), (features, weight)

@@ -212,3 +212,12 @@ def _prior_shifted_ce_triton(expert_logits, target, logit_shifts, reduction, ign
 
 _library.define_triton("prior_shifted_ce", SCHEMA, _prior_shifted_ce_triton)
 _fused_loss.register("fastlt::prior_shifted_ce.triton", _loss_formula, num_terms=_num_terms)
+
+
+def doctor_case(device, dtype, tiny):
+    """`fastlt doctor`'s check of this op (and the CUDA kernel's first-use self-check): ``(call, inputs)``."""
+    from fastlt.doctor import loss_sample
+
+    logits, target, counts = loss_sample(device, dtype, tiny, scale=3)
+    taus = [float(k) for k in range(logits.shape[0])]
+    return (lambda x: prior_shifted_ce(x, target, counts, taus=taus)), (logits,)

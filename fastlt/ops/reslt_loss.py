@@ -249,3 +249,13 @@ def _reslt_loss_triton(branch_logits, target, group_masks, beta, log_eps, reduct
 
 _library.define_triton("reslt_loss", SCHEMA, _reslt_loss_triton)
 _fused_loss.register("fastlt::reslt_loss.triton", _loss_formula, num_terms=_num_terms)
+
+
+def doctor_case(device, dtype, tiny):
+    """`fastlt doctor`'s check of this op (and the CUDA kernel's first-use self-check): ``(call, inputs)``."""
+    from fastlt.doctor import loss_sample
+
+    logits, target, counts = loss_sample(device, dtype, tiny, scale=3)
+    num_classes = counts.numel()
+    groups = reslt_groups(counts.cpu(), cutoffs=[num_classes // 3, 2 * num_classes // 3]).to(device)
+    return (lambda x: reslt_loss(x, target, groups, beta=0.5)), (logits,)

@@ -217,3 +217,11 @@ def _ride_loss_triton(expert_logits, target, target_margins, class_weights, temp
 
 _library.define_triton("ride_loss", SCHEMA, _ride_loss_triton)
 _fused_loss.register("fastlt::ride_loss.triton", _loss_formula, num_terms=_num_terms)
+
+
+def doctor_case(device, dtype, tiny):
+    """`fastlt doctor`'s check of this op (and the CUDA kernel's first-use self-check): ``(call, inputs)``."""
+    from fastlt.doctor import loss_sample
+
+    logits, target, counts = loss_sample(device, dtype, tiny, scale=10)
+    return (lambda x: ride_loss(x, target, counts, drw=True)), (logits,)

@@ -114,3 +114,10 @@ _library.define_triton("tau_normalize", SCHEMA, _tau_normalize_triton)
 _library.define_triton("tau_normalize_backward", BACKWARD_SCHEMA, _tau_normalize_triton_backward)
 _library.register_with_backward_op("tau_normalize", "triton", _fake_forward, _fake_backward, _make_backward,
                                    _setup_context)
+
+
+def doctor_case(device, dtype, tiny):
+    """`fastlt doctor`'s check of this op (and the CUDA kernel's first-use self-check): ``(call, inputs)``."""
+    C, D = (5, 8) if tiny else (37, 24)
+    weight = torch.randn(C, D, device=device).to(dtype).requires_grad_()
+    return (lambda w: tau_normalize(w, 0.7)), (weight,)

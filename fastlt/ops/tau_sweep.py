@@ -153,3 +153,12 @@ def _tau_sweep_triton(features, weight, taus, bias, eps):
 
 _library.define_triton("tau_sweep", SCHEMA, _tau_sweep_triton)
 torch.library.register_fake("fastlt::tau_sweep.triton")(_fake)
+
+
+def doctor_case(device, dtype, tiny):
+    """`fastlt doctor`'s check of this op (and the CUDA kernel's first-use self-check): ``(call, inputs)``."""
+    N, C, D = (6, 5, 8) if tiny else (40, 11, 24)
+    features = torch.randn(N, D, device=device).to(dtype)
+    weight = (torch.randn(C, D, device=device) * torch.linspace(0.2, 3, C, device=device)[:, None]).to(dtype)
+    taus = torch.linspace(0, 2, 5)
+    return (lambda f, w: tau_sweep(f, w, taus)), (features, weight)
