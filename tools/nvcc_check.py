@@ -41,6 +41,9 @@ def main():
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("sources", nargs="*", help="the .cu files to compile (default: every csrc/cuda/*.cu)")
     args = parser.parse_args()
+    # `--archs 80 90 csrc/cuda/x.cu` puts the file among the archs (nargs="+"): take it back as a source
+    args.sources += [arch for arch in args.archs if not arch.isdigit()]
+    args.archs = [arch for arch in args.archs if arch.isdigit()] or ["80", "90"]
     cuda_home = find_cuda_home()
     if cuda_home is None:
         sys.exit("nvcc-check: no CUDA toolkit found (set CUDA_HOME)")
