@@ -57,3 +57,29 @@ def backend(name):
 def long_tail_counts(num_classes, ratio=100.0):
     """Exponential long-tailed class counts from `ratio` down to 1 (ones in the tail)."""
     return (ratio * torch.exp(-torch.arange(num_classes) / max(num_classes, 1) * 6)).floor().clamp_min(1)
+
+
+def loss_inputs(shape, dtype=torch.float32, scale=10.0, device="cpu"):
+    """A fused loss's inputs for ``shape = (E, B, C)``: logits ``[E, B, C]`` (normal, times ``scale``) requiring
+    grad, a ``[B]`` target and long-tailed ``[C]`` class counts."""
+    num_experts, batch, num_classes = shape
+    logits = (torch.randn(num_experts, batch, num_classes) * scale).to(dtype=dtype, device=device).requires_grad_(True)
+    return logits, torch.randint(0, num_classes, (batch,), device=device), long_tail_counts(num_classes).to(device)
+
+
+def loss_and_grad(fn, logits, *args, **kwargs):
+    """``fn(logits, *args, **kwargs)`` detached and its gradient with respect to ``logits``."""
+    loss = fn(logits, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss, logits)
+    return loss.detach(), grad
+
+
+def on_cpu(name, *values):
+    """A parameter ``(name, "cpu", *values)``: backend ``name`` on CPU tensors (skipped for cpp without the build)."""
+    return pytest.param(name, "cpu", *values, marks=[needs_cpp] if name == "cpp" else [])
+
+
+def on_cuda(name, *values):
+    """A ``gpu``-marked parameter ``(name, "cuda", *values)``: backend ``name`` on a CUDA device."""
+    return pytest.param(name, "cuda", *values,
+                        marks=[needs_cuda, pytest.mark.gpu] + ([needs_cuda_build] if name == "cpp" else []))

@@ -1,27 +1,23 @@
+"""ride_loss on every backend: the reference, the C++ kernels, the Triton kernels (run on CPU tensors under
+TRITON_INTERPRET=1, tests/conftest.py, on small shapes as the interpreter is slow) and, in `gpu`-marked cases, the CUDA
+kernels and Triton on a CUDA device."""
+
+import loss_cases
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import TOLERANCES, assert_close, backend, long_tail_counts, needs_cpp, needs_cuda, raw_op, raw_ops
+from op_helpers import (COMPILED_BACKENDS, TOLERANCES, assert_close, backend, call_cuda_kernel, long_tail_counts,
+                        loss_and_grad, loss_inputs, needs_cpp, needs_cuda, needs_cuda_build, on_cpu, on_cuda, raw_op,
+                        raw_ops)
 
 import fastlt
 from fastlt.ops import ride_loss, ride_loss_reference
 from fastlt.ops._lt_constants import drw_weights, ldam_margins, ride_temperatures
 
-def _inputs(shape, dtype=torch.float32, scale=10.0):
-    E, B, C = shape
-    logits = (torch.randn(E, B, C) * scale).to(dtype).requires_grad_(True)
-    return logits, torch.randint(0, C, (B,)), long_tail_counts(C)
-
-
-def _loss_and_grad(fn, logits, target, counts, **kwargs):
-    loss = fn(logits, target, counts, **kwargs)
-    (grad,) = torch.autograd.grad(loss, logits)
-    return loss.detach(), grad
-
 
 def test_reference_matches_the_ride_formula_by_hand():
     torch.manual_seed(1)
-    logits, target, counts = _inputs((2, 4, 6), torch.float64)
+    logits, target, counts = loss_inputs((2, 4, 6), torch.float64)
     margins, weights = ldam_margins(counts, 0.5), drw_weights(counts, 0.9999)
     temperatures = ride_temperatures(counts, 0.05, 1.0, drw=True)
     pbar = F.softmax(logits.detach().mean(0) / temperatures, -1)
@@ -35,53 +31,75 @@ def test_reference_matches_the_ride_formula_by_hand():
     torch.testing.assert_close(ride_loss_reference(logits, target, counts, drw=True), expected)
 
 
-@needs_cpp
-@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 3, 2), (2, 5, 7), (3, 4, 33), (6, 3, 300), (4, 2, 8142)])
+MATCH_CASES = ([on_cpu("cpp", shape, diversity_factor) for shape in [(1, 1, 1), (1, 3, 2), (2, 5, 7), (3, 4, 33),
+                                                                     (6, 3, 300), (4, 2, 8142)]
+                for diversity_factor in [-0.45, 0.0, 0.3]]
+               + [on_cpu("triton", shape, diversity_factor) for shape in [(1, 1, 1), (2, 5, 7), (3, 4, 1100)]
+                  for diversity_factor in [-0.45, 0.0]])  # 1100 > one 1024-class block
+
+
+@pytest.mark.parametrize("name, device, shape, diversity_factor", MATCH_CASES)
 @pytest.mark.parametrize("drw", [False, True])
-@pytest.mark.parametrize("diversity_factor", [-0.45, 0.0, 0.3])
-def test_cpp_matches_reference_fp32(shape, drw, diversity_factor):
-    logits, target, counts = _inputs(shape)
+def test_matches_reference_fp32(name, device, shape, diversity_factor, drw):
+    logits, target, counts = loss_inputs(shape, device=device)
     kwargs = dict(drw=drw, diversity_factor=diversity_factor)
-    expected_loss, expected_grad = _loss_and_grad(ride_loss_reference, logits, target, counts, **kwargs)
-    with backend("cpp"):
-        loss, grad = _loss_and_grad(ride_loss, logits, target, counts, **kwargs)
+    expected_loss, expected_grad = loss_and_grad(ride_loss_reference, logits, target, counts, **kwargs)
+    with backend(name):
+        loss, grad = loss_and_grad(ride_loss, logits, target, counts, **kwargs)
     assert_close(loss, expected_loss)
     torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-9, rtol=1e-5)
 
 
-@needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cpp_low_precision_tolerance_table(dtype):
-    logits, target, counts = _inputs((3, 6, 300), dtype)
-    expected_loss, expected_grad = _loss_and_grad(ride_loss_reference, logits, target, counts, drw=True)
-    with backend("cpp"):
-        loss, grad = _loss_and_grad(ride_loss, logits, target, counts, drw=True)
-    assert loss.dtype == torch.float32 and grad.dtype == dtype
+TOLERANCE_CASES = ([on_cpu("cpp", (3, 6, 300), dtype) for dtype in [torch.float16, torch.bfloat16]]
+                   + [on_cpu("triton", (2, 4, 40), dtype) for dtype in [torch.float16, torch.bfloat16]]
+                   + [on_cuda(name, (4, 64, 8142), dtype) for name in ["cpp", "triton"] for dtype in TOLERANCES])
+
+
+@pytest.mark.parametrize("name, device, shape, dtype", TOLERANCE_CASES)
+def test_dtype_tolerance_table(name, device, shape, dtype):
+    logits, target, counts = loss_inputs(shape, dtype, device=device)
+    expected_loss, expected_grad = loss_and_grad(ride_loss_reference, logits, target, counts, drw=True)
+    with backend(name):
+        loss, grad = loss_and_grad(ride_loss, logits, target, counts, drw=True)
+    assert loss.dtype == torch.promote_types(dtype, torch.float32) and grad.dtype == dtype
     assert_close(loss, expected_loss, dtype)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(grad, expected_grad, atol=atol * expected_grad.abs().max().item(), rtol=rtol)
 
 
-@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "reference"])
-@pytest.mark.parametrize("drw", [False, True])
-def test_gradcheck_fp64(name, drw):
-    logits, target, counts = _inputs((3, 4, 5), torch.float64, scale=2.0)
+@pytest.mark.parametrize("name, shape, drw", [
+    *[pytest.param(name, (3, 4, 5), drw, marks=[needs_cpp] if name == "cpp" else []) for name in ["reference", "cpp"]
+      for drw in [False, True]],
+    ("triton", (2, 2, 3), True),  # small: the interpreter runs every gradcheck probe
+])
+def test_gradcheck_fp64(name, shape, drw):
+    logits, target, counts = loss_inputs(shape, torch.float64, scale=2.0)
     with backend(name):
         assert torch.autograd.gradcheck(lambda z: ride_loss(z, target, counts, scale=3.0, drw=drw), (logits,))
 
 
-@needs_cpp
-def test_strided_inputs_are_read_in_place():
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_strided_inputs_are_read_in_place(name):
     stacked = torch.randn(6, 3, 64) * 10  # [B, E, C], as torch.stack(outputs, dim=1) gives
     target = torch.randint(0, 64, (6,))
     counts = long_tail_counts(64)
     for view in (stacked.transpose(0, 1), torch.randn(3, 6, 128)[:, :, ::2] * 10):
         view = view.requires_grad_(True) if view.is_leaf else view.detach().requires_grad_(True)
-        expected = _loss_and_grad(ride_loss_reference, view.contiguous(), target, counts, drw=True)
-        with backend("cpp"):
-            actual = _loss_and_grad(ride_loss, view, target, counts, drw=True)
+        expected = loss_and_grad(ride_loss_reference, view.contiguous(), target, counts, drw=True)
+        with backend(name):
+            actual = loss_and_grad(ride_loss, view, target, counts, drw=True)
         assert_close(actual[0], expected[0])
         torch.testing.assert_close(actual[1], expected[1], atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_strided_target_matches_contiguous(name):
+    logits, counts = torch.randn(3, 8, 20, dtype=torch.float64), torch.arange(200, 0, -10)
+    target = torch.randint(0, 20, (16,))[::2]
+    assert not target.is_contiguous()
+    with backend(name):
+        torch.testing.assert_close(ride_loss(logits, target, counts, drw=True),
+                                   ride_loss_reference(logits, target.contiguous(), counts, drw=True))
 
 
 @needs_cpp
@@ -92,21 +110,21 @@ def test_extreme_logits_and_count_ratios_stay_finite(dtype, magnitude):
     counts[:3] = 1e6  # a 1e6 : 1 imbalance and classes with a single sample
     target = torch.randint(0, 50, (5,))
     with backend("cpp"):
-        loss, grad = _loss_and_grad(ride_loss, logits, target, counts, drw=True)
+        loss, grad = loss_and_grad(ride_loss, logits, target, counts, drw=True)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     if dtype == torch.float32:
-        expected_loss, expected_grad = _loss_and_grad(ride_loss_reference, logits, target, counts, drw=True)
+        expected_loss, expected_grad = loss_and_grad(ride_loss_reference, logits, target, counts, drw=True)
         torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-2)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
 
 
-@needs_cpp
-def test_nan_logit_makes_loss_and_its_row_nan():
-    logits, target, counts = _inputs((2, 3, 10))
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_nan_logit_makes_loss_and_its_row_nan(name):
+    logits, target, counts = loss_inputs((2, 3, 10))
     with torch.no_grad():
         logits[1, 2, 4] = float("nan")
-    with backend("cpp"):
-        loss, grad = _loss_and_grad(ride_loss, logits, target, counts)
+    with backend(name):
+        loss, grad = loss_and_grad(ride_loss, logits, target, counts)
     assert torch.isnan(loss)
     assert torch.isnan(grad[:, 2]).all() and torch.isfinite(grad[:, :2]).all()
 
@@ -124,7 +142,7 @@ def test_nan_logit_makes_loss_and_its_row_nan():
     ],
 )
 def test_bad_inputs_raise_value_errors_naming_the_argument(change, message):
-    logits, target, counts = _inputs((2, 3, 10))
+    logits, target, counts = loss_inputs((2, 3, 10))
     with pytest.raises(ValueError, match=message):
         ride_loss(*change(logits, target, counts))
 
@@ -145,7 +163,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(change, message):
 )
 @pytest.mark.parametrize("name_backend", [pytest.param("cpp", marks=needs_cpp), "triton", "reference"])
 def test_bad_hyperparameters_raise_the_same_value_error_on_every_backend(name, value, message, name_backend):
-    logits, target, counts = _inputs((2, 3, 10))
+    logits, target, counts = loss_inputs((2, 3, 10))
     kwargs = {name: value, "drw": True}
     with backend(name_backend), pytest.raises(ValueError, match=message):
         ride_loss(logits, target, counts, **kwargs)
@@ -157,7 +175,7 @@ def test_bad_hyperparameters_raise_the_same_value_error_on_every_backend(name, v
 
 @needs_cpp
 def test_cpp_op_checks_its_own_arguments():
-    logits, target, counts = _inputs((2, 3, 10))
+    logits, target, counts = loss_inputs((2, 3, 10))
     margins = torch.zeros(10)
     with pytest.raises(ValueError, match="target must be in"):
         torch.ops.fastlt.ride_loss(logits.detach(), target + 10, margins, None, torch.ones(10), -0.45, 1, -100, False)
@@ -170,9 +188,9 @@ def test_cpp_op_checks_its_own_arguments():
 
 @needs_cpp
 def test_backward_scales_by_grad_output_and_keeps_one_gradient_buffer():
-    logits, target, counts = _inputs((2, 3, 10))
+    logits, target, counts = loss_inputs((2, 3, 10))
     with backend("cpp"):
-        _, unit_grad = _loss_and_grad(ride_loss, logits, target, counts)
+        _, unit_grad = loss_and_grad(ride_loss, logits, target, counts)
         (ride_loss(logits, target, counts) * 2.5).backward()
     torch.testing.assert_close(logits.grad, 2.5 * unit_grad)
     logits.grad = None
@@ -187,7 +205,7 @@ def test_backward_scales_by_grad_output_and_keeps_one_gradient_buffer():
 
 @needs_cpp
 def test_no_gradient_is_computed_without_requires_grad():
-    logits, target, counts = _inputs((2, 3, 10))
+    logits, target, counts = loss_inputs((2, 3, 10))
     with backend("cpp"):
         loss = ride_loss(logits.detach(), target, counts)
     assert not loss.requires_grad
@@ -196,22 +214,31 @@ def test_no_gradient_is_computed_without_requires_grad():
     assert grad.numel() == 0
 
 
-@needs_cpp
-def test_opcheck():
-    logits, target, counts = _inputs((2, 3, 10))
-    for weights in (None, torch.rand(10) + 0.5):
-        args = (logits, target, torch.rand(10), weights, torch.rand(10) + 0.5, -0.45, 1, -100, True)
-        torch.library.opcheck(torch.ops.fastlt.ride_loss.default, args,
+@pytest.mark.parametrize("op_name", raw_ops("ride_loss"))
+def test_opcheck(op_name):
+    logits, target, _ = loss_inputs((2, 3, 10))
+    for weights in (False, True):
+        args = (logits, target, *loss_cases.ride_tables(10, weights), -0.45, 1, -100, True)
+        torch.library.opcheck(raw_op(op_name), args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-@needs_cpp
-@pytest.mark.slow
-def test_torch_compile_fullgraph_matches_eager():
-    logits, target, counts = _inputs((3, 4, 20))
-    compiled = torch.compile(lambda z: ride_loss(z, target, counts, drw=True), fullgraph=True)
-    with backend("cpp"):
-        expected = _loss_and_grad(ride_loss, logits, target, counts, drw=True)
+@needs_cuda_build
+def test_cuda_launcher_refuses_cpu_tensors():
+    logits, target, _ = loss_inputs((2, 3, 10))
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        call_cuda_kernel("ride_loss", logits.detach(), target, *loss_cases.ride_tables(10, weights=True), -0.45, 1,
+                         -100, True)
+
+
+@pytest.mark.parametrize("name, compiler, shape", [pytest.param("cpp", "inductor", (3, 4, 20),
+                                                                marks=[needs_cpp, pytest.mark.slow]),
+                                                   ("triton", "aot_eager", (2, 3, 9))])
+def test_torch_compile_fullgraph_matches_eager(name, compiler, shape):
+    logits, target, counts = loss_inputs(shape)
+    compiled = torch.compile(lambda z: ride_loss(z, target, counts, drw=True), fullgraph=True, backend=compiler)
+    expected = loss_and_grad(ride_loss_reference, logits, target, counts, drw=True)
+    with backend(name):
         loss = compiled(logits)
         (grad,) = torch.autograd.grad(loss, logits)
     assert_close(loss.detach(), expected[0])
@@ -220,7 +247,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 @pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "triton", "reference"])
 def test_int32_targets_and_a_list_of_counts_are_accepted(name):
-    logits, target, counts = _inputs((2, 3, 10))
+    logits, target, counts = loss_inputs((2, 3, 10))
     expected = ride_loss_reference(logits, target, counts, drw=True)
     with backend(name):
         assert_close(ride_loss(logits, target.int(), counts.tolist(), drw=True), expected)
@@ -279,7 +306,7 @@ def _check_against_reference(name, logits, target, counts, reduction, rows):
 @pytest.mark.parametrize("ignored", list(IGNORED_ROWS))
 def test_reductions_and_ignored_rows_match_the_reference(name, reduction, ignored):
     torch.manual_seed(0)
-    logits, target, counts = _inputs((3, 5, 7))
+    logits, target, counts = loss_inputs((3, 5, 7))
     rows = IGNORED_ROWS[ignored]
     _check_against_reference(name, logits, _with_ignored(target, rows), counts, reduction, rows)
 
@@ -293,7 +320,7 @@ def test_cuda_reductions_and_ignored_rows_match_the_reference(name, reduction, i
     if name == "cpp" and not fastlt._extension.HAS_CUDA:
         pytest.skip("extension built without CUDA kernels")
     torch.manual_seed(0)
-    logits, target, counts = _inputs((3, 5, 1100))
+    logits, target, counts = loss_inputs((3, 5, 1100))
     rows = IGNORED_ROWS[ignored]
     logits = logits.detach().cuda().requires_grad_(True)
     _check_against_reference(name, logits, _with_ignored(target, rows).cuda(), counts.cuda(), reduction, rows)
@@ -303,7 +330,7 @@ def test_cuda_reductions_and_ignored_rows_match_the_reference(name, reduction, i
 @pytest.mark.parametrize("drw", [False, True])
 def test_mean_is_weighted_cross_entropy_plus_batchmean_kl_over_the_kept_rows(name, drw):
     torch.manual_seed(1)
-    logits, target, counts = _inputs((2, 6, 9), torch.float64)
+    logits, target, counts = loss_inputs((2, 6, 9), torch.float64)
     target = _with_ignored(target, [0, 4], ignore_index=-1)
     kept = target != -1
     margins = 30 * ldam_margins(counts, 0.5)
@@ -323,7 +350,7 @@ def test_mean_is_weighted_cross_entropy_plus_batchmean_kl_over_the_kept_rows(nam
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_none_rows_add_up_to_the_sum(name):
-    logits, target, counts = _inputs((2, 5, 7))
+    logits, target, counts = loss_inputs((2, 5, 7))
     target = _with_ignored(target, [2])
     with backend(name):
         rows = ride_loss(logits, target, counts, drw=True, reduction="none")
@@ -335,7 +362,7 @@ def test_none_rows_add_up_to_the_sum(name):
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_gradcheck_fp64_with_an_ignored_row(name, reduction):
-    logits, target, counts = _inputs((2, 3, 4), torch.float64, scale=2.0)
+    logits, target, counts = loss_inputs((2, 3, 4), torch.float64, scale=2.0)
     target = _with_ignored(target, [1])
     with backend(name):
         assert torch.autograd.gradcheck(
@@ -347,7 +374,7 @@ def test_reduction_none_gradient_matches_central_differences_fp64(name):
     """gradcheck's fast mode, written out (directional derivatives): gradcheck backpropagates twice through one
     graph, which the fused ops refuse for a [B] grad_output (they scale the saved gradient in place,
     fastlt/ops/_fused_loss.py)."""
-    logits, target, counts = _inputs((2, 3, 4), torch.float64, scale=2.0)
+    logits, target, counts = loss_inputs((2, 3, 4), torch.float64, scale=2.0)
     target = _with_ignored(target, [1])
 
     def objective(z):  # the rows weighted unevenly
@@ -366,7 +393,7 @@ def test_reduction_none_gradient_matches_central_differences_fp64(name):
 @pytest.mark.parametrize("op_name", raw_ops("ride_loss"))
 @pytest.mark.parametrize("reduction", [0, 1])  # none, mean
 def test_opcheck_with_a_reduction_and_an_ignored_row(op_name, reduction):
-    logits, target, _ = _inputs((2, 3, 10))
+    logits, target, _ = loss_inputs((2, 3, 10))
     args = (logits, _with_ignored(target, [1]), torch.rand(10), torch.rand(10) + 0.5, torch.rand(10) + 0.5, -0.45,
             reduction, -100, True)
     torch.library.opcheck(raw_op(op_name), args,
@@ -375,7 +402,7 @@ def test_opcheck_with_a_reduction_and_an_ignored_row(op_name, reduction):
 
 @pytest.mark.parametrize("name", FUSED_BACKENDS)
 def test_torch_compile_fullgraph_with_reduction_none(name):
-    logits, target, counts = _inputs((2, 4, 9))
+    logits, target, counts = loss_inputs((2, 4, 9))
     target = _with_ignored(target, [1])
     compiled = torch.compile(lambda z: ride_loss(z, target, counts, drw=True, reduction="none"), fullgraph=True,
                              backend="aot_eager")
@@ -410,7 +437,7 @@ def test_create_graph_with_reduction_none_matches_the_reference(name):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_bad_reduction_or_ignore_index_is_refused(name):
-    logits, target, counts = _inputs((2, 3, 10))
+    logits, target, counts = loss_inputs((2, 3, 10))
     for function in (ride_loss, ride_loss_reference):
         with backend(name):
             with pytest.raises(ValueError, match="reduction must be one of"):
@@ -425,10 +452,39 @@ def test_bad_reduction_or_ignore_index_is_refused(name):
 
 @pytest.mark.parametrize("op_name", raw_ops("ride_loss"))
 def test_raw_op_refuses_a_bad_reduction_code_and_a_label_that_is_not_ignored(op_name):
-    logits, target, _ = _inputs((2, 3, 10))
+    logits, target, _ = loss_inputs((2, 3, 10))
     tables = (torch.zeros(10), None, torch.ones(10), -0.45)
     op = raw_op(op_name)
     with pytest.raises(ValueError, match="reduction must be 0"):
         op(logits.detach(), target, *tables, 3, -100, False)
     with pytest.raises(ValueError, match="target must be in"):
         op(logits.detach(), _with_ignored(target, [0]), *tables, 1, -1, False)
+
+
+# ---- second order, torch.func and the raw op's refusals: the checks shared with the other fused losses ----
+
+SECOND_ORDER_CASES = ["ride_loss", "ride_loss_without_diversity"]
+
+
+@pytest.mark.parametrize("case", SECOND_ORDER_CASES)
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_create_graph_keeps_the_second_order_term(case, name):
+    loss_cases.check_create_graph_keeps_the_second_order_term(case, name)
+
+
+@needs_cpp
+def test_gradgradcheck_fp64():
+    """cpp only: the Triton ops share the autograd glue (and the interpreter makes gradgradcheck slow)."""
+    loss_cases.check_gradgradcheck_fp64("ride_loss_without_diversity", "cpp")
+
+
+@pytest.mark.parametrize("case", SECOND_ORDER_CASES)
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_torch_func_grad_and_vmap(case, name):
+    loss_cases.check_torch_func_grad_and_vmap(case, name)
+
+
+@pytest.mark.parametrize("overload", raw_ops("ride_loss"))
+@pytest.mark.parametrize("change", loss_cases.raw_refusals("ride_loss"))
+def test_raw_ops_refuse_bad_arguments_with_value_error(overload, change):
+    loss_cases.check_raw_op_refuses_with_value_error(overload, change)
