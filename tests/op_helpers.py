@@ -74,9 +74,14 @@ def loss_and_grad(fn, logits, *args, **kwargs):
     return loss.detach(), grad
 
 
+def backend_param(name, *values):
+    """A parameter ``(name, *values)`` for backend ``name`` (skipped for cpp without the build)."""
+    return pytest.param(name, *values, marks=[needs_cpp] if name == "cpp" else [])
+
+
 def on_cpu(name, *values):
     """A parameter ``(name, "cpu", *values)``: backend ``name`` on CPU tensors (skipped for cpp without the build)."""
-    return pytest.param(name, "cpu", *values, marks=[needs_cpp] if name == "cpp" else [])
+    return backend_param(name, "cpu", *values)
 
 
 def on_cuda(name, *values):

@@ -1,7 +1,15 @@
+"""reslt_loss on every backend: the reference, the C++ kernels, the Triton kernels (run on CPU tensors under
+TRITON_INTERPRET=1, tests/conftest.py, on small shapes as the interpreter is slow) and, in `gpu`-marked cases, the CUDA
+kernels and Triton on a CUDA device."""
+
+import loss_cases
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import TOLERANCES, assert_close, backend, needs_cpp, needs_cuda, raw_op, raw_ops
+from loss_cases import nested_groups
+from op_helpers import (COMPILED_BACKENDS, TOLERANCES, assert_close, backend, backend_param, call_cuda_kernel,
+                        loss_and_grad, loss_inputs, needs_cpp, needs_cuda, needs_cuda_build, on_cpu, on_cuda, raw_op,
+                        raw_ops)
 
 import fastlt
 from fastlt.ops import reslt_groups, reslt_loss, reslt_loss_reference
@@ -9,24 +17,10 @@ from fastlt.ops import reslt_groups, reslt_loss, reslt_loss_reference
 CIFAR100_COUNTS = (500 * 0.01 ** (torch.arange(100) / 99)).floor()  # CIFAR-100-LT, r = 100
 
 
-def _groups(num_branches, num_classes):
-    """Nested groups as ResLT builds them: all classes, then ever smaller tails at high labels."""
-    masks = torch.ones(num_branches, num_classes, dtype=torch.bool)
-    for branch in range(1, num_branches):
-        masks[branch, : num_classes * branch // num_branches] = False
-    return masks
-
-
-def _inputs(shape, dtype=torch.float32, scale=10.0):
-    K, B, C = shape
-    logits = (torch.randn(K, B, C) * scale).to(dtype).requires_grad_(True)
-    return logits, torch.randint(0, C, (B,)), _groups(K, C)
-
-
-def _loss_and_grad(fn, logits, target, groups, beta=0.9, **kwargs):
-    loss = fn(logits, target, groups, beta=beta, **kwargs)
-    (grad,) = torch.autograd.grad(loss, logits)
-    return loss.detach(), grad
+def _inputs(shape, dtype=torch.float32, scale=10.0, device="cpu"):
+    """loss_inputs with ResLT's nested group masks in place of the class counts."""
+    logits, target, _ = loss_inputs(shape, dtype, scale, device)
+    return logits, target, nested_groups(shape[0], shape[2]).to(device)
 
 
 def test_reference_matches_the_reslt_formula_by_hand():
@@ -61,22 +55,27 @@ def test_reference_log_eps_is_the_official_resLT_cross_entropy():
     assert (exact - expected).abs() > 1e-6  # at scale 30 the epsilon matters: 0 is not the official loss
 
 
-@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "reference"])
+@pytest.mark.parametrize("name, shape", [("reference", (3, 4, 5)), backend_param("cpp", (3, 4, 5)),
+                                         ("triton", (2, 2, 3))])
 @pytest.mark.parametrize("log_eps", [1e-7, 0.05])
-def test_log_eps_gradcheck_fp64(name, log_eps):
-    logits, target, groups = _inputs((3, 4, 5), torch.float64, scale=3.0)
+def test_log_eps_gradcheck_fp64(name, shape, log_eps):
+    logits, target, groups = _inputs(shape, torch.float64, scale=3.0)
     with backend(name):
         assert torch.autograd.gradcheck(lambda z: reslt_loss(z, target, groups, beta=0.7, log_eps=log_eps), (logits,))
 
 
-@needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("log_eps", [1e-7, 1e-3, 0.3])
-def test_cpp_log_eps_matches_reference(dtype, log_eps):
-    logits, target, groups = _inputs((3, 6, 40), dtype, scale=8.0)
-    expected_loss, expected_grad = _loss_and_grad(reslt_loss_reference, logits, target, groups, log_eps=log_eps)
-    with backend("cpp"):
-        loss, grad = _loss_and_grad(reslt_loss, logits, target, groups, log_eps=log_eps)
+LOG_EPS_CASES = ([on_cpu("cpp", (3, 6, 40), dtype, log_eps) for dtype in [torch.float64, torch.float32]
+                  for log_eps in [1e-7, 1e-3, 0.3]]
+                 + [on_cpu("triton", (3, 5, 1100), torch.float32, log_eps) for log_eps in [1e-7, 0.05]])
+
+
+@pytest.mark.parametrize("name, device, shape, dtype, log_eps", LOG_EPS_CASES)
+def test_log_eps_matches_reference(name, device, shape, dtype, log_eps):
+    logits, target, groups = _inputs(shape, dtype, scale=8.0, device=device)
+    expected_loss, expected_grad = loss_and_grad(reslt_loss_reference, logits, target, groups, beta=0.9,
+                                                 log_eps=log_eps)
+    with backend(name):
+        loss, grad = loss_and_grad(reslt_loss, logits, target, groups, beta=0.9, log_eps=log_eps)
     assert_close(loss, expected_loss, dtype)
     torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-12, rtol=1e-5)
 
@@ -88,8 +87,8 @@ def test_log_eps_caps_the_loss_of_a_hopeless_sample(name):
     logits.requires_grad_(True)
     target, groups = torch.tensor([3]), torch.ones(1, 4, dtype=torch.bool)
     with backend(name):
-        exact, exact_grad = _loss_and_grad(reslt_loss, logits, target, groups, beta=0.5)
-        capped, capped_grad = _loss_and_grad(reslt_loss, logits, target, groups, beta=0.5, log_eps=1e-7)
+        exact, exact_grad = loss_and_grad(reslt_loss, logits, target, groups, beta=0.5)
+        capped, capped_grad = loss_and_grad(reslt_loss, logits, target, groups, beta=0.5, log_eps=1e-7)
     torch.testing.assert_close(exact, torch.tensor(800.0 + torch.log(torch.tensor(3.0)).item(), dtype=torch.float64))
     torch.testing.assert_close(capped, -torch.log(torch.tensor(1e-7, dtype=torch.float64)))
     assert exact_grad[0, 0, 3] == -1.0 and capped_grad.abs().max() < 1e-300  # p / (p + eps) = 0
@@ -143,15 +142,18 @@ def test_cutoffs_need_frequency_sorted_labels():
         reslt_groups(CIFAR100_COUNTS[torch.randperm(100)], cutoffs=[35, 70])
 
 
-@needs_cpp
-@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 2), (2, 5, 7), (3, 4, 33), (3, 6, 300), (3, 2, 8142),
-                                   (4, 3, 50)])
-@pytest.mark.parametrize("beta", [0.0, 0.72, 0.995, 1.0])
-def test_cpp_matches_reference_fp32(shape, beta):
-    logits, target, groups = _inputs(shape)
-    expected_loss, expected_grad = _loss_and_grad(reslt_loss_reference, logits, target, groups, beta)
-    with backend("cpp"):
-        loss, grad = _loss_and_grad(reslt_loss, logits, target, groups, beta)
+MATCH_CASES = ([on_cpu("cpp", shape, beta) for shape in [(1, 1, 1), (2, 3, 2), (2, 5, 7), (3, 4, 33), (3, 6, 300),
+                                                         (3, 2, 8142), (4, 3, 50)]
+                for beta in [0.0, 0.72, 0.995, 1.0]]
+               + [on_cpu("triton", shape, 0.9) for shape in [(1, 1, 1), (3, 5, 7), (2, 3, 1100)]])
+
+
+@pytest.mark.parametrize("name, device, shape, beta", MATCH_CASES)
+def test_matches_reference_fp32(name, device, shape, beta):
+    logits, target, groups = _inputs(shape, device=device)
+    expected_loss, expected_grad = loss_and_grad(reslt_loss_reference, logits, target, groups, beta=beta)
+    with backend(name):
+        loss, grad = loss_and_grad(reslt_loss, logits, target, groups, beta=beta)
     assert_close(loss, expected_loss)
     torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-9, rtol=1e-5)
 
@@ -163,69 +165,85 @@ def test_no_label_in_any_group_leaves_only_the_fused_term():
     groups[0, 0] = groups[1, 1] = True
     target.fill_(3)
     with backend("cpp"):
-        loss, grad = _loss_and_grad(reslt_loss, logits, target, groups, 0.9)
-    expected_loss, expected_grad = _loss_and_grad(reslt_loss_reference, logits, target, groups, 0.9)
+        loss, grad = loss_and_grad(reslt_loss, logits, target, groups, beta=0.9)
+    expected_loss, expected_grad = loss_and_grad(reslt_loss_reference, logits, target, groups, beta=0.9)
     torch.testing.assert_close(loss, 0.1 * F.cross_entropy(logits.detach().sum(0), target))
     assert_close(loss, expected_loss)
     assert_close(grad, expected_grad)
 
 
-@needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cpp_low_precision_tolerance_table(dtype):
-    logits, target, groups = _inputs((3, 6, 300), dtype)
-    expected_loss, expected_grad = _loss_and_grad(reslt_loss_reference, logits, target, groups)
-    with backend("cpp"):
-        loss, grad = _loss_and_grad(reslt_loss, logits, target, groups)
-    assert loss.dtype == torch.float32 and grad.dtype == dtype
+TOLERANCE_CASES = ([on_cpu("cpp", (3, 6, 300), dtype) for dtype in [torch.float16, torch.bfloat16]]
+                   + [on_cpu("triton", (3, 4, 40), dtype) for dtype in [torch.float16, torch.bfloat16]]
+                   + [on_cuda(name, (3, 64, 8142), dtype) for name in ["cpp", "triton"] for dtype in TOLERANCES])
+
+
+@pytest.mark.parametrize("name, device, shape, dtype", TOLERANCE_CASES)
+def test_dtype_tolerance_table(name, device, shape, dtype):
+    logits, target, groups = _inputs(shape, dtype, device=device)
+    expected_loss, expected_grad = loss_and_grad(reslt_loss_reference, logits, target, groups, beta=0.9)
+    with backend(name):
+        loss, grad = loss_and_grad(reslt_loss, logits, target, groups, beta=0.9)
+    assert loss.dtype == torch.promote_types(dtype, torch.float32) and grad.dtype == dtype
     assert_close(loss, expected_loss, dtype)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(grad, expected_grad, atol=atol * expected_grad.abs().max().item(), rtol=rtol)
 
 
-@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "reference"])
-@pytest.mark.parametrize("num_branches", [2, 3])
-def test_gradcheck_fp64(name, num_branches):
-    logits, target, groups = _inputs((num_branches, 4, 5), torch.float64, scale=2.0)
+@pytest.mark.parametrize("name, shape", [("reference", (2, 4, 5)), ("reference", (3, 4, 5)),
+                                         backend_param("cpp", (2, 4, 5)), backend_param("cpp", (3, 4, 5)),
+                                         ("triton", (2, 2, 3))])  # small: the interpreter runs every probe
+def test_gradcheck_fp64(name, shape):
+    logits, target, groups = _inputs(shape, torch.float64, scale=2.0)
     with backend(name):
         assert torch.autograd.gradcheck(lambda z: reslt_loss(z, target, groups, beta=0.7), (logits,))
 
 
-@needs_cpp
-def test_strided_inputs_are_read_in_place():
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_strided_inputs_are_read_in_place(name):
     stacked = torch.randn(6, 3, 64) * 10  # [B, K, C], as torch.stack(outputs, dim=1) gives
     target = torch.randint(0, 64, (6,))
-    groups = _groups(3, 64)
+    groups = nested_groups(3, 64)
     for view in (stacked.transpose(0, 1), torch.randn(3, 6, 128)[:, :, ::2] * 10):
         view = view.requires_grad_(True) if view.is_leaf else view.detach().requires_grad_(True)
-        expected = _loss_and_grad(reslt_loss_reference, view.contiguous(), target, groups)
-        with backend("cpp"):
-            actual = _loss_and_grad(reslt_loss, view, target, groups)
+        expected = loss_and_grad(reslt_loss_reference, view.contiguous(), target, groups, beta=0.9)
+        with backend(name):
+            actual = loss_and_grad(reslt_loss, view, target, groups, beta=0.9)
         assert_close(actual[0], expected[0])
         torch.testing.assert_close(actual[1], expected[1], atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_strided_target_matches_contiguous(name):
+    logits = torch.randn(3, 8, 20, dtype=torch.float64)
+    groups = reslt_groups(torch.arange(200, 0, -10), cutoffs=[7, 14])
+    target = torch.randint(0, 20, (16,))[::2]
+    assert not target.is_contiguous()
+    with backend(name):
+        torch.testing.assert_close(reslt_loss(logits, target, groups, beta=0.9),
+                                   reslt_loss_reference(logits, target.contiguous(), groups, beta=0.9))
 
 
 @needs_cpp
 @pytest.mark.parametrize("dtype, magnitude", [(torch.float32, 1e4), (torch.float16, 6e4)])
 def test_extreme_logits_stay_finite(dtype, magnitude):
     logits = ((torch.rand(3, 5, 50) * 2 - 1) * magnitude).to(dtype).requires_grad_(True)
-    target, groups = torch.randint(0, 50, (5,)), _groups(3, 50)
+    target, groups = torch.randint(0, 50, (5,)), nested_groups(3, 50)
     with backend("cpp"):
-        loss, grad = _loss_and_grad(reslt_loss, logits, target, groups)
+        loss, grad = loss_and_grad(reslt_loss, logits, target, groups, beta=0.9)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     if dtype == torch.float32:
-        expected_loss, expected_grad = _loss_and_grad(reslt_loss_reference, logits, target, groups)
+        expected_loss, expected_grad = loss_and_grad(reslt_loss_reference, logits, target, groups, beta=0.9)
         torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-2)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
 
 
-@needs_cpp
-def test_nan_logit_makes_loss_and_its_row_nan():
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_nan_logit_makes_loss_and_its_row_nan(name):
     logits, target, groups = _inputs((3, 3, 10))
     with torch.no_grad():
         logits[1, 2, 4] = float("nan")
-    with backend("cpp"):
-        loss, grad = _loss_and_grad(reslt_loss, logits, target, groups)
+    with backend(name):
+        loss, grad = loss_and_grad(reslt_loss, logits, target, groups, beta=0.9)
     assert torch.isnan(loss)
     assert torch.isnan(grad[:, 2]).all() and torch.isfinite(grad[:, :2]).all()
 
@@ -276,7 +294,7 @@ def test_cpp_op_checks_its_own_arguments():
 def test_backward_scales_by_grad_output_and_keeps_one_gradient_buffer():
     logits, target, groups = _inputs((3, 3, 10))
     with backend("cpp"):
-        _, unit_grad = _loss_and_grad(reslt_loss, logits, target, groups)
+        _, unit_grad = loss_and_grad(reslt_loss, logits, target, groups, beta=0.9)
         (reslt_loss(logits, target, groups, beta=0.9) * 2.5).backward()
     torch.testing.assert_close(logits.grad, 2.5 * unit_grad)
     with backend("cpp"):
@@ -286,20 +304,28 @@ def test_backward_scales_by_grad_output_and_keeps_one_gradient_buffer():
     assert grad.numel() == 0
 
 
-@needs_cpp
-def test_opcheck():
+@pytest.mark.parametrize("op_name", raw_ops("reslt_loss"))
+def test_opcheck(op_name):
     logits, target, groups = _inputs((3, 3, 10))
-    torch.library.opcheck(torch.ops.fastlt.reslt_loss.default, (logits, target, groups, 0.9, 1e-7, 1, -100, True),
+    torch.library.opcheck(raw_op(op_name), (logits, target, groups, 0.9, 1e-7, 1, -100, True),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-@needs_cpp
-@pytest.mark.slow
-def test_torch_compile_fullgraph_matches_eager():
-    logits, target, groups = _inputs((3, 4, 20))
-    compiled = torch.compile(lambda z: reslt_loss(z, target, groups, beta=0.9), fullgraph=True)
-    with backend("cpp"):
-        expected = _loss_and_grad(reslt_loss, logits, target, groups)
+@needs_cuda_build
+def test_cuda_launcher_refuses_cpu_tensors():
+    logits, target, groups = _inputs((2, 3, 10))
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        call_cuda_kernel("reslt_loss", logits.detach(), target, groups, 0.9, 1e-7, 1, -100, True)
+
+
+@pytest.mark.parametrize("name, compiler, shape", [pytest.param("cpp", "inductor", (3, 4, 20),
+                                                                marks=[needs_cpp, pytest.mark.slow]),
+                                                   ("triton", "aot_eager", (2, 3, 9))])
+def test_torch_compile_fullgraph_matches_eager(name, compiler, shape):
+    logits, target, groups = _inputs(shape)
+    compiled = torch.compile(lambda z: reslt_loss(z, target, groups, beta=0.9), fullgraph=True, backend=compiler)
+    expected = loss_and_grad(reslt_loss_reference, logits, target, groups, beta=0.9)
+    with backend(name):
         loss = compiled(logits)
         (grad,) = torch.autograd.grad(loss, logits)
     assert_close(loss.detach(), expected[0])
@@ -499,7 +525,8 @@ def test_torch_compile_fullgraph_reduction_none(name):
 def test_create_graph_with_reduction_none(name):
     """A gradient penalty through the per-row losses: the backward is differentiated (the eager formula's path)."""
     features, weight = torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
-    target, groups, grad_output = torch.tensor([0, 5, -100, 3, 4]), _groups(2, 6), torch.rand(5, dtype=torch.float64)
+    target, groups = torch.tensor([0, 5, -100, 3, 4]), nested_groups(2, 6)
+    grad_output = torch.rand(5, dtype=torch.float64)
 
     def penalised(fn):
         weight_leaf = weight.clone().requires_grad_(True)
@@ -557,3 +584,28 @@ def test_cuda_reductions_and_ignored_rows_match_the_reference(name, reduction, i
     for key in ("branch", "fused"):
         assert_close(components[key], expected[2][key])
     assert (grad[:, IGNORED_ROWS[ignored]] == 0).all()
+
+
+# ---- second order, torch.func and the raw op's refusals: the checks shared with the other fused losses ----
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_create_graph_keeps_the_second_order_term(name):
+    loss_cases.check_create_graph_keeps_the_second_order_term("reslt_loss", name)
+
+
+@needs_cpp
+def test_gradgradcheck_fp64():
+    """cpp only: the Triton ops share the autograd glue (and the interpreter makes gradgradcheck slow)."""
+    loss_cases.check_gradgradcheck_fp64("reslt_loss", "cpp")
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_torch_func_grad_and_vmap(name):
+    loss_cases.check_torch_func_grad_and_vmap("reslt_loss", name)
+
+
+@pytest.mark.parametrize("overload", raw_ops("reslt_loss"))
+@pytest.mark.parametrize("change", loss_cases.raw_refusals("reslt_loss"))
+def test_raw_ops_refuse_bad_arguments_with_value_error(overload, change):
+    loss_cases.check_raw_op_refuses_with_value_error(overload, change)

@@ -6,9 +6,9 @@ import loss_cases
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import (COMPILED_BACKENDS, TOLERANCES, assert_close, backend, call_cuda_kernel, long_tail_counts,
-                        loss_and_grad, loss_inputs, needs_cpp, needs_cuda, needs_cuda_build, on_cpu, on_cuda, raw_op,
-                        raw_ops)
+from op_helpers import (COMPILED_BACKENDS, TOLERANCES, assert_close, backend, backend_param, call_cuda_kernel,
+                        long_tail_counts, loss_and_grad, loss_inputs, needs_cpp, needs_cuda, needs_cuda_build, on_cpu,
+                        on_cuda, raw_op, raw_ops)
 
 import fastlt
 from fastlt.ops import ride_loss, ride_loss_reference
@@ -68,8 +68,7 @@ def test_dtype_tolerance_table(name, device, shape, dtype):
 
 
 @pytest.mark.parametrize("name, shape, drw", [
-    *[pytest.param(name, (3, 4, 5), drw, marks=[needs_cpp] if name == "cpp" else []) for name in ["reference", "cpp"]
-      for drw in [False, True]],
+    *[backend_param(name, (3, 4, 5), drw) for name in ["reference", "cpp"] for drw in [False, True]],
     ("triton", (2, 2, 3), True),  # small: the interpreter runs every gradcheck probe
 ])
 def test_gradcheck_fp64(name, shape, drw):
