@@ -1,22 +1,21 @@
+"""prior_shifted_ce on every backend: the reference, the C++ kernels, the Triton kernels (run on CPU tensors under
+TRITON_INTERPRET=1, tests/conftest.py, on small shapes as the interpreter is slow) and, in `gpu`-marked cases, the CUDA
+kernels and Triton on a CUDA device."""
+
+import loss_cases
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import (TOLERANCES, assert_close, backend, long_tail_counts, needs_cpp, needs_cuda, needs_cuda_build,
-                        raw_op, raw_ops)
+from op_helpers import (COMPILED_BACKENDS, TOLERANCES, assert_close, backend, backend_param, call_cuda_kernel,
+                        long_tail_counts, loss_and_grad, loss_inputs, needs_cpp, needs_cuda, needs_cuda_build, on_cpu,
+                        on_cuda, raw_op, raw_ops)
 
 from fastlt.ops import prior_shifted_ce, prior_shifted_ce_reference, shifted_ce
 
-def _inputs(shape, dtype=torch.float32, scale=10.0):
-    E, B, C = shape
-    logits = (torch.randn(E, B, C) * scale).to(dtype).requires_grad_(True)
-    taus = torch.linspace(-1.0, 2.0, E).tolist()  # one per expert (RIDE-style experts with different adjustments)
-    return logits, torch.randint(0, C, (B,)), long_tail_counts(C), taus
 
-
-def _loss_and_grad(fn, logits, target, counts, taus):
-    loss = fn(logits, target, counts, taus=taus)
-    (grad,) = torch.autograd.grad(loss, logits)
-    return loss.detach(), grad
+def _inputs(shape, dtype=torch.float32, scale=10.0, device="cpu"):
+    """loss_inputs and one tau per expert (RIDE-style experts with different adjustments)."""
+    return *loss_inputs(shape, dtype, scale, device), torch.linspace(-1.0, 2.0, shape[0]).tolist()
 
 
 def test_reference_matches_the_formula_by_hand():
@@ -37,50 +36,68 @@ def test_zero_tau_is_plain_cross_entropy(name):
     assert_close(loss, F.cross_entropy(logits[0], target))
 
 
-@needs_cpp
-@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 3, 2), (2, 5, 7), (3, 4, 33), (5, 3, 300), (6, 2, 64),
-                                   (2, 2, 8142)])
-def test_cpp_matches_reference_fp32(shape):
-    logits, target, counts, taus = _inputs(shape)
-    expected_loss, expected_grad = _loss_and_grad(prior_shifted_ce_reference, logits, target, counts, taus)
-    with backend("cpp"):
-        loss, grad = _loss_and_grad(prior_shifted_ce, logits, target, counts, taus)
+MATCH_CASES = ([on_cpu("cpp", shape) for shape in [(1, 1, 1), (1, 3, 2), (2, 5, 7), (3, 4, 33), (5, 3, 300), (6, 2, 64),
+                                                   (2, 2, 8142)]]
+               + [on_cpu("triton", shape) for shape in [(1, 1, 1), (3, 5, 7), (2, 3, 1100)]])
+
+
+@pytest.mark.parametrize("name, device, shape", MATCH_CASES)
+def test_matches_reference_fp32(name, device, shape):
+    logits, target, counts, taus = _inputs(shape, device=device)
+    expected_loss, expected_grad = loss_and_grad(prior_shifted_ce_reference, logits, target, counts, taus=taus)
+    with backend(name):
+        loss, grad = loss_and_grad(prior_shifted_ce, logits, target, counts, taus=taus)
     assert_close(loss, expected_loss)
     torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-9, rtol=1e-5)
 
 
-@needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cpp_low_precision_tolerance_table(dtype):
-    logits, target, counts, taus = _inputs((3, 6, 300), dtype)
-    expected_loss, expected_grad = _loss_and_grad(prior_shifted_ce_reference, logits, target, counts, taus)
-    with backend("cpp"):
-        loss, grad = _loss_and_grad(prior_shifted_ce, logits, target, counts, taus)
-    assert loss.dtype == torch.float32 and grad.dtype == dtype
+TOLERANCE_CASES = ([on_cpu("cpp", (3, 6, 300), dtype) for dtype in [torch.float16, torch.bfloat16]]
+                   + [on_cpu("triton", (3, 4, 40), dtype) for dtype in [torch.float16, torch.bfloat16]]
+                   + [on_cuda(name, (3, 64, 8142), dtype) for name in ["cpp", "triton"] for dtype in TOLERANCES])
+
+
+@pytest.mark.parametrize("name, device, shape, dtype", TOLERANCE_CASES)
+def test_dtype_tolerance_table(name, device, shape, dtype):
+    logits, target, counts, taus = _inputs(shape, dtype, device=device)
+    expected_loss, expected_grad = loss_and_grad(prior_shifted_ce_reference, logits, target, counts, taus=taus)
+    with backend(name):
+        loss, grad = loss_and_grad(prior_shifted_ce, logits, target, counts, taus=taus)
+    assert loss.dtype == torch.promote_types(dtype, torch.float32) and grad.dtype == dtype
     assert_close(loss, expected_loss, dtype)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(grad, expected_grad, atol=atol * expected_grad.abs().max().item(), rtol=rtol)
 
 
-@pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "reference"])
-@pytest.mark.parametrize("num_experts", [1, 3])
-def test_gradcheck_fp64(name, num_experts):
-    logits, target, counts, taus = _inputs((num_experts, 4, 5), torch.float64, scale=2.0)
+@pytest.mark.parametrize("name, shape", [("reference", (1, 4, 5)), ("reference", (3, 4, 5)),
+                                         backend_param("cpp", (1, 4, 5)), backend_param("cpp", (3, 4, 5)),
+                                         ("triton", (2, 2, 3))])  # small: the interpreter runs every probe
+def test_gradcheck_fp64(name, shape):
+    logits, target, counts, taus = _inputs(shape, torch.float64, scale=2.0)
     with backend(name):
         assert torch.autograd.gradcheck(lambda z: prior_shifted_ce(z, target, counts, taus=taus), (logits,))
 
 
-@needs_cpp
-def test_strided_inputs_are_read_in_place():
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_strided_inputs_are_read_in_place(name):
     stacked = torch.randn(6, 3, 64) * 10  # [B, E, C], as torch.stack(outputs, dim=1) gives
     target, counts, taus = torch.randint(0, 64, (6,)), long_tail_counts(64), [1.0, 0.5, 0.0]
     for view in (stacked.transpose(0, 1), torch.randn(3, 6, 128)[:, :, ::2] * 10):
         view = view.requires_grad_(True) if view.is_leaf else view.detach().requires_grad_(True)
-        expected = _loss_and_grad(prior_shifted_ce_reference, view.contiguous(), target, counts, taus)
-        with backend("cpp"):
-            actual = _loss_and_grad(prior_shifted_ce, view, target, counts, taus)
+        expected = loss_and_grad(prior_shifted_ce_reference, view.contiguous(), target, counts, taus=taus)
+        with backend(name):
+            actual = loss_and_grad(prior_shifted_ce, view, target, counts, taus=taus)
         assert_close(actual[0], expected[0])
         torch.testing.assert_close(actual[1], expected[1], atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_strided_target_matches_contiguous(name):
+    logits, counts, taus = torch.randn(3, 8, 20, dtype=torch.float64), torch.arange(200, 0, -10), [0.0, 1.0, 2.0]
+    target = torch.randint(0, 20, (16,))[::2]
+    assert not target.is_contiguous()
+    with backend(name):
+        torch.testing.assert_close(prior_shifted_ce(logits, target, counts, taus=taus),
+                                   prior_shifted_ce_reference(logits, target.contiguous(), counts, taus=taus))
 
 
 @needs_cpp
@@ -91,21 +108,21 @@ def test_extreme_logits_and_count_ratios_stay_finite(dtype, magnitude):
     counts[:3] = 1e6  # a 1e6 : 1 imbalance and classes with a single sample
     target, taus = torch.randint(0, 50, (5,)), [1.0, 2.0]
     with backend("cpp"):
-        loss, grad = _loss_and_grad(prior_shifted_ce, logits, target, counts, taus)
+        loss, grad = loss_and_grad(prior_shifted_ce, logits, target, counts, taus=taus)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     if dtype == torch.float32:
-        expected_loss, expected_grad = _loss_and_grad(prior_shifted_ce_reference, logits, target, counts, taus)
+        expected_loss, expected_grad = loss_and_grad(prior_shifted_ce_reference, logits, target, counts, taus=taus)
         torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-2)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
 
 
-@needs_cpp
-def test_nan_logit_makes_loss_and_its_row_nan():
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_nan_logit_makes_loss_and_its_row_nan(name):
     logits, target, counts, taus = _inputs((2, 3, 10))
     with torch.no_grad():
         logits[1, 2, 4] = float("nan")
-    with backend("cpp"):
-        loss, grad = _loss_and_grad(prior_shifted_ce, logits, target, counts, taus)
+    with backend(name):
+        loss, grad = loss_and_grad(prior_shifted_ce, logits, target, counts, taus=taus)
     assert torch.isnan(loss)
     assert torch.isnan(grad[1, 2]).all() and torch.isfinite(grad[0]).all() and torch.isfinite(grad[1, :2]).all()
 
@@ -143,28 +160,36 @@ def test_cpp_op_checks_its_own_arguments():
 def test_backward_scales_by_grad_output_and_keeps_one_gradient_buffer():
     logits, target, counts, taus = _inputs((2, 3, 10))
     with backend("cpp"):
-        _, unit_grad = _loss_and_grad(prior_shifted_ce, logits, target, counts, taus)
+        _, unit_grad = loss_and_grad(prior_shifted_ce, logits, target, counts, taus=taus)
         (prior_shifted_ce(logits, target, counts, taus=taus) * 2.5).backward()
     torch.testing.assert_close(logits.grad, 2.5 * unit_grad)
     _, grad, _ = torch.ops.fastlt.prior_shifted_ce(logits.detach(), target, torch.zeros(2, 10), 1, -100, False)
     assert grad.numel() == 0
 
 
-@needs_cpp
-def test_opcheck():
+@pytest.mark.parametrize("op_name", raw_ops("prior_shifted_ce"))
+def test_opcheck(op_name):
     logits, target, _, _ = _inputs((2, 3, 10))
-    torch.library.opcheck(torch.ops.fastlt.prior_shifted_ce.default,
-                          (logits, target, torch.randn(2, 10), 1, -100, True),
+    torch.library.opcheck(raw_op(op_name), (logits, target, torch.randn(2, 10), 1, -100, True),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-@needs_cpp
-@pytest.mark.slow
-def test_torch_compile_fullgraph_matches_eager():
-    logits, target, counts, taus = _inputs((3, 4, 20))
-    compiled = torch.compile(lambda z: prior_shifted_ce(z, target, counts, taus=taus), fullgraph=True)
-    with backend("cpp"):
-        expected = _loss_and_grad(prior_shifted_ce, logits, target, counts, taus)
+@needs_cuda_build
+def test_cuda_launcher_refuses_cpu_tensors():
+    logits, target, _, _ = _inputs((2, 3, 10))
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        call_cuda_kernel("prior_shifted_ce", logits.detach(), target, torch.randn(2, 10), 1, -100, True)
+
+
+@pytest.mark.parametrize("name, compiler, shape", [pytest.param("cpp", "inductor", (3, 4, 20),
+                                                                marks=[needs_cpp, pytest.mark.slow]),
+                                                   ("triton", "aot_eager", (2, 3, 9))])
+def test_torch_compile_fullgraph_matches_eager(name, compiler, shape):
+    logits, target, counts, taus = _inputs(shape)
+    compiled = torch.compile(lambda z: prior_shifted_ce(z, target, counts, taus=taus), fullgraph=True,
+                             backend=compiler)
+    expected = loss_and_grad(prior_shifted_ce_reference, logits, target, counts, taus=taus)
+    with backend(name):
         loss = compiled(logits)
         (grad,) = torch.autograd.grad(loss, logits)
     assert_close(loss.detach(), expected[0])
@@ -179,7 +204,7 @@ BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton", "reference"]
 @pytest.mark.parametrize("name", BACKENDS)
 def test_single_head_int32_targets_list_counts_and_one_tau(name):
     logits, target, counts, _ = _inputs((1, 5, 9))
-    expected_loss, expected_grad = _loss_and_grad(prior_shifted_ce_reference, logits, target, counts, [0.7])
+    expected_loss, expected_grad = loss_and_grad(prior_shifted_ce_reference, logits, target, counts, taus=[0.7])
     head = logits.detach()[0].requires_grad_(True)
     with backend(name):
         loss = prior_shifted_ce(head, target.int(), counts.tolist(), taus=0.7)
@@ -460,3 +485,28 @@ def test_raw_ops_refuse_a_bad_reduction_code_and_label(overload):
         op(logits.detach(), target, shifts, 3, -100, False)
     with pytest.raises(ValueError, match="target must be in"):
         op(logits.detach(), torch.tensor([0, -1, -100]), shifts, 1, -100, False)
+
+
+# ---- second order, torch.func and the raw op's refusals: the checks shared with the other fused losses ----
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_create_graph_keeps_the_second_order_term(name):
+    loss_cases.check_create_graph_keeps_the_second_order_term("prior_shifted_ce", name)
+
+
+@needs_cpp
+def test_gradgradcheck_fp64():
+    """cpp only: the Triton ops share the autograd glue (and the interpreter makes gradgradcheck slow)."""
+    loss_cases.check_gradgradcheck_fp64("prior_shifted_ce", "cpp")
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_torch_func_grad_and_vmap(name):
+    loss_cases.check_torch_func_grad_and_vmap("prior_shifted_ce", name)
+
+
+@pytest.mark.parametrize("overload", raw_ops("prior_shifted_ce"))
+@pytest.mark.parametrize("change", loss_cases.raw_refusals("prior_shifted_ce"))
+def test_raw_ops_refuse_bad_arguments_with_value_error(overload, change):
+    loss_cases.check_raw_op_refuses_with_value_error(overload, change)
