@@ -44,9 +44,12 @@ run: build
 test: build
 	$(MAKE) lint pytest ctest nvcc-check portable-check
 
-# ruff's rule set and exceptions live in pyproject.toml ([tool.ruff]).
+# ruff's rule set and exceptions live in pyproject.toml ([tool.ruff]); clang-format's style in .clang-format (the
+# C++ / CUDA sources must be formatted: `$(VENV)/bin/clang-format -i FILE` fixes one).
 lint: venv
 	$(VENV)/bin/ruff check .
+	git ls-files 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'csrc/*.cuh' 'tests/cpp/*.cpp' 'tests/cpp/*.h' \
+		| xargs $(VENV)/bin/clang-format --dry-run --Werror
 
 # -p no:cacheprovider keeps a clean clone clean; pytest exits 5 when it collects nothing, which fails the target.
 pytest:

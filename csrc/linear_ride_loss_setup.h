@@ -23,15 +23,15 @@ struct Setup {
   int64_t E, B, C, D, chunk;
   at::ScalarType acc;
   bool diversity;
-  at::Tensor labels;                // [B] int64, -1 for ignored rows (never in a chunk)
-  at::Tensor row_margins;           // [B] the target logit's margin
-  at::Tensor ce_coef, div_coef;     // [B] each row's factor on its CE and on its diversity term (0: ignored)
-  at::Tensor inverse_temperature;   // [C]
-  at::Tensor bias;                  // [E, C] in the accumulation dtype, or undefined
-  at::Tensor unit_features;         // [E, B, D] normalised (or raw) features, contiguous
-  at::Tensor feature_norms;         // [E, B, 1] (normalize only)
-  at::Tensor column_scale;          // [E, C] scale / ||w_c|| (normalize only)
-  at::Tensor weight_above_eps;      // [E, C] bool (normalize only)
+  at::Tensor labels;               // [B] int64, -1 for ignored rows (never in a chunk)
+  at::Tensor row_margins;          // [B] the target logit's margin
+  at::Tensor ce_coef, div_coef;    // [B] each row's factor on its CE and on its diversity term (0: ignored)
+  at::Tensor inverse_temperature;  // [C]
+  at::Tensor bias;                 // [E, C] in the accumulation dtype, or undefined
+  at::Tensor unit_features;        // [E, B, D] normalised (or raw) features, contiguous
+  at::Tensor feature_norms;        // [E, B, 1] (normalize only)
+  at::Tensor column_scale;         // [E, C] scale / ||w_c|| (normalize only)
+  at::Tensor weight_above_eps;     // [E, C] bool (normalize only)
 };
 
 // A [C] per-class table on the weight's device, contiguous in the accumulation dtype.
@@ -56,8 +56,7 @@ inline Setup setup(const at::Tensor& features, const at::Tensor& weight, const s
   s.E = weight.size(0);
   s.C = weight.size(1);
   s.D = weight.size(2);
-  TORCH_CHECK_VALUE(s.E <= kMaxExperts, kOp, ": weight has ", s.E, " experts; at most ", kMaxExperts,
-                    " are supported");
+  TORCH_CHECK_VALUE(s.E <= kMaxExperts, kOp, ": weight has ", s.E, " experts; at most ", kMaxExperts, " are supported");
   TORCH_CHECK_VALUE(at::isFloatingType(weight.scalar_type()), kOp, ": weight must be floating, got ",
                     weight.scalar_type());
   TORCH_CHECK_VALUE((features.dim() == 2 || (features.dim() == 3 && features.size(0) == s.E)) &&
@@ -76,8 +75,7 @@ inline Setup setup(const at::Tensor& features, const at::Tensor& weight, const s
   check_loss_target(target, at::empty({}, weight.options()).expand({s.E, s.B, s.C}), kOp, ignore_index);
   TORCH_CHECK_VALUE(chunk_size >= 1, kOp, ": chunk_size must be >= 1, got ", chunk_size);
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, kOp, ": scale must be a finite number > 0, got ", scale);
-  TORCH_CHECK_VALUE(std::isfinite(diversity_factor), kOp, ": diversity_factor must be finite, got ",
-                    diversity_factor);
+  TORCH_CHECK_VALUE(std::isfinite(diversity_factor), kOp, ": diversity_factor must be finite, got ", diversity_factor);
   s.acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   s.chunk = std::min(chunk_size, s.C);
   s.diversity = diversity_factor != 0.0;
@@ -98,8 +96,8 @@ inline Setup setup(const at::Tensor& features, const at::Tensor& weight, const s
   const at::Tensor gather_labels = s.labels.clamp_min(0);
   at::Tensor ce_coef = kept_values;
   if (class_weights.has_value())
-    ce_coef = class_table(*class_weights, s.C, weight, s.acc, "class_weights").index_select(0, gather_labels) *
-              kept_values;
+    ce_coef =
+        class_table(*class_weights, s.C, weight, s.acc, "class_weights").index_select(0, gather_labels) * kept_values;
   at::Tensor div_coef = kept_values * (diversity_factor * temperature_table.mean().square());
   if (reduction == kReductionMean) {
     const at::Tensor weight_total = ce_coef.sum(), kept_rows = kept_values.sum();
@@ -127,7 +125,7 @@ inline Setup setup(const at::Tensor& features, const at::Tensor& weight, const s
 // The statistics of a row's class range merged over the chunks; one entry per (expert, row) or per row.
 struct RowStatistics {
   at::Tensor ce_max, ce_sum, expert_max, expert_sum, gap, target_logit;  // [E, B]
-  at::Tensor mean_max, mean_sum;                                          // [B]
+  at::Tensor mean_max, mean_sum;                                         // [B]
 };
 
 inline RowStatistics empty_statistics(const Setup& s, const at::TensorOptions& acc_options) {

@@ -17,10 +17,10 @@ namespace fastlt {
 inline void check_loss_logits(const at::Tensor& logits, const char* op, const char* name) {
   TORCH_CHECK_VALUE(logits.dim() == 3, op, ": ", name, " must be [E, B, C], got ", logits.dim(), " dims");
   TORCH_CHECK_VALUE(is_float_dtype(logits), op, ": ", name, " must be floating point, got ", logits.scalar_type());
-  TORCH_CHECK_VALUE(logits.size(0) >= 1 && logits.size(0) <= kMaxExperts, op, ": ", name, " must have 1..",
-                    kMaxExperts, " experts / branches, got ", logits.size(0));
-  TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(2) >= 1, op, ": ", name,
-                    " must have B >= 1 and C >= 1, got ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(0) >= 1 && logits.size(0) <= kMaxExperts, op, ": ", name, " must have 1..", kMaxExperts,
+                    " experts / branches, got ", logits.size(0));
+  TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(2) >= 1, op, ": ", name, " must have B >= 1 and C >= 1, got ",
+                    logits.sizes());
 }
 
 // target [B] int64 in [0, C), or equal to ignore_index (rows the loss skips): the range check reads the labels (a
@@ -64,9 +64,8 @@ struct RideTables {
 
 inline RideTables check_ride_loss_inputs(const at::Tensor& logits, const at::Tensor& target,
                                          const at::Tensor& target_margins,
-                                         const std::optional<at::Tensor>& class_weights,
-                                         const at::Tensor& temperatures, double diversity_factor,
-                                         std::optional<int64_t> ignore_index = std::nullopt) {
+                                         const std::optional<at::Tensor>& class_weights, const at::Tensor& temperatures,
+                                         double diversity_factor, std::optional<int64_t> ignore_index = std::nullopt) {
   constexpr const char* op = "fastlt.ride_loss";
   check_loss_logits(logits, op, "expert_logits");
   TORCH_CHECK_VALUE(std::isfinite(diversity_factor), op, ": diversity_factor must be finite, got ", diversity_factor);
@@ -85,10 +84,9 @@ inline at::Tensor check_reslt_loss_inputs(const at::Tensor& logits, const at::Te
   constexpr const char* op = "fastlt.reslt_loss";
   check_loss_logits(logits, op, "branch_logits");
   check_loss_target(target, logits, op, ignore_index);
-  TORCH_CHECK_VALUE(group_masks.dim() == 2 && group_masks.size(0) == logits.size(0) &&
-                        group_masks.size(1) == logits.size(2),
-                    op, ": group_masks must be [K, C] = [", logits.size(0), ", ", logits.size(2), "], got ",
-                    group_masks.sizes());
+  TORCH_CHECK_VALUE(
+      group_masks.dim() == 2 && group_masks.size(0) == logits.size(0) && group_masks.size(1) == logits.size(2), op,
+      ": group_masks must be [K, C] = [", logits.size(0), ", ", logits.size(2), "], got ", group_masks.sizes());
   TORCH_CHECK_VALUE(group_masks.scalar_type() == at::kBool, op, ": group_masks must be bool, got ",
                     group_masks.scalar_type());
   TORCH_CHECK_VALUE(group_masks.device() == logits.device(), op, ": group_masks must be on ", logits.device());
@@ -106,10 +104,9 @@ inline at::Tensor check_prior_shifted_ce_inputs(const at::Tensor& logits, const 
   constexpr const char* op = "fastlt.prior_shifted_ce";
   check_loss_logits(logits, op, "expert_logits");
   check_loss_target(target, logits, op, ignore_index);
-  TORCH_CHECK_VALUE(logit_shifts.dim() == 2 && logit_shifts.size(0) == logits.size(0) &&
-                        logit_shifts.size(1) == logits.size(2),
-                    op, ": logit_shifts must be [E, C] = [", logits.size(0), ", ", logits.size(2), "], got ",
-                    logit_shifts.sizes());
+  TORCH_CHECK_VALUE(
+      logit_shifts.dim() == 2 && logit_shifts.size(0) == logits.size(0) && logit_shifts.size(1) == logits.size(2), op,
+      ": logit_shifts must be [E, C] = [", logits.size(0), ", ", logits.size(2), "], got ", logit_shifts.sizes());
   TORCH_CHECK_VALUE(is_float_dtype(logit_shifts), op, ": logit_shifts must be floating point, got ",
                     logit_shifts.scalar_type());
   TORCH_CHECK_VALUE(logit_shifts.device() == logits.device(), op, ": logit_shifts must be on ", logits.device());

@@ -51,8 +51,8 @@ inline void check_eps(double eps, const char* op) {
 inline int parse_reduce(c10::string_view reduce) {
   if (reduce == "mean") return expert_aggregate::kMean;
   if (reduce == "sum") return expert_aggregate::kSum;
-  TORCH_CHECK_VALUE(false, "fastlt.expert_aggregate: reduce must be one of ('mean', 'sum'), got '",
-                    std::string(reduce), "'");
+  TORCH_CHECK_VALUE(false, "fastlt.expert_aggregate: reduce must be one of ('mean', 'sum'), got '", std::string(reduce),
+                    "'");
   return 0;
 }
 

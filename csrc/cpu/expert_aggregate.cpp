@@ -91,20 +91,20 @@ inline int64_t rows_per_task(int64_t elements_per_row) {
 
 template <typename A>
 struct RowTables {
-  const A* weights;     // [B, E] or null
-  const bool* active;   // [B, E] or null
+  const A* weights;    // [B, E] or null
+  const bool* active;  // [B, E] or null
   int num_experts;
   int reduce;
   int fill(int64_t b, A* unweighted, A* coef) const {
     return expert_aggregate::row_coefficients<A>(num_experts, reduce, weights ? weights + b * num_experts : nullptr,
-                                                active ? active + b * num_experts : nullptr, unweighted, coef);
+                                                 active ? active + b * num_experts : nullptr, unweighted, coef);
   }
 };
 
 }  // namespace
 
-at::Tensor expert_aggregate(const at::Tensor& logits, c10::string_view reduce,
-                            const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& active) {
+at::Tensor expert_aggregate(const at::Tensor& logits, c10::string_view reduce, const std::optional<at::Tensor>& weights,
+                            const std::optional<at::Tensor>& active) {
   const int reduce_kind = parse_reduce(reduce);
   auto [weight_table, active_table] = expert_aggregate_tables(logits, weights, active);
   TORCH_CHECK(logits.device().is_cpu(), "fastlt.expert_aggregate (CPU kernel): logits must be a CPU tensor");
@@ -153,16 +153,16 @@ std::tuple<at::Tensor, at::Tensor> expert_aggregate_backward(const at::Tensor& g
   const at::Tensor g = grad.to(logits.scalar_type()).contiguous();
   at::Tensor grad_logits = at::empty({E, B, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   const bool want_weights = weights_requires_grad && weights.has_value();
-  at::Tensor grad_table = want_weights ? at::zeros({B, E}, logits.options().dtype(accumulate_dtype(logits)))
-                                       : at::Tensor();
+  at::Tensor grad_table =
+      want_weights ? at::zeros({B, E}, logits.options().dtype(accumulate_dtype(logits))) : at::Tensor();
   const int64_t sE = logits.stride(0), sB = logits.stride(1), sC = logits.stride(2);
 
   if (grad_logits.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fastlt_expert_aggregate_bwd", [&] {
       using A = acc_t<scalar_t>;
       const RowTables<A> tables{weight_table.defined() ? weight_table.data_ptr<A>() : nullptr,
-                                active_table.defined() ? active_table.data_ptr<bool>() : nullptr,
-                                static_cast<int>(E), reduce_kind};
+                                active_table.defined() ? active_table.data_ptr<bool>() : nullptr, static_cast<int>(E),
+                                reduce_kind};
       const scalar_t* gp = g.data_ptr<scalar_t>();
       const scalar_t* z = logits.data_ptr<scalar_t>();
       scalar_t* gl = grad_logits.data_ptr<scalar_t>();
@@ -201,8 +201,7 @@ std::tuple<at::Tensor, at::Tensor> expert_aggregate_backward(const at::Tensor& g
 }  // namespace fastlt
 
 TORCH_LIBRARY_FRAGMENT(fastlt, m) {
-  m.def(
-      "expert_aggregate(Tensor logits, str reduce, Tensor? weights, Tensor? active) -> Tensor");
+  m.def("expert_aggregate(Tensor logits, str reduce, Tensor? weights, Tensor? active) -> Tensor");
   m.def(
       "expert_aggregate_backward(Tensor grad, Tensor logits, str reduce, Tensor? weights, Tensor? active, "
       "bool weights_requires_grad) -> (Tensor, Tensor)");

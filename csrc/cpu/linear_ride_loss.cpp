@@ -53,7 +53,8 @@ FASTLT_ALWAYS_INLINE A gap_sum_impl(const A* mean_exp, const A* mean_logits, con
   A gap = A(0);
 #pragma omp simd reduction(+ : gap)
   for (int64_t c = 0; c < n; ++c)
-    gap += ride_loss::weighted_gap_term(mean_exp[c], mean_logits[c], ride_loss::tempered_logit(z[c], inverse_temperature[c]));
+    gap += ride_loss::weighted_gap_term(mean_exp[c], mean_logits[c],
+                                        ride_loss::tempered_logit(z[c], inverse_temperature[c]));
   return gap;
 }
 
@@ -78,8 +79,7 @@ FASTLT_ALWAYS_INLINE void gradient_row_impl(A* z, A ce_max, A ce_scale, const A*
 
 // p -= w * radial_coefficient(w . p): the cosine classifier's row-local weight-gradient correction.
 template <typename A>
-FASTLT_ALWAYS_INLINE void radial_correction_impl(const A* w, A* p, A column_scale, A scale, bool above_eps,
-                                                 int64_t d) {
+FASTLT_ALWAYS_INLINE void radial_correction_impl(const A* w, A* p, A column_scale, A scale, bool above_eps, int64_t d) {
   A radial = A(0);
 #pragma omp simd reduction(+ : radial)
   for (int64_t i = 0; i < d; ++i) radial += w[i] * p[i];
@@ -88,24 +88,24 @@ FASTLT_ALWAYS_INLINE void radial_correction_impl(const A* w, A* p, A column_scal
   for (int64_t i = 0; i < d; ++i) p[i] -= w[i] * coefficient;
 }
 
-#define FASTLT_LINEAR_RIDE_ROW_FUNCTIONS(A)                                                                        \
-  FASTLT_PER_ISA void affine_row(A* z, const A* column_scale, const A* bias, int64_t n) {                          \
-    affine_row_impl(z, column_scale, bias, n);                                                                     \
-  }                                                                                                                \
-  FASTLT_PER_ISA void add_to_mean(const A* z, A* total, bool first, bool last, A inverse_experts,                  \
-                                  const A* inverse_temperature, int64_t n) {                                       \
-    add_to_mean_impl(z, total, first, last, inverse_experts, inverse_temperature, n);                              \
-  }                                                                                                                \
-  FASTLT_PER_ISA A gap_sum(const A* mean_exp, const A* mean_logits, const A* z, const A* inverse_temperature,      \
-                           int64_t n) {                                                                            \
-    return gap_sum_impl(mean_exp, mean_logits, z, inverse_temperature, n);                                         \
-  }                                                                                                                \
-  FASTLT_PER_ISA void gradient_row(A* z, A ce_max, A ce_scale, const A* inverse_temperature, A expert_max,         \
-                                   A expert_scale, const A* mean_exp, A mean_scale, int64_t n) {                   \
+#define FASTLT_LINEAR_RIDE_ROW_FUNCTIONS(A)                                                                         \
+  FASTLT_PER_ISA void affine_row(A* z, const A* column_scale, const A* bias, int64_t n) {                           \
+    affine_row_impl(z, column_scale, bias, n);                                                                      \
+  }                                                                                                                 \
+  FASTLT_PER_ISA void add_to_mean(const A* z, A* total, bool first, bool last, A inverse_experts,                   \
+                                  const A* inverse_temperature, int64_t n) {                                        \
+    add_to_mean_impl(z, total, first, last, inverse_experts, inverse_temperature, n);                               \
+  }                                                                                                                 \
+  FASTLT_PER_ISA A gap_sum(const A* mean_exp, const A* mean_logits, const A* z, const A* inverse_temperature,       \
+                           int64_t n) {                                                                             \
+    return gap_sum_impl(mean_exp, mean_logits, z, inverse_temperature, n);                                          \
+  }                                                                                                                 \
+  FASTLT_PER_ISA void gradient_row(A* z, A ce_max, A ce_scale, const A* inverse_temperature, A expert_max,          \
+                                   A expert_scale, const A* mean_exp, A mean_scale, int64_t n) {                    \
     gradient_row_impl(z, ce_max, ce_scale, inverse_temperature, expert_max, expert_scale, mean_exp, mean_scale, n); \
-  }                                                                                                                \
+  }                                                                                                                 \
   FASTLT_PER_ISA void radial_correction(const A* w, A* p, A column_scale, A scale, bool above_eps, int64_t d) {     \
-    radial_correction_impl(w, p, column_scale, scale, above_eps, d);                                               \
+    radial_correction_impl(w, p, column_scale, scale, above_eps, d);                                                \
   }
 FASTLT_LINEAR_RIDE_ROW_FUNCTIONS(float)
 FASTLT_LINEAR_RIDE_ROW_FUNCTIONS(double)
@@ -164,8 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
     auto chunk_rows = [&](A* logits, int64_t b, int64_t c0, int64_t n, A* mean_logits) {
       for (int64_t k = 0; k < E; ++k) {
         A* z = logits + (k * B + b) * n;
-        affine_row(z, scales == nullptr ? nullptr : scales + k * C + c0, biases == nullptr ? nullptr : biases + k * C + c0,
-                   n);
+        affine_row(z, scales == nullptr ? nullptr : scales + k * C + c0,
+                   biases == nullptr ? nullptr : biases + k * C + c0, n);
         if (diversity) add_to_mean(z, mean_logits, k == 0, k == E - 1, inverse_experts, inverse_temperature + c0, n);
       }
     };
@@ -183,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
           chunk_rows(logits, b, c0, n, mean_logits);
           const int64_t t = labels[b] - c0;  // the target's column in the chunk, if 0 <= t < n
           const bool has_target = t >= 0 && t < n;
-          const std::pair<int64_t, int64_t> others[2] = {{0, has_target ? t : n}, {has_target ? t + 1 : n, has_target ? n - t - 1 : 0}};
+          const std::pair<int64_t, int64_t> others[2] = {{0, has_target ? t : n},
+                                                         {has_target ? t + 1 : n, has_target ? n - t - 1 : 0}};
           A chunk_mean_max = -std::numeric_limits<A>::infinity(), chunk_mean_sum = A(0);
           if (diversity) {
             chunk_mean_max = row_max(mean_logits, static_cast<const A*>(nullptr), n);
@@ -196,7 +197,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
             // LDAM-margin CE over the chunk: the target (if here) lowered by its margin, the others as they are.
             const A margin_target = has_target ? ride_loss::margin_logit(z[t], true, margin_of_row[b]) : A(0);
             A m = has_target ? margin_target : -std::numeric_limits<A>::infinity();
-            for (const auto& [begin, count] : others) m = std::max(m, row_max(z + begin, static_cast<const A*>(nullptr), count));
+            for (const auto& [begin, count] : others)
+              m = std::max(m, row_max(z + begin, static_cast<const A*>(nullptr), count));
             A s = has_target ? exponential(margin_target - m) : A(0);
             for (const auto& [begin, count] : others)
               s += exp_shifted(z + begin, static_cast<const A*>(nullptr), m, throwaway + begin, count);
@@ -207,7 +209,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
             if (!diversity) continue;
             const A expert_m = row_max(z, inverse_temperature + c0, n);
             const A expert_s = exp_shifted(z, inverse_temperature + c0, expert_m, throwaway, n);
-            const SoftmaxStats<A> expert = merge_softmax_stats<A>({expert_max[row], expert_sum[row]}, {expert_m, expert_s});
+            const SoftmaxStats<A> expert =
+                merge_softmax_stats<A>({expert_max[row], expert_sum[row]}, {expert_m, expert_s});
             expert_max[row] = expert.maximum;
             expert_sum[row] = expert.shifted_sum;
             const A chunk_gap = gap_sum(mean_exp, mean_logits, z, inverse_temperature + c0, n);
@@ -215,7 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
                        linear_ride_loss::rescale(chunk_gap, chunk_mean_max, merged_mean_max);
           }
           if (diversity) {
-            const SoftmaxStats<A> mean = merge_softmax_stats<A>({mean_max[b], mean_sum[b]}, {chunk_mean_max, chunk_mean_sum});
+            const SoftmaxStats<A> mean =
+                merge_softmax_stats<A>({mean_max[b], mean_sum[b]}, {chunk_mean_max, chunk_mean_sum});
             mean_max[b] = mean.maximum;
             mean_sum[b] = mean.shifted_sum;
           }
@@ -254,9 +258,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
                          expert_scale, mean_exp, mean_scale, n);
             if (!has_target) continue;
             const A invT = inverse_temperature[c0 + t];
-            const A ce_probability = exponential(ride_loss::margin_logit(z_target, true, margin_of_row[b]) - ce_max[row]) / ce_sum[row];
+            const A ce_probability =
+                exponential(ride_loss::margin_logit(z_target, true, margin_of_row[b]) - ce_max[row]) / ce_sum[row];
             const A expert_probability =
-                diversity ? exponential(ride_loss::tempered_logit(z_target, invT) - expert_max[row]) / expert_sum[row] : A(0);
+                diversity ? exponential(ride_loss::tempered_logit(z_target, invT) - expert_max[row]) / expert_sum[row]
+                          : A(0);
             const A mean_probability = diversity ? mean_exp[t] / mean_sum[b] : A(0);
             z[t] = ride_loss::logit_gradient(coef_of_row[b], ce_probability, true, div, expert_probability,
                                              mean_probability, invT);
@@ -288,8 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
   const at::Tensor loss = linear_ride_loss::loss_of(stats, setup);
   const auto empty = [&] { return at::empty({0}, features.options()); };
   if (!compute_grad) return {loss, empty(), empty(), empty()};
-  return {loss, grad_features, grad_weight,
-          grad_bias.defined() ? grad_bias.to(weight.scalar_type()) : empty()};
+  return {loss, grad_features, grad_weight, grad_bias.defined() ? grad_bias.to(weight.scalar_type()) : empty()};
 }
 
 }  // namespace cpu
@@ -302,6 +307,4 @@ TORCH_LIBRARY_FRAGMENT(fastlt, m) {
       "int reduction, int ignore_index, int chunk_size, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
-  m.impl("linear_ride_loss", &fastlt::cpu::linear_ride_loss);
-}
+TORCH_LIBRARY_IMPL(fastlt, CPU, m) { m.impl("linear_ride_loss", &fastlt::cpu::linear_ride_loss); }

@@ -74,8 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prior_shifted_ce(const at::Tensor
               if (out == nullptr) continue;
               const A probability_scale = A(1) / sum;
               const A target_probability = exp_row[y] * probability_scale;
-              scaled_rows(exp_row, coefficient * probability_scale, static_cast<const A*>(nullptr), A(0), exp_row,
-                          C);
+              scaled_rows(exp_row, coefficient * probability_scale, static_cast<const A*>(nullptr), A(0), exp_row, C);
               exp_row[y] = prior_shifted_ce::logit_gradient(coefficient, target_probability, true);
               if (!std::is_same_v<scalar_t, A>)
                 for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(exp_row[c]);
@@ -98,6 +97,4 @@ TORCH_LIBRARY_FRAGMENT(fastlt, m) {
       "bool compute_grad) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
-  m.impl("prior_shifted_ce", &fastlt::cpu::prior_shifted_ce);
-}
+TORCH_LIBRARY_IMPL(fastlt, CPU, m) { m.impl("prior_shifted_ce", &fastlt::cpu::prior_shifted_ce); }

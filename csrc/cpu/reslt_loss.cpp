@@ -57,8 +57,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reslt_loss(const at::Tensor& bran
 
     at::parallel_for(0, B, rows_per_task(K * C), [&](int64_t b0, int64_t b1) {
       A* thread_scratch = scratch.data_ptr<A>() + at::get_thread_num() * scratch_rows * C;
-      A* staging = thread_scratch;          // K rows
-      A* branch_exp = staging + K * C;      // K rows
+      A* staging = thread_scratch;      // K rows
+      A* branch_exp = staging + K * C;  // K rows
       A* fused_logits = branch_exp + K * C;
       A* fused_exp = fused_logits + C;
       A* gradient = fused_exp + C;
@@ -101,8 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reslt_loss(const at::Tensor& bran
         losses[b] = loss;
         if (grad_out == nullptr) continue;
         const A inv_fused_sum = A(1) / fused_sum;
-        const A fused_grad_coef =
-            fused_coef * reslt_loss::epsilon_gradient_scale(fused_max, fused_sum, fused[y], eps);
+        const A fused_grad_coef = fused_coef * reslt_loss::epsilon_gradient_scale(fused_max, fused_sum, fused[y], eps);
         for (int64_t k = 0; k < K; ++k) {
           const A* branch_row = member[k] ? branch_exp + k * C : nullptr;
           const A inv_branch_sum = member[k] ? A(1) / branch_sum[k] : A(0);
@@ -111,9 +110,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reslt_loss(const at::Tensor& bran
           A* row_gradient = std::is_same_v<scalar_t, A> ? reinterpret_cast<A*>(out) : gradient;
           scaled_rows(fused_exp, fused_grad_coef * inv_fused_sum, branch_row, branch_grad_coef * inv_branch_sum,
                       row_gradient, C);
-          row_gradient[y] = reslt_loss::logit_gradient(branch_grad_coef, member[k],
-                                                       member[k] ? branch_row[y] * inv_branch_sum : A(0),
-                                                       fused_grad_coef, fused_exp[y] * inv_fused_sum, true);
+          row_gradient[y] =
+              reslt_loss::logit_gradient(branch_grad_coef, member[k], member[k] ? branch_row[y] * inv_branch_sum : A(0),
+                                         fused_grad_coef, fused_exp[y] * inv_fused_sum, true);
           if (!std::is_same_v<scalar_t, A>)
             for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(gradient[c]);
         }
@@ -133,6 +132,4 @@ TORCH_LIBRARY_FRAGMENT(fastlt, m) {
       "int reduction, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
-  m.impl("reslt_loss", &fastlt::cpu::reslt_loss);
-}
+TORCH_LIBRARY_IMPL(fastlt, CPU, m) { m.impl("reslt_loss", &fastlt::cpu::reslt_loss); }

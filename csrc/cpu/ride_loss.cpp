@@ -55,8 +55,8 @@ FASTLT_ALWAYS_INLINE void expert_maxima_impl(const A* logits, const A* inverse_t
 // first prefetches the same classes of the next sample's row (next_logits, next_out: nullptr for none).
 template <typename A>
 FASTLT_ALWAYS_INLINE void expert_exps_impl(const A* logits, const A* inverse_temperature, A ce_max, A expert_max,
-                                           const A* mean_exp, const A* mean_logits, A* ce_exp, A* expert_exp,
-                                           int64_t n, const A* next_logits, A* next_out, A* sums) {
+                                           const A* mean_exp, const A* mean_logits, A* ce_exp, A* expert_exp, int64_t n,
+                                           const A* next_logits, A* next_out, A* sums) {
   constexpr int64_t kChunk = 256;
   A ce_sum = sums[0], expert_sum = sums[1], gap = sums[2];
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
@@ -107,9 +107,9 @@ FASTLT_ALWAYS_INLINE void gradient_row_impl(const A* ce_exp, A inv_ce_sum, A ce_
 }
 
 #define FASTLT_RIDE_ROW_FUNCTIONS(A)                                                                                \
-  FASTLT_PER_ISA void expert_maxima(const A* logits, const A* inverse_temperature, A* total, bool first, bool last,  \
-                                    A inverse_experts, int64_t n, A* maxima) {                                     \
-    expert_maxima_impl(logits, inverse_temperature, total, first, last, inverse_experts, n, maxima);               \
+  FASTLT_PER_ISA void expert_maxima(const A* logits, const A* inverse_temperature, A* total, bool first, bool last, \
+                                    A inverse_experts, int64_t n, A* maxima) {                                      \
+    expert_maxima_impl(logits, inverse_temperature, total, first, last, inverse_experts, n, maxima);                \
   }                                                                                                                 \
   FASTLT_PER_ISA void expert_exps(const A* logits, const A* inverse_temperature, A ce_max, A expert_max,            \
                                   const A* mean_exp, const A* mean_logits, A* ce_exp, A* expert_exp, int64_t n,     \
@@ -120,7 +120,7 @@ FASTLT_ALWAYS_INLINE void gradient_row_impl(const A* ce_exp, A inv_ce_sum, A ce_
   FASTLT_PER_ISA void gradient_row(const A* ce_exp, A inv_ce_sum, A ce_coef, const A* expert_exp, A inv_expert_sum, \
                                    const A* mean_exp, A inv_mean_sum, const A* inverse_temperature, A div_coef,     \
                                    A* out, int64_t n) {                                                             \
-    gradient_row_impl(ce_exp, inv_ce_sum, ce_coef, expert_exp, inv_expert_sum, mean_exp, inv_mean_sum,             \
+    gradient_row_impl(ce_exp, inv_ce_sum, ce_coef, expert_exp, inv_expert_sum, mean_exp, inv_mean_sum,              \
                       inverse_temperature, div_coef, out, n);                                                       \
   }
 FASTLT_RIDE_ROW_FUNCTIONS(float)
@@ -190,9 +190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ride_loss(const at::Tensor& exper
 
     at::parallel_for(0, B, rows_per_task(E * C), [&](int64_t b0, int64_t b1) {
       A* thread_scratch = scratch.data_ptr<A>() + at::get_thread_num() * scratch_rows * C;
-      A* staging = thread_scratch;             // E rows
-      A* ce_scratch = staging + E * C;         // E rows
-      A* expert_exp = ce_scratch + E * C;      // E rows
+      A* staging = thread_scratch;         // E rows
+      A* ce_scratch = staging + E * C;     // E rows
+      A* expert_exp = ce_scratch + E * C;  // E rows
       A* mean_logits = expert_exp + E * C;
       A* mean_exp = mean_logits + C;
       A* gradient = mean_exp + C;
@@ -231,7 +231,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ride_loss(const at::Tensor& exper
           ce_max[k] = std::max(maxima[0], target_logit);
           expert_max[k] = std::max(maxima[1], ride_loss::tempered_logit(z[y], inverse_temperature[y]));
           const A total = first ? z[y] : mean_logits[y] + z[y];
-          mean_logits[y] = last ? ride_loss::tempered_mean_logit(total, inverse_experts, inverse_temperature[y]) : total;
+          mean_logits[y] =
+              last ? ride_loss::tempered_mean_logit(total, inverse_experts, inverse_temperature[y]) : total;
           if (last) mean_max = std::max(maxima[2], mean_logits[y]);
         }
         const A mean_sum = diversity ? exp_shifted(mean_logits, no_scale, mean_max, mean_exp, C) : A(1);
@@ -306,6 +307,4 @@ TORCH_LIBRARY_FRAGMENT(fastlt, m) {
       "(Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
-  m.impl("ride_loss", &fastlt::cpu::ride_loss);
-}
+TORCH_LIBRARY_IMPL(fastlt, CPU, m) { m.impl("ride_loss", &fastlt::cpu::ride_loss); }

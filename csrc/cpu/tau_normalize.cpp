@@ -38,12 +38,15 @@ FASTLT_ALWAYS_INLINE void normalize_row_backward_impl(const T* w, const T* g, T*
   const A scale = tau_normalize::row_scale<A>(sum_squares, tau, eps);
   const A coefficient = tau_normalize::row_grad_weight_coefficient<A>(sum_squares, grad_dot_weight, tau, eps);
 #pragma omp simd
-  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(scale * static_cast<A>(g[d]) - coefficient * static_cast<A>(w[d]));
+  for (int64_t d = 0; d < D; ++d)
+    out[d] = static_cast<T>(scale * static_cast<A>(g[d]) - coefficient * static_cast<A>(w[d]));
 }
 
 // fp16 / bf16 rows (fp32 accumulation) take the generic build; fp32 and fp64 the per-ISA ones.
 template <typename T, typename A>
-void normalize_row(const T* w, T* out, int64_t D, A tau, A eps) { normalize_row_impl(w, out, D, tau, eps); }
+void normalize_row(const T* w, T* out, int64_t D, A tau, A eps) {
+  normalize_row_impl(w, out, D, tau, eps);
+}
 FASTLT_PER_ISA void normalize_row(const float* w, float* out, int64_t D, float tau, float eps) {
   normalize_row_impl(w, out, D, tau, eps);
 }
@@ -55,7 +58,8 @@ template <typename T, typename A>
 void normalize_row_backward(const T* w, const T* g, T* out, int64_t D, A tau, A eps) {
   normalize_row_backward_impl(w, g, out, D, tau, eps);
 }
-FASTLT_PER_ISA void normalize_row_backward(const float* w, const float* g, float* out, int64_t D, float tau, float eps) {
+FASTLT_PER_ISA void normalize_row_backward(const float* w, const float* g, float* out, int64_t D, float tau,
+                                           float eps) {
   normalize_row_backward_impl(w, g, out, D, tau, eps);
 }
 FASTLT_PER_ISA void normalize_row_backward(const double* w, const double* g, double* out, int64_t D, double tau,
@@ -75,10 +79,11 @@ at::Tensor tau_normalize(const at::Tensor& weight_in, double tau, double eps) {
     using A = acc_t<scalar_t>;
     const scalar_t* w = weight.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, C, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, D)), [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        normalize_row(w + c * D, o + c * D, D, static_cast<A>(tau), static_cast<A>(eps));
-    });
+    at::parallel_for(0, C, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, D)),
+                     [&](int64_t c0, int64_t c1) {
+                       for (int64_t c = c0; c < c1; ++c)
+                         normalize_row(w + c * D, o + c * D, D, static_cast<A>(tau), static_cast<A>(eps));
+                     });
   });
   return out;
 }
@@ -95,10 +100,11 @@ at::Tensor tau_normalize_backward(const at::Tensor& grad_in, const at::Tensor& w
     const scalar_t* w = weight.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, C, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, D)), [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        normalize_row_backward(w + c * D, g + c * D, o + c * D, D, static_cast<A>(tau), static_cast<A>(eps));
-    });
+    at::parallel_for(
+        0, C, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, D)), [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c)
+            normalize_row_backward(w + c * D, g + c * D, o + c * D, D, static_cast<A>(tau), static_cast<A>(eps));
+        });
   });
   return out;
 }
@@ -107,10 +113,8 @@ at::Tensor tau_normalize_backward(const at::Tensor& grad_in, const at::Tensor& w
 }  // namespace fastlt
 
 TORCH_LIBRARY_FRAGMENT(fastlt, m) {
-  m.def(
-      "tau_normalize(Tensor weight, float tau, float eps) -> Tensor");
-  m.def(
-      "tau_normalize_backward(Tensor grad, Tensor weight, float tau, float eps) -> Tensor");
+  m.def("tau_normalize(Tensor weight, float tau, float eps) -> Tensor");
+  m.def("tau_normalize_backward(Tensor grad, Tensor weight, float tau, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastlt, CPU, m) {

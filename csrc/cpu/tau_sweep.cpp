@@ -21,9 +21,18 @@ namespace {
 constexpr int64_t kRowBlock = 256;
 
 // 64-byte GCC vector types: one AVX-512 register (two AVX2 / four SSE registers in the other clones).
-template <typename A> struct Vec64;
-template <> struct Vec64<float> { using type = float __attribute__((vector_size(64))); using mask = int32_t __attribute__((vector_size(64))); };
-template <> struct Vec64<double> { using type = double __attribute__((vector_size(64))); using mask = int64_t __attribute__((vector_size(64))); };
+template <typename A>
+struct Vec64;
+template <>
+struct Vec64<float> {
+  using type = float __attribute__((vector_size(64)));
+  using mask = int32_t __attribute__((vector_size(64)));
+};
+template <>
+struct Vec64<double> {
+  using type = double __attribute__((vector_size(64)));
+  using mask = int64_t __attribute__((vector_size(64)));
+};
 
 // Index of the first maximum of raw * scales + bias (torch.argmax semantics: the first NaN wins). A vector pass keeps
 // per-lane maxima and NaN flags (the select below is exactly maxps' semantics, so it needs no -ffast-math); a second
@@ -86,8 +95,8 @@ at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const
   check_tau_sweep_inputs(features, weight, taus, bias, eps);
   TORCH_CHECK(features.device().is_cpu(), "fastlt.tau_sweep (CPU kernel): features must be a CPU tensor");
   const int64_t N = features.size(0), C = weight.size(0), K = taus.size(0);
-  const at::ScalarType acc = (features.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble)
-                                 ? at::kDouble : at::kFloat;
+  const at::ScalarType acc =
+      (features.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
   const at::Tensor w = weight.to(acc);
   const at::Tensor tau_values = taus.to(at::kCPU, acc).contiguous();
   at::Tensor bias_values;
@@ -116,7 +125,8 @@ at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const
         const at::Tensor raw = at::mm(features.narrow(0, r0, rows).to(acc), weight_t).contiguous();
         const A* rp = raw.data_ptr<A>();
         for (int64_t i = 0; i < rows; ++i)
-          for (int64_t k = 0; k < K; ++k) out[k * N + r0 + i] = row_argmax(rp + i * C, sc + k * C, bp, C, values.data());
+          for (int64_t k = 0; k < K; ++k)
+            out[k * N + r0 + i] = row_argmax(rp + i * C, sc + k * C, bp, C, values.data());
       }
     });
   });
@@ -127,10 +137,7 @@ at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const
 }  // namespace fastlt
 
 TORCH_LIBRARY_FRAGMENT(fastlt, m) {
-  m.def(
-      "tau_sweep(Tensor features, Tensor weight, Tensor taus, Tensor? bias, float eps) -> Tensor");
+  m.def("tau_sweep(Tensor features, Tensor weight, Tensor taus, Tensor? bias, float eps) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastlt, CPU, m) {
-  m.impl("tau_sweep", &fastlt::cpu::tau_sweep);
-}
+TORCH_LIBRARY_IMPL(fastlt, CPU, m) { m.impl("tau_sweep", &fastlt::cpu::tau_sweep); }

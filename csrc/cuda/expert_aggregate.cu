@@ -27,9 +27,9 @@ __global__ void aggregate_forward(const T* logits, int64_t sE, int64_t sB, int64
 }
 
 template <typename T, typename A>
-__global__ void aggregate_backward(const T* grad, const T* logits, int64_t sE, int64_t sB, int64_t sC, int E,
-                                   int64_t B, int64_t C, int reduce, const A* weights, const bool* active,
-                                   T* grad_logits, A* grad_weights) {
+__global__ void aggregate_backward(const T* grad, const T* logits, int64_t sE, int64_t sB, int64_t sC, int E, int64_t B,
+                                   int64_t C, int reduce, const A* weights, const bool* active, T* grad_logits,
+                                   A* grad_weights) {
   __shared__ A unweighted[kMaxExperts], coef[kMaxExperts];
   __shared__ A reduce_buffer[kThreads];
   const int64_t b = blockIdx.x;
@@ -55,8 +55,8 @@ __global__ void aggregate_backward(const T* grad, const T* logits, int64_t sE, i
 
 }  // namespace
 
-at::Tensor expert_aggregate(const at::Tensor& logits, c10::string_view reduce,
-                            const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& active) {
+at::Tensor expert_aggregate(const at::Tensor& logits, c10::string_view reduce, const std::optional<at::Tensor>& weights,
+                            const std::optional<at::Tensor>& active) {
   check_cuda(logits, "fastlt.expert_aggregate", "logits");
   const int reduce_kind = parse_reduce(reduce);
   auto [weight_table, active_table] = expert_aggregate_tables(logits, weights, active);
@@ -90,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor> expert_aggregate_backward(const at::Tensor& g
   const at::Tensor g = grad.to(logits.scalar_type()).contiguous();
   at::Tensor grad_logits = at::empty({E, B, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   const bool want_weights = weights_requires_grad && weights.has_value();
-  at::Tensor grad_table = want_weights ? at::zeros({B, E}, logits.options().dtype(accumulate_dtype(logits)))
-                                       : at::Tensor();
+  at::Tensor grad_table =
+      want_weights ? at::zeros({B, E}, logits.options().dtype(accumulate_dtype(logits))) : at::Tensor();
   if (grad_logits.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fastlt_expert_aggregate_bwd", [&] {
       using A = acc_t<scalar_t>;
@@ -103,8 +103,9 @@ std::tuple<at::Tensor, at::Tensor> expert_aggregate_backward(const at::Tensor& g
     });
     check_launch("fastlt.expert_aggregate_backward");
   }
-  at::Tensor grad_weights = want_weights ? (weights->dim() == 1 ? grad_table.sum(0) : grad_table).to(weights->scalar_type())
-                                         : at::empty({0}, logits.options());
+  at::Tensor grad_weights = want_weights
+                                ? (weights->dim() == 1 ? grad_table.sum(0) : grad_table).to(weights->scalar_type())
+                                : at::empty({0}, logits.options());
   return {grad_logits, grad_weights};
 }
 

@@ -25,8 +25,8 @@ struct StatisticsPointers {
 
 template <typename A>
 StatisticsPointers<A> pointers(const linear_ride_loss::RowStatistics& stats) {
-  return {stats.ce_max.data_ptr<A>(),     stats.ce_sum.data_ptr<A>(), stats.expert_max.data_ptr<A>(),
-          stats.expert_sum.data_ptr<A>(), stats.gap.data_ptr<A>(),    stats.target_logit.data_ptr<A>(),
+  return {stats.ce_max.data_ptr<A>(),     stats.ce_sum.data_ptr<A>(),  stats.expert_max.data_ptr<A>(),
+          stats.expert_sum.data_ptr<A>(), stats.gap.data_ptr<A>(),     stats.target_logit.data_ptr<A>(),
           stats.mean_max.data_ptr<A>(),   stats.mean_sum.data_ptr<A>()};
 }
 
@@ -62,8 +62,8 @@ __global__ void merge_chunk(A* logits, int E, int64_t B, int64_t C, int64_t n, i
   // Publishes every thread's scaled logits (thread 0 reads the target's) and reduces the mean's statistics.
   const SoftmaxStats<A> chunk_mean = block_softmax_stats(mean_partial, stats_buffer);
   const A old_mean_max = stats.mean_max[b];
-  const A merged_mean_max = diversity ? (chunk_mean.maximum > old_mean_max ? chunk_mean.maximum : old_mean_max)
-                                      : old_mean_max;
+  const A merged_mean_max =
+      diversity ? (chunk_mean.maximum > old_mean_max ? chunk_mean.maximum : old_mean_max) : old_mean_max;
   for (int k = 0; k < E; ++k) {
     const int64_t row = k * B + b;
     const A* z = logits + row * n;
@@ -137,9 +137,9 @@ __global__ void chunk_gradient(A* logits, int E, int64_t B, int64_t C, int64_t n
       const A ce_probability =
           exponential(ride_loss::margin_logit(logit, is_target, margin) - stats.ce_max[row]) / stats.ce_sum[row];
       const A expert_probability =
-          diversity ? exponential(ride_loss::tempered_logit(logit, inverse_t) - stats.expert_max[row]) /
-                          stats.expert_sum[row]
-                    : A(0);
+          diversity
+              ? exponential(ride_loss::tempered_logit(logit, inverse_t) - stats.expert_max[row]) / stats.expert_sum[row]
+              : A(0);
       *z = ride_loss::logit_gradient(ce_coef, ce_probability, is_target, diversity ? div_coef : A(0),
                                      expert_probability, mean_probability, inverse_t);
     }
@@ -245,6 +245,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
 }  // namespace cuda
 }  // namespace fastlt
 
-TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
-  m.impl("linear_ride_loss", &fastlt::cuda::linear_ride_loss);
-}
+TORCH_LIBRARY_IMPL(fastlt, CUDA, m) { m.impl("linear_ride_loss", &fastlt::cuda::linear_ride_loss); }

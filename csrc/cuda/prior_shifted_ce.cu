@@ -18,10 +18,9 @@ namespace {
 // grad: contiguous [E, B, C] or nullptr when no gradient is wanted; row_terms: [B, E]; kept_rows: the number of rows
 // whose label is not ignore_index (a device scalar: no host sync).
 template <typename T, typename A>
-__global__ void prior_shifted_ce_rows(const T* logits, int64_t sE, int64_t sB, int64_t sC, int E, int64_t B,
-                                      int64_t C, const int64_t* labels, const A* shifts, int64_t reduction,
-                                      int64_t ignore_index, const int64_t* kept_rows, A* row_losses, A* row_terms,
-                                      T* grad) {
+__global__ void prior_shifted_ce_rows(const T* logits, int64_t sE, int64_t sB, int64_t sC, int E, int64_t B, int64_t C,
+                                      const int64_t* labels, const A* shifts, int64_t reduction, int64_t ignore_index,
+                                      const int64_t* kept_rows, A* row_losses, A* row_terms, T* grad) {
   __shared__ SoftmaxStats<A> stats_buffer[kThreads];
   const int64_t b = blockIdx.x;
   const int64_t y = labels[b];
@@ -72,8 +71,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prior_shifted_ce(const at::Tensor
   const at::Tensor shifts = check_prior_shifted_ce_inputs(expert_logits, target, logit_shifts, ignore_index);
   const at::Tensor labels = target.contiguous();
   const int64_t E = expert_logits.size(0), B = expert_logits.size(1), C = expert_logits.size(2);
-  at::Tensor grad = compute_grad ? at::empty({E, B, C}, expert_logits.options())
-                                 : at::empty({0}, expert_logits.options());
+  at::Tensor grad =
+      compute_grad ? at::empty({E, B, C}, expert_logits.options()) : at::empty({0}, expert_logits.options());
   at::Tensor row_losses = at::empty({B}, shifts.options());
   at::Tensor row_terms = at::empty({B, E}, shifts.options());
   const at::Tensor kept_rows = labels.ne(ignore_index).sum();  // the "mean" normaliser, counted on the device
@@ -83,8 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prior_shifted_ce(const at::Tensor
         prior_shifted_ce_rows<scalar_t, A><<<B, kThreads, 0, current_stream()>>>(
             expert_logits.data_ptr<scalar_t>(), expert_logits.stride(0), expert_logits.stride(1),
             expert_logits.stride(2), static_cast<int>(E), B, C, labels.data_ptr<int64_t>(), shifts.data_ptr<A>(),
-            reduction, ignore_index, kept_rows.data_ptr<int64_t>(), row_losses.data_ptr<A>(),
-            row_terms.data_ptr<A>(), compute_grad ? grad.data_ptr<scalar_t>() : nullptr);
+            reduction, ignore_index, kept_rows.data_ptr<int64_t>(), row_losses.data_ptr<A>(), row_terms.data_ptr<A>(),
+            compute_grad ? grad.data_ptr<scalar_t>() : nullptr);
       });
   check_launch(op);
   // Deterministic on-device reduction of the row losses (no atomics): fp32 loss for fp16/bf16, as on the CPU.
@@ -95,6 +94,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prior_shifted_ce(const at::Tensor
 }  // namespace cuda
 }  // namespace fastlt
 
-TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
-  m.impl("prior_shifted_ce", &fastlt::cuda::prior_shifted_ce);
-}
+TORCH_LIBRARY_IMPL(fastlt, CUDA, m) { m.impl("prior_shifted_ce", &fastlt::cuda::prior_shifted_ce); }

@@ -57,8 +57,8 @@ __global__ void reslt_loss_rows(const T* logits, int64_t sK, int64_t sB, int64_t
   A loss = A(0);  // meaningful in thread 0
   if (threadIdx.x == 0) {
     const A fused_target = fused_logit<T, A>(row, sK, sC, K, y);
-    loss = fused_coef *
-           reslt_loss::epsilon_cross_entropy(fused_stats.maximum, fused_stats.shifted_sum, fused_target, eps);
+    loss =
+        fused_coef * reslt_loss::epsilon_cross_entropy(fused_stats.maximum, fused_stats.shifted_sum, fused_target, eps);
     terms[K] = loss;
     fused_grad_coef = fused_coef * reslt_loss::epsilon_gradient_scale(fused_stats.maximum, fused_stats.shifted_sum,
                                                                       fused_target, eps);
@@ -97,9 +97,9 @@ __global__ void reslt_loss_rows(const T* logits, int64_t sK, int64_t sB, int64_t
       const bool member = in_group[k * C + y];
       const A branch_probability =
           member ? exponential(static_cast<A>(row[k * sK + c * sC]) - branch_max[k]) * inverse_branch_sum[k] : A(0);
-      grad[(k * B + b) * C + c] = static_cast<T>(
-          reslt_loss::logit_gradient(member ? branch_grad_coef[k] : A(0), member, branch_probability,
-                                     fused_grad_coef, fused_probability, is_target));
+      grad[(k * B + b) * C + c] =
+          static_cast<T>(reslt_loss::logit_gradient(member ? branch_grad_coef[k] : A(0), member, branch_probability,
+                                                    fused_grad_coef, fused_probability, is_target));
     }
   }
 }
@@ -116,8 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reslt_loss(const at::Tensor& bran
   const at::Tensor masks = check_reslt_loss_inputs(branch_logits, target, group_masks, beta, log_eps, ignore_index);
   const at::Tensor labels = target.contiguous();
   const int64_t K = branch_logits.size(0), B = branch_logits.size(1), C = branch_logits.size(2);
-  at::Tensor grad = compute_grad ? at::empty({K, B, C}, branch_logits.options())
-                                 : at::empty({0}, branch_logits.options());
+  at::Tensor grad =
+      compute_grad ? at::empty({K, B, C}, branch_logits.options()) : at::empty({0}, branch_logits.options());
   const auto acc_options = branch_logits.options().dtype(accumulate_dtype(branch_logits));
   at::Tensor row_losses = at::empty({B}, acc_options);
   at::Tensor row_terms = at::empty({B, K + 1}, acc_options);  // K branch terms, then the fused term
@@ -144,6 +144,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reslt_loss(const at::Tensor& bran
 }  // namespace cuda
 }  // namespace fastlt
 
-TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
-  m.impl("reslt_loss", &fastlt::cuda::reslt_loss);
-}
+TORCH_LIBRARY_IMPL(fastlt, CUDA, m) { m.impl("reslt_loss", &fastlt::cuda::reslt_loss); }

@@ -111,14 +111,12 @@ __global__ void ride_loss_rows(const T* logits, int64_t sE, int64_t sB, int64_t 
           exponential(ride_loss::margin_logit(z, is_target, margin) - ce_stats.maximum) * inverse_ce_sum;
       A expert_probability = A(0), mean_probability = A(0);
       if (diversity) {
-        expert_probability =
-            exponential(ride_loss::tempered_logit(z, inverse_temperature[c]) - expert_stats.maximum) *
-            inverse_expert_sum;
+        expert_probability = exponential(ride_loss::tempered_logit(z, inverse_temperature[c]) - expert_stats.maximum) *
+                             inverse_expert_sum;
         mean_probability = exponential(mean_logits[c] - mean_stats.maximum) * inverse_mean_sum;
       }
       out[c] = static_cast<T>(ride_loss::logit_gradient(ce_coef, ce_probability, is_target, div_coef,
-                                                        expert_probability, mean_probability,
-                                                        inverse_temperature[c]));
+                                                        expert_probability, mean_probability, inverse_temperature[c]));
     }
   }
   if (threadIdx.x == 0) row_losses[b] = loss;
@@ -141,8 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ride_loss(const at::Tensor& exper
   const int64_t E = expert_logits.size(0), B = expert_logits.size(1), C = expert_logits.size(2);
   const bool diversity = diversity_factor != 0.0;
   const auto accumulate_options = tables.margins.options();
-  at::Tensor grad = compute_grad ? at::empty({E, B, C}, expert_logits.options())
-                                 : at::empty({0}, expert_logits.options());
+  at::Tensor grad =
+      compute_grad ? at::empty({E, B, C}, expert_logits.options()) : at::empty({0}, expert_logits.options());
   at::Tensor row_losses = at::empty({B}, accumulate_options);
   at::Tensor row_terms = at::empty({B, 2 * E}, accumulate_options);
   const at::Tensor inverse_temperature = tables.temperatures.reciprocal();
@@ -177,6 +175,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ride_loss(const at::Tensor& exper
 }  // namespace cuda
 }  // namespace fastlt
 
-TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
-  m.impl("ride_loss", &fastlt::cuda::ride_loss);
-}
+TORCH_LIBRARY_IMPL(fastlt, CUDA, m) { m.impl("ride_loss", &fastlt::cuda::ride_loss); }

@@ -18,7 +18,8 @@ __global__ void normalize_rows(const T* weight, int64_t D, A tau, A eps, T* out)
   A partial = A(0);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) partial += static_cast<A>(row[d]) * static_cast<A>(row[d]);
   const A scale = tau_normalize::row_scale<A>(block_sum(partial, buffer), tau, eps);
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) out[blockIdx.x * D + d] = static_cast<T>(static_cast<A>(row[d]) * scale);
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
+    out[blockIdx.x * D + d] = static_cast<T>(static_cast<A>(row[d]) * scale);
 }
 
 template <typename T, typename A>
@@ -51,7 +52,8 @@ at::Tensor tau_normalize(const at::Tensor& weight_in, double tau, double eps) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fastlt_tau_normalize_cuda", [&] {
     using A = acc_t<scalar_t>;
     normalize_rows<scalar_t, A><<<weight.size(0), kThreads, 0, current_stream()>>>(
-        weight.data_ptr<scalar_t>(), weight.size(1), static_cast<A>(tau), static_cast<A>(eps), out.data_ptr<scalar_t>());
+        weight.data_ptr<scalar_t>(), weight.size(1), static_cast<A>(tau), static_cast<A>(eps),
+        out.data_ptr<scalar_t>());
   });
   check_launch("fastlt.tau_normalize");
   return out;

@@ -37,8 +37,8 @@ __global__ void sweep_rows(const A* raw, const A* scales, const A* bias, int64_t
     for (int offset = kThreads / 2; offset > 0; offset >>= 1) {
       if (threadIdx.x < offset) {
         const int64_t other = best_index[threadIdx.x + offset];
-        if (other >= 0 && argmax_better(best_value[threadIdx.x + offset], other, best_value[threadIdx.x],
-                                        best_index[threadIdx.x])) {
+        if (other >= 0 &&
+            argmax_better(best_value[threadIdx.x + offset], other, best_value[threadIdx.x], best_index[threadIdx.x])) {
           best_value[threadIdx.x] = best_value[threadIdx.x + offset];
           best_index[threadIdx.x] = other;
         }
@@ -58,8 +58,8 @@ at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const
   check_tau_sweep_inputs(features, weight, taus, bias, eps);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t N = features.size(0), C = weight.size(0), K = taus.size(0);
-  const at::ScalarType acc = (features.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble)
-                                 ? at::kDouble : at::kFloat;
+  const at::ScalarType acc =
+      (features.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
   const at::Tensor w = weight.to(acc);
   const at::Tensor tau_values = taus.to(features.device(), acc).contiguous();
   at::Tensor bias_values;
@@ -78,8 +78,8 @@ at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const
       const int64_t rows = std::min(kRowBlock, N - r0);
       const at::Tensor raw = at::mm(features.narrow(0, r0, rows).to(acc), weight_t).contiguous();
       sweep_rows<A><<<rows, kThreads, 0, current_stream()>>>(
-          raw.data_ptr<A>(), scales.data_ptr<A>(), bias_values.defined() ? bias_values.data_ptr<A>() : nullptr, C, K,
-          N, r0, predictions.data_ptr<int64_t>());
+          raw.data_ptr<A>(), scales.data_ptr<A>(), bias_values.defined() ? bias_values.data_ptr<A>() : nullptr, C, K, N,
+          r0, predictions.data_ptr<int64_t>());
       check_launch("fastlt.tau_sweep");
     }
   });
@@ -89,6 +89,4 @@ at::Tensor tau_sweep(const at::Tensor& features, const at::Tensor& weight, const
 }  // namespace cuda
 }  // namespace fastlt
 
-TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
-  m.impl("tau_sweep", &fastlt::cuda::tau_sweep);
-}
+TORCH_LIBRARY_IMPL(fastlt, CUDA, m) { m.impl("tau_sweep", &fastlt::cuda::tau_sweep); }

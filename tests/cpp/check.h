@@ -6,21 +6,21 @@
 
 static int g_failures = 0;
 
-#define CHECK(cond)                                                           \
-  do {                                                                        \
-    if (!(cond)) {                                                            \
-      std::printf("%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);    \
-      ++g_failures;                                                           \
-    }                                                                         \
+#define CHECK(cond)                                                        \
+  do {                                                                     \
+    if (!(cond)) {                                                         \
+      std::printf("%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      ++g_failures;                                                        \
+    }                                                                      \
   } while (0)
 
-#define CHECK_NEAR(a, b, tol)                                                                          \
-  do {                                                                                                 \
-    const double _a = (a), _b = (b);                                                                   \
-    if (!(std::fabs(_a - _b) <= (tol) * (1.0 + std::fabs(_b)))) {                                     \
+#define CHECK_NEAR(a, b, tol)                                                                                  \
+  do {                                                                                                         \
+    const double _a = (a), _b = (b);                                                                           \
+    if (!(std::fabs(_a - _b) <= (tol) * (1.0 + std::fabs(_b)))) {                                              \
       std::printf("%s:%d: CHECK_NEAR failed: %s = %.17g vs %s = %.17g\n", __FILE__, __LINE__, #a, _a, #b, _b); \
-      ++g_failures;                                                                                    \
-    }                                                                                                  \
+      ++g_failures;                                                                                            \
+    }                                                                                                          \
   } while (0)
 
 inline int report(const char* name) {

@@ -78,8 +78,8 @@ int main() {
     double plus[kDim] = {w[0], w[1], w[2]}, minus[kDim] = {w[0], w[1], w[2]};
     plus[i] += h;
     minus[i] -= h;
-    const double numeric = (cosine_objective(x_hat, plus, scale, dz) - cosine_objective(x_hat, minus, scale, dz)) /
-                           (2 * h);
+    const double numeric =
+        (cosine_objective(x_hat, plus, scale, dz) - cosine_objective(x_hat, minus, scale, dz)) / (2 * h);
     CHECK_NEAR(p[i] - w[i] * coefficient, numeric, 1e-7);
   }
   // Below F.normalize's eps the norm is a constant: no radial term.
