@@ -114,3 +114,10 @@ def test_the_checker_finds_what_is_broken(text, expected):
     assert len(problems) == len(expected), problems
     for problem, fragment in zip(problems, expected):
         assert fragment in problem
+
+
+def test_readme_quick_start_runs():
+    """The README's quick-start block is code a user pastes: it must run as written."""
+    with open(os.path.join(ROOT, "README.md")) as handle:
+        block = re.search(r"```python\n(.*?)```", handle.read(), re.DOTALL).group(1)
+    exec(compile(block, "README.md quick start", "exec"), {})
