@@ -166,7 +166,11 @@ def load_teacher(path: str, *, num_classes: int, device=None, train_mode: bool =
     checkpoint = selected_checkpoint(path) if os.path.isdir(path) else path
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"ride: teacher checkpoint {checkpoint!r} not found")
-    teacher = build_model(read_recipe(config_path), num_classes)
+    recipe = read_recipe(config_path)
+    teacher = build_model(recipe, num_classes)
+    # The teacher recipe's own head adaptations (a fused head, LDAM's cosine classifier), so its weights fit. Its loss
+    # is never used: any positive class counts will do.
+    build_method({**recipe["method"], "teacher": None}, torch.ones(num_classes), teacher)
     load_checkpoint(checkpoint, model=teacher, restore_rng=False)
     teacher.requires_grad_(False)
     return teacher.to(device).train(train_mode)

@@ -9,6 +9,7 @@ import yaml
 import fastlt
 from fastlt.engine import save_checkpoint
 from fastlt.methods import build_method
+from fastlt.methods.stage1 import load_teacher
 from fastlt.models import ModelOutput, NormedLinear, create_model
 
 COUNTS = torch.tensor([500.0, 200, 90, 40, 15, 5])
@@ -104,6 +105,20 @@ def test_ride_with_a_teacher_distils_from_its_mean_logits(tmp_path):
     # the teacher gets no gradient: only the student's parameters do
     method.loss_fn(output, targets, images).backward()
     assert all(parameter.grad is not None for parameter in model.parameters() if parameter.requires_grad)
+
+
+def test_a_teacher_trained_with_a_fused_head_loads(tmp_path):
+    """A fused-head run stores fused_head.weight, not classifiers.*: the teacher is rebuilt with its recipe's head."""
+    trained = create_model("ride_small_cnn", num_classes=len(COUNTS), num_experts=4)
+    build_method({"name": "ride", "fused_head": True}, COUNTS, trained)
+    config = {"model": {"name": "ride_small_cnn", "num_experts": 4}, "method": {"name": "ride", "fused_head": True}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    save_checkpoint(str(tmp_path / "last.pt"), model=trained, epoch=0, step=0)
+    teacher = load_teacher(str(tmp_path), num_classes=len(COUNTS), train_mode=False)
+    images = torch.randn(4, 1, 28, 28)
+    trained.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(images).logits, trained(images).logits)
 
 
 def test_ride_teacher_must_be_a_run_folder(tmp_path):
