@@ -198,7 +198,7 @@ def reslt(config, counts, model) -> Method:
             return value
         # the loss is linear in each sample's target: (1 - delta C / (C - 1)) * one-hot + delta / (C - 1) * ones
         uniform = _reslt_all_classes_term(branch_logits, targets, loss.group_masks, loss.beta,
-                                          getattr(loss, "log_eps", 0.0))
+                                          loss.log_eps)
         return (1 - smoothing * num_classes / (num_classes - 1)) * value + smoothing / (num_classes - 1) * uniform
 
     def loss_fn(output, targets):
