@@ -67,6 +67,12 @@ def ignore_index(op: str, value) -> int:
     return int(value)
 
 
+def chunk_size(op: str, value) -> None:
+    """A fused head's classes per chunk: a positive int, or None (the op picks one)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {value!r}")
+
+
 def labels(op: str, name: str, value, batch: int, num_classes: int, ignore_index=None) -> None:
     """[B] int64 labels in [0, num_classes), or equal to ``ignore_index`` (rows the loss skips); the range check is
     skipped while torch.compile traces."""

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 
 from fastlt.ops import _backend, _checks, _lt_constants
-from fastlt.ops.linear_ride_loss import expert_logits, fused_linear_ride_loss
-from fastlt.ops.prior_shifted_ce import prior_shifted_ce_reference
+from fastlt.ops.linear_ride_loss import check_head, expert_logits, fused_linear_ride_loss
+from fastlt.ops.prior_shifted_ce import check_taus, prior_shifted_ce_reference
 
 OP = "fastlt.linear_prior_shifted_ce"
 
@@ -100,37 +100,9 @@ def _validate(features, weight, target, class_counts, taus, bias, scale, chunk_s
                          "for one scalar loss; for per-row losses compute the logits and call "
                          "fastlt.ops.prior_shifted_ce(reduction='none')")
     ignore_index = _checks.ignore_index(OP, ignore_index)
-    _checks.tensor(OP, "weight", weight, dims=3, floating=True)
-    _checks.tensor(OP, "features", features, dims=(2, 3), floating=True)
-    num_experts, num_classes, dim = weight.shape
-    if num_experts > _checks.MAX_EXPERTS:
-        raise ValueError(f"{OP}: weight has {num_experts} experts; at most {_checks.MAX_EXPERTS} are supported")
-    if features.dtype != weight.dtype:
-        raise ValueError(f"{OP}: features must have weight's dtype {weight.dtype}, got {features.dtype}")
-    if features.shape[-1] != dim:
-        raise ValueError(f"{OP}: features must have D={dim} (weight's last dim) features, got {tuple(features.shape)}")
-    if features.dim() == 3 and features.shape[0] != num_experts:
-        raise ValueError(f"{OP}: features must be [B, D] or [E={num_experts}, B, D], got {tuple(features.shape)}")
-    _checks.same_device(OP, "features", features, weight, "weight")
-    _checks.labels(OP, "target", target, features.shape[-2], num_classes, ignore_index)
-    _checks.same_device(OP, "target", target, weight, "weight")
-    _lt_constants.check_class_counts(OP, class_counts, num_classes,
+    check_head(OP, features, weight, target, bias, chunk_size, ignore_index)
+    _lt_constants.check_class_counts(OP, class_counts, weight.shape[1],
                                      "the log prior of a class without training samples is -inf")
-    tau_table = torch.as_tensor(taus, dtype=torch.float64) if not isinstance(taus, torch.Tensor) else taus.double()
-    if tau_table.dim() == 0:  # one tau for every expert
-        tau_table = tau_table.expand(num_experts)
-    if tuple(tau_table.shape) != (num_experts,):
-        raise ValueError(f"{OP}: taus must hold one value per expert ({num_experts}), got shape "
-                         f"{tuple(tau_table.shape)}")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(tau_table).all()):
-        raise ValueError(f"{OP}: taus must be finite, got {tau_table.tolist()}")
-    if bias is not None:
-        _checks.tensor(OP, "bias", bias, floating=True)
-        if tuple(bias.shape) != (num_experts, num_classes) or bias.dtype != weight.dtype:
-            raise ValueError(f"{OP}: bias must be [E, C]=[{num_experts}, {num_classes}] of dtype {weight.dtype}, "
-                             f"got {tuple(bias.shape)} {bias.dtype}")
-        _checks.same_device(OP, "bias", bias, weight, "weight")
+    tau_table = check_taus(OP, taus, weight.shape[0])
     _checks.number(OP, "scale", scale, low=0.0, low_open=True)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
     return tau_table

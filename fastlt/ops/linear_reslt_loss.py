@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from fastlt.ops import _backend, _checks
 from fastlt.ops._fused_loss import scale_saved_gradient
 from fastlt.ops.linear_ride_loss import NORM_EPS, fused_linear_ride_loss
-from fastlt.ops.reslt_loss import reslt_loss_reference
+from fastlt.ops.reslt_loss import check_group_masks, reslt_loss_reference
 
 OP = "fastlt.linear_reslt_loss"
 
@@ -219,16 +219,7 @@ def _validate(branch_features, weight, target, group_masks, beta, bias, scale, c
     _checks.same_device(OP, "branch_features", branch_features, weight, "weight")
     _checks.labels(OP, "target", target, batch, num_classes, ignore_index)
     _checks.same_device(OP, "target", target, weight, "weight")
-    _checks.tensor(OP, "group_masks", group_masks, dims=2)
-    if group_masks.dtype != torch.bool:
-        raise ValueError(f"{OP}: group_masks must be bool, got {group_masks.dtype}")
-    if tuple(group_masks.shape) != (num_branches, num_classes):
-        raise ValueError(f"{OP}: group_masks must be [K, C]=[{num_branches}, {num_classes}], got "
-                         f"{tuple(group_masks.shape)}")
-    _checks.same_device(OP, "group_masks", group_masks, weight, "weight")
-    if not torch.compiler.is_compiling() and not bool(group_masks.any(1).all()):
-        empty_row = int((~group_masks.any(1)).nonzero()[0])
-        raise ValueError(f"{OP}: group_masks row {empty_row} selects no class")
+    check_group_masks(OP, group_masks, num_branches, num_classes, weight, "weight")
     _checks.number(OP, "beta", beta, low=0.0, high=1.0)
     if bias is not None:
         _checks.tensor(OP, "bias", bias, floating=True)
@@ -237,5 +228,4 @@ def _validate(branch_features, weight, target, group_masks, beta, bias, scale, c
                              f"{tuple(bias.shape)} {bias.dtype}")
         _checks.same_device(OP, "bias", bias, weight, "weight")
     _checks.number(OP, "scale", scale, low=0.0, low_open=True)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    _checks.chunk_size(OP, chunk_size)

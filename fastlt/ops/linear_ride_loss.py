@@ -256,31 +256,36 @@ def check_reduction(reduction) -> int:
 def _validate_head(features, weight, target, bias, scale, chunk_size, reduction, ignore_index):
     reduction = check_reduction(reduction)
     ignore_index = _checks.ignore_index(OP, ignore_index)
-    _checks.tensor(OP, "weight", weight, dims=3, floating=True)
-    _checks.tensor(OP, "features", features, dims=(2, 3), floating=True)
-    num_experts, num_classes, dim = weight.shape
-    if num_experts > _checks.MAX_EXPERTS:
-        raise ValueError(f"{OP}: weight has {num_experts} experts; at most {_checks.MAX_EXPERTS} are supported")
-    if features.dtype != weight.dtype:
-        raise ValueError(f"{OP}: features must have weight's dtype {weight.dtype}, got {features.dtype}")
-    if features.shape[-1] != dim:
-        raise ValueError(f"{OP}: features must have D={dim} (weight's last dim) features, got {tuple(features.shape)}")
-    if features.dim() == 3 and features.shape[0] != num_experts:
-        raise ValueError(f"{OP}: features must be [B, D] or [E={num_experts}, B, D], got {tuple(features.shape)}")
-    _checks.same_device(OP, "features", features, weight, "weight")
-    _checks.labels(OP, "target", target, features.shape[-2], num_classes, ignore_index)
-    _checks.same_device(OP, "target", target, weight, "weight")
-    if bias is not None:
-        _checks.tensor(OP, "bias", bias, floating=True)
-        if tuple(bias.shape) != (num_experts, num_classes) or bias.dtype != weight.dtype:
-            raise ValueError(f"{OP}: bias must be [E, C]=[{num_experts}, {num_classes}] of dtype {weight.dtype}, "
-                             f"got {tuple(bias.shape)} {bias.dtype}")
-        _checks.same_device(OP, "bias", bias, weight, "weight")
+    check_head(OP, features, weight, target, bias, chunk_size, ignore_index)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < float(scale) < float("inf")):
         raise ValueError(f"{OP}: scale must be a finite number > 0, got {scale!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
     return reduction, ignore_index
+
+
+def check_head(op, features, weight, target, bias, chunk_size, ignore_index):
+    """The fused head's tensor checks (features, weight, target, bias, chunk_size), errors naming ``op``: for this op
+    and the compositions on it (fastlt.ops.linear_prior_shifted_ce)."""
+    _checks.tensor(op, "weight", weight, dims=3, floating=True)
+    _checks.tensor(op, "features", features, dims=(2, 3), floating=True)
+    num_experts, num_classes, dim = weight.shape
+    if num_experts > _checks.MAX_EXPERTS:
+        raise ValueError(f"{op}: weight has {num_experts} experts; at most {_checks.MAX_EXPERTS} are supported")
+    if features.dtype != weight.dtype:
+        raise ValueError(f"{op}: features must have weight's dtype {weight.dtype}, got {features.dtype}")
+    if features.shape[-1] != dim:
+        raise ValueError(f"{op}: features must have D={dim} (weight's last dim) features, got {tuple(features.shape)}")
+    if features.dim() == 3 and features.shape[0] != num_experts:
+        raise ValueError(f"{op}: features must be [B, D] or [E={num_experts}, B, D], got {tuple(features.shape)}")
+    _checks.same_device(op, "features", features, weight, "weight")
+    _checks.labels(op, "target", target, features.shape[-2], num_classes, ignore_index)
+    _checks.same_device(op, "target", target, weight, "weight")
+    if bias is not None:
+        _checks.tensor(op, "bias", bias, floating=True)
+        if tuple(bias.shape) != (num_experts, num_classes) or bias.dtype != weight.dtype:
+            raise ValueError(f"{op}: bias must be [E, C]=[{num_experts}, {num_classes}] of dtype {weight.dtype}, "
+                             f"got {tuple(bias.shape)} {bias.dtype}")
+        _checks.same_device(op, "bias", bias, weight, "weight")
+    _checks.chunk_size(op, chunk_size)
 
 
 # ---- the chunked algorithm (PyTorch; every tensor is at most [E, B, chunk] or [chunk, D]) ----

@@ -180,15 +180,20 @@ def _validate(expert_logits, target, class_counts, taus, ignore_index) -> torch.
     _checks.expert_loss_inputs(OP, expert_logits, target, class_counts, _checks.MAX_EXPERTS, soft_targets=True,
                                why_positive="the log prior of a class without training samples is -inf",
                                ignore_index=ignore_index)
-    num_experts = expert_logits.shape[0]
+    return check_taus(OP, taus, expert_logits.shape[0])
+
+
+def check_taus(op, taus, num_experts) -> torch.Tensor:
+    """``taus`` (E numbers, or one for every expert) as a finite fp64 [E] tensor; ValueError naming ``op``
+    otherwise (also for fastlt.ops.linear_prior_shifted_ce)."""
     tau_table = torch.as_tensor(taus, dtype=torch.float64)
     if tau_table.dim() == 0:  # one tau for every expert
         tau_table = tau_table.expand(num_experts)
     if tuple(tau_table.shape) != (num_experts,):
-        raise ValueError(f"{OP}: taus must hold one value per expert ({num_experts}), got shape "
+        raise ValueError(f"{op}: taus must hold one value per expert ({num_experts}), got shape "
                          f"{tuple(tau_table.shape)}")
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(tau_table).all()):
-        raise ValueError(f"{OP}: taus must be finite, got {tau_table.tolist()}")
+        raise ValueError(f"{op}: taus must be finite, got {tau_table.tolist()}")
     return tau_table
 
 

@@ -209,18 +209,24 @@ def _validate(branch_logits, target, group_masks, beta, log_eps, ignore_index):
             f"{OP}: branch_logits has {num_branches} branches; at most {_checks.MAX_EXPERTS} are supported")
     _checks.labels(OP, "target", target, batch, num_classes, ignore_index)
     _checks.same_device(OP, "target", target, branch_logits, "branch_logits")
-    _checks.tensor(OP, "group_masks", group_masks, dims=2)
-    if group_masks.dtype != torch.bool:
-        raise ValueError(f"{OP}: group_masks must be bool, got {group_masks.dtype}")
-    if tuple(group_masks.shape) != (num_branches, num_classes):
-        raise ValueError(f"{OP}: group_masks must be [K, C]=[{num_branches}, {num_classes}], got "
-                         f"{tuple(group_masks.shape)}")
-    _checks.same_device(OP, "group_masks", group_masks, branch_logits, "branch_logits")
-    if not torch.compiler.is_compiling() and not bool(group_masks.any(1).all()):
-        empty_row = int((~group_masks.any(1)).nonzero()[0])
-        raise ValueError(f"{OP}: group_masks row {empty_row} selects no class")
+    check_group_masks(OP, group_masks, num_branches, num_classes, branch_logits, "branch_logits")
     _checks.number(OP, "beta", beta, low=0.0, high=1.0)
     _checks.number(OP, "log_eps", log_eps, low=0.0)
+
+
+def check_group_masks(op, group_masks, num_branches, num_classes, reference, reference_name):
+    """``group_masks`` must be a bool [K, C] tensor on ``reference``'s device whose every row selects a class;
+    ValueError naming ``op`` otherwise (also for fastlt.ops.linear_reslt_loss)."""
+    _checks.tensor(op, "group_masks", group_masks, dims=2)
+    if group_masks.dtype != torch.bool:
+        raise ValueError(f"{op}: group_masks must be bool, got {group_masks.dtype}")
+    if tuple(group_masks.shape) != (num_branches, num_classes):
+        raise ValueError(f"{op}: group_masks must be [K, C]=[{num_branches}, {num_classes}], got "
+                         f"{tuple(group_masks.shape)}")
+    _checks.same_device(op, "group_masks", group_masks, reference, reference_name)
+    if not torch.compiler.is_compiling() and not bool(group_masks.any(1).all()):
+        empty_row = int((~group_masks.any(1)).nonzero()[0])
+        raise ValueError(f"{op}: group_masks row {empty_row} selects no class")
 
 
 def _num_terms(branch_logits, *args):
