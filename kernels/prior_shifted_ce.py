@@ -11,7 +11,7 @@ import triton.language as tl
 
 from fastlt.kernels._softmax_stats import add_to_softmax_stats, merge_lanes
 from fastlt._formulas import REDUCTION_MEAN, REDUCTION_NONE, accumulate_dtype
-from fastlt.kernels._common import TRITON_DTYPES, class_block
+from fastlt.kernels._common import TRITON_DTYPES, class_block, write_ignored_row
 
 
 @triton.jit
@@ -21,27 +21,10 @@ def _prior_shifted_ce_kernel(logits_ptr, labels_ptr, shifts_ptr, coefficient_ptr
     b = tl.program_id(0)
     y = tl.load(labels_ptr + b)
     if y == ignore_index:
-        _ignored_row(b, terms_ptr, row_losses_ptr, grad_ptr, E, B, C, ACC, WRITE_GRAD, BLOCK)
+        write_ignored_row(b, terms_ptr, E, row_losses_ptr, grad_ptr, E, B, C, ACC, WRITE_GRAD, BLOCK)
     else:
         _kept_row(b, y, logits_ptr, shifts_ptr, coefficient_ptr, row_losses_ptr, terms_ptr, grad_ptr, stride_e,
                   stride_b, stride_c, E, B, C, ACC, WRITE_GRAD, BLOCK)
-
-
-@triton.jit
-def _ignored_row(b, terms_ptr, row_losses_ptr, grad_ptr, E, B, C, ACC: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """An ignored row: zero terms, loss and gradient (its label is never read as a class)."""
-    zero = tl.full([], 0.0, ACC)
-    for k in range(E):
-        tl.store(terms_ptr + b * E + k, zero)
-    tl.store(row_losses_ptr + b, zero)
-    if WRITE_GRAD:
-        lanes = tl.arange(0, BLOCK)
-        for k in range(E):
-            for start in range(0, C, BLOCK):
-                offsets = start + lanes
-                tl.store(grad_ptr + (k * B + b) * C + offsets, tl.zeros([BLOCK], grad_ptr.dtype.element_ty),
-                         mask=offsets < C)
 
 
 @triton.jit

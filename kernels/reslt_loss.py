@@ -12,7 +12,7 @@ import triton.language as tl
 
 from fastlt.kernels._softmax_stats import add_to_softmax_stats, merge_lanes
 from fastlt._formulas import REDUCTION_MEAN, REDUCTION_NONE, accumulate_dtype
-from fastlt.kernels._common import TRITON_DTYPES, class_block
+from fastlt.kernels._common import TRITON_DTYPES, class_block, write_ignored_row
 
 
 @triton.jit
@@ -35,30 +35,13 @@ def _epsilon_cross_entropy(maximum, shifted_sum, target_logit, eps):
 
 
 @triton.jit
-def _ignored_row(b, terms_ptr, row_losses_ptr, grad_ptr, K, B, C, ACC: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """An ignored row: zero terms, loss and gradient (its label is never read as a class)."""
-    zero = tl.full([], 0.0, ACC)
-    for k in range(K + 1):
-        tl.store(terms_ptr + b * (K + 1) + k, zero)
-    tl.store(row_losses_ptr + b, zero)
-    if WRITE_GRAD:
-        lanes = tl.arange(0, BLOCK)
-        for k in range(K):
-            for start in range(0, C, BLOCK):
-                offsets = start + lanes
-                tl.store(grad_ptr + (k * B + b) * C + offsets, tl.zeros([BLOCK], grad_ptr.dtype.element_ty),
-                         mask=offsets < C)
-
-
-@triton.jit
 def _reslt_loss_kernel(logits_ptr, labels_ptr, masks_ptr, coefs_ptr, branch_stats_ptr, row_losses_ptr, terms_ptr,
                        grad_ptr, stride_k, stride_b, stride_c, K, B, C, ignore_index, ACC: tl.constexpr,
                        WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     y = tl.load(labels_ptr + b)
     if y == ignore_index:
-        _ignored_row(b, terms_ptr, row_losses_ptr, grad_ptr, K, B, C, ACC, WRITE_GRAD, BLOCK)
+        write_ignored_row(b, terms_ptr, K + 1, row_losses_ptr, grad_ptr, K, B, C, ACC, WRITE_GRAD, BLOCK)
     else:
         _kept_row(b, y, logits_ptr, masks_ptr, coefs_ptr, branch_stats_ptr, row_losses_ptr, terms_ptr, grad_ptr,
                   stride_k, stride_b, stride_c, K, B, C, ACC, WRITE_GRAD, BLOCK)
