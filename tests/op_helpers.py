@@ -1,4 +1,7 @@
-"""Shared helpers of the op tests: backends to compare, dtype tolerance tables, skip rules."""
+"""Shared helpers of the op tests: backends to compare, dtype tolerance tables, skip rules, the fused heads' cases."""
+
+import contextlib
+import importlib
 
 import pytest
 import torch
@@ -88,3 +91,57 @@ def on_cuda(name, *values):
     """A ``gpu``-marked parameter ``(name, "cuda", *values)``: backend ``name`` on a CUDA device."""
     return pytest.param(name, "cuda", *values,
                         marks=[needs_cuda, pytest.mark.gpu] + ([needs_cuda_build] if name == "cpp" else []))
+
+
+# ---- fused heads: fastlt.ops.linear_ride_loss and the compositions on it (linear_prior_shifted_ce,
+# linear_reslt_loss) ----
+
+_linear_ride_loss_module = importlib.import_module("fastlt.ops.linear_ride_loss")  # the attribute is the function
+# Every backend of linear_ride_loss: the eager reference, the C++ kernel, the Triton kernels (interpreter) and the
+# chunked PyTorch loop ("torch": what devices without a compiled kernel run under "auto").
+EVERY_HEAD_IMPLEMENTATION = [
+    "reference",
+    pytest.param("cpp", marks=pytest.mark.skipif(_linear_ride_loss_module._compiled_op(torch.device("cpu")) is None,
+                                                 reason="no C++ op")),
+    "triton", "torch"]
+
+
+@contextlib.contextmanager
+def head_implementation(name, monkeypatch):
+    """Runs the fused head as ``name``: a backend, or "torch" (no compiled kernel: the chunked PyTorch loop)."""
+    if name == "torch":
+        monkeypatch.setattr(_linear_ride_loss_module, "_compiled_op", lambda device: None)
+    with backend("auto" if name == "torch" else name):
+        yield name
+
+
+def expert_head_inputs(num_experts, batch, num_classes, dim, *, shared=False, use_bias=False, dtype=torch.float64):
+    """E experts' head inputs: ``[features, weight(, bias)]`` in ``dtype`` requiring grad (features ``[E, B, D]``,
+    or ``[B, D]`` when ``shared``; weight ``[E, C, D]``; bias ``[E, C]``), a ``[B]`` target and ``[C]`` long-tailed
+    class counts."""
+    features = torch.randn(batch, dim) if shared else torch.randn(num_experts, batch, dim)
+    weight = torch.randn(num_experts, num_classes, dim)
+    bias = torch.randn(num_experts, num_classes) if use_bias else None
+    tensors = [t.to(dtype).requires_grad_(True) for t in (features, weight, bias) if t is not None]
+    return tensors, torch.randint(0, num_classes, (batch,)), long_tail_counts(num_classes)
+
+
+def head_loss_and_grads(fn, tensors, target, class_table, **kwargs):
+    """``fn(features, weight, target, class_table, bias=..., **kwargs)`` detached and its gradients with respect to
+    ``tensors`` (``[features, weight(, bias)]``)."""
+    features, weight, *bias = tensors
+    loss = fn(features, weight, target, class_table, bias=bias[0] if bias else None, **kwargs)
+    return loss.detach(), torch.autograd.grad(loss, tensors)
+
+
+def assert_head_matches_reference(reference, fn, tensors, target, class_table, rtol=1e-10, atol=1e-12, **kwargs):
+    """``fn`` and its eager ``reference`` give the same loss (and dtype) and gradients; returns ``fn``'s
+    gradients."""
+    expected_loss, expected_grads = head_loss_and_grads(reference, tensors, target, class_table, **kwargs)
+    loss, grads = head_loss_and_grads(fn, tensors, target, class_table, **kwargs)
+    assert loss.dtype == expected_loss.dtype
+    torch.testing.assert_close(loss, expected_loss, rtol=rtol, atol=atol)
+    for grad, expected in zip(grads, expected_grads):
+        assert grad.dtype == expected.dtype and grad.shape == expected.shape
+        torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol * max(1.0, expected.abs().max().item()))
+    return grads

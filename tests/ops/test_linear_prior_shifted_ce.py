@@ -1,56 +1,26 @@
-import importlib
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import backend, long_tail_counts, needs_cuda
+from op_helpers import (EVERY_HEAD_IMPLEMENTATION, assert_head_matches_reference, backend, expert_head_inputs,
+                        head_implementation, head_loss_and_grads, needs_cuda)
 
 from fastlt.ops import linear_prior_shifted_ce, linear_prior_shifted_ce_reference
 
-linear_ride_loss_module = importlib.import_module("fastlt.ops.linear_ride_loss")
-HAS_CPP = linear_ride_loss_module._compiled_op(torch.device("cpu")) is not None
-# Every backend of linear_ride_loss: the eager reference, the C++ kernel, the Triton kernels (interpreter) and the
-# chunked PyTorch loop ("torch": what devices without a compiled kernel run under "auto").
-IMPLEMENTATIONS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="no C++ op")),
-                   "triton", "torch"]
 
-
-@pytest.fixture(params=IMPLEMENTATIONS)
+@pytest.fixture(params=EVERY_HEAD_IMPLEMENTATION)
 def implementation(request, monkeypatch):
-    if request.param == "torch":
-        monkeypatch.setattr(linear_ride_loss_module, "_compiled_op", lambda device: None)
-    with backend({"torch": "auto"}.get(request.param, request.param)):
+    with head_implementation(request.param, monkeypatch):
         yield request.param
 
 
-def _inputs(E, B, C, D, *, shared=False, use_bias=False, dtype=torch.float64):
-    features = torch.randn(B, D) if shared else torch.randn(E, B, D)
-    weight = torch.randn(E, C, D)
-    bias = torch.randn(E, C) if use_bias else None
-    tensors = [t.to(dtype).requires_grad_(True) for t in (features, weight, bias) if t is not None]
-    return tensors, torch.randint(0, C, (B,)), long_tail_counts(C)
-
-
-def _loss_and_grads(fn, tensors, target, counts, **kwargs):
-    features, weight, *bias = tensors
-    loss = fn(features, weight, target, counts, bias=bias[0] if bias else None, **kwargs)
-    return loss.detach(), torch.autograd.grad(loss, tensors)
-
-
-def _assert_matches_reference(tensors, target, counts, rtol=1e-10, atol=1e-12, **kwargs):
-    expected_loss, expected_grads = _loss_and_grads(linear_prior_shifted_ce_reference, tensors, target, counts,
-                                                    **kwargs)
-    loss, grads = _loss_and_grads(linear_prior_shifted_ce, tensors, target, counts, **kwargs)
-    assert loss.dtype == expected_loss.dtype
-    torch.testing.assert_close(loss, expected_loss, rtol=rtol, atol=atol)
-    for grad, expected in zip(grads, expected_grads):
-        assert grad.dtype == expected.dtype and grad.shape == expected.shape
-        torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol * max(1.0, expected.abs().max().item()))
-    return grads
+_assert_matches_reference = functools.partial(assert_head_matches_reference, linear_prior_shifted_ce_reference,
+                                              linear_prior_shifted_ce)
 
 
 def test_reference_is_the_shifted_cross_entropy_of_the_heads_summed_over_experts():
-    (features, weight, bias), target, counts = _inputs(3, 6, 13, 4, use_bias=True)
+    (features, weight, bias), target, counts = expert_head_inputs(3, 6, 13, 4, use_bias=True)
     taus = [0.0, 1.0, 2.0]
     log_prior = (counts / counts.sum()).log().double()
     expected = sum(F.cross_entropy(30 * F.normalize(features[k], dim=1) @ F.normalize(weight[k], dim=1).t() + bias[k]
@@ -64,7 +34,7 @@ def test_reference_is_the_shifted_cross_entropy_of_the_heads_summed_over_experts
     (4, True, False, False, "sum"), (3, True, True, False, "mean"), (2, False, False, False, "sum")])
 def test_fp64_matches_reference_with_classes_not_a_multiple_of_the_chunk(num_experts, shared, normalize, use_bias,
                                                                            reduction, implementation):
-    tensors, target, counts = _inputs(num_experts, 4, 21, 5, shared=shared, use_bias=use_bias)
+    tensors, target, counts = expert_head_inputs(num_experts, 4, 21, 5, shared=shared, use_bias=use_bias)
     taus = torch.linspace(0.0, 2.0, num_experts).tolist()
     _assert_matches_reference(tensors, target, counts, taus=taus, normalize=normalize, reduction=reduction,
                               chunk_size=8, scale=30.0 if normalize else 1.0)
@@ -72,13 +42,13 @@ def test_fp64_matches_reference_with_classes_not_a_multiple_of_the_chunk(num_exp
 
 @pytest.mark.parametrize("chunk_size", [1, 64, None])
 def test_batch_of_one_and_any_chunk(chunk_size, implementation):
-    tensors, target, counts = _inputs(2, 1, 19, 5, use_bias=True)
+    tensors, target, counts = expert_head_inputs(2, 1, 19, 5, use_bias=True)
     _assert_matches_reference(tensors, target, counts, taus=1.0, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_ignored_rows_add_nothing_and_get_zero_gradient(shared, implementation):
-    tensors, target, counts = _inputs(2, 6, 23, 4, shared=shared, use_bias=True)
+    tensors, target, counts = expert_head_inputs(2, 6, 23, 4, shared=shared, use_bias=True)
     target[[1, 4]] = -7
     (grad_features, *_) = _assert_matches_reference(tensors, target, counts, taus=[1.0, 0.5], ignore_index=-7,
                                                     chunk_size=8)
@@ -93,14 +63,14 @@ def test_ignored_rows_add_nothing_and_get_zero_gradient(shared, implementation):
 
 
 def test_every_row_ignored_gives_zero_loss_and_gradients(implementation):
-    tensors, target, counts = _inputs(2, 3, 11, 4)
-    loss, grads = _loss_and_grads(linear_prior_shifted_ce, tensors, torch.full_like(target, -100), counts, taus=1.0)
+    tensors, target, counts = expert_head_inputs(2, 3, 11, 4)
+    loss, grads = head_loss_and_grads(linear_prior_shifted_ce, tensors, torch.full_like(target, -100), counts, taus=1.0)
     assert loss.item() == 0.0
     assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in grads)
 
 
 def test_gradcheck_fp64(implementation):
-    tensors, target, counts = _inputs(2, 2, 5, 3, use_bias=True)
+    tensors, target, counts = expert_head_inputs(2, 2, 5, 3, use_bias=True)
 
     def loss(features, weight, bias):
         return linear_prior_shifted_ce(features, weight, target, counts, taus=[0.5, 1.5], bias=bias, scale=3.0,
@@ -110,18 +80,18 @@ def test_gradcheck_fp64(implementation):
 
 
 def test_fp32_matches_reference(implementation):
-    tensors, target, counts = _inputs(3, 4, 150, 8, use_bias=True, dtype=torch.float32)
+    tensors, target, counts = expert_head_inputs(3, 4, 150, 8, use_bias=True, dtype=torch.float32)
     _assert_matches_reference(tensors, target, counts, taus=[0.0, 1.0, 2.0], chunk_size=32, rtol=1e-5, atol=1e-5)
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    tensors, target, counts = _inputs(3, 4, 20, 8, use_bias=True, dtype=torch.float32)
+    tensors, target, counts = expert_head_inputs(3, 4, 20, 8, use_bias=True, dtype=torch.float32)
     kwargs = dict(taus=[0.0, 1.0, 2.0], chunk_size=8)
 
     def loss(features, weight, bias):
         return linear_prior_shifted_ce(features, weight, target, counts, bias=bias, **kwargs)
 
-    expected_loss, expected_grads = _loss_and_grads(linear_prior_shifted_ce, tensors, target, counts, **kwargs)
+    expected_loss, expected_grads = head_loss_and_grads(linear_prior_shifted_ce, tensors, target, counts, **kwargs)
     compiled_loss = torch.compile(loss, fullgraph=True, backend="aot_eager")(*tensors)
     torch.testing.assert_close(compiled_loss.detach(), expected_loss)
     for grad, expected in zip(torch.autograd.grad(compiled_loss, tensors), expected_grads):
@@ -150,7 +120,7 @@ def test_torch_compile_fullgraph_matches_eager():
     ],
 )
 def test_bad_inputs_raise_errors_naming_the_argument(change, error, message):
-    (features, weight), target, counts = _inputs(2, 3, 10, 4)
+    (features, weight), target, counts = expert_head_inputs(2, 3, 10, 4)
     arguments = dict(features=features, weight=weight, target=target, class_counts=counts, taus=[1.0, 1.0])
     arguments.update(change(features, weight, target, counts))
     with pytest.raises(error, match=message):
@@ -176,7 +146,7 @@ def test_bench_fused_head_has_the_composition_rows(monkeypatch):
 @pytest.mark.parametrize("shared, use_bias, normalize, reduction", [(False, True, True, "mean"),
                                                                     (True, False, False, "sum")])
 def test_cuda_matches_reference(fused_backend, dtype, shared, use_bias, normalize, reduction):
-    tensors, target, counts = _inputs(3, 33, 1000, 24, shared=shared, use_bias=use_bias, dtype=dtype)
+    tensors, target, counts = expert_head_inputs(3, 33, 1000, 24, shared=shared, use_bias=use_bias, dtype=dtype)
     tensors = [t.detach().cuda().requires_grad_(True) for t in tensors]
     target, counts = target.cuda(), counts.cuda()
     target[[0, 5]] = -100

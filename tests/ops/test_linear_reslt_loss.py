@@ -3,23 +3,18 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import backend, needs_cuda
+from op_helpers import (EVERY_HEAD_IMPLEMENTATION, assert_head_matches_reference, backend, head_implementation,
+                        head_loss_and_grads, needs_cuda)
 
 from fastlt.ops import linear_reslt_loss, linear_reslt_loss_reference
 
 linear_ride_loss_module = importlib.import_module("fastlt.ops.linear_ride_loss")
 HAS_CPP = linear_ride_loss_module._compiled_op(torch.device("cpu")) is not None
-# Every backend of linear_ride_loss: the eager reference, the C++ kernel, the Triton kernels (interpreter) and the
-# chunked PyTorch loop ("torch": what devices without a compiled kernel run under "auto").
-IMPLEMENTATIONS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="no C++ op")),
-                   "triton", "torch"]
 
 
-@pytest.fixture(params=IMPLEMENTATIONS)
+@pytest.fixture(params=EVERY_HEAD_IMPLEMENTATION)
 def implementation(request, monkeypatch):
-    if request.param == "torch":
-        monkeypatch.setattr(linear_ride_loss_module, "_compiled_op", lambda device: None)
-    with backend({"torch": "auto"}.get(request.param, request.param)):
+    with head_implementation(request.param, monkeypatch):
         yield request.param
 
 
@@ -36,22 +31,10 @@ def _inputs(K, B, C, D, *, use_bias=False, dtype=torch.float64):
     return tensors, torch.randint(0, C, (B,)), _groups(K, C)
 
 
-def _loss_and_grads(fn, tensors, target, groups, **kwargs):
-    features, weight, *bias = tensors
-    loss = fn(features, weight, target, groups, bias=bias[0] if bias else None, **kwargs)
-    return loss.detach(), torch.autograd.grad(loss, tensors)
-
-
-def _assert_matches_reference(tensors, target, groups, rtol=1e-10, atol=1e-12, **kwargs):
+def _assert_matches_reference(tensors, target, groups, **kwargs):
     kwargs.setdefault("beta", 0.9)
-    expected_loss, expected_grads = _loss_and_grads(linear_reslt_loss_reference, tensors, target, groups, **kwargs)
-    loss, grads = _loss_and_grads(linear_reslt_loss, tensors, target, groups, **kwargs)
-    assert loss.dtype == expected_loss.dtype
-    torch.testing.assert_close(loss, expected_loss, rtol=rtol, atol=atol)
-    for grad, expected in zip(grads, expected_grads):
-        assert grad.dtype == expected.dtype and grad.shape == expected.shape
-        torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol * max(1.0, expected.abs().max().item()))
-    return grads
+    return assert_head_matches_reference(linear_reslt_loss_reference, linear_reslt_loss, tensors, target, groups,
+                                         **kwargs)
 
 
 def test_reference_is_reslt_loss_of_the_shared_linear_head():
@@ -102,7 +85,7 @@ def test_ignored_rows_add_nothing_and_get_zero_gradient(implementation):
 
 def test_every_row_ignored_gives_zero_loss_and_gradients(implementation):
     tensors, target, groups = _inputs(2, 3, 11, 4)
-    loss, grads = _loss_and_grads(linear_reslt_loss, tensors, torch.full_like(target, -100), groups, beta=0.9)
+    loss, grads = head_loss_and_grads(linear_reslt_loss, tensors, torch.full_like(target, -100), groups, beta=0.9)
     assert loss.item() == 0.0
     assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in grads)
 
@@ -127,7 +110,7 @@ def test_fp32_matches_reference(implementation):
     pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="no C++ op")), "torch"], indirect=True)
 def test_backward_scales_by_grad_output_and_no_grad_gives_the_loss(implementation):
     tensors, target, groups = _inputs(3, 4, 13, 3, use_bias=True)
-    loss, unit = _loss_and_grads(linear_reslt_loss, tensors, target, groups, beta=0.9, chunk_size=4)
+    loss, unit = head_loss_and_grads(linear_reslt_loss, tensors, target, groups, beta=0.9, chunk_size=4)
     features, weight, bias = tensors
     (2.5 * linear_reslt_loss(features, weight, target, groups, beta=0.9, bias=bias, chunk_size=4)).backward()
     for tensor, expected in zip(tensors, unit):
@@ -166,7 +149,7 @@ def test_torch_compile_fullgraph_matches_eager():
     def loss(features, weight, bias):
         return linear_reslt_loss(features, weight, target, groups, bias=bias, **kwargs)
 
-    expected_loss, expected_grads = _loss_and_grads(linear_reslt_loss, tensors, target, groups, **kwargs)
+    expected_loss, expected_grads = head_loss_and_grads(linear_reslt_loss, tensors, target, groups, **kwargs)
     compiled_loss = torch.compile(loss, fullgraph=True, backend="aot_eager")(*tensors)
     torch.testing.assert_close(compiled_loss.detach(), expected_loss)
     for grad, expected in zip(torch.autograd.grad(compiled_loss, tensors), expected_grads):

@@ -1,8 +1,10 @@
+import functools
 import importlib
 
 import pytest
 import torch
-from op_helpers import backend, call_cuda_kernel, long_tail_counts, needs_cuda, needs_cuda_build
+from op_helpers import (assert_head_matches_reference, backend, call_cuda_kernel, expert_head_inputs,
+                        head_implementation, head_loss_and_grads, long_tail_counts, needs_cuda, needs_cuda_build)
 
 import fastlt
 from fastlt.ops import linear_ride_loss, linear_ride_loss_reference, ride_loss_reference
@@ -18,38 +20,16 @@ IMPLEMENTATIONS = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, rea
 
 @pytest.fixture(params=IMPLEMENTATIONS)
 def implementation(request, monkeypatch):
-    if request.param == "torch":
-        monkeypatch.setattr(linear_ride_loss_module, "_compiled_op", lambda device: None)
-    with backend({"cpp": "cpp", "triton": "triton", "torch": "auto"}[request.param]):
+    with head_implementation(request.param, monkeypatch):
         yield request.param
 
 
-def _inputs(E, B, C, D, *, shared=False, use_bias=False, dtype=torch.float64):
-    features = torch.randn(B, D) if shared else torch.randn(E, B, D)
-    weight = torch.randn(E, C, D)
-    bias = torch.randn(E, C) if use_bias else None
-    tensors = [t.to(dtype).requires_grad_(True) for t in (features, weight, bias) if t is not None]
-    return tensors, torch.randint(0, C, (B,)), long_tail_counts(C)
-
-
-def _loss_and_grads(fn, tensors, target, counts, **kwargs):
-    features, weight, *bias = tensors
-    loss = fn(features, weight, target, counts, bias=bias[0] if bias else None, **kwargs)
-    return loss.detach(), torch.autograd.grad(loss, tensors)
-
-
-def _assert_matches_reference(tensors, target, counts, rtol=1e-10, atol=1e-12, **kwargs):
-    expected_loss, expected_grads = _loss_and_grads(linear_ride_loss_reference, tensors, target, counts, **kwargs)
-    loss, grads = _loss_and_grads(linear_ride_loss, tensors, target, counts, **kwargs)
-    assert loss.dtype == expected_loss.dtype
-    torch.testing.assert_close(loss, expected_loss, rtol=rtol, atol=atol)
-    for grad, expected in zip(grads, expected_grads):
-        assert grad.dtype == expected.dtype and grad.shape == expected.shape
-        torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol * max(1.0, expected.abs().max().item()))
+_assert_matches_reference = functools.partial(assert_head_matches_reference, linear_ride_loss_reference,
+                                              linear_ride_loss)
 
 
 def test_reference_is_ride_loss_of_the_cosine_logits():
-    (features, weight), target, counts = _inputs(2, 4, 9, 5)
+    (features, weight), target, counts = expert_head_inputs(2, 4, 9, 5)
     cosine = torch.stack([torch.nn.functional.normalize(features[k], dim=1)
                           @ torch.nn.functional.normalize(weight[k], dim=1).t() for k in range(2)])
     expected = ride_loss_reference(30 * cosine, target, counts, drw=True, scale=20.0)
@@ -63,7 +43,7 @@ def test_reference_is_ride_loss_of_the_cosine_logits():
 @pytest.mark.parametrize("drw", [False, True])
 def test_fp64_matches_reference_with_classes_not_a_multiple_of_the_chunk(shared, normalize, use_bias, drw,
                                                                            implementation):
-    tensors, target, counts = _inputs(3, 5, 37, 7, shared=shared, use_bias=use_bias)
+    tensors, target, counts = expert_head_inputs(3, 5, 37, 7, shared=shared, use_bias=use_bias)
     _assert_matches_reference(tensors, target, counts, normalize=normalize, drw=drw, chunk_size=8,
                               scale=30.0 if normalize else 1.0)
 
@@ -71,7 +51,7 @@ def test_fp64_matches_reference_with_classes_not_a_multiple_of_the_chunk(shared,
 @pytest.mark.parametrize("shared, normalize, use_bias, drw, diversity_factor, num_experts", [
     (False, True, False, True, -0.45, 3), (True, True, True, False, 0.3, 2), (False, False, True, True, 0.0, 1)])
 def test_triton_matches_reference_fp64(shared, normalize, use_bias, drw, diversity_factor, num_experts):
-    tensors, target, counts = _inputs(num_experts, 4, 21, 5, shared=shared, use_bias=use_bias)
+    tensors, target, counts = expert_head_inputs(num_experts, 4, 21, 5, shared=shared, use_bias=use_bias)
     with backend("triton"):
         _assert_matches_reference(tensors, target, counts, normalize=normalize, drw=drw,
                                   diversity_factor=diversity_factor, chunk_size=8)
@@ -80,19 +60,19 @@ def test_triton_matches_reference_fp64(shared, normalize, use_bias, drw, diversi
 @pytest.mark.parametrize("num_experts", [1, 2, 5, 8])
 @pytest.mark.parametrize("diversity_factor", [-0.45, 0.0, 0.3])
 def test_fp64_any_number_of_experts_and_diversity(num_experts, diversity_factor, implementation):
-    tensors, target, counts = _inputs(num_experts, 3, 20, 4)
+    tensors, target, counts = expert_head_inputs(num_experts, 3, 20, 4)
     _assert_matches_reference(tensors, target, counts, drw=True, diversity_factor=diversity_factor, chunk_size=6)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, None])
 def test_batch_of_one_and_any_chunk(chunk_size, implementation):
-    tensors, target, counts = _inputs(2, 1, 33, 6)
+    tensors, target, counts = expert_head_inputs(2, 1, 33, 6)
     _assert_matches_reference(tensors, target, counts, drw=True, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_gradcheck_fp64(use_bias, implementation):
-    tensors, target, counts = _inputs(2, 3, 11, 4, use_bias=use_bias)
+    tensors, target, counts = expert_head_inputs(2, 3, 11, 4, use_bias=use_bias)
 
     def loss(features, weight, *bias):
         return linear_ride_loss(features, weight, target, counts, bias=bias[0] if bias else None, drw=True,
@@ -103,15 +83,15 @@ def test_gradcheck_fp64(use_bias, implementation):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_tolerance_table(dtype, implementation):
-    tensors, target, counts = _inputs(3, 6, 300, 16, dtype=dtype)
+    tensors, target, counts = expert_head_inputs(3, 6, 300, 16, dtype=dtype)
     # Both compute in fp32; the reference's GEMM and normalisation round to the input dtype, the fused op's do not.
     rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else (3e-2, 3e-2)
     _assert_matches_reference(tensors, target, counts, drw=True, chunk_size=64, rtol=rtol, atol=atol)
 
 
 def test_backward_scales_by_grad_output(implementation):
-    tensors, target, counts = _inputs(2, 3, 10, 4)
-    _, unit = _loss_and_grads(linear_ride_loss, tensors, target, counts)
+    tensors, target, counts = expert_head_inputs(2, 3, 10, 4)
+    _, unit = head_loss_and_grads(linear_ride_loss, tensors, target, counts)
     features, weight = tensors
     (2.5 * linear_ride_loss(features, weight, target, counts)).backward()
     torch.testing.assert_close(weight.grad, 2.5 * unit[1])
@@ -119,7 +99,7 @@ def test_backward_scales_by_grad_output(implementation):
 
 
 def test_no_gradient_is_computed_without_requires_grad(implementation):
-    (features, weight), target, counts = _inputs(2, 3, 10, 4)
+    (features, weight), target, counts = expert_head_inputs(2, 3, 10, 4)
     loss = linear_ride_loss(features.detach(), weight.detach(), target, counts)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, linear_ride_loss_reference(features, weight, target, counts).detach())
@@ -144,7 +124,7 @@ def test_schema_constant_is_every_overloads_schema():
 
 @pytest.mark.parametrize("overload", OVERLOADS)
 def test_opcheck(overload):
-    (features, weight, bias), target, counts = _inputs(2, 3, 10, 4, use_bias=True, dtype=torch.float32)
+    (features, weight, bias), target, counts = expert_head_inputs(2, 3, 10, 4, use_bias=True, dtype=torch.float32)
     op = getattr(torch.ops.fastlt.linear_ride_loss, overload)
     cases = ((None, features, 1, -100, target), (torch.rand(10) + 0.5, features[0].detach(), 2, 3, target),
              (torch.rand(10), features, 1, -1, torch.tensor([-1, 2, -1])))
@@ -156,7 +136,7 @@ def test_opcheck(overload):
 
 @pytest.mark.parametrize("overload", OVERLOADS)
 def test_op_checks_its_own_arguments(overload):
-    (features, weight), target, counts = _inputs(2, 3, 10, 4)
+    (features, weight), target, counts = expert_head_inputs(2, 3, 10, 4)
     op = getattr(torch.ops.fastlt.linear_ride_loss, overload)
     tables = (torch.zeros(10), None, torch.ones(10))
     with pytest.raises(ValueError, match="target must be in"):
@@ -171,11 +151,11 @@ def test_op_checks_its_own_arguments(overload):
 
 @pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager(implementation):
-    (features, weight), target, counts = _inputs(3, 4, 20, 8, dtype=torch.float32)
+    (features, weight), target, counts = expert_head_inputs(3, 4, 20, 8, dtype=torch.float32)
     compiled = torch.compile(lambda x, w: linear_ride_loss(x, w, target, counts, drw=True, chunk_size=8),
                              fullgraph=True)
-    expected_loss, expected_grads = _loss_and_grads(linear_ride_loss, [features, weight], target, counts, drw=True,
-                                                    chunk_size=8)
+    expected_loss, expected_grads = head_loss_and_grads(linear_ride_loss, [features, weight], target, counts, drw=True,
+                                                        chunk_size=8)
     loss = compiled(features, weight)
     grads = torch.autograd.grad(loss, [features, weight])
     torch.testing.assert_close(loss.detach(), expected_loss)
@@ -203,7 +183,7 @@ def test_torch_compile_fullgraph_matches_eager(implementation):
     ],
 )
 def test_bad_inputs_raise_errors_naming_the_argument(change, error, message):
-    (features, weight), target, counts = _inputs(2, 3, 10, 4)
+    (features, weight), target, counts = expert_head_inputs(2, 3, 10, 4)
     arguments = dict(features=features, weight=weight, target=target, class_counts=counts)
     arguments.update(change(features, weight, target, counts))
     with pytest.raises(error, match=message):
@@ -286,7 +266,7 @@ def test_bench_fused_head_runs_and_fits_memory_linearly(monkeypatch):
 def test_fused_tables_with_zero_class_weights(diversity_factor, implementation):
     from fastlt.ops.linear_ride_loss import fused_linear_ride_loss
 
-    (features, weight), target, counts = _inputs(2, 5, 12, 4)
+    (features, weight), target, counts = expert_head_inputs(2, 5, 12, 4)
     target_margins, temperatures = torch.rand(12, dtype=torch.float64), torch.rand(12, dtype=torch.float64) + 0.5
     mask = (torch.arange(12) % 2).double()  # a 0/1 class mask as class weights
     kwargs = dict(scale=30.0, normalize=True, diversity_factor=diversity_factor, chunk_size=5)
@@ -310,7 +290,7 @@ def test_fused_tables_with_zero_class_weights(diversity_factor, implementation):
 @pytest.mark.parametrize("drw", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
 def test_ignored_rows_and_reductions_match_reference(reduction, drw, shared, implementation):
-    tensors, target, counts = _inputs(3, 6, 23, 5, shared=shared)
+    tensors, target, counts = expert_head_inputs(3, 6, 23, 5, shared=shared)
     target[[1, 4]] = -100
     _assert_matches_reference(tensors, target, counts, drw=drw, chunk_size=7, reduction=reduction)
     # the reference itself: RIDE's loss of the kept rows alone (mean), or the sum of the rows' losses (sum)
@@ -320,14 +300,14 @@ def test_ignored_rows_and_reductions_match_reference(reduction, drw, shared, imp
     kept_loss = linear_ride_loss_reference(kept_features, weight, target[kept], counts, drw=drw, reduction=reduction)
     torch.testing.assert_close(linear_ride_loss_reference(features, weight, target, counts, drw=drw,
                                                           reduction=reduction), kept_loss)
-    _, grads = _loss_and_grads(linear_ride_loss, tensors, target, counts, drw=drw, chunk_size=7, reduction=reduction,
-                               ignore_index=-100)
+    _, grads = head_loss_and_grads(linear_ride_loss, tensors, target, counts, drw=drw, chunk_size=7,
+                                   reduction=reduction, ignore_index=-100)
     if not shared:
         assert bool((grads[0][:, ~kept] == 0).all())  # exactly zero
 
 
 def test_sum_is_the_sum_of_per_row_losses_without_drw(implementation):
-    tensors, target, counts = _inputs(2, 4, 15, 4)
+    tensors, target, counts = expert_head_inputs(2, 4, 15, 4)
     features, weight = tensors
     total = linear_ride_loss(features, weight, target, counts, reduction="sum", chunk_size=4)
     rows = [linear_ride_loss(features[:, b:b + 1], weight, target[b:b + 1], counts, chunk_size=4) for b in range(4)]
@@ -336,16 +316,16 @@ def test_sum_is_the_sum_of_per_row_losses_without_drw(implementation):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_every_row_ignored_gives_zero_loss_and_zero_gradients(reduction, implementation):
-    tensors, target, counts = _inputs(2, 3, 10, 4, use_bias=True)
+    tensors, target, counts = expert_head_inputs(2, 3, 10, 4, use_bias=True)
     target.fill_(7)
-    loss, grads = _loss_and_grads(linear_ride_loss, tensors, target, counts, drw=True, chunk_size=4,
-                                  reduction=reduction, ignore_index=7)
+    loss, grads = head_loss_and_grads(linear_ride_loss, tensors, target, counts, drw=True, chunk_size=4,
+                                      reduction=reduction, ignore_index=7)
     assert loss.item() == 0.0
     assert all(bool((grad == 0).all()) for grad in grads)
 
 
 def test_triton_ignored_rows_and_sum_match_reference():
-    tensors, target, counts = _inputs(2, 5, 13, 4, use_bias=True)
+    tensors, target, counts = expert_head_inputs(2, 5, 13, 4, use_bias=True)
     target[2] = 3
     with backend("triton"):
         _assert_matches_reference(tensors, target, counts, drw=True, chunk_size=8, reduction="sum", ignore_index=3)
@@ -353,7 +333,7 @@ def test_triton_ignored_rows_and_sum_match_reference():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_gradcheck_fp64_with_ignored_rows(reduction, implementation):
-    tensors, target, counts = _inputs(2, 3, 9, 4, use_bias=True)
+    tensors, target, counts = expert_head_inputs(2, 3, 9, 4, use_bias=True)
     target[0] = -5
 
     def loss(features, weight, bias):
@@ -364,7 +344,7 @@ def test_gradcheck_fp64_with_ignored_rows(reduction, implementation):
 
 
 def test_reduction_none_is_refused_with_the_reason():
-    (features, weight), target, counts = _inputs(2, 3, 10, 4)
+    (features, weight), target, counts = expert_head_inputs(2, 3, 10, 4)
     with pytest.raises(ValueError, match="reduction='none' is not supported.*weight gradient.*ride_loss"):
         linear_ride_loss(features, weight, target, counts, reduction="none")
     with pytest.raises(ValueError, match="reduction must be one of"):
@@ -377,11 +357,11 @@ def test_reduction_none_is_refused_with_the_reason():
 
 @pytest.mark.slow
 def test_torch_compile_fullgraph_with_ignored_rows(implementation):
-    (features, weight), target, counts = _inputs(2, 4, 12, 8, dtype=torch.float32)
+    (features, weight), target, counts = expert_head_inputs(2, 4, 12, 8, dtype=torch.float32)
     target[1] = -100
     kwargs = dict(drw=True, chunk_size=8, reduction="sum")
     compiled = torch.compile(lambda x, w: linear_ride_loss(x, w, target, counts, **kwargs), fullgraph=True)
-    expected_loss, expected_grads = _loss_and_grads(linear_ride_loss, [features, weight], target, counts, **kwargs)
+    expected_loss, expected_grads = head_loss_and_grads(linear_ride_loss, [features, weight], target, counts, **kwargs)
     loss = compiled(features, weight)
     torch.testing.assert_close(loss.detach(), expected_loss)
     for grad, expected in zip(torch.autograd.grad(loss, [features, weight]), expected_grads):
@@ -399,7 +379,7 @@ def test_module_passes_reduction_and_ignore_index():
 
 @needs_cuda_build
 def test_cuda_kernel_refuses_cpu_tensors():
-    (features, weight), target, counts = _inputs(2, 3, 10, 4)
+    (features, weight), target, counts = expert_head_inputs(2, 3, 10, 4)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
         call_cuda_kernel("linear_ride_loss", features, weight, None, target, torch.zeros(10), None, torch.ones(10),
                          30.0, True, -0.45, 1, -100, 4, True)
@@ -412,7 +392,7 @@ def test_cuda_kernel_refuses_cpu_tensors():
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_cuda_matches_reference(dtype, shared, use_bias, normalize, reduction):
     torch.manual_seed(0)
-    tensors, target, counts = _inputs(3, 33, 1000, 24, shared=shared, use_bias=use_bias, dtype=dtype)
+    tensors, target, counts = expert_head_inputs(3, 33, 1000, 24, shared=shared, use_bias=use_bias, dtype=dtype)
     tensors = [t.detach().cuda().requires_grad_(True) for t in tensors]
     target, counts = target.cuda(), counts.cuda()
     target[[0, 5]] = -100
