@@ -1,6 +1,5 @@
 """Shared helpers of the op tests: backends to compare, dtype tolerance tables, skip rules, the fused heads' cases."""
 
-import contextlib
 import importlib
 
 import pytest
@@ -106,13 +105,18 @@ EVERY_HEAD_IMPLEMENTATION = [
     "triton", "torch"]
 
 
-@contextlib.contextmanager
-def head_implementation(name, monkeypatch):
-    """Runs the fused head as ``name``: a backend, or "torch" (no compiled kernel: the chunked PyTorch loop)."""
-    if name == "torch":
-        monkeypatch.setattr(_linear_ride_loss_module, "_compiled_op", lambda device: None)
-    with backend("auto" if name == "torch" else name):
-        yield name
+def head_implementation_fixture(implementations):
+    """The fixture ``implementation`` of a fused-head test module: each test runs once per name in
+    ``implementations``, a backend or "torch" (no compiled kernel: the chunked PyTorch loop)."""
+
+    @pytest.fixture(params=implementations, name="implementation")
+    def fixture(request, monkeypatch):
+        if request.param == "torch":
+            monkeypatch.setattr(_linear_ride_loss_module, "_compiled_op", lambda device: None)
+        with backend("auto" if request.param == "torch" else request.param):
+            yield request.param
+
+    return fixture
 
 
 def expert_head_inputs(num_experts, batch, num_classes, dim, *, shared=False, use_bias=False, dtype=torch.float64):
@@ -145,3 +149,16 @@ def assert_head_matches_reference(reference, fn, tensors, target, class_table, r
         assert grad.dtype == expected.dtype and grad.shape == expected.shape
         torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol * max(1.0, expected.abs().max().item()))
     return grads
+
+
+def assert_head_compiles_fullgraph(fn, tensors, target, class_table, **kwargs):
+    """``fn`` under ``torch.compile(fullgraph=True)`` (aot_eager) gives its eager loss and gradients."""
+
+    def loss(features, weight, *bias):
+        return fn(features, weight, target, class_table, bias=bias[0] if bias else None, **kwargs)
+
+    expected_loss, expected_grads = head_loss_and_grads(fn, tensors, target, class_table, **kwargs)
+    compiled_loss = torch.compile(loss, fullgraph=True, backend="aot_eager")(*tensors)
+    torch.testing.assert_close(compiled_loss.detach(), expected_loss)
+    for grad, expected in zip(torch.autograd.grad(compiled_loss, tensors), expected_grads):
+        torch.testing.assert_close(grad, expected)

@@ -3,18 +3,13 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import (EVERY_HEAD_IMPLEMENTATION, assert_head_matches_reference, backend, expert_head_inputs,
-                        head_implementation, head_loss_and_grads, needs_cuda)
+from op_helpers import (EVERY_HEAD_IMPLEMENTATION, assert_head_compiles_fullgraph, assert_head_matches_reference,
+                        backend, expert_head_inputs, head_implementation_fixture, head_loss_and_grads, needs_cuda)
 
 from fastlt.ops import linear_prior_shifted_ce, linear_prior_shifted_ce_reference
 
 
-@pytest.fixture(params=EVERY_HEAD_IMPLEMENTATION)
-def implementation(request, monkeypatch):
-    with head_implementation(request.param, monkeypatch):
-        yield request.param
-
-
+implementation = head_implementation_fixture(EVERY_HEAD_IMPLEMENTATION)
 _assert_matches_reference = functools.partial(assert_head_matches_reference, linear_prior_shifted_ce_reference,
                                               linear_prior_shifted_ce)
 
@@ -86,16 +81,8 @@ def test_fp32_matches_reference(implementation):
 
 def test_torch_compile_fullgraph_matches_eager():
     tensors, target, counts = expert_head_inputs(3, 4, 20, 8, use_bias=True, dtype=torch.float32)
-    kwargs = dict(taus=[0.0, 1.0, 2.0], chunk_size=8)
-
-    def loss(features, weight, bias):
-        return linear_prior_shifted_ce(features, weight, target, counts, bias=bias, **kwargs)
-
-    expected_loss, expected_grads = head_loss_and_grads(linear_prior_shifted_ce, tensors, target, counts, **kwargs)
-    compiled_loss = torch.compile(loss, fullgraph=True, backend="aot_eager")(*tensors)
-    torch.testing.assert_close(compiled_loss.detach(), expected_loss)
-    for grad, expected in zip(torch.autograd.grad(compiled_loss, tensors), expected_grads):
-        torch.testing.assert_close(grad, expected)
+    assert_head_compiles_fullgraph(linear_prior_shifted_ce, tensors, target, counts, taus=[0.0, 1.0, 2.0],
+                                   chunk_size=8)
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,8 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import (EVERY_HEAD_IMPLEMENTATION, assert_head_matches_reference, backend, head_implementation,
-                        head_loss_and_grads, needs_cuda)
+from op_helpers import (EVERY_HEAD_IMPLEMENTATION, assert_head_compiles_fullgraph, assert_head_matches_reference,
+                        backend, head_implementation_fixture, head_loss_and_grads, needs_cuda)
 
 from fastlt.ops import linear_reslt_loss, linear_reslt_loss_reference
 
@@ -12,10 +12,7 @@ linear_ride_loss_module = importlib.import_module("fastlt.ops.linear_ride_loss")
 HAS_CPP = linear_ride_loss_module._compiled_op(torch.device("cpu")) is not None
 
 
-@pytest.fixture(params=EVERY_HEAD_IMPLEMENTATION)
-def implementation(request, monkeypatch):
-    with head_implementation(request.param, monkeypatch):
-        yield request.param
+implementation = head_implementation_fixture(EVERY_HEAD_IMPLEMENTATION)
 
 
 def _groups(num_branches, num_classes):
@@ -144,16 +141,7 @@ def test_eager_mode_holds_one_weight_gradient_beyond_the_result(implementation):
 
 def test_torch_compile_fullgraph_matches_eager():
     tensors, target, groups = _inputs(3, 4, 20, 8, use_bias=True, dtype=torch.float32)
-    kwargs = dict(beta=0.9, chunk_size=8)
-
-    def loss(features, weight, bias):
-        return linear_reslt_loss(features, weight, target, groups, bias=bias, **kwargs)
-
-    expected_loss, expected_grads = head_loss_and_grads(linear_reslt_loss, tensors, target, groups, **kwargs)
-    compiled_loss = torch.compile(loss, fullgraph=True, backend="aot_eager")(*tensors)
-    torch.testing.assert_close(compiled_loss.detach(), expected_loss)
-    for grad, expected in zip(torch.autograd.grad(compiled_loss, tensors), expected_grads):
-        torch.testing.assert_close(grad, expected)
+    assert_head_compiles_fullgraph(linear_reslt_loss, tensors, target, groups, beta=0.9, chunk_size=8)
 
 
 @pytest.mark.parametrize(

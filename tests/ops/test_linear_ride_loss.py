@@ -4,7 +4,8 @@ import importlib
 import pytest
 import torch
 from op_helpers import (assert_head_matches_reference, backend, call_cuda_kernel, expert_head_inputs,
-                        head_implementation, head_loss_and_grads, long_tail_counts, needs_cuda, needs_cuda_build)
+                        head_implementation_fixture, head_loss_and_grads, long_tail_counts, needs_cuda,
+                        needs_cuda_build)
 
 import fastlt
 from fastlt.ops import linear_ride_loss, linear_ride_loss_reference, ride_loss_reference
@@ -18,12 +19,7 @@ IMPLEMENTATIONS = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, rea
                    "torch"]  # the Triton kernels (slow in the interpreter) have their own tests below
 
 
-@pytest.fixture(params=IMPLEMENTATIONS)
-def implementation(request, monkeypatch):
-    with head_implementation(request.param, monkeypatch):
-        yield request.param
-
-
+implementation = head_implementation_fixture(IMPLEMENTATIONS)
 _assert_matches_reference = functools.partial(assert_head_matches_reference, linear_ride_loss_reference,
                                               linear_ride_loss)
 
