@@ -6,8 +6,8 @@ N is the number of kept rows (labels other than ``ignore_index``) under ``reduct
 ``"none"`` gives the per-row sums (docs/methods.md 6.5). Balanced Softmax is one expert with tau = 1; logit-adjusted
 training uses other taus. Shifts: ``_lt_constants.prior_logit_shifts``. Per-row math:
 csrc/include/fastlt/prior_shifted_ce.h; kernels: csrc/cpu/prior_shifted_ce.cpp, csrc/cuda/prior_shifted_ce.cu,
-kernels/prior_shifted_ce.py (the op's ``triton`` overload); tests: tests/ops/test_prior_shifted_ce.py,
-tests/ops/test_loss_backends.py; benchmark: bench/losses.py.
+kernels/prior_shifted_ce.py (the op's ``triton`` overload); tests: tests/ops/test_prior_shifted_ce.py;
+benchmark: bench/losses.py.
 
 As ride_loss, the kernel computes the row terms and d loss / d logits in one pass per row and the backward only
 scales the saved gradient (second-order gradients and torch.func: the eager formula, fastlt/ops/_fused_loss.py).

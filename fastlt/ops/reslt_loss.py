@@ -11,7 +11,7 @@ the kept rows (label != ``ignore_index``), ``"sum"`` drops both normalisers and 
 terms (docs/methods.md 6.5). The K + 1 terms (K branch terms, the fused term) are the op's row terms, which
 ``return_components`` reports. Per-row math:
 csrc/include/fastlt/reslt_loss.h; kernels: csrc/cpu/reslt_loss.cpp, csrc/cuda/reslt_loss.cu, kernels/reslt_loss.py;
-tests: tests/ops/test_reslt_loss.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py.
+tests: tests/ops/test_reslt_loss.py; benchmark: bench/losses.py.
 
 As ride_loss, the kernel computes the loss, its row terms and d loss / d logits in one pass per row and the backward
 only scales the saved gradient (second-order gradients and torch.func: the eager formula, fastlt/ops/_fused_loss.py).

@@ -6,7 +6,7 @@ with ``pbar = softmax(mean_k(z_k) / T)`` detached, KL reduced as ``batchmean`` a
 ``reduction="mean"`` loss. Sum and per-row reductions, ignored rows and the loss's components: docs/methods.md 6.5.
 Constants (margins m, DRW weights w, temperatures T): fastlt/ops/_lt_constants.py. Per-row math:
 csrc/include/fastlt/ride_loss.h; kernels: csrc/cpu/ride_loss.cpp, csrc/cuda/ride_loss.cu, kernels/ride_loss.py;
-tests: tests/ops/test_ride_loss.py, tests/ops/test_loss_backends.py; benchmark: bench/losses.py.
+tests: tests/ops/test_ride_loss.py; benchmark: bench/losses.py.
 docs/methods.md 3.2 and 6.3 give the definition.
 
 The kernels compute the loss and d loss / d logits in one pass per row; the backward only scales the saved gradient
