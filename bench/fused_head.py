@@ -81,7 +81,7 @@ def _reslt_implementations(features, weight, target, counts):
     }
 
 
-def _composition_rows_for(num_classes):
+def _composition_rows_for(num_classes, history):
     target = torch.randint(0, num_classes, (BATCH,))
     counts = long_tailed_counts(num_classes)
     rows = []
@@ -89,30 +89,51 @@ def _composition_rows_for(num_classes):
                                           ((num_classes, DIM), _reslt_implementations)):
         features = torch.randn(EXPERTS, BATCH, DIM, requires_grad=True)
         weight = torch.randn(*weight_shape, requires_grad=True)
-        block = _measure(num_classes, features, weight, implementations(features, weight, target, counts))
+        block = _measure(num_classes, features, weight, implementations(features, weight, target, counts), history)
         _compare(block[0], block[1], "b")
         rows += block
     return rows
 
 
 def _compare(fused, other, name):
-    """The fused row's time and peak-memory ratios against the row ``other`` (labelled ``name``)."""
+    """The fused row's time and peak-memory ratios against the row ``other`` (labelled ``name``; none when it was
+    not run)."""
+    if fused["ms"] is None or other["ms"] is None:
+        return
     fused[f"time_vs_{name}"] = fused["ms"] / other["ms"]
     fused[f"memory_{name}_over_fused"] = other["peak_extra_mb"] / max(fused["peak_extra_mb"], 1e-9)
 
 
-def _rows_for(num_classes, quick):
+def _rows_for(num_classes, quick, history):
     features = torch.randn(EXPERTS, BATCH, DIM, requires_grad=True)
     weight = torch.randn(EXPERTS, num_classes, DIM, requires_grad=True)
     target = torch.randint(0, num_classes, (BATCH,))
     counts = long_tailed_counts(num_classes)
-    return _measure(num_classes, features, weight, _implementations(features, weight, target, counts, quick))
+    return _measure(num_classes, features, weight, _implementations(features, weight, target, counts, quick),
+                    history)
 
 
-def _measure(num_classes, features, weight, implementations):
+def _predicted_bytes(points, num_classes):
+    """Total bytes at ``num_classes`` from the (C, bytes) points measured so far (linear in C), or None."""
+    if not points:
+        return None
+    (c0, bytes0), (c1, bytes1) = points[0], points[-1]
+    per_class = (bytes1 - bytes0) / (c1 - c0) if c1 > c0 else bytes1 / c1
+    return bytes1 + per_class * (num_classes - c1)
+
+
+def _measure(num_classes, features, weight, implementations, history):
+    """One row per implementation; ``history`` (impl -> measured (C, total bytes)) grows with each. An
+    implementation predicted to need more than the 8 GiB budget at this C is not run (it would only show that it
+    does not fit, or be killed for memory on a smaller machine): its row says so."""
     held = 2 * (features.numel() + weight.numel()) * 4  # inputs and their gradients
     rows = []
     for name, compute in implementations.items():
+        predicted = _predicted_bytes(history.get(name, []), num_classes)
+        if predicted is not None and predicted > BUDGET_BYTES:
+            rows.append(dict(C=num_classes, impl=name, ms=None, peak_extra_mb=None, total_mb=None,
+                             note=f"not run: needs ~{predicted / 2**30:.1f} GiB (fit) > 8 GiB"))
+            continue
 
         def step():
             features.grad = weight.grad = None
@@ -124,6 +145,7 @@ def _measure(num_classes, features, weight, implementations):
         features.grad = weight.grad = None
         rows.append(dict(C=num_classes, impl=name, ms=median_ms, peak_extra_mb=extra / 2**20,
                          total_mb=(held + extra) / 2**20))
+        history.setdefault(name, []).append((num_classes, held + extra))
     return rows
 
 
@@ -131,7 +153,8 @@ def _largest_class_count(rows):
     """Per implementation: the largest C whose total bytes (linear in C, fitted over the measured C) fit in 8 GiB."""
     by_impl = {}
     for row in rows:
-        by_impl.setdefault(row["impl"], []).append((row["C"], row["total_mb"] * 2**20))
+        if row["total_mb"] is not None:
+            by_impl.setdefault(row["impl"], []).append((row["C"], row["total_mb"] * 2**20))
     for row in rows:
         points = sorted(by_impl[row["impl"]])
         (c0, bytes0), (c1, bytes1) = points[0], points[-1]
@@ -148,15 +171,16 @@ def run(quick: bool = False, class_counts=None) -> list[dict]:
     RIDE's with the eager reference (a))."""
     torch.manual_seed(0)
     sizes = class_counts or (QUICK_CLASS_COUNTS if quick else CLASS_COUNTS)
-    rows = []
+    rows, history = [], {}
     with fastlt.ops.use_backend("auto"):
         for num_classes in progress(sizes, "fastlt bench fused-head"):
-            block = _rows_for(num_classes, quick)
+            block = _rows_for(num_classes, quick, history)
             _compare(block[0], block[1], "b")
-            block[0]["memory_a_over_fused"] = block[2]["peak_extra_mb"] / max(block[0]["peak_extra_mb"], 1e-9)
+            if block[0]["ms"] is not None and block[2]["ms"] is not None:
+                block[0]["memory_a_over_fused"] = block[2]["peak_extra_mb"] / max(block[0]["peak_extra_mb"], 1e-9)
             rows += block
         for num_classes in progress(sizes, "fastlt bench fused-head: prior-shifted CE and ResLT"):
-            rows += _composition_rows_for(num_classes)
+            rows += _composition_rows_for(num_classes, history)
     return _largest_class_count(rows) if len(sizes) > 1 else rows
 
 

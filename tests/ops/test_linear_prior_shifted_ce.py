@@ -119,11 +119,34 @@ def test_bench_fused_head_has_the_composition_rows(monkeypatch):
 
     monkeypatch.setattr(fused_head, "BATCH", 4)
     monkeypatch.setattr(fused_head, "DIM", 8)
-    rows = fused_head._composition_rows_for(200)
+    rows = fused_head._composition_rows_for(200, {})
     assert [row["impl"] for row in rows] == ["fused linear_prior_shifted_ce", "(b) heads + fused prior_shifted_ce",
                                              "fused linear_reslt_loss", "(b) branch logits + fused reslt_loss"]
     for fused in (rows[0], rows[2]):
         assert fused["C"] == 200 and fused["time_vs_b"] > 0 and fused["memory_b_over_fused"] > 0
+
+
+def test_bench_fused_head_does_not_run_what_would_not_fit_the_budget(monkeypatch):
+    """At a C where the fit over the smaller C predicts more than the budget, the materialised logits are not run
+    (on this 24 GiB machine they were killed for memory at C = 3e5); the fused op still is."""
+    from fastlt.bench import fused_head
+
+    monkeypatch.setattr(fused_head, "BATCH", 8)
+    monkeypatch.setattr(fused_head, "DIM", 8)
+    history = {}
+    fused_head._composition_rows_for(100, history)
+    fused_head._composition_rows_for(200, history)
+    materialised = history["(b) heads + fused prior_shifted_ce"]
+    slope = (materialised[1][1] - materialised[0][1]) / 100
+    fused_bytes = fused_head._predicted_bytes(history["fused linear_prior_shifted_ce"], 4000)
+    budget = materialised[1][1] + slope * 3800 - 1  # the materialised logits at C = 4000 just do not fit
+    assert fused_bytes < budget
+    monkeypatch.setattr(fused_head, "BUDGET_BYTES", budget)
+    rows = {row["impl"]: row for row in fused_head._composition_rows_for(4000, history)}
+    assert rows["(b) heads + fused prior_shifted_ce"]["ms"] is None
+    assert "not run" in rows["(b) heads + fused prior_shifted_ce"]["note"]
+    assert rows["fused linear_prior_shifted_ce"]["ms"] > 0
+    assert "time_vs_b" not in rows["fused linear_prior_shifted_ce"]
 
 
 @needs_cuda
