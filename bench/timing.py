@@ -34,10 +34,10 @@ def copy_bandwidth_gbs(num_bytes=256 * 2**20, device="cpu"):
 
 
 def format_table(rows):
-    """Rows (dicts with the same keys) as an aligned text table."""
+    """Rows (dicts) as an aligned text table: a column per key, in the order the rows first use them."""
     if not rows:
         return "(no rows)"
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(key for row in rows for key in row))
     cells = [[_fmt(row.get(key)) for key in keys] for row in rows]
     widths = [max(len(key), *(len(c[i]) for c in cells)) for i, key in enumerate(keys)]
     lines = ["  ".join(key.ljust(w) for key, w in zip(keys, widths)), "  ".join("-" * w for w in widths)]
