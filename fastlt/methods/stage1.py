@@ -102,18 +102,25 @@ def ride(config, counts, model) -> Method:
         return _fused_head_ride(loss, config, model)
     if config.get("teacher") is None:
         return Method("ride", lambda output, targets: loss(output.expert_logits, targets), epoch_hook(loss))
-    teacher = load_teacher(config["teacher"], num_classes=counts.numel(), device=counts.device,
-                           train_mode=config.get("teacher_train_mode", True))
     distill = fastlt.RIDEDistillLoss(loss, temperature=config.get("distill_temperature", 1.5),
                                      distill_factor=config.get("distill_factor", 1.0),
                                      scale_by_experts=config.get("distill_scale_by_experts", True))
+    return _distilled(config, counts.numel(), counts.device, epoch_hook(distill),
+                      lambda output, targets, teacher_logits: distill(output.expert_logits, targets, teacher_logits))
+
+
+def _distilled(config, num_classes, device, on_epoch_start, loss_with_teacher) -> Method:
+    """RIDE's distillation method: the teacher run named by config["teacher"] gives its logits on each batch (no
+    gradient) to ``loss_with_teacher(output, targets, teacher_logits)``."""
+    teacher = load_teacher(config["teacher"], num_classes=num_classes, device=device,
+                           train_mode=config.get("teacher_train_mode", True))
 
     def distill_loss(output, targets, images):
         with torch.no_grad():
             teacher_logits = teacher(images).logits.float()
-        return distill(output.expert_logits, targets, teacher_logits)
+        return loss_with_teacher(output, targets, teacher_logits)
 
-    return Method("ride_distill", distill_loss, epoch_hook(distill), needs_images=True)
+    return Method("ride_distill", distill_loss, on_epoch_start, needs_images=True)
 
 
 def _fused_head_ride(loss, config, model) -> Method:
@@ -143,15 +150,8 @@ def _fused_head_ride(loss, config, model) -> Method:
     model.use_fused_head(head)
     if config.get("teacher") is None:
         return Method("ride", lambda output, targets: head(output.features, targets), epoch_hook(head))
-    teacher = load_teacher(config["teacher"], num_classes=head.weight.shape[1], device=head.weight.device,
-                           train_mode=config.get("teacher_train_mode", True))
-
-    def distill_loss(output, targets, images):
-        with torch.no_grad():
-            teacher_logits = teacher(images).logits.float()
-        return head(output.features, targets, teacher_logits)
-
-    return Method("ride_distill", distill_loss, epoch_hook(head), needs_images=True)
+    return _distilled(config, head.weight.shape[1], head.weight.device, epoch_hook(head),
+                      lambda output, targets, teacher_logits: head(output.features, targets, teacher_logits))
 
 
 def load_teacher(path: str, *, num_classes: int, device=None, train_mode: bool = True) -> nn.Module:
