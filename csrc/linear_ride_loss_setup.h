@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <tuple>
 
 #include "loss_checks.h"
 
@@ -161,6 +162,16 @@ inline at::Tensor features_gradient(at::Tensor grad_unit_features, const Setup& 
     grad_unit_features = (grad_unit_features - s.unit_features * radial) / s.feature_norms;
   }
   return (features.dim() == 2 ? grad_unit_features.sum(0) : grad_unit_features).to(features.scalar_type());
+}
+
+// The op's outputs (loss, d features, d weight, d bias), with empty gradients when none were asked for.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs(
+    const RowStatistics& stats, const Setup& s, const at::Tensor& features, const at::Tensor& weight,
+    const at::Tensor& grad_features, const at::Tensor& grad_weight, const at::Tensor& grad_bias, bool compute_grad) {
+  const at::Tensor loss = loss_of(stats, s);
+  const auto empty = [&] { return at::empty({0}, features.options()); };
+  if (!compute_grad) return {loss, empty(), empty(), empty()};
+  return {loss, grad_features, grad_weight, grad_bias.defined() ? grad_bias.to(weight.scalar_type()) : empty()};
 }
 
 }  // namespace linear_ride_loss

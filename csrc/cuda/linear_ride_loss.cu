@@ -236,10 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
     grad_features = linear_ride_loss::features_gradient(grad_unit_features, setup, features);
   });
 
-  const at::Tensor loss = linear_ride_loss::loss_of(stats, setup);
-  const auto empty = [&] { return at::empty({0}, features.options()); };
-  if (!compute_grad) return {loss, empty(), empty(), empty()};
-  return {loss, grad_features, grad_weight, grad_bias.defined() ? grad_bias.to(weight.scalar_type()) : empty()};
+  return linear_ride_loss::outputs(stats, setup, features, weight, grad_features, grad_weight, grad_bias, compute_grad);
 }
 
 }  // namespace cuda
