@@ -13,7 +13,7 @@ import triton.language as tl
 
 from fastlt.kernels._softmax_stats import add_to_softmax_stats, merge_lanes
 from fastlt._formulas import accumulate_dtype
-from fastlt.kernels._common import TRITON_DTYPES, class_block
+from fastlt.kernels._common import TRITON_DTYPES, class_block, write_ignored_row
 
 
 @triton.jit
@@ -23,17 +23,8 @@ def _ride_loss_kernel(logits_ptr, labels_ptr, margins_ptr, ce_coefs_ptr, inverse
                       BLOCK: tl.constexpr):
     b = tl.program_id(0)
     y = tl.load(labels_ptr + b)
-    lanes = tl.arange(0, BLOCK)
-    if y == ignore_index:  # an ignored row: zero terms and gradient, and its label is never an index
-        for k in range(E):
-            tl.store(row_terms_ptr + b * 2 * E + k, tl.zeros([], ACC))
-            tl.store(row_terms_ptr + b * 2 * E + E + k, tl.zeros([], ACC))
-            if WRITE_GRAD:
-                for start in range(0, C, BLOCK):
-                    offsets = start + lanes
-                    tl.store(grad_ptr + (k * B + b) * C + offsets,
-                             tl.zeros([BLOCK], ACC).to(grad_ptr.dtype.element_ty), mask=offsets < C)
-        tl.store(row_losses_ptr + b, tl.zeros([], ACC))
+    if y == ignore_index:  # zero terms (2E of them), row loss and gradient rows; its label is never an index
+        write_ignored_row(b, row_terms_ptr, 2 * E, row_losses_ptr, grad_ptr, E, B, C, ACC, WRITE_GRAD, BLOCK)
     else:
         _ride_loss_row(logits_ptr, y, b, margins_ptr, ce_coefs_ptr, inverse_temperature_ptr, div_coef_ptr, mean_ptr,
                        row_losses_ptr, row_terms_ptr, grad_ptr, stride_e, stride_b, stride_c, E, B, C, ACC, DIVERSITY,
