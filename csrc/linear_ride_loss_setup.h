@@ -1,7 +1,8 @@
 // Host-side setup of fastlt::linear_ride_loss, shared by the CPU kernel (csrc/cpu/linear_ride_loss.cpp) and the CUDA
 // launcher (csrc/cuda/linear_ride_loss.cu): the argument checks, each row's coefficients (docs/methods.md 6.5), the
-// normalised features and the weight's column scales, the row statistics' buffers, and the loss and the features'
-// norm backward from them. All ATen (the device's own kernels); the per-class work is the kernels'.
+// weight's column scales, the row statistics' buffers, and the loss from them. All ATen (the device's own kernels);
+// the per-class work is the kernels'. The op normalises only the weight (O(C x D), never copied); a cosine head's
+// caller normalises the features (O(B x D)) under autograd.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,11 +30,24 @@ struct Setup {
   at::Tensor ce_coef, div_coef;    // [B] each row's factor on its CE and on its diversity term (0: ignored)
   at::Tensor inverse_temperature;  // [C]
   at::Tensor bias;                 // [E, C] in the accumulation dtype, or undefined
-  at::Tensor unit_features;        // [E, B, D] normalised (or raw) features, contiguous
-  at::Tensor feature_norms;        // [E, B, 1] (normalize only)
-  at::Tensor column_scale;         // [E, C] scale / ||w_c|| (normalize only)
-  at::Tensor weight_above_eps;     // [E, C] bool (normalize only)
+  at::Tensor row_bias_scales;      // [B] each row's factor on the bias, or undefined (all 1)
+  at::Tensor features;             // [E, B, D] in the accumulation dtype, contiguous
+  at::Tensor column_scale;         // [E, C] scale / ||w_c|| (normalize_weight only)
+  at::Tensor weight_above_eps;     // [E, C] bool (normalize_weight only)
 };
+
+// A [B] per-row table, as class_table.
+inline at::Tensor row_table(const at::Tensor& table, int64_t B, const at::Tensor& weight, at::ScalarType acc,
+                            const char* name) {
+  TORCH_CHECK_VALUE(table.dim() == 1 && table.size(0) == B, kOp, ": ", name, " must be [B]=[", B, "], got ",
+                    table.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(table.scalar_type()), kOp, ": ", name, " must be floating, got ",
+                    table.scalar_type());
+  TORCH_CHECK_VALUE(table.device() == weight.device(), kOp, ": ", name, " must be on ", weight.device());
+  const at::Tensor values = table.to(acc).contiguous();
+  TORCH_CHECK_VALUE(values.isfinite().all().item<bool>(), kOp, ": ", name, " must be finite");
+  return values;
+}
 
 // A [C] per-class table on the weight's device, contiguous in the accumulation dtype.
 inline at::Tensor class_table(const at::Tensor& table, int64_t C, const at::Tensor& weight, at::ScalarType acc,
@@ -48,9 +62,10 @@ inline at::Tensor class_table(const at::Tensor& table, int64_t C, const at::Tens
 
 inline Setup setup(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    const at::Tensor& target, const at::Tensor& target_margins,
-                   const std::optional<at::Tensor>& class_weights, const at::Tensor& temperatures, double scale,
-                   bool normalize, double diversity_factor, int64_t reduction, int64_t ignore_index,
-                   int64_t chunk_size) {
+                   const std::optional<at::Tensor>& class_weights, const at::Tensor& temperatures,
+                   const std::optional<at::Tensor>& row_weights, const std::optional<at::Tensor>& row_bias_scales,
+                   double scale, bool normalize_weight, double diversity_factor, int64_t reduction,
+                   int64_t ignore_index, int64_t chunk_size) {
   TORCH_CHECK_VALUE(weight.dim() == 3 && weight.numel() > 0, kOp, ": weight must be a non-empty [E, C, D], got ",
                     weight.sizes());
   Setup s;
@@ -89,10 +104,20 @@ inline Setup setup(const at::Tensor& features, const at::Tensor& weight, const s
                       bias->sizes());
     s.bias = bias->to(s.acc).contiguous();
   }
-  // Rows (docs/methods.md 6.5): CE factor w_y, diversity factor lam * mean(T)^2; under mean divided by the kept rows'
-  // total weight W and their number N (0 when that is 0); an ignored row gets 0 and the label -1.
+  if (row_bias_scales.has_value()) {
+    TORCH_CHECK_VALUE(bias.has_value(), kOp, ": row_bias_scales needs a bias");
+    s.row_bias_scales = row_table(*row_bias_scales, s.B, weight, s.acc, "row_bias_scales");
+  }
+  // Rows (docs/methods.md 6.5): CE factor r_i * w_y, diversity factor r_i * lam * mean(T)^2 (r_i: row_weights, else
+  // 1); under mean divided by the kept rows' total CE factor and their total r_i (0 when that is 0); an ignored row
+  // gets 0 and the label -1.
   const at::Tensor kept = target != ignore_index;
-  const at::Tensor kept_values = kept.to(s.acc);
+  at::Tensor kept_values = kept.to(s.acc);
+  if (row_weights.has_value()) {
+    const at::Tensor values = row_table(*row_weights, s.B, weight, s.acc, "row_weights");
+    TORCH_CHECK_VALUE((values >= 0).all().item<bool>(), kOp, ": row_weights must be >= 0");
+    kept_values = kept_values * values;
+  }
   s.labels = at::where(kept, target, at::full_like(target, -1)).contiguous();
   const at::Tensor gather_labels = s.labels.clamp_min(0);
   at::Tensor ce_coef = kept_values;
@@ -110,15 +135,11 @@ inline Setup setup(const at::Tensor& features, const at::Tensor& weight, const s
   s.row_margins = margins.index_select(0, gather_labels).contiguous();
   s.inverse_temperature = temperature_table.reciprocal().contiguous();
 
-  const at::Tensor raw_features = features.to(s.acc).expand({s.E, s.B, s.D});
-  if (normalize) {
-    s.feature_norms = at::linalg_vector_norm(raw_features, 2, {-1}, true).clamp_min(kNormEps);
-    s.unit_features = (raw_features / s.feature_norms).contiguous();
+  s.features = features.to(s.acc).expand({s.E, s.B, s.D}).contiguous();
+  if (normalize_weight) {
     const at::Tensor weight_norms = at::linalg_vector_norm(weight, 2, {-1}, false, s.acc);
     s.column_scale = (scale / weight_norms.clamp_min(kNormEps)).contiguous();
     s.weight_above_eps = (weight_norms > kNormEps).contiguous();
-  } else {
-    s.unit_features = raw_features.contiguous();
   }
   return s;
 }
@@ -154,14 +175,15 @@ inline at::Tensor loss_of(const RowStatistics& stats, const Setup& s) {
   return loss;
 }
 
-// d features from d (normalised) features [E, B, D]: F.normalize's backward, then the sum over experts for shared
-// [B, D] features.
-inline at::Tensor features_gradient(at::Tensor grad_unit_features, const Setup& s, const at::Tensor& features) {
-  if (s.feature_norms.defined()) {
-    const at::Tensor radial = (grad_unit_features * s.unit_features).sum(-1, true) * (s.feature_norms > kNormEps);
-    grad_unit_features = (grad_unit_features - s.unit_features * radial) / s.feature_norms;
-  }
-  return (features.dim() == 2 ? grad_unit_features.sum(0) : grad_unit_features).to(features.scalar_type());
+// d bias of a chunk from its d loss / d logits [E, B, n]: the sum over the rows, each times its bias scale.
+inline at::Tensor bias_gradient(const at::Tensor& chunk_gradient, const at::Tensor& row_bias_scales) {
+  if (!row_bias_scales.defined()) return chunk_gradient.sum(1);
+  return at::matmul(row_bias_scales.view({1, 1, -1}), chunk_gradient).squeeze(1);
+}
+
+// d features from the [E, B, D] gradient: summed over the experts for shared [B, D] features.
+inline at::Tensor features_gradient(const at::Tensor& grad_expert_features, const at::Tensor& features) {
+  return (features.dim() == 2 ? grad_expert_features.sum(0) : grad_expert_features).to(features.scalar_type());
 }
 
 // The op's outputs (loss, d features, d weight, d bias), with empty gradients when none were asked for.

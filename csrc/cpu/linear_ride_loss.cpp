@@ -4,8 +4,9 @@
 // statistics (LDAM-margin CE and tempered softmax per expert, tempered expert mean, KL gaps), or (2) overwrites the
 // chunk with d loss / d logits, which two more GEMMs turn into d features (accumulated) and d weight (written for the
 // chunk's classes). The cosine classifier's weight normalisation is a column scale of the GEMM's result, and its
-// backward is row-local (fastlt/linear_ride_loss.h). Memory beyond inputs and gradients: the logit buffer, one
-// [E, chunk, D] weight-gradient buffer and O(E x B x D + E x C) of normalised features and per-class tables.
+// backward is row-local (fastlt/linear_ride_loss.h); the caller normalises the features. Memory beyond inputs and
+// gradients: the logit buffer, one [E, chunk, D] weight-gradient buffer and O(E x B x D + E x C) of features in the
+// accumulation dtype and per-class tables.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,18 +20,18 @@ namespace fastlt {
 namespace cpu {
 namespace {
 
-// z[c] = z[c] * column_scale[c] + bias[c], in place; either table may be nullptr (1 and 0).
+// z[c] = z[c] * column_scale[c] + bias_scale * bias[c], in place; either table may be nullptr (1 and 0).
 template <typename A>
-FASTLT_ALWAYS_INLINE void affine_row_impl(A* z, const A* column_scale, const A* bias, int64_t n) {
+FASTLT_ALWAYS_INLINE void affine_row_impl(A* z, const A* column_scale, const A* bias, A bias_scale, int64_t n) {
   if (column_scale != nullptr && bias != nullptr) {
 #pragma omp simd
-    for (int64_t c = 0; c < n; ++c) z[c] = linear_ride_loss::chunk_logit(z[c], column_scale[c], bias[c]);
+    for (int64_t c = 0; c < n; ++c) z[c] = linear_ride_loss::chunk_logit(z[c], column_scale[c], bias_scale * bias[c]);
   } else if (column_scale != nullptr) {
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) z[c] *= column_scale[c];
   } else if (bias != nullptr) {
 #pragma omp simd
-    for (int64_t c = 0; c < n; ++c) z[c] += bias[c];
+    for (int64_t c = 0; c < n; ++c) z[c] += bias_scale * bias[c];
   }
 }
 
@@ -89,8 +90,8 @@ FASTLT_ALWAYS_INLINE void radial_correction_impl(const A* w, A* p, A column_scal
 }
 
 #define FASTLT_LINEAR_RIDE_ROW_FUNCTIONS(A)                                                                         \
-  FASTLT_PER_ISA void affine_row(A* z, const A* column_scale, const A* bias, int64_t n) {                           \
-    affine_row_impl(z, column_scale, bias, n);                                                                      \
+  FASTLT_PER_ISA void affine_row(A* z, const A* column_scale, const A* bias, A bias_scale, int64_t n) {             \
+    affine_row_impl(z, column_scale, bias, bias_scale, n);                                                          \
   }                                                                                                                 \
   FASTLT_PER_ISA void add_to_mean(const A* z, A* total, bool first, bool last, A inverse_experts,                   \
                                   const A* inverse_temperature, int64_t n) {                                        \
@@ -116,17 +117,18 @@ FASTLT_LINEAR_RIDE_ROW_FUNCTIONS(double)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
     const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& target_margins, const std::optional<at::Tensor>& class_weights,
-    const at::Tensor& temperatures, double scale, bool normalize, double diversity_factor, int64_t reduction,
-    int64_t ignore_index, int64_t chunk_size, bool compute_grad) {
+    const at::Tensor& temperatures, const std::optional<at::Tensor>& row_weights,
+    const std::optional<at::Tensor>& row_bias_scales, double scale, bool normalize_weight, double diversity_factor,
+    int64_t reduction, int64_t ignore_index, int64_t chunk_size, bool compute_grad) {
   TORCH_CHECK(weight.device().is_cpu(), linear_ride_loss::kOp, " (CPU kernel): weight must be a CPU tensor");
-  const linear_ride_loss::Setup setup =
-      linear_ride_loss::setup(features, weight, bias, target, target_margins, class_weights, temperatures, scale,
-                              normalize, diversity_factor, reduction, ignore_index, chunk_size);
+  const linear_ride_loss::Setup setup = linear_ride_loss::setup(
+      features, weight, bias, target, target_margins, class_weights, temperatures, row_weights, row_bias_scales, scale,
+      normalize_weight, diversity_factor, reduction, ignore_index, chunk_size);
   const int64_t E = setup.E, B = setup.B, C = setup.C, D = setup.D, chunk = setup.chunk;
   const at::ScalarType acc = setup.acc;
   const auto acc_options = weight.options().dtype(acc);
   const bool diversity = setup.diversity;
-  const at::Tensor& unit_features = setup.unit_features;
+  const at::Tensor& expert_features = setup.features;
   linear_ride_loss::RowStatistics stats = linear_ride_loss::empty_statistics(setup, acc_options);
 
   at::Tensor logit_buffer = at::empty({E * B * chunk}, acc_options);
@@ -141,8 +143,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
     const A* coef_of_row = setup.ce_coef.data_ptr<A>();
     const A* div_of_row = setup.div_coef.data_ptr<A>();
     const A* inverse_temperature = setup.inverse_temperature.data_ptr<A>();
-    const A* scales = normalize ? setup.column_scale.data_ptr<A>() : nullptr;
+    const A* scales = normalize_weight ? setup.column_scale.data_ptr<A>() : nullptr;
     const A* biases = setup.bias.defined() ? setup.bias.data_ptr<A>() : nullptr;
+    const A* bias_scale_of_row = setup.row_bias_scales.defined() ? setup.row_bias_scales.data_ptr<A>() : nullptr;
     const A inverse_experts = A(1) / static_cast<A>(E);
     A* ce_max = stats.ce_max.data_ptr<A>();
     A* ce_sum = stats.ce_sum.data_ptr<A>();
@@ -156,16 +159,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
     // The chunk [c0, c0 + n)'s logits, [E, B, n] contiguous in the logit buffer, before column scale and bias.
     auto chunk_logits = [&](int64_t c0, int64_t n, const at::Tensor& weight_chunk) {
       at::Tensor logits = logit_buffer.narrow(0, 0, E * B * n).view({E, B, n});
-      at::bmm_out(logits, unit_features, weight_chunk.transpose(1, 2));
+      at::bmm_out(logits, expert_features, weight_chunk.transpose(1, 2));
       return logits;
     };
     // Applies column scale and bias to the chunk's rows of sample b and forms the tempered mean logits (diversity
     // term only) in `mean_logits`.
     auto chunk_rows = [&](A* logits, int64_t b, int64_t c0, int64_t n, A* mean_logits) {
+      const A bias_scale = bias_scale_of_row == nullptr ? A(1) : bias_scale_of_row[b];
       for (int64_t k = 0; k < E; ++k) {
         A* z = logits + (k * B + b) * n;
         affine_row(z, scales == nullptr ? nullptr : scales + k * C + c0,
-                   biases == nullptr ? nullptr : biases + k * C + c0, n);
+                   biases == nullptr ? nullptr : biases + k * C + c0, bias_scale, n);
         if (diversity) add_to_mean(z, mean_logits, k == 0, k == E - 1, inverse_experts, inverse_temperature + c0, n);
       }
     };
@@ -228,8 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
     }
     if (!compute_grad) return;
 
-    // Pass 2: each chunk's d loss / d logits, then d features += dz @ W and d weight[chunk] = dz^T @ x_hat.
-    at::Tensor grad_unit_features = at::zeros({E, B, D}, acc_options);
+    // Pass 2: each chunk's d loss / d logits, then d features += dz @ W and d weight[chunk] = dz^T @ x.
+    at::Tensor grad_expert_features = at::zeros({E, B, D}, acc_options);
     grad_weight = at::empty({E, C, D}, weight.options().memory_format(at::MemoryFormat::Contiguous));
     if (setup.bias.defined()) grad_bias = at::empty({E, C}, acc_options);
     at::Tensor weight_gradient_buffer = at::empty({E * chunk * D}, acc_options);
@@ -269,12 +273,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
           }
         }
       });
-      if (grad_bias.defined()) grad_bias.narrow(1, c0, n).copy_(logits_tensor.sum(1));
-      if (normalize) logits_tensor.mul_(setup.column_scale.narrow(1, c0, n).unsqueeze(1));
-      grad_unit_features.baddbmm_(logits_tensor, weight_chunk);
+      if (grad_bias.defined())
+        grad_bias.narrow(1, c0, n).copy_(linear_ride_loss::bias_gradient(logits_tensor, setup.row_bias_scales));
+      if (normalize_weight) logits_tensor.mul_(setup.column_scale.narrow(1, c0, n).unsqueeze(1));
+      grad_expert_features.baddbmm_(logits_tensor, weight_chunk);
       at::Tensor weight_gradient = weight_gradient_buffer.narrow(0, 0, E * n * D).view({E, n, D});
-      at::bmm_out(weight_gradient, logits_tensor.transpose(1, 2), unit_features);
-      if (normalize) {
+      at::bmm_out(weight_gradient, logits_tensor.transpose(1, 2), expert_features);
+      if (normalize_weight) {
         const at::Tensor weight_chunk_contiguous = weight_chunk.contiguous();
         const A* w = weight_chunk_contiguous.data_ptr<A>();
         A* p = weight_gradient.data_ptr<A>();
@@ -288,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
       }
       grad_weight.narrow(1, c0, n).copy_(weight_gradient);
     }
-    grad_features = linear_ride_loss::features_gradient(grad_unit_features, setup, features);
+    grad_features = linear_ride_loss::features_gradient(grad_expert_features, features);
   });
 
   return linear_ride_loss::outputs(stats, setup, features, weight, grad_features, grad_weight, grad_bias, compute_grad);
@@ -300,7 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
 TORCH_LIBRARY_FRAGMENT(fastlt, m) {
   m.def(
       "linear_ride_loss(Tensor features, Tensor weight, Tensor? bias, Tensor target, Tensor target_margins, "
-      "Tensor? class_weights, Tensor temperatures, float scale, bool normalize, float diversity_factor, "
+      "Tensor? class_weights, Tensor temperatures, Tensor? row_weights, Tensor? row_bias_scales, float scale, "
+      "bool normalize_weight, float diversity_factor, "
       "int reduction, int ignore_index, int chunk_size, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -3,8 +3,8 @@
 // row (threads over the chunk's classes) either (1) merges the chunk into the row's online softmax statistics
 // (LDAM-margin CE and tempered softmax per expert, tempered expert mean, KL gaps), or (2) overwrites the chunk with
 // d loss / d logits, which two more GEMMs turn into d features (accumulated) and d weight (the chunk's classes).
-// The setup, the loss and the features' norm backward are ATen (linear_ride_loss_setup.h, shared with the CPU
-// kernel); per-class math: fastlt/linear_ride_loss.h, fastlt/ride_loss.h, fastlt/softmax_stats.h.
+// The setup and the loss are ATen (linear_ride_loss_setup.h, shared with the CPU kernel); per-class math:
+// fastlt/linear_ride_loss.h, fastlt/ride_loss.h, fastlt/softmax_stats.h.
 #include <ATen/ATen.h>
 
 #include <torch/library.h>
@@ -34,14 +34,16 @@ StatisticsPointers<A> pointers(const linear_ride_loss::RowStatistics& stats) {
 // tempered mean logits (in mean_scratch [B, n]) and merges the chunk's statistics into the row's.
 template <typename A>
 __global__ void merge_chunk(A* logits, int E, int64_t B, int64_t C, int64_t n, int64_t c0, const A* column_scale,
-                            const A* bias, const int64_t* labels, const A* row_margins, const A* inverse_temperature,
-                            bool diversity, A* mean_scratch, StatisticsPointers<A> stats) {
+                            const A* bias, const A* row_bias_scales, const int64_t* labels, const A* row_margins,
+                            const A* inverse_temperature, bool diversity, A* mean_scratch,
+                            StatisticsPointers<A> stats) {
   __shared__ SoftmaxStats<A> stats_buffer[kThreads];
   __shared__ A sum_buffer[kThreads];
   const int64_t b = blockIdx.x;
   const int64_t t = labels[b] - c0;  // the target's column in the chunk, if 0 <= t < n (ignored rows: label -1)
   const bool has_target = t >= 0 && t < n;
   const A margin = row_margins[b];
+  const A bias_scale = row_bias_scales != nullptr ? row_bias_scales[b] : A(1);
   const A inverse_experts = A(1) / static_cast<A>(E);
   A* mean_logits = mean_scratch + b * n;
   SoftmaxStats<A> mean_partial = empty_softmax_stats<A>();
@@ -50,7 +52,7 @@ __global__ void merge_chunk(A* logits, int E, int64_t B, int64_t C, int64_t n, i
     for (int k = 0; k < E; ++k) {
       A* z = logits + (k * B + b) * n + c;
       *z = linear_ride_loss::chunk_logit(*z, column_scale != nullptr ? column_scale[k * C + c0 + c] : A(1),
-                                         bias != nullptr ? bias[k * C + c0 + c] : A(0));
+                                         bias != nullptr ? bias_scale * bias[k * C + c0 + c] : A(0));
       total += *z;  // experts in order, as the CPU kernel
     }
     if (diversity) {
@@ -109,12 +111,13 @@ __global__ void merge_chunk(A* logits, int E, int64_t B, int64_t C, int64_t n, i
 // columns across the experts, so reading every expert for the mean before overwriting needs no barrier).
 template <typename A>
 __global__ void chunk_gradient(A* logits, int E, int64_t B, int64_t C, int64_t n, int64_t c0, const A* column_scale,
-                               const A* bias, const int64_t* labels, const A* row_margins, const A* ce_coefs,
-                               const A* div_coefs, const A* inverse_temperature, bool diversity,
+                               const A* bias, const A* row_bias_scales, const int64_t* labels, const A* row_margins,
+                               const A* ce_coefs, const A* div_coefs, const A* inverse_temperature, bool diversity,
                                StatisticsPointers<A> stats) {
   const int64_t b = blockIdx.x;
   const int64_t t = labels[b] - c0;
   const A margin = row_margins[b], ce_coef = ce_coefs[b], div_coef = div_coefs[b];
+  const A bias_scale = row_bias_scales != nullptr ? row_bias_scales[b] : A(1);
   const A inverse_experts = A(1) / static_cast<A>(E);
   for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
     const A inverse_t = inverse_temperature[c0 + c];
@@ -124,7 +127,7 @@ __global__ void chunk_gradient(A* logits, int E, int64_t B, int64_t C, int64_t n
       for (int k = 0; k < E; ++k)
         total += linear_ride_loss::chunk_logit(logits[(k * B + b) * n + c],
                                                column_scale != nullptr ? column_scale[k * C + c0 + c] : A(1),
-                                               bias != nullptr ? bias[k * C + c0 + c] : A(0));
+                                               bias != nullptr ? bias_scale * bias[k * C + c0 + c] : A(0));
       const A v = ride_loss::tempered_mean_logit(total, inverse_experts, inverse_t);
       mean_probability = exponential(v - stats.mean_max[b]) / stats.mean_sum[b];
     }
@@ -132,7 +135,7 @@ __global__ void chunk_gradient(A* logits, int E, int64_t B, int64_t C, int64_t n
       const int64_t row = k * B + b;
       A* z = logits + row * n + c;
       const A logit = linear_ride_loss::chunk_logit(*z, column_scale != nullptr ? column_scale[k * C + c0 + c] : A(1),
-                                                    bias != nullptr ? bias[k * C + c0 + c] : A(0));
+                                                    bias != nullptr ? bias_scale * bias[k * C + c0 + c] : A(0));
       const bool is_target = c == t;
       const A ce_probability =
           exponential(ride_loss::margin_logit(logit, is_target, margin) - stats.ce_max[row]) / stats.ce_sum[row];
@@ -147,7 +150,7 @@ __global__ void chunk_gradient(A* logits, int E, int64_t B, int64_t C, int64_t n
 }
 
 // The cosine classifier's weight-gradient correction, one block per class row r of the chunk's [E * n, D] gradient
-// p = column_scale * dz^T x_hat: p -= w * radial_coefficient(w . p).
+// p = column_scale * dz^T x: p -= w * radial_coefficient(w . p).
 template <typename A>
 __global__ void radial_correction(const A* weight_chunk, A* gradient, int64_t C, int64_t n, int64_t c0, int64_t D,
                                   const A* column_scale, const bool* above_eps, A scale) {
@@ -168,14 +171,15 @@ __global__ void radial_correction(const A* weight_chunk, A* gradient, int64_t C,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
     const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& target_margins, const std::optional<at::Tensor>& class_weights,
-    const at::Tensor& temperatures, double scale, bool normalize, double diversity_factor, int64_t reduction,
-    int64_t ignore_index, int64_t chunk_size, bool compute_grad) {
+    const at::Tensor& temperatures, const std::optional<at::Tensor>& row_weights,
+    const std::optional<at::Tensor>& row_bias_scales, double scale, bool normalize_weight, double diversity_factor,
+    int64_t reduction, int64_t ignore_index, int64_t chunk_size, bool compute_grad) {
   constexpr const char* op = linear_ride_loss::kOp;
   check_cuda(weight, op, "weight");  // before the shared checks, so a CPU tensor gets this message
   const c10::cuda::CUDAGuard guard(weight.device());
-  const linear_ride_loss::Setup setup =
-      linear_ride_loss::setup(features, weight, bias, target, target_margins, class_weights, temperatures, scale,
-                              normalize, diversity_factor, reduction, ignore_index, chunk_size);
+  const linear_ride_loss::Setup setup = linear_ride_loss::setup(
+      features, weight, bias, target, target_margins, class_weights, temperatures, row_weights, row_bias_scales, scale,
+      normalize_weight, diversity_factor, reduction, ignore_index, chunk_size);
   const int64_t E = setup.E, B = setup.B, C = setup.C, D = setup.D, chunk = setup.chunk;
   const auto acc_options = weight.options().dtype(setup.acc);
   linear_ride_loss::RowStatistics stats = linear_ride_loss::empty_statistics(setup, acc_options);
@@ -186,11 +190,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fastlt_linear_ride_loss_cuda", [&] {
     using A = acc_t<scalar_t>;
     const StatisticsPointers<A> statistics = pointers<A>(stats);
-    const A* scales = normalize ? setup.column_scale.data_ptr<A>() : nullptr;
+    const A* scales = normalize_weight ? setup.column_scale.data_ptr<A>() : nullptr;
     const A* biases = setup.bias.defined() ? setup.bias.data_ptr<A>() : nullptr;
+    const A* bias_scales = setup.row_bias_scales.defined() ? setup.row_bias_scales.data_ptr<A>() : nullptr;
     auto chunk_logits = [&](int64_t n, const at::Tensor& weight_chunk) {
       at::Tensor logits = logit_buffer.narrow(0, 0, E * B * n).view({E, B, n});
-      at::bmm_out(logits, setup.unit_features, weight_chunk.transpose(1, 2));
+      at::bmm_out(logits, setup.features, weight_chunk.transpose(1, 2));
       return logits;
     };
 
@@ -199,15 +204,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
       const int64_t n = std::min(chunk, C - c0);
       at::Tensor logits = chunk_logits(n, weight.narrow(1, c0, n).to(setup.acc));
       merge_chunk<A><<<B, kThreads, 0, current_stream()>>>(
-          logits.data_ptr<A>(), static_cast<int>(E), B, C, n, c0, scales, biases, setup.labels.data_ptr<int64_t>(),
-          setup.row_margins.data_ptr<A>(), setup.inverse_temperature.data_ptr<A>(), setup.diversity,
-          mean_scratch.data_ptr<A>(), statistics);
+          logits.data_ptr<A>(), static_cast<int>(E), B, C, n, c0, scales, biases, bias_scales,
+          setup.labels.data_ptr<int64_t>(), setup.row_margins.data_ptr<A>(), setup.inverse_temperature.data_ptr<A>(),
+          setup.diversity, mean_scratch.data_ptr<A>(), statistics);
       check_launch(op);
     }
     if (!compute_grad) return;
 
-    // Pass 2: each chunk's d loss / d logits, then d features += dz @ W and d weight[chunk] = dz^T @ x_hat.
-    at::Tensor grad_unit_features = at::zeros({E, B, D}, acc_options);
+    // Pass 2: each chunk's d loss / d logits, then d features += dz @ W and d weight[chunk] = dz^T @ x.
+    at::Tensor grad_expert_features = at::zeros({E, B, D}, acc_options);
     grad_weight = at::empty({E, C, D}, weight.options().memory_format(at::MemoryFormat::Contiguous));
     if (setup.bias.defined()) grad_bias = at::empty({E, C}, acc_options);
     at::Tensor weight_gradient_buffer = at::empty({E * chunk * D}, acc_options);
@@ -216,16 +221,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
       const at::Tensor weight_chunk = weight.narrow(1, c0, n).to(setup.acc).contiguous();
       at::Tensor logits = chunk_logits(n, weight_chunk);
       chunk_gradient<A><<<B, kThreads, 0, current_stream()>>>(
-          logits.data_ptr<A>(), static_cast<int>(E), B, C, n, c0, scales, biases, setup.labels.data_ptr<int64_t>(),
-          setup.row_margins.data_ptr<A>(), setup.ce_coef.data_ptr<A>(), setup.div_coef.data_ptr<A>(),
-          setup.inverse_temperature.data_ptr<A>(), setup.diversity, statistics);
+          logits.data_ptr<A>(), static_cast<int>(E), B, C, n, c0, scales, biases, bias_scales,
+          setup.labels.data_ptr<int64_t>(), setup.row_margins.data_ptr<A>(), setup.ce_coef.data_ptr<A>(),
+          setup.div_coef.data_ptr<A>(), setup.inverse_temperature.data_ptr<A>(), setup.diversity, statistics);
       check_launch(op);
-      if (grad_bias.defined()) grad_bias.narrow(1, c0, n).copy_(logits.sum(1));
-      if (normalize) logits.mul_(setup.column_scale.narrow(1, c0, n).unsqueeze(1));
-      grad_unit_features.baddbmm_(logits, weight_chunk);
+      if (grad_bias.defined())
+        grad_bias.narrow(1, c0, n).copy_(linear_ride_loss::bias_gradient(logits, setup.row_bias_scales));
+      if (normalize_weight) logits.mul_(setup.column_scale.narrow(1, c0, n).unsqueeze(1));
+      grad_expert_features.baddbmm_(logits, weight_chunk);
       at::Tensor weight_gradient = weight_gradient_buffer.narrow(0, 0, E * n * D).view({E, n, D});
-      at::bmm_out(weight_gradient, logits.transpose(1, 2), setup.unit_features);
-      if (normalize) {
+      at::bmm_out(weight_gradient, logits.transpose(1, 2), setup.features);
+      if (normalize_weight) {
         radial_correction<A><<<E * n, kThreads, 0, current_stream()>>>(
             weight_chunk.data_ptr<A>(), weight_gradient.data_ptr<A>(), C, n, c0, D, scales,
             setup.weight_above_eps.data_ptr<bool>(), static_cast<A>(scale));
@@ -233,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
       }
       grad_weight.narrow(1, c0, n).copy_(weight_gradient);
     }
-    grad_features = linear_ride_loss::features_gradient(grad_unit_features, setup, features);
+    grad_features = linear_ride_loss::features_gradient(grad_expert_features, features);
   });
 
   return linear_ride_loss::outputs(stats, setup, features, weight, grad_features, grad_weight, grad_bias, compute_grad);

@@ -5,26 +5,24 @@
     L_ice = sum_{b, i kept} g_b(y_i) * CE(z_b(x_i), y_i) / G,   G = sum_{b, i kept} g_b(y_i)
     L_fce = (1 / N) * sum_{i kept} CE(sum_b z_b(x_i), y_i)
 
-Two calls of the fused head of RIDE (``fused_linear_ride_loss`` in fastlt/ops/linear_ride_loss.py), exact by
+One call of the fused head of RIDE (``fused_linear_ride_loss`` in fastlt/ops/linear_ride_loss.py), exact by
 construction (docs/methods.md 4.4, 6.4 and 8.5). With no LDAM margin, no diversity term and unit temperatures, that
-op's ``reduction="sum"`` loss of one head is the sum of the kept rows' CE. The branch term: the K branches' feature
-rows stacked into one batch of K x B rows through the shared weight, a row whose label is outside its branch's group
-relabelled ``ignore_index``, so the call gives sum_{b, i} g_b(y_i) * CE(z_b(x_i), y_i); divided by G. The fused term:
-sum_b z_b = (sum_b f_b) @ W^T + K * bias is one linear head too (cosine: the sum of the normalised branch features
-times ``scale`` against the normalised weight), one more call, divided by N. It runs on every backend of
-:func:`fastlt.ops.linear_ride_loss` (C++ CPU and CUDA kernels, Triton, the chunked PyTorch loop, and the eager
-reference, which materialises the logits). Tests: tests/ops/test_linear_reslt_loss.py; benchmark:
+op's ``reduction="sum"`` loss is sum_r w_r * CE(z_r, y_r) over its kept rows r, w_r the row weights. Its rows, through
+the shared weight as one expert: the K x B branch rows, a row whose label is outside its branch's group relabelled
+``ignore_index``, each weighted beta / G; then the B fused rows sum_b f_b, weighted (1 - beta) / N, since sum_b z_b =
+(sum_b f_b) @ W^T + K * bias is one linear head too (the op's row bias scale K; cosine: the sum of the normalised
+branch features, times ``scale`` against the normalised weight, which the op never materialises). It runs on every
+backend of :func:`fastlt.ops.linear_ride_loss` (C++ CPU and CUDA kernels, Triton, the chunked PyTorch loop, and the
+eager reference, which materialises the logits). Tests: tests/ops/test_linear_reslt_loss.py; benchmark:
 ``fastlt bench fused-head``.
 """
 
-import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from fastlt.ops import _backend, _checks
-from fastlt.ops._fused_loss import scale_saved_gradient
 from fastlt.ops.linear_ride_loss import NORM_EPS, fused_linear_ride_loss
 from fastlt.ops.reslt_loss import check_group_masks, reslt_loss_reference
 
@@ -79,13 +77,10 @@ def linear_reslt_loss(branch_features: torch.Tensor, weight: torch.Tensor, targe
             (:func:`fastlt.ops.reslt_loss`'s ``log_eps``) is refused: the fused head's online softmax statistics
             give log-probabilities, not probabilities.
 
-    Memory beyond the inputs and their gradients: O(K x B x chunk_size) for the chunk buffers, never O(K x B x C).
-    Each call computes the weight's gradient in its forward pass; eager mode takes each call's gradients as the call
-    returns and adds them up, so one C x D gradient is held beyond the result (torch.compile traces the plain sum of
-    the two calls and holds both until the backward). With ``normalize=True`` the fused call also takes the
-    normalised weight (C x D, and its gradient). So it saves memory over the materialised logits when K x B is large
-    against D: per class, the logits take K x B values, the passing gradient D (at K = 3, B = 256, D = 512 the two
-    are at par, and this takes about 2x the time: ``fastlt bench fused-head``).
+    Memory beyond the inputs and their gradients: O((K + 1) x B x chunk_size) for the chunk buffers and O(K x B x D)
+    for the stacked feature rows, never O(K x B x C) and no second C x D buffer: the op writes the weight's gradient
+    once, chunk by chunk, and its backward scales it in place. Per class the logits would take K x B values, the
+    op's passing gradient D, so the saving grows with K x B / D (``fastlt bench fused-head``).
 
     Returns the loss in the accumulation dtype (fp32 for fp16/bf16/fp32, fp64 for fp64), differentiable in
     ``branch_features``, ``weight`` and ``bias``.
@@ -106,90 +101,43 @@ def linear_reslt_loss(branch_features: torch.Tensor, weight: torch.Tensor, targe
         return linear_reslt_loss_reference(
             branch_features, weight, target, group_masks, beta=beta, bias=bias, normalize=normalize, scale=scale,
             chunk_size=chunk_size, reduction=reduction, ignore_index=ignore_index)
-    term = functools.partial(_loss_term, target=target, group_masks=group_masks, beta=float(beta),
-                             normalize=bool(normalize), scale=float(scale), chunk_size=chunk_size,
-                             reduction=reduction, ignore_index=ignore_index)
-    inputs = (branch_features, weight, bias)
-    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
-            or not any(x is not None and x.requires_grad for x in inputs)):
-        return term(0, *inputs) + term(1, *inputs)
-    return _GradientsInForward.apply(term, 2, *inputs)
+    return _fused_head_call(branch_features, weight, bias, target, group_masks, beta=float(beta),
+                            normalize=bool(normalize), scale=float(scale), chunk_size=chunk_size, reduction=reduction,
+                            ignore_index=ignore_index)
 
 
-def _loss_term(index, branch_features, weight, bias, *, target, group_masks, beta, normalize, scale, chunk_size,
-               reduction, ignore_index):
-    """Term ``index`` of the loss, one fused head call: 0 the branch term beta * sum_{b, i} g_b(y_i) CE(z_b(x_i)) / G
-    (the K x B branch rows stacked, a row outside its group labelled ignore_index), 1 the fused term
-    (1 - beta) * sum_i CE(sum_b z_b(x_i)) / N (G = N = 1 under ``reduction="sum"``)."""
+def _fused_head_call(branch_features, weight, bias, target, group_masks, *, beta, normalize, scale, chunk_size,
+                     reduction, ignore_index):
+    """The loss as one call of the fused head of RIDE over (K + 1) x B rows through the shared weight (a [1, C, D]
+    expert): the K x B branch rows, a row outside its branch's group labelled ignore_index, then the B fused rows
+    sum_b f_b (cosine: sum_b f_b / |f_b|, not normalised again) whose bias counts K times. Each row's weight is its
+    term's factor, beta / G or (1 - beta) / N (G = N = 1 under ``reduction="sum"``), under the op's sum."""
     num_branches, batch, dim = branch_features.shape
     acc_dtype = _checks.accumulate_dtype(weight.dtype)
     num_classes = weight.shape[0]
-    no_margins = torch.zeros(num_classes, dtype=acc_dtype, device=weight.device)
-    unit_temperatures = torch.ones(num_classes, dtype=acc_dtype, device=weight.device)
-
-    def head_loss(features, head_weight, head_bias, head_target, head_normalize):
-        """sum_i CE(z(x_i), y_i) over the rows not labelled ignore_index, z one linear (or cosine) head: a
-        [1, C, D] expert."""
-        return fused_linear_ride_loss(
-            features, head_weight[None], None if head_bias is None else head_bias[None], head_target, no_margins,
-            None, unit_temperatures, scale=scale, normalize=head_normalize, diversity_factor=0.0,
-            chunk_size=chunk_size, reduction="sum", ignore_index=ignore_index)
-
     kept = target != ignore_index
-    if index == 0:
-        labels = torch.where(kept, target, torch.zeros_like(target))  # an ignored row's label is never an index
-        in_group = group_masks[:, labels] & kept  # [K, B]: g_b(y_i) of the kept rows
-        branch_target = torch.where(in_group, target, ignore_index).reshape(num_branches * batch)
-        term = beta * head_loss(branch_features.reshape(num_branches * batch, dim), weight, bias, branch_target,
-                                normalize)
-        return term if reduction == "sum" else term / in_group.sum().clamp_min(1).to(acc_dtype)  # G
-    fused_bias = None if bias is None else num_branches * bias
-    if normalize:  # sum_b scale * cos(f_b, W) is a plain linear head on scale * sum_b f_b / |f_b| and W / |w|
-        fused_features = scale * F.normalize(branch_features, dim=-1, eps=NORM_EPS).sum(0)
-        term = (1 - beta) * head_loss(fused_features, F.normalize(weight, dim=-1, eps=NORM_EPS), fused_bias, target,
-                                      False)
-    else:
-        term = (1 - beta) * head_loss(branch_features.sum(0), weight, fused_bias, target, False)
-    return term if reduction == "sum" else term / kept.sum().clamp_min(1).to(acc_dtype)  # N
-
-
-class _GradientsInForward(torch.autograd.Function):
-    """The sum of the loss terms, whose gradients are taken in the forward pass one term at a time and added into
-    one buffer per input, which the backward scales by grad_output and hands on (it becomes the weight's ``.grad``).
-    Each fused head call keeps the gradient of the weight it saw until its backward: through plain autograd both
-    calls' gradients would live until the backward, which then copies one into ``.grad``, one C x D gradient more at
-    the peak. (torch.compile traces the plain sum instead: dynamo cannot trace autograd.grad.)"""
-
-    @staticmethod
-    def forward(ctx, term, num_terms, *inputs):
-        leaves = [x.detach().requires_grad_() if x is not None and x.requires_grad else None for x in inputs]
-        differentiable = [leaf for leaf in leaves if leaf is not None]
-        arguments = [leaf if leaf is not None else x for leaf, x in zip(leaves, inputs)]
-        loss, gradients = None, None
-        with torch.enable_grad():
-            for index in range(num_terms):
-                value = term(index, *arguments)
-                value_gradients = torch.autograd.grad(value, differentiable, allow_unused=True)
-                loss = value.detach() if loss is None else loss + value.detach()
-                gradients = _add_into(gradients, value_gradients)
-                del value, value_gradients  # the call's saved gradients go before the next call
-        ctx.input_slots = [leaf is not None for leaf in leaves]
-        ctx.save_for_backward(*(g if g is not None else torch.zeros_like(x) for g, x in zip(gradients, differentiable)))
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        gradients = iter(ctx.saved_tensors)
-        return (None, None, *(scale_saved_gradient(next(gradients), grad_loss) if slot else None
-                              for slot in ctx.input_slots))
-
-
-def _add_into(totals, gradients):
-    """``totals`` (None at first) plus ``gradients`` element-wise, in place where a total exists; None is zero."""
-    if totals is None:
-        return list(gradients)
-    return [total if gradient is None else gradient if total is None else total.add_(gradient)
-            for total, gradient in zip(totals, gradients)]
+    labels = torch.where(kept, target, torch.zeros_like(target))  # an ignored row's label is never an index
+    in_group = group_masks[:, labels] & kept  # [K, B]: g_b(y_i) of the kept rows
+    branch_target = torch.where(in_group, target, ignore_index).reshape(num_branches * batch)
+    if normalize:
+        branch_features = F.normalize(branch_features, dim=-1, eps=NORM_EPS)
+    rows = torch.cat([branch_features.reshape(num_branches * batch, dim), branch_features.sum(0)])
+    branch_factor = torch.full((), beta, dtype=acc_dtype, device=weight.device)
+    fused_factor = torch.full((), 1.0 - beta, dtype=acc_dtype, device=weight.device)
+    if reduction == "mean":
+        branch_factor = branch_factor / in_group.sum().clamp_min(1).to(acc_dtype)  # G
+        fused_factor = fused_factor / kept.sum().clamp_min(1).to(acc_dtype)  # N
+    row_weights = torch.cat([branch_factor.expand(num_branches * batch), fused_factor.expand(batch)])
+    row_bias_scales = None
+    if bias is not None:
+        row_bias_scales = torch.cat([torch.ones(num_branches * batch, dtype=acc_dtype, device=weight.device),
+                                     torch.full((batch,), float(num_branches), dtype=acc_dtype, device=weight.device)])
+    return fused_linear_ride_loss(
+        rows, weight[None], None if bias is None else bias[None], torch.cat([branch_target, target]),
+        torch.zeros(num_classes, dtype=acc_dtype, device=weight.device), None,
+        torch.ones(num_classes, dtype=acc_dtype, device=weight.device), scale=scale, normalize=normalize,
+        normalize_features=False, diversity_factor=0.0, chunk_size=chunk_size, reduction="sum",
+        ignore_index=ignore_index, row_weights=row_weights, row_bias_scales=row_bias_scales)
 
 
 def _validate(branch_features, weight, target, group_masks, beta, bias, scale, chunk_size, reduction, ignore_index,

@@ -12,9 +12,9 @@ walks the classes in chunks twice:
    target distribution pbar), and each expert's KL gap sum_c exp(v_c - max v) (v_c - u_kc), rescaled with v's max;
    they give the loss (the ride_loss.h formulas);
 2. for each chunk again, the logits, their gradient from the finished statistics, then d features += dz @ W and
-   d weight[c0:c1] = dz^T @ features (GEMMs). The cosine classifier's normalisation is never materialised: the
-   weight's row norms scale the GEMM's columns, and its backward is row-local, applied per chunk; the features'
-   norm backward runs once at the end.
+   d weight[c0:c1] = dz^T @ features (GEMMs). The cosine classifier's weight normalisation is never materialised:
+   the weight's row norms scale the GEMM's columns, and its backward is row-local, applied per chunk. The features
+   (E x B x D, small) are normalised before the op, under autograd.
 
 The forward computes the loss and the gradients of features, weight and bias; backward only scales them (as
 ``ride_loss``). Backends: ``cpp`` runs the C++ kernel (csrc/cpu/linear_ride_loss.cpp, per-class math in
@@ -43,11 +43,13 @@ from fastlt.ops.ride_loss import ride_tables
 
 OP = "fastlt.linear_ride_loss"
 # The arguments of fastlt::linear_ride_loss as csrc/cpu/linear_ride_loss.cpp defines them; its .triton and .torch
-# overloads take the same. reduction: 1 mean, 2 sum (0, none, is refused); the forward returns (loss, d features,
-# d weight, d bias), the gradients [0]-shaped without compute_grad (d bias also without bias).
+# overloads take the same. The logits are features @ W^T (normalize_weight: times scale / ||w_c||) + row_bias_scales
+# x bias; reduction: 1 mean, 2 sum (0, none, is refused); the forward returns (loss, d features, d weight, d bias),
+# the gradients [0]-shaped without compute_grad (d bias also without bias).
 SCHEMA = ("(Tensor features, Tensor weight, Tensor? bias, Tensor target, Tensor target_margins, "
-          "Tensor? class_weights, Tensor temperatures, float scale, bool normalize, float diversity_factor, "
-          "int reduction, int ignore_index, int chunk_size, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)")
+          "Tensor? class_weights, Tensor temperatures, Tensor? row_weights, Tensor? row_bias_scales, float scale, "
+          "bool normalize_weight, float diversity_factor, int reduction, int ignore_index, int chunk_size, "
+          "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)")
 NORM_EPS = 1e-12  # F.normalize's eps, as NormedLinear uses it
 CHUNK_ELEMENTS = 1 << 21  # default chunk: about 2M logits (E x B x chunk), 8 MB in fp32, per buffer
 
@@ -77,10 +79,20 @@ def linear_ride_loss_reference(features, weight, target, class_counts, *, normal
 def expert_logits(features, weight, *, normalize=True, scale=30.0, bias=None):
     """The [E, B, C] logits the fused op never holds (for inference and the reference)."""
     if normalize:
-        logits = scale * (F.normalize(features, dim=-1) @ F.normalize(weight, dim=-1).transpose(-1, -2))
+        features = F.normalize(features, dim=-1)
+    return op_logits(features, weight, normalize_weight=normalize, scale=scale, bias=bias)
+
+
+def op_logits(features, weight, *, normalize_weight, scale, bias=None, row_bias_scales=None):
+    """The logits the op takes the loss of: ``features @ W^T`` (normalize_weight: ``scale * features @
+    normalize(W)^T``) plus ``row_bias_scales[b] * bias`` (``row_bias_scales`` None: 1)."""
+    if normalize_weight:
+        logits = scale * (features @ F.normalize(weight, dim=-1).transpose(-1, -2))
     else:
         logits = features @ weight.transpose(-1, -2)
-    return logits if bias is None else logits + bias[:, None, :]
+    if bias is None:
+        return logits
+    return logits + (bias[:, None, :] if row_bias_scales is None else row_bias_scales[:, None] * bias[:, None, :])
 
 
 def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, class_counts: torch.Tensor,
@@ -137,7 +149,9 @@ def fused_linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, bias: O
                            target: torch.Tensor, target_margins: torch.Tensor, class_weights: Optional[torch.Tensor],
                            temperatures: torch.Tensor, *, scale: float, normalize: bool, diversity_factor: float,
                            chunk_size: Optional[int] = None, reduction: str = "mean",
-                           ignore_index: int = _checks.DEFAULT_IGNORE_INDEX) -> torch.Tensor:
+                           ignore_index: int = _checks.DEFAULT_IGNORE_INDEX,
+                           row_weights: Optional[torch.Tensor] = None, row_bias_scales: Optional[torch.Tensor] = None,
+                           normalize_features: bool = True) -> torch.Tensor:
     """The fused head + loss from RIDE's per-class tables instead of class counts: the op :func:`linear_ride_loss`
     runs after :func:`fastlt.ops.ride_loss.ride_tables`, on the backend it would pick (C++ kernel, Triton, or the
     chunked PyTorch loop). ``linear_prior_shifted_ce`` and ``linear_reslt_loss`` build on it with their own tables.
@@ -150,6 +164,11 @@ def fused_linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, bias: O
             allowed (0/1 masks select classes): under ``"mean"`` the CE is divided by the sum of the kept rows'
             weights, and a zero sum gives a CE term of 0 with zero gradients.
         temperatures: ``[C]`` positive per-class temperatures of the diversity term.
+        row_weights: ``[B]`` non-negative factors on each row's CE and diversity terms, or None (all 1); under
+            ``"mean"`` the normalisers are the kept rows' sums of ``row_weights * w_y`` and of ``row_weights``.
+        row_bias_scales: ``[B]`` each row's factor on ``bias`` (which it needs), or None (all 1).
+        normalize_features: with ``normalize``, whether the features are normalised (False: ``scale * x @
+            normalize(W)^T``, for features that are sums of normalised rows).
     """
     reduction, ignore_index = _validate_head(features, weight, target, bias, scale, chunk_size, reduction,
                                              ignore_index)
@@ -159,6 +178,7 @@ def fused_linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, bias: O
                         ("temperatures", temperatures)):
         if table is not None:
             _checks.fused_loss_table(OP, name, table, (num_classes,), weight)
+    _check_row_tables(row_weights, row_bias_scales, bias, target.shape[0], weight)
     target_margins, temperatures = target_margins.to(acc_dtype), temperatures.to(acc_dtype)
     class_weights = class_weights.to(acc_dtype) if class_weights is not None else None
     diversity_factor = _checks.number(OP, "diversity_factor", diversity_factor)
@@ -166,28 +186,52 @@ def fused_linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, bias: O
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (features, weight, bias))
     backend = _backend.resolve(weight, OP)  # CUDA: the first call checks the kernel against the reference
+    if normalize and normalize_features:  # O(E x B x D): the op itself normalises only the weight
+        features = F.normalize(features, dim=-1, eps=NORM_EPS)
     if backend == "reference":
-        return _loss_formula(expert_logits(features, weight, normalize=normalize, scale=scale, bias=bias), target,
-                             target_margins, class_weights, temperatures, diversity_factor, reduction, ignore_index)
+        logits = op_logits(features, weight, normalize_weight=normalize, scale=scale, bias=bias,
+                           row_bias_scales=row_bias_scales)
+        return _loss_formula(logits, target, target_margins, class_weights, temperatures, diversity_factor,
+                             reduction, ignore_index, row_weights)
     if backend == "triton":
         fused_op = torch.ops.fastlt.linear_ride_loss.triton
     else:
         compiled = _compiled_op(weight.device) if backend == "cpp" else None
         fused_op = compiled or torch.ops.fastlt.linear_ride_loss.torch
     loss, *_ = fused_op(
-        features, weight, bias, target, target_margins, class_weights, temperatures, float(scale), bool(normalize),
-        float(diversity_factor), reduction, ignore_index, int(chunk), compute_grad)
+        features, weight, bias, target, target_margins, class_weights, temperatures, row_weights, row_bias_scales,
+        float(scale), bool(normalize), float(diversity_factor), reduction, ignore_index, int(chunk), compute_grad)
     return loss
 
 
-def row_coefficients(target, class_weights, temperatures, diversity_factor, reduction, ignore_index):
+def _check_row_tables(row_weights, row_bias_scales, bias, batch, weight):
+    for name, table in (("row_weights", row_weights), ("row_bias_scales", row_bias_scales)):
+        if table is None:
+            continue
+        _checks.tensor(OP, name, table, dims=1, floating=True)
+        if table.shape[0] != batch:
+            raise ValueError(f"{OP}: {name} must be [B]=[{batch}], got {tuple(table.shape)}")
+        _checks.same_device(OP, name, table, weight, "weight")
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(table).all()):
+            raise ValueError(f"{OP}: {name} must be finite")
+    if row_weights is not None and not torch.compiler.is_compiling() and bool((row_weights < 0).any()):
+        raise ValueError(f"{OP}: row_weights must be >= 0")
+    if row_bias_scales is not None and bias is None:
+        raise ValueError(f"{OP}: row_bias_scales needs a bias")
+
+
+def row_coefficients(target, class_weights, temperatures, diversity_factor, reduction, ignore_index,
+                     row_weights=None):
     """Each row's factor on its CE and on its diversity term (docs/methods.md 6.5), and its label with ignored rows
-    set to -1 (never a class): (labels [B], ce_coefs [B], div_coefs [B]) in the tables' dtype. Under mean the CE is
-    divided by the kept rows' total class weight W, the diversity term by the number of kept rows N (0 if W or N
+    set to -1 (never a class): (labels [B], ce_coefs [B], div_coefs [B]) in the tables' dtype. A row's factors are
+    ``row_weights`` (1 if None) times its class weight w_y (CE) or lam * mean(T)^2 (diversity). Under mean the CE is
+    divided by the kept rows' total CE factor W, the diversity term by the kept rows' total row weight N (0 if W or N
     is 0); the kernels take these as their per-row tables."""
     kept = target != ignore_index
     labels = torch.where(kept, target, -1)
     kept_values = kept.to(temperatures.dtype)
+    if row_weights is not None:
+        kept_values = kept_values * row_weights.to(temperatures.dtype)
     ce_coefs = kept_values if class_weights is None else class_weights[labels.clamp_min(0)] * kept_values
     div_coefs = diversity_factor * temperatures.mean() ** 2 * kept_values
     if reduction == 1:
@@ -198,12 +242,12 @@ def row_coefficients(target, class_weights, temperatures, diversity_factor, redu
 
 
 def _loss_formula(logits, target, target_margins, class_weights, temperatures, diversity_factor, reduction,
-                  ignore_index):
-    """RIDE's loss (docs/methods.md 6.3, 6.5) of materialised [E, B, C] logits from the per-class tables, in eager
-    PyTorch."""
+                  ignore_index, row_weights=None):
+    """RIDE's loss (docs/methods.md 6.3, 6.5) of materialised [E, B, C] logits from the per-class (and per-row)
+    tables, in eager PyTorch."""
     logits = logits.to(target_margins.dtype)
     labels, ce_coefs, div_coefs = row_coefficients(target, class_weights, temperatures, diversity_factor, reduction,
-                                                   ignore_index)
+                                                   ignore_index, row_weights)
     labels = labels.clamp_min(0)  # an ignored row's coefficients are 0
     with torch.no_grad():
         mean_distribution = F.softmax(logits.mean(0) / temperatures, dim=-1)
@@ -294,21 +338,19 @@ def check_head(op, features, weight, target, bias, chunk_size, ignore_index):
 class _Problem:
     """Inputs in the accumulation dtype and the per-chunk logits."""
 
-    def __init__(self, features, weight, bias, labels, target_margins, temperatures, scale, normalize):
+    def __init__(self, features, weight, bias, row_bias_scales, labels, target_margins, temperatures, scale,
+                 normalize):
         acc = target_margins.dtype
         self.weight, self.bias, self.normalize, self.scale, self.acc = weight, bias, normalize, scale, acc
+        self.row_bias_scales = row_bias_scales[:, None].to(acc) if row_bias_scales is not None else None  # [B, 1]
         self.num_experts, self.num_classes, _ = weight.shape
-        raw_features = features.to(acc).expand(self.num_experts, *features.shape[-2:])
+        self.features = features.to(acc).expand(self.num_experts, *features.shape[-2:])
         if normalize:
-            self.feature_norms = raw_features.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)  # [E, B, 1]
-            self.features = raw_features / self.feature_norms
             # [E, C] scale / ||w_c||: multiplies the GEMM's columns instead of normalising the weight.
             weight_norms = torch.linalg.vector_norm(weight, dim=-1, dtype=acc)
             self.column_scale = scale / weight_norms.clamp_min(NORM_EPS)
             # below eps F.normalize's clamp has no radial term
             self.weight_above_eps = (weight_norms > NORM_EPS).to(acc)
-        else:
-            self.features = raw_features
         self.target = labels  # -1 for ignored rows: never in a chunk
         self.inverse_temperature = temperatures.reciprocal()
         self.target_margins = target_margins[labels.clamp_min(0)]  # [B]
@@ -322,8 +364,13 @@ class _Problem:
         if self.normalize:
             logits.mul_(self.column_scale[:, None, c0:c1])
         if self.bias is not None:
-            logits.add_(self.bias[:, None, c0:c1].to(self.acc))
+            logits.add_(self.bias_chunk(c0, c1))
         return logits
+
+    def bias_chunk(self, c0, c1):
+        """The bias each row adds to z[:, :, c0:c1]: [E, 1 or B, n]."""
+        bias = self.bias[:, None, c0:c1].to(self.acc)
+        return bias if self.row_bias_scales is None else bias * self.row_bias_scales
 
     def target_mask(self, c0, c1):
         """[B, n] 1 at (b, y_b) when y_b is in the chunk, else 0."""
@@ -420,11 +467,12 @@ def _gradients(problem, stats, chunk, ce_coef, div_coef, diversity, grad_weight,
                 grad.add_(expert_p.sub_(mean_p).mul_(problem.inverse_temperature[c0:c1] * row_div_coef))
             cosine_part = logits
         if grad_bias is not None:
-            grad_bias[:, c0:c1] = grad.sum(1)
+            grad_bias[:, c0:c1] = (grad.sum(1) if problem.row_bias_scales is None
+                                   else (grad * problem.row_bias_scales).sum(1))
         if problem.normalize:
             # d w_c = (column_scale_c * dz^T x_hat - w_c * column_scale_c / ||w_c||^2 * sum_b dz_bc cos_bc*scale)
             if problem.bias is not None:
-                cosine_part = cosine_part.sub_(problem.bias[:, None, c0:c1].to(problem.acc))
+                cosine_part = cosine_part.sub_(problem.bias_chunk(c0, c1))
             radial = (grad * cosine_part).sum(1)  # [E, n]: w_hat_c . d w_hat_c
             grad.mul_(problem.column_scale[:, None, c0:c1])
         for k in range(problem.num_experts):
@@ -438,28 +486,20 @@ def _gradients(problem, stats, chunk, ce_coef, div_coef, diversity, grad_weight,
     return grad_features
 
 
-def _features_gradient(problem, grad_features, shared):
-    """d features from d (normalised) features: the norm backward (F.normalize's), summed over experts if shared."""
-    if problem.normalize:
-        unit = problem.features
-        radial = (grad_features * unit).sum(-1, keepdim=True)
-        radial = radial * (problem.feature_norms > NORM_EPS)  # F.normalize's clamp passes no gradient below eps
-        grad_features = (grad_features - unit * radial) / problem.feature_norms
-    return grad_features.sum(0) if shared else grad_features
-
-
-def chunked_forward(features, weight, bias, target, target_margins, class_weights, temperatures, scale, normalize,
-                    diversity_factor, reduction, ignore_index, chunk_size, compute_grad, kernels=None):
+def chunked_forward(features, weight, bias, target, target_margins, class_weights, temperatures, row_weights,
+                    row_bias_scales, scale, normalize_weight, diversity_factor, reduction, ignore_index, chunk_size,
+                    compute_grad, kernels=None):
     """The loss and (when compute_grad) d features, d weight, d bias ([0]-shaped when absent); the elementwise work
     in PyTorch, or in ``kernels`` (fastlt.kernels.linear_ride_loss: Triton). The arguments are the op's (SCHEMA)."""
-    _check_op_arguments(features, weight, bias, target, target_margins, class_weights, temperatures, scale,
-                        diversity_factor, reduction, ignore_index, chunk_size)
+    _check_op_arguments(features, weight, bias, target, target_margins, class_weights, temperatures, row_weights,
+                        row_bias_scales, scale, diversity_factor, reduction, ignore_index, chunk_size)
     acc = _checks.accumulate_dtype(weight.dtype)
     target_margins, temperatures = target_margins.to(acc), temperatures.to(acc)
     class_weights = class_weights.to(acc) if class_weights is not None else None
     labels, ce_coef, div_coef = row_coefficients(target, class_weights, temperatures, diversity_factor, reduction,
-                                                 ignore_index)
-    problem = _Problem(features, weight, bias, labels, target_margins, temperatures, scale, normalize)
+                                                 ignore_index, row_weights)
+    problem = _Problem(features, weight, bias, row_bias_scales, labels, target_margins, temperatures, scale,
+                       normalize_weight)
     diversity = diversity_factor != 0.0
     ce_coef = ce_coef[None, :]  # [1, B]
     stats = _statistics(problem, chunk_size, diversity, kernels)
@@ -470,12 +510,12 @@ def chunked_forward(features, weight, bias, target, target_margins, class_weight
     grad_bias = torch.empty_like(bias, dtype=problem.acc) if bias is not None else None
     grad_features = _gradients(problem, stats, chunk_size, ce_coef[..., None], div_coef, diversity, grad_weight,
                                grad_bias, kernels)
-    grad_features = _features_gradient(problem, grad_features, features.dim() == 2).to(features.dtype)
+    grad_features = (grad_features.sum(0) if features.dim() == 2 else grad_features).to(features.dtype)
     return loss, grad_features, grad_weight, grad_bias.to(bias.dtype) if bias is not None else features.new_empty((0,))
 
 
-def _check_op_arguments(features, weight, bias, target, target_margins, class_weights, temperatures, scale,
-                        diversity_factor, reduction, ignore_index, chunk_size):
+def _check_op_arguments(features, weight, bias, target, target_margins, class_weights, temperatures, row_weights,
+                        row_bias_scales, scale, diversity_factor, reduction, ignore_index, chunk_size):
     """The op's own checks (as csrc/cpu/linear_ride_loss.cpp's), for the Python overloads called directly."""
     _validate_head(features, weight, target, bias, scale, chunk_size,
                    _checks.REDUCTIONS[reduction] if reduction in (0, 1, 2) else reduction, ignore_index)
@@ -483,6 +523,7 @@ def _check_op_arguments(features, weight, bias, target, target_margins, class_we
                         ("temperatures", temperatures)):
         if table is not None:
             _checks.fused_loss_table(OP, name, table, (weight.shape[1],), weight)
+    _check_row_tables(row_weights, row_bias_scales, bias, target.shape[0], weight)
     _checks.number(OP, "diversity_factor", diversity_factor)
 
 
@@ -499,8 +540,9 @@ def _triton_forward(*args):
     return chunked_forward(*args, kernels=kernels)
 
 
-def _fake_forward(features, weight, bias, target, target_margins, class_weights, temperatures, scale, normalize,
-                  diversity_factor, reduction, ignore_index, chunk_size, compute_grad):
+def _fake_forward(features, weight, bias, target, target_margins, class_weights, temperatures, row_weights,
+                  row_bias_scales, scale, normalize_weight, diversity_factor, reduction, ignore_index, chunk_size,
+                  compute_grad):
     loss = weight.new_empty((), dtype=_checks.accumulate_dtype(weight.dtype))
     if not compute_grad:  # three distinct empty outputs: a custom op's outputs may not alias each other
         return loss, features.new_empty((0,)), features.new_empty((0,)), features.new_empty((0,))

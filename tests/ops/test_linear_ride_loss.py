@@ -1,3 +1,4 @@
+import contextlib
 import functools
 import importlib
 
@@ -122,11 +123,12 @@ def test_schema_constant_is_every_overloads_schema():
 def test_opcheck(overload):
     (features, weight, bias), target, counts = expert_head_inputs(2, 3, 10, 4, use_bias=True, dtype=torch.float32)
     op = getattr(torch.ops.fastlt.linear_ride_loss, overload)
-    cases = ((None, features, 1, -100, target), (torch.rand(10) + 0.5, features[0].detach(), 2, 3, target),
-             (torch.rand(10), features, 1, -1, torch.tensor([-1, 2, -1])))
-    for class_weights, shared_features, reduction, ignore_index, labels in cases:
-        args = (shared_features, weight, bias, labels, torch.rand(10), class_weights, torch.rand(10) + 0.5, 30.0,
-                True, -0.45, reduction, ignore_index, 4, True)
+    cases = ((None, features, 1, -100, target, None, None),
+             (torch.rand(10) + 0.5, features[0].detach(), 2, 3, target, torch.rand(3), None),
+             (torch.rand(10), features, 1, -1, torch.tensor([-1, 2, -1]), torch.rand(3), torch.randn(3)))
+    for class_weights, shared_features, reduction, ignore_index, labels, row_weights, row_bias_scales in cases:
+        args = (shared_features, weight, bias, labels, torch.rand(10), class_weights, torch.rand(10) + 0.5,
+                row_weights, row_bias_scales, 30.0, True, -0.45, reduction, ignore_index, 4, True)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
@@ -136,13 +138,23 @@ def test_op_checks_its_own_arguments(overload):
     op = getattr(torch.ops.fastlt.linear_ride_loss, overload)
     tables = (torch.zeros(10), None, torch.ones(10))
     with pytest.raises(ValueError, match="target must be in"):
-        op(features, weight, None, target + 10, *tables, 30.0, True, -0.45, 1, -100, 4, False)
+        op(features, weight, None, target + 10, *tables, None, None, 30.0, True, -0.45, 1, -100, 4, False)
     with pytest.raises(ValueError, match="temperatures must be"):
-        op(features, weight, None, target, tables[0], None, torch.ones(9), 30.0, True, -0.45, 1, -100, 4, False)
+        op(features, weight, None, target, tables[0], None, torch.ones(9), None, None, 30.0, True, -0.45, 1, -100, 4,
+           False)
     with pytest.raises(ValueError, match="chunk_size must be"):
-        op(features, weight, None, target, *tables, 30.0, True, -0.45, 1, -100, 0, False)
+        op(features, weight, None, target, *tables, None, None, 30.0, True, -0.45, 1, -100, 0, False)
     with pytest.raises(ValueError, match="reduction"):
-        op(features, weight, None, target, *tables, 30.0, True, -0.45, 0, -100, 4, False)
+        op(features, weight, None, target, *tables, None, None, 30.0, True, -0.45, 0, -100, 4, False)
+    with pytest.raises(ValueError, match=r"row_weights must be \[B\]"):
+        op(features, weight, None, target, *tables, torch.ones(4), None, 30.0, True, -0.45, 1, -100, 4, False)
+    with pytest.raises(ValueError, match="row_weights must be >= 0"):
+        op(features, weight, None, target, *tables, -torch.ones(3), None, 30.0, True, -0.45, 1, -100, 4, False)
+    with pytest.raises(ValueError, match="row_bias_scales must be finite"):
+        op(features, weight, torch.zeros(2, 10).to(weight), target, *tables, None,
+           torch.tensor([1, float("nan"), 1]), 30.0, True, -0.45, 1, -100, 4, False)
+    with pytest.raises(ValueError, match="row_bias_scales needs a bias"):
+        op(features, weight, None, target, *tables, None, torch.ones(3), 30.0, True, -0.45, 1, -100, 4, False)
 
 
 @pytest.mark.slow
@@ -282,6 +294,83 @@ def test_fused_tables_with_zero_class_weights(diversity_factor, implementation):
     assert loss.item() == 0.0 and all(bool((grad == 0).all()) for grad in grads)
 
 
+def _row_table_inputs():
+    """A 2-expert cosine head with bias, one ignored row, row weights (one zero) and row bias scales."""
+    tensors, target, _ = expert_head_inputs(2, 6, 17, 5, use_bias=True)
+    target[2] = -100
+    row_weights = torch.rand(6, dtype=torch.float64) + 0.5
+    row_weights[4] = 0.0
+    row_bias_scales = torch.randn(6, dtype=torch.float64)
+    class_weights = torch.rand(17, dtype=torch.float64) + 0.5
+    return tensors, target, row_weights, row_bias_scales, class_weights
+
+
+def _weighted_ce_by_hand(features, weight, bias, target, row_weights, row_bias_scales, class_weights, reduction):
+    """sum_k sum_i r_i w_y CE(z_k(x_i), y_i) (divided by sum_i r_i w_y under mean), the logits
+    30 cos(x, w) + s_i b from F.normalize and F.cross_entropy: independent of the package's tables."""
+    normalize = torch.nn.functional.normalize
+    logits = 30 * normalize(features, dim=-1) @ normalize(weight, dim=-1).transpose(1, 2)
+    logits = logits + row_bias_scales[:, None] * bias[:, None, :]
+    kept = target != -100
+    factors = row_weights * class_weights[target.clamp_min(0)] * kept
+    loss = sum((factors * torch.nn.functional.cross_entropy(z, target, reduction="none")).sum() for z in logits)
+    return loss / factors.sum() if reduction == "mean" else loss
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("fused_backend", [None, "triton"])
+def test_row_weights_and_row_bias_scales_match_the_formula(reduction, fused_backend, implementation):
+    from fastlt.ops.linear_ride_loss import fused_linear_ride_loss
+
+    (features, weight, bias), target, row_weights, row_bias_scales, class_weights = _row_table_inputs()
+    tables = (torch.zeros(17, dtype=torch.float64), class_weights, torch.ones(17, dtype=torch.float64))
+    expected = _weighted_ce_by_hand(features, weight, bias, target, row_weights, row_bias_scales, class_weights,
+                                    reduction)
+    expected_grads = torch.autograd.grad(expected, [features, weight, bias])
+    with contextlib.ExitStack() as stack:
+        if fused_backend is not None:
+            stack.enter_context(backend(fused_backend))
+        loss = fused_linear_ride_loss(features, weight, bias, target, *tables, scale=30.0, normalize=True,
+                                      diversity_factor=0.0, chunk_size=5, reduction=reduction,
+                                      row_weights=row_weights, row_bias_scales=row_bias_scales)
+    grads = torch.autograd.grad(loss, [features, weight, bias])
+    torch.testing.assert_close(loss, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+    assert bool((grads[0][:, [2, 4]] == 0).all())  # the ignored row and the row of weight 0
+
+
+@pytest.mark.parametrize("diversity_factor", [0.0, -0.45])
+def test_gradcheck_fp64_with_row_tables(diversity_factor, implementation):
+    from fastlt.ops.linear_ride_loss import fused_linear_ride_loss
+
+    (features, weight, bias), target, row_weights, row_bias_scales, class_weights = _row_table_inputs()
+    tables = (torch.rand(17, dtype=torch.float64), class_weights, torch.rand(17, dtype=torch.float64) + 0.5)
+
+    def loss(x, w, b):
+        return fused_linear_ride_loss(x, w, b, target, *tables, scale=30.0, normalize=True,
+                                      diversity_factor=diversity_factor, chunk_size=4, row_weights=row_weights,
+                                      row_bias_scales=row_bias_scales)
+
+    assert torch.autograd.gradcheck(loss, (features, weight, bias))
+    with backend("reference"):
+        expected = loss(features, weight, bias)
+    torch.testing.assert_close(loss(features, weight, bias), expected)
+
+
+def test_unit_row_tables_equal_none(implementation):
+    from fastlt.ops.linear_ride_loss import fused_linear_ride_loss
+
+    (features, weight, bias), target, _, _, class_weights = _row_table_inputs()
+    tables = (torch.rand(17, dtype=torch.float64), class_weights, torch.rand(17, dtype=torch.float64) + 0.5)
+    kwargs = dict(scale=30.0, normalize=True, diversity_factor=-0.45, chunk_size=4)
+    plain = fused_linear_ride_loss(features, weight, bias, target, *tables, **kwargs)
+    ones = torch.ones(6, dtype=torch.float64)
+    unit = fused_linear_ride_loss(features, weight, bias, target, *tables, row_weights=ones, row_bias_scales=ones,
+                                  **kwargs)
+    torch.testing.assert_close(unit, plain)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("drw", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
@@ -378,7 +467,7 @@ def test_cuda_kernel_refuses_cpu_tensors():
     (features, weight), target, counts = expert_head_inputs(2, 3, 10, 4)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
         call_cuda_kernel("linear_ride_loss", features, weight, None, target, torch.zeros(10), None, torch.ones(10),
-                         30.0, True, -0.45, 1, -100, 4, True)
+                         None, None, 30.0, True, -0.45, 1, -100, 4, True)
 
 
 @needs_cuda

@@ -23,7 +23,7 @@ FASTLT_HOST_DEVICE A rescale(A value, A from, A to) {
   return from == static_cast<A>(-INFINITY) ? A(0) : value * exponential(from - to);
 }
 
-// The cosine classifier's weight gradient, row-local: with p = column_scale_c * dz^T x_hat (the GEMM) and
+// The cosine classifier's weight gradient, row-local: with p = column_scale_c * dz^T x (the GEMM) and
 // radial = w_c . p, d w_c = p - w_c * radial / ||w_c||^2, where 1 / ||w_c||^2 = (column_scale_c / scale)^2 (no
 // radial term when F.normalize's eps clamped the norm).
 template <typename A>
