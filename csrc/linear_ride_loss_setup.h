@@ -36,28 +36,29 @@ struct Setup {
   at::Tensor weight_above_eps;     // [E, C] bool (normalize_weight only)
 };
 
-// A [B] per-row table, as class_table.
-inline at::Tensor row_table(const at::Tensor& table, int64_t B, const at::Tensor& weight, at::ScalarType acc,
-                            const char* name) {
-  TORCH_CHECK_VALUE(table.dim() == 1 && table.size(0) == B, kOp, ": ", name, " must be [B]=[", B, "], got ",
-                    table.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(table.scalar_type()), kOp, ": ", name, " must be floating, got ",
-                    table.scalar_type());
-  TORCH_CHECK_VALUE(table.device() == weight.device(), kOp, ": ", name, " must be on ", weight.device());
-  const at::Tensor values = table.to(acc).contiguous();
-  TORCH_CHECK_VALUE(values.isfinite().all().item<bool>(), kOp, ": ", name, " must be finite");
-  return values;
-}
-
-// A [C] per-class table on the weight's device, contiguous in the accumulation dtype.
-inline at::Tensor class_table(const at::Tensor& table, int64_t C, const at::Tensor& weight, at::ScalarType acc,
-                              const char* name) {
-  TORCH_CHECK_VALUE(table.dim() == 1 && table.size(0) == C, kOp, ": ", name, " must be [C]=[", C, "], got ",
-                    table.sizes());
+// A 1-d table of `size` entries (`size_name`: C per class, B per row) on the weight's device, contiguous in the
+// accumulation dtype.
+inline at::Tensor table_of(const at::Tensor& table, int64_t size, const char* size_name, const at::Tensor& weight,
+                           at::ScalarType acc, const char* name) {
+  TORCH_CHECK_VALUE(table.dim() == 1 && table.size(0) == size, kOp, ": ", name, " must be [", size_name, "]=[", size,
+                    "], got ", table.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(table.scalar_type()), kOp, ": ", name, " must be floating, got ",
                     table.scalar_type());
   TORCH_CHECK_VALUE(table.device() == weight.device(), kOp, ": ", name, " must be on ", weight.device());
   return table.to(acc).contiguous();
+}
+
+inline at::Tensor class_table(const at::Tensor& table, int64_t C, const at::Tensor& weight, at::ScalarType acc,
+                              const char* name) {
+  return table_of(table, C, "C", weight, acc, name);
+}
+
+// A [B] per-row table; its entries must be finite.
+inline at::Tensor row_table(const at::Tensor& table, int64_t B, const at::Tensor& weight, at::ScalarType acc,
+                            const char* name) {
+  const at::Tensor values = table_of(table, B, "B", weight, acc, name);
+  TORCH_CHECK_VALUE(values.isfinite().all().item<bool>(), kOp, ": ", name, " must be finite");
+  return values;
 }
 
 inline Setup setup(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
