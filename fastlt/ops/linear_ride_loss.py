@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from fastlt import _extension
 from fastlt.ops import _backend, _checks, _library, _lt_constants
 from fastlt.ops._fused_loss import scale_saved_gradient
-from fastlt.ops.ride_loss import ride_tables
+from fastlt.ops.ride_loss import ride_loss_reference, ride_tables
 
 OP = "fastlt.linear_ride_loss"
 # The arguments of fastlt::linear_ride_loss as csrc/cpu/linear_ride_loss.cpp defines them; its .triton and .torch
@@ -65,15 +65,15 @@ def linear_ride_loss_reference(features, weight, target, class_counts, *, normal
                                margin_scale=30.0, max_margin=0.5, diversity_factor=-0.45, temperature_factor=0.05,
                                base_temperature=1.0, drw=False, drw_beta=0.9999, chunk_size=None,
                                reduction="mean", ignore_index=_checks.DEFAULT_IGNORE_INDEX):
-    """Eager reference: materialises the [E, B, C] logits and computes RIDE's loss of them (docs/methods.md 6.3, with
-    6.5's reductions and ignored rows); equals :func:`fastlt.ops.ride_loss_reference` of those logits."""
-    reduction, ignore_index = _validate(features, weight, target, class_counts, bias, scale, chunk_size, reduction,
-                                        ignore_index)
-    tables = ride_tables(class_counts, scale=margin_scale, max_margin=max_margin,
-                         temperature_factor=temperature_factor, base_temperature=base_temperature, drw=drw,
-                         drw_beta=drw_beta, dtype=_checks.accumulate_dtype(weight.dtype), device=weight.device)
+    """Eager reference: materialises the [E, B, C] logits and calls :func:`fastlt.ops.ride_loss_reference` (RIDE's
+    loss, docs/methods.md 6.3, with 6.5's reductions and ignored rows) on them. The arguments are
+    :func:`linear_ride_loss`'s."""
+    _validate(features, weight, target, class_counts, bias, scale, chunk_size, reduction, ignore_index)
     logits = expert_logits(features, weight, normalize=normalize, scale=scale, bias=bias)
-    return _loss_formula(logits, target, *tables, diversity_factor, reduction, ignore_index)
+    return ride_loss_reference(logits, target, class_counts, scale=margin_scale, max_margin=max_margin,
+                               diversity_factor=diversity_factor, temperature_factor=temperature_factor,
+                               base_temperature=base_temperature, drw=drw, drw_beta=drw_beta, reduction=reduction,
+                               ignore_index=ignore_index)
 
 
 def expert_logits(features, weight, *, normalize=True, scale=30.0, bias=None):
@@ -205,6 +205,8 @@ def fused_linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, bias: O
 
 
 def _check_row_tables(row_weights, row_bias_scales, bias, batch, weight):
+    """The per-row tables' checks (as csrc/linear_ride_loss_setup.h's): [B], floating, on the weight's device, finite;
+    row weights >= 0; row bias scales only with a bias. The value checks are skipped while torch.compile traces."""
     for name, table in (("row_weights", row_weights), ("row_bias_scales", row_bias_scales)):
         if table is None:
             continue
