@@ -176,25 +176,49 @@ inline at::Tensor loss_of(const RowStatistics& stats, const Setup& s) {
   return loss;
 }
 
+// Pass 2's gradients: d features per expert (accumulated over the chunks), d weight in the weight's dtype and
+// d bias (written chunk by chunk), and the buffer of one chunk's d weight.
+struct Gradients {
+  at::Tensor expert_features;  // [E, B, D], accumulation dtype
+  at::Tensor weight;           // [E, C, D]
+  at::Tensor bias;             // [E, C] accumulation dtype, or undefined without a bias
+  at::Tensor chunk_buffer;     // [E * chunk * D]
+
+  // The buffer as the d weight of a chunk of n classes, [E, n, D].
+  at::Tensor weight_chunk(int64_t n) const {
+    const int64_t E = weight.size(0), D = weight.size(2);
+    return chunk_buffer.narrow(0, 0, E * n * D).view({E, n, D});
+  }
+};
+
+inline Gradients empty_gradients(const Setup& s, const at::Tensor& weight) {
+  const auto acc_options = weight.options().dtype(s.acc);
+  Gradients g;
+  g.expert_features = at::zeros({s.E, s.B, s.D}, acc_options);
+  g.weight = at::empty({s.E, s.C, s.D}, weight.options().memory_format(at::MemoryFormat::Contiguous));
+  if (s.bias.defined()) g.bias = at::empty({s.E, s.C}, acc_options);
+  g.chunk_buffer = at::empty({s.E * s.chunk * s.D}, acc_options);
+  return g;
+}
+
 // d bias of a chunk from its d loss / d logits [E, B, n]: the sum over the rows, each times its bias scale.
 inline at::Tensor bias_gradient(const at::Tensor& chunk_gradient, const at::Tensor& row_bias_scales) {
   if (!row_bias_scales.defined()) return chunk_gradient.sum(1);
   return at::matmul(row_bias_scales.view({1, 1, -1}), chunk_gradient).squeeze(1);
 }
 
-// d features from the [E, B, D] gradient: summed over the experts for shared [B, D] features.
-inline at::Tensor features_gradient(const at::Tensor& grad_expert_features, const at::Tensor& features) {
-  return (features.dim() == 2 ? grad_expert_features.sum(0) : grad_expert_features).to(features.scalar_type());
-}
-
-// The op's outputs (loss, d features, d weight, d bias), with empty gradients when none were asked for.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs(
-    const RowStatistics& stats, const Setup& s, const at::Tensor& features, const at::Tensor& weight,
-    const at::Tensor& grad_features, const at::Tensor& grad_weight, const at::Tensor& grad_bias, bool compute_grad) {
+// The op's outputs (loss, d features, d weight, d bias), with empty gradients when none were asked for; d features
+// summed over the experts for shared [B, D] features.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs(const RowStatistics& stats, const Setup& s,
+                                                                          const at::Tensor& features,
+                                                                          const at::Tensor& weight,
+                                                                          const Gradients& grads, bool compute_grad) {
   const at::Tensor loss = loss_of(stats, s);
   const auto empty = [&] { return at::empty({0}, features.options()); };
   if (!compute_grad) return {loss, empty(), empty(), empty()};
-  return {loss, grad_features, grad_weight, grad_bias.defined() ? grad_bias.to(weight.scalar_type()) : empty()};
+  const at::Tensor grad_features =
+      (features.dim() == 2 ? grads.expert_features.sum(0) : grads.expert_features).to(features.scalar_type());
+  return {loss, grad_features, grads.weight, grads.bias.defined() ? grads.bias.to(weight.scalar_type()) : empty()};
 }
 
 }  // namespace linear_ride_loss

@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
   at::Tensor logit_buffer = at::empty({E * B * chunk}, acc_options);
   // Per-thread scratch, [chunk] each: the tempered mean logits, their exps, and one row of throw-away exps.
   at::Tensor scratch = at::empty({at::get_num_threads(), 3 * chunk}, acc_options);
-  at::Tensor grad_features, grad_weight, grad_bias;
+  linear_ride_loss::Gradients grads;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fastlt_linear_ride_loss_cpu", [&] {
     using A = acc_t<scalar_t>;
@@ -233,10 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
     if (!compute_grad) return;
 
     // Pass 2: each chunk's d loss / d logits, then d features += dz @ W and d weight[chunk] = dz^T @ x.
-    at::Tensor grad_expert_features = at::zeros({E, B, D}, acc_options);
-    grad_weight = at::empty({E, C, D}, weight.options().memory_format(at::MemoryFormat::Contiguous));
-    if (setup.bias.defined()) grad_bias = at::empty({E, C}, acc_options);
-    at::Tensor weight_gradient_buffer = at::empty({E * chunk * D}, acc_options);
+    grads = linear_ride_loss::empty_gradients(setup, weight);
     for (int64_t c0 = 0; c0 < C; c0 += chunk) {
       const int64_t n = std::min(chunk, C - c0);
       const at::Tensor weight_chunk = weight.narrow(1, c0, n).to(acc);
@@ -273,11 +270,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
           }
         }
       });
-      if (grad_bias.defined())
-        grad_bias.narrow(1, c0, n).copy_(linear_ride_loss::bias_gradient(logits_tensor, setup.row_bias_scales));
+      if (grads.bias.defined())
+        grads.bias.narrow(1, c0, n).copy_(linear_ride_loss::bias_gradient(logits_tensor, setup.row_bias_scales));
       if (normalize_weight) logits_tensor.mul_(setup.column_scale.narrow(1, c0, n).unsqueeze(1));
-      grad_expert_features.baddbmm_(logits_tensor, weight_chunk);
-      at::Tensor weight_gradient = weight_gradient_buffer.narrow(0, 0, E * n * D).view({E, n, D});
+      grads.expert_features.baddbmm_(logits_tensor, weight_chunk);
+      at::Tensor weight_gradient = grads.weight_chunk(n);
       at::bmm_out(weight_gradient, logits_tensor.transpose(1, 2), expert_features);
       if (normalize_weight) {
         const at::Tensor weight_chunk_contiguous = weight_chunk.contiguous();
@@ -291,12 +288,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
           }
         });
       }
-      grad_weight.narrow(1, c0, n).copy_(weight_gradient);
+      grads.weight.narrow(1, c0, n).copy_(weight_gradient);
     }
-    grad_features = linear_ride_loss::features_gradient(grad_expert_features, features);
   });
 
-  return linear_ride_loss::outputs(stats, setup, features, weight, grad_features, grad_weight, grad_bias, compute_grad);
+  return linear_ride_loss::outputs(stats, setup, features, weight, grads, compute_grad);
 }
 
 }  // namespace cpu

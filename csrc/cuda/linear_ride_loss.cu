@@ -185,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
   linear_ride_loss::RowStatistics stats = linear_ride_loss::empty_statistics(setup, acc_options);
   at::Tensor logit_buffer = at::empty({E * B * chunk}, acc_options);
   at::Tensor mean_scratch = at::empty({setup.diversity ? B * chunk : 1}, acc_options);
-  at::Tensor grad_features, grad_weight, grad_bias;
+  linear_ride_loss::Gradients grads;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fastlt_linear_ride_loss_cuda", [&] {
     using A = acc_t<scalar_t>;
@@ -212,10 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
     if (!compute_grad) return;
 
     // Pass 2: each chunk's d loss / d logits, then d features += dz @ W and d weight[chunk] = dz^T @ x.
-    at::Tensor grad_expert_features = at::zeros({E, B, D}, acc_options);
-    grad_weight = at::empty({E, C, D}, weight.options().memory_format(at::MemoryFormat::Contiguous));
-    if (setup.bias.defined()) grad_bias = at::empty({E, C}, acc_options);
-    at::Tensor weight_gradient_buffer = at::empty({E * chunk * D}, acc_options);
+    grads = linear_ride_loss::empty_gradients(setup, weight);
     for (int64_t c0 = 0; c0 < C; c0 += chunk) {
       const int64_t n = std::min(chunk, C - c0);
       const at::Tensor weight_chunk = weight.narrow(1, c0, n).to(setup.acc).contiguous();
@@ -225,11 +222,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
           setup.labels.data_ptr<int64_t>(), setup.row_margins.data_ptr<A>(), setup.ce_coef.data_ptr<A>(),
           setup.div_coef.data_ptr<A>(), setup.inverse_temperature.data_ptr<A>(), setup.diversity, statistics);
       check_launch(op);
-      if (grad_bias.defined())
-        grad_bias.narrow(1, c0, n).copy_(linear_ride_loss::bias_gradient(logits, setup.row_bias_scales));
+      if (grads.bias.defined())
+        grads.bias.narrow(1, c0, n).copy_(linear_ride_loss::bias_gradient(logits, setup.row_bias_scales));
       if (normalize_weight) logits.mul_(setup.column_scale.narrow(1, c0, n).unsqueeze(1));
-      grad_expert_features.baddbmm_(logits, weight_chunk);
-      at::Tensor weight_gradient = weight_gradient_buffer.narrow(0, 0, E * n * D).view({E, n, D});
+      grads.expert_features.baddbmm_(logits, weight_chunk);
+      at::Tensor weight_gradient = grads.weight_chunk(n);
       at::bmm_out(weight_gradient, logits.transpose(1, 2), setup.features);
       if (normalize_weight) {
         radial_correction<A><<<E * n, kThreads, 0, current_stream()>>>(
@@ -237,12 +234,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
             setup.weight_above_eps.data_ptr<bool>(), static_cast<A>(scale));
         check_launch(op);
       }
-      grad_weight.narrow(1, c0, n).copy_(weight_gradient);
+      grads.weight.narrow(1, c0, n).copy_(weight_gradient);
     }
-    grad_features = linear_ride_loss::features_gradient(grad_expert_features, features);
   });
 
-  return linear_ride_loss::outputs(stats, setup, features, weight, grad_features, grad_weight, grad_bias, compute_grad);
+  return linear_ride_loss::outputs(stats, setup, features, weight, grads, compute_grad);
 }
 
 }  // namespace cuda
