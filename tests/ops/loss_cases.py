@@ -1,10 +1,11 @@
 """Checks the three fused losses (ride_loss, reslt_loss, prior_shifted_ce) share, each run from the op's own test file:
-the second-order / torch.func checks (the fused ops' backward recomputes through the eager formula when
-differentiated) and the registered ops' refusal of bad arguments (the Triton ops check as the C++ ops do)."""
+the fp16 / bf16 / CUDA tolerance table, the second-order / torch.func checks (the fused ops' backward recomputes
+through the eager formula when differentiated) and the registered ops' refusal of bad arguments (the Triton ops
+check as the C++ ops do)."""
 
 import pytest
 import torch
-from op_helpers import backend, long_tail_counts, raw_op
+from op_helpers import TOLERANCES, assert_close, backend, long_tail_counts, loss_and_grad, on_cpu, on_cuda, raw_op
 
 from fastlt.ops import prior_shifted_ce, prior_shifted_ce_reference, reslt_loss, reslt_loss_reference
 from fastlt.ops import ride_loss, ride_loss_reference
@@ -24,6 +25,29 @@ def ride_tables(num_classes, weights):
             torch.rand(num_classes) + 0.5)
 
 
+# ---- the dtype tolerance table ----
+
+
+def tolerance_cases(triton_experts=3, cuda_experts=3):
+    """(backend, device, shape, dtype) of a fused loss's tolerance table: fp16 / bf16 on the CPU for the C++ kernel
+    (3 x 6 x 300) and Triton (E x 4 x 40, the interpreter is slow), every TOLERANCES dtype on CUDA (E x 64 x 8142)."""
+    return ([on_cpu("cpp", (3, 6, 300), dtype) for dtype in [torch.float16, torch.bfloat16]]
+            + [on_cpu("triton", (triton_experts, 4, 40), dtype) for dtype in [torch.float16, torch.bfloat16]]
+            + [on_cuda(name, (cuda_experts, 64, 8142), dtype) for name in ["cpp", "triton"] for dtype in TOLERANCES])
+
+
+def check_within_dtype_tolerance(op, reference, name, dtype, logits, target, *args, **kwargs):
+    """``op`` on backend ``name`` against its eager ``reference``: the loss in fp32 (or wider), the gradient in the
+    logits' dtype, both within TOLERANCES[dtype] (the gradient's atol relative to its largest entry)."""
+    expected_loss, expected_grad = loss_and_grad(reference, logits, target, *args, **kwargs)
+    with backend(name):
+        loss, grad = loss_and_grad(op, logits, target, *args, **kwargs)
+    assert loss.dtype == torch.promote_types(dtype, torch.float32) and grad.dtype == dtype
+    assert_close(loss, expected_loss, dtype)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(grad, expected_grad, atol=atol * expected_grad.abs().max().item(), rtol=rtol)
+
+
 # ---- second order and torch.func ----
 
 # case -> num_classes -> (op, reference, extra positional arguments, keyword arguments) on 2 experts / branches
@@ -37,13 +61,18 @@ SECOND_ORDER_CASES = {
 }
 
 
-def _penalised_gradients(fn, features, weight, target, args, kwargs):
-    """d/d(features, weight) of loss + ||d loss / d logits||^2 with logits = features @ weight (a gradient penalty)."""
+def _penalised_gradients(fn, features, weight, target, args, kwargs, row_weights=None, ignored_row=None):
+    """d/d(features, weight) of L + ||d L / d logits||^2 with logits = features @ weight (a gradient penalty), L the
+    loss or, with ``row_weights``, sum_b w_b loss_b of the per-row losses (reduction="none"); the ignored row's
+    d L / d logits must be 0."""
     features, weight = features.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     logits = features @ weight
     loss = fn(logits, target, *args, **kwargs)
-    (grad_logits,) = torch.autograd.grad(loss, logits, create_graph=True)
-    return torch.autograd.grad(loss + grad_logits.square().sum(), (features, weight))
+    (grad_logits,) = torch.autograd.grad(loss, logits, row_weights, create_graph=True)
+    if ignored_row is not None:
+        assert (grad_logits[:, ignored_row] == 0).all()
+    total = loss if row_weights is None else (loss * row_weights).sum()
+    return torch.autograd.grad(total + grad_logits.square().sum(), (features, weight))
 
 
 def check_create_graph_keeps_the_second_order_term(case, name):
@@ -58,6 +87,20 @@ def check_create_graph_keeps_the_second_order_term(case, name):
     for got, want in zip(actual, expected):
         torch.testing.assert_close(got, want)
     assert (actual[1] - first_order_only).abs().max() > 1e-6  # the penalty's term is there
+
+
+def check_create_graph_with_reduction_none(case, name):
+    """The gradient penalty through per-row losses weighted row by row (an ignored row among them): the backward of
+    reduction="none" is differentiated too, and matches the reference's."""
+    op, reference, args, kwargs = SECOND_ORDER_CASES[case](4)
+    kwargs = dict(kwargs, reduction="none")
+    features, weight = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    target, row_weights = torch.tensor([0, -100, 3]), torch.linspace(0.5, 2.0, 3, dtype=torch.float64)
+    expected = _penalised_gradients(reference, features, weight, target, args, kwargs, row_weights, ignored_row=1)
+    with backend(name):
+        actual = _penalised_gradients(op, features, weight, target, args, kwargs, row_weights, ignored_row=1)
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want)
 
 
 def check_gradgradcheck_fp64(case, name):

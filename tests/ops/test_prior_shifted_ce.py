@@ -6,9 +6,9 @@ import loss_cases
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import (COMPILED_BACKENDS, TOLERANCES, assert_close, backend, backend_param, call_cuda_kernel,
+from op_helpers import (COMPILED_BACKENDS, assert_close, backend, backend_param, call_cuda_kernel,
                         long_tail_counts, loss_and_grad, loss_inputs, needs_cpp, needs_cuda, needs_cuda_build, on_cpu,
-                        on_cuda, raw_op, raw_ops)
+                        raw_op, raw_ops)
 
 from fastlt.ops import prior_shifted_ce, prior_shifted_ce_reference, shifted_ce
 
@@ -51,21 +51,11 @@ def test_matches_reference_fp32(name, device, shape):
     torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-9, rtol=1e-5)
 
 
-TOLERANCE_CASES = ([on_cpu("cpp", (3, 6, 300), dtype) for dtype in [torch.float16, torch.bfloat16]]
-                   + [on_cpu("triton", (3, 4, 40), dtype) for dtype in [torch.float16, torch.bfloat16]]
-                   + [on_cuda(name, (3, 64, 8142), dtype) for name in ["cpp", "triton"] for dtype in TOLERANCES])
-
-
-@pytest.mark.parametrize("name, device, shape, dtype", TOLERANCE_CASES)
+@pytest.mark.parametrize("name, device, shape, dtype", loss_cases.tolerance_cases())
 def test_dtype_tolerance_table(name, device, shape, dtype):
     logits, target, counts, taus = _inputs(shape, dtype, device=device)
-    expected_loss, expected_grad = loss_and_grad(prior_shifted_ce_reference, logits, target, counts, taus=taus)
-    with backend(name):
-        loss, grad = loss_and_grad(prior_shifted_ce, logits, target, counts, taus=taus)
-    assert loss.dtype == torch.promote_types(dtype, torch.float32) and grad.dtype == dtype
-    assert_close(loss, expected_loss, dtype)
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(grad, expected_grad, atol=atol * expected_grad.abs().max().item(), rtol=rtol)
+    loss_cases.check_within_dtype_tolerance(prior_shifted_ce, prior_shifted_ce_reference, name, dtype, logits, target,
+                                            counts, taus=taus)
 
 
 @pytest.mark.parametrize("name, shape", [("reference", (1, 4, 5)), ("reference", (3, 4, 5)),
@@ -408,22 +398,7 @@ def test_torch_compile_fullgraph_with_reduction_none(name):
 
 @pytest.mark.parametrize("name", FUSED_ON_CPU)
 def test_create_graph_with_reduction_none_keeps_the_second_order_term(name):
-    features, weight = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
-    target, counts, row_weights = torch.tensor([0, -100, 3]), long_tail_counts(4), torch.tensor([0.5, 2.0, 1.5])
-
-    def penalised_gradients(fn):
-        """d/d(features, weight) of sum_b w_b loss_b + ||d (sum_b w_b loss_b) / d logits||^2, logits = features @ W."""
-        f, w = features.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-        logits = f @ w
-        loss = fn(logits, target, counts, taus=[1.0, 0.5], reduction="none")
-        (grad_logits,) = torch.autograd.grad(loss, logits, row_weights, create_graph=True)
-        return torch.autograd.grad((loss * row_weights).sum() + grad_logits.square().sum(), (f, w))
-
-    expected = penalised_gradients(prior_shifted_ce_reference)
-    with backend(name):
-        actual = penalised_gradients(prior_shifted_ce)
-    for got, want in zip(actual, expected):
-        torch.testing.assert_close(got, want)
+    loss_cases.check_create_graph_with_reduction_none("prior_shifted_ce", name)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

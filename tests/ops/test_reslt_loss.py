@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from loss_cases import nested_groups
-from op_helpers import (COMPILED_BACKENDS, TOLERANCES, assert_close, backend, backend_param, call_cuda_kernel,
-                        loss_and_grad, loss_inputs, needs_cpp, needs_cuda, needs_cuda_build, on_cpu, on_cuda, raw_op,
+from op_helpers import (COMPILED_BACKENDS, assert_close, backend, backend_param, call_cuda_kernel,
+                        loss_and_grad, loss_inputs, needs_cpp, needs_cuda, needs_cuda_build, on_cpu, raw_op,
                         raw_ops)
 
 import fastlt
@@ -172,21 +172,11 @@ def test_no_label_in_any_group_leaves_only_the_fused_term():
     assert_close(grad, expected_grad)
 
 
-TOLERANCE_CASES = ([on_cpu("cpp", (3, 6, 300), dtype) for dtype in [torch.float16, torch.bfloat16]]
-                   + [on_cpu("triton", (3, 4, 40), dtype) for dtype in [torch.float16, torch.bfloat16]]
-                   + [on_cuda(name, (3, 64, 8142), dtype) for name in ["cpp", "triton"] for dtype in TOLERANCES])
-
-
-@pytest.mark.parametrize("name, device, shape, dtype", TOLERANCE_CASES)
+@pytest.mark.parametrize("name, device, shape, dtype", loss_cases.tolerance_cases())
 def test_dtype_tolerance_table(name, device, shape, dtype):
     logits, target, groups = _inputs(shape, dtype, device=device)
-    expected_loss, expected_grad = loss_and_grad(reslt_loss_reference, logits, target, groups, beta=0.9)
-    with backend(name):
-        loss, grad = loss_and_grad(reslt_loss, logits, target, groups, beta=0.9)
-    assert loss.dtype == torch.promote_types(dtype, torch.float32) and grad.dtype == dtype
-    assert_close(loss, expected_loss, dtype)
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(grad, expected_grad, atol=atol * expected_grad.abs().max().item(), rtol=rtol)
+    loss_cases.check_within_dtype_tolerance(reslt_loss, reslt_loss_reference, name, dtype, logits, target, groups,
+                                            beta=0.9)
 
 
 @pytest.mark.parametrize("name, shape", [("reference", (2, 4, 5)), ("reference", (3, 4, 5)),
@@ -523,23 +513,7 @@ def test_torch_compile_fullgraph_reduction_none(name):
 
 @pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "triton"])
 def test_create_graph_with_reduction_none(name):
-    """A gradient penalty through the per-row losses: the backward is differentiated (the eager formula's path)."""
-    features, weight = torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
-    target, groups = torch.tensor([0, 5, -100, 3, 4]), nested_groups(2, 6)
-    grad_output = torch.rand(5, dtype=torch.float64)
-
-    def penalised(fn):
-        weight_leaf = weight.clone().requires_grad_(True)
-        logits = features @ weight_leaf
-        loss = fn(logits, target, groups, beta=0.7, reduction="none")
-        (grad_logits,) = torch.autograd.grad(loss, logits, grad_output, create_graph=True)
-        assert (grad_logits[:, 2] == 0).all()
-        return torch.autograd.grad((loss * grad_output).sum() + grad_logits.square().sum(), weight_leaf)[0]
-
-    expected = penalised(reslt_loss_reference)
-    with backend(name):
-        actual = penalised(reslt_loss)
-    torch.testing.assert_close(actual, expected)
+    loss_cases.check_create_graph_with_reduction_none("reslt_loss", name)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

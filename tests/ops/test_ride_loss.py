@@ -6,9 +6,9 @@ import loss_cases
 import pytest
 import torch
 import torch.nn.functional as F
-from op_helpers import (COMPILED_BACKENDS, TOLERANCES, assert_close, backend, backend_param, call_cuda_kernel,
+from op_helpers import (COMPILED_BACKENDS, assert_close, backend, backend_param, call_cuda_kernel,
                         long_tail_counts, loss_and_grad, loss_inputs, needs_cpp, needs_cuda, needs_cuda_build, on_cpu,
-                        on_cuda, raw_op, raw_ops)
+                        raw_op, raw_ops)
 
 import fastlt
 from fastlt.ops import ride_loss, ride_loss_reference
@@ -50,21 +50,11 @@ def test_matches_reference_fp32(name, device, shape, diversity_factor, drw):
     torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-9, rtol=1e-5)
 
 
-TOLERANCE_CASES = ([on_cpu("cpp", (3, 6, 300), dtype) for dtype in [torch.float16, torch.bfloat16]]
-                   + [on_cpu("triton", (2, 4, 40), dtype) for dtype in [torch.float16, torch.bfloat16]]
-                   + [on_cuda(name, (4, 64, 8142), dtype) for name in ["cpp", "triton"] for dtype in TOLERANCES])
-
-
-@pytest.mark.parametrize("name, device, shape, dtype", TOLERANCE_CASES)
+@pytest.mark.parametrize("name, device, shape, dtype", loss_cases.tolerance_cases(triton_experts=2, cuda_experts=4))
 def test_dtype_tolerance_table(name, device, shape, dtype):
     logits, target, counts = loss_inputs(shape, dtype, device=device)
-    expected_loss, expected_grad = loss_and_grad(ride_loss_reference, logits, target, counts, drw=True)
-    with backend(name):
-        loss, grad = loss_and_grad(ride_loss, logits, target, counts, drw=True)
-    assert loss.dtype == torch.promote_types(dtype, torch.float32) and grad.dtype == dtype
-    assert_close(loss, expected_loss, dtype)
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(grad, expected_grad, atol=atol * expected_grad.abs().max().item(), rtol=rtol)
+    loss_cases.check_within_dtype_tolerance(ride_loss, ride_loss_reference, name, dtype, logits, target, counts,
+                                            drw=True)
 
 
 @pytest.mark.parametrize("name, shape, drw", [
@@ -416,22 +406,7 @@ def test_torch_compile_fullgraph_with_reduction_none(name):
 
 @pytest.mark.parametrize("name", FUSED_BACKENDS)
 def test_create_graph_with_reduction_none_matches_the_reference(name):
-    """A gradient penalty on per-row losses: the second-order path recomputes through the eager row terms."""
-    features, weight = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
-    target, counts = torch.tensor([0, -100, 3]), long_tail_counts(4)
-
-    def penalised_gradients(fn):
-        leaves = features.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-        logits = leaves[0] @ leaves[1]
-        rows = fn(logits, target, counts, scale=3.0, drw=True, reduction="none")
-        (grad_logits,) = torch.autograd.grad(rows, logits, _row_weights(3), create_graph=True)
-        return torch.autograd.grad((rows * _row_weights(3)).sum() + grad_logits.square().sum(), leaves)
-
-    expected = penalised_gradients(ride_loss_reference)
-    with backend(name):
-        actual = penalised_gradients(ride_loss)
-    for got, want in zip(actual, expected):
-        torch.testing.assert_close(got, want)
+    loss_cases.check_create_graph_with_reduction_none("ride_loss", name)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
