@@ -338,7 +338,7 @@ def check_head(op, features, weight, target, bias, chunk_size, ignore_index):
 
 
 class _Problem:
-    """Inputs in the accumulation dtype and the per-chunk logits."""
+    """Inputs in the accumulation dtype and the per-chunk logits (``normalize``: the weight's rows only)."""
 
     def __init__(self, features, weight, bias, row_bias_scales, labels, target_margins, temperatures, scale,
                  normalize):
@@ -472,7 +472,7 @@ def _gradients(problem, stats, chunk, ce_coef, div_coef, diversity, grad_weight,
             grad_bias[:, c0:c1] = (grad.sum(1) if problem.row_bias_scales is None
                                    else (grad * problem.row_bias_scales).sum(1))
         if problem.normalize:
-            # d w_c = (column_scale_c * dz^T x_hat - w_c * column_scale_c / ||w_c||^2 * sum_b dz_bc cos_bc*scale)
+            # d w_c = (column_scale_c * dz^T x - w_c * column_scale_c / ||w_c||^2 * sum_b dz_bc cos_bc*scale)
             if problem.bias is not None:
                 cosine_part = cosine_part.sub_(problem.bias_chunk(c0, c1))
             radial = (grad * cosine_part).sum(1)  # [E, n]: w_hat_c . d w_hat_c
