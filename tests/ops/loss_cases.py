@@ -103,6 +103,24 @@ def check_create_graph_with_reduction_none(case, name):
         torch.testing.assert_close(got, want)
 
 
+def check_torch_compile_fullgraph_with_reduction_none(case, name):
+    """The per-row losses (an ignored row among them) under torch.compile(fullgraph=True) and their backward with a
+    row-weighted grad_output equal the eager reference's."""
+    op, reference, args, kwargs = SECOND_ORDER_CASES[case](9)
+    kwargs = dict(kwargs, reduction="none")
+    logits, target = 3 * torch.randn(2, 4, 9, requires_grad=True), torch.tensor([0, -100, 5, 8])
+    grad_output = torch.linspace(0.5, 2.0, 4)
+    compiled = torch.compile(lambda z: op(z, target, *args, **kwargs), fullgraph=True, backend="aot_eager")
+    expected = reference(logits, target, *args, **kwargs)
+    (expected_grad,) = torch.autograd.grad(expected, logits, grad_output)
+    with backend(name):
+        loss = compiled(logits)
+        (grad,) = torch.autograd.grad(loss, logits, grad_output)
+    assert_close(loss.detach(), expected.detach())
+    assert_close(grad, expected_grad)
+    assert (grad[:, 1] == 0).all()
+
+
 def check_gradgradcheck_fp64(case, name):
     op, _, args, kwargs = SECOND_ORDER_CASES[case](3)
     logits, target = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True), torch.tensor([0, 2])

@@ -380,20 +380,7 @@ def test_opcheck_with_reduction_and_ignored_rows(overload, reduction):
 
 @pytest.mark.parametrize("name", FUSED_ON_CPU)
 def test_torch_compile_fullgraph_with_reduction_none(name):
-    logits, target, counts, taus = _with_ignored_rows([1], shape=(2, 5, 9))
-    grad_output = torch.rand(5) + 0.5
-
-    def per_row(z):
-        return prior_shifted_ce(z, target, counts, taus=taus, reduction="none")
-
-    compiled = torch.compile(per_row, fullgraph=True, backend="aot_eager")
-    expected = prior_shifted_ce_reference(logits, target, counts, taus=taus, reduction="none")
-    (expected_grad,) = torch.autograd.grad(expected, logits, grad_output)
-    with backend(name):
-        loss = compiled(logits)
-        (grad,) = torch.autograd.grad(loss, logits, grad_output)
-    assert_close(loss.detach(), expected.detach())
-    assert_close(grad, expected_grad)
+    loss_cases.check_torch_compile_fullgraph_with_reduction_none("prior_shifted_ce", name)
 
 
 @pytest.mark.parametrize("name", FUSED_ON_CPU)

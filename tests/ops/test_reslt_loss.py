@@ -498,17 +498,7 @@ def test_opcheck_with_reduction_and_ignored_rows(op_name, reduction):
 
 @pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "triton"])
 def test_torch_compile_fullgraph_reduction_none(name):
-    logits, target, groups = _with_ignored_rows((3, 5, 9), "some rows")
-    compiled = torch.compile(lambda z: reslt_loss(z, target, groups, beta=0.9, reduction="none"), fullgraph=True,
-                             backend="aot_eager")
-    grad_output = torch.rand(5)
-    expected = reslt_loss_reference(logits, target, groups, beta=0.9, reduction="none")
-    (expected_grad,) = torch.autograd.grad(expected, logits, grad_output)
-    with backend(name):
-        loss = compiled(logits)
-        (grad,) = torch.autograd.grad(loss, logits, grad_output)
-    assert_close(loss.detach(), expected.detach())
-    assert_close(grad, expected_grad)
+    loss_cases.check_torch_compile_fullgraph_with_reduction_none("reslt_loss", name)
 
 
 @pytest.mark.parametrize("name", [pytest.param("cpp", marks=needs_cpp), "triton"])

@@ -391,17 +391,7 @@ def test_opcheck_with_a_reduction_and_an_ignored_row(op_name, reduction):
 
 @pytest.mark.parametrize("name", FUSED_BACKENDS)
 def test_torch_compile_fullgraph_with_reduction_none(name):
-    logits, target, counts = loss_inputs((2, 4, 9))
-    target = _with_ignored(target, [1])
-    compiled = torch.compile(lambda z: ride_loss(z, target, counts, drw=True, reduction="none"), fullgraph=True,
-                             backend="aot_eager")
-    expected_loss = ride_loss_reference(logits, target, counts, drw=True, reduction="none")
-    (expected_grad,) = torch.autograd.grad(expected_loss, logits, _row_weights(4, torch.float32))
-    with backend(name):
-        loss = compiled(logits)
-        (grad,) = torch.autograd.grad(loss, logits, _row_weights(4, torch.float32))
-    assert_close(loss.detach(), expected_loss.detach())
-    assert_close(grad, expected_grad)
+    loss_cases.check_torch_compile_fullgraph_with_reduction_none("ride_loss", name)
 
 
 @pytest.mark.parametrize("name", FUSED_BACKENDS)
