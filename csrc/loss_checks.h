@@ -80,7 +80,7 @@ inline RideTables check_ride_loss_inputs(const at::Tensor& logits, const at::Ten
 // group_masks [K, C] bool on the logits' device, each row selecting at least one class; returned contiguous.
 inline at::Tensor check_reslt_loss_inputs(const at::Tensor& logits, const at::Tensor& target,
                                           const at::Tensor& group_masks, double beta, double log_eps,
-                                          std::optional<int64_t> ignore_index = std::nullopt) {
+                                          double fused_log_eps, std::optional<int64_t> ignore_index = std::nullopt) {
   constexpr const char* op = "fastlt.reslt_loss";
   check_loss_logits(logits, op, "branch_logits");
   check_loss_target(target, logits, op, ignore_index);
@@ -94,6 +94,8 @@ inline at::Tensor check_reslt_loss_inputs(const at::Tensor& logits, const at::Te
   TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, op, ": beta must be in [0, 1], got ", beta);
   TORCH_CHECK_VALUE(std::isfinite(log_eps) && log_eps >= 0.0, op, ": log_eps must be a finite number >= 0, got ",
                     log_eps);
+  TORCH_CHECK_VALUE(std::isfinite(fused_log_eps) && fused_log_eps >= 0.0, op,
+                    ": fused_log_eps must be a finite number >= 0, got ", fused_log_eps);
   return group_masks.contiguous();
 }
 

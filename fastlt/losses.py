@@ -12,7 +12,7 @@ the functional op in ``fastlt.ops``, so the module and the op give the same numb
 >>> loss = criterion([torch.randn(6, 4) * 30 for _ in range(3)], torch.randint(0, 4, (6,)))
 """
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -204,20 +204,24 @@ class ResLTLoss(nn.Module):
     ``groups`` is either the ``[K, C]`` bool group masks (row 0: all classes; then medium+tail, tail) or the class
     counts, from which :func:`fastlt.ops.reslt_groups` builds them (``cutoffs``, ``num_branches`` as there).
 
-    Every cross-entropy is ``-log(softmax_y + log_eps)`` with the official code's ``log_eps = 1e-7`` by default
-    (ResLT's ``crossEntropy``: ``torch.log(softmax(logit) + 1e-7)``), which caps a sample's loss at 16.1 and scales
-    its gradient by ``p_y / (p_y + 1e-7)``; ``log_eps=0`` gives the exact log-softmax cross-entropy.
+    The branch terms' cross-entropy is ``-log(softmax_y + log_eps)`` with the official code's ``log_eps = 1e-7`` by
+    default (ResLT's ``crossEntropy``: ``torch.log(softmax(logit) + 1e-7)``), which caps a sample's loss at 16.1 and
+    scales its gradient by ``p_y / (p_y + 1e-7)``; ``log_eps=0`` gives the exact log-softmax cross-entropy. The fused
+    term's is ``-log(softmax_y + fused_log_eps)``, ``fused_log_eps=None`` taking ``log_eps`` (the official ImageNet-LT
+    scripts); the official CIFAR and iNaturalist scripts compute it with the exact ``nn.CrossEntropyLoss``:
+    ``fused_log_eps=0`` (docs/methods.md 4.4).
     ``reduction``, ``ignore_index`` and ``return_components=True`` (``(loss, {"branch": [K], "fused": []})``) as in
     :func:`fastlt.ops.reslt_loss` (docs/methods.md 6.5).
 
-    >>> criterion = fastlt.ResLTLoss(torch.linspace(500, 5, 100).floor(), beta=0.995, cutoffs=[35, 70])
+    >>> criterion = fastlt.ResLTLoss(torch.linspace(500, 5, 100).floor(), beta=0.995, cutoffs=[35, 70],
+    ...                              fused_log_eps=0.0)          # the official CIFAR-100-LT script
     >>> loss = criterion(torch.randn(3, 8, 100), torch.randint(0, 100, (8,)))
     """
 
     OFFICIAL_LOG_EPS = 1e-7
 
     def __init__(self, groups, *, beta: float, cutoffs=None, num_branches: int = 3,
-                 log_eps: float = OFFICIAL_LOG_EPS, reduction: str = "mean",
+                 log_eps: float = OFFICIAL_LOG_EPS, fused_log_eps: Optional[float] = None, reduction: str = "mean",
                  ignore_index: int = _checks.DEFAULT_IGNORE_INDEX):
         super().__init__()
         self.reduction, self.ignore_index = _reduction_arguments("fastlt.ResLTLoss", reduction, ignore_index)
@@ -228,17 +232,20 @@ class ResLTLoss(nn.Module):
         self.register_buffer("group_masks", groups, persistent=False)
         _checks.number("fastlt.ResLTLoss", "beta", beta, low=0.0, high=1.0)
         _checks.number("fastlt.ResLTLoss", "log_eps", log_eps, low=0.0)
+        if fused_log_eps is not None:
+            _checks.number("fastlt.ResLTLoss", "fused_log_eps", fused_log_eps, low=0.0)
         self.beta, self.log_eps = beta, log_eps
+        self.fused_log_eps = log_eps if fused_log_eps is None else fused_log_eps
 
     def forward(self, branch_logits: ExpertLogits, target: torch.Tensor, *, return_components: bool = False):
         return ops.reslt_loss(stack_experts(branch_logits), target, self.group_masks, beta=self.beta,
-                              log_eps=self.log_eps, reduction=self.reduction, ignore_index=self.ignore_index,
-                              return_components=return_components)
+                              log_eps=self.log_eps, fused_log_eps=self.fused_log_eps, reduction=self.reduction,
+                              ignore_index=self.ignore_index, return_components=return_components)
 
     def extra_repr(self) -> str:
         num_branches, num_classes = self.group_masks.shape
-        return (f"num_branches={num_branches}, num_classes={num_classes}, beta={self.beta}, log_eps={self.log_eps}"
-                f"{_reduction_repr(self)}")
+        return (f"num_branches={num_branches}, num_classes={num_classes}, beta={self.beta}, log_eps={self.log_eps}, "
+                f"fused_log_eps={self.fused_log_eps}{_reduction_repr(self)}")
 
 
 class PriorShiftedCE(nn.Module):

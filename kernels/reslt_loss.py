@@ -55,7 +55,8 @@ def _kept_row(b, y, logits_ptr, masks_ptr, coefs_ptr, branch_stats_ptr, row_loss
     lanes = tl.arange(0, BLOCK)
     ice_coef = tl.load(coefs_ptr)
     fused_coef = tl.load(coefs_ptr + 1)
-    eps = tl.load(coefs_ptr + 2)
+    eps = tl.load(coefs_ptr + 2)  # the branch terms' epsilon
+    fused_eps = tl.load(coefs_ptr + 3)  # the fused term's
 
     max_lanes = tl.full([BLOCK], float("-inf"), ACC)
     sum_lanes = tl.zeros([BLOCK], ACC)
@@ -68,7 +69,7 @@ def _kept_row(b, y, logits_ptr, masks_ptr, coefs_ptr, branch_stats_ptr, row_loss
     fused_target = tl.full([], 0.0, ACC)
     for k in range(K):
         fused_target += tl.load(row_ptr + k * stride_k + y * stride_c).to(ACC)
-    fused_ce, fused_scale = _epsilon_cross_entropy(fused_max, fused_sum, fused_target, eps)
+    fused_ce, fused_scale = _epsilon_cross_entropy(fused_max, fused_sum, fused_target, fused_eps)
     loss = fused_coef * fused_ce
     tl.store(terms_ptr + b * (K + 1) + K, loss)
 
@@ -116,7 +117,7 @@ def _kept_row(b, y, logits_ptr, masks_ptr, coefs_ptr, branch_stats_ptr, row_loss
                 tl.store(grad_ptr + (k * B + b) * C + offsets, gradient.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def forward(branch_logits, target, group_masks, beta, log_eps, reduction, ignore_index, compute_grad):
+def forward(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, reduction, ignore_index, compute_grad):
     """(loss, d loss / d branch_logits or an empty tensor, [B, K + 1] row terms), as the C++ op fastlt::reslt_loss
     returns them."""
     num_branches, batch, num_classes = branch_logits.shape
@@ -126,7 +127,8 @@ def forward(branch_logits, target, group_masks, beta, log_eps, reduction, ignore
     labels = target.contiguous()
     # ice_coefficient and fused_coefficient of csrc/include/fastlt/reslt_loss.h, on the device in the accumulation
     # dtype (no host sync): under mean, beta over G, the (branch, kept row) pairs whose group holds the label, and
-    # (1 - beta) over N, the kept rows (0 when G or N is 0); beta and 1 - beta under sum and none. Then the epsilon.
+    # (1 - beta) over N, the kept rows (0 when G or N is 0); beta and 1 - beta under sum and none. Then the branch
+    # terms' and the fused term's epsilons.
     kept = labels != ignore_index
     in_group_total = (masks[:, labels.masked_fill(~kept, 0)] & kept).sum().to(acc)  # ignored labels: never an index
     kept_rows = kept.sum()
@@ -136,7 +138,8 @@ def forward(branch_logits, target, group_masks, beta, log_eps, reduction, ignore
     else:
         ice_coef = torch.where(in_group_total > 0, torch.tensor(beta, dtype=acc, device=device), 0.0)
         fused_coef = torch.where(kept_rows > 0, torch.tensor(1.0 - beta, dtype=acc, device=device), 0.0)
-    coefs = torch.stack([ice_coef, fused_coef, torch.tensor(log_eps, dtype=acc, device=device)])
+    coefs = torch.stack([ice_coef, fused_coef, torch.tensor(log_eps, dtype=acc, device=device),
+                         torch.tensor(fused_log_eps, dtype=acc, device=device)])
     branch_stats = torch.empty((batch, num_branches, 3), dtype=acc, device=device)
     grad = torch.empty(branch_logits.shape if compute_grad else (0,), dtype=branch_logits.dtype, device=device)
     row_losses = torch.empty(batch, dtype=acc, device=device)

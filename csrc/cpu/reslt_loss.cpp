@@ -18,9 +18,11 @@ namespace cpu {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, const at::Tensor& target,
                                                           const at::Tensor& group_masks, double beta, double log_eps,
-                                                          int64_t reduction, int64_t ignore_index, bool compute_grad) {
+                                                          double fused_log_eps, int64_t reduction, int64_t ignore_index,
+                                                          bool compute_grad) {
   check_reduction(reduction, "fastlt.reslt_loss");
-  const at::Tensor masks = check_reslt_loss_inputs(branch_logits, target, group_masks, beta, log_eps, ignore_index);
+  const at::Tensor masks =
+      check_reslt_loss_inputs(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, ignore_index);
   TORCH_CHECK(branch_logits.device().is_cpu(), "fastlt.reslt_loss (CPU kernel): branch_logits must be a CPU tensor");
   const int64_t K = branch_logits.size(0), B = branch_logits.size(1), C = branch_logits.size(2);
   const int64_t sK = branch_logits.stride(0), sB = branch_logits.stride(1), sC = branch_logits.stride(2);
@@ -49,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reslt_loss(const at::Tensor& bran
     const scalar_t* logits = branch_logits.data_ptr<scalar_t>();
     const A ice_coef = reslt_loss::ice_coefficient<A>(static_cast<A>(beta), in_group_total, reduction);
     const A fused_coef = reslt_loss::fused_coefficient<A>(static_cast<A>(beta), kept_rows, reduction);
-    const A eps = static_cast<A>(log_eps);
+    const A eps = static_cast<A>(log_eps), fused_eps = static_cast<A>(fused_log_eps);
     scalar_t* grad_out = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
     A* losses = row_losses.data_ptr<A>();
     A* all_terms = row_terms.data_ptr<A>();
@@ -86,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reslt_loss(const at::Tensor& bran
         }
         const A fused_max = row_max(fused, no_scale, C);
         const A fused_sum = exp_shifted(fused, no_scale, fused_max, fused_exp, C);
-        terms[K] = fused_coef * reslt_loss::epsilon_cross_entropy(fused_max, fused_sum, fused[y], eps);
+        terms[K] = fused_coef * reslt_loss::epsilon_cross_entropy(fused_max, fused_sum, fused[y], fused_eps);
         A loss = terms[K];
         for (int64_t k = 0; k < K; ++k) {
           member[k] = in_group[k * C + y];
@@ -101,7 +103,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reslt_loss(const at::Tensor& bran
         losses[b] = loss;
         if (grad_out == nullptr) continue;
         const A inv_fused_sum = A(1) / fused_sum;
-        const A fused_grad_coef = fused_coef * reslt_loss::epsilon_gradient_scale(fused_max, fused_sum, fused[y], eps);
+        const A fused_grad_coef =
+            fused_coef * reslt_loss::epsilon_gradient_scale(fused_max, fused_sum, fused[y], fused_eps);
         for (int64_t k = 0; k < K; ++k) {
           const A* branch_row = member[k] ? branch_exp + k * C : nullptr;
           const A inv_branch_sum = member[k] ? A(1) / branch_sum[k] : A(0);
@@ -129,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reslt_loss(const at::Tensor& bran
 TORCH_LIBRARY_FRAGMENT(fastlt, m) {
   m.def(
       "reslt_loss(Tensor branch_logits, Tensor target, Tensor group_masks, float beta, float log_eps, "
-      "int reduction, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+      "float fused_log_eps, int reduction, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastlt, CPU, m) { m.impl("reslt_loss", &fastlt::cpu::reslt_loss); }

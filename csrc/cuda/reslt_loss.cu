@@ -31,7 +31,7 @@ template <typename T, typename A>
 __global__ void reslt_loss_rows(const T* logits, int64_t sK, int64_t sB, int64_t sC, int K, int64_t B, int64_t C,
                                 const int64_t* labels, const bool* in_group, const int64_t* in_group_total,
                                 const int64_t* kept_rows, int64_t reduction, int64_t ignore_index, A beta, A eps,
-                                A* row_losses, A* row_terms, T* grad) {
+                                A fused_eps, A* row_losses, A* row_terms, T* grad) {
   __shared__ SoftmaxStats<A> stats_buffer[kThreads];
   __shared__ A branch_max[kMaxExperts], inverse_branch_sum[kMaxExperts], branch_grad_coef[kMaxExperts];
   __shared__ A fused_grad_coef;
@@ -57,11 +57,11 @@ __global__ void reslt_loss_rows(const T* logits, int64_t sK, int64_t sB, int64_t
   A loss = A(0);  // meaningful in thread 0
   if (threadIdx.x == 0) {
     const A fused_target = fused_logit<T, A>(row, sK, sC, K, y);
-    loss =
-        fused_coef * reslt_loss::epsilon_cross_entropy(fused_stats.maximum, fused_stats.shifted_sum, fused_target, eps);
+    loss = fused_coef *
+           reslt_loss::epsilon_cross_entropy(fused_stats.maximum, fused_stats.shifted_sum, fused_target, fused_eps);
     terms[K] = loss;
     fused_grad_coef = fused_coef * reslt_loss::epsilon_gradient_scale(fused_stats.maximum, fused_stats.shifted_sum,
-                                                                      fused_target, eps);
+                                                                      fused_target, fused_eps);
   }
 
   for (int k = 0; k < K; ++k) {
@@ -108,12 +108,14 @@ __global__ void reslt_loss_rows(const T* logits, int64_t sK, int64_t sB, int64_t
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reslt_loss(const at::Tensor& branch_logits, const at::Tensor& target,
                                                           const at::Tensor& group_masks, double beta, double log_eps,
-                                                          int64_t reduction, int64_t ignore_index, bool compute_grad) {
+                                                          double fused_log_eps, int64_t reduction, int64_t ignore_index,
+                                                          bool compute_grad) {
   constexpr const char* op = "fastlt.reslt_loss";
   check_cuda(branch_logits, op, "branch_logits");  // before the shared checks, so a CPU tensor gets this message
   check_reduction(reduction, op);
   const c10::cuda::CUDAGuard guard(branch_logits.device());
-  const at::Tensor masks = check_reslt_loss_inputs(branch_logits, target, group_masks, beta, log_eps, ignore_index);
+  const at::Tensor masks =
+      check_reslt_loss_inputs(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, ignore_index);
   const at::Tensor labels = target.contiguous();
   const int64_t K = branch_logits.size(0), B = branch_logits.size(1), C = branch_logits.size(2);
   at::Tensor grad =
@@ -133,8 +135,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reslt_loss(const at::Tensor& bran
         branch_logits.data_ptr<scalar_t>(), branch_logits.stride(0), branch_logits.stride(1), branch_logits.stride(2),
         static_cast<int>(K), B, C, labels.data_ptr<int64_t>(), masks.data_ptr<bool>(),
         in_group_total.data_ptr<int64_t>(), kept_rows.data_ptr<int64_t>(), reduction, ignore_index,
-        static_cast<A>(beta), static_cast<A>(log_eps), row_losses.data_ptr<A>(), row_terms.data_ptr<A>(),
-        compute_grad ? grad.data_ptr<scalar_t>() : nullptr);
+        static_cast<A>(beta), static_cast<A>(log_eps), static_cast<A>(fused_log_eps), row_losses.data_ptr<A>(),
+        row_terms.data_ptr<A>(), compute_grad ? grad.data_ptr<scalar_t>() : nullptr);
   });
   check_launch(op);
   // Deterministic on-device reduction of the row losses (no atomics): fp32 loss for fp16/bf16, as on the CPU.

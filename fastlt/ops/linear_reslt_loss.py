@@ -1,7 +1,7 @@
 """fastlt.ops.linear_reslt_loss: ResLT's shared classifier and loss fused, without the [K, B, C] branch logits.
 
     z_b   = f_b @ W^T + bias        (normalize=True: scale * normalize(f_b) @ normalize(W)^T + bias), b = 1..K
-    L     = beta * L_ice + (1 - beta) * L_fce                                     (fastlt.ops.reslt_loss, log_eps=0)
+    L     = beta * L_ice + (1 - beta) * L_fce               (fastlt.ops.reslt_loss, log_eps = fused_log_eps = 0)
     L_ice = sum_{b, i kept} g_b(y_i) * CE(z_b(x_i), y_i) / G,   G = sum_{b, i kept} g_b(y_i)
     L_fce = (1 / N) * sum_{i kept} CE(sum_b z_b(x_i), y_i)
 
@@ -31,28 +31,28 @@ OP = "fastlt.linear_reslt_loss"
 
 def linear_reslt_loss_reference(branch_features, weight, target, group_masks, *, beta, bias=None, normalize=False,
                                 scale=1.0, chunk_size=None, reduction="mean", ignore_index=_checks.DEFAULT_IGNORE_INDEX,
-                                log_eps=0.0):
+                                log_eps=0.0, fused_log_eps=None):
     """Eager reference: materialises the ``[K, B, C]`` branch logits and calls
-    :func:`fastlt.ops.reslt_loss_reference` (the eager formula of :func:`fastlt.ops.reslt_loss`) with
-    ``log_eps=0``. The arguments are :func:`linear_reslt_loss`'s."""
+    :func:`fastlt.ops.reslt_loss_reference` (the eager formula of :func:`fastlt.ops.reslt_loss`) with both
+    epsilons 0. The arguments are :func:`linear_reslt_loss`'s."""
     target, _ = _checks.loss_conveniences(target, None)
     _validate(branch_features, weight, target, group_masks, beta, bias, scale, chunk_size, reduction, ignore_index,
-              log_eps)
+              log_eps, fused_log_eps)
     if normalize:
         logits = scale * (F.normalize(branch_features, dim=-1, eps=NORM_EPS) @ F.normalize(weight, dim=-1).t())
     else:
         logits = branch_features @ weight.t()
     if bias is not None:
         logits = logits + bias
-    return reslt_loss_reference(logits, target, group_masks, beta=beta, log_eps=0.0, reduction=reduction,
-                                ignore_index=ignore_index)
+    return reslt_loss_reference(logits, target, group_masks, beta=beta, log_eps=0.0, fused_log_eps=0.0,
+                                reduction=reduction, ignore_index=ignore_index)
 
 
 def linear_reslt_loss(branch_features: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                       group_masks: torch.Tensor, *, beta: float, bias: Optional[torch.Tensor] = None,
                       normalize: bool = False, scale: float = 1.0, chunk_size: Optional[int] = None,
                       reduction: str = "mean", ignore_index: int = _checks.DEFAULT_IGNORE_INDEX,
-                      log_eps: float = 0.0) -> torch.Tensor:
+                      log_eps: float = 0.0, fused_log_eps: Optional[float] = None) -> torch.Tensor:
     """ResLT's loss of K branches through one shared classifier, computed with its gradients from the branch
     features and the classifier weight, never holding the ``[K, B, C]`` logits.
 
@@ -73,9 +73,12 @@ def linear_reslt_loss(branch_features: torch.Tensor, weight: torch.Tensor, targe
             and :func:`fastlt.ops.reslt_loss`).
         ignore_index: rows whose label equals it add nothing to any term, G or N; their features get a zero
             gradient. Every row ignored: the loss is 0.
-        log_eps: only 0, the exact log-softmax cross-entropy. The official ResLT code's ``-log(softmax + 1e-7)``
-            (:func:`fastlt.ops.reslt_loss`'s ``log_eps``) is refused: the fused head's online softmax statistics
-            give log-probabilities, not probabilities.
+        log_eps, fused_log_eps: only 0 (``fused_log_eps=None`` takes ``log_eps``), the exact log-softmax
+            cross-entropy in the branch and the fused terms. The official ResLT code's ``-log(softmax + 1e-7)``
+            (:func:`fastlt.ops.reslt_loss`'s epsilons) is refused in either term: the fused head's online softmax
+            statistics give log-probabilities, not probabilities. So neither the CIFAR / iNaturalist scripts'
+            setting (1e-7 in the branch terms only) nor ImageNet-LT's (1e-7 in both) is available here; both need
+            the branch logits and :func:`fastlt.ops.reslt_loss`.
 
     Memory beyond the inputs and their gradients: O((K + 1) x B x chunk_size) for the chunk buffers and O(K x B x D)
     for the stacked feature rows, never O(K x B x C) and no second C x D buffer: the op writes the weight's gradient
@@ -96,7 +99,7 @@ def linear_reslt_loss(branch_features: torch.Tensor, weight: torch.Tensor, targe
     target, _ = _checks.loss_conveniences(target, None)
     ignore_index = _checks.ignore_index(OP, ignore_index)
     _validate(branch_features, weight, target, group_masks, beta, bias, scale, chunk_size, reduction, ignore_index,
-              log_eps)
+              log_eps, fused_log_eps)
     if _backend.get_backend() == "reference":
         return linear_reslt_loss_reference(
             branch_features, weight, target, group_masks, beta=beta, bias=bias, normalize=normalize, scale=scale,
@@ -141,16 +144,17 @@ def _fused_head_call(branch_features, weight, bias, target, group_masks, *, beta
 
 
 def _validate(branch_features, weight, target, group_masks, beta, bias, scale, chunk_size, reduction, ignore_index,
-              log_eps):
+              log_eps, fused_log_eps):
     if _checks.reduction(OP, reduction) == _checks.REDUCTIONS.index("none"):
         raise ValueError(f"{OP}: reduction='none' is not supported: the fused head accumulates the weight's gradient "
                          "for one scalar loss; for per-row losses compute the branch logits and call "
                          "fastlt.ops.reslt_loss(reduction='none')")
     ignore_index = _checks.ignore_index(OP, ignore_index)
-    if _checks.number(OP, "log_eps", log_eps, low=0.0) != 0.0:
-        raise ValueError(f"{OP}: log_eps must be 0 (the exact log-softmax cross-entropy), got {log_eps}; the official "
-                         "-log(softmax + 1e-7) needs the probabilities, which the fused head never forms: use the "
-                         "branch logits and fastlt.ops.reslt_loss(log_eps=1e-7)")
+    for name, value in (("log_eps", log_eps), ("fused_log_eps", 0.0 if fused_log_eps is None else fused_log_eps)):
+        if _checks.number(OP, name, value, low=0.0) != 0.0:
+            raise ValueError(f"{OP}: {name} must be 0 (the exact log-softmax cross-entropy), got {value}; the "
+                             "official -log(softmax + 1e-7) needs the probabilities, which the fused head never "
+                             f"forms: use the branch logits and fastlt.ops.reslt_loss({name}=...)")
     _checks.tensor(OP, "weight", weight, dims=2, floating=True)
     _checks.tensor(OP, "branch_features", branch_features, dims=3, floating=True)
     num_branches, batch, dim = branch_features.shape

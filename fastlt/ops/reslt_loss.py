@@ -4,9 +4,11 @@
     L_ice = sum_{b, i} g_b(y_i) * CE(z_b(x_i), y_i) / sum_{b, i} g_b(y_i)     (one joint normaliser)
     L_fce = (1 / B) * sum_i CE(sum_b z_b(x_i), y_i)
 
-with g_b(y) = group_masks[b, y] (:func:`reslt_groups`) and CE(x, y) = -log(softmax(x)_y + log_eps): the official
-code's ``-log(softmax + 1e-7)`` with ``log_eps=1e-7``, the exact log-softmax cross-entropy with ``log_eps=0`` (the
-op's default). docs/methods.md 4.3, 4.4 and 6.4 give the definition. That is ``reduction="mean"``; the sums run over
+with g_b(y) = group_masks[b, y] (:func:`reslt_groups`) and CE(x, y) = -log(softmax(x)_y + eps): the official
+code's ``-log(softmax + 1e-7)`` with eps = 1e-7, the exact log-softmax cross-entropy with eps = 0 (the op's
+default). eps is ``log_eps`` in L_ice and ``fused_log_eps`` in L_fce: the official CIFAR and iNaturalist scripts take
+the exact ``nn.CrossEntropyLoss`` for L_fce and 1e-7 in L_ice only, the ImageNet-LT scripts 1e-7 in both.
+docs/methods.md 4.3, 4.4 and 6.4 give the definition. That is ``reduction="mean"``; the sums run over
 the kept rows (label != ``ignore_index``), ``"sum"`` drops both normalisers and ``"none"`` gives each row's sum of
 terms (docs/methods.md 6.5). The K + 1 terms (K branch terms, the fused term) are the op's row terms, which
 ``return_components`` reports. Per-row math:
@@ -17,6 +19,8 @@ As ride_loss, the kernel computes the loss, its row terms and d loss / d logits 
 only scales the saved gradient (second-order gradients and torch.func: the eager formula, fastlt/ops/_fused_loss.py).
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -26,8 +30,8 @@ from fastlt.ops import _backend, _checks, _fused_loss, _library
 
 OP = "fastlt.reslt_loss"
 # The arguments of fastlt::reslt_loss, as csrc/cpu/reslt_loss.cpp defines them (its Triton overload takes the same).
-SCHEMA = ("(Tensor branch_logits, Tensor target, Tensor group_masks, float beta, float log_eps, int reduction, "
-          "int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)")
+SCHEMA = ("(Tensor branch_logits, Tensor target, Tensor group_masks, float beta, float log_eps, float fused_log_eps, "
+          "int reduction, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)")
 _MEAN = _checks.REDUCTIONS.index("mean")
 
 
@@ -90,16 +94,16 @@ def _cutoff_groups(counts, cutoffs, num_branches):
     return [labels >= cutoff if tail_at_high_labels else labels < cutoff for cutoff in cutoffs]
 
 
-def reslt_loss_reference(branch_logits, target, group_masks, *, beta, log_eps=0.0, reduction="mean",
-                         ignore_index=_checks.DEFAULT_IGNORE_INDEX, return_components=False):
+def reslt_loss_reference(branch_logits, target, group_masks, *, beta, log_eps=0.0, fused_log_eps=None,
+                         reduction="mean", ignore_index=_checks.DEFAULT_IGNORE_INDEX, return_components=False):
     """Eager PyTorch reference written from the formulas (docs/methods.md 6.4 and 6.5); fp32 math for fp16/bf16
-    inputs. With ``log_eps > 0`` it computes ``-log(softmax + log_eps)`` literally, as the official ResLT code does.
+    inputs. With an epsilon > 0 it computes ``-log(softmax + eps)`` literally, as the official ResLT code does.
     The keywords are :func:`reslt_loss`'s."""
     target, _ = _checks.loss_conveniences(target, None)
     reduction = _checks.reduction(OP, reduction)
     ignore_index = _checks.ignore_index(OP, ignore_index)
-    _validate(branch_logits, target, group_masks, beta, log_eps, ignore_index)
-    terms = _row_terms(branch_logits, target, group_masks, beta, log_eps, reduction, ignore_index)
+    fused_log_eps = _validate(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, ignore_index)
+    terms = _row_terms(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, reduction, ignore_index)
     loss = _fused_loss.reduce_row_terms(terms, reduction)
     if return_components:
         return loss, _fused_loss.components(terms, _component_names(branch_logits.shape[0]), reduction)
@@ -111,7 +115,7 @@ def _component_names(num_branches):
     return {"branch": slice(0, num_branches), "fused": num_branches}
 
 
-def _row_terms(branch_logits, target, group_masks, beta, log_eps, reduction, ignore_index):
+def _row_terms(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, reduction, ignore_index):
     """The ``[B, K + 1]`` row terms in eager PyTorch: column b < K is ``beta * g_b(y) * CE(z_b)``, column K is
     ``(1 - beta) * CE(sum_b z_b)``, each divided by its normaliser under mean (G, the kept (branch, row) pairs in a
     group, clamped to >= 1, and N, the kept rows); an ignored row's terms are 0."""
@@ -123,7 +127,7 @@ def _row_terms(branch_logits, target, group_masks, beta, log_eps, reduction, ign
     logits = torch.where(kept[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
     branch_ce = _cross_entropy(logits, labels.expand(num_branches, batch), log_eps)
     in_group = group_masks[:, labels] & kept  # [K, B]: g_b(y_i) of the kept rows
-    fused_ce = _cross_entropy(logits.sum(0), labels, log_eps)
+    fused_ce = _cross_entropy(logits.sum(0), labels, fused_log_eps)
     # where, not a product: a branch outside its group (or an ignored row) contributes nothing, even an infinite CE
     # (0 * inf = NaN)
     branch_terms = beta * torch.where(in_group, branch_ce, torch.zeros_like(branch_ce))
@@ -134,9 +138,9 @@ def _row_terms(branch_logits, target, group_masks, beta, log_eps, reduction, ign
     return torch.cat([branch_terms.T, fused_terms[:, None]], 1)
 
 
-def _loss_formula(branch_logits, target, group_masks, beta, log_eps, reduction, ignore_index):
+def _loss_formula(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, reduction, ignore_index):
     """The loss from the fused op's arguments in eager PyTorch: the fused ops' second-order path."""
-    terms = _row_terms(branch_logits, target, group_masks, beta, log_eps, reduction, ignore_index)
+    terms = _row_terms(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, reduction, ignore_index)
     return _fused_loss.reduce_row_terms(terms, reduction)
 
 
@@ -148,7 +152,7 @@ def _cross_entropy(logits, target, log_eps):
 
 
 def reslt_loss(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: torch.Tensor, *,
-               beta: float, log_eps: float = 0.0, reduction: str = "mean",
+               beta: float, log_eps: float = 0.0, fused_log_eps: Optional[float] = None, reduction: str = "mean",
                ignore_index: int = _checks.DEFAULT_IGNORE_INDEX, return_components: bool = False):
     """ResLT's loss over K branches, computed with its gradient in one pass over the logits.
 
@@ -160,9 +164,13 @@ def reslt_loss(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: t
         group_masks: ``[K, C]`` bool, ``group_masks[b, c]``: class c belongs to branch b's group
             (:func:`reslt_groups`); every row must select a class.
         beta: weight of the branch loss L_ice in [0, 1] (the paper's alpha; 0.995 on CIFAR-100-LT r = 100).
-        log_eps: every cross-entropy is ``-log(softmax_y + log_eps)``. ``0`` (default) is the exact cross-entropy;
-            the official ResLT code uses ``1e-7`` (:class:`fastlt.ResLTLoss`' default), which caps a sample's loss
-            at ``-log(1e-7)`` = 16.1 and scales its gradient by ``p_y / (p_y + 1e-7)``.
+        log_eps: the branch terms' cross-entropy is ``-log(softmax_y + log_eps)``. ``0`` (default) is the exact
+            cross-entropy; the official ResLT code uses ``1e-7`` (:class:`fastlt.ResLTLoss`' default), which caps a
+            sample's loss at ``-log(1e-7)`` = 16.1 and scales its gradient by ``p_y / (p_y + 1e-7)``.
+        fused_log_eps: the same epsilon for the fused term ``CE(sum_b z_b)``; ``None`` (default) takes
+            ``log_eps``. The official CIFAR and iNaturalist scripts compute the fused term with the exact
+            ``nn.CrossEntropyLoss`` (``fused_log_eps=0``, ``log_eps=1e-7``); the ImageNet-LT scripts use 1e-7 in
+            both (docs/methods.md 4.4).
         reduction: ``"mean"`` (the paper's loss): the branch terms ``beta * g_b(y) * CE(z_b)`` summed over branches
             and kept rows and divided by G, the number of (branch, kept row) pairs whose group holds the label, plus
             the fused terms ``(1 - beta) * CE(sum_b z_b)`` summed over kept rows and divided by N, the number of kept
@@ -187,21 +195,23 @@ def reslt_loss(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: t
     target, _ = _checks.loss_conveniences(target, None)
     reduction_code = _checks.reduction(OP, reduction)
     ignore_index = _checks.ignore_index(OP, ignore_index)
-    _validate(branch_logits, target, group_masks, beta, log_eps, ignore_index)
+    fused_log_eps = _validate(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, ignore_index)
     backend = _backend.resolve(branch_logits, OP)
     if backend == "reference" or _fused_loss.use_reference(branch_logits):
-        return reslt_loss_reference(branch_logits, target, group_masks, beta=beta, log_eps=log_eps, reduction=reduction,
-                                    ignore_index=ignore_index, return_components=return_components)
+        return reslt_loss_reference(branch_logits, target, group_masks, beta=beta, log_eps=log_eps,
+                                    fused_log_eps=fused_log_eps, reduction=reduction, ignore_index=ignore_index,
+                                    return_components=return_components)
     compute_grad = branch_logits.requires_grad and torch.is_grad_enabled()
     loss, _, terms = _library.overload("reslt_loss", backend)(branch_logits, target, group_masks, float(beta),
-                                                               float(log_eps), reduction_code, ignore_index,
-                                                               compute_grad)
+                                                               float(log_eps), float(fused_log_eps), reduction_code,
+                                                               ignore_index, compute_grad)
     if return_components:
         return loss, _fused_loss.components(terms, _component_names(branch_logits.shape[0]), reduction_code)
     return loss
 
 
-def _validate(branch_logits, target, group_masks, beta, log_eps, ignore_index):
+def _validate(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, ignore_index):
+    """Checks the arguments; returns the fused term's epsilon (``log_eps`` when ``fused_log_eps`` is None)."""
     _checks.tensor(OP, "branch_logits", branch_logits, dims=3, floating=True)
     num_branches, batch, num_classes = branch_logits.shape
     if num_branches > _checks.MAX_EXPERTS:
@@ -211,7 +221,10 @@ def _validate(branch_logits, target, group_masks, beta, log_eps, ignore_index):
     _checks.same_device(OP, "target", target, branch_logits, "branch_logits")
     check_group_masks(OP, group_masks, num_branches, num_classes, branch_logits, "branch_logits")
     _checks.number(OP, "beta", beta, low=0.0, high=1.0)
-    _checks.number(OP, "log_eps", log_eps, low=0.0)
+    log_eps = _checks.number(OP, "log_eps", log_eps, low=0.0)
+    if fused_log_eps is None:
+        return log_eps
+    return _checks.number(OP, "fused_log_eps", fused_log_eps, low=0.0)
 
 
 def check_group_masks(op, group_masks, num_branches, num_classes, reference, reference_name):
@@ -237,7 +250,8 @@ if _extension.AVAILABLE:
     _fused_loss.register("fastlt::reslt_loss", _loss_formula, num_terms=_num_terms)
 
 
-def _reslt_loss_triton(branch_logits, target, group_masks, beta, log_eps, reduction, ignore_index, compute_grad):
+def _reslt_loss_triton(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, reduction, ignore_index,
+                       compute_grad):
     from fastlt.kernels import reslt_loss as kernel
 
     if reduction not in range(len(_checks.REDUCTIONS)):
@@ -250,7 +264,9 @@ def _reslt_loss_triton(branch_logits, target, group_masks, beta, log_eps, reduct
         raise ValueError(f"{OP}: every row of group_masks must select a class")
     _checks.number(OP, "beta", beta, low=0.0, high=1.0)
     _checks.number(OP, "log_eps", log_eps, low=0.0)
-    return kernel.forward(branch_logits, target, group_masks, beta, log_eps, reduction, ignore_index, compute_grad)
+    _checks.number(OP, "fused_log_eps", fused_log_eps, low=0.0)
+    return kernel.forward(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, reduction, ignore_index,
+                          compute_grad)
 
 
 _library.define_triton("reslt_loss", SCHEMA, _reslt_loss_triton)

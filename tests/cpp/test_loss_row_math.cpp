@@ -30,14 +30,15 @@ static void header_epsilon_terms(const double* x, int y, double eps, double* los
   *scale = reslt_loss::epsilon_gradient_scale(maximum, sum, x[y], eps);
 }
 
-// ResLT loss of one row with 2 branches, branch 1 in its group only when `in_group`.
+// ResLT loss of one row with 2 branches, branch 1 in its group only when `in_group`; eps in the branch terms,
+// fused_eps in the fused term.
 static double reslt_row_loss(const double z[2][kClasses], int y, bool in_group, double ice, double fused_coef,
-                             double eps) {
+                             double eps, double fused_eps) {
   double fused[kClasses], p[kClasses], ce0, ce1, ce_fused;
   for (int c = 0; c < kClasses; ++c) fused[c] = z[0][c] + z[1][c];
   stats(z[0], p, &ce0, y, eps);
   stats(z[1], p, &ce1, y, eps);
-  stats(fused, p, &ce_fused, y, eps);
+  stats(fused, p, &ce_fused, y, fused_eps);
   return ice * (ce0 + (in_group ? ce1 : 0.0)) + fused_coef * ce_fused;
 }
 
@@ -58,27 +59,30 @@ int main() {
 
   const double ice = reslt_loss::ice_coefficient(beta, int64_t(3), kReductionMean),
                fused_coef = reslt_loss::fused_coefficient(beta, int64_t(2), kReductionMean);
-  // eps = 0.05 and 0.5 are of the order of p_y here, so the epsilon changes both the loss and its gradient.
+  // eps = 0.05 and 0.5 are of the order of p_y here, so the epsilon changes both the loss and its gradient; the
+  // fused term takes its own epsilon (0: the official CIFAR / iNat scripts' exact nn.CrossEntropyLoss).
   for (double eps : {0.0, 1e-7, 0.05, 0.5}) {
     for (bool in_group : {false, true}) {
+      const double fused_eps = in_group ? eps : 0.5 - eps;
       double z[2][kClasses] = {{1.0, -2.0, 0.5, 3.0, -0.25}, {0.3, 2.0, -1.0, 0.0, 1.5}};
       double fused[kClasses], fused_p[kClasses], branch_p[kClasses], expected_loss, loss, fused_scale, branch_scale;
       for (int c = 0; c < kClasses; ++c) fused[c] = z[0][c] + z[1][c];
-      stats(fused, fused_p, &expected_loss, y, eps);
-      header_epsilon_terms(fused, y, eps, &loss, &fused_scale);
+      stats(fused, fused_p, &expected_loss, y, fused_eps);
+      header_epsilon_terms(fused, y, fused_eps, &loss, &fused_scale);
       CHECK_NEAR(loss, expected_loss, 1e-12);
       stats(z[1], branch_p, &expected_loss, y, eps);
       header_epsilon_terms(z[1], y, eps, &loss, &branch_scale);
       CHECK_NEAR(loss, expected_loss, 1e-12);
-      CHECK(eps > 0 || (fused_scale == 1.0 && branch_scale == 1.0));
+      CHECK(eps > 0 || branch_scale == 1.0);
+      CHECK(fused_eps > 0 || fused_scale == 1.0);
       for (int c = 0; c < kClasses; ++c) {
         const double analytic = reslt_loss::logit_gradient(ice * branch_scale, in_group, branch_p[c],
                                                            fused_coef * fused_scale, fused_p[c], c == y);
         const double h = 1e-6, saved = z[1][c];
         z[1][c] = saved + h;
-        const double up = reslt_row_loss(z, y, in_group, ice, fused_coef, eps);
+        const double up = reslt_row_loss(z, y, in_group, ice, fused_coef, eps, fused_eps);
         z[1][c] = saved - h;
-        const double down = reslt_row_loss(z, y, in_group, ice, fused_coef, eps);
+        const double down = reslt_row_loss(z, y, in_group, ice, fused_coef, eps, fused_eps);
         z[1][c] = saved;
         CHECK_NEAR(analytic, (up - down) / (2 * h), 1e-8);
       }

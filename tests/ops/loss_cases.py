@@ -152,7 +152,7 @@ def raw_arguments(op_name, E=2, B=3, C=10):
     if op_name == "ride_loss":
         return [logits, target, *ride_tables(C, weights=True), -0.45, 1, -100, True]
     if op_name == "reslt_loss":
-        return [logits, target, nested_groups(E, C), 0.9, 1e-7, 1, -100, True]
+        return [logits, target, nested_groups(E, C), 0.9, 1e-7, 0.0, 1, -100, True]
     return [logits, target, torch.zeros(E, C), 1, -100, True]
 
 
@@ -185,6 +185,7 @@ _OWN_REFUSALS = {
         "an all-False group_masks row": lambda a: _with(a, 2, torch.cat([a[2][:1], ~a[2][:1] & a[2][:1]])),
         "beta 1.5": lambda a: _with(a, 3, 1.5),
         "NaN log_eps": lambda a: _with(a, 4, float("nan")),
+        "negative fused_log_eps": lambda a: _with(a, 5, -1e-7),
     },
     "prior_shifted_ce": {
         "shifts [E, C - 1]": lambda a: _with(a, 2, a[2][:, :-1]),

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from op_helpers import (EVERY_HEAD_IMPLEMENTATION, assert_head_compiles_fullgraph, assert_head_matches_reference,
                         backend, head_implementation_fixture, head_loss_and_grads, needs_cuda)
 
-from fastlt.ops import linear_reslt_loss, linear_reslt_loss_reference
+from fastlt.ops import linear_reslt_loss, linear_reslt_loss_reference, reslt_loss_reference
 
 linear_ride_loss_module = importlib.import_module("fastlt.ops.linear_ride_loss")
 HAS_CPP = linear_ride_loss_module._compiled_op(torch.device("cpu")) is not None
@@ -42,6 +42,16 @@ def test_reference_is_reslt_loss_of_the_shared_linear_head():
     branch = sum((g * c).sum() for g, c in zip(in_group, ce)) / in_group.sum()
     expected = 0.8 * branch + 0.2 * F.cross_entropy(sum(logits), target)
     actual = linear_reslt_loss_reference(features, weight, target, groups, beta=0.8, bias=bias)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_zero_epsilons_in_both_terms_are_accepted_and_are_the_exact_reslt_loss():
+    """The fused head offers the exact cross-entropy in the branch and the fused terms alike (log_eps =
+    fused_log_eps = 0, the defaults); a non-zero epsilon in either term is refused (test_bad_inputs_...)."""
+    (features, weight, bias), target, groups = _inputs(3, 7, 12, 4, use_bias=True)
+    logits = features @ weight.t() + bias
+    expected = reslt_loss_reference(logits, target, groups, beta=0.8, log_eps=0.0, fused_log_eps=0.0)
+    actual = linear_reslt_loss(features, weight, target, groups, beta=0.8, bias=bias, log_eps=0.0, fused_log_eps=0.0)
     torch.testing.assert_close(actual, expected)
 
 
@@ -172,6 +182,9 @@ def test_torch_compile_fullgraph_matches_eager():
         (lambda x, w, y, g: dict(scale=-1.0), ValueError, "scale must be"),
         (lambda x, w, y, g: dict(chunk_size=2.5), ValueError, "chunk_size must be"),
         (lambda x, w, y, g: dict(log_eps=1e-7), ValueError, "log_eps must be 0"),
+        (lambda x, w, y, g: dict(log_eps=1e-7, fused_log_eps=0.0), ValueError, "log_eps must be 0"),
+        (lambda x, w, y, g: dict(fused_log_eps=1e-7), ValueError, "fused_log_eps must be 0"),
+        (lambda x, w, y, g: dict(fused_log_eps=float("nan")), ValueError, "fused_log_eps must be"),
         (lambda x, w, y, g: dict(reduction="none"), ValueError, "reduction='none' is not supported"),
         (lambda x, w, y, g: dict(ignore_index="x"), TypeError, "ignore_index must be an int"),
     ],

@@ -101,6 +101,90 @@ def test_bad_log_eps_is_rejected(log_eps):
         reslt_loss(logits, target, groups, beta=0.9, log_eps=log_eps)
 
 
+# ---- the epsilon per term: the official CIFAR / iNat scripts put it in the branch terms only ----
+
+
+@pytest.mark.parametrize("name", ["reference", backend_param("cpp"), "triton"])
+def test_fused_log_eps_zero_is_the_official_cifar_and_inat_reslt_loss(name):
+    """CIFAR/cifarTrain_reslt_cifar100.py and Inat/iNaturalTrain_reslt.py: the branch terms with ResLT's crossEntropy
+    (-log(softmax + 1e-7)), the fused term with the exact nn.CrossEntropyLoss()(z_H + z_M + z_T, y)."""
+    logits, target, groups = _inputs((3, 6, 7), torch.float64, scale=30.0)
+    onehot = F.one_hot(target, 7).double()
+    in_group = groups[:, target].double()
+    individual = sum(-(in_group[b] * (onehot * torch.log(torch.softmax(logits[b], 1) + 1e-7)).sum(1)).sum()
+                     for b in range(3)) / in_group.sum()
+    official = 0.995 * individual + 0.005 * torch.nn.CrossEntropyLoss()(logits.sum(0), target)
+    with backend(name):
+        loss = reslt_loss(logits, target, groups, beta=0.995, log_eps=1e-7, fused_log_eps=0.0)
+        both = reslt_loss(logits, target, groups, beta=0.995, log_eps=1e-7)  # the ImageNet-LT scripts' loss
+    torch.testing.assert_close(loss, official, rtol=1e-12, atol=0)
+    assert (both - official).abs() > 1e-9  # at scale 30 the fused term's epsilon matters
+
+
+@pytest.mark.parametrize("name", ["reference", backend_param("cpp"), "triton"])
+def test_each_epsilon_reaches_only_its_own_term(name):
+    logits, target, groups = _inputs((3, 5, 6), torch.float64, scale=8.0)
+    with backend(name):
+        _, split = reslt_loss(logits, target, groups, beta=0.8, log_eps=0.3, fused_log_eps=0.0, return_components=True)
+        _, branch_eps = reslt_loss(logits, target, groups, beta=0.8, log_eps=0.3, return_components=True)
+        _, exact = reslt_loss(logits, target, groups, beta=0.8, return_components=True)
+    torch.testing.assert_close(split["branch"], branch_eps["branch"], rtol=1e-13, atol=0)
+    torch.testing.assert_close(split["fused"], exact["fused"], rtol=1e-13, atol=0)
+    assert (split["fused"] - branch_eps["fused"]).abs() > 1e-3
+
+
+EPSILON_PAIRS = [(1e-7, 0.0), (1e-7, None), (0.3, 0.0), (0.0, 0.3), (0.05, 0.2)]  # (log_eps, fused_log_eps)
+PER_TERM_CASES = ([on_cpu("cpp", (3, 6, 40), dtype, *pair) for dtype in [torch.float64, torch.float32]
+                   for pair in EPSILON_PAIRS]
+                  + [on_cpu("triton", (3, 5, 1100), torch.float32, *pair) for pair in [(1e-7, 0.0), (0.0, 0.3)]])
+
+
+@pytest.mark.parametrize("name, device, shape, dtype, log_eps, fused_log_eps", PER_TERM_CASES)
+def test_per_term_epsilons_match_reference(name, device, shape, dtype, log_eps, fused_log_eps):
+    logits, target, groups = _inputs(shape, dtype, scale=8.0, device=device)
+    epsilons = dict(log_eps=log_eps, fused_log_eps=fused_log_eps)
+    expected_loss, expected_grad = loss_and_grad(reslt_loss_reference, logits, target, groups, beta=0.9, **epsilons)
+    with backend(name):
+        loss, grad = loss_and_grad(reslt_loss, logits, target, groups, beta=0.9, **epsilons)
+    assert_close(loss, expected_loss, dtype)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-12, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, shape", [("reference", (3, 4, 5)), backend_param("cpp", (3, 4, 5)),
+                                         ("triton", (2, 2, 3))])
+@pytest.mark.parametrize("log_eps, fused_log_eps", [(0.05, 0.0), (0.0, 0.05), (1e-7, 0.3)])
+def test_per_term_epsilons_gradcheck_fp64(name, shape, log_eps, fused_log_eps):
+    logits, target, groups = _inputs(shape, torch.float64, scale=3.0)
+    with backend(name):
+        assert torch.autograd.gradcheck(
+            lambda z: reslt_loss(z, target, groups, beta=0.7, log_eps=log_eps, fused_log_eps=fused_log_eps), (logits,))
+
+
+@pytest.mark.parametrize("fused_log_eps", [-1e-7, float("nan"), float("inf"), "0"])
+def test_bad_fused_log_eps_is_rejected(fused_log_eps):
+    logits, target, groups = _inputs((3, 3, 10))
+    with pytest.raises((ValueError, TypeError), match="fused_log_eps"):
+        reslt_loss(logits, target, groups, beta=0.9, fused_log_eps=fused_log_eps)
+    with pytest.raises((ValueError, TypeError), match="fused_log_eps"):
+        fastlt.ResLTLoss(groups, beta=0.9, fused_log_eps=fused_log_eps)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+@pytest.mark.parametrize("log_eps, fused_log_eps", [(1e-7, 0.0), (1e-7, None), (0.0, 0.3)])
+def test_cuda_per_term_epsilons_match_the_reference(name, log_eps, fused_log_eps):
+    if name == "cpp" and not fastlt._extension.HAS_CUDA:
+        pytest.skip("extension built without CUDA kernels")
+    logits, target, groups = _inputs((3, 5, 1100), scale=8.0, device="cuda")
+    epsilons = dict(log_eps=log_eps, fused_log_eps=fused_log_eps)
+    expected_loss, expected_grad = loss_and_grad(reslt_loss_reference, logits, target, groups, beta=0.9, **epsilons)
+    with backend(name):
+        loss, grad = loss_and_grad(reslt_loss, logits, target, groups, beta=0.9, **epsilons)
+    assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item() + 1e-12, rtol=1e-5)
+
+
 def test_groups_by_the_shot_rule():
     counts = torch.tensor([500.0, 101, 100, 20, 19, 1])
     masks = reslt_groups(counts)
@@ -270,14 +354,16 @@ def test_beta_outside_zero_one_is_rejected(beta, name):
 def test_cpp_op_checks_its_own_arguments():
     logits, target, groups = _inputs((2, 3, 10))
     with pytest.raises(ValueError, match="target must be in"):
-        torch.ops.fastlt.reslt_loss(logits.detach(), target + 10, groups, 0.9, 0.0, 1, -100, False)
+        torch.ops.fastlt.reslt_loss(logits.detach(), target + 10, groups, 0.9, 0.0, 0.0, 1, -100, False)
     with pytest.raises(ValueError, match="every row of group_masks"):
-        torch.ops.fastlt.reslt_loss(logits.detach(), target, groups & False, 0.9, 0.0, 1, -100, False)
+        torch.ops.fastlt.reslt_loss(logits.detach(), target, groups & False, 0.9, 0.0, 0.0, 1, -100, False)
     with pytest.raises(ValueError, match="group_masks must be bool"):
-        torch.ops.fastlt.reslt_loss(logits.detach(), target, groups.float(), 0.9, 0.0, 1, -100, False)
-    for log_eps in (-1e-7, float("nan"), float("inf")):
+        torch.ops.fastlt.reslt_loss(logits.detach(), target, groups.float(), 0.9, 0.0, 0.0, 1, -100, False)
+    for bad in (-1e-7, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="log_eps"):
-            torch.ops.fastlt.reslt_loss(logits.detach(), target, groups, 0.9, log_eps, 1, -100, False)
+            torch.ops.fastlt.reslt_loss(logits.detach(), target, groups, 0.9, bad, 0.0, 1, -100, False)
+        with pytest.raises(ValueError, match="fused_log_eps"):
+            torch.ops.fastlt.reslt_loss(logits.detach(), target, groups, 0.9, 0.0, bad, 1, -100, False)
 
 
 @needs_cpp
@@ -290,14 +376,14 @@ def test_backward_scales_by_grad_output_and_keeps_one_gradient_buffer():
     with backend("cpp"):
         loss = reslt_loss(logits.detach(), target, groups, beta=0.9)
     assert not loss.requires_grad
-    _, grad, _ = torch.ops.fastlt.reslt_loss(logits.detach(), target, groups, 0.9, 0.0, 1, -100, False)
+    _, grad, _ = torch.ops.fastlt.reslt_loss(logits.detach(), target, groups, 0.9, 0.0, 0.0, 1, -100, False)
     assert grad.numel() == 0
 
 
 @pytest.mark.parametrize("op_name", raw_ops("reslt_loss"))
 def test_opcheck(op_name):
     logits, target, groups = _inputs((3, 3, 10))
-    torch.library.opcheck(raw_op(op_name), (logits, target, groups, 0.9, 1e-7, 1, -100, True),
+    torch.library.opcheck(raw_op(op_name), (logits, target, groups, 0.9, 1e-7, 0.0, 1, -100, True),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
@@ -305,7 +391,7 @@ def test_opcheck(op_name):
 def test_cuda_launcher_refuses_cpu_tensors():
     logits, target, groups = _inputs((2, 3, 10))
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        call_cuda_kernel("reslt_loss", logits.detach(), target, groups, 0.9, 1e-7, 1, -100, True)
+        call_cuda_kernel("reslt_loss", logits.detach(), target, groups, 0.9, 1e-7, 0.0, 1, -100, True)
 
 
 @pytest.mark.parametrize("name, compiler, shape", [pytest.param("cpp", "inductor", (3, 4, 20),
@@ -492,7 +578,7 @@ def test_an_ignore_index_outside_the_classes_is_never_used_as_a_class(name):
 @pytest.mark.parametrize("reduction", [0, 1])
 def test_opcheck_with_reduction_and_ignored_rows(op_name, reduction):
     logits, target, groups = _with_ignored_rows((3, 5, 10), "some rows")
-    torch.library.opcheck(raw_op(op_name), (logits, target, groups, 0.9, 1e-7, reduction, -100, True),
+    torch.library.opcheck(raw_op(op_name), (logits, target, groups, 0.9, 1e-7, 0.0, reduction, -100, True),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
@@ -524,9 +610,9 @@ def test_bad_reduction_or_ignore_index_is_rejected(name):
 @pytest.mark.parametrize("op_name", raw_ops("reslt_loss"))
 def test_raw_ops_refuse_a_bad_reduction_code(op_name):
     logits, target, groups = _inputs((2, 3, 10))
-    raw_op(op_name)(logits.detach(), target, groups, 0.9, 0.0, 2, -100, False)  # sum is fine
+    raw_op(op_name)(logits.detach(), target, groups, 0.9, 0.0, 0.0, 2, -100, False)  # sum is fine
     with pytest.raises(ValueError, match="reduction"):
-        raw_op(op_name)(logits.detach(), target, groups, 0.9, 0.0, 3, -100, False)
+        raw_op(op_name)(logits.detach(), target, groups, 0.9, 0.0, 0.0, 3, -100, False)
 
 
 @needs_cuda

@@ -1,16 +1,18 @@
 // Per-row math of fastlt::reslt_loss (ResLT, docs/methods.md 4.4 and 6.5). For one kept sample row with label y and K
 // branch logits z_b, g_b = group_masks[b][y], s = sum_b z_b:
-//   loss = ice_coef * sum_b g_b * CE_eps(z_b, y) + fused_coef * CE_eps(s, y)   (K branch terms and the fused term),
+//   loss = ice_coef * sum_b g_b * CE_eps(z_b, y) + fused_coef * CE_eps'(s, y)   (K branch terms and the fused term),
 //   under "mean": ice_coef = beta / G, G = sum over branches and kept rows of g_b(y_i) (one joint normaliser),
 //                 fused_coef = (1 - beta) / N, N = the number of kept rows;
 //   under "sum" and "none": ice_coef = beta, fused_coef = 1 - beta.
 // A row whose label is ignore_index is not kept: its terms and gradient are 0.
-//   CE_eps(x, y) = -log(softmax(x)_y + eps)   (the official code's epsilon, eps = log_eps; eps = 0: exact CE)
+//   CE_eps(x, y) = -log(softmax(x)_y + eps)   (the official code's epsilon; eps = 0: exact CE)
+// with eps = log_eps in the branch terms and eps' = fused_log_eps in the fused term: the official CIFAR and iNat
+// scripts take the exact CE for the fused term (eps' = 0) and 1e-7 in the branch terms, ImageNet-LT 1e-7 in both.
 // With p = softmax(x), d CE_eps / d x_c = -p_y (1[c == y] - p_c) / (p_y + eps) = r * (p_c - [c == y]),
 // r = p_y / (p_y + eps) (epsilon_gradient_scale; 1 when eps = 0), so
 //   d loss / d z_b[c] = ice_coef * r_b * g_b * (softmax(z_b)_c - [c == y])
 //                     + fused_coef * r_s * (softmax(s)_c - [c == y]),
-// r_b and r_s the factors of the branch row z_b and of the fused row s.
+// r_b and r_s the factors of the branch row z_b (with eps) and of the fused row s (with eps').
 #pragma once
 
 #include "fastlt/softmax_stats.h"
