@@ -1,5 +1,5 @@
 """Training engine: optimizer, lr schedules, AMP, channels_last / torch.compile, DDP, exact checkpoints, run folder,
-training and prediction loops, the `fit` epoch loop, and the many / medium / few evaluation."""
+training and prediction loops (with Mixup / CutMix), the `fit` epoch loop, and the many / medium / few evaluation."""
 
 from fastlt.engine.acceleration import maybe_compile, prepare_model, unwrap_model
 from fastlt.engine.amp import autocast, grad_scaler
@@ -8,6 +8,7 @@ from fastlt.engine.distributed import (DistributedContext, all_gather_concat, in
                                       wrap_model)
 from fastlt.engine.evaluate import evaluate_logits, evaluate_predictions, format_results, plot_per_class_accuracy
 from fastlt.engine.loop import predict, train_one_epoch
+from fastlt.engine.mix import MixedBatch, Mixup
 from fastlt.engine.optim import build_sgd
 from fastlt.engine.run_folder import RunFolder, read_metrics
 from fastlt.engine.schedules import build_schedule
@@ -15,6 +16,8 @@ from fastlt.engine.trainer import fit
 
 __all__ = [
     "DistributedContext",
+    "MixedBatch",
+    "Mixup",
     "RunFolder",
     "all_gather_concat",
     "autocast",

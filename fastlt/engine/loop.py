@@ -3,6 +3,8 @@
 A method supplies `loss_fn(output, targets) -> scalar`, where `output` is the model's ModelOutput in fp32 (the
 RIDE loss reads output.expert_logits, the ResLT loss output.branch_logits, CE output.logits); with
 `loss_needs_images=True` it is called as `loss_fn(output, targets, images)` (distillation runs a teacher on them).
+With a `Mixup` (fastlt.engine.mix) a mixed step's loss is lam * loss_fn(output, y_a) + (1 - lam) * loss_fn(output,
+y_b), on the mixed images.
 
 Usage (fastlt.engine.fit runs this loop with validation, checkpoints and resuming)::
 
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from fastlt.engine.amp import autocast, grad_scaler
+from fastlt.engine.mix import Mixup
 
 
 def to_float32(output):
@@ -54,12 +57,14 @@ def train_one_epoch(
     progress: Callable = lambda iterable: iterable,
     on_step: Optional[Callable[[int, float], None]] = None,
     loss_needs_images: bool = False,
+    mixup: Optional[Mixup] = None,
 ) -> dict:
     """Trains over `loader` (at most `max_steps` batches: Decoupling ends an epoch after floor(N / B) steps).
 
     progress: wraps the loader (e.g. RunFolder.progress); on_step(step, loss) runs after every optimizer step
-    (mid-epoch checkpoints, logging). Returns the mean loss, step and sample counts, and data vs compute seconds
-    (on CUDA the split is approximate: kernels run asynchronously until the loss is read).
+    (mid-epoch checkpoints, logging); mixup: mixes the batches it picks (Mixup.set_epoch first). Returns the mean
+    loss, step and sample counts, and data vs compute seconds (on CUDA the split is approximate: kernels run
+    asynchronously until the loss is read).
     """
     model.train()
     scaler = scaler if scaler is not None else grad_scaler(device.type, precision)
@@ -72,10 +77,14 @@ def train_one_epoch(
         images, targets = move_batch(images, targets, device, channels_last)
         started = time.perf_counter()
         data_time += started - tick
+        mixed = None if mixup is None else mixup(images, targets)
+        if mixed is not None:
+            images = mixed.images
         optimizer.zero_grad(set_to_none=True)
         with autocast(device.type, precision):
             output = model(images)
-        loss = loss_fn(to_float32(output), targets, *((images,) if loss_needs_images else ()))
+        output, extra = to_float32(output), ((images,) if loss_needs_images else ())
+        loss = loss_fn(output, targets, *extra) if mixed is None else mixed.loss(loss_fn, output, *extra)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

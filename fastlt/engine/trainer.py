@@ -35,6 +35,7 @@ from fastlt.engine.crash_points import crash_point
 from fastlt.engine.distributed import DistributedContext, barrier
 from fastlt.engine.evaluate import evaluate_logits
 from fastlt.engine.loop import predict, train_one_epoch
+from fastlt.engine.mix import Mixup
 from fastlt.engine.run_folder import RunFolder
 
 SINGLE_PROCESS = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -97,6 +98,7 @@ def fit(
     selection_metric: str = "overall",
     on_epoch_start: Optional[Callable[[int], None]] = None,
     loss_needs_images: bool = False,
+    mixup: Optional[Mixup] = None,
     context: DistributedContext = SINGLE_PROCESS,
 ) -> dict:
     """Trains `epochs` epochs (continuing from run/last.pt when resume=True and it exists).
@@ -104,6 +106,7 @@ def fit(
     loss_fn(output, targets) gets the fp32 ModelOutput (and the batch's images as a third argument when
     loss_needs_images: distillation); on_epoch_start(epoch) lets a method switch phases (e.g.
     RIDE's DRW after epoch 160). steps_per_epoch caps an epoch (Decoupling: floor(N / B) with any sampler).
+    mixup (fastlt.engine.mix.Mixup) mixes the training batches; its draws follow (epoch, step): they resume exactly.
     checkpoint_every_steps also writes mid-epoch checkpoints with the sampler position (needs loader.batch_size).
     Returns {"history": [per-epoch records], "best_epoch", "best_metric", "selected_checkpoint"}.
     """
@@ -146,6 +149,8 @@ def fit(
         lr_factor = schedule.apply(optimizer, epoch)
         if on_epoch_start is not None:
             on_epoch_start(epoch)
+        if mixup is not None:
+            mixup.set_epoch(epoch, steps_before)
 
         def on_step(step: int, loss: float) -> None:
             if checkpoint_every_steps and step % checkpoint_every_steps == 0:
@@ -155,7 +160,7 @@ def fit(
         stats = train_one_epoch(model, train_loader, loss_fn, optimizer, device=device, precision=precision,
                                 scaler=scaler, channels_last=channels_last, max_steps=max_steps,
                                 progress=lambda batches: run.progress(batches, desc=f"epoch {epoch}"),
-                                on_step=on_step, loss_needs_images=loss_needs_images)
+                                on_step=on_step, loss_needs_images=loss_needs_images, mixup=mixup)
         record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "lr_factor": lr_factor,
                   "train_loss": stats["loss"], "steps": stats["steps"], "data_time_s": stats["data_time_s"],
                   "compute_time_s": stats["compute_time_s"]}

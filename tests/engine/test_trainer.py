@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import fastlt.engine.trainer as trainer_module
 from fastlt.data import LongTailSampler
 from fastlt.engine import RunFolder, build_schedule, build_sgd, fit, read_metrics
+from fastlt.engine.mix import Mixup
 from fastlt.models import create_model
 from toy_data import Digits, ResumableShuffle
 
@@ -91,6 +92,29 @@ def test_resume_mid_epoch_restores_sampler_position(tmp_path, real_sampler):
     assert (state["epoch"], state["step"]) == (1, 2)
     assert (state["sampler"]["epoch"], state["sampler"]["position"]) == (1, 16)  # 0-based, as the trainer
     resumed, _ = run_fit(tmp_path / "run", seed=7, resume=True, **options)
+    assert_same_parameters(reference, resumed)
+
+
+def test_mixup_resumes_mid_epoch_exactly(tmp_path):
+    """The mix draws follow (seed, epoch, step): a run resumed mid-epoch mixes its remaining steps as the
+    uninterrupted run did (a mixer restarted at step 0 of the epoch would not)."""
+    def mixup():
+        return Mixup(mixup_alpha=0.4, cutmix_alpha=1.0, prob=0.8, seed=3)
+
+    options = dict(noisy=False, checkpoint_every_steps=2, real_sampler=True)
+    reference, _ = run_fit(tmp_path / "reference", seed=0, mixup=mixup(), **options)
+    unmixed, _ = run_fit(tmp_path / "unmixed", seed=0, **options)
+    assert any(not torch.equal(a, b) for a, b in zip(reference.state_dict().values(), unmixed.state_dict().values()))
+
+    def crash_at_the_7th_loss_of_epoch_1(epoch, call):  # a mixed step calls the loss once per label set
+        if (epoch, call) == (1, 7):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_fit(tmp_path / "run", seed=0, interrupt=crash_at_the_7th_loss_of_epoch_1, mixup=mixup(), **options)
+    state = torch.load(tmp_path / "run" / "last.pt")
+    assert (state["epoch"], state["step"]) == (1, 2)
+    resumed, _ = run_fit(tmp_path / "run", seed=7, resume=True, mixup=mixup(), **options)
     assert_same_parameters(reference, resumed)
 
 
