@@ -4,13 +4,14 @@ import torch
 
 from fastlt.data.dali import DALILoader, dali_available
 from fastlt.data.sampling import LongTailSampler
-from fastlt.data.transforms import ArrayBatchAugment, check_flip, jpeg_transform
+from fastlt.data.transforms import ArrayBatchAugment, check_flip, jpeg_transform, jpeg_view_transform
 
 LOADERS = ("auto", "dali", "torch")
 
 
 def make_loader(dataset, batch_size, *, train, sampler=None, loader="auto", mean=None, std=None, seed=0,
-                num_threads=2, num_workers=2, drop_last=False, channels_last=False, flip=True, **augment):
+                num_threads=2, num_workers=2, drop_last=False, channels_last=False, flip=True, strong=None,
+                **augment):
     """A loader yielding (float32 images [B, C, H, W], int64 labels [B]) in `sampler` order.
 
     `dataset`: an array dataset (MNIST-LT, CIFAR-LT, ...: pad-4 crop + flip, `rotation=15` for RIDE's CIFAR
@@ -19,7 +20,9 @@ def make_loader(dataset, batch_size, *, train, sampler=None, loader="auto", mean
     augmentation on both paths (digits: a mirrored 2 or 5 is not that digit). `sampler` defaults to
     instance-balanced shuffling when `train`, else the sequential order. `loader="auto"` picks DALI when
     installed, else torch; `mean`/`std` default to the dataset's `normalization`. `channels_last` gives NCHW
-    tensors in channels-last memory.
+    tensors in channels-last memory. `strong` (a `transforms.StrongAugment`, e.g. `SADE_VIEWS["cifar"]`) replaces
+    the training augmentation by SADE's test-time view: the random crop (pad-4 on arrays, `strong.crop_scale` on
+    JPEGs), the strong colour augmentation and the flip, without `rotation` or `color_jitter`; torch loader only.
 
     >>> from fastlt.data import MNISTLT, LongTailSampler
     >>> train = MNISTLT(split="train")
@@ -38,11 +41,14 @@ def make_loader(dataset, batch_size, *, train, sampler=None, loader="auto", mean
     default_mean, default_std = dataset.normalization
     mean, std = mean or default_mean, std or default_std
     if loader == "auto":
-        loader = "dali" if dali_available() else "torch"
+        loader = "dali" if dali_available() and strong is None else "torch"
     options = dict(mean=mean, std=std, drop_last=drop_last, channels_last=channels_last, flip=flip, **augment)
     if loader == "dali":
+        if strong is not None:
+            raise ValueError("make_loader: strong (SADE's test-time views) runs on the torch loader; pass "
+                             "loader='torch' or 'auto'")
         return DALILoader(dataset, sampler, batch_size, train, num_threads=num_threads, seed=seed, **options)
-    return TorchLoader(dataset, sampler, batch_size, train, num_workers=num_workers, **options)
+    return TorchLoader(dataset, sampler, batch_size, train, num_workers=num_workers, strong=strong, **options)
 
 
 class _ArrayItems(torch.utils.data.Dataset):
@@ -93,14 +99,17 @@ class TorchLoader:
 
     def __init__(self, dataset, sampler, batch_size, train, mean, std, num_workers=2, drop_last=False,
                  channels_last=False, pad=4, rotation=0.0, image_size=224, resize_size=256, color_jitter=0.0,
-                 flip=True):
+                 flip=True, strong=None):
         self.sampler, self.batch_size, self.channels_last = sampler, batch_size, channels_last
         if hasattr(dataset, "images"):
             items = _ArrayItems(dataset)
-            collate = _Collate(ArrayBatchAugment(train, mean, std, pad=pad, rotation=rotation, flip=flip))
+            augment = (ArrayBatchAugment(True, mean, std, pad=pad, flip=flip, strong=strong) if strong is not None
+                       else ArrayBatchAugment(train, mean, std, pad=pad, rotation=rotation, flip=flip))
+            collate = _Collate(augment)
         else:
-            items = _ImageItems(dataset, jpeg_transform(train, mean, std, image_size, resize_size, color_jitter,
-                                                        flip=flip))
+            transform = (jpeg_view_transform(mean, std, strong, image_size, flip=flip) if strong is not None
+                         else jpeg_transform(train, mean, std, image_size, resize_size, color_jitter, flip=flip))
+            items = _ImageItems(dataset, transform)
             collate = _Collate()
         self.loader = torch.utils.data.DataLoader(
             items, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,

@@ -17,12 +17,18 @@ Test time (`adapt_expert_weights`, the official test_training_*.py): the model i
 w (initialised to 1/3) gives the aggregation softmax(w), the prediction is sum_k softmax(w)_k z_k
 (`fastlt.ops.expert_aggregate(reduce="sum", weights=softmax(w))`), and w is trained on UNLABELED images by
 maximising the cosine similarity of the softmax predictions of two augmented views of each image (SGD, 5 epochs,
-stopping after an epoch in which some weight falls below 0.05). The official code adapts on the test images
-themselves (transductive, labels never used); `fastlt stage2 sade` does the same by default and says so.
+stopping after an epoch at whose end some weight, rounded to two decimals, is below 0.05: `stops_adapting`). The
+views are the official strong augmentation (`fastlt.data.transforms.SADE_VIEWS`). The official code adapts on the
+test images themselves (transductive, labels never used); `fastlt stage2 sade` does the same by default and says so.
+
+The backward expert's pi_bar differs from the official one where classes tie in count: the official
+`inverse_prior` sorts the prior with the unstable `torch.sort`, `reversed_prior` with a stable sort, so tied classes
+take their mirrored priors in another order (docs/methods.md 8.3).
 """
 
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,11 +37,12 @@ from fastlt import ops
 from fastlt.engine.loop import move_batch
 from fastlt.ops._lt_constants import class_prior
 
-STOP_WEIGHT = 0.05  # the official loop stops once an expert's aggregation weight falls below this
+STOP_WEIGHT = 0.05  # the official loop stops once an expert's aggregation weight, rounded to 2 decimals, is below
 
 
 def reversed_prior(prior: torch.Tensor) -> torch.Tensor:
-    """pi_bar: the prior values reversed by rank (the official `inverse_prior`).
+    """pi_bar: the prior values reversed by rank (the official `inverse_prior`; tied values in the stable order,
+    where the official unstable `torch.sort` may take another: docs/methods.md 8.3).
 
     >>> reversed_prior(torch.tensor([0.6, 0.1, 0.3], dtype=torch.float64)).tolist()
     [0.1, 0.6, 0.3]
@@ -113,9 +120,20 @@ def adapt_expert_weights(expert_logits_of: Callable, view_loaders, *, epochs: in
         history.append(record)
         if on_epoch_end is not None:
             on_epoch_end(record)
-        if bool((weights < STOP_WEIGHT).any()):
+        if stops_adapting(weights):
             break
     return torch.softmax(raw_weights.detach(), dim=0), history
+
+
+def stops_adapting(weights: torch.Tensor) -> bool:
+    """The official stop rule (test_training_*.py): after an epoch, the softmax weights (fp32) are rounded to two
+    decimals with ``np.round`` and adaptation stops when one is below 0.05, i.e. when a weight is under about 0.045.
+
+    >>> stops_adapting(torch.tensor([0.047, 0.5, 0.453])), stops_adapting(torch.tensor([0.044, 0.5, 0.456]))
+    (False, True)
+    """
+    rounded = np.round(weights.detach().float().cpu().numpy(), decimals=2)
+    return bool((rounded < STOP_WEIGHT).any())
 
 
 def frozen_expert_logits(model: nn.Module, device) -> Callable:

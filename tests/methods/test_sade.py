@@ -4,6 +4,7 @@ constructed case, and `fastlt train` + `fastlt stage2 sade` + `fastlt eval` end 
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,8 @@ from op_helpers import backend, needs_cpp, needs_cuda
 
 from fastlt.cli import main
 from fastlt.methods import build_method
-from fastlt.methods.sade import SADELoss, adapt_expert_weights, aggregate, reversed_prior, sade_logit_shifts
+from fastlt.methods.sade import (SADELoss, adapt_expert_weights, aggregate, reversed_prior, sade_logit_shifts,
+                                 stops_adapting)
 from fastlt.models import create_model
 
 COUNTS = torch.tensor([40.0, 500, 15, 200, 5, 90])  # unsorted on purpose: pi_bar goes by rank, not by position
@@ -138,6 +140,46 @@ def test_aggregation_weights_move_toward_the_stable_expert():
     logits = torch.randn(3, 4, classes)
     expected = sum(w * z for w, z in zip(weights, logits))
     assert torch.allclose(aggregate(logits, weights.log()), expected, atol=1e-6)
+
+
+def official_adaptation(views, epochs, lr):
+    """The official test_training_*.py loop, transcribed: SGD on a 3-vector from 1/3, minus the mean cosine
+    similarity of the two views' aggregated softmax predictions, and after each epoch the stop on the weights
+    rounded to two decimals. Returns (weights, epochs run)."""
+    raw = torch.nn.Parameter(torch.full((3,), 1 / 3))
+    optimizer = torch.optim.SGD([raw], lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    cosine = torch.nn.CosineSimilarity(dim=1, eps=1e-6)
+    epochs_run = 0
+    while epochs_run < epochs:
+        epochs_run += 1
+        for (view_a, _), (view_b, _) in zip(*views):
+            weights = F.softmax(raw, dim=0)
+            outputs = [sum(weights[k] * view[:, k] for k in range(3)) for view in (view_a, view_b)]
+            loss = -cosine(F.softmax(outputs[0], dim=1), F.softmax(outputs[1], dim=1)).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        record = np.round(F.softmax(raw, dim=0).detach().numpy(), decimals=2)
+        if record[0] < 0.05 or record[1] < 0.05 or record[2] < 0.05:
+            break
+    return F.softmax(raw, dim=0).detach(), epochs_run
+
+
+def test_adaptation_stops_as_the_official_loop_on_weights_rounded_to_two_decimals():
+    """Here the flipping experts' weight is 0.048 after epoch 1: rounded, 0.05, so the official loop goes on (a
+    stop on the unrounded weight would end there), and stops after epoch 2 at 0.016."""
+    generator = torch.Generator().manual_seed(0)
+    stable = torch.randn(6, 32, 5, generator=generator) * 3
+    flip_a, flip_b = (torch.randn(6, 32, 5, generator=generator) * 3 for _ in range(2))
+    views = ([(torch.stack([s, f, f], 1), None) for s, f in zip(stable, flip_a)],
+             [(torch.stack([s, f, f], 1), None) for s, f in zip(stable, flip_b)])
+    weights, history = adapt_expert_weights(lambda images: images.transpose(0, 1), views, epochs=30, lr=0.15)
+    smallest = [min(record["weights"]) for record in history]
+    assert 0.045 <= smallest[1] < 0.05 and len(history) == 3  # the premise: epoch 1 ends between 0.045 and 0.05
+    official_weights, official_epochs = official_adaptation(views, epochs=30, lr=0.15)
+    assert official_epochs == len(history)
+    torch.testing.assert_close(weights, official_weights, atol=1e-6, rtol=0)
+    assert not stops_adapting(torch.tensor(history[1]["weights"])) and stops_adapting(weights)
 
 
 def test_train_then_stage2_sade_then_eval_on_digits(tmp_path, capsys):
