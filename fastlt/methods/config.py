@@ -33,7 +33,7 @@ KNOWN_KEYS = {
     "method": {"name", "scale", "max_margin", "diversity_factor", "temperature_factor", "base_temperature",
                "drw_beta", "drw_epoch", "tau", "taus", "tau_min", "tau_max", "teacher", "teacher_train_mode",
                "distill_temperature", "distill_factor", "distill_scale_by_experts", "cutoffs", "num_branches",
-               "beta", "label_smoothing", "fused_head", "chunk_size"},
+               "beta", "label_smoothing", "log_eps", "fused_log_eps", "fused_head", "chunk_size"},
     "stage2": {"name", "epochs", "batch_size", "lr", "weight_decay", "sampler", "samples_per_class", "freeze_bn",
                "tau", "taus", "select_on", "feature_transform", "distance", "top_k", "pos_weight", "threshold",
                "adapt_on", "init"},
@@ -46,7 +46,8 @@ VALUE_RULES = {
     "train.lr": (NUMBER, 0), "train.classifier_lr": (NUMBER, 0), "train.momentum": (NUMBER, 0),
     "train.weight_decay": (NUMBER, 0), "train.nesterov": (BOOLEAN, None), "train.drop_last": (BOOLEAN, None),
     "data.num_workers": (INTEGER, 0), "data.n_max": (INTEGER, 1), "data.ratio": (NUMBER, 1),
-    "method.drw_epoch": (INTEGER, 0), "stage2.epochs": (INTEGER, 1), "stage2.batch_size": (INTEGER, 1),
+    "method.drw_epoch": (INTEGER, 0), "method.log_eps": (NUMBER, 0), "method.fused_log_eps": (NUMBER, 0),
+    "stage2.epochs": (INTEGER, 1), "stage2.batch_size": (INTEGER, 1),
 }
 
 

@@ -183,10 +183,13 @@ def reslt(config, counts, model) -> Method:
     A multi-expert model (`reslt_ride_resnext50_32x4d`: branch_logits [E, K, B, C]) sums the loss over its experts,
     as the official RIDE + ResLT script. `label_smoothing: delta` (the official ImageNet-LT scripts' `--lsm`, 0 by
     default and in every released run) smooths the target of every cross-entropy, branch and fused, to 1 - delta on
-    the label and delta / (C - 1) on each other class."""
+    the label and delta / (C - 1) on each other class. `log_eps` (1e-7) and `fused_log_eps` (default: log_eps) are
+    the branch and fused terms' epsilons (fastlt.ResLTLoss; the CIFAR and iNat recipes set fused_log_eps 0)."""
     groups = fastlt.ops.reslt_groups(torch.as_tensor(counts), cutoffs=config.get("cutoffs"),
                                      num_branches=config.get("num_branches", 3))
-    loss = fastlt.ResLTLoss(groups, beta=config.get("beta", 0.995)).to(counts.device)
+    loss = fastlt.ResLTLoss(groups, beta=config.get("beta", 0.995),
+                            log_eps=config.get("log_eps", fastlt.ResLTLoss.OFFICIAL_LOG_EPS),
+                            fused_log_eps=config.get("fused_log_eps")).to(counts.device)
     smoothing = config.get("label_smoothing", 0.0)
     if not (isinstance(smoothing, (int, float)) and 0 <= smoothing < 1):
         raise ValueError(f"reslt: label_smoothing must be a number in [0, 1), got {smoothing!r}")
@@ -197,8 +200,8 @@ def reslt(config, counts, model) -> Method:
         if not smoothing:
             return value
         # the loss is linear in each sample's target: (1 - delta C / (C - 1)) * one-hot + delta / (C - 1) * ones
-        uniform = _reslt_all_classes_term(branch_logits, targets, loss.group_masks, loss.beta,
-                                          loss.log_eps)
+        uniform = _reslt_all_classes_term(branch_logits, targets, loss.group_masks, loss.beta, loss.log_eps,
+                                          loss.fused_log_eps)
         return (1 - smoothing * num_classes / (num_classes - 1)) * value + smoothing / (num_classes - 1) * uniform
 
     def loss_fn(output, targets):
@@ -210,19 +213,19 @@ def reslt(config, counts, model) -> Method:
     return Method("reslt", loss_fn)
 
 
-def _reslt_all_classes_term(branch_logits, targets, group_masks, beta, log_eps):
-    """The ResLT loss with every class as the target (sum over classes of -log(p_c + log_eps)): the label-smoothing
-    part, in eager PyTorch (fp32)."""
+def _reslt_all_classes_term(branch_logits, targets, group_masks, beta, log_eps, fused_log_eps):
+    """The ResLT loss with every class as the target (sum over classes of -log(p_c + eps), eps = log_eps in the
+    branch terms and fused_log_eps in the fused term): the label-smoothing part, in eager PyTorch (fp32)."""
     logits = branch_logits.float()
 
-    def summed_nll(z):
-        if log_eps:
-            return -torch.log(torch.softmax(z, dim=-1) + log_eps).sum(-1)
+    def summed_nll(z, eps):
+        if eps:
+            return -torch.log(torch.softmax(z, dim=-1) + eps).sum(-1)
         return -torch.log_softmax(z, dim=-1).sum(-1)
 
     in_group = group_masks[:, targets].to(logits)  # [K, B]
-    individual = (in_group * summed_nll(logits)).sum() / in_group.sum().clamp_min(1)
-    return beta * individual + (1 - beta) * summed_nll(logits.sum(0)).mean()
+    individual = (in_group * summed_nll(logits, log_eps)).sum() / in_group.sum().clamp_min(1)
+    return beta * individual + (1 - beta) * summed_nll(logits.sum(0), fused_log_eps).mean()
 
 
 def balpoe(config, counts, model) -> Method:

@@ -8,7 +8,7 @@ import yaml
 
 import fastlt
 from fastlt.engine import save_checkpoint
-from fastlt.methods import build_method
+from fastlt.methods import build_method, load_config
 from fastlt.methods.stage1 import load_teacher
 from fastlt.models import ModelOutput, NormedLinear, create_model
 
@@ -145,31 +145,58 @@ def test_compiled_ride_step_recompiles_only_at_the_drw_switch():
     assert counter.frame_count <= 2
 
 
-def _official_reslt_loss(branch_logits, targets, groups, beta, smoothing, log_eps):
-    """ResLT's ImageNet-LT training loss written as the official script: crossEntropy with a label-smoothed one-hot
-    target, -(target * log(softmax + eps)).sum(1), weighted by group membership, one joint normaliser."""
+def _official_reslt_loss(branch_logits, targets, groups, beta, smoothing, log_eps, fused_log_eps=None):
+    """ResLT's training loss written as the official scripts: crossEntropy with a label-smoothed one-hot target,
+    -(target * log(softmax + eps)).sum(1), weighted by group membership, one joint normaliser (ImageNet-LT: the same
+    for the fused term; CIFAR / iNat, fused_log_eps 0: nn.CrossEntropyLoss on the summed logits)."""
     num_classes = branch_logits.shape[-1]
     target = F.one_hot(targets, num_classes).float()
     target = (1 - smoothing - smoothing / (num_classes - 1)) * target + smoothing / (num_classes - 1)
 
-    def cross_entropy(logits, weight):
-        return -(weight * (target * torch.log(torch.softmax(logits, 1) + log_eps)).sum(1)).sum()
+    def cross_entropy(logits, weight, eps):
+        return -(weight * (target * torch.log(torch.softmax(logits, 1) + eps)).sum(1)).sum()
 
     weights = groups[:, targets].float()
-    individual = sum(cross_entropy(z, w) for z, w in zip(branch_logits, weights)) / weights.sum()
-    fused = cross_entropy(branch_logits.sum(0), weights[0]) / weights[0].sum()
+    individual = sum(cross_entropy(z, w, log_eps) for z, w in zip(branch_logits, weights)) / weights.sum()
+    if fused_log_eps == 0:
+        fused = F.cross_entropy(branch_logits.sum(0), targets, label_smoothing=0.0)
+    else:
+        fused = cross_entropy(branch_logits.sum(0), weights[0], log_eps) / weights[0].sum()
     return beta * individual + (1 - beta) * fused
+
+
+@pytest.mark.parametrize("recipe, fused_log_eps", [
+    ("cifar100_lt_r100_reslt", 0.0), ("cifar10_lt_r10_reslt", 0.0), ("inat18_r50_reslt", 0.0),
+    ("mnist_lt_reslt", 0.0), ("imagenet_lt_x50_reslt", 1e-7), ("imagenet_lt_x50_reslt_ride", 1e-7),
+    ("places_lt_r152_reslt", 1e-7)])
+def test_reslt_recipes_put_the_epsilon_where_their_official_script_does(recipe, fused_log_eps):
+    """CIFAR and iNat scripts: 1e-7 in the branch terms, nn.CrossEntropyLoss for the fused term; ImageNet-LT: 1e-7
+    in both (Places-LT follows ImageNet-LT; MNIST-LT the CIFAR protocol)."""
+    method_config = {**load_config(recipe)["method"], "cutoffs": None}  # the shot rule on these 6 classes
+    num_branches = method_config.get("num_branches", 3)
+    method = build_method(method_config, COUNTS, create_model("reslt_small_cnn", num_classes=6))
+    branch_logits, targets = torch.randn(num_branches, 8, 6, dtype=torch.float64) * 30, torch.arange(8) % 6
+    output = ModelOutput(logits=branch_logits.sum(0), branch_logits=branch_logits)
+    groups = fastlt.ops.reslt_groups(COUNTS, num_branches=num_branches)
+    expected = _official_reslt_loss(branch_logits, targets, groups, method_config["beta"], 0.0, 1e-7, fused_log_eps)
+    other = _official_reslt_loss(branch_logits, targets, groups, method_config["beta"], 0.0, 1e-7,
+                                 1e-7 - fused_log_eps)
+    torch.testing.assert_close(method.loss_fn(output, targets), expected, rtol=1e-10, atol=0)
+    assert (expected - other).abs() > 1e-9  # at logit scale 30 the fused epsilon is visible
 
 
 def test_reslt_label_smoothing_matches_the_official_smoothed_cross_entropy():
     torch.manual_seed(0)
     method = build_method({"name": "reslt", "beta": 0.99, "label_smoothing": 0.1}, COUNTS,
                           create_model("reslt_small_cnn", num_classes=6))
-    log_eps = getattr(fastlt.ResLTLoss(COUNTS, beta=0.99), "log_eps", 0.0)
     branch_logits, targets = torch.randn(3, 8, 6) * 3, torch.randint(0, 6, (8,))
     output = ModelOutput(logits=branch_logits.sum(0), branch_logits=branch_logits)
-    expected = _official_reslt_loss(branch_logits, targets, fastlt.ops.reslt_groups(COUNTS), 0.99, 0.1, log_eps)
+    expected = _official_reslt_loss(branch_logits, targets, fastlt.ops.reslt_groups(COUNTS), 0.99, 0.1, 1e-7)
     assert torch.allclose(method.loss_fn(output, targets), expected, rtol=1e-5)
+    # the ImageNet-LT recipe with label smoothing: the smoothed crossEntropy with 1e-7 in both terms
+    smoothed = build_method({**load_config("imagenet_lt_x50_reslt_lsm")["method"], "cutoffs": None}, COUNTS,
+                            create_model("reslt_small_cnn", num_classes=6))
+    assert torch.allclose(smoothed.loss_fn(output, targets), expected, rtol=1e-5)
     with pytest.raises(ValueError, match="label_smoothing"):
         build_method({"name": "reslt", "label_smoothing": 1.5}, COUNTS, create_model("reslt_small_cnn", num_classes=6))
 
