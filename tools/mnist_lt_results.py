@@ -159,7 +159,7 @@ NOTES = """Reading (for the 3-seed, 30-epoch table above; the checks above are r
   at log pi - 2 log pi_bar, which is 3 log pi up to a constant on this exponential profile) push the head digits'
   logits down more than a balanced test set needs, while RIDE's LDAM margins and DRW (LDAM-DRW alone: 95.8) leave
   the head digits intact. In the papers SADE is 1.8 points above RIDE on CIFAR-100-LT (49.8 vs 48.0) and 2.5 on
-  ImageNet-LT (58.8 vs 56.3, SADE README). Caveats: fastlt's BalPoE trains without the mixup the BalPoE paper relies
+  ImageNet-LT (58.8 vs 56.3, SADE README). Caveats: this BalPoE row trains without the mixup the BalPoE paper relies
   on for calibrated experts; 10 easy classes leave little for diverse experts to add (the reason RIDE is only ~1
   point above LDAM-DRW here); the RIDE rows come from the previous table's run (same recipes and seeds; this
   command's re-trained CE models land at 81.7 ± 1.0 vs the CE row's 81.9 ± 0.6, so the code changes between the two
@@ -261,7 +261,7 @@ def write_markdown(records, path: str, command: str, keys) -> None:
         f"cRT / LWS 10 epochs, class-aware sampler 4 per class, lr 0.2, start-of-epoch cosine, BN statistics "
         f"updating; RIDE router 5 epochs, pos_weight 100, threshold 0.5; RIDE distillation from the same seed's "
         f"6-expert RIDE teacher, T_d 1.5, both terms x E as in the official code, teacher in train mode. BalPoE: "
-        f"taus 0 / 1 / 2, expert losses averaged, no mixup (the official recipes use it; fastlt has none). SADE: "
+        f"taus 0 / 1 / 2, expert losses averaged, no mixup (the official recipes use it: mnist_lt_balpoe_mixup). SADE: "
         f"forward / uniform / backward experts (backward tau 2), losses summed; its test-time aggregation learns "
         f"the 3 expert weights on two augmented views of the UNLABELED test images (5 epochs, batch 128, lr 0.1), "
         f"as the official code. Post-hoc logit adjustment: each seed's CE model, argmax z - tau log pi, tau on "

@@ -8,8 +8,8 @@ prior is a test-time logit shift (`fastlt stage2 logit_adjust` picks one on val)
 The official `BSExpertLoss` (emasa/BalPoE-CalibratedLT, model/loss.py) averages the E expert losses; here that is
 one fused `fastlt.ops.prior_shifted_ce` call over all experts (it sums them) divided by E. The official
 `log(prior + 1e-9)` differs from the exact log prior by under 1e-9 / min(prior) (2e-4 on iNaturalist 2018) and is
-not reproduced. The official recipes also train with mixup (alpha 0.2-0.4) for calibration; fastlt has no mixup,
-and the recipes say so.
+not reproduced. The official recipes also train with mixup (alpha 0.2-0.4) for calibration: the recipes' train.mixup
+(fastlt.engine.mix; the loss is then this one per label set, lam * L(y_a) + (1 - lam) * L(y_b)).
 
 >>> counts = torch.tensor([500.0, 50.0, 5.0])
 >>> loss = BalPoELoss(counts, taus=limits_taus(3, 0.0, 2.0))

@@ -19,6 +19,7 @@ import torch
 
 from fastlt.engine import (RunFolder, build_schedule, build_sgd, fit, format_results, init_distributed,
                            load_checkpoint, shutdown_distributed, wrap_model)
+from fastlt.engine.mix import build_mixup
 from fastlt.engine.trainer import recover_interrupted_run
 from fastlt.methods import stage2
 from fastlt.methods.builders import (build_datasets, build_loader, build_model, build_sampler, evaluate,
@@ -55,6 +56,8 @@ def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict
     """Stage 1 (and stage 2 when the recipe has one). Returns {"stage1": test results, "stage2": ..., "run": dir}."""
     check_data_paths(config["data"])
     seed = config.get("seed", 0)
+    # train.mixup: {mixup_alpha, cutmix_alpha, prob, switch_prob} (BalPoE's recipes), stage 1 only; checked first
+    mixup = None if config["train"].get("mixup") is None else build_mixup(config["train"]["mixup"], seed)
     torch.manual_seed(seed)
     np.random.seed(seed)
     context = init_distributed(config.get("device", "auto"))  # torchrun: gloo on CPU, nccl on GPU; else one process
@@ -82,7 +85,7 @@ def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict
     fitted = fit(wrap_model(model, context), method.loss_fn, optimizer, schedule, train_loader, epochs=epochs,
                  device=device, run=run, sampler=sampler, val_loader=val_loader, class_counts=counts,
                  precision=train_cfg.get("precision", "fp32"),
-                 on_epoch_start=method.on_epoch_start, loss_needs_images=method.needs_images,
+                 on_epoch_start=method.on_epoch_start, loss_needs_images=method.needs_images, mixup=mixup,
                  resume=config.get("resume", False), context=context)
     # training is over: every rank leaves the process group; rank 0 alone evaluates and runs stage 2
     shutdown_distributed(context)

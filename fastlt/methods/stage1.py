@@ -114,11 +114,13 @@ def _distilled(config, num_classes, device, on_epoch_start, loss_with_teacher) -
     gradient) to ``loss_with_teacher(output, targets, teacher_logits)``."""
     teacher = load_teacher(config["teacher"], num_classes=num_classes, device=device,
                            train_mode=config.get("teacher_train_mode", True))
+    last = {}  # a mixed step calls the loss once per label set on the same images: one teacher pass
 
     def distill_loss(output, targets, images):
-        with torch.no_grad():
-            teacher_logits = teacher(images).logits.float()
-        return loss_with_teacher(output, targets, teacher_logits)
+        if last.get("images") is not images:
+            with torch.no_grad():
+                last.update(images=images, logits=teacher(images).logits.float())
+        return loss_with_teacher(output, targets, last["logits"])
 
     return Method("ride_distill", distill_loss, on_epoch_start, needs_images=True)
 

@@ -1,10 +1,14 @@
-"""BalPoE: the loss against an eager per-expert reference from the formula, its wiring, a few training steps."""
+"""BalPoE: the loss against an eager per-expert reference from the formula, its wiring, a few training steps, and
+the recipes' official mixup."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DIGITS
 
-from fastlt.methods import build_method, load_config
+from fastlt.engine import read_metrics
+from fastlt.engine.mix import Mixup
+from fastlt.methods import build_method, load_config, train
 from fastlt.methods.balpoe import BalPoELoss, limits_taus
 from fastlt.methods.builders import build_model
 from fastlt.models import create_model
@@ -80,12 +84,38 @@ def test_a_few_training_steps_lower_the_loss():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_recipes_hold_the_official_taus_and_build():
-    for recipe, taus in (("mnist_lt_balpoe", [0.0, 1.0, 2.0]), ("cifar100_lt_r100_balpoe", [0.0, 1.0, 2.0]),
-                         ("imagenet_lt_x50_balpoe", [0.0, 1.25, 2.5]), ("inat18_r50_balpoe", [-1.0, 1.0, 3.0])):
+def test_recipes_hold_the_official_taus_and_mixup_and_build():
+    """The official configs (configs/mixup/standard_training/*): mixup on every batch, alpha 0.4 / 0.3 / 0.2."""
+    for recipe, taus, alpha in (("mnist_lt_balpoe", [0.0, 1.0, 2.0], None),
+                                ("mnist_lt_balpoe_mixup", [0.0, 1.0, 2.0], 0.4),
+                                ("cifar100_lt_r100_balpoe", [0.0, 1.0, 2.0], 0.4),
+                                ("imagenet_lt_x50_balpoe", [0.0, 1.25, 2.5], 0.3),
+                                ("inat18_r50_balpoe", [-1.0, 1.0, 3.0], 0.2)):
         config = load_config(recipe)
         assert config["method"] == {"name": "balpoe", "taus": taus} and config["model"]["num_experts"] == 3, recipe
+        assert config["train"].get("mixup") == (None if alpha is None else {"mixup_alpha": alpha}), recipe
     for recipe in ("mnist_lt_balpoe", "cifar100_lt_r100_balpoe"):  # the ImageNet trunks take seconds to build
         config = load_config(recipe)
         model = build_model(config, num_classes=len(COUNTS))
         assert build_method(config["method"], COUNTS, model).name == "balpoe"
+
+
+def test_training_with_mixup_mixes_every_step_with_the_run_seed(tmp_path, monkeypatch):
+    steps = []
+    mix = Mixup.__call__
+
+    def recorded(self, images, targets):
+        mixed = mix(self, images, targets)
+        steps.append((self.seed, self.epoch, mixed is not None))
+        return mixed
+
+    monkeypatch.setattr(Mixup, "__call__", recorded)
+    quick = DIGITS + ["train.epochs=2", "train.schedule.milestones=[1]", "train.schedule.warmup_epochs=0", "seed=5"]
+    summary = train(load_config("mnist_lt_balpoe_mixup", quick + [f"out={tmp_path}"]), progress_bar=False,
+                    verbose=False)
+    records = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert len(steps) == sum(record["steps"] for record in records) > 0
+    assert {(seed, epoch) for seed, epoch, _ in steps} == {(5, 0), (5, 1)} and all(mixed for *_, mixed in steps)
+    assert 0 <= summary["stage1"]["overall"] <= 100
+    with pytest.raises(ValueError, match=r"train.mixup: unknown option\(s\) \['alpha'\]"):
+        train(load_config("mnist_lt_balpoe", quick + [f"out={tmp_path / 'bad'}", "train.mixup={alpha: 0.4}"]))

@@ -8,7 +8,9 @@ import yaml
 
 import fastlt
 from fastlt.engine import save_checkpoint
+from fastlt.engine.mix import Mixup
 from fastlt.methods import build_method, load_config
+from fastlt.methods import stage1
 from fastlt.methods.stage1 import load_teacher
 from fastlt.models import ModelOutput, NormedLinear, create_model
 
@@ -105,6 +107,31 @@ def test_ride_with_a_teacher_distils_from_its_mean_logits(tmp_path):
     # the teacher gets no gradient: only the student's parameters do
     method.loss_fn(output, targets, images).backward()
     assert all(parameter.grad is not None for parameter in model.parameters() if parameter.requires_grad)
+
+
+def test_a_mixed_step_runs_the_teacher_once_on_the_mixed_images(tmp_path, monkeypatch):
+    """Mixup calls the distillation loss once per label set on the same (mixed) images: one teacher pass, and the
+    result is the official combination with the teacher's logits of the mixed images."""
+    teacher = _teacher_run(tmp_path)
+    forwards = []
+
+    def counting_load_teacher(*args, **kwargs):
+        loaded = load_teacher(*args, **kwargs)
+        loaded.register_forward_hook(lambda module, inputs, result: forwards.append(inputs[0]))
+        return loaded
+
+    monkeypatch.setattr(stage1, "load_teacher", counting_load_teacher)
+    model, targets = outputs("ride_small_cnn")
+    method = build_method({"name": "ride", "teacher": str(tmp_path)}, COUNTS, model)
+    mixed = Mixup(mixup_alpha=0.4, seed=0)(torch.randn(8, 1, 28, 28), targets)
+    output = model(mixed.images)
+    teacher.train()
+    with torch.no_grad():
+        teacher_logits = teacher(mixed.images).logits
+    distill = fastlt.RIDEDistillLoss(fastlt.RIDELoss(COUNTS))
+    expected = mixed.loss(lambda out, y: distill(out.expert_logits, y, teacher_logits), output)
+    torch.testing.assert_close(mixed.loss(method.loss_fn, output, mixed.images), expected, rtol=1e-5, atol=1e-6)
+    assert len(forwards) == 1 and forwards[0] is mixed.images
 
 
 def test_a_teacher_trained_with_a_fused_head_loads(tmp_path):
