@@ -37,7 +37,7 @@ KNOWN_KEYS = {
                "beta", "label_smoothing", "log_eps", "fused_log_eps", "fused_head", "chunk_size"},
     "stage2": {"name", "epochs", "batch_size", "lr", "weight_decay", "sampler", "samples_per_class", "freeze_bn",
                "tau", "taus", "select_on", "feature_transform", "distance", "top_k", "pos_weight", "threshold",
-               "adapt_on", "init"},
+               "adapt_on", "views", "init"},
 }
 INTEGER, NUMBER, BOOLEAN = "an integer", "a number", "true or false"
 # key: (kind, smallest allowed value)

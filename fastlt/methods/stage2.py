@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from fastlt.data.transforms import SADE_VIEWS
 from fastlt.engine import RunFolder, evaluate_logits, format_results, predict
 from fastlt.methods import decoupling, logit_adjust, router as routing, sade
 from fastlt.methods.builders import build_loader, build_sampler, evaluate
@@ -136,20 +137,28 @@ def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: boo
 
 
 def adapt_sade_weights(model, datasets, data: dict, options: dict, seed: int, device, run):
-    """SADE's test-time aggregation weights, learned on two augmented views of the unlabeled `adapt_on` split
-    (default test, as the official code; labels are never read)."""
+    """SADE's test-time aggregation weights, learned on two strongly augmented views of the unlabeled `adapt_on`
+    split (default test, as the official code; labels are never read). `views` names the official augmentation
+    (fastlt.data.transforms.SADE_VIEWS: cifar, imagenet, inaturalist); default cifar for array datasets (on grey
+    images its grey analogue), imagenet for image files."""
     split = options.get("adapt_on", "test")
     if datasets.get(split) is None:
         raise ValueError(f"stage2 sade: no {split} split to adapt the expert weights on; set stage2.adapt_on")
     if model.num_experts != 3:
         raise ValueError(f"stage2 sade: needs the 3-expert SADE model, got {model.num_experts} experts")
+    views = options.get("views", "cifar" if hasattr(datasets[split], "images") else "imagenet")
+    if views not in SADE_VIEWS:
+        raise ValueError(f"stage2 sade: views must be one of {sorted(SADE_VIEWS)}, got {views!r}")
     batch_size, epochs = options.get("batch_size", 128), options.get("epochs", 5)
+    # the view replaces the training augmentation (its crop and flip settings kept): torch loader, always augmented
+    view_data = {**data, "loader": "torch", "augment": True,
+                 "augment_options": {**data.get("augment_options", {}), "strong": SADE_VIEWS[views]}}
     # the same shuffled order in both loaders, each drawing its own augmentation (the official TwoCropsTransform)
-    views = [build_loader(datasets[split], data, batch_size, train=True, seed=seed + view,
-                          sampler=build_sampler(datasets[split], "instance_balanced", seed, epochs))
-             for view in range(2)]
+    view_loaders = [build_loader(datasets[split], view_data, batch_size, train=True, seed=seed + view,
+                                 sampler=build_sampler(datasets[split], "instance_balanced", seed, epochs))
+                    for view in range(2)]
     return sade.adapt_expert_weights(
-        sade.frozen_expert_logits(model, device), views, epochs=epochs, lr=options.get("lr", 0.1),
+        sade.frozen_expert_logits(model, device), view_loaders, epochs=epochs, lr=options.get("lr", 0.1),
         weight_decay=options.get("weight_decay", 5e-4), num_experts=model.num_experts, on_epoch_end=run.log,
         device=device)
 

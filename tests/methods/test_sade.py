@@ -3,6 +3,7 @@ constructed case, and `fastlt train` + `fastlt stage2 sade` + `fastlt eval` end 
 
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from conftest import DIGITS
 from op_helpers import backend, needs_cpp, needs_cuda
 
 from fastlt.cli import main
-from fastlt.methods import build_method
+from fastlt.data.base import ArrayDataset
+from fastlt.methods import build_method, load_config, sade, stage2
 from fastlt.methods.sade import (SADELoss, adapt_expert_weights, aggregate, reversed_prior, sade_logit_shifts,
                                  stops_adapting)
 from fastlt.models import create_model
@@ -180,6 +182,45 @@ def test_adaptation_stops_as_the_official_loop_on_weights_rounded_to_two_decimal
     assert official_epochs == len(history)
     torch.testing.assert_close(weights, official_weights, atol=1e-6, rtol=0)
     assert not stops_adapting(torch.tensor(history[1]["weights"])) and stops_adapting(weights)
+
+
+class RedSquares(ArrayDataset):
+    """32 x 32 RGB images of one saturated colour, two classes, no normalisation: a grey pixel is a greyed image."""
+
+    def __init__(self, size=128):
+        self.images = np.zeros((size, 32, 32, 3), dtype=np.uint8)
+        self.images[..., 0], self.images[..., 1:] = 200, 40
+        self.targets = np.arange(size) % 2
+        self.num_classes, self.train_class_counts = 2, np.bincount(self.targets)
+        self.normalization = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("views", [None, "cifar"])
+def test_stage2_adapts_on_the_official_strong_views(views, monkeypatch):
+    """The two view loaders apply the official CIFAR view (RandomGrayscale 0.2 among others), not the training
+    augmentation (which never greys an image), even with the recipe's rotation."""
+    captured = {}
+    monkeypatch.setattr(sade, "adapt_expert_weights", lambda logits_of, loaders, **kwargs: captured.update(
+        loaders=loaders))
+    data = {"loader": "dali", "num_workers": 0, "augment_options": {"rotation": 15}}
+    options = {"batch_size": 128} if views is None else {"batch_size": 128, "views": views}
+    model = create_model("ride_small_cnn", num_classes=2, num_experts=3, in_channels=3)
+    run = types.SimpleNamespace(log=print)
+    stage2.adapt_sade_weights(model, {"test": RedSquares()}, data, options, seed=0, device=torch.device("cpu"),
+                              run=run)
+    for loader in captured["loaders"]:
+        images, _ = next(iter(loader))
+        greyed = ((images[:, 0] - images[:, 1]).abs().amax((1, 2)) < 1e-6).float().mean()
+        assert 0.08 < greyed < 0.35, greyed
+    with pytest.raises(ValueError, match="views must be one of"):
+        stage2.adapt_sade_weights(model, {"test": RedSquares()}, data, {"views": "cifar10"}, seed=0,
+                                  device=torch.device("cpu"), run=run)
+
+
+def test_sade_recipes_name_their_official_views():
+    for recipe, views in (("mnist_lt_sade", "cifar"), ("cifar100_lt_r100_sade", "cifar"),
+                          ("imagenet_lt_x50_sade", "imagenet"), ("inat18_r50_sade", "inaturalist")):
+        assert load_config(recipe)["stage2"]["views"] == views, recipe
 
 
 def test_train_then_stage2_sade_then_eval_on_digits(tmp_path, capsys):
