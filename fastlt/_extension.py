@@ -1,15 +1,16 @@
 """Loads the compiled extension ``fastlt._C`` if it was built; Triton (CUDA tensors) and the reference take over
-otherwise, with one warning that says why and how to build it.
+otherwise, with one warning that says why and how to build it (or which torch to install).
 
 ``BUILD_INFO`` is the build record setup.py writes beside the module (torch version, CUDA archs, CPU ISA clones).
-The module is loaded only under the torch it was compiled against: another torch's C++ ABI differs, and loading it
-fails with an undefined-symbol error or worse.
+The module is loaded only under a torch it can work with (`torch_mismatch`): another torch's C++ ABI differs, and
+loading it fails with an undefined-symbol error or worse.
 """
 
 import importlib.util
 import json
 import os
 import warnings
+from typing import Optional
 
 import torch
 
@@ -35,16 +36,34 @@ def read_build_info(package_dir=os.path.dirname(os.path.abspath(__file__))) -> d
         return {}
 
 
-def torch_mismatch(build_info: dict, running_version: str):
-    """A message when the record says the module was built against another torch than ``running_version``."""
+def torch_mismatch(build_info: dict, running_version: str, running_cuda: Optional[str]) -> Optional[str]:
+    """A message saying which torch to install when the compiled module cannot work with the running torch
+    (``running_version`` = ``torch.__version__``, ``running_cuda`` = ``torch.version.cuda``), else None.
+
+    What has to match is what the module links against: the torch version (its C++ ABI) and, when the module holds
+    CUDA kernels, a CUDA build of torch for the same CUDA major version (its CUDA libraries). The rest of the local
+    label does not matter: a CPU-only module built against 2.14.1+cu130 runs under 2.14.1+cpu. The wheel requires
+    ``torch==<version>`` (setup.py), which is the part pip can check: PyPI's CUDA torch and the CPU build of one
+    version carry the same version number.
+    """
     built_with = build_info.get("torch")
-    if built_with and built_with != running_version:
-        return (
-            f"fastlt._C was compiled against torch {built_with}, but torch {running_version} is running; a compiled "
-            f"extension only works with the torch it was built against. Install torch=={built_with.split('+')[0]} "
-            "or rebuild fastlt."
-        )
-    return None
+    if not built_with:
+        return None  # no build record: nothing to compare
+    version = built_with.split("+")[0]
+    build_cuda = build_info.get("torch_cuda") if build_info.get("with_cuda") else None
+    version_matches = running_version.split("+")[0] == version
+    cuda_matches = build_cuda is None or (running_cuda or "").split(".")[0] == build_cuda.split(".")[0]
+    if version_matches and cuda_matches:
+        return None
+    if build_cuda:
+        needed = f"torch {version} built for CUDA {build_cuda.split('.')[0]}"
+        install = (f"pip install torch=={version} --index-url https://download.pytorch.org/whl/"
+                   f"cu{build_cuda.replace('.', '')}")
+    else:
+        needed, install = f"torch {version}", f"pip install torch=={version}"
+    running = f"torch {running_version} ({f'CUDA {running_cuda}' if running_cuda else 'no CUDA'})"
+    return (f"fastlt._C was compiled against torch {built_with}{' with CUDA kernels' if build_cuda else ''} and needs "
+            f"{needed}, but {running} is running: `{install}`, or rebuild fastlt against the installed torch")
 
 
 def _load():
@@ -53,7 +72,7 @@ def _load():
         IMPORT_ERROR = "fastlt was installed without its compiled kernels (fastlt._C is not built)"
     else:
         BUILD_INFO = read_build_info()
-        IMPORT_ERROR = torch_mismatch(BUILD_INFO, torch.__version__)
+        IMPORT_ERROR = torch_mismatch(BUILD_INFO, torch.__version__, torch.version.cuda)
         if IMPORT_ERROR is None:
             try:
                 from fastlt import _C as module  # loading it registers the fastlt:: C++ ops

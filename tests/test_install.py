@@ -123,14 +123,41 @@ def test_pure_python_install_warns_plainly_and_benchmarks(pure_python_install, t
     assert "Traceback" not in result.stderr
 
 
-def test_torch_mismatch_message():
+def test_torch_mismatch_says_which_torch_to_install():
     from fastlt import _extension
 
-    assert _extension.torch_mismatch({"torch": "2.14.1+cu130"}, "2.14.1+cu130") is None
-    assert _extension.torch_mismatch({}, "2.13.0") is None  # no build record: nothing to compare
-    message = _extension.torch_mismatch({"torch": "2.14.1+cu130"}, "2.13.0+cu128")
-    assert "compiled against torch 2.14.1+cu130, but torch 2.13.0+cu128 is running" in message
-    assert "torch==2.14.1" in message
+    cuda_build = {"torch": "2.14.1+cu130", "torch_cuda": "13.0", "with_cuda": True}
+    assert _extension.torch_mismatch(cuda_build, "2.14.1+cu130", "13.0") is None
+    assert _extension.torch_mismatch({}, "2.13.0", None) is None  # no build record: nothing to compare
+    message = _extension.torch_mismatch(cuda_build, "2.14.1+cpu", None)
+    assert ("compiled against torch 2.14.1+cu130 with CUDA kernels and needs torch 2.14.1 built for CUDA 13, but "
+            "torch 2.14.1+cpu (no CUDA) is running") in message
+    assert "`pip install torch==2.14.1 --index-url https://download.pytorch.org/whl/cu130`" in message
+    message = _extension.torch_mismatch({**cuda_build, "with_cuda": False}, "2.13.0+cu128", "12.8")
+    assert "needs torch 2.14.1, but torch 2.13.0+cu128 (CUDA 12.8) is running: `pip install torch==2.14.1`" in message
+
+
+@pytest.mark.parametrize("with_cuda", [False, True], ids=["cpu-kernels", "cuda-kernels"])
+def test_runtime_torch_check_agrees_with_the_wheels_pin(tmp_path, with_cuda):
+    """The wheel pins what pip can check (the version); the check at import demands that version, plus a CUDA torch
+    of the build's CUDA major version when the module holds CUDA kernels (a CPU torch lacks their libraries)."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    from fastlt import _extension
+
+    requirements = _metadata_requirements(tmp_path / "metadata", {})
+    pin = next(Requirement(line) for line in requirements if line.startswith("torch"))
+    installed = importlib.metadata.version("torch").split("+")[0]
+    record = {"torch": f"{installed}+cu130", "torch_cuda": "13.0", "with_cuda": with_cuda}
+    major, minor, patch = (int(part) for part in installed.split(".")[:3])
+    for running, cuda in [(f"{installed}+cu130", "13.0"), (installed, "13.0"), (f"{installed}+cu132", "13.2"),
+                          (f"{installed}+cu128", "12.8"), (f"{installed}+cpu", None),
+                          (f"{major}.{minor}.{patch + 1}+cu130", "13.0"), (f"{major}.{minor - 1}.0+cpu", None)]:
+        accepted = _extension.torch_mismatch(record, running, cuda) is None
+        cuda_ok = not with_cuda or (cuda or "").startswith("13.")
+        assert accepted == (pin.specifier.contains(running) and cuda_ok), (running, cuda)
 
 
 def test_demo_names_the_package_to_install_when_mnist_is_missing(monkeypatch):
