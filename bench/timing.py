@@ -7,7 +7,8 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
+
+from fastlt.progress import progress_bar
 
 
 def measure(fn, *, warmup=2, repeats=10, min_seconds=0.0):
@@ -83,6 +84,5 @@ def table_header(name, run, quick=False, **options):
 
 
 def progress(iterable, description, total=None):
-    """A progress bar on stderr (the table goes to stdout) while a benchmark runs its cases."""
-    return tqdm(iterable, desc=description, total=total, leave=False, file=sys.stderr, mininterval=0.5,
-                dynamic_ncols=True)
+    """A progress bar on stderr (the table goes to stdout) while a benchmark runs its cases (`fastlt.progress`)."""
+    return progress_bar(iterable, description, total, file=sys.stderr)

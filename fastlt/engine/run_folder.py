@@ -19,6 +19,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from fastlt.progress import progress_bar
+
 
 class RunFolder:
     def __init__(self, root: str, config: Optional[dict] = None, *, is_main: bool = True, tensorboard: bool = False,
@@ -86,9 +88,9 @@ class RunFolder:
         os.replace(temporary, path)
 
     def progress(self, iterable: Iterable, desc: str = "", total: Optional[int] = None) -> tqdm:
-        """A tqdm bar on the main rank (progress_bar=False turns it off, e.g. for logs that are not a terminal)."""
-        enabled = self.is_main and self.progress_bar
-        return tqdm(iterable, desc=desc, total=total, disable=not enabled, dynamic_ncols=True, leave=False)
+        """A tqdm bar on the main rank (`fastlt.progress`: a line a minute when stderr is not a terminal;
+        progress_bar=False turns it off)."""
+        return progress_bar(iterable, desc, total, enabled=self.is_main and self.progress_bar)
 
     def close(self) -> None:
         if self.tensorboard is not None:
