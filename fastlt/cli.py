@@ -1,10 +1,19 @@
-"""The `fastlt` command: `fastlt bench ...`, `fastlt demo`, `fastlt train`, `fastlt eval`, `fastlt stage2`."""
+"""The `fastlt` command: `fastlt bench ...`, `fastlt demo`, `fastlt doctor`, `fastlt train`, `fastlt eval`,
+`fastlt stage2`.
+
+Building the parser imports no torch: a command's arguments are added, and its module imported, only when that
+command runs, so `fastlt --help` and `fastlt train --help` answer at once. A `fastlt.errors.UserError` (a bad config
+value, a missing file, no GPU, a missing optional package) ends the command with one line on stderr and exit code 2;
+any other exception is a bug and keeps its traceback.
+"""
 
 import argparse
 import importlib
 import json
 import os
 import sys
+
+from fastlt.errors import UserError
 
 # glibc returns large freed blocks to the OS and every new large tensor then pays page faults (first-touch zeroing
 # of the whole buffer), which would dominate a memory-bound kernel's time. Benchmarks run with freed memory kept in
@@ -30,18 +39,17 @@ def _load(target):
 def bench(names, quick=False, json_path=None, **options):
     """Run benchmarks by name, print a table per benchmark (under a header: machine, threads, problem sizes),
     optionally write all rows to JSON. ``options`` (backend, device) apply to the op and loss benchmarks."""
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        raise UserError(f"unknown benchmark {unknown[0]!r}; choose from {sorted(BENCHMARKS)}")
+    if options and set(names) - {"ops", "losses"}:
+        raise UserError("--backend and --device apply to `ops` and `losses` only")
     from fastlt.bench.timing import format_table, table_header
+    from fastlt.engine.run_folder import json_ready
 
     results = {}
     for name in names:
-        if name not in BENCHMARKS:
-            raise SystemExit(f"fastlt bench: unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
-        try:
-            run = _load(BENCHMARKS[name])
-        except (ImportError, AttributeError) as error:
-            raise SystemExit(f"fastlt bench {name}: not available in this install ({error})") from error
-        if options and name not in ("ops", "losses"):
-            raise SystemExit(f"fastlt bench {name}: --backend and --device apply to `ops` and `losses` only")
+        run = _load(BENCHMARKS[name])
         print(f"\n== fastlt bench {name}{' (quick)' if quick else ''} ==", flush=True)
         print(table_header(name, run, quick, **options), flush=True)
         rows = run(quick=quick, **options)
@@ -49,20 +57,79 @@ def bench(names, quick=False, json_path=None, **options):
         results[name] = rows
     if json_path:
         with open(json_path, "w") as handle:
-            json.dump(results, handle, indent=2)
+            json.dump(json_ready(results), handle, indent=2, allow_nan=False)
         print(f"\nwrote {json_path}")
     return results
 
 
 def demo(args):
     """The main job on the embedded default data; ends with the op benchmark summary."""
-    try:
-        run_demo = _load("fastlt.demo:run")
-    except (ImportError, AttributeError):
-        run_demo = None
-    if run_demo is not None:
-        run_demo(args)
+    _load("fastlt.demo:run")(args)
     bench(["ops"], quick=True, json_path=args.json)
+
+
+def _bench_arguments(parser):
+    parser.add_argument("names", nargs="*", default=["ops"], help=f"any of {sorted(BENCHMARKS)} (default: ops)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats, no torch.compile baseline")
+    parser.add_argument("--json", help="write all rows to this JSON file")
+    parser.add_argument("--backend", choices=("cpp", "triton", "reference"),
+                        help="fused implementation for ops/losses (default: the compiled kernels if built)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="tensors' device for ops/losses (default: cpu)")
+
+
+def _demo_arguments(parser):
+    parser.add_argument("--json", help="write the benchmark rows to this JSON file")
+    parser.add_argument("--out", default="runs/demo", help="run folder of the training demo")
+
+
+def _train_arguments(parser):
+    parser.add_argument("--config", required=True, help="a YAML file or a packaged recipe name, e.g. mnist_lt_ride")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=5")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.set_defaults(handler="fastlt.methods.commands:train_command")
+
+
+def _eval_arguments(parser):
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--checkpoint", help="a stage-1 checkpoint (default: best.pt with val, else last.pt)")
+    parser.add_argument("--split", default="test", choices=("test", "val"))
+    parser.set_defaults(handler="fastlt.methods.commands:eval_command")
+
+
+def _stage2_arguments(parser):
+    from fastlt.methods.stage2 import STAGE2_METHODS  # the one list of them; `fastlt stage2` imports it anyway
+
+    parser.add_argument("method", choices=STAGE2_METHODS)
+    # the run folder as a positional (before any overrides) or as --run (argparse cannot put overrides after it)
+    parser.add_argument("run", nargs="?", help="the stage-1 run folder")
+    parser.add_argument("--run", dest="run_option", help="the stage-1 run folder (when no overrides follow)")
+    parser.add_argument("overrides", nargs="*", help="e.g. stage2.epochs=5 stage2.freeze_bn=true")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler="fastlt.methods.commands:stage2_command")
+
+
+# name -> (help, the function adding its arguments; fastlt.doctor parses its own)
+COMMANDS = {
+    "bench": ("run benchmarks and print a table", _bench_arguments),
+    "demo": ("the main job on the embedded data (MNIST-LT), then a quick op benchmark", _demo_arguments),
+    "doctor": ("versions, how the extension was built, every kernel vs the reference here", None),
+    "train": ("train a recipe (and its stage 2), report many/medium/few on test", _train_arguments),
+    "eval": ("evaluate a run folder (stage 1 or stage2_<name>)", _eval_arguments),
+    "stage2": ("Decoupling classifiers, RIDE's router, post-hoc logit adjustment or SADE's test-time expert "
+               "aggregation on a stage-1 run", _stage2_arguments),
+}
+
+
+def build_parser(command=None):
+    """The `fastlt` parser with the arguments of `command` only (adding another's may import its modules)."""
+    parser = argparse.ArgumentParser(prog="fastlt", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments) in COMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == command and add_arguments is not None:
+            add_arguments(subparser)
+    return parser
 
 
 def _rerun_with_bench_allocator(argv):
@@ -73,27 +140,23 @@ def _rerun_with_bench_allocator(argv):
     os.execv(sys.executable, [sys.executable, "-m", "fastlt.cli"] + list(argv))
 
 
+def _run(args):
+    if args.command == "bench":
+        options = {key: value for key, value in (("backend", args.backend), ("device", args.device)) if value}
+        bench(args.names, quick=args.quick, json_path=args.json, **options)
+    elif args.command == "demo":
+        demo(args)
+    else:
+        _load(args.handler)(args)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # accepted anywhere on the line, also after the subcommand
     argv = [item for item in argv if item != "--debug"]
     if argv[:1] == ["doctor"]:  # before the training commands are imported: they import triton (see fastlt.doctor)
         return _load("fastlt.doctor:main")(argv[1:])
-    parser = argparse.ArgumentParser(prog="fastlt", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    p_bench = commands.add_parser("bench", help="run benchmarks and print a table")
-    p_bench.add_argument("names", nargs="*", default=["ops"], help=f"any of {sorted(BENCHMARKS)} (default: ops)")
-    p_bench.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats, no torch.compile baseline")
-    p_bench.add_argument("--json", help="write all rows to this JSON file")
-    p_bench.add_argument("--backend", choices=("cpp", "triton", "reference"),
-                         help="fused implementation for ops/losses (default: the compiled kernels if built)")
-    p_bench.add_argument("--device", choices=("cpu", "cuda"), help="tensors' device for ops/losses (default: cpu)")
-    p_demo = commands.add_parser("demo", help="the main job on the embedded data (MNIST-LT), then a quick op benchmark")
-    p_demo.add_argument("--json", help="write the benchmark rows to this JSON file")
-    p_demo.add_argument("--out", default="runs/demo", help="run folder of the training demo")
-    commands.add_parser("doctor", help="versions, how the extension was built, every kernel vs the reference here")
-    _load("fastlt.methods.commands:add_subcommands")(commands)
+    parser = build_parser(argv[0] if argv else None)
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides given after an option (`--no-progress train.epochs=2`) land here
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
@@ -101,20 +164,14 @@ def main(argv=None):
         args.overrides = [*args.overrides, *extra]
     if args.command in ("bench", "demo"):
         _rerun_with_bench_allocator(argv)
-    if args.command == "bench":
-        options = {key: value for key, value in (("backend", args.backend), ("device", args.device)) if value}
-        bench(args.names, quick=args.quick, json_path=args.json, **options)
-    elif args.command == "demo":
-        demo(args)
-    else:
-        try:
-            args.handler(args)
-        except (ValueError, OSError) as error:  # bad config, data or run folder: say what, not where in fastlt
-            if debug:
-                raise
-            message = " ".join(str(error).split())
-            print(f"fastlt {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
-            raise SystemExit(2) from None
+    try:
+        _run(args)
+    except UserError as error:  # what the user can fix: say what, not where in fastlt
+        if debug:
+            raise
+        message = " ".join(str(error).split())
+        print(f"fastlt {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
     return 0
 
 

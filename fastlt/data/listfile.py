@@ -7,6 +7,7 @@ import numpy as np
 
 from fastlt.data.base import LongTailedDataset, validate_targets
 from fastlt.data.transforms import NORMALIZATION
+from fastlt.errors import DataError, MissingFileError
 
 
 def read_list_file(list_file):
@@ -19,25 +20,25 @@ def read_list_file(list_file):
     (['train/a b/img 1.jpg', 'train/c.jpg'], array([3, 0]))
     """
     if not os.path.isfile(list_file):
-        raise FileNotFoundError(f"list file not found: {list_file}")
+        raise MissingFileError(f"list file not found: {list_file}")
     paths, labels = [], []
     with open(list_file, "rb") as handle:
         for line_number, raw in enumerate(handle, 1):
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as error:
-                raise ValueError(f"{list_file}:{line_number}: not UTF-8 text ({error.reason} at byte "
+                raise DataError(f"{list_file}:{line_number}: not UTF-8 text ({error.reason} at byte "
                                  f"{error.start}: {raw[error.start:error.start + 4]!r}); re-encode the list file "
                                  f"as UTF-8") from None
             if not line:
                 continue
             parts = line.rsplit(maxsplit=1)
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise ValueError(f"{list_file}:{line_number}: expected 'relative/path label', got {line!r}")
+                raise DataError(f"{list_file}:{line_number}: expected 'relative/path label', got {line!r}")
             paths.append(parts[0])
             labels.append(int(parts[1]))
     if not paths:
-        raise ValueError(f"list file {list_file} is empty (no 'path label' lines)")
+        raise DataError(f"list file {list_file} is empty (no 'path label' lines)")
     return paths, np.asarray(labels, dtype=np.int64)
 
 
@@ -115,6 +116,7 @@ class ListFileDataset(LongTailedDataset):
 
     def _failed(self, path, error):
         if not self.skip_corrupt:
-            raise RuntimeError(f"cannot read image {path}: {error}") from error
+            raise DataError(f"cannot read image {path}: {error} (skip_corrupt=True, data.skip_corrupt=true in a "
+                            f"recipe, skips unreadable images)") from error
         warnings.warn(f"skipping unreadable image {path}: {error}", RuntimeWarning, stacklevel=4)
         return None

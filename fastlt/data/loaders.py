@@ -3,8 +3,9 @@
 import torch
 
 from fastlt.data.dali import DALILoader, dali_available
-from fastlt.data.sampling import LongTailSampler
+from fastlt.data.sampling import LongTailSampler, check_count
 from fastlt.data.transforms import ArrayBatchAugment, check_flip, jpeg_transform, jpeg_view_transform
+from fastlt.errors import DataError
 
 LOADERS = ("auto", "dali", "torch")
 
@@ -33,11 +34,13 @@ def make_loader(dataset, batch_size, *, train, sampler=None, loader="auto", mean
     """
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_count("batch_size", batch_size, 1)
     check_flip(flip)
     if sampler is None:
         sampler = LongTailSampler(dataset, strategy="instance_balanced" if train else "sequential", seed=seed)
+    if drop_last and len(sampler) < batch_size:  # an epoch of 0 steps would pass for a trained model
+        raise ValueError(f"drop_last=True drops every batch: batch_size {batch_size} is larger than the "
+                         f"{len(sampler)} samples the sampler yields per epoch (on this rank)")
     default_mean, default_std = dataset.normalization
     mean, std = mean or default_mean, std or default_std
     if loader == "auto":
@@ -71,23 +74,32 @@ class _ImageItems(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        image = self.dataset.load_image(index)
+        try:
+            image = self.dataset.load_image(index)
+        except DataError as error:
+            # Returned, not raised: a DataLoader worker's exception reaches the main process with the worker's
+            # traceback pasted into its message; TorchLoader raises this one there as it is.
+            return error
         return None if image is None else (self.transform(image), int(self.dataset.targets[index]))
 
 
 class _Collate:
-    """Stacks a batch (dropping samples a `skip_corrupt` dataset returned as None), then augments uint8 arrays."""
+    """Stacks a batch (dropping samples a `skip_corrupt` dataset returned as None), then augments uint8 arrays.
+    Returns (images, labels, samples dropped, the DataError of an unreadable image or None)."""
 
     def __init__(self, augment=None):
         self.augment = augment
 
     def __call__(self, samples):
+        error = next((sample for sample in samples if isinstance(sample, DataError)), None)
+        if error is not None:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0, error
         kept = [sample for sample in samples if sample is not None]
         if not kept:
-            return torch.zeros(0), torch.zeros(0, dtype=torch.int64), len(samples)
+            return torch.zeros(0), torch.zeros(0, dtype=torch.int64), len(samples), None
         images = torch.stack([image for image, _ in kept])
         labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
-        return (images if self.augment is None else self.augment(images)), labels, len(samples) - len(kept)
+        return (images if self.augment is None else self.augment(images)), labels, len(samples) - len(kept), None
 
 
 class TorchLoader:
@@ -124,7 +136,9 @@ class TorchLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for images, labels, skipped in self.loader:
+        for images, labels, skipped, error in self.loader:
+            if error is not None:
+                raise error
             self.skipped += skipped
             if len(labels) == 0:
                 self.skipped_batches += 1

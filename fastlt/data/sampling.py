@@ -27,6 +27,8 @@ same global order. Each rank keeps the slots ``rank::world_size`` (padded by wra
 shards are disjoint and equal-length. Classes with no samples are never drawn.
 """
 
+import math
+import numbers
 import operator
 
 import numpy as np
@@ -125,20 +127,38 @@ class ClassGroups:
         return int(self.offsets[-1])
 
 
+def check_count(name, value, minimum):
+    """`value` as an int, if it is an integer >= `minimum`; a float is refused, not truncated (2.7 is no count)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_strategy(strategy, q=None, total_epochs=None, samples_per_class=4, replacement=False):
-    """Raise ValueError if a strategy is unknown or misses its parameter."""
+    """Raise ValueError if a strategy is unknown or misses its parameter, or a parameter is not a valid value."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy == "q_power" and q is None:
         raise ValueError("strategy 'q_power' needs q")
+    if q is not None and (isinstance(q, bool) or not isinstance(q, numbers.Real) or not math.isfinite(q)):
+        raise ValueError(f"q must be a finite number, got {q!r}")
     if strategy == "progressive" and (total_epochs is None or total_epochs < 2):
         raise ValueError(f"strategy 'progressive' needs total_epochs >= 2, got {total_epochs}")
-    if strategy == "class_aware" and samples_per_class < 1:
-        raise ValueError(f"samples_per_class must be >= 1, got {samples_per_class}")
+    check_count("samples_per_class", samples_per_class, 1)
     if not isinstance(replacement, bool):
         raise ValueError(f"replacement must be true or false, got {replacement!r}")
     if replacement and strategy in ("sequential", "class_aware"):
         raise ValueError(f"replacement=True draws classes by probability; strategy {strategy!r} has none")
+
+
+def check_sampler_options(strategy, *, num_samples=None, persistent=True, q=None, total_epochs=None,
+                          samples_per_class=4, replacement=False):
+    """`LongTailSampler`'s argument checks, which read no data: a ValueError naming the argument."""
+    check_strategy(strategy, q, total_epochs, samples_per_class, replacement)
+    if not isinstance(persistent, bool):
+        raise ValueError(f"persistent must be true or false, got {persistent!r}")
+    if num_samples is not None:  # at least one: an epoch of none trains 0 steps and reports the untrained model
+        check_count("num_samples", num_samples, 1)
 
 
 class BucketState:
@@ -200,9 +220,7 @@ def global_epoch_indices(groups, strategy="class_balanced", *, epoch=0, seed=0, 
     `persistent` is not consulted).
     """
     check_strategy(strategy, q, total_epochs, samples_per_class, replacement)
-    num_samples = groups.num_samples if num_samples is None else int(num_samples)
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    num_samples = groups.num_samples if num_samples is None else check_count("num_samples", num_samples, 0)
     options = dict(q=q, total_epochs=total_epochs, samples_per_class=samples_per_class, replacement=replacement)
     if buckets is None:
         buckets = BucketState(groups, strategy)
@@ -261,7 +279,8 @@ class LongTailSampler(torch.utils.data.Sampler):
 
     Call `set_epoch(e)` with the 0-based epoch before each epoch (as `DistributedSampler`). `rank` / `world_size`
     default to the process group's, read when the sampler is used (iterated, measured, asked for indices), so a
-    sampler built before `init_process_group` still shards. `persistent` (default) carries each class's bucket and
+    sampler built before `init_process_group` still shards (an explicit `rank` alone is checked against the group's
+    size then too). `persistent` (default) carries each class's bucket and
     the class cycle over from one epoch to the next, as the official samplers do; `replacement` draws i.i.d. with
     replacement (module docstring).
 
@@ -280,11 +299,13 @@ class LongTailSampler(torch.utils.data.Sampler):
     def __init__(self, targets=None, *, class_counts=None, strategy="class_balanced", seed=0, num_samples=None,
                  rank=None, world_size=None, drop_last=False, q=None, total_epochs=None, samples_per_class=4,
                  persistent=True, replacement=False):
-        check_strategy(strategy, q, total_epochs, samples_per_class, replacement)
-        if not isinstance(persistent, bool):
-            raise ValueError(f"persistent must be true or false, got {persistent!r}")
-        if world_size is not None or rank is not None:
-            _check_rank(*_resolve_distributed(rank, world_size))
+        check_sampler_options(strategy, num_samples=num_samples, persistent=persistent, q=q, total_epochs=total_epochs,
+                              samples_per_class=samples_per_class, replacement=replacement)
+        for name, value, minimum in (("rank", rank, 0), ("world_size", world_size, 1)):
+            if value is not None:
+                check_count(name, value, minimum)
+        if rank is not None and world_size is not None:
+            _check_rank(rank, world_size)  # else when the sampler is used: it may be built before init_process_group
         self.groups = ClassGroups(targets, class_counts=class_counts)
         self.strategy = strategy
         self.seed = int(seed)
@@ -383,5 +404,6 @@ class LongTailSampler(torch.utils.data.Sampler):
 
 def _check_rank(rank, world_size):
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size} (an unset "
+                         "world_size is the process group's, 1 without one)")
     return rank, world_size

@@ -5,12 +5,12 @@ from fastlt.engine.acceleration import maybe_compile, prepare_model, unwrap_mode
 from fastlt.engine.amp import autocast, grad_scaler
 from fastlt.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from fastlt.engine.distributed import (DistributedContext, all_gather_concat, init_distributed, shutdown_distributed,
-                                      wrap_model)
+                                      uses_cuda, wrap_model)
 from fastlt.engine.evaluate import evaluate_logits, evaluate_predictions, format_results, plot_per_class_accuracy
 from fastlt.engine.loop import predict, train_one_epoch
 from fastlt.engine.mix import MixedBatch, Mixup
 from fastlt.engine.optim import build_sgd
-from fastlt.engine.run_folder import RunFolder, read_metrics
+from fastlt.engine.run_folder import RunFolder, json_ready, read_metrics, write_json
 from fastlt.engine.schedules import build_schedule
 from fastlt.engine.trainer import fit
 
@@ -30,6 +30,7 @@ __all__ = [
     "format_results",
     "grad_scaler",
     "init_distributed",
+    "json_ready",
     "load_checkpoint",
     "maybe_compile",
     "plot_per_class_accuracy",
@@ -41,5 +42,7 @@ __all__ = [
     "shutdown_distributed",
     "train_one_epoch",
     "unwrap_model",
+    "uses_cuda",
     "wrap_model",
+    "write_json",
 ]

@@ -25,12 +25,13 @@ from torch import nn
 
 from fastlt.engine.acceleration import unwrap_model
 from fastlt.engine.crash_points import crash_point
+from fastlt.errors import MissingFileError, UserError
 
 FORMAT_VERSION = 1
 _TEMPORARY = re.compile(r"\.tmp-(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that exists but cannot be read (truncated, corrupt or not a fastlt checkpoint)."""
 
 
@@ -134,7 +135,7 @@ def load_checkpoint(
     arbitrary pickled objects; pass False only for a file you trust whose sampler or extra state needs it.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
+        raise MissingFileError(f"checkpoint {path} not found")
     try:
         state = torch.load(path, map_location=map_location, weights_only=weights_only)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:

@@ -15,6 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastlt.errors import DeviceUnavailableError
+
+DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -33,13 +36,26 @@ class DistributedContext:
         return self.world_size > 1
 
 
+def uses_cuda(device: str = "auto") -> bool:
+    """Whether `device` ("auto": CUDA when available, "cpu" or "cuda") runs on CUDA here; a DeviceUnavailableError
+    naming the setting when it cannot run here (an unknown name, or cuda without a GPU)."""
+    if device not in DEVICES:
+        raise DeviceUnavailableError(f"device={device!r} is not a device fastlt runs on: set device=auto, cpu or cuda")
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU or driver is visible"
+        raise DeviceUnavailableError(f"device=cuda but torch.cuda.is_available() is False ({why}): set device=auto "
+                                     "or device=cpu")
+    return device == "cuda" or (device == "auto" and available)
+
+
 def init_distributed(device: str = "auto") -> DistributedContext:
     """Joins the process group torchrun describes (env://), or returns a single-process context.
 
-    device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". The backend follows the device: nccl for CUDA,
-    gloo for CPU. Each CUDA rank uses GPU LOCAL_RANK.
+    device: "auto" (CUDA when available, else CPU), "cpu" or "cuda" (`uses_cuda`). The backend follows the device:
+    nccl for CUDA, gloo for CPU. Each CUDA rank uses GPU LOCAL_RANK.
     """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    use_cuda = uses_cuda(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

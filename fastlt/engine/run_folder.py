@@ -1,6 +1,9 @@
 """A run folder: the resolved config (config.yaml), one JSON line per logged record (metrics.jsonl), a tqdm
 progress bar and, optionally, TensorBoard scalars. Only the main rank writes; other ranks get no-ops.
 
+JSON files are written as JSON (`json_ready`, `write_json`): a missing value such as an empty shot group's accuracy
+(NaN in memory) is `null`, never Python's bare `NaN`, which JSON readers refuse.
+
 Usage::
 
     run = RunFolder("runs/ce_mnist", config={"model": "small_cnn", "lr": 0.1})
@@ -10,6 +13,7 @@ Usage::
 """
 
 import json
+import math
 import os
 import time
 from typing import Iterable, Optional
@@ -53,9 +57,9 @@ class RunFolder:
         record["step"] (or record["epoch"])."""
         if not self.is_main:
             return
-        record = {**plain(record), "elapsed_s": round(time.time() - self.start_time, 3)}
+        record = {**json_ready(record), "elapsed_s": round(time.time() - self.start_time, 3)}
         with open(self.path("metrics.jsonl"), "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
         if self.tensorboard is not None:
             step = record.get("step", record.get("epoch", 0))
             for key, value in record.items():
@@ -112,3 +116,19 @@ def plain(value):
     if isinstance(value, (np.ndarray, np.generic, torch.Tensor)):
         return plain(value.tolist())
     return value
+
+
+def json_ready(value):
+    """`plain(value)` with every NaN or infinite float as None (JSON's null): no missing value is written as NaN."""
+    value = plain(value)
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_ready(item) for item in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_json(path: str, value) -> None:
+    """`value` as an indented JSON file (through `json_ready`)."""
+    with open(path, "w") as handle:
+        json.dump(json_ready(value), handle, indent=2, allow_nan=False)

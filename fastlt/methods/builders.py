@@ -1,21 +1,19 @@
 """Builders shared by stage 1 and stage 2: device, datasets, loaders, samplers, model, test evaluation."""
 
-import json
 import os
 
-import numpy as np
 import torch
 
 from fastlt.data import CIFAR10LT, CIFAR100LT, DigitsLT, ListFileDataset, LongTailSampler, MNISTLT, make_loader
+from fastlt.data.sampling import check_sampler_options
 from fastlt.data.transforms import check_flip
-from fastlt.engine import evaluate_logits, plot_per_class_accuracy, predict
+from fastlt.engine import evaluate_logits, plot_per_class_accuracy, predict, uses_cuda, write_json
+from fastlt.methods.config import ConfigError
 from fastlt.models import create_model
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device("cuda" if uses_cuda(name) else "cpu")
 
 
 DATASETS = ("mnist_lt", "digits_lt", "cifar10_lt", "cifar100_lt", "list_file")
@@ -29,21 +27,24 @@ def check_data_spec(data: dict) -> dict:
     `augment_options` (a RandomRotation angle >= 0, a bool flip, ...). Returns `data`."""
     name = data.get("name")
     if name not in DATASETS:
-        raise ValueError(f"data.name: unknown dataset {name!r}; expected one of {DATASETS}")
+        raise ConfigError(f"data.name: unknown dataset {name!r}; expected one of {DATASETS}")
     missing = [key for key in _REQUIRED_DATA_KEYS.get(name, ()) if data.get(key) is None]
     if missing:
-        raise ValueError(f"data: dataset {name!r} needs {missing}")
+        raise ConfigError(f"data: dataset {name!r} needs {missing}")
     if name == "list_file" and data.get("val_list") is not None and data.get("val_list") == data.get("test_list"):
-        raise ValueError("data.val_list is the test list: selecting on it would select on the test set; set "
-                         "val_list: null (the last epoch is kept)")
+        raise ConfigError("data.val_list is the test list: selecting on it would select on the test set; set "
+                          "val_list: null (the last epoch is kept)")
     options = data.get("augment_options", {}) or {}
     unknown = sorted(set(options) - set(AUGMENT_OPTIONS))
     if unknown:
-        raise ValueError(f"data.augment_options: unknown {unknown}; expected some of {AUGMENT_OPTIONS}")
+        raise ConfigError(f"data.augment_options: unknown {unknown}; expected some of {AUGMENT_OPTIONS}")
     if not (isinstance(options.get("rotation", 0), (int, float)) and options.get("rotation", 0) >= 0):
-        raise ValueError(f"data.augment_options.rotation must be an angle >= 0, got {options['rotation']!r}")
+        raise ConfigError(f"data.augment_options.rotation must be an angle >= 0, got {options['rotation']!r}")
     if "flip" in options:
-        check_flip(options["flip"])
+        try:
+            check_flip(options["flip"])
+        except ValueError as error:
+            raise ConfigError(f"data.augment_options.{error}") from None
     return data
 
 
@@ -85,20 +86,25 @@ def build_loader(dataset, data: dict, batch_size: int, *, train: bool, sampler=N
 SAMPLER_OPTIONS = ("q", "samples_per_class", "persistent", "replacement", "num_samples")
 
 
-def build_sampler(dataset, strategy, seed: int, epochs: int, samples_per_class: int = 4):
+def build_sampler(dataset, strategy, seed: int, epochs: int, samples_per_class: int = 4, key: str = "train.sampler"):
     """The training sampler of a recipe: `strategy` is a strategy name or a dict `{name: <strategy>, **options}`
     (`replacement: true` for the official i.i.d. square-root sampler, `persistent: false`, `q`, ...;
-    `fastlt.data.LongTailSampler`). `dataset` may also be a list of class counts."""
+    `fastlt.data.LongTailSampler`). `dataset` may also be a list of class counts. `key` names the recipe's
+    setting in a ConfigError."""
     options = {"samples_per_class": samples_per_class}
     if isinstance(strategy, dict):
         unknown = sorted(set(strategy) - {"name", *SAMPLER_OPTIONS})
         if unknown:
-            raise ValueError(f"sampler: unknown options {unknown}; expected name and some of {SAMPLER_OPTIONS}")
-        options.update({key: value for key, value in strategy.items() if key != "name"})
+            raise ConfigError(f"{key}: unknown options {unknown}; expected name and some of {SAMPLER_OPTIONS}")
+        options.update({option: value for option, value in strategy.items() if option != "name"})
         strategy = strategy.get("name")
+    total_epochs = epochs if epochs > 1 else 2
+    try:  # the sampler's own argument checks, run here to name the recipe's key
+        check_sampler_options(strategy, total_epochs=total_epochs, **options)
+    except ValueError as error:
+        raise ConfigError(f"{key}: {error}") from None
     source = {"class_counts": dataset} if isinstance(dataset, (list, tuple)) else {"targets": dataset}
-    return LongTailSampler(**source, strategy=strategy, seed=seed, total_epochs=epochs if epochs > 1 else 2,
-                           **options)
+    return LongTailSampler(**source, strategy=strategy, seed=seed, total_epochs=total_epochs, **options)
 
 
 def selected_checkpoint(run_dir: str) -> str:
@@ -120,7 +126,5 @@ def evaluate(model, loader, class_counts, folder: str, title: str, device, logit
     results = evaluate_logits(logits, targets, class_counts)
     plot_per_class_accuracy(results["per_class"], class_counts, os.path.join(folder, "per_class_accuracy.png"),
                             title=title)
-    report = {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in results.items()}
-    with open(os.path.join(folder, "results.json"), "w") as handle:
-        json.dump(report, handle, indent=2)
+    write_json(os.path.join(folder, "results.json"), results)
     return results

@@ -3,10 +3,11 @@
 import os
 
 from fastlt.engine import format_results, plot_per_class_accuracy
+from fastlt.errors import UserError
 from fastlt.methods.builders import build_loader, pick_device
 from fastlt.methods.config import apply_overrides, check_config, load_config
 from fastlt.methods.pipeline import load_stage1, train
-from fastlt.methods.stage2 import STAGE2_METHODS, evaluate_stage2, run_stage2
+from fastlt.methods.stage2 import evaluate_stage2, run_stage2
 
 
 def train_command(args) -> dict:
@@ -20,7 +21,7 @@ def stage2_command(args) -> dict:
     then the overrides."""
     args.run = args.run or args.run_option
     if not args.run:
-        raise SystemExit("fastlt stage2: give the stage-1 run folder (fastlt stage2 tau runs/<run> [key=value ...])")
+        raise UserError("give the stage-1 run folder (fastlt stage2 tau runs/<run> [key=value ...])")
     config, datasets, model = load_stage1(args.run, device=pick_device())
     if (config.get("stage2") or {}).get("name") != args.method:
         config["stage2"] = {"name": args.method}
@@ -37,7 +38,7 @@ def eval_command(args) -> dict:
     stage1_dir = os.path.dirname(os.path.normpath(args.run)) if is_stage2 else args.run
     config, datasets, model = load_stage1(stage1_dir, None if is_stage2 else args.checkpoint, device=device)
     if datasets[args.split] is None:
-        raise SystemExit(f"fastlt eval: this dataset has no {args.split} split")
+        raise UserError(f"this dataset has no {args.split} split: evaluate with --split test")
     counts = datasets["train"].train_class_counts
     if is_stage2:
         results = evaluate_stage2(args.run, model, datasets, config["data"], device, args.split)
@@ -50,26 +51,3 @@ def eval_command(args) -> dict:
     plot_per_class_accuracy(results["per_class"], counts, plot, title=f"{config.get('name', '')} ({args.split})")
     print(f"{args.run} on {args.split}:\n{format_results(results)}\nper-class plot: {plot}")
     return results
-
-
-def add_subcommands(commands) -> None:
-    """Registers train / eval / stage2 on the `fastlt` argparse subparsers."""
-    p_train = commands.add_parser("train", help="train a recipe (and its stage 2), report many/medium/few on test")
-    p_train.add_argument("--config", required=True, help="a YAML file or a packaged recipe name, e.g. mnist_lt_ride")
-    p_train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=5")
-    p_train.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    p_train.set_defaults(handler=train_command)
-    p_eval = commands.add_parser("eval", help="evaluate a run folder (stage 1 or stage2_<name>)")
-    p_eval.add_argument("--run", required=True)
-    p_eval.add_argument("--checkpoint", help="a stage-1 checkpoint (default: best.pt with val, else last.pt)")
-    p_eval.add_argument("--split", default="test", choices=("test", "val"))
-    p_eval.set_defaults(handler=eval_command)
-    p_stage2 = commands.add_parser("stage2", help="Decoupling classifiers, RIDE's router, post-hoc logit adjustment "
-                                                  "or SADE's test-time expert aggregation on a stage-1 run")
-    p_stage2.add_argument("method", choices=STAGE2_METHODS)
-    # the run folder as a positional (before any overrides) or as --run (argparse cannot put overrides after it)
-    p_stage2.add_argument("run", nargs="?", help="the stage-1 run folder")
-    p_stage2.add_argument("--run", dest="run_option", help="the stage-1 run folder (when no overrides follow)")
-    p_stage2.add_argument("overrides", nargs="*", help="e.g. stage2.epochs=5 stage2.freeze_bn=true")
-    p_stage2.add_argument("--no-progress", action="store_true")
-    p_stage2.set_defaults(handler=stage2_command)

@@ -20,6 +20,8 @@ from typing import Iterable, Optional
 
 import yaml
 
+from fastlt.errors import MissingFileError, UserError
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 # The keys each checked section accepts (besides those any packaged recipe uses); `model` options go to the model
@@ -58,7 +60,7 @@ REQUIRED_KEYS = ("out", "data.name", "model.name", "method.name", "train.epochs"
                  "train.schedule.name")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe or override that fastlt cannot run: unknown key, wrong value type or range."""
 
 
@@ -72,7 +74,7 @@ def resolve_path(name_or_path: str, relative_to: Optional[str] = None) -> str:
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
-    raise FileNotFoundError(f"config {name_or_path!r} not found (looked in {candidates})")
+    raise MissingFileError(f"config {name_or_path!r} not found (looked in {candidates})")
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -107,7 +109,7 @@ def set_key(config: dict, dotted_key: str, value) -> None:
     for parent in parents:
         node = node.setdefault(parent, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {dotted_key}: {parent} is not a section")
+            raise ConfigError(f"override {dotted_key}: {parent} is not a section")
     node[last] = value
 
 

@@ -21,10 +21,11 @@ from fastlt.engine import (RunFolder, build_schedule, build_sgd, fit, format_res
                            load_checkpoint, shutdown_distributed, wrap_model)
 from fastlt.engine.mix import build_mixup
 from fastlt.engine.trainer import recover_interrupted_run
+from fastlt.errors import MissingFileError
 from fastlt.methods import stage2
 from fastlt.methods.builders import (build_datasets, build_loader, build_model, build_sampler, evaluate,
                                      selected_checkpoint)
-from fastlt.methods.config import read_recipe
+from fastlt.methods.config import ConfigError, read_recipe
 from fastlt.methods.stage1 import build_method
 
 
@@ -45,11 +46,25 @@ def check_data_paths(data: dict) -> None:
     if data.get("name") in DATA_FOLDERS:
         root = data.get("root")
         if root is None or not os.path.isdir(os.path.expanduser(str(root))):
-            raise FileNotFoundError(f"data.root {root!r} is not a folder: set data.root=<the folder holding "
+            raise MissingFileError(f"data.root {root!r} is not a folder: set data.root=<the folder holding "
                                     f"{DATA_FOLDERS[data['name']]}> (fastlt downloads nothing)")
     for split in ("train_list", "val_list", "test_list"):
         if data.get("name") == "list_file" and data.get(split) and not os.path.isfile(data[split]):
-            raise FileNotFoundError(f"data.{split} {data[split]!r} not found: set data.{split}=<its path>")
+            raise MissingFileError(f"data.{split} {data[split]!r} not found: set data.{split}=<its path>")
+
+
+def per_rank_batch_size(train_cfg: dict, sampler, world_size: int) -> int:
+    """The recipe's batch size is the global one (the papers' DataParallel batch): split over the ranks. A ConfigError
+    when that leaves an epoch without a training step."""
+    batch_size = train_cfg["batch_size"]
+    if batch_size < world_size:
+        raise ConfigError(f"train.batch_size={batch_size} is the global batch, split over {world_size} ranks: set "
+                          f"train.batch_size >= {world_size}")
+    if train_cfg.get("drop_last", False) and len(sampler) < batch_size // world_size:
+        per_rank = f" per rank ({world_size} ranks)" if world_size > 1 else ""
+        raise ConfigError(f"train.drop_last=true with train.batch_size={batch_size} trains 0 steps: an epoch has "
+                          f"{len(sampler)} samples{per_rank}; lower train.batch_size or set train.drop_last=false")
+    return batch_size // world_size
 
 
 def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict:
@@ -71,10 +86,8 @@ def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict
     model.to(device)
     epochs = train_cfg["epochs"]
     sampler = build_sampler(datasets["train"], train_cfg.get("sampler", "instance_balanced"), seed, epochs)
-    # the recipes' batch size is the global one (the papers' DataParallel batch): split it over the ranks
-    train_loader = build_loader(datasets["train"], data, train_cfg["batch_size"] // context.world_size, train=True,
-                                sampler=sampler,
-                                seed=seed, drop_last=train_cfg.get("drop_last", False))
+    train_loader = build_loader(datasets["train"], data, per_rank_batch_size(train_cfg, sampler, context.world_size),
+                                train=True, sampler=sampler, seed=seed, drop_last=train_cfg.get("drop_last", False))
     eval_batch = train_cfg.get("eval_batch_size", 256)
     val_loader = None if datasets["val"] is None else build_loader(datasets["val"], data, eval_batch, train=False)
     optimizer = build_sgd(parameter_groups(model, train_cfg), lr=train_cfg["lr"],
@@ -109,7 +122,7 @@ def load_stage1(run_dir: str, checkpoint: str = None, device=torch.device("cpu")
     """(config, datasets, model with the selected stage-1 weights) of a finished `fastlt train` run."""
     if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
         what = "does not exist" if not os.path.exists(run_dir) else "has no config.yaml"
-        raise FileNotFoundError(f"run folder {run_dir} {what}: give the out= folder of a `fastlt train` run")
+        raise MissingFileError(f"run folder {run_dir} {what}: give the out= folder of a `fastlt train` run")
     config = read_recipe(os.path.join(run_dir, "config.yaml"))
     datasets = build_datasets(config["data"])
     model = build_model(config, datasets["train"].num_classes)

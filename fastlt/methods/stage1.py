@@ -24,9 +24,10 @@ from torch import nn
 import fastlt
 from fastlt.engine import load_checkpoint
 from fastlt.engine.trainer import recover_interrupted_run
+from fastlt.errors import MissingFileError
 from fastlt.methods.balpoe import BalPoELoss, limits_taus
 from fastlt.methods.builders import build_model, selected_checkpoint
-from fastlt.methods.config import read_recipe
+from fastlt.methods.config import ConfigError, read_recipe
 from fastlt.methods.sade import SADELoss
 from fastlt.models import FeatureClassifier, NormedLinear
 
@@ -131,7 +132,7 @@ def _fused_head_ride(loss, config, model) -> Method:
     distillation term from the students' [B, C] mean logits (fastlt.LinearRIDELoss.mean_logits), with the same keys
     and teacher as the unfused ride_distill."""
     if not hasattr(model, "use_fused_head"):
-        raise ValueError(f"ride: fused_head needs a RIDE model, got {type(model).__name__}")
+        raise ConfigError(f"ride: fused_head needs a RIDE model, got {type(model).__name__}")
     classifiers = list(model.classifiers)
     normalize = isinstance(classifiers[0], NormedLinear)
     in_features = classifiers[0].weight.shape[0] if normalize else classifiers[0].in_features
@@ -162,12 +163,12 @@ def load_teacher(path: str, *, num_classes: int, device=None, train_mode: bool =
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     config_path = os.path.join(folder, "config.yaml")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"ride: teacher {path!r} is not a fastlt run folder or a checkpoint in one "
+        raise MissingFileError(f"ride: teacher {path!r} is not a fastlt run folder or a checkpoint in one "
                                 f"(no {config_path}); train the teacher recipe first")
     recover_interrupted_run(folder)  # a teacher run killed between its last.pt and best.pt: the committed best
     checkpoint = selected_checkpoint(path) if os.path.isdir(path) else path
     if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"ride: teacher checkpoint {checkpoint!r} not found")
+        raise MissingFileError(f"ride: teacher checkpoint {checkpoint!r} not found")
     recipe = read_recipe(config_path)
     teacher = build_model(recipe, num_classes)
     # The teacher recipe's own head adaptations (a fused head, LDAM's cosine classifier), so its weights fit. Its loss
@@ -194,7 +195,7 @@ def reslt(config, counts, model) -> Method:
                             fused_log_eps=config.get("fused_log_eps")).to(counts.device)
     smoothing = config.get("label_smoothing", 0.0)
     if not (isinstance(smoothing, (int, float)) and 0 <= smoothing < 1):
-        raise ValueError(f"reslt: label_smoothing must be a number in [0, 1), got {smoothing!r}")
+        raise ConfigError(f"reslt: label_smoothing must be a number in [0, 1), got {smoothing!r}")
     num_branches, num_classes = groups.shape
 
     def branch_loss(branch_logits, targets):
@@ -235,12 +236,12 @@ def balpoe(config, counts, model) -> Method:
     `taus` (default [0, 1, 2]), or `tau_min` / `tau_max` for E equidistant taus (the official 'limits')."""
     num_experts = getattr(model, "num_experts", None)
     if num_experts is None:
-        raise ValueError(f"balpoe: needs a multi-expert model (e.g. ride_small_cnn), got {type(model).__name__}")
+        raise ConfigError(f"balpoe: needs a multi-expert model (e.g. ride_small_cnn), got {type(model).__name__}")
     taus = config.get("taus")
     if taus is None:
         taus = limits_taus(num_experts, config.get("tau_min", 0.0), config.get("tau_max", 2.0))
     if len(taus) != num_experts:
-        raise ValueError(f"balpoe: taus has {len(taus)} values but the model has {num_experts} experts")
+        raise ConfigError(f"balpoe: taus has {len(taus)} values but the model has {num_experts} experts")
     loss = BalPoELoss(counts, taus).to(counts.device)
     return Method("balpoe", lambda output, targets: loss(output.expert_logits, targets))
 
@@ -248,8 +249,8 @@ def balpoe(config, counts, model) -> Method:
 def sade(config, counts, model) -> Method:
     """SADE: forward (CE), uniform (Balanced Softmax) and backward (log pi - tau log pi_bar) experts, summed."""
     if getattr(model, "num_experts", None) != 3:
-        raise ValueError(f"sade: needs a 3-expert model (forward, uniform, backward), got "
-                         f"{getattr(model, 'num_experts', 'a single-head model')} experts")
+        raise ConfigError(f"sade: needs a 3-expert model (forward, uniform, backward), got "
+                          f"{getattr(model, 'num_experts', 'a single-head model')} experts")
     loss = SADELoss(counts, tau=config.get("tau", 2.0)).to(counts.device)
     return Method("sade", lambda output, targets: loss(output.expert_logits, targets))
 
@@ -263,6 +264,6 @@ def build_method(config: dict, class_counts, model: nn.Module, device=None) -> M
     cosine classifier)."""
     name = config["name"]
     if name not in METHODS:
-        raise ValueError(f"build_method: unknown method {name!r}; expected one of {sorted(METHODS)}")
+        raise ConfigError(f"method.name: unknown method {name!r}; expected one of {sorted(METHODS)}")
     counts = torch.as_tensor(class_counts, dtype=torch.float64, device=device)
     return METHODS[name]({key: value for key, value in config.items() if key != "name"}, counts, model)

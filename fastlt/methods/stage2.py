@@ -13,9 +13,10 @@ import os
 import torch
 
 from fastlt.data.transforms import SADE_VIEWS
-from fastlt.engine import RunFolder, evaluate_logits, format_results, predict
+from fastlt.engine import RunFolder, evaluate_logits, format_results, predict, write_json
 from fastlt.methods import decoupling, logit_adjust, router as routing, sade
 from fastlt.methods.builders import build_loader, build_sampler, evaluate
+from fastlt.methods.config import ConfigError
 from fastlt.models import RIDE, FeatureClassifier, LearnableWeightScaling, NearestClassMean, TauNormLinear
 
 STAGE2_METHODS = ("crt", "lws", "tau", "ncm", "router", "logit_adjust", "sade")
@@ -31,11 +32,11 @@ def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: boo
     options = config["stage2"]
     name = options["name"]
     if name not in STAGE2_METHODS:
-        raise ValueError(f"stage2: unknown method {name!r}; expected one of {STAGE2_METHODS}")
+        raise ConfigError(f"stage2.name: unknown method {name!r}; expected one of {STAGE2_METHODS}")
     needs = NEEDS_MODEL.get(name, FeatureClassifier)
     if not isinstance(model, needs):
-        raise ValueError(f"stage2 {name}: needs a {needs.__name__} stage-1 model, got {type(model).__name__} "
-                         f"({config['model']['name']})")
+        raise ConfigError(f"stage2 {name}: needs a {needs.__name__} stage-1 model, got {type(model).__name__} "
+                          f"({config['model']['name']})")
     folder = stage2_folder(config, name)
     run = RunFolder(folder, config=config, progress_bar=progress_bar)
     data, seed = config["data"], config.get("seed", 0)
@@ -50,7 +51,7 @@ def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: boo
         head = decoupling.crt_head(model) if name == "crt" else decoupling.lws_head(model)
         batch_size, epochs = options.get("batch_size", 128), options.get("epochs", 10)
         sampler = build_sampler(train_set, options.get("sampler", "class_aware"), seed, epochs,
-                                options.get("samples_per_class", 4))
+                                options.get("samples_per_class", 4), key="stage2.sampler")
         loader = build_loader(train_set, data, batch_size, train=True, sampler=sampler, seed=seed)
         fitted = decoupling.retrain_classifier(
             model, head.to(device), loader, epochs=epochs, lr=options.get("lr", 0.2),
@@ -63,7 +64,7 @@ def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: boo
         if tau is None:
             split = options.get("select_on", "val")
             if plain_loader[split] is None:
-                raise ValueError(f"stage2 tau: no {split} split to pick tau on; set stage2.tau or stage2.select_on")
+                raise ConfigError(f"stage2 tau: no {split} split to pick tau on; set stage2.tau or stage2.select_on")
             if split == "test":
                 print("stage2 tau: picking tau on the TEST split, as requested by stage2.select_on", flush=True)
             features, labels = decoupling.extract_features(model, plain_loader[split], device)
@@ -82,8 +83,8 @@ def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: boo
         if tau is None:
             split = options.get("select_on", "val")
             if plain_loader[split] is None:
-                raise ValueError(f"stage2 logit_adjust: no {split} split to pick tau on; set stage2.tau or "
-                                 f"stage2.select_on")
+                raise ConfigError(f"stage2 logit_adjust: no {split} split to pick tau on; set stage2.tau or "
+                                  f"stage2.select_on")
             if split == "test":
                 print("stage2 logit_adjust: picking tau on the TEST split, as requested by stage2.select_on",
                       flush=True)
@@ -103,7 +104,7 @@ def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: boo
         router = routing.ExpertRouter(model.num_experts, model.classifiers[0].weight.shape[0], train_set.num_classes,
                                       top_k=options.get("top_k", 30), init=options.get("init", "default")).to(device)
         epochs = options.get("epochs", 5)
-        sampler = build_sampler(train_set, options.get("sampler", "ride_balanced"), seed, epochs)
+        sampler = build_sampler(train_set, options.get("sampler", "ride_balanced"), seed, epochs, key="stage2.sampler")
         loader = build_loader(train_set, data, options.get("batch_size", 128), train=True, sampler=sampler, seed=seed)
         history = routing.train_router(
             model, router, loader, epochs=epochs, lr=options.get("lr", 0.01),
@@ -117,8 +118,7 @@ def run_stage2(config: dict, model, datasets: dict, *, device, progress_bar: boo
         torch.save(router.state_dict(), os.path.join(folder, "router.pt"))
     if name not in ("router", "logit_adjust", "sade"):
         torch.save(model.state_dict(), os.path.join(folder, "model.pt"))
-    with open(os.path.join(folder, "stage2.json"), "w") as handle:
-        json.dump(chosen, handle, indent=2)
+    write_json(os.path.join(folder, "stage2.json"), chosen)
     title = f"{config.get('name', name)} (stage 2: {name})"
     results = evaluate(model, plain_loader["test"], counts, folder, title, device, logits, targets)
     if verbose:
@@ -143,12 +143,12 @@ def adapt_sade_weights(model, datasets, data: dict, options: dict, seed: int, de
     images its grey analogue), imagenet for image files."""
     split = options.get("adapt_on", "test")
     if datasets.get(split) is None:
-        raise ValueError(f"stage2 sade: no {split} split to adapt the expert weights on; set stage2.adapt_on")
+        raise ConfigError(f"stage2 sade: no {split} split to adapt the expert weights on; set stage2.adapt_on")
     if model.num_experts != 3:
-        raise ValueError(f"stage2 sade: needs the 3-expert SADE model, got {model.num_experts} experts")
+        raise ConfigError(f"stage2 sade: needs the 3-expert SADE model, got {model.num_experts} experts")
     views = options.get("views", "cifar" if hasattr(datasets[split], "images") else "imagenet")
     if views not in SADE_VIEWS:
-        raise ValueError(f"stage2 sade: views must be one of {sorted(SADE_VIEWS)}, got {views!r}")
+        raise ConfigError(f"stage2 sade: views must be one of {sorted(SADE_VIEWS)}, got {views!r}")
     batch_size, epochs = options.get("batch_size", 128), options.get("epochs", 5)
     # the view replaces the training augmentation (its crop and flip settings kept): torch loader, always augmented
     view_data = {**data, "loader": "torch", "augment": True,

@@ -4,29 +4,38 @@ Module names match torchvision's ResNet (conv1, bn1, layer1, ...), so torchvisio
 into the trunk with `load_state_dict(..., strict=False)` (e.g. Places-LT's ImageNet-pretrained ResNet-152).
 """
 
-from typing import Dict, NamedTuple, Type, Union
+from typing import Dict, NamedTuple
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from fastlt._optional import import_optional
 from fastlt.models.base import FeatureClassifier
 from fastlt.models.registry import register_model
 
 
+def torchvision_resnet():
+    """torchvision.models.resnet, imported when an ImageNet-scale model is built (torchvision is optional)."""
+    return import_optional("torchvision.models.resnet", "the ImageNet-scale ResNet / ResNeXt models")
+
+
 class Architecture(NamedTuple):
-    block: Type[Union[BasicBlock, Bottleneck]]
+    block_name: str  # "BasicBlock" or "Bottleneck" of torchvision.models.resnet
     blocks_per_stage: tuple
     groups: int
     width_per_group: int
 
+    @property
+    def block(self):
+        return getattr(torchvision_resnet(), self.block_name)
+
 
 ARCHITECTURES: Dict[str, Architecture] = {
-    "resnet10": Architecture(BasicBlock, (1, 1, 1, 1), 1, 64),
-    "resnet50": Architecture(Bottleneck, (3, 4, 6, 3), 1, 64),
-    "resnet152": Architecture(Bottleneck, (3, 8, 36, 3), 1, 64),
-    "resnext50_32x4d": Architecture(Bottleneck, (3, 4, 6, 3), 32, 4),
-    "resnext101_32x4d": Architecture(Bottleneck, (3, 4, 23, 3), 32, 4),
+    "resnet10": Architecture("BasicBlock", (1, 1, 1, 1), 1, 64),
+    "resnet50": Architecture("Bottleneck", (3, 4, 6, 3), 1, 64),
+    "resnet152": Architecture("Bottleneck", (3, 8, 36, 3), 1, 64),
+    "resnext50_32x4d": Architecture("Bottleneck", (3, 4, 6, 3), 32, 4),
+    "resnext101_32x4d": Architecture("Bottleneck", (3, 4, 23, 3), 32, 4),
 }
 
 
@@ -68,7 +77,7 @@ class ResNetTrunk(nn.Module):
     def __init__(self, arch_name: str, num_stages: int = 4):
         super().__init__()
         arch = architecture(arch_name)
-        reference = ResNet(arch.block, list(arch.blocks_per_stage), groups=arch.groups,
+        reference = torchvision_resnet().ResNet(arch.block, list(arch.blocks_per_stage), groups=arch.groups,
                            width_per_group=arch.width_per_group)
         self.conv1, self.bn1 = reference.conv1, reference.bn1
         self.relu, self.maxpool = reference.relu, reference.maxpool

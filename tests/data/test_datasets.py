@@ -7,6 +7,7 @@ import pytest
 from fastlt.data import CIFAR10LT, CIFAR100LT, DigitsLT, MNISTLT, exponential_counts, shot_split
 from fastlt.data.listfile import ListFileDataset, read_list_file
 from fastlt.data.mnist import mnist_folder, read_idx
+from fastlt.errors import DataError
 
 # docs/methods.md section 1.1: N, max, min, many/medium/few (CIFAR-100-LT) or the counts (CIFAR-10-LT).
 CIFAR100_TABLE = {100: (10847, 500, 5, (35, 35, 30)), 50: (12608, 500, 10, (41, 41, 18)),
@@ -190,11 +191,11 @@ def test_list_file_images_and_corrupt_files(jpeg_tree, tmp_path):
     (tmp_path / "garbage.jpg").write_bytes(b"not a jpeg at all")
     listing.write_text("garbage.jpg 0\nmissing file.jpg 1\n")
     strict = ListFileDataset(str(tmp_path), str(listing))
-    with pytest.raises(RuntimeError, match="garbage.jpg"):
+    with pytest.raises(DataError, match="garbage.jpg"):
         strict[0]
-    with pytest.raises(RuntimeError, match="missing file.jpg"):
+    with pytest.raises(DataError, match="missing file.jpg"):
         strict[1]
-    with pytest.raises(RuntimeError, match="missing file.jpg"):
+    with pytest.raises(DataError, match="missing file.jpg"):
         strict.read_bytes(1)
     lenient = ListFileDataset(str(tmp_path), str(listing), skip_corrupt=True)
     with pytest.warns(RuntimeWarning, match="garbage.jpg"):

@@ -7,6 +7,7 @@ import torch
 import fastlt.data.dali as dali_module
 import fastlt.data.loaders as loaders_module
 from fastlt.data import DigitsLT, ListFileDataset, LongTailSampler, MNISTLT, make_loader
+from fastlt.errors import DataError, MissingDependencyError
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +193,7 @@ def test_corrupt_and_missing_images(tmp_path, jpeg_tree, backend):
         listing.write_text(f"good.jpg 0\n{bad} 1\ngood.jpg 1\n")
         loader = make_loader(ListFileDataset(str(tmp_path), str(listing)), 2, train=False, loader=backend,
                              image_size=16, resize_size=16, num_workers=0)
-        with pytest.raises(RuntimeError, match=bad):
+        with pytest.raises(DataError, match=bad):
             run_epoch(loader)
     listing.write_text("good.jpg 0\ntruncated.jpg 1\ngarbage.jpg 1\nmissing one.jpg 0\ngood.jpg 1\n")
     loader = make_loader(ListFileDataset(str(tmp_path), str(listing), skip_corrupt=True), 2, train=False,
@@ -235,8 +236,33 @@ def test_jpeg_missing_its_last_bytes_is_skipped(tmp_path, jpeg_tree, backend):
         assert labels.tolist() == [0, 1] and loader.skipped == 1, cut
         strict = make_loader(ListFileDataset(str(tmp_path), str(listing)), 2, train=False, loader=backend,
                              image_size=16, resize_size=16, num_workers=0)
-        with pytest.raises(RuntimeError, match="cut.jpg"):
+        with pytest.raises(DataError, match="cut.jpg"):
             run_epoch(strict)
+
+
+def test_unreadable_image_in_a_worker_is_raised_as_it_is(tmp_path, jpeg_tree):
+    """A DataLoader worker's exception reaches the main process with the worker's traceback in its message; the
+    DataError of an unreadable image arrives unchanged instead (the `fastlt` command prints it on one line)."""
+    root, _, _ = jpeg_tree
+    os.symlink(os.path.join(root, "class 0", "img 1.jpg"), tmp_path / "good.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text("good.jpg 0\nmissing.jpg 1\ngood.jpg 1\n")
+    loader = make_loader(ListFileDataset(str(tmp_path), str(listing)), 2, train=False, loader="torch",
+                         image_size=16, resize_size=16, num_workers=2)
+    with pytest.raises(DataError) as raised:
+        run_epoch(loader)
+    assert str(raised.value).startswith(f"cannot read image {tmp_path / 'missing.jpg'}")
+    assert "Traceback" not in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_drop_last_that_drops_every_batch_is_refused(mnist_train, backend):
+    sampler = LongTailSampler(mnist_train, strategy="class_balanced", num_samples=100)
+    with pytest.raises(ValueError, match="drop_last=True drops every batch: batch_size 128 is larger than the 100"):
+        make_loader(mnist_train, 128, train=True, sampler=sampler, loader=backend, drop_last=True)
+    assert len(make_loader(mnist_train, 100, train=True, sampler=sampler, loader=backend, drop_last=True)) == 1
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 2.5"):
+        make_loader(mnist_train, 2.5, train=True, sampler=sampler, loader=backend)
 
 
 def test_list_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
@@ -251,7 +277,7 @@ def test_auto_falls_back_to_torch_without_dali(mnist_train, monkeypatch):
     monkeypatch.setattr(loaders_module, "dali_available", lambda: False)
     assert make_loader(mnist_train, 8, train=True).backend == "torch"
     monkeypatch.setattr(dali_module, "dali_available", lambda: False)
-    with pytest.raises(RuntimeError, match="DALI"):
+    with pytest.raises(MissingDependencyError, match=r"DALI.*fastlt\[dali\]"):
         make_loader(mnist_train, 8, train=True, loader="dali")
     with pytest.raises(ValueError, match="loader"):
         make_loader(mnist_train, 8, train=True, loader="ffcv")

@@ -270,3 +270,39 @@ def test_rank_and_world_size_are_read_when_the_sampler_is_used(monkeypatch):
     sampler.set_epoch(1)
     assert (sampler.rank, sampler.world_size, len(sampler)) == (3, 4, -(-len(targets) // 4))
     assert list(sampler) == epoch_indices(targets, strategy="class_balanced", epoch=1, rank=3, world_size=4).tolist()
+
+
+def test_an_explicit_rank_before_init_process_group_is_checked_when_used(monkeypatch):
+    """rank=1 with the process group's world size (read when used): accepted when built, before the group exists."""
+    targets = shuffled_targets(COUNTS)
+    sampler = LongTailSampler(targets, strategy="class_balanced", seed=0, rank=1)
+    with pytest.raises(ValueError, match=r"rank=1, world_size=1 \(an unset world_size is the process group's"):
+        len(list(sampler))  # still no process group: a world of one has no rank 1
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    assert list(sampler) == epoch_indices(targets, strategy="class_balanced", rank=1, world_size=2).tolist()
+    with pytest.raises(ValueError, match="rank=2, world_size=2"):
+        LongTailSampler(targets, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="rank must be an integer >= 0, got -1"):
+        LongTailSampler(targets, rank=-1)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(num_samples=2.7), "num_samples must be an integer >= 1, got 2.7"),  # not truncated to 2
+    (dict(num_samples=0), "num_samples must be an integer >= 1, got 0"),  # an epoch of 0 steps
+    (dict(num_samples=-1), "num_samples must be an integer >= 1, got -1"),
+    (dict(num_samples=True), "num_samples must be an integer >= 1, got True"),
+    (dict(strategy="class_aware", samples_per_class=2.5), "samples_per_class must be an integer >= 1, got 2.5"),
+    (dict(strategy="q_power", q="abc"), "q must be a finite number, got 'abc'"),
+    (dict(strategy="q_power", q=float("nan")), "q must be a finite number, got nan"),
+    (dict(world_size=1.5), "world_size must be an integer >= 1, got 1.5"),
+])
+def test_sampler_sizes_must_be_whole_numbers(options, message):
+    with pytest.raises(ValueError, match=message):
+        LongTailSampler(shuffled_targets(COUNTS), **options)
+
+
+def test_numpy_integer_sizes_are_accepted():
+    sampler = LongTailSampler(shuffled_targets(COUNTS), num_samples=np.int64(40), rank=np.int32(0), world_size=1)
+    assert len(sampler) == 40 and len(epoch_indices(shuffled_targets(COUNTS), num_samples=np.uint8(0))) == 0

@@ -1,8 +1,10 @@
+import json
+
 import numpy as np
 import torch
 import yaml
 
-from fastlt.engine import RunFolder, read_metrics
+from fastlt.engine import RunFolder, read_metrics, write_json
 
 
 def test_run_folder_writes_resolved_config_and_metrics(tmp_path):
@@ -39,3 +41,18 @@ def test_drop_epoch_records_keeps_earlier_epochs_and_drops_a_cut_line(tmp_path):
     run.log({"epoch": 2})
     assert [record.get("epoch") for record in read_metrics(run.path("metrics.jsonl"))] == [0, 1, None, 2]
     assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
+
+
+def test_missing_values_are_null_in_json(tmp_path):
+    """NaN marks a missing value (an empty shot group's accuracy); JSON has no NaN, so the files hold null."""
+    run = RunFolder(str(tmp_path))
+    run.log({"epoch": 0, "val_many": float("nan"), "val_few": np.float32(50.0), "per_class": np.array([np.inf, 1.0])})
+    write_json(str(tmp_path / "results.json"), {"many": np.float64("nan"), "per_class": np.array([np.nan, 25.0])})
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} written to a JSON file")
+
+    record = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert record["val_many"] is None and record["val_few"] == 50.0 and record["per_class"] == [None, 1.0]
+    results = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert results == {"many": None, "per_class": [None, 25.0]}
