@@ -94,6 +94,15 @@ def test_unreadable_list_file_image_is_a_one_line_error(capsys, tmp_path, broken
     assert "DataLoader worker" not in error
 
 
+def test_skip_corrupt_is_a_data_option(tmp_path):
+    data = write_list_file_data(str(tmp_path), "truncated")
+    with pytest.warns(RuntimeWarning, match="skipping unreadable image .*c0_1.jpg"):
+        main(["train", "--config", "mnist_lt_ce", *data, "data.skip_corrupt=true", f"out={tmp_path / 'run'}",
+              "--no-progress"])
+    with open(tmp_path / "run" / "results.json") as handle:
+        assert 0 <= json.load(handle)["overall"] <= 100
+
+
 def strict_json(text):
     """json.loads refusing NaN and Infinity, which Python writes and reads but JSON does not have."""
     return json.loads(text, parse_constant=lambda constant: pytest.fail(f"{constant} in a JSON file"))

@@ -62,8 +62,11 @@ def build_datasets(data: dict) -> dict:
         return {"train": builder(data["root"], split="train", ratio=data["ratio"]), "val": None,
                 "test": builder(data["root"], split="test", ratio=data["ratio"])}
     if name == "list_file":  # ImageNet-LT, Places-LT, iNaturalist 2018
-        train = ListFileDataset(data["root"], data["train_list"], relabel_by_frequency=data.get("relabel", False))
-        other = {split: ListFileDataset(data["root"], data[f"{split}_list"], train_dataset=train)
+        skip_corrupt = data.get("skip_corrupt", False)
+        train = ListFileDataset(data["root"], data["train_list"], relabel_by_frequency=data.get("relabel", False),
+                                skip_corrupt=skip_corrupt)
+        other = {split: ListFileDataset(data["root"], data[f"{split}_list"], train_dataset=train,
+                                        skip_corrupt=skip_corrupt)
                  if data.get(f"{split}_list") else None for split in ("val", "test")}
         return {"train": train, **other}
     raise ValueError(f"unknown dataset {name!r}; expected mnist_lt, digits_lt, cifar10_lt, cifar100_lt or list_file")

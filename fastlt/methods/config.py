@@ -30,7 +30,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 KNOWN_KEYS = {
     "": {"name", "out", "seed", "device", "resume", "data", "model", "method", "train", "stage2", "paper"},
     "data": {"name", "root", "ratio", "n_max", "seed", "val_per_class", "test_per_class", "loader", "num_workers",
-             "augment", "augment_options", "train_list", "val_list", "test_list", "relabel"},
+             "augment", "augment_options", "train_list", "val_list", "test_list", "relabel", "skip_corrupt"},
     "train": {"epochs", "batch_size", "eval_batch_size", "lr", "classifier_lr", "momentum", "weight_decay",
               "nesterov", "sampler", "drop_last", "precision", "schedule", "mixup"},
     "method": {"name", "scale", "max_margin", "diversity_factor", "temperature_factor", "base_temperature",
@@ -49,6 +49,7 @@ VALUE_RULES = {
     "train.lr": (NUMBER, 0), "train.classifier_lr": (NUMBER, 0), "train.momentum": (NUMBER, 0),
     "train.weight_decay": (NUMBER, 0), "train.nesterov": (BOOLEAN, None), "train.drop_last": (BOOLEAN, None),
     "data.num_workers": (INTEGER, 0), "data.n_max": (INTEGER, 1), "data.ratio": (NUMBER, 1),
+    "data.skip_corrupt": (BOOLEAN, None),
     "train.mixup.mixup_alpha": (NUMBER, 0), "train.mixup.cutmix_alpha": (NUMBER, 0), "train.mixup.prob": (NUMBER, 0),
     "train.mixup.switch_prob": (NUMBER, 0),
     "method.drw_epoch": (INTEGER, 0), "method.log_eps": (NUMBER, 0), "method.fused_log_eps": (NUMBER, 0),
