@@ -232,6 +232,32 @@ def test_every_command_runs_with_only_the_required_dependencies(required_only_ve
            "installed: pip install 'fastlt[data]'" in model.stderr
 
 
+def test_a_missing_optional_package_is_named_with_its_extra(monkeypatch):
+    import importlib.abc
+
+    from fastlt._optional import import_optional
+    from fastlt.data.transforms import jpeg_transform
+    from fastlt.models import create_model
+
+    class WithoutTorchvision(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "torchvision":
+                raise ModuleNotFoundError(f"No module named {name!r}", name="torchvision")
+
+    for name in [name for name in sys.modules if name.split(".")[0] == "torchvision"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [WithoutTorchvision(), *sys.meta_path])
+    with pytest.raises(MissingDependencyError, match=r"torchvision is needed for the ImageNet-scale ResNet / ResNeXt "
+                                                     r"models but is not installed: pip install 'fastlt\[data\]'"):
+        create_model("resnet10", num_classes=3)
+    with pytest.raises(MissingDependencyError, match="the torch loader of JPEG list files"):
+        jpeg_transform(True, (0.5,), (0.5,))
+    monkeypatch.undo()
+    with pytest.raises(ModuleNotFoundError) as raised:  # torchvision is there: a bug, not a missing package
+        import_optional("torchvision.no_such_module", "nothing")
+    assert not isinstance(raised.value, MissingDependencyError)
+
+
 def test_optional_packages_are_in_the_extras_they_name(tmp_path):
     from fastlt._optional import OPTIONAL_PACKAGES
 

@@ -19,6 +19,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from fastlt._optional import import_optional
+
 # (mean, std) on the 0..1 scale.
 NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -119,7 +121,7 @@ class ArrayBatchAugment:
 
 def jpeg_transform(train, mean, std, image_size=224, resize_size=256, color_jitter=0.0, flip=True):
     """torchvision transform from a PIL image to a normalised float32 CHW tensor (the ImageNet-LT recipe)."""
-    from torchvision.transforms import v2
+    v2 = import_optional("torchvision.transforms.v2", "the torch loader of JPEG list files (data.loader=torch)")
 
     check_flip(flip)
     if train:
