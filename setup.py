@@ -6,9 +6,11 @@ installs the pure-Python package (reference ops + Triton). MAX_JOBS sets the par
 cores). TORCH_CUDA_ARCH_LIST sets the CUDA archs (default: the visible GPUs', or 8.0 and 9.0 without a GPU).
 
 The extension is compiled against the torch already installed, so install torch first, then
-`pip install --no-build-isolation [-v] .` (-v shows the compile progress; pip hides it otherwise). The wheel then
-requires exactly that torch version. Only build commands look at torch and the CUDA toolkit: making the sdist or
-the metadata imports nothing and probes nothing.
+`pip install --no-build-isolation [-v] .` (-v shows the compile progress; pip hides it otherwise). The build's first
+line says how long to expect (docs/building.md section 1). The wheel then requires that torch version (fastlt's check
+at import also wants a CUDA torch of the same CUDA major when the module holds CUDA kernels: fastlt/_extension.py).
+Only build commands look at torch and the CUDA toolkit: making the sdist or the metadata imports nothing and probes
+nothing.
 """
 
 import glob
@@ -16,6 +18,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -38,8 +41,35 @@ NO_TORCH_MESSAGE = (
 )
 
 
+# CPU seconds to compile one file, from full builds on the development machine (AMD EPYC, user + sys time of
+# `python setup.py build_ext`): the build's first line turns them into the wall time to expect.
+CXX_FILE_CPU_S = 41  # mean of the 8 C++ files (python_module.cpp, with torch/extension.h, is the slowest)
+CUDA_FILE_ARCH_CPU_S = 21  # per .cu file and CUDA architecture (7 files for sm_80 and sm_90: 288 s)
+
+
 def log(message):
     print(f"[fastlt setup] {message}", flush=True)
+
+
+def expected_build_time(num_cxx, num_cuda, num_archs, jobs):
+    """The wall time to expect with `jobs` parallel compile jobs on cores like the development machine's."""
+    minutes = (num_cxx * CXX_FILE_CPU_S + num_cuda * num_archs * CUDA_FILE_ARCH_CPU_S) / jobs / 60
+    return f"about {minutes:.0f} min" if minutes >= 1 else "under a minute"
+
+
+def announce_build():
+    """The build's first line: how long to expect and how to see progress (pip shows this log only with -v)."""
+    num_cxx = 1 + len(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    num_cuda = len(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    num_archs = len((os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0").replace(" ", ";").strip(";").split(";"))
+    jobs = int(os.environ.get("MAX_JOBS") or len(os.sched_getaffinity(0)))
+    estimate = f"{expected_build_time(num_cxx, 0, 0, jobs)} for the CPU kernels"
+    if os.environ.get("FASTLT_BUILD_CUDA") != "0":
+        estimate += (f", {expected_build_time(num_cxx, num_cuda, num_archs, jobs)} with the CUDA kernels "
+                     f"({num_cuda} files x {num_archs} archs) if torch and the toolkit allow them")
+    progress = "ninja prints [done/total] per file" if shutil.which("ninja") else "no ninja: files compile one by one"
+    log(f"building fastlt._C with MAX_JOBS={jobs}: {estimate}, on cores like the development machine's "
+        f"(docs/building.md section 1); {progress}; pip shows this log only with -v")
 
 
 def installed_torch_version():
@@ -69,6 +99,7 @@ def cpu_isa_clones():
 
 
 def extension_modules():
+    announce_build()
     want_cuda = os.environ.get("FASTLT_BUILD_CUDA")
     cuda_home = find_cuda_home() if want_cuda != "0" else None
     if cuda_home:
@@ -123,9 +154,7 @@ def extension_modules():
         f"compiling {len(sources) - num_cuda} C++ + {num_cuda} CUDA files against torch {torch.__version__} with "
         f"MAX_JOBS={os.environ['MAX_JOBS']}"
         + (f", CUDA archs {os.environ['TORCH_CUDA_ARCH_LIST']} (CUDA_HOME={cuda_home})" if build_cuda else "")
-        + (": ninja prints [done/total] per file" if cpp_extension.is_ninja_available() else "")
-        + ("; each CUDA file takes minutes on a few cores (FASTLT_BUILD_CUDA=0 builds the CPU kernels only)"
-           if build_cuda else "")
+        + ("; FASTLT_BUILD_CUDA=0 builds the CPU kernels only" if build_cuda else "")
     )
 
     class BuildExtension(cpp_extension.BuildExtension):

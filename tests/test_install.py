@@ -90,6 +90,10 @@ def test_build_without_torch_stops_at_once_with_instructions(tmp_path, no_torch_
                    str(tmp_path)], env={"PYTHONPATH": no_torch_path}, check=False)
     assert result.returncode != 0 and time.time() - started < 60
     assert "Install torch first" in result.stderr and "--no-build-isolation" in result.stderr
+    # the first line, before torch is looked for: how long to expect and how to see the build's progress
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("[fastlt setup] building fastlt._C with MAX_JOBS=") and "min for the CPU kernels" in first
+    assert "with the CUDA kernels" in first and "pip shows this log only with -v" in first
 
 
 # `fastlt bench ops --quick` on the reference backend, at small shapes to keep the tests short.
