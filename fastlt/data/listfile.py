@@ -28,8 +28,8 @@ def read_list_file(list_file):
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as error:
                 raise DataError(f"{list_file}:{line_number}: not UTF-8 text ({error.reason} at byte "
-                                 f"{error.start}: {raw[error.start:error.start + 4]!r}); re-encode the list file "
-                                 f"as UTF-8") from None
+                                f"{error.start}: {raw[error.start:error.start + 4]!r}); re-encode the list file "
+                                f"as UTF-8") from None
             if not line:
                 continue
             parts = line.rsplit(maxsplit=1)

@@ -280,9 +280,9 @@ class LongTailSampler(torch.utils.data.Sampler):
     Call `set_epoch(e)` with the 0-based epoch before each epoch (as `DistributedSampler`). `rank` / `world_size`
     default to the process group's, read when the sampler is used (iterated, measured, asked for indices), so a
     sampler built before `init_process_group` still shards (an explicit `rank` alone is checked against the group's
-    size then too). `persistent` (default) carries each class's bucket and
-    the class cycle over from one epoch to the next, as the official samplers do; `replacement` draws i.i.d. with
-    replacement (module docstring).
+    size then too). `persistent` (default) carries each class's bucket and the class cycle over from one epoch to the
+    next, as the official samplers do; `replacement` draws i.i.d. with replacement (module docstring). `num_samples`
+    (the global epoch length, default N) must be a whole number >= 1.
 
     To checkpoint mid-epoch, save `state_dict(consumed=k)` with the number of this rank's samples the trainer has
     used: DataLoader workers and DALI read ahead, so the sampler cannot know it (without `consumed`, the count of

@@ -19,6 +19,7 @@ from fastlt.errors import DeviceUnavailableError
 
 DEVICES = ("auto", "cpu", "cuda")
 
+
 @dataclass(frozen=True)
 class DistributedContext:
     rank: int

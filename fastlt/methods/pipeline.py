@@ -47,7 +47,7 @@ def check_data_paths(data: dict) -> None:
         root = data.get("root")
         if root is None or not os.path.isdir(os.path.expanduser(str(root))):
             raise MissingFileError(f"data.root {root!r} is not a folder: set data.root=<the folder holding "
-                                    f"{DATA_FOLDERS[data['name']]}> (fastlt downloads nothing)")
+                                   f"{DATA_FOLDERS[data['name']]}> (fastlt downloads nothing)")
     for split in ("train_list", "val_list", "test_list"):
         if data.get("name") == "list_file" and data.get(split) and not os.path.isfile(data[split]):
             raise MissingFileError(f"data.{split} {data[split]!r} not found: set data.{split}=<its path>")

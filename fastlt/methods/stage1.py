@@ -164,7 +164,7 @@ def load_teacher(path: str, *, num_classes: int, device=None, train_mode: bool =
     config_path = os.path.join(folder, "config.yaml")
     if not os.path.isfile(config_path):
         raise MissingFileError(f"ride: teacher {path!r} is not a fastlt run folder or a checkpoint in one "
-                                f"(no {config_path}); train the teacher recipe first")
+                               f"(no {config_path}); train the teacher recipe first")
     recover_interrupted_run(folder)  # a teacher run killed between its last.pt and best.pt: the committed best
     checkpoint = selected_checkpoint(path) if os.path.isdir(path) else path
     if not os.path.isfile(checkpoint):
