@@ -13,6 +13,11 @@ class UserError(Exception):
     """Something the user asked for that fastlt cannot do, with a message saying what to change."""
 
 
+class ConfigError(UserError, ValueError):
+    """A recipe or override that fastlt cannot run: unknown key, wrong value type or range (any layer that reads a
+    recipe section raises it, e.g. fastlt.engine.mix.build_mixup; fastlt.methods.config re-exports it)."""
+
+
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named (recipe, data root, list file, run folder, checkpoint) does not exist."""
 

@@ -49,6 +49,7 @@ def test_cuda_without_a_gpu_is_a_one_line_error(capsys):
     (["train.sampler={name: q_power, q: abc}"], "train.sampler: q must be a finite number, got 'abc'"),
     (["train.sampler={name: class_aware, samples_per_class: 0.5}"],
      "train.sampler: samples_per_class must be an integer >= 1, got 0.5"),
+    (["train.mixup={mixup_alpha: 0}"], "train.mixup: mixup_alpha or cutmix_alpha must be > 0"),
     (["train.drop_last=true", "train.batch_size=100000"],  # every batch dropped: 0 steps
      "train.drop_last=true with train.batch_size=100000 trains 0 steps: an epoch has 609 samples"),
 ])

@@ -251,7 +251,7 @@ class PillowGaussianBlur:
 
 def jpeg_view_transform(mean, std, strong: StrongAugment, image_size=224, flip=True):
     """SADE's test-time view of a PIL image (the official ImageNet-LT / Places-LT / iNat views)."""
-    from torchvision.transforms import v2
+    v2 = import_optional("torchvision.transforms.v2", "SADE's test-time views of JPEG list files")
 
     check_flip(flip)
     steps = [v2.RandomResizedCrop(image_size, scale=strong.crop_scale, antialias=True),

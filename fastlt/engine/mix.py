@@ -41,6 +41,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from fastlt.errors import ConfigError
 from fastlt.ops import _checks
 
 OPTIONS = ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob")
@@ -130,8 +131,11 @@ def cutmix_box(size, lam: float, rng: np.random.Generator):
 def build_mixup(options: dict, seed: int) -> Mixup:
     """A :class:`Mixup` from a recipe's ``train.mixup`` section (keys: ``OPTIONS``)."""
     if not isinstance(options, dict):
-        raise ValueError(f"train.mixup must be a section of {', '.join(OPTIONS)}, got {options!r}")
+        raise ConfigError(f"train.mixup must be a section of {', '.join(OPTIONS)}, got {options!r}")
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"train.mixup: unknown option(s) {unknown}; expected some of {list(OPTIONS)} (timm's names)")
-    return Mixup(**options, seed=seed)
+        raise ConfigError(f"train.mixup: unknown option(s) {unknown}; expected some of {list(OPTIONS)} (timm's names)")
+    try:
+        return Mixup(**options, seed=seed)
+    except ValueError as error:  # Mixup's own argument checks ("mixup: ..."), which read no data
+        raise ConfigError(f"train.{error}") from None

@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 
 import yaml
 
-from fastlt.errors import MissingFileError, UserError
+from fastlt.errors import ConfigError, MissingFileError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -59,10 +59,6 @@ VALUE_RULES = {
 
 REQUIRED_KEYS = ("out", "data.name", "model.name", "method.name", "train.epochs", "train.batch_size", "train.lr",
                  "train.schedule.name")
-
-
-class ConfigError(UserError, ValueError):
-    """A recipe or override that fastlt cannot run: unknown key, wrong value type or range."""
 
 
 def resolve_path(name_or_path: str, relative_to: Optional[str] = None) -> str:
