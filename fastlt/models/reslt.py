@@ -162,6 +162,14 @@ def reslt_resnet32(num_classes: int) -> ResLTBatchNorm:
 
 
 @register_model
+def reslt_resnet8(num_classes: int, in_channels: int = 3) -> ResLTBatchNorm:
+    """ResLT on ResNet-8 (the Fashion-MNIST-LT model with in_channels=1), initialised as `reslt_resnet32`."""
+    trunk = resnet_cifar.make_trunk(num_blocks=(1, 1, 1), in_channels=in_channels)
+    resnet_cifar.kaiming_init_conv_and_linear(trunk)
+    return ResLTBatchNorm(trunk, 64, num_classes)
+
+
+@register_model
 def reslt_small_cnn(num_classes: int, in_channels: int = 1) -> ResLTBatchNorm:
     return ResLTBatchNorm(small_cnn.make_trunk(in_channels), small_cnn.WIDTHS[-1], num_classes)
 

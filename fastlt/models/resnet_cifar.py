@@ -1,5 +1,6 @@
-"""ResNet-32 for 32x32 inputs (He et al. 2016, as in LDAM-DRW / RIDE / ResLT): BasicBlock [5, 5, 5], option-A
-shortcuts, widths 16 / 32 / 64, 0.47M parameters with a 100-class linear classifier."""
+"""CIFAR ResNets (He et al. 2016): ResNet-32 for 32x32 inputs as in LDAM-DRW / RIDE / ResLT (BasicBlock [5, 5, 5],
+option-A shortcuts, widths 16 / 32 / 64, 0.47M parameters with a 100-class linear classifier), and ResNet-8
+(BasicBlock [1, 1, 1]), which also takes 28x28 grey images (Fashion-MNIST-LT)."""
 
 from typing import Sequence
 
@@ -48,13 +49,15 @@ def make_stage(in_planes: int, planes: int, num_blocks: int, stride: int) -> nn.
     return nn.Sequential(*blocks)
 
 
-def make_stem(width: int = 16) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(3, width, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+def make_stem(width: int = 16, in_channels: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(width),
+                         nn.ReLU())
 
 
-def make_trunk(widths: Sequence[int] = (16, 32, 64), num_blocks: Sequence[int] = (5, 5, 5)) -> nn.Sequential:
-    """stem + three stages; returns the post-ReLU feature map [B, widths[-1], 8, 8] for 32x32 inputs."""
-    layers = [make_stem(widths[0])]
+def make_trunk(widths: Sequence[int] = (16, 32, 64), num_blocks: Sequence[int] = (5, 5, 5),
+               in_channels: int = 3) -> nn.Sequential:
+    """stem + three stages; returns the post-ReLU feature map [B, widths[-1], 8, 8] for 32x32 inputs, 7x7 for 28x28."""
+    layers = [make_stem(widths[0], in_channels)]
     in_planes = widths[0]
     for index, (planes, blocks) in enumerate(zip(widths, num_blocks)):
         layers.append(make_stage(in_planes, planes, blocks, stride=1 if index == 0 else 2))
@@ -72,6 +75,16 @@ def kaiming_init_conv_and_linear(module: nn.Module) -> None:
             nn.init.kaiming_normal_(submodule.weight)
 
 
+def cifar_resnet(num_classes: int, blocks_per_stage: int, widths: Sequence[int] = (16, 32, 64),
+                 in_channels: int = 3) -> FeatureClassifier:
+    """The 6n+2-layer CIFAR ResNet (n = `blocks_per_stage`) with a linear classifier (bias) on the pooled feature."""
+    backbone = nn.Sequential(make_trunk(widths, (blocks_per_stage,) * 3, in_channels), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten())
+    model = FeatureClassifier(backbone, nn.Linear(widths[-1], num_classes))
+    kaiming_init_conv_and_linear(model)
+    return model
+
+
 @register_model
 def resnet32(num_classes: int, widths: Sequence[int] = (16, 32, 64)) -> FeatureClassifier:
     """ResNet-32 with a linear classifier (bias) on the 64-d pooled feature.
@@ -80,7 +93,15 @@ def resnet32(num_classes: int, widths: Sequence[int] = (16, 32, 64)) -> FeatureC
     >>> model(torch.zeros(2, 3, 32, 32)).logits.shape
     torch.Size([2, 100])
     """
-    backbone = nn.Sequential(make_trunk(widths), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    model = FeatureClassifier(backbone, nn.Linear(widths[-1], num_classes))
-    kaiming_init_conv_and_linear(model)
-    return model
+    return cifar_resnet(num_classes, 5, widths)
+
+
+@register_model
+def resnet8(num_classes: int, in_channels: int = 3) -> FeatureClassifier:
+    """ResNet-8: one BasicBlock per stage (16 / 32 / 64 channels), 75k parameters with a 10-class head; the
+    Fashion-MNIST-LT model with in_channels=1 (28x28 -> 28 / 14 / 7 feature maps).
+
+    >>> resnet8(num_classes=10, in_channels=1)(torch.zeros(2, 1, 28, 28)).logits.shape
+    torch.Size([2, 10])
+    """
+    return cifar_resnet(num_classes, 1, in_channels=in_channels)

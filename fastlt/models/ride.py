@@ -78,16 +78,17 @@ def _classifiers(feature_dim: int, num_classes: int, num_experts: int, use_norm:
     return [nn.Linear(feature_dim, num_classes) for _ in range(num_experts)], 1.0
 
 
-@register_model
-def ride_resnet32(num_classes: int, num_experts: int = 3, reduce_dimension: bool = True, use_norm: bool = True) -> RIDE:
+def _ride_cifar(num_classes: int, blocks_per_stage: int, num_experts: int, reduce_dimension: bool, use_norm: bool,
+                in_channels: int = 3) -> RIDE:
     """CIFAR RIDE: shared stem + layer1 (16 ch); experts own layer2 / layer3 at 24 / 48 channels (32 / 64 if not
     reduced); kaiming_normal_ on every conv and nn.Linear, as the official `_weights_init`."""
     layer2_width, layer3_width = (24, 48) if reduce_dimension else (32, 64)
-    shared = nn.Sequential(resnet_cifar.make_stem(16), resnet_cifar.make_stage(16, 16, 5, stride=1))
+    shared = nn.Sequential(resnet_cifar.make_stem(16, in_channels),
+                           resnet_cifar.make_stage(16, 16, blocks_per_stage, stride=1))
     experts = [
         nn.Sequential(
-            resnet_cifar.make_stage(16, layer2_width, 5, stride=2),
-            resnet_cifar.make_stage(layer2_width, layer3_width, 5, stride=2),
+            resnet_cifar.make_stage(16, layer2_width, blocks_per_stage, stride=2),
+            resnet_cifar.make_stage(layer2_width, layer3_width, blocks_per_stage, stride=2),
         )
         for _ in range(num_experts)
     ]
@@ -95,6 +96,19 @@ def ride_resnet32(num_classes: int, num_experts: int = 3, reduce_dimension: bool
     model = RIDE(shared, experts, classifiers, scale)
     resnet_cifar.kaiming_init_conv_and_linear(model)
     return model
+
+
+@register_model
+def ride_resnet32(num_classes: int, num_experts: int = 3, reduce_dimension: bool = True, use_norm: bool = True) -> RIDE:
+    """The official CIFAR RIDE ResNet-32 (BasicBlock [5, 5, 5]); see `_ride_cifar`."""
+    return _ride_cifar(num_classes, 5, num_experts, reduce_dimension, use_norm)
+
+
+@register_model
+def ride_resnet8(num_classes: int, num_experts: int = 3, reduce_dimension: bool = True, use_norm: bool = True,
+                 in_channels: int = 3) -> RIDE:
+    """RIDE on ResNet-8 (one block per stage; the Fashion-MNIST-LT model with in_channels=1); see `_ride_cifar`."""
+    return _ride_cifar(num_classes, 1, num_experts, reduce_dimension, use_norm, in_channels)
 
 
 def _ride_imagenet(arch_name: str, num_classes: int, num_experts: int, reduce_dimension: bool, use_norm: bool) -> RIDE:

@@ -95,3 +95,24 @@ def test_small_cnn_family_on_28x28_digits():
     assert ride(images).expert_logits.shape == (3, 5, 10)
     reslt = create_model("reslt_small_cnn", num_classes=10)
     assert reslt(images).branch_logits.shape == (3, 5, 10)
+
+
+def test_resnet8_family_on_28x28_grey_images():
+    """The Fashion-MNIST-LT models: ResNet-8 (one BasicBlock per stage) with a 1-channel stem, 28 -> 14 -> 7 maps."""
+    images = torch.randn(5, 1, 28, 28)
+    stem = 9 * 1 * 16 + 2 * 16
+    trunk = stem + stage_params(16, 16, 1) + stage_params(16, 32, 1) + stage_params(32, 64, 1)
+    plain = create_model("resnet8", num_classes=10, in_channels=1)
+    assert parameter_count(plain) == trunk + 64 * 10 + 10 == 75_002
+    assert plain.backbone[0](images).shape == (5, 64, 7, 7)
+    assert plain(images).logits.shape == (5, 10)
+    ride = create_model("ride_resnet8", num_classes=10, num_experts=3, in_channels=1)
+    # shared stem + layer1; each expert layer2 (16 -> 24) + layer3 (24 -> 48) + NormedLinear(48, 10)
+    per_expert = stage_params(16, 24, 1) + stage_params(24, 48, 1) + 48 * 10
+    assert parameter_count(ride) == stem + stage_params(16, 16, 1) + 3 * per_expert == 126_384
+    output = ride(images)
+    assert output.expert_logits.shape == (3, 5, 10) and output.features.shape == (3, 5, 48)
+    assert create_model("ride_resnet8", num_classes=10, num_experts=6, in_channels=1).num_experts == 6
+    reslt = create_model("reslt_resnet8", num_classes=10, in_channels=1)
+    assert parameter_count(reslt) == trunk + 3 * 128 + 64 * 10 + 10
+    assert reslt(images).branch_logits.shape == (3, 5, 10)

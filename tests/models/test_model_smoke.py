@@ -89,8 +89,9 @@ def run(name, model, device):
 
 def test_registry_holds_every_family():
     names = list_models()
-    for name in ("small_cnn", "resnet32", "resnet50", "ride_small_cnn", "ride_resnet32", "ride_resnext50_32x4d",
-                 "reslt_small_cnn", "reslt_resnet32", "reslt_resnext50_32x4d", "reslt_ride_resnext50_32x4d"):
+    for name in ("small_cnn", "resnet8", "resnet32", "resnet50", "ride_small_cnn", "ride_resnet8", "ride_resnet32",
+                 "ride_resnext50_32x4d", "reslt_small_cnn", "reslt_resnet8", "reslt_resnet32", "reslt_resnext50_32x4d",
+                 "reslt_ride_resnext50_32x4d"):
         assert name in names
 
 
