@@ -1,5 +1,5 @@
 """The `fastlt` command: `fastlt bench ...`, `fastlt demo`, `fastlt doctor`, `fastlt train`, `fastlt eval`,
-`fastlt stage2`.
+`fastlt stage2`, `fastlt data`.
 
 Building the parser imports no torch: a command's arguments are added, and its module imported, only when that
 command runs, so `fastlt --help` and `fastlt train --help` answer at once. A `fastlt.errors.UserError` (a bad config
@@ -108,6 +108,13 @@ def _stage2_arguments(parser):
     parser.set_defaults(handler="fastlt.methods.commands:stage2_command")
 
 
+def _data_arguments(parser):
+    parser.add_argument("dataset", choices=("fashion-mnist",))
+    parser.add_argument("--dest", help="folder for the files (default $FASTLT_DATA/fashion-mnist, else "
+                                       "~/.cache/fastlt/fashion-mnist: where the fmnist_lt_* recipes look)")
+    parser.set_defaults(handler="fastlt.data.commands:data_command")
+
+
 # name -> (help, the function adding its arguments; fastlt.doctor parses its own)
 COMMANDS = {
     "bench": ("run benchmarks and print a table", _bench_arguments),
@@ -117,6 +124,8 @@ COMMANDS = {
     "eval": ("evaluate a run folder (stage 1 or stage2_<name>)", _eval_arguments),
     "stage2": ("Decoupling classifiers, RIDE's router, post-hoc logit adjustment or SADE's test-time expert "
                "aggregation on a stage-1 run", _stage2_arguments),
+    "data": ("put a data set's files in fastlt's cache (Fashion-MNIST: from Debian's dataset-fashion-mnist "
+             "package, no root)", _data_arguments),
 }
 
 

@@ -26,6 +26,11 @@ class DataError(UserError, ValueError):
     """A data file that exists but cannot be used: an unreadable image, a malformed list file or label."""
 
 
+class FetchError(UserError, OSError):
+    """Data files could not be fetched (a package tool missing or failing); the message says where to put them by
+    hand."""
+
+
 class MissingDependencyError(UserError, ImportError):
     """An optional package this feature needs is not installed; the message names the pip extra."""
 

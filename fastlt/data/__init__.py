@@ -2,6 +2,7 @@
 
 from fastlt.data.base import LongTailedDataset, exponential_counts
 from fastlt.data.cifar import CIFAR10LT, CIFAR100LT, CIFARLT
+from fastlt.data.fashion_mnist import FashionMNISTLT
 from fastlt.data.listfile import ListFileDataset
 from fastlt.data.loaders import make_loader
 from fastlt.data.mnist import DigitsLT, MNISTLT
@@ -13,6 +14,7 @@ __all__ = [
     "CIFAR100LT",
     "CIFARLT",
     "DigitsLT",
+    "FashionMNISTLT",
     "LongTailSampler",
     "ListFileDataset",
     "LongTailedDataset",

