@@ -4,7 +4,8 @@ import os
 
 import torch
 
-from fastlt.data import CIFAR10LT, CIFAR100LT, DigitsLT, ListFileDataset, LongTailSampler, MNISTLT, make_loader
+from fastlt.data import (CIFAR10LT, CIFAR100LT, DigitsLT, FashionMNISTLT, ListFileDataset, LongTailSampler, MNISTLT,
+                         make_loader)
 from fastlt.data.sampling import check_sampler_options
 from fastlt.data.transforms import check_flip
 from fastlt.engine import evaluate_logits, plot_per_class_accuracy, predict, uses_cuda, write_json
@@ -16,7 +17,7 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cuda" if uses_cuda(name) else "cpu")
 
 
-DATASETS = ("mnist_lt", "digits_lt", "cifar10_lt", "cifar100_lt", "list_file")
+DATASETS = ("mnist_lt", "fashion_mnist_lt", "digits_lt", "cifar10_lt", "cifar100_lt", "list_file")
 _REQUIRED_DATA_KEYS = {"cifar10_lt": ("root", "ratio"), "cifar100_lt": ("root", "ratio"),
                        "list_file": ("root", "train_list", "test_list")}
 AUGMENT_OPTIONS = ("rotation", "flip", "color_jitter", "mean", "std", "pad", "image_size", "resize_size")
@@ -49,11 +50,15 @@ def check_data_spec(data: dict) -> dict:
 
 
 def build_datasets(data: dict) -> dict:
-    """{"train", "val", "test"} datasets of a `data:` section (val is None when the dataset has none: CIFAR-LT)."""
+    """{"train", "val", "test"} datasets of a `data:` section (val is None when the dataset has none: CIFAR-LT, or
+    MNIST-LT / Fashion-MNIST-LT with val_per_class 0)."""
     name = check_data_spec(data)["name"]
-    if name == "mnist_lt":
-        options = {key: data[key] for key in ("n_max", "ratio", "val_per_class") if key in data}
-        return {split: MNISTLT(split=split, seed=data.get("seed", 0), **options) for split in ("train", "val", "test")}
+    if name in ("mnist_lt", "fashion_mnist_lt"):
+        builder = MNISTLT if name == "mnist_lt" else FashionMNISTLT
+        options = {key: data[key] for key in ("n_max", "ratio", "val_per_class", "root") if key in data}
+        splits = ("train", "test") if data.get("val_per_class") == 0 else ("train", "val", "test")
+        built = {split: builder(split=split, seed=data.get("seed", 0), **options) for split in splits}
+        return {"train": built["train"], "val": built.get("val"), "test": built["test"]}
     if name == "digits_lt":
         options = {key: data[key] for key in ("n_max", "ratio", "val_per_class", "test_per_class") if key in data}
         return {split: DigitsLT(split=split, seed=data.get("seed", 0), **options) for split in ("train", "val", "test")}
@@ -69,7 +74,7 @@ def build_datasets(data: dict) -> dict:
                                         skip_corrupt=skip_corrupt)
                  if data.get(f"{split}_list") else None for split in ("val", "test")}
         return {"train": train, **other}
-    raise ValueError(f"unknown dataset {name!r}; expected mnist_lt, digits_lt, cifar10_lt, cifar100_lt or list_file")
+    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
 
 
 def build_loader(dataset, data: dict, batch_size: int, *, train: bool, sampler=None, seed: int = 0,

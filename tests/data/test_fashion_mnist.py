@@ -12,6 +12,7 @@ from fastlt import cli
 from fastlt.data import FashionMNISTLT
 from fastlt.data import fashion_mnist
 from fastlt.data.fashion_mnist import fetch_fashion_mnist
+from fastlt.methods.builders import build_datasets
 
 PER_CLASS_TRAIN, PER_CLASS_TEST = 6100, 30  # room for n_max 6000 plus a val split of 100
 
@@ -82,6 +83,14 @@ def test_val_comes_from_training_images_outside_the_subset_and_test_is_whole(fas
     other_seed = FashionMNISTLT(split="train", n_max=1000, ratio=100, seed=4, root=fashion_root)
     assert np.array_equal(other_seed.class_counts, train.class_counts)
     assert not np.array_equal(other_seed.source_indices, train.source_indices)
+
+
+def test_full_size_needs_no_val_split_and_says_so_otherwise(fashion_root):
+    data = {"name": "fashion_mnist_lt", "root": fashion_root, "n_max": 6000, "ratio": 100, "val_per_class": 0}
+    datasets = build_datasets(data)
+    assert datasets["val"] is None and len(datasets["train"]) == sum(EXPECTED_COUNTS[6000, 100])
+    with pytest.raises(ValueError, match=r"classes \[0\] .*val_per_class"):
+        build_datasets({**data, "val_per_class": 101})
 
 
 def test_gunzipped_files_are_read_too(tmp_path):
