@@ -25,7 +25,7 @@ LIST_FILE_CLASSES = {"ImageNet_LT": 1000, "iNaturalist18": 8142, "Places_LT": 36
 def class_counts(data):
     """Synthetic training counts of the recipe's dataset (the real ones need the data files)."""
     name = data["name"]
-    if name in ("mnist_lt", "digits_lt"):
+    if name in ("mnist_lt", "fashion_mnist_lt", "digits_lt"):
         counts = exponential_counts(data.get("n_max", 500), data.get("ratio", 100), 10)
     elif name in ("cifar10_lt", "cifar100_lt"):
         num_classes = 10 if name == "cifar10_lt" else 100
