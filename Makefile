@@ -10,7 +10,7 @@ NVCC ?= nvcc
 export TRITON_INTERPRET ?= 1
 export PYTHONHASHSEED ?= 0
 
-.PHONY: run test build venv lint pytest ctest nvcc-check portable-check bench clean
+.PHONY: run test build venv lint pytest ctest nvcc-check portable-check bench fashion-mnist clean
 
 venv: $(STAMP)
 $(STAMP): requirements-dev.txt
@@ -76,6 +76,11 @@ portable-check: venv
 bench: build
 	$(VENV)/bin/fastlt bench ops --json BENCHMARKS.json
 	$(PY) -m pytest -q bench --benchmark-only
+
+# The Fashion-MNIST files for the fmnist_lt_* recipes, from Debian's dataset-fashion-mnist package (no root), into
+# $FASTLT_DATA/fashion-mnist or ~/.cache/fastlt/fashion-mnist.
+fashion-mnist: $(EDITABLE)
+	$(VENV)/bin/fastlt data fashion-mnist
 
 # On a GPU machine with torch installed (no venv, no downloads): build for the local GPU, fastlt doctor, the GPU
 # tests and the CUDA benchmarks, logs and summary.json in DIR. PYTHON picks the interpreter (default python3).
