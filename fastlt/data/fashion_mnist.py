@@ -63,11 +63,11 @@ def find_fashion_mnist(root=None):
 class FashionMNISTLT(IdxLongTailed):
     """Fashion-MNIST-LT: ``n_c = int(n_max * (1/ratio)**(c/9))`` training images of class c (T-shirt/top, trouser,
     pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot: class 0 is the largest, CIFAR-10-LT's shape),
-    one fixed subset per `seed`; val = `val_per_class` images per class from the training images outside the subset
-    (0: no val split); test = the whole balanced 10k test set. See `IdxLongTailed`.
+    one fixed subset per `seed`; val = `val_per_class` images per class from the training images outside the subset;
+    test = the whole balanced 10k test set. See `IdxLongTailed`.
 
     n_max 6000 (every image of class 0, CIFAR-10-LT's full-size protocol) leaves class 0 nothing for a val split:
-    use it with val_per_class=0. `root`: see `find_fashion_mnist`.
+    recipes then set data.val_per_class=0 (no val split, the last epoch is kept). `root`: see `find_fashion_mnist`.
 
     >>> FashionMNISTLT(split="train", n_max=1000, ratio=100).class_counts.tolist()  # doctest: +SKIP
     [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
