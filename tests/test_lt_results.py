@@ -64,6 +64,11 @@ def test_orderings_compare_seed_means():
     lines = lt_results.orderings(stats)
     assert lines == ["- cRT above CE on few: does NOT hold (49.0 vs 50.0).",
                      "- cRT at least LDAM-DRW on overall: holds (85.0 vs 85.0)."]
+    bf16 = "RIDE (3 experts), bf16 autocast"
+    assert lt_results.orderings({lt_results.RIDE: {"overall": (82.4, 0.4)}, bf16: {"overall": (82.7, 0.3)}}) == [
+        f"- {bf16} vs RIDE (3 experts) on overall: +0.3 (82.7 vs 82.4), within seed noise (stds 0.3 + 0.4)."]
+    assert lt_results.orderings({lt_results.RIDE: {"overall": (82.4, 0.0)}, bf16: {"overall": (82.7, 0.0)}}) == [
+        f"- {bf16} vs RIDE (3 experts) on overall: +0.3 (82.7 vs 82.4), no seed spread to judge it by."]
 
 
 def test_recipe_overrides_scale_the_schedule_and_drw_only_where_the_recipe_has_it():

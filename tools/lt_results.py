@@ -285,9 +285,12 @@ def orderings(stats: dict) -> list:
         if plain is None or label not in stats or plain not in stats:
             continue
         (value, spread), (other, other_spread) = stats[label]["overall"], stats[plain]["overall"]
-        within = abs(value - other) <= spread + other_spread
-        lines.append(f"- {label} vs {plain} on overall: {value - other:+.1f} ({value:.1f} vs {other:.1f}), "
-                     f"{'within' if within else 'NOT within'} seed noise (stds {spread:.1f} + {other_spread:.1f}).")
+        if spread + other_spread == 0:  # one seed: no spread to judge the difference by
+            verdict = "no seed spread to judge it by"
+        else:
+            within = abs(value - other) <= spread + other_spread
+            verdict = f"{'within' if within else 'NOT within'} seed noise (stds {spread:.1f} + {other_spread:.1f})"
+        lines.append(f"- {label} vs {plain} on overall: {value - other:+.1f} ({value:.1f} vs {other:.1f}), {verdict}.")
     return lines
 
 
