@@ -55,7 +55,8 @@ def test_each_benchmark_rewrites_only_its_own_section(tmp_path):
     # |95.1 - 96.5| = 1.4 > 0.1 + 0.7: outside seed noise
     assert (f"- {bf16} vs RIDE (3 experts) on overall: -1.4 (95.1 vs 96.5), NOT within seed noise (stds 0.1 + 0.7)."
             in mnist_section)
-    assert "the RIDE (3 experts) recipe with `train.precision=bf16`" in mnist_section
+    assert f"{bf16}: mnist_lt_ride with `train.precision=bf16`." in mnist_section
+    assert "BalPoE (3 experts) + mixup: mnist_lt_balpoe_mixup (train.mixup {'mixup_alpha': 0.4})." in mnist_section
 
 
 def test_orderings_compare_seed_means():

@@ -45,9 +45,8 @@ COLUMNS = ("overall", "many", "medium", "few")
 @dataclass(frozen=True)
 class Row:
     """One --methods key: the recipe suffix it trains and the table rows it produces (stage 1, then the recipe's
-    stage 2 where it has one). `on_ce`: a stage 2 run on the seed's CE model. A variant adds `overrides` to the
-    recipe and names the plain row it is `compare_to`; e.g. once BalPoE's recipes train with mixup:
-    ``"balpoe_no_mixup": Row("balpoe", ("BalPoE (3 experts), no mixup",), ("train.mixup.alpha=0",), BALPOE)``."""
+    stage 2 where it has one). `on_ce`: a stage 2 run on the seed's CE model. A variant names the plain row it is
+    `compare_to`: another recipe (BalPoE with mixup) or the same recipe with extra `overrides` (RIDE in bf16)."""
 
     recipe: str
     labels: Tuple[str, ...]
@@ -63,7 +62,9 @@ ROWS = {
     "ride": Row("ride_router", (RIDE, ROUTED)),
     "ride_teacher": Row("ride_teacher", (TEACHER,)),
     "ride_distill": Row("ride_distill", (DISTILLED,)),
+    "ride_bf16": Row("ride", ("RIDE (3 experts), bf16 autocast",), ("train.precision=bf16",), RIDE),
     "balpoe": Row("balpoe", (BALPOE,)),
+    "balpoe_mixup": Row("balpoe_mixup", ("BalPoE (3 experts) + mixup",), compare_to=BALPOE),
     "sade": Row("sade", (SADE, SADE_TTA)),
     "reslt": Row("reslt", ("ResLT",)),
     "crt": Row("crt", ("cRT",), on_ce=True),
@@ -71,7 +72,6 @@ ROWS = {
     "lws": Row("lws", ("LWS",), on_ce=True),
     "ncm": Row("ncm", ("NCM",), on_ce=True),
     "logit_adjust": Row("logit_adjust", (LOGIT_ADJUSTED,), on_ce=True),
-    "ride_bf16": Row("ride", ("RIDE (3 experts), bf16 autocast",), ("train.precision=bf16",), RIDE),
 }
 KEYS = list(ROWS)
 ORDER = [label for row in ROWS.values() for label in row.labels]
@@ -367,6 +367,15 @@ def protocol(prefix: str, benchmark: Benchmark, seeds, epochs: int) -> tuple:
     return data_text, setup, f"mixup {mixup}" if mixup else "no mixup"
 
 
+def variant_recipe(prefix: str, row: Row) -> str:
+    """What a variant row trains: its recipe, its extra overrides, and the recipe's mixup when it has one."""
+    from fastlt.methods import load_config
+
+    mixup = load_config(f"{prefix}_{row.recipe}")["train"].get("mixup")
+    return (f"{prefix}_{row.recipe}" + (f" with `{' '.join(row.overrides)}`" if row.overrides else "") +
+            (f" (train.mixup {mixup})" if mixup else ""))
+
+
 def write_markdown(prefix: str, records, path: str, command: str, keys, load: tuple) -> None:
     benchmark = BENCHMARKS[prefix]
     lines, span = read_section(path, benchmark.title)
@@ -378,8 +387,7 @@ def write_markdown(prefix: str, records, path: str, command: str, keys, load: tu
     produced = [label for label in ORDER if all(label in record["rows"] for record in records)]
     data_text, setup, balpoe_mixup = protocol(prefix, benchmark, [record["seed"] for record in records], epochs)
     methods_setup = METHODS_SETUP.format(augmentation=benchmark.augmentation, balpoe_mixup=balpoe_mixup)
-    variants = " ".join(f"{row.labels[0]}: the {row.compare_to} recipe with `{' '.join(row.overrides)}`."
-                        for row in ROWS.values() if row.compare_to)
+    variants = " ".join(f"{row.labels[0]}: {variant_recipe(prefix, row)}." for row in ROWS.values() if row.compare_to)
     section = [
         f"# {benchmark.title} results", "",
         f"Regenerate with: `{command}`", "",
