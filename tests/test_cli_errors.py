@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY_MODULES = ("torch", "numpy", "numba", "triton", "yaml", "tqdm", "matplotlib")
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["bench", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["bench", "--help"],
+                                  ["data", "--help"]])
 def test_help_imports_no_torch(argv):
     code = (f"import sys\nfrom fastlt import cli\ntry:\n    cli.main({argv!r})\nexcept SystemExit as exited:\n"
             f"    assert exited.code == 0, exited.code\n"
