@@ -1,6 +1,6 @@
 """Triton kernels of fastlt.ops.linear_ride_loss: the per-chunk row statistics and the chunk gradient.
 
-The host side (``chunked_forward`` in fastlt/ops/linear_ride_loss.py) runs the GEMMs with torch and calls these for the
+The host side (``chunked_forward`` in fastlt/ops/_chunked_head.py) runs the GEMMs with torch and calls these for the
 elementwise work between them, one program per sample row, the whole chunk of classes in one block: ``merge_chunk``
 folds a chunk's logits into the rows' online softmax statistics, ``chunk_gradient`` overwrites a chunk's logits with
 d loss / d logits. The per-element formulas mirror csrc/include/fastlt/ride_loss.h and linear_ride_loss.h.

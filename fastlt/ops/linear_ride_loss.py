@@ -6,22 +6,21 @@
 At 1e4 to 1e6 classes the logits and their gradient (E x B x C each) dominate a long-tailed model's memory. This op
 walks the classes in chunks twice:
 
-1. for each chunk, the logits z[:, :, c0:c1] (one GEMM per expert), then the online per-row softmax statistics
-   (running maximum and rescaled sum of exps) of every term of the loss: each expert's LDAM-margin CE, each
-   expert's tempered softmax u_k = z_k / T, the tempered softmax of the expert mean v = mean_k(z_k) / T (the detached
-   target distribution pbar), and each expert's KL gap sum_c exp(v_c - max v) (v_c - u_kc), rescaled with v's max;
-   they give the loss (the ride_loss.h formulas);
-2. for each chunk again, the logits, their gradient from the finished statistics, then d features += dz @ W and
-   d weight[c0:c1] = dz^T @ features (GEMMs). The cosine classifier's weight normalisation is never materialised:
-   the weight's row norms scale the GEMM's columns, and its backward is row-local, applied per chunk. The features
+1. the per-row online softmax statistics of every term of the loss (each expert's LDAM-margin CE, its tempered
+   softmax, the tempered softmax of the expert mean and their KL gap), which give the loss;
+2. each chunk's logit gradient from the finished statistics, backpropagated through the chunk's GEMMs into d
+   features and d weight[c0:c1]; the cosine classifier's weight normalisation is never materialised. The features
    (E x B x D, small) are normalised before the op, under autograd.
+
+The algorithm in PyTorch, pass by pass: fastlt/ops/_chunked_head.py (the C++ and CUDA kernels follow it).
 
 The forward computes the loss and the gradients of features, weight and bias; backward only scales them (as
 ``ride_loss``). Backends: ``cpp`` runs the C++ kernel (csrc/cpu/linear_ride_loss.cpp, per-class math in
 csrc/include/fastlt/linear_ride_loss.h); ``triton`` the same host loop with Triton kernels for the row statistics
 and the chunk gradient (kernels/linear_ride_loss.py, overload ``fastlt::linear_ride_loss.triton``); ``reference``
 materialises the logits (``linear_ride_loss_reference``); otherwise (devices without a compiled kernel, no extension)
-the host loop runs its elementwise work in PyTorch (``chunked_forward``, overload ``fastlt::linear_ride_loss.torch``).
+the host loop runs its elementwise work in PyTorch (``_chunked_head.chunked_forward``, overload
+``fastlt::linear_ride_loss.torch``).
 The CUDA kernel (csrc/cuda/linear_ride_loss.cu) is the op's CUDA implementation of ``.default``.
 
 Reductions and ignored rows follow docs/methods.md 6.5: under ``"mean"`` the CE is divided by the sum of the kept
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 
 from fastlt import _extension
 from fastlt.ops import _backend, _checks, _library, _lt_constants
+from fastlt.ops._chunked_head import NORM_EPS, chunked_forward, row_coefficients
 from fastlt.ops._fused_loss import scale_saved_gradient
 from fastlt.ops.ride_loss import ride_loss_reference, ride_tables
 
@@ -50,7 +50,6 @@ SCHEMA = ("(Tensor features, Tensor weight, Tensor? bias, Tensor target, Tensor 
           "Tensor? class_weights, Tensor temperatures, Tensor? row_weights, Tensor? row_bias_scales, float scale, "
           "bool normalize_weight, float diversity_factor, int reduction, int ignore_index, int chunk_size, "
           "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)")
-NORM_EPS = 1e-12  # F.normalize's eps, as NormedLinear uses it
 CHUNK_ELEMENTS = 1 << 21  # default chunk: about 2M logits (E x B x chunk), 8 MB in fp32, per buffer
 
 
@@ -222,27 +221,6 @@ def _check_row_tables(row_weights, row_bias_scales, bias, batch, weight):
         raise ValueError(f"{OP}: row_bias_scales needs a bias")
 
 
-def row_coefficients(target, class_weights, temperatures, diversity_factor, reduction, ignore_index,
-                     row_weights=None):
-    """Each row's factor on its CE and on its diversity term (docs/methods.md 6.5), and its label with ignored rows
-    set to -1 (never a class): (labels [B], ce_coefs [B], div_coefs [B]) in the tables' dtype. A row's factors are
-    ``row_weights`` (1 if None) times its class weight w_y (CE) or lam * mean(T)^2 (diversity). Under mean the CE is
-    divided by the kept rows' total CE factor W, the diversity term by the kept rows' total row weight N (0 if W or N
-    is 0); the kernels take these as their per-row tables."""
-    kept = target != ignore_index
-    labels = torch.where(kept, target, -1)
-    kept_values = kept.to(temperatures.dtype)
-    if row_weights is not None:
-        kept_values = kept_values * row_weights.to(temperatures.dtype)
-    ce_coefs = kept_values if class_weights is None else class_weights[labels.clamp_min(0)] * kept_values
-    div_coefs = diversity_factor * temperatures.mean() ** 2 * kept_values
-    if reduction == 1:
-        weight_total, kept_rows = ce_coefs.sum(), kept_values.sum()
-        ce_coefs = torch.where(weight_total > 0, ce_coefs / weight_total, 0.0)
-        div_coefs = torch.where(kept_rows > 0, div_coefs / kept_rows, 0.0)
-    return labels, ce_coefs, div_coefs
-
-
 def _loss_formula(logits, target, target_margins, class_weights, temperatures, diversity_factor, reduction,
                   ignore_index, row_weights=None):
     """RIDE's loss (docs/methods.md 6.3, 6.5) of materialised [E, B, C] logits from the per-class (and per-row)
@@ -334,191 +312,11 @@ def check_head(op, features, weight, target, bias, chunk_size, ignore_index):
     _checks.chunk_size(op, chunk_size)
 
 
-# ---- the chunked algorithm (PyTorch; every tensor is at most [E, B, chunk] or [chunk, D]) ----
-
-
-class _Problem:
-    """Inputs in the accumulation dtype and the per-chunk logits (``normalize``: the weight's rows only)."""
-
-    def __init__(self, features, weight, bias, row_bias_scales, labels, target_margins, temperatures, scale,
-                 normalize):
-        acc = target_margins.dtype
-        self.weight, self.bias, self.normalize, self.scale, self.acc = weight, bias, normalize, scale, acc
-        self.row_bias_scales = row_bias_scales[:, None].to(acc) if row_bias_scales is not None else None  # [B, 1]
-        self.num_experts, self.num_classes, _ = weight.shape
-        self.features = features.to(acc).expand(self.num_experts, *features.shape[-2:])
-        if normalize:
-            # [E, C] scale / ||w_c||: multiplies the GEMM's columns instead of normalising the weight.
-            weight_norms = torch.linalg.vector_norm(weight, dim=-1, dtype=acc)
-            self.column_scale = scale / weight_norms.clamp_min(NORM_EPS)
-            # below eps F.normalize's clamp has no radial term
-            self.weight_above_eps = (weight_norms > NORM_EPS).to(acc)
-        self.target = labels  # -1 for ignored rows: never in a chunk
-        self.inverse_temperature = temperatures.reciprocal()
-        self.target_margins = target_margins[labels.clamp_min(0)]  # [B]
-
-    def weight_chunk(self, c0, c1):
-        return self.weight[:, c0:c1].to(self.acc)  # [E, n, D]; a view for fp32 / fp64
-
-    def logits(self, weight_chunk, c0, c1):
-        """z[:, :, c0:c1]: [E, B, n]."""
-        logits = torch.bmm(self.features, weight_chunk.transpose(1, 2))
-        if self.normalize:
-            logits.mul_(self.column_scale[:, None, c0:c1])
-        if self.bias is not None:
-            logits.add_(self.bias_chunk(c0, c1))
-        return logits
-
-    def bias_chunk(self, c0, c1):
-        """The bias each row adds to z[:, :, c0:c1]: [E, 1 or B, n]."""
-        bias = self.bias[:, None, c0:c1].to(self.acc)
-        return bias if self.row_bias_scales is None else bias * self.row_bias_scales
-
-    def target_mask(self, c0, c1):
-        """[B, n] 1 at (b, y_b) when y_b is in the chunk, else 0."""
-        classes = torch.arange(c0, c1, device=self.target.device)
-        return (self.target[:, None] == classes[None, :]).to(self.acc)
-
-
-def _online_update(maximum, shifted_sum, values, dim=-1):
-    """Merge the softmax statistics of `values` (reduced over `dim`) into (maximum, shifted_sum) in place."""
-    new_maximum = torch.maximum(maximum, values.amax(dim))
-    shifted_sum.mul_(torch.exp(maximum - new_maximum)).add_(torch.exp(values - new_maximum.unsqueeze(dim)).sum(dim))
-    maximum.copy_(new_maximum)
-
-
-def _chunk_views(problem, logits, mask, c0, c1):
-    """The three views of a chunk of logits the loss needs: margin logits z', tempered u, tempered mean v."""
-    margin_logits = logits - (problem.target_margins[:, None] * mask)[None]
-    inverse_temperature = problem.inverse_temperature[c0:c1]
-    tempered = logits * inverse_temperature
-    tempered_mean = logits.mean(0) * inverse_temperature
-    return margin_logits, tempered, tempered_mean
-
-
-def _statistics(problem, chunk, diversity, kernels=None):
-    """Pass 1: per-row softmax statistics of z' (per expert), u (per expert), v (per row), the KL gaps and the
-    margin target logits."""
-    E, B = problem.features.shape[:2]
-    acc, device = problem.acc, problem.features.device
-    stats = {name: torch.full(shape, float("-inf"), dtype=acc, device=device)
-             for name, shape in (("ce_max", (E, B)), ("expert_max", (E, B)), ("mean_max", (B,)))}
-    stats.update({name: torch.zeros(shape, dtype=acc, device=device)
-                  for name, shape in (("ce_sum", (E, B)), ("expert_sum", (E, B)), ("mean_sum", (B,)),
-                                      ("gap", (E, B)), ("target_logit", (E, B)))})
-    for c0 in range(0, problem.num_classes, chunk):
-        c1 = min(problem.num_classes, c0 + chunk)
-        logits = problem.logits(problem.weight_chunk(c0, c1), c0, c1)
-        if kernels is not None:
-            kernels.merge_chunk(logits, problem.target, problem.target_margins,
-                                problem.inverse_temperature[c0:c1].contiguous(), stats, c0, diversity)
-            continue
-        mask = problem.target_mask(c0, c1)
-        margin_logits, tempered, tempered_mean = _chunk_views(problem, logits, mask, c0, c1)
-        stats["target_logit"].add_((margin_logits * mask).sum(-1))
-        _online_update(stats["ce_max"], stats["ce_sum"], margin_logits)
-        if not diversity:
-            continue
-        _online_update(stats["expert_max"], stats["expert_sum"], tempered)
-        previous_mean_max = stats["mean_max"].clone()
-        _online_update(stats["mean_max"], stats["mean_sum"], tempered_mean)
-        mean_exp = torch.exp(tempered_mean - stats["mean_max"][:, None])  # [B, n]
-        stats["gap"].mul_(torch.exp(previous_mean_max - stats["mean_max"]))
-        stats["gap"].add_((mean_exp * (tempered_mean - tempered)).sum(-1))
-    return stats
-
-
-def _loss(stats, ce_coef, div_coef, diversity):
-    ce = torch.log(stats["ce_sum"]) + stats["ce_max"] - stats["target_logit"]  # [E, B]
-    loss = (ce * ce_coef).sum()  # ce_coef, div_coef: [B] per-row factors
-    if diversity:
-        mean_lse = torch.log(stats["mean_sum"]) + stats["mean_max"]
-        expert_lse = torch.log(stats["expert_sum"]) + stats["expert_max"]
-        kl = stats["gap"] / stats["mean_sum"] + expert_lse - mean_lse
-        loss = loss + (div_coef * kl).sum()
-    return loss
-
-
-def _gradients(problem, stats, chunk, ce_coef, div_coef, diversity, grad_weight, grad_bias, kernels=None):
-    """Pass 2: each chunk's d loss / d logits, accumulated into d (normalised) features and written to
-    grad_weight / grad_bias chunk by chunk. Returns d features in the accumulation dtype, [E, B, D]."""
-    grad_features = torch.zeros_like(problem.features)
-    ce_inv_sum = stats["ce_sum"].reciprocal()[..., None]
-    row_div_coef = div_coef[:, None]  # [B, 1]
-    if diversity:
-        expert_inv_sum = stats["expert_sum"].reciprocal()[..., None]
-        mean_inv_sum = stats["mean_sum"].reciprocal()[:, None]
-    for c0 in range(0, problem.num_classes, chunk):
-        c1 = min(problem.num_classes, c0 + chunk)
-        weight_chunk = problem.weight_chunk(c0, c1)
-        logits = problem.logits(weight_chunk, c0, c1)
-        if kernels is not None:
-            cosine_part = logits.clone() if problem.normalize else None  # the kernel overwrites the logits
-            kernels.chunk_gradient(logits, problem.target, problem.target_margins, ce_coef.reshape(-1).contiguous(),
-                                   problem.inverse_temperature[c0:c1].contiguous(), stats, div_coef.contiguous(), c0,
-                                   diversity)
-            grad = logits
-        else:
-            mask = problem.target_mask(c0, c1)
-            margin_logits, tempered, tempered_mean = _chunk_views(problem, logits, mask, c0, c1)
-            # ce_coef * (softmax(z')_c - [c == y])
-            grad = torch.exp(margin_logits - stats["ce_max"][..., None]).mul_(ce_inv_sum).sub_(mask).mul_(ce_coef)
-            if diversity:
-                expert_p = torch.exp(tempered - stats["expert_max"][..., None]).mul_(expert_inv_sum)
-                mean_p = torch.exp(tempered_mean - stats["mean_max"][:, None]).mul_(mean_inv_sum)
-                grad.add_(expert_p.sub_(mean_p).mul_(problem.inverse_temperature[c0:c1] * row_div_coef))
-            cosine_part = logits
-        if grad_bias is not None:
-            grad_bias[:, c0:c1] = (grad.sum(1) if problem.row_bias_scales is None
-                                   else (grad * problem.row_bias_scales).sum(1))
-        if problem.normalize:
-            # d w_c = (column_scale_c * dz^T x - w_c * column_scale_c / ||w_c||^2 * sum_b dz_bc cos_bc*scale)
-            if problem.bias is not None:
-                cosine_part = cosine_part.sub_(problem.bias_chunk(c0, c1))
-            radial = (grad * cosine_part).sum(1)  # [E, n]: w_hat_c . d w_hat_c
-            grad.mul_(problem.column_scale[:, None, c0:c1])
-        for k in range(problem.num_experts):
-            grad_features[k].addmm_(grad[k], weight_chunk[k])
-            grad_weight_chunk = torch.mm(grad[k].t(), problem.features[k])  # [n, D]
-            if problem.normalize:
-                coefficient = (radial[k] * problem.column_scale[k, c0:c1].square() / problem.scale ** 2
-                               * problem.weight_above_eps[k, c0:c1])
-                grad_weight_chunk.addcmul_(weight_chunk[k], coefficient[:, None], value=-1.0)
-            grad_weight[k, c0:c1] = grad_weight_chunk
-    return grad_features
-
-
-def chunked_forward(features, weight, bias, target, target_margins, class_weights, temperatures, row_weights,
-                    row_bias_scales, scale, normalize_weight, diversity_factor, reduction, ignore_index, chunk_size,
-                    compute_grad, kernels=None):
-    """The loss and (when compute_grad) d features, d weight, d bias ([0]-shaped when absent); the elementwise work
-    in PyTorch, or in ``kernels`` (fastlt.kernels.linear_ride_loss: Triton). The arguments are the op's (SCHEMA)."""
-    _check_op_arguments(features, weight, bias, target, target_margins, class_weights, temperatures, row_weights,
-                        row_bias_scales, scale, diversity_factor, reduction, ignore_index, chunk_size)
-    acc = _checks.accumulate_dtype(weight.dtype)
-    target_margins, temperatures = target_margins.to(acc), temperatures.to(acc)
-    class_weights = class_weights.to(acc) if class_weights is not None else None
-    labels, ce_coef, div_coef = row_coefficients(target, class_weights, temperatures, diversity_factor, reduction,
-                                                 ignore_index, row_weights)
-    problem = _Problem(features, weight, bias, row_bias_scales, labels, target_margins, temperatures, scale,
-                       normalize_weight)
-    diversity = diversity_factor != 0.0
-    ce_coef = ce_coef[None, :]  # [1, B]
-    stats = _statistics(problem, chunk_size, diversity, kernels)
-    loss = _loss(stats, ce_coef, div_coef, diversity)
-    if not compute_grad:  # three distinct empty outputs: a custom op's outputs may not alias each other
-        return loss, features.new_empty((0,)), features.new_empty((0,)), features.new_empty((0,))
-    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    grad_bias = torch.empty_like(bias, dtype=problem.acc) if bias is not None else None
-    grad_features = _gradients(problem, stats, chunk_size, ce_coef[..., None], div_coef, diversity, grad_weight,
-                               grad_bias, kernels)
-    grad_features = (grad_features.sum(0) if features.dim() == 2 else grad_features).to(features.dtype)
-    return loss, grad_features, grad_weight, grad_bias.to(bias.dtype) if bias is not None else features.new_empty((0,))
-
-
 def _check_op_arguments(features, weight, bias, target, target_margins, class_weights, temperatures, row_weights,
-                        row_bias_scales, scale, diversity_factor, reduction, ignore_index, chunk_size):
-    """The op's own checks (as csrc/cpu/linear_ride_loss.cpp's), for the Python overloads called directly."""
+                        row_bias_scales, scale, normalize_weight, diversity_factor, reduction, ignore_index, chunk_size,
+                        compute_grad):
+    """The op's own checks (as csrc/cpu/linear_ride_loss.cpp's), for the Python overloads called directly; the
+    arguments are the op's (SCHEMA)."""
     _validate_head(features, weight, target, bias, scale, chunk_size,
                    _checks.REDUCTIONS[reduction] if reduction in (0, 1, 2) else reduction, ignore_index)
     for name, table in (("target_margins", target_margins), ("class_weights", class_weights),
@@ -533,12 +331,14 @@ def _check_op_arguments(features, weight, bias, target, target_margins, class_we
 
 
 def _torch_forward(*args):
+    _check_op_arguments(*args)
     return chunked_forward(*args)
 
 
 def _triton_forward(*args):
     from fastlt.kernels import linear_ride_loss as kernels
 
+    _check_op_arguments(*args)
     return chunked_forward(*args, kernels=kernels)
 
 
