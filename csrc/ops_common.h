@@ -137,6 +137,7 @@ inline void check_tau_sweep_inputs(const at::Tensor& features, const at::Tensor&
   TORCH_CHECK_VALUE(features.size(1) == weight.size(1), op, ": features [N, D] and weight [C, D] disagree on D (",
                     features.size(1), " vs ", weight.size(1), ")");
   check_float_tensor(taus, 1, op, "taus");
+  check_same_device(taus, features, op, "taus", "features");
   if (bias.has_value()) {
     check_float_tensor(*bias, 1, op, "bias");
     check_same_device(*bias, features, op, "bias", "features");

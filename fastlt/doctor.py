@@ -4,7 +4,8 @@ reference on this machine.
 Prints the versions, how the compiled extension was built (CUDA archs, CPU ISA clones, its torch), then runs every
 op on every backend available here (CPU: cpp, triton through its interpreter; GPU: cpp = the CUDA kernels, triton)
 against the eager reference at small shapes, values and gradients, fp32 and bf16, and prints one table row per
-(op, device, backend, dtype). Exits 1 when any kernel disagrees, naming the op.
+(op, device, backend, dtype). Exits 1 when any kernel disagrees, naming the op, and when no kernel could be
+checked (no compiled extension and no Triton), saying why.
 
 :func:`check_op` is also the first-use self-check of a compiled CUDA kernel (fastlt.ops._backend.resolve).
 """
@@ -119,7 +120,7 @@ def available_backends():
 
     plan = []
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    cpp_reason = None if _extension.AVAILABLE else "no compiled extension"
+    cpp_reason = None if _extension.AVAILABLE else f"no compiled kernels ({_extension.IMPORT_ERROR})"
     triton_reason = None if kernels.AVAILABLE else "triton not installed"
     plan.append(("cpu", "cpp", cpp_reason))
     plan.append(("cpu", "triton", triton_reason or (None if interpreted else "needs TRITON_INTERPRET=1 on CPU")))
@@ -235,7 +236,14 @@ def main(argv=None):
               f"each: {details}")
         return 1
     checked = sum(r["ok"] is True for r in rows)
-    print(f"\nfastlt doctor: all {checked} checks agree with the reference")
+    skipped = sorted({f"{r['device']} {r['backend']}: {r['note'].removeprefix('skipped: ')}" for r in rows
+                      if r["ok"] is None})
+    if not checked:
+        print(f"\nfastlt doctor: FAILED: no kernel was checked, so nothing says fastlt's ops are right here "
+              f"({'; '.join(skipped)})")
+        return 1
+    print(f"\nfastlt doctor: all {checked} checks agree with the reference"
+          + (f"; not checked: {'; '.join(skipped)}" if skipped else ""))
     return 0
 
 

@@ -12,6 +12,7 @@ from fastlt import ops
 from fastlt.losses import _counts_buffer
 from fastlt.ops import _checks
 from fastlt.ops.linear_ride_loss import OP, check_reduction, expert_logits
+from fastlt.ops.ride_loss import validate_hyperparameters
 
 
 class LinearRIDELoss(nn.Module):
@@ -47,6 +48,11 @@ class LinearRIDELoss(nn.Module):
                  distill_temperature: float = 1.5, distill_factor: float = 1.0, distill_scale_by_experts: bool = True):
         super().__init__()
         check_reduction(reduction)
+        _checks.number(OP, "scale", scale, low=0.0, low_open=True)
+        validate_hyperparameters(scale=margin_scale, max_margin=max_margin, diversity_factor=diversity_factor,
+                                 temperature_factor=temperature_factor, base_temperature=base_temperature,
+                                 drw_beta=drw_beta, op=OP, scale_name="margin_scale")
+        _checks.chunk_size(OP, chunk_size)
         self.distill_temperature = _checks.number(OP, "distill_temperature", distill_temperature, low=0.0,
                                                   low_open=True)
         self.distill_factor = _checks.number(OP, "distill_factor", distill_factor)

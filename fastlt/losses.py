@@ -20,6 +20,8 @@ from torch import nn
 
 from fastlt import ops
 from fastlt.ops import _checks, _lt_constants
+from fastlt.ops.prior_shifted_ce import validate_hyperparameters as _validate_prior_shifted_hyperparameters
+from fastlt.ops.reslt_loss import validate_hyperparameters as _validate_reslt_hyperparameters
 from fastlt.ops.ride_loss import validate_hyperparameters as _validate_ride_hyperparameters
 
 ExpertLogits = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -230,10 +232,7 @@ class ResLTLoss(nn.Module):
             groups = ops.reslt_groups(_counts_buffer(groups, allow_zero=True), cutoffs=cutoffs,
                                       num_branches=num_branches)
         self.register_buffer("group_masks", groups, persistent=False)
-        _checks.number("fastlt.ResLTLoss", "beta", beta, low=0.0, high=1.0)
-        _checks.number("fastlt.ResLTLoss", "log_eps", log_eps, low=0.0)
-        if fused_log_eps is not None:
-            _checks.number("fastlt.ResLTLoss", "fused_log_eps", fused_log_eps, low=0.0)
+        _validate_reslt_hyperparameters(beta=beta, log_eps=log_eps, fused_log_eps=fused_log_eps, op="fastlt.ResLTLoss")
         self.beta, self.log_eps = beta, log_eps
         self.fused_log_eps = log_eps if fused_log_eps is None else fused_log_eps
 
@@ -264,9 +263,9 @@ class PriorShiftedCE(nn.Module):
         super().__init__()
         self.reduction, self.ignore_index = _reduction_arguments("fastlt.PriorShiftedCE", reduction, ignore_index)
         self.register_buffer("class_counts", _counts_buffer(class_counts), persistent=False)
+        _validate_prior_shifted_hyperparameters(taus=taus, label_smoothing=label_smoothing, op="fastlt.PriorShiftedCE")
         self.taus = float(taus) if isinstance(taus, (int, float)) else [float(tau) for tau in taus]
-        self.label_smoothing = _checks.number("fastlt.PriorShiftedCE", "label_smoothing", label_smoothing,
-                                              low=0.0, high=1.0)
+        self.label_smoothing = float(label_smoothing)
 
     def forward(self, expert_logits: ExpertLogits, target: torch.Tensor, *, return_components: bool = False):
         return ops.prior_shifted_ce(stack_experts(expert_logits), target, self.class_counts, taus=self.taus,

@@ -1,12 +1,30 @@
 """Shared helpers of the op tests: backends to compare, dtype tolerance tables, skip rules, the fused heads' cases."""
 
 import importlib
+import pathlib
+import re
 
 import pytest
 import torch
 
 import fastlt
 from fastlt import _extension
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def registered_ops():
+    """{op name: the stem of the csrc/cpu file whose TORCH_LIBRARY_FRAGMENT defines it}: the op registry, read from
+    the ``m.def`` lines of the C++ sources (every op has a CPU kernel)."""
+    ops = {}
+    for source in sorted((ROOT / "csrc" / "cpu").glob("*.cpp")):
+        for name in re.findall(r'm\.def\(\s*"(\w+)\(', source.read_text()):
+            ops[name] = source.stem
+    return ops
+
+
+# The public ops of the registry: an op's backward (``<op>_backward``) belongs to its op.
+REGISTERED_OPS = sorted(name for name in registered_ops() if not name.endswith("_backward"))
 
 COMPILED_BACKENDS = [
     pytest.param("cpp", marks=pytest.mark.skipif(not _extension.AVAILABLE, reason="extension not built")),

@@ -46,6 +46,23 @@ def test_doctor_passes_through_the_fastlt_command(capsys):
     assert "all 4 checks agree with the reference" in out  # cpp and triton, fp32 and bf16
 
 
+def test_doctor_fails_when_it_checked_nothing_and_says_why(monkeypatch, capsys):
+    """A pure-Python install without Triton, or an extension refused over a torch mismatch: no kernel is checked,
+    which is a failure, not "all 0 checks agree"."""
+    from fastlt import _extension, kernels
+
+    mismatch = "fastlt._C was compiled against torch 2.0.0, but torch 2.14.1 is running"
+    monkeypatch.setattr(_extension, "AVAILABLE", False)
+    monkeypatch.setattr(_extension, "IMPORT_ERROR", mismatch)
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert doctor.main(["--ops", "tau_sweep"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: no kernel was checked" in out
+    assert mismatch in out and "triton not installed" in out
+    assert "all 0 checks" not in out
+
+
 def test_check_op_reports_a_kernel_that_raises(monkeypatch):
     def broken(*args):
         raise RuntimeError("illegal memory access")

@@ -68,10 +68,16 @@ def use_backend(backend: str):
         set_backend(previous)
 
 
-def resolve(tensor: torch.Tensor, op: str = "") -> str:
-    """The concrete backend for the op named ``op`` whose main input is ``tensor``."""
+def resolve(op: str, tensor: torch.Tensor, *others) -> str:
+    """The concrete backend for the op named ``op`` (``"fastlt.<op>"``) whose main input is ``tensor`` (its device
+    decides) and whose other differentiable inputs are ``others`` (None allowed). A call traced by a ``torch.func``
+    transform (grad, vmap, jacrev, ...: any of the tensors is wrapped) takes the eager reference on every op: the
+    transforms cannot run through a torch.library autograd formula."""
+    if not torch.compiler.is_compiling() and any(
+            t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (tensor, *others)):
+        return "reference"
     backend = _resolve(tensor)
-    if backend == "cpp" and op and SELFCHECK and not _selfcheck_paused and tensor.device.type in SELFCHECK_DEVICE_TYPES:
+    if backend == "cpp" and SELFCHECK and not _selfcheck_paused and tensor.device.type in SELFCHECK_DEVICE_TYPES:
         key = (op, tensor.device.type)
         if key not in _selfcheck_results:
             if torch.compiler.is_compiling():  # checked at the first eager call

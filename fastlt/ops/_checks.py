@@ -58,12 +58,17 @@ def reduction(op: str, value) -> int:
     return REDUCTIONS.index(value)
 
 
+INT64_RANGE = (-(2**63), 2**63 - 1)  # the kernels take ignore_index as an int64
+
+
 def ignore_index(op: str, value) -> int:
-    """An integer label value whose rows a loss skips (any int; negative ones cannot collide with a class)."""
+    """An integer label value whose rows a loss skips (any int64; negative ones cannot collide with a class)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(value).__name__}")
+    if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+        raise ValueError(f"{op}: ignore_index must be an int64, in [-2**63, 2**63 - 1], got {value}")
     return int(value)
 
 

@@ -61,7 +61,7 @@ def expert_aggregate(
     torch.Size([8, 100])
     """
     _validate(logits, reduce, weights, active)
-    backend = _backend.resolve(logits, OP)
+    backend = _backend.resolve(OP, logits, weights)
     if backend == "reference":
         return expert_aggregate_reference(logits, reduce=reduce, weights=weights, active=active)
     return _library.overload("expert_aggregate", backend)(logits, reduce, weights, active)

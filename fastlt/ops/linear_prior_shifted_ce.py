@@ -19,7 +19,7 @@ import torch
 
 from fastlt.ops import _backend, _checks, _lt_constants
 from fastlt.ops.linear_ride_loss import check_head, expert_logits, fused_linear_ride_loss
-from fastlt.ops.prior_shifted_ce import check_taus, prior_shifted_ce_reference
+from fastlt.ops.prior_shifted_ce import prior_shifted_ce_reference, validate_hyperparameters
 
 OP = "fastlt.linear_prior_shifted_ce"
 
@@ -103,6 +103,6 @@ def _validate(features, weight, target, class_counts, taus, bias, scale, chunk_s
     check_head(OP, features, weight, target, bias, chunk_size, ignore_index)
     _lt_constants.check_class_counts(OP, class_counts, weight.shape[1],
                                      "the log prior of a class without training samples is -inf")
-    tau_table = check_taus(OP, taus, weight.shape[0])
+    tau_table = validate_hyperparameters(taus=taus, label_smoothing=0.0, num_experts=weight.shape[0], op=OP)
     _checks.number(OP, "scale", scale, low=0.0, low_open=True)
     return tau_table

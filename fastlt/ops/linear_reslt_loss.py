@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from fastlt.ops import _backend, _checks
 from fastlt.ops.linear_ride_loss import NORM_EPS, fused_linear_ride_loss
-from fastlt.ops.reslt_loss import check_group_masks, reslt_loss_reference
+from fastlt.ops.reslt_loss import check_group_masks, reslt_loss_reference, validate_hyperparameters
 
 OP = "fastlt.linear_reslt_loss"
 
@@ -150,8 +150,9 @@ def _validate(branch_features, weight, target, group_masks, beta, bias, scale, c
                          "for one scalar loss; for per-row losses compute the branch logits and call "
                          "fastlt.ops.reslt_loss(reduction='none')")
     ignore_index = _checks.ignore_index(OP, ignore_index)
+    validate_hyperparameters(beta=beta, log_eps=log_eps, fused_log_eps=fused_log_eps, op=OP)
     for name, value in (("log_eps", log_eps), ("fused_log_eps", 0.0 if fused_log_eps is None else fused_log_eps)):
-        if _checks.number(OP, name, value, low=0.0) != 0.0:
+        if value != 0.0:
             raise ValueError(f"{OP}: {name} must be 0 (the exact log-softmax cross-entropy), got {value}; the "
                              "official -log(softmax + 1e-7) needs the probabilities, which the fused head never "
                              f"forms: use the branch logits and fastlt.ops.reslt_loss({name}=...)")
@@ -172,7 +173,6 @@ def _validate(branch_features, weight, target, group_masks, beta, bias, scale, c
     _checks.labels(OP, "target", target, batch, num_classes, ignore_index)
     _checks.same_device(OP, "target", target, weight, "weight")
     check_group_masks(OP, group_masks, num_branches, num_classes, weight, "weight")
-    _checks.number(OP, "beta", beta, low=0.0, high=1.0)
     if bias is not None:
         _checks.tensor(OP, "bias", bias, floating=True)
         if tuple(bias.shape) != (num_classes,) or bias.dtype != weight.dtype:

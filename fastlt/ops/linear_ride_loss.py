@@ -36,10 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from fastlt import _extension
-from fastlt.ops import _backend, _checks, _library, _lt_constants
+from fastlt.ops import _backend, _checks, _fused_loss, _library, _lt_constants
 from fastlt.ops._chunked_head import NORM_EPS, chunked_forward, row_coefficients
-from fastlt.ops._fused_loss import scale_saved_gradient
-from fastlt.ops.ride_loss import ride_loss_reference, ride_tables
+from fastlt.ops.ride_loss import ride_loss_reference, ride_tables, validate_hyperparameters
 
 OP = "fastlt.linear_ride_loss"
 # The arguments of fastlt::linear_ride_loss as csrc/cpu/linear_ride_loss.cpp defines them; its .triton and .torch
@@ -67,7 +66,9 @@ def linear_ride_loss_reference(features, weight, target, class_counts, *, normal
     """Eager reference: materialises the [E, B, C] logits and calls :func:`fastlt.ops.ride_loss_reference` (RIDE's
     loss, docs/methods.md 6.3, with 6.5's reductions and ignored rows) on them. The arguments are
     :func:`linear_ride_loss`'s."""
-    _validate(features, weight, target, class_counts, bias, scale, chunk_size, reduction, ignore_index)
+    _validate(features, weight, target, class_counts, bias, scale, chunk_size, reduction, ignore_index,
+              margin_scale=margin_scale, max_margin=max_margin, diversity_factor=diversity_factor,
+              temperature_factor=temperature_factor, base_temperature=base_temperature, drw_beta=drw_beta)
     logits = expert_logits(features, weight, normalize=normalize, scale=scale, bias=bias)
     return ride_loss_reference(logits, target, class_counts, scale=margin_scale, max_margin=max_margin,
                                diversity_factor=diversity_factor, temperature_factor=temperature_factor,
@@ -134,7 +135,9 @@ def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch
     >>> loss.backward(); weight.grad.shape
     torch.Size([3, 1000, 16])
     """
-    _validate(features, weight, target, class_counts, bias, scale, chunk_size, reduction, ignore_index)
+    _validate(features, weight, target, class_counts, bias, scale, chunk_size, reduction, ignore_index,
+              margin_scale=margin_scale, max_margin=max_margin, diversity_factor=diversity_factor,
+              temperature_factor=temperature_factor, base_temperature=base_temperature, drw_beta=drw_beta)
     target_margins, class_weights, temperatures = ride_tables(
         class_counts, scale=margin_scale, max_margin=max_margin, temperature_factor=temperature_factor,
         base_temperature=base_temperature, drw=drw, drw_beta=drw_beta,
@@ -184,7 +187,7 @@ def fused_linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, bias: O
     chunk = chunk_size or default_chunk_size(num_experts, target.shape[0], num_classes)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (features, weight, bias))
-    backend = _backend.resolve(weight, OP)  # CUDA: the first call checks the kernel against the reference
+    backend = _backend.resolve(OP, weight, features, bias)  # CUDA: the first call checks the kernel
     if normalize and normalize_features:  # O(E x B x D): the op itself normalises only the weight
         features = F.normalize(features, dim=-1, eps=NORM_EPS)
     if backend == "reference":
@@ -259,10 +262,13 @@ def _kernel_device_types():
 _KERNEL_DEVICE_TYPES = _kernel_device_types()
 
 
-def _validate(features, weight, target, class_counts, bias, scale, chunk_size, reduction, ignore_index):
-    """The wrappers' checks; returns (reduction code, ignore_index)."""
+def _validate(features, weight, target, class_counts, bias, scale, chunk_size, reduction, ignore_index, *,
+              margin_scale, **ride_hyperparameters):
+    """The checks of the op and its reference (RIDE's hyper-parameters: ride_loss's own check, ``margin_scale``
+    being its ``scale``); returns (reduction code, ignore_index)."""
     checked = _validate_head(features, weight, target, bias, scale, chunk_size, reduction, ignore_index)
     _lt_constants.check_class_counts(OP, class_counts, weight.shape[1])
+    validate_hyperparameters(scale=margin_scale, **ride_hyperparameters, op=OP, scale_name="margin_scale")
     return checked
 
 
@@ -281,8 +287,7 @@ def _validate_head(features, weight, target, bias, scale, chunk_size, reduction,
     reduction = check_reduction(reduction)
     ignore_index = _checks.ignore_index(OP, ignore_index)
     check_head(OP, features, weight, target, bias, chunk_size, ignore_index)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < float(scale) < float("inf")):
-        raise ValueError(f"{OP}: scale must be a finite number > 0, got {scale!r}")
+    _checks.number(OP, "scale", scale, low=0.0, low_open=True)
     return reduction, ignore_index
 
 
@@ -352,29 +357,19 @@ def _fake_forward(features, weight, bias, target, target_margins, class_weights,
     return loss, torch.empty_like(features), torch.empty_like(weight), grad_bias
 
 
-def _setup_context(ctx, inputs, output):
-    _, *grads = output
-    ctx.num_inputs = len(inputs)
-    ctx.has_bias = inputs[2] is not None
-    ctx.save_for_backward(*grads)
-    ctx.mark_non_differentiable(*grads)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_loss, *_grads_of_gradients):
-    no_grads = (None,) * (ctx.num_inputs - 3)
-    if grad_loss is None:
-        return (None, None, None, *no_grads)
-    grad_features, grad_weight, grad_bias = ctx.saved_tensors
-    if grad_features.numel() == 0:  # the forward ran without gradients (inputs did not require them)
-        return (None, None, None, *no_grads)
-    return (scale_saved_gradient(grad_features, grad_loss), scale_saved_gradient(grad_weight, grad_loss),
-            scale_saved_gradient(grad_bias, grad_loss) if ctx.has_bias else None, *no_grads)
+def _op_loss_formula(features, weight, bias, target, target_margins, class_weights, temperatures, row_weights,
+                     row_bias_scales, scale, normalize_weight, diversity_factor, reduction, ignore_index, chunk_size):
+    """The op's loss from its arguments (SCHEMA's, but compute_grad) in differentiable eager PyTorch, through the
+    materialised logits: the second-order path (``create_graph=True``)."""
+    logits = op_logits(features, weight, normalize_weight=normalize_weight, scale=scale, bias=bias,
+                       row_bias_scales=row_bias_scales)
+    return _loss_formula(logits, target, target_margins, class_weights, temperatures, diversity_factor, reduction,
+                         ignore_index, row_weights)
 
 
 def _register(qualified_name):
-    torch.library.register_fake(qualified_name)(_fake_forward)
-    torch.library.register_autograd(qualified_name, _backward, setup_context=_setup_context)
+    # d loss / d features, weight, bias (inputs 0, 1, 2) are outputs 1, 2, 3
+    _fused_loss.register(qualified_name, _op_loss_formula, _fake_forward, gradient_outputs={0: 1, 1: 2, 2: 3})
 
 
 _library.define_overload("linear_ride_loss", "torch", SCHEMA, _torch_forward)

@@ -143,7 +143,7 @@ def shifted_ce(expert_logits: torch.Tensor, target: torch.Tensor, logit_shifts: 
     _checks.fused_loss_table(OP, "logit_shifts", logit_shifts, expert_logits.shape[::2], expert_logits)
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(logit_shifts).all()):
         raise ValueError(f"{OP}: logit_shifts must be finite")
-    _checks.number(OP, "label_smoothing", label_smoothing, low=0.0, high=1.0)
+    validate_hyperparameters(label_smoothing=label_smoothing)
     loss, row_terms = _shifted_ce(expert_logits, target, logit_shifts, label_smoothing, reduction, ignore_index)
     return _result(loss, row_terms, reduction, return_components)
 
@@ -151,9 +151,9 @@ def shifted_ce(expert_logits: torch.Tensor, target: torch.Tensor, logit_shifts: 
 def _shifted_ce(expert_logits, target, logit_shifts, label_smoothing, reduction, ignore_index):
     """The checked loss and its ``[B, E]`` row terms on the active backend: the fused kernel, or the eager formula
     where the kernel does not apply (soft targets, label smoothing, torch.func transforms)."""
-    backend = _backend.resolve(expert_logits, OP)
+    backend = _backend.resolve(OP, expert_logits)
     eager_only = target.is_floating_point() or label_smoothing != 0
-    if backend == "reference" or eager_only or _fused_loss.use_reference(expert_logits):
+    if backend == "reference" or eager_only:
         row_terms = _row_terms(expert_logits, target, logit_shifts, reduction, ignore_index, label_smoothing)
         return _fused_loss.reduce_row_terms(row_terms, reduction), row_terms
     shifts = logit_shifts.to(_checks.accumulate_dtype(expert_logits.dtype))
@@ -170,26 +170,26 @@ def _prepare(expert_logits, target, class_counts, taus, label_smoothing, reducti
     reduction, ignore_index = _checks.reduction(OP, reduction), _checks.ignore_index(OP, ignore_index)
     if isinstance(expert_logits, torch.Tensor) and expert_logits.dim() == 2:  # one head: E = 1
         expert_logits = expert_logits.unsqueeze(0)
-    tau_table = _validate(expert_logits, target, class_counts, taus, ignore_index)
-    _checks.number(OP, "label_smoothing", label_smoothing, low=0.0, high=1.0)
-    return expert_logits, target, class_counts, tau_table, reduction, ignore_index
-
-
-def _validate(expert_logits, target, class_counts, taus, ignore_index) -> torch.Tensor:
-    """Checks the arguments; returns the taus as an fp64 [E] tensor."""
     _checks.expert_loss_inputs(OP, expert_logits, target, class_counts, _checks.MAX_EXPERTS, soft_targets=True,
                                why_positive="the log prior of a class without training samples is -inf",
                                ignore_index=ignore_index)
-    return check_taus(OP, taus, expert_logits.shape[0])
+    tau_table = validate_hyperparameters(taus=taus, label_smoothing=label_smoothing,
+                                         num_experts=expert_logits.shape[0])
+    return expert_logits, target, class_counts, tau_table, reduction, ignore_index
 
 
-def check_taus(op, taus, num_experts) -> torch.Tensor:
-    """``taus`` (E numbers, or one for every expert) as a finite fp64 [E] tensor; ValueError naming ``op``
-    otherwise (also for fastlt.ops.linear_prior_shifted_ce)."""
+def validate_hyperparameters(*, label_smoothing, taus=None, num_experts=None, op=OP):
+    """ValueError naming the first hyper-parameter of the prior-shifted CE outside its domain: the one check of every
+    op and module computing it (prior_shifted_ce, shifted_ce and their reference on every backend,
+    linear_prior_shifted_ce, PriorShiftedCE). Returns ``taus`` (E finite numbers, or one for every expert; not
+    checked when None) as an fp64 [E] tensor, [E] checked when ``num_experts`` is given."""
+    _checks.number(op, "label_smoothing", label_smoothing, low=0.0, high=1.0)
+    if taus is None:
+        return None
     tau_table = torch.as_tensor(taus, dtype=torch.float64)
-    if tau_table.dim() == 0:  # one tau for every expert
+    if tau_table.dim() == 0 and num_experts is not None:  # one tau for every expert
         tau_table = tau_table.expand(num_experts)
-    if tuple(tau_table.shape) != (num_experts,):
+    if tau_table.dim() > 1 or (num_experts is not None and tuple(tau_table.shape) != (num_experts,)):
         raise ValueError(f"{op}: taus must hold one value per expert ({num_experts}), got shape "
                          f"{tuple(tau_table.shape)}")
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(tau_table).all()):
@@ -202,7 +202,7 @@ def _num_terms(expert_logits, *args):
 
 
 if _extension.AVAILABLE:
-    _fused_loss.register("fastlt::prior_shifted_ce", _loss_formula, num_terms=_num_terms)
+    _fused_loss.register("fastlt::prior_shifted_ce", _loss_formula, _fused_loss.fake_loss_forward(_num_terms))
 
 
 def _prior_shifted_ce_triton(expert_logits, target, logit_shifts, reduction, ignore_index, compute_grad):
@@ -216,7 +216,7 @@ def _prior_shifted_ce_triton(expert_logits, target, logit_shifts, reduction, ign
 
 
 _library.define_triton("prior_shifted_ce", SCHEMA, _prior_shifted_ce_triton)
-_fused_loss.register("fastlt::prior_shifted_ce.triton", _loss_formula, num_terms=_num_terms)
+_fused_loss.register("fastlt::prior_shifted_ce.triton", _loss_formula, _fused_loss.fake_loss_forward(_num_terms))
 
 
 def doctor_case(device, dtype, tiny):

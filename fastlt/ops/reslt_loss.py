@@ -196,8 +196,8 @@ def reslt_loss(branch_logits: torch.Tensor, target: torch.Tensor, group_masks: t
     reduction_code = _checks.reduction(OP, reduction)
     ignore_index = _checks.ignore_index(OP, ignore_index)
     fused_log_eps = _validate(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, ignore_index)
-    backend = _backend.resolve(branch_logits, OP)
-    if backend == "reference" or _fused_loss.use_reference(branch_logits):
+    backend = _backend.resolve(OP, branch_logits)
+    if backend == "reference":
         return reslt_loss_reference(branch_logits, target, group_masks, beta=beta, log_eps=log_eps,
                                     fused_log_eps=fused_log_eps, reduction=reduction, ignore_index=ignore_index,
                                     return_components=return_components)
@@ -220,11 +220,18 @@ def _validate(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, 
     _checks.labels(OP, "target", target, batch, num_classes, ignore_index)
     _checks.same_device(OP, "target", target, branch_logits, "branch_logits")
     check_group_masks(OP, group_masks, num_branches, num_classes, branch_logits, "branch_logits")
-    _checks.number(OP, "beta", beta, low=0.0, high=1.0)
-    log_eps = _checks.number(OP, "log_eps", log_eps, low=0.0)
+    return validate_hyperparameters(beta=beta, log_eps=log_eps, fused_log_eps=fused_log_eps)
+
+
+def validate_hyperparameters(*, beta, log_eps, fused_log_eps=None, op=OP):
+    """ValueError naming the first hyper-parameter of ResLT's loss outside its domain: the one check of every op and
+    module computing the loss (reslt_loss and its reference on every backend, linear_reslt_loss, ResLTLoss).
+    Returns the fused term's epsilon (``log_eps`` when ``fused_log_eps`` is None)."""
+    _checks.number(op, "beta", beta, low=0.0, high=1.0)
+    log_eps = _checks.number(op, "log_eps", log_eps, low=0.0)
     if fused_log_eps is None:
         return log_eps
-    return _checks.number(OP, "fused_log_eps", fused_log_eps, low=0.0)
+    return _checks.number(op, "fused_log_eps", fused_log_eps, low=0.0)
 
 
 def check_group_masks(op, group_masks, num_branches, num_classes, reference, reference_name):
@@ -247,7 +254,7 @@ def _num_terms(branch_logits, *args):
 
 
 if _extension.AVAILABLE:
-    _fused_loss.register("fastlt::reslt_loss", _loss_formula, num_terms=_num_terms)
+    _fused_loss.register("fastlt::reslt_loss", _loss_formula, _fused_loss.fake_loss_forward(_num_terms))
 
 
 def _reslt_loss_triton(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, reduction, ignore_index,
@@ -262,15 +269,13 @@ def _reslt_loss_triton(branch_logits, target, group_masks, beta, log_eps, fused_
                              dtype=torch.bool)
     if not bool(group_masks.any(1).all()):
         raise ValueError(f"{OP}: every row of group_masks must select a class")
-    _checks.number(OP, "beta", beta, low=0.0, high=1.0)
-    _checks.number(OP, "log_eps", log_eps, low=0.0)
-    _checks.number(OP, "fused_log_eps", fused_log_eps, low=0.0)
+    validate_hyperparameters(beta=beta, log_eps=log_eps, fused_log_eps=fused_log_eps)
     return kernel.forward(branch_logits, target, group_masks, beta, log_eps, fused_log_eps, reduction, ignore_index,
                           compute_grad)
 
 
 _library.define_triton("reslt_loss", SCHEMA, _reslt_loss_triton)
-_fused_loss.register("fastlt::reslt_loss.triton", _loss_formula, num_terms=_num_terms)
+_fused_loss.register("fastlt::reslt_loss.triton", _loss_formula, _fused_loss.fake_loss_forward(_num_terms))
 
 
 def doctor_case(device, dtype, tiny):

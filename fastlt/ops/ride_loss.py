@@ -150,8 +150,8 @@ def ride_loss(expert_logits: torch.Tensor, target: torch.Tensor, class_counts: t
         expert_logits, target, class_counts, reduction, ignore_index, scale=scale, max_margin=max_margin,
         diversity_factor=diversity_factor, temperature_factor=temperature_factor, base_temperature=base_temperature,
         drw_beta=drw_beta)
-    backend = _backend.resolve(expert_logits, OP)
-    if backend == "reference" or _fused_loss.use_reference(expert_logits):
+    backend = _backend.resolve(OP, expert_logits)
+    if backend == "reference":
         return ride_loss_reference(expert_logits, target, class_counts, scale=scale, max_margin=max_margin,
                                    diversity_factor=diversity_factor, temperature_factor=temperature_factor,
                                    base_temperature=base_temperature, drw=drw, drw_beta=drw_beta, reduction=reduction,
@@ -180,14 +180,17 @@ def _validate(expert_logits, target, class_counts, reduction, ignore_index, **hy
     return reduction_code, ignore_index
 
 
-def validate_hyperparameters(*, scale, max_margin, diversity_factor, temperature_factor, base_temperature, drw_beta):
-    """ValueError naming the first hyper-parameter outside its domain (every backend, and RIDELoss, check here)."""
-    _checks.number(OP, "scale", scale, low=0.0)
-    _checks.number(OP, "max_margin", max_margin, low=0.0)
-    _checks.number(OP, "diversity_factor", diversity_factor)
-    _checks.number(OP, "temperature_factor", temperature_factor, low=0.0, high=1.0)
-    _checks.number(OP, "base_temperature", base_temperature, low=0.0, low_open=True)
-    _checks.number(OP, "drw_beta", drw_beta, low=0.0, high=1.0, high_open=True)
+def validate_hyperparameters(*, scale, max_margin, diversity_factor, temperature_factor, base_temperature, drw_beta,
+                             op=OP, scale_name="scale"):
+    """ValueError naming the first hyper-parameter of RIDE's loss outside its domain: the one check of every op and
+    module computing the loss (ride_loss and its reference on every backend, linear_ride_loss and its reference,
+    RIDELoss, LinearRIDELoss). ``op`` names the caller in the message, ``scale_name`` its name for LDAM's s."""
+    _checks.number(op, scale_name, scale, low=0.0)
+    _checks.number(op, "max_margin", max_margin, low=0.0)
+    _checks.number(op, "diversity_factor", diversity_factor)
+    _checks.number(op, "temperature_factor", temperature_factor, low=0.0, high=1.0)
+    _checks.number(op, "base_temperature", base_temperature, low=0.0, low_open=True)
+    _checks.number(op, "drw_beta", drw_beta, low=0.0, high=1.0, high_open=True)
 
 
 def _num_terms(expert_logits, *args):
@@ -195,7 +198,7 @@ def _num_terms(expert_logits, *args):
 
 
 if _extension.AVAILABLE:
-    _fused_loss.register("fastlt::ride_loss", _loss_formula, num_terms=_num_terms)
+    _fused_loss.register("fastlt::ride_loss", _loss_formula, _fused_loss.fake_loss_forward(_num_terms))
 
 
 def _ride_loss_triton(expert_logits, target, target_margins, class_weights, temperatures, diversity_factor, reduction,
@@ -216,7 +219,7 @@ def _ride_loss_triton(expert_logits, target, target_margins, class_weights, temp
 
 
 _library.define_triton("ride_loss", SCHEMA, _ride_loss_triton)
-_fused_loss.register("fastlt::ride_loss.triton", _loss_formula, num_terms=_num_terms)
+_fused_loss.register("fastlt::ride_loss.triton", _loss_formula, _fused_loss.fake_loss_forward(_num_terms))
 
 
 def doctor_case(device, dtype, tiny):

@@ -34,7 +34,7 @@ def tau_normalize(weight: torch.Tensor, tau: float, *, eps: float = 1e-12) -> to
     tensor([1.0000, 1.0000])
     """
     tau, eps = _validate(weight, tau, eps)
-    backend = _backend.resolve(weight, OP)
+    backend = _backend.resolve(OP, weight)
     if backend == "reference":
         return tau_normalize_reference(weight, tau, eps=eps)
     return _library.overload("tau_normalize", backend)(weight, tau, eps)

@@ -64,7 +64,7 @@ def tau_sweep(
     (21, ['few', 'many', 'medium', 'overall', 'tau'])
     """
     taus, eps = _validate(features, weight, taus, bias, eps)
-    backend = _backend.resolve(features, OP)
+    backend = _backend.resolve(OP, features)
     if backend == "reference":
         return tau_sweep_reference(features, weight, taus, bias=bias, eps=eps)
     return _library.overload("tau_sweep", backend)(features, weight, taus, bias, eps)
@@ -141,7 +141,7 @@ def _fake(features, weight, taus, bias, eps):
 
 
 if _extension.AVAILABLE:
-    torch.library.register_fake("fastlt::tau_sweep")(_fake)
+    _library.register_fake("fastlt::tau_sweep", _fake)
 
 
 def _tau_sweep_triton(features, weight, taus, bias, eps):
@@ -152,7 +152,7 @@ def _tau_sweep_triton(features, weight, taus, bias, eps):
 
 
 _library.define_triton("tau_sweep", SCHEMA, _tau_sweep_triton)
-torch.library.register_fake("fastlt::tau_sweep.triton")(_fake)
+_library.register_fake("fastlt::tau_sweep.triton", _fake)
 
 
 def doctor_case(device, dtype, tiny):

@@ -2,11 +2,17 @@
 
 A seeded generator draws inputs for each op over shapes (B = 1, C = 1 / 2, odd sizes), strides (transposed, sliced,
 broadcast and offset views), dtypes (fp32, fp64, bf16, fp16, mixed), NaN / Inf placement and argument values,
-invalid ones included. Every backend (reference, cpp, triton; their CUDA versions when a GPU is present; the raw
-``torch.ops.fastlt`` ops of expert_aggregate / tau_normalize / tau_sweep) runs each draw, and they must either all
-refuse it with the same exception type at the same stage (forward, first-order or second-order backward) or agree
-with the reference within the dtype tolerance, in values and in first- and second-order gradients. A draw known to
-be invalid must be refused with a ValueError.
+invalid ones included. Every backend (reference, cpp, triton; the fused heads' chunked PyTorch loop, "torch"; their
+CUDA versions when a GPU is present; the raw ``torch.ops.fastlt`` ops of expert_aggregate / tau_normalize /
+tau_sweep) runs each draw, and they must either all refuse it with the same exception type at the same stage
+(forward, backward, second backward) or agree with the reference within the dtype tolerance. Each draw's mode
+decides what is compared: values only; first-order gradients; ``create_graph=True`` (the gradients of a function of
+the gradients: second order); ``retain_graph=True`` (a second backward through the same graph, after which the first
+gradients must be unchanged); or ``torch.func.grad``. A draw known to be invalid must be refused with a ValueError.
+
+The ops drawn are read from the op registry (the C++ sources' ``m.def`` lines, as tests/ops/test_op_registry.py
+reads them): an op without a drawer fails the test. The compositions on the fused head (linear_prior_shifted_ce,
+linear_reslt_loss) are drawn too.
 
     FASTLT_DIFF_DRAWS=3000 FASTLT_DIFF_SEED=1 pytest tests/ops/test_differential.py    # a longer / other run
 
@@ -14,13 +20,17 @@ A failure names the op, the seed and the draw; FASTLT_DIFF_ONLY=<draw> replays t
 """
 
 import dataclasses
+import importlib
 import math
 import os
 import random
+import zlib
 from typing import Callable, Optional
+from unittest import mock
 
 import pytest
 import torch
+from op_helpers import REGISTERED_OPS
 
 from fastlt import _extension, ops
 
@@ -76,11 +86,18 @@ class Draw:
     label: str
     inputs: dict  # name -> Input
     call: Callable  # call(**views) -> output tensor; runs under fastlt.ops.use_backend
-    order: int = 1  # 0: values only, 1: + gradients, 2: + gradients of a function of the gradients
+    mode: str = "gradients"  # one of MODES: what is compared beyond the values
     invalid: Optional[str] = None  # a known-invalid argument: every backend must raise ValueError
     raw: Optional[Callable] = None  # raw(overload, **views): the registered op called directly ("default" or "triton")
     compare: Optional[Callable] = None  # compare(actual, expected, views) for outputs that are not tolerance-equal
     dtype: torch.dtype = torch.float32  # of the main input: results are no more precise than its accumulation dtype
+    magnitude: float = 1.0  # of the terms a result is a difference of, when larger than the result: the atol's scale
+    chunked_loop: bool = False  # a fused head's: also run the chunked PyTorch loop ("torch")
+
+
+# values only; + gradients; + gradients of a function of the gradients (create_graph=True); + a second backward
+# through the same graph (retain_graph=True) after which the first gradients are unchanged; + torch.func.grad
+MODES = ("values", "gradients", "create_graph", "retain_graph", "func_grad")
 
 
 class Gen:
@@ -104,6 +121,9 @@ class Gen:
 
     def dtype(self):
         return self.pick(*FLOAT_DTYPES, weights=[4, 3, 2, 2])
+
+    def mode(self):
+        return self.pick(*MODES, weights=[1, 2, 2, 1, 1])
 
     def float_input(self, shape, dtype, scale=1.0, grad=False, special=0.15, prepare=None):
         """A float tensor of ``shape`` as a random layout (contiguous, permuted, sliced, broadcast, offset), with
@@ -189,7 +209,7 @@ def draw_expert_aggregate(gen):
         return getattr(torch.ops.fastlt.expert_aggregate, overload)(logits, reduce, weights, active)
 
     label = f"E={E} B={B} C={C} {dtype} reduce={reduce!r} weights={weights_kind} active={'active' in inputs}"
-    return Draw(label, inputs, call, order=gen.pick(0, 1, 2, weights=[1, 2, 2]), invalid=invalid, raw=raw, dtype=dtype)
+    return Draw(label, inputs, call, mode=gen.mode(), invalid=invalid, raw=raw, dtype=dtype)
 
 
 def draw_tau_normalize(gen):
@@ -213,12 +233,18 @@ def draw_tau_normalize(gen):
     def call(weight):
         return ops.tau_normalize(weight, tau, eps=eps)
 
+    # d (w / ||w||^tau) / d w is a difference of terms ||w||^-tau large (its radial part cancels) for a row above eps
+    # (below, the norm is the constant eps): small rows round in proportion
+    norms = torch.linalg.vector_norm(weight.view(weight.base).double(), dim=1)
+    norms = norms[torch.isfinite(norms) & (norms > eps)] if invalid is None else norms[:0]
+    magnitude = float(norms.min()) ** -tau if norms.numel() else 1.0
+
     def raw(overload, weight):
         return getattr(torch.ops.fastlt.tau_normalize, overload)(weight, tau, eps)
 
     label = f"C={C} D={D} {dtype} tau={tau} eps={eps}"
-    order = gen.pick(0, 1, 2, weights=[1, 2, 2])
-    return Draw(label, {"weight": weight}, call, order=order, invalid=invalid, raw=raw, dtype=dtype)
+    return Draw(label, {"weight": weight}, call, mode=gen.mode(), invalid=invalid, raw=raw, dtype=dtype,
+                magnitude=magnitude)
 
 
 def _tau_sweep_scores(features, weight, taus, bias, eps):
@@ -297,7 +323,7 @@ def draw_tau_sweep(gen):
         return getattr(torch.ops.fastlt.tau_sweep, overload)(features, weight, taus_tensor, bias, eps)
 
     label = f"N={N} C={C} D={D} {f_dtype}/{w_dtype} taus={taus} eps={eps} bias={'bias' in inputs}"
-    return Draw(label, inputs, call, order=0, invalid=invalid, raw=raw, compare=_same_argmax(taus, eps))
+    return Draw(label, inputs, call, mode="values", invalid=invalid, raw=raw, compare=_same_argmax(taus, eps))
 
 
 def _shot_accuracy_oracle(predictions, targets, class_counts, taus):
@@ -350,10 +376,6 @@ def _rows(gen):
     return gen.pick(1, 2, 3, 5, weights=[4, 3, 2, 1])
 
 
-def _loss_order(gen):
-    return gen.pick(0, 1, 2, weights=[1, 2, 2])
-
-
 def draw_ride_loss(gen):
     dtype = gen.dtype()
     E, B, C = gen.pick(1, 2, 3, 4, weights=[3, 3, 2, 1]), _rows(gen), gen.pick(1, 2, 3, 5, 8)
@@ -389,7 +411,7 @@ def draw_ride_loss(gen):
         return ops.ride_loss(expert_logits, target, counts.to(expert_logits.device), **kwargs)
 
     label = f"E={E} B={B} C={C} {dtype} {kwargs}"
-    return Draw(label, inputs, call, order=_loss_order(gen), invalid=invalid, dtype=dtype)
+    return Draw(label, inputs, call, mode=gen.mode(), invalid=invalid, dtype=dtype)
 
 
 def draw_reslt_loss(gen):
@@ -419,7 +441,7 @@ def draw_reslt_loss(gen):
         return ops.reslt_loss(branch_logits, target, group_masks, **kwargs)
 
     label = f"K={K} B={B} C={C} {dtype} {kwargs}"
-    return Draw(label, inputs, call, order=_loss_order(gen), invalid=invalid, dtype=dtype)
+    return Draw(label, inputs, call, mode=gen.mode(), invalid=invalid, dtype=dtype)
 
 
 def draw_prior_shifted_ce(gen):
@@ -447,7 +469,140 @@ def draw_prior_shifted_ce(gen):
         return ops.prior_shifted_ce(expert_logits, target, counts.to(expert_logits.device), **kwargs)
 
     label = f"E={E} B={B} C={C} {dtype} {kwargs}"
-    return Draw(label, inputs, call, order=_loss_order(gen), invalid=invalid, dtype=dtype)
+    return Draw(label, inputs, call, mode=gen.mode(), invalid=invalid, dtype=dtype)
+
+
+def _ignored_rows(gen, target, kwargs, num_classes):
+    """Some rows ignored (every row, at times), with probability 0.3."""
+    if gen.chance(0.3):
+        kwargs["ignore_index"] = gen.pick(-100, -1, num_classes + 3)
+        target.view(target.base)[gen.randint(0, 2, (target.base.shape[0],)).bool()] = kwargs["ignore_index"]
+
+
+def _head_inputs(gen, dtype, num_experts, batch, num_classes, dim, *, bias, shared):
+    """The fused head's features ([E, B, D], or [B, D] shared), weight ([E, C, D]) and bias ([E, C]), all leaves.
+    Non-finite values are left out: the materialised logits of the reference and the chunked statistics of the
+    kernels may turn one NaN feature into different NaN / inf patterns."""
+    inputs = {"features": gen.float_input((batch, dim) if shared else (num_experts, batch, dim), dtype, grad=True,
+                                          special=0, prepare=_moderate_row_norms),
+              "weight": gen.float_input((num_experts, num_classes, dim), dtype, grad=True, special=0,
+                                        prepare=_moderate_row_norms)}
+    if bias:
+        inputs["bias"] = gen.float_input((num_experts, num_classes), dtype, grad=True, special=0)
+    return inputs
+
+
+def _moderate_row_norms(values):
+    """Rows of norm 0.5 to 2: the cosine classifier's gradients (weight and features) are differences of terms
+    1 / ||row|| times larger than themselves (their radial parts cancel), so their rounding grows as rows shrink."""
+    norms = torch.linalg.vector_norm(values, dim=-1, keepdim=True).clamp_min(1e-3)
+    values.mul_(torch.linspace(0.5, 2.0, values.shape[-2], dtype=values.dtype)[:, None] / norms)
+
+
+def _cosine_magnitude(kwargs):
+    """A cosine head's logits and their gradient's terms are ``scale`` times the cosines: the results' rounding."""
+    return kwargs["scale"] if kwargs["normalize"] else 1.0
+
+
+def _head_shape(gen):
+    return gen.pick(1, 2, 3), _rows(gen), gen.pick(1, 2, 3, 5, 9), gen.pick(1, 3, 4)
+
+
+def _chunk_size(gen):
+    """Classes per chunk: None (one chunk at these sizes) most often; every chunk costs a Triton launch."""
+    return gen.pick(None, 1, 2, 4, weights=[3, 1, 1, 1])
+
+
+def _head_dtype(gen):
+    """fp32 / fp64: the reference rounds low-precision logits before the loss, the kernels never do (their fp16 /
+    bf16 tolerance is tests/ops/test_linear_ride_loss.py's)."""
+    return gen.pick(torch.float32, torch.float64, weights=[3, 2])
+
+
+def draw_linear_ride_loss(gen):
+    dtype, (E, B, C, D) = _head_dtype(gen), _head_shape(gen)
+    normalize = gen.chance(0.6)
+    kwargs = dict(
+        normalize=normalize,
+        scale=gen.pick(30.0, 4.0, 1.0),
+        margin_scale=gen.pick(30.0, 3.0, 0.0),
+        max_margin=gen.pick(0.5, 0.1, 0.0),
+        diversity_factor=gen.pick(-0.45, 0.0, 0.2),
+        temperature_factor=gen.pick(0.05, 0.2),
+        base_temperature=gen.pick(1.0, 1.5),
+        drw=gen.chance(0.5),
+        drw_beta=gen.pick(0.9999, 0.99),
+        chunk_size=_chunk_size(gen),
+        reduction=gen.pick("mean", "sum", weights=[2, 1]),
+    )
+    invalid = None
+    if gen.chance(0.1):
+        name, value = gen.pick(("margin_scale", -30.0), ("drw_beta", 1.0), ("temperature_factor", 2.0),
+                               ("max_margin", -1.0), ("base_temperature", 0.0), ("max_margin", math.inf),
+                               ("diversity_factor", math.nan), ("scale", 0.0), ("chunk_size", 0),
+                               ("reduction", "none"), ("ignore_index", 2**63))
+        kwargs[name], invalid = value, name
+    inputs = _head_inputs(gen, dtype, E, B, C, D, bias=gen.chance(0.4), shared=gen.chance(0.3))
+    inputs["target"] = _target(gen, B, C)
+    if invalid != "ignore_index":
+        _ignored_rows(gen, inputs["target"], kwargs, C)
+    counts = _counts(gen, C)
+
+    def call(features, weight, target, bias=None):
+        return ops.linear_ride_loss(features, weight, target, counts.to(weight.device), bias=bias, **kwargs)
+
+    label = f"E={E} B={B} C={C} D={D} {dtype} features={tuple(inputs['features'].base.shape)} " \
+            f"bias={'bias' in inputs} {kwargs}"
+    return Draw(label, inputs, call, mode=gen.mode(), invalid=invalid, dtype=dtype, chunked_loop=True,
+                magnitude=_cosine_magnitude(kwargs))
+
+
+def draw_linear_prior_shifted_ce(gen):
+    dtype, (E, B, C, D) = _head_dtype(gen), _head_shape(gen)
+    kwargs = dict(taus=[gen.pick(0.0, 1.0, 2.0, -1.0) for _ in range(E)], normalize=gen.chance(0.5),
+                  scale=gen.pick(30.0, 4.0), chunk_size=_chunk_size(gen),
+                  reduction=gen.pick("mean", "sum", weights=[2, 1]))
+    invalid = None
+    if gen.chance(0.08):
+        name, value = gen.pick(("taus", [math.nan] * E), ("taus", [1.0] * (E + 1)), ("reduction", "none"))
+        kwargs[name], invalid = value, name
+    inputs = _head_inputs(gen, dtype, E, B, C, D, bias=gen.chance(0.4), shared=gen.chance(0.3))
+    inputs["target"] = _target(gen, B, C)
+    _ignored_rows(gen, inputs["target"], kwargs, C)
+    counts = _counts(gen, C)
+
+    def call(features, weight, target, bias=None):
+        return ops.linear_prior_shifted_ce(features, weight, target, counts.to(weight.device), bias=bias, **kwargs)
+
+    label = f"E={E} B={B} C={C} D={D} {dtype} bias={'bias' in inputs} {kwargs}"
+    return Draw(label, inputs, call, mode=gen.mode(), invalid=invalid, dtype=dtype, chunked_loop=True,
+                magnitude=_cosine_magnitude(kwargs))
+
+
+def draw_linear_reslt_loss(gen):
+    dtype, (K, B, C, D) = _head_dtype(gen), _head_shape(gen)
+    kwargs = dict(beta=gen.pick(0.0, 0.5, 0.995, 1.0), normalize=gen.chance(0.4), scale=gen.pick(1.0, 10.0),
+                  chunk_size=_chunk_size(gen), reduction=gen.pick("mean", "sum", weights=[2, 1]))
+    invalid = None
+    if gen.chance(0.08):
+        name, value = gen.pick(("beta", 1.5), ("beta", math.nan), ("log_eps", 1e-7), ("reduction", "none"))
+        kwargs[name], invalid = value, name
+    masks = torch.rand((K, C), generator=gen.torch) > 0.5
+    masks[0] = True
+    masks[torch.arange(K), gen.randint(0, C, (K,))] = True
+    inputs = {"features": gen.float_input((K, B, D), dtype, grad=True, special=0, prepare=_moderate_row_norms),
+              "weight": gen.float_input((C, D), dtype, grad=True, special=0, prepare=_moderate_row_norms),
+              "target": _target(gen, B, C), "group_masks": gen.layout(masks, broadcast=False)}
+    if gen.chance(0.4):
+        inputs["bias"] = gen.float_input((C,), dtype, grad=True, special=0)
+    _ignored_rows(gen, inputs["target"], kwargs, C)
+
+    def call(features, weight, target, group_masks, bias=None):
+        return ops.linear_reslt_loss(features, weight, target, group_masks, bias=bias, **kwargs)
+
+    label = f"K={K} B={B} C={C} D={D} {dtype} bias={'bias' in inputs} {kwargs}"
+    return Draw(label, inputs, call, mode=gen.mode(), invalid=invalid, dtype=dtype, chunked_loop=True,
+                magnitude=K * _cosine_magnitude(kwargs))  # the fused rows are sums of K normalised rows
 
 
 # ---- running a draw on one backend ----
@@ -455,7 +610,7 @@ def draw_prior_shifted_ce(gen):
 
 @dataclasses.dataclass
 class Outcome:
-    results: dict  # "out", "grad:<name>", "grad2:<name>" -> tensor
+    results: dict  # "out", "grad:<name>", "grad2:<name>", "regrad:<name>", "func_grad:<name>" -> tensor
     error: Optional[type] = None
     stage: Optional[str] = None
     message: str = ""
@@ -465,27 +620,56 @@ def _probe(shape, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+_linear_ride_loss_module = importlib.import_module("fastlt.ops.linear_ride_loss")  # the attribute is the function
+
+
+def _backend(backend):
+    """``fastlt.ops.use_backend(backend)``; "torch": no compiled kernel, the fused heads' chunked PyTorch loop."""
+    if backend != "torch":
+        return ops.use_backend(backend)
+    return mock.patch.object(_linear_ride_loss_module, "_compiled_op", lambda device: None)
+
+
 def run(draw, backend, device, raw_overload=None):
     bases = {name: inp.base.to(device).clone().requires_grad_(inp.grad) for name, inp in draw.inputs.items()}
     leaves = [name for name, inp in draw.inputs.items() if inp.grad]
     results = {}
     stage = "forward"
+
+    def forward(**leaf_values):
+        views = {name: draw.inputs[name].view(leaf_values.get(name, base)) for name, base in bases.items()}
+        return draw.raw(raw_overload, **views) if raw_overload is not None else draw.call(**views)
+
+    def gradients(objective, **kwargs):
+        grads = torch.autograd.grad(objective, [bases[n] for n in leaves], allow_unused=True, **kwargs)
+        return [torch.zeros_like(bases[n]) if g is None else g for n, g in zip(leaves, grads)]
+
     try:
-        with ops.use_backend(backend):
-            views = {name: draw.inputs[name].view(base) for name, base in bases.items()}
-            out = draw.raw(raw_overload, **views) if raw_overload is not None else draw.call(**views)
+        with _backend(backend):
+            out = forward()
             results["out"] = out.detach()
-            if draw.order == 0 or not leaves or not out.requires_grad:
+            if draw.mode == "values" or not leaves or not out.requires_grad:
                 return Outcome(results)
+            probe = _probe(out.shape, 1).to(device)
             stage = "backward"
-            objective = (out.double() * _probe(out.shape, 1).to(device)).sum()
-            grads = torch.autograd.grad(objective, [bases[n] for n in leaves], create_graph=draw.order >= 2,
-                                        allow_unused=True)
-            grads = [torch.zeros_like(bases[n]) if g is None else g for n, g in zip(leaves, grads)]
-            results.update({f"grad:{n}": g.detach() for n, g in zip(leaves, grads)})
-            if draw.order < 2:
+            if draw.mode == "func_grad":
+                def objective_of(*values):
+                    return (forward(**dict(zip(leaves, values))).double() * probe).sum()
+
+                grads = torch.func.grad(objective_of, tuple(range(len(leaves))))(*[bases[n].detach() for n in leaves])
+                results.update({f"func_grad:{n}": g for n, g in zip(leaves, grads)})
                 return Outcome(results)
-            stage = "double backward"
+            objective = (out.double() * probe).sum()
+            grads = gradients(objective, create_graph=draw.mode == "create_graph",
+                              retain_graph=draw.mode in ("create_graph", "retain_graph"))
+            if draw.mode == "retain_graph":  # the first gradients as they stand after a second backward
+                stage = "second backward"
+                again = gradients(objective * 3)
+                results.update({f"regrad:{n}": g.detach() for n, g in zip(leaves, again)})
+            results.update({f"grad:{n}": g.detach() for n, g in zip(leaves, grads)})
+            if draw.mode != "create_graph":
+                return Outcome(results)
+            stage = "second backward"
             objective = sum((g.double() ** 2 * _probe(g.shape, 2 + i).to(device)).sum() for i, g in enumerate(grads))
             # Gradients that do not depend on the inputs (a linear op) have zero second derivatives. A backend that
             # returns a gradient detached from the graph where the reference's is not shows as different values.
@@ -498,7 +682,7 @@ def run(draw, backend, device, raw_overload=None):
         return Outcome(results, type(error), stage, str(error).splitlines()[0][:300] if str(error) else "")
 
 
-def assert_tensors_close(actual, expected, what, compute_dtype):
+def assert_tensors_close(actual, expected, what, compute_dtype, magnitude=1.0):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} vs {expected.dtype}"
     actual, expected = actual.cpu(), expected.cpu()
@@ -508,7 +692,7 @@ def assert_tensors_close(actual, expected, what, compute_dtype):
     accumulation = torch.float64 if compute_dtype == torch.float64 else torch.float32
     atol, rtol = max(TOLERANCES[expected.dtype], TOLERANCES[accumulation], key=lambda tol: tol[1])
     finite = expected[torch.isfinite(expected)]
-    magnitude = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+    magnitude = max(magnitude, float(finite.abs().max()) if finite.numel() else 1.0)
     torch.testing.assert_close(actual, expected, atol=atol * magnitude, rtol=rtol, equal_nan=True,
                                msg=lambda m: f"{what}: {m}")
 
@@ -535,15 +719,16 @@ def check(draw, runs):
             if name == "out" and draw.compare is not None:
                 draw.compare(outcome.results[name], value, views)
             else:
-                assert_tensors_close(outcome.results[name], value, f"{key} {name}", draw.dtype)
+                assert_tensors_close(outcome.results[name], value, f"{key} {name}", draw.dtype, draw.magnitude)
 
 
 def check_draw(draw, check_raw):
     """Every backend on ``draw``; with ``check_raw``, also the raw registered ops (values only: their gradients are
     the wrapper's)."""
-    check(draw, {(backend, device): run(draw, backend, device) for backend, device in BACKENDS})
+    backends = BACKENDS + ([("torch", "cpu")] if draw.chunked_loop else [])
+    check(draw, {(backend, device): run(draw, backend, device) for backend, device in backends})
     if draw.raw is not None and check_raw:
-        values_only = dataclasses.replace(draw, order=0)
+        values_only = dataclasses.replace(draw, mode="values")
         runs = {("reference", "cpu"): run(values_only, "reference", "cpu")}
         for backend, device in BACKENDS:
             if backend != "reference":
@@ -552,6 +737,7 @@ def check_draw(draw, check_raw):
         check(values_only, runs)
 
 
+# op -> its drawer: every op of the registry (REGISTERED_OPS) and the compositions on the fused head
 DRAWERS = {
     "expert_aggregate": draw_expert_aggregate,
     "tau_normalize": draw_tau_normalize,
@@ -559,21 +745,27 @@ DRAWERS = {
     "ride_loss": draw_ride_loss,
     "reslt_loss": draw_reslt_loss,
     "prior_shifted_ce": draw_prior_shifted_ce,
+    "linear_ride_loss": draw_linear_ride_loss,
+    "linear_prior_shifted_ce": draw_linear_prior_shifted_ce,
+    "linear_reslt_loss": draw_linear_reslt_loss,
 }
+# The fused heads' draws cost most (a chunk loop per backend, four backends): fewer of them.
+DRAW_SHARE = {"linear_ride_loss": 0.3, "linear_prior_shifted_ce": 0.1, "linear_reslt_loss": 0.1}
 
 
-def _draw_indices():
-    return [int(ONLY)] if ONLY is not None else range(DRAWS)
+def _draw_indices(op):
+    return [int(ONLY)] if ONLY is not None else range(max(1, round(DRAWS * DRAW_SHARE.get(op, 1.0))))
 
 
 def _seed(op, index):
-    return (SEED * 1_000_003 + index) * 31 + sorted(DRAWERS.keys() | {"shot_accuracy_per_tau"}).index(op)
+    return (SEED * 1_000_003 + index) * 31 + zlib.crc32(op.encode())
 
 
-@pytest.mark.parametrize("op", list(DRAWERS))
+@pytest.mark.parametrize("op", sorted(set(REGISTERED_OPS) | DRAWERS.keys()))
 def test_backends_agree_or_refuse_alike(op):
+    assert op in DRAWERS, f"{op} is in the op registry but has no drawer here: add draw_{op} to DRAWERS"
     failures = []
-    for index in _draw_indices():
+    for index in _draw_indices(op):
         draw = DRAWERS[op](Gen(_seed(op, index)))
         try:
             # raw ops on every invalid draw and a quarter of the valid ones (the Triton interpreter is slow)
@@ -581,7 +773,7 @@ def test_backends_agree_or_refuse_alike(op):
         except AssertionError as error:
             failures.append(f"draw {index} ({draw.label}): {error}")
     assert not failures, (
-        f"{op}: {len(failures)} of {len(_draw_indices())} draws disagree (FASTLT_DIFF_SEED={SEED}; replay one with "
+        f"{op}: {len(failures)} of {len(_draw_indices(op))} draws disagree (FASTLT_DIFF_SEED={SEED}; replay one with "
         f"FASTLT_DIFF_ONLY=<draw>):\n" + "\n".join(failures[:10])
     )
 
@@ -591,7 +783,7 @@ def test_shot_accuracy_per_tau_matches_its_oracle():
     or, for a known-invalid draw, raises ValueError."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     failures = []
-    for index in _draw_indices():
+    for index in _draw_indices("shot_accuracy_per_tau"):
         draw = draw_shot_accuracy_per_tau(Gen(_seed("shot_accuracy_per_tau", index)))
         label, predictions, targets, class_counts, taus, as_numpy, invalid = draw
         for device in devices:

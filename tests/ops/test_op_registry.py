@@ -3,30 +3,18 @@ eager reference in fastlt.ops, the CPU kernel registered at the bottom of its ow
 registered at the bottom of csrc/cuda/<op>.cu, the Triton kernel in kernels/<op>.py as the op's ``triton`` overload
 with the same schema, a test file, a benchmark row and a `fastlt doctor` case (which the CUDA self-check runs)."""
 
-import pathlib
 import re
 
 import pytest
 import torch
-from op_helpers import needs_cpp
+from op_helpers import REGISTERED_OPS, ROOT, needs_cpp, registered_ops
 
 import fastlt
 from fastlt import _extension, doctor
+from fastlt.ops import _library
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def defined_ops():
-    """{op name: the stem of the csrc/cpu file whose TORCH_LIBRARY_FRAGMENT defines it}, read from the sources."""
-    ops = {}
-    for source in sorted((ROOT / "csrc" / "cpu").glob("*.cpp")):
-        for name in re.findall(r'm\.def\(\s*"(\w+)\(', source.read_text()):
-            ops[name] = source.stem
-    return ops
-
-
-OPS = defined_ops()
-PUBLIC_OPS = sorted(name for name in OPS if not name.endswith("_backward"))  # a backward belongs to its op
+OPS = registered_ops()
+PUBLIC_OPS = REGISTERED_OPS
 
 
 def test_the_sources_define_the_ops_fastlt_exports():
@@ -67,3 +55,53 @@ def test_triton_overload_takes_the_compiled_ops_arguments(name):
 def test_compiled_kernels_are_registered_for_each_built_device(name):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastlt::{name}", "CPU")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastlt::{name}", "CUDA") == _extension.HAS_CUDA
+
+
+def _overloads(name):
+    """Every registered overload of ``fastlt::<name>``: the compiled one (with the extension), triton, torch."""
+    packet = getattr(torch.ops.fastlt, name)
+    return [getattr(packet, overload) for overload in packet.overloads()
+            if overload != "default" or _extension.AVAILABLE]
+
+
+def _placeholder_arguments(op):
+    """Arguments of ``op`` from its schema alone: one-element CPU tensors of each argument's dtype
+    (fastlt.ops._library.TENSOR_DTYPES), plain values of each scalar type."""
+    scalars = {"float": 1.0, "int": 1, "bool": True, "str": "mean"}
+    arguments = {}
+    for argument in op._schema.arguments:
+        kind = argument.type
+        kind = str(kind.getElementType() if isinstance(kind, torch.OptionalType) else kind)
+        if kind == "Tensor":
+            dtype = _library.TENSOR_DTYPES.get(argument.name, (torch.float32,))[0]
+            arguments[argument.name] = torch.zeros(1, dtype=dtype)
+        else:
+            arguments[argument.name] = scalars[kind]
+    return arguments
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_raw_overloads_refuse_a_tensor_on_another_device(name):
+    """Every overload of every op, a tensor argument on the meta device (which the dispatcher sends to the fake
+    implementation): a ValueError naming that argument, not uninitialised memory."""
+    for op in _overloads(name):
+        arguments = _placeholder_arguments(op)
+        tensors = [key for key, value in arguments.items() if isinstance(value, torch.Tensor)]
+        for moved in tensors[1:]:
+            call = dict(arguments, **{moved: arguments[moved].to("meta")})
+            with pytest.raises(ValueError, match=rf"fastlt\.{name}: {moved} is on meta but {tensors[0]} is on cpu"):
+                op(*call.values())
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_raw_overloads_refuse_a_tensor_of_the_wrong_dtype_on_the_meta_device(name):
+    """Shape inference (meta tensors, the fake implementation) checks each tensor argument's dtype as the kernels do
+    (fastlt.ops._library.TENSOR_DTYPES)."""
+    for op in _overloads(name):
+        arguments = {key: value.to("meta") if isinstance(value, torch.Tensor) else value
+                     for key, value in _placeholder_arguments(op).items()}
+        for key, value in arguments.items():
+            if isinstance(value, torch.Tensor):
+                wrong = torch.float32 if value.dtype != torch.float32 else torch.int32
+                with pytest.raises(ValueError, match=rf"fastlt\.{name}: {key} must be"):
+                    op(*dict(arguments, **{key: value.to(wrong)}).values())
