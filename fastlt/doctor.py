@@ -7,111 +7,21 @@ against the eager reference at small shapes, values and gradients, fp32 and bf16
 (op, device, backend, dtype). Exits 1 when any kernel disagrees, naming the op, and when no kernel could be
 checked (no compiled extension and no Triton), saying why.
 
-:func:`check_op` is also the first-use self-check of a compiled CUDA kernel (fastlt.ops._backend.resolve).
+The checks themselves are the op layer's self-check (fastlt/ops/_selfcheck.py: each op's case, ``check_op``, the
+tolerance table); this module is the command over them.
 """
 
 import argparse
-import importlib
 import importlib.metadata
 import json
 import os
-import pkgutil
 import platform
 import sys
 
 import torch
 
-DTYPES = (torch.float32, torch.bfloat16)
-# (atol, rtol) vs the reference run on the same inputs. bf16 gradients are rounded once by both, but the fused
-# kernels order their fp32 sums differently, which can move a value across a bf16 rounding boundary (1 ulp = 2^-8).
-TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float64: (1e-10, 1e-9)}
-
-
-def sample_counts(num_classes, device):
-    """Long-tailed class counts for the ops' doctor cases."""
-    return (100 * torch.exp(-torch.arange(num_classes, device=device) / num_classes * 5)).floor().clamp_min(1)
-
-
-def loss_sample(device, dtype, tiny, scale):
-    """(logits [K, B, C] requiring grad, target [B], counts [C]) for a fused loss's doctor case."""
-    K, B, C = (2, 3, 9) if tiny else (3, 6, 37)
-    logits = (torch.randn(K, B, C, device=device) * scale).to(dtype).requires_grad_()
-    target = torch.randint(0, C, (B,), device=device)
-    return logits, target, sample_counts(C, device)
-
-
-def _cases():
-    """op -> its ``doctor_case(device, dtype, tiny) -> (call, inputs)``, defined next to the op in
-    fastlt/ops/<op>.py: ``call(*inputs)`` runs the public op; the floating inputs that require grad get their
-    gradients checked (a random cotangent for non-scalar outputs). Every module of fastlt.ops that defines one is
-    checked."""
-    import fastlt.ops
-
-    cases = {}
-    for module in pkgutil.iter_modules(fastlt.ops.__path__):
-        case = getattr(importlib.import_module(f"fastlt.ops.{module.name}"), "doctor_case", None)
-        if case is not None:
-            cases[module.name] = case
-    return cases
-
-
-CASES = _cases()
-
-
-def _run(op, backend, device, dtype, tiny, seed):
-    """(output, gradients of the inputs that require grad) of ``op`` on ``backend``, from inputs made by ``seed``."""
-    from fastlt.ops import _backend
-
-    torch.manual_seed(seed)
-    call, inputs = CASES[op](device, dtype, tiny)
-    with _backend.use_backend(backend), _backend.selfcheck_bypassed():
-        output = call(*inputs)
-        leaves = [x for x in inputs if x.requires_grad]
-        grads = ()
-        if leaves:
-            torch.manual_seed(seed + 1)
-            cotangent = torch.randn(output.shape, device=output.device).to(output.dtype)
-            grads = torch.autograd.grad(output, leaves, cotangent)
-    return output.detach(), [g.detach() for g in grads]
-
-
-def _max_error(actual, expected, dtype):
-    """(max |actual - expected|, within tolerance) in fp64; exact equality for integer outputs (tau_sweep)."""
-    if actual.shape != expected.shape:
-        return float("inf"), False
-    if not expected.is_floating_point():
-        mismatches = int((actual != expected).sum())
-        return float(mismatches), mismatches == 0
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    atol, rtol = TOLERANCES[dtype]
-    ok = bool(torch.isclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True).all())
-    finite = torch.isfinite(expected) & torch.isfinite(actual)
-    return float((actual - expected)[finite].abs().max()) if bool(finite.any()) else 0.0, ok
-
-
-def check_op(op, device, backend, dtypes=DTYPES, tiny=False, seed=0):
-    """Rows comparing ``op`` on ``backend`` with the reference on ``device``: one per dtype, with the max errors
-    of the output and of the gradients and ``ok``. An exception in the kernel is a failed row."""
-    op = op.removeprefix("fastlt.")
-    device = torch.device(device)
-    rows = []
-    for dtype in dtypes:
-        row = dict(op=op, device=device.type, backend=backend, dtype=str(dtype).replace("torch.", ""))
-        try:
-            expected, expected_grads = _run(op, "reference", device, dtype, tiny, seed)
-            actual, actual_grads = _run(op, backend, device, dtype, tiny, seed)
-        except Exception as error:  # a kernel that raises on valid input is as broken as a wrong one
-            rows.append(dict(row, forward_err=None, grad_err=None, ok=False, note=f"raised {type(error).__name__}: "
-                             f"{str(error).splitlines()[0][:80] if str(error) else ''}"))
-            continue
-        forward_err, forward_ok = _max_error(actual, expected, dtype)
-        grad_checks = [_max_error(a, e, dtype) for a, e in zip(actual_grads, expected_grads)]
-        grad_err = max((err for err, _ in grad_checks), default=None)
-        grads_ok = all(ok for _, ok in grad_checks)
-        note = "" if forward_ok and grads_ok else "wrong " + " and ".join(
-            name for name, ok in (("values", forward_ok), ("gradients", grads_ok)) if not ok)
-        rows.append(dict(row, forward_err=forward_err, grad_err=grad_err, ok=forward_ok and grads_ok, note=note))
-    return rows
+import fastlt.ops  # noqa: F401 - importing the ops registers their self-check cases
+from fastlt.ops import _selfcheck
 
 
 def available_backends():
@@ -187,15 +97,15 @@ def _format_error(value):
     return "" if value is None else f"{value:.2e}"
 
 
-def run_checks(plan=None, ops=None, dtypes=DTYPES):
+def run_checks(plan=None, ops=None, dtypes=_selfcheck.DTYPES):
     rows = []
     for device, backend, reason in plan if plan is not None else available_backends():
-        for op in ops or CASES:
+        for op in ops or _selfcheck.CASES:
             if reason:
                 rows.append(dict(op=op, device=device, backend=backend, dtype="-", forward_err=None, grad_err=None,
                                  ok=None, note=f"skipped: {reason}"))
                 continue
-            rows += check_op(op, device, backend, dtypes)
+            rows += _selfcheck.check_op(op, device, backend, dtypes)
     return rows
 
 
@@ -211,7 +121,7 @@ def format_rows(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastlt doctor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ops", nargs="+", choices=sorted(CASES), help="only these ops (default: all)")
+    parser.add_argument("--ops", nargs="+", choices=sorted(_selfcheck.CASES), help="only these ops (default: all)")
     parser.add_argument("--json", help="also write the environment and the table's rows to this JSON file")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     # The Triton interpreter runs the kernels on CPU tensors; it must be on before triton is first imported.

@@ -9,6 +9,7 @@ import torch
 
 import fastlt
 from fastlt import _extension
+from fastlt.ops import _selfcheck
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,14 +33,9 @@ COMPILED_BACKENDS = [
 ]
 COMPILED_BACKEND_NAMES = (["cpp"] if _extension.AVAILABLE else []) + ["triton"]
 
-# (atol, rtol) of a kernel's output vs the eager reference run on the same low-precision inputs; both accumulate
-# in fp32 and round once, so the gap is rounding of the final value (a few ulps).
-TOLERANCES = {
-    torch.float64: (1e-12, 1e-10),
-    torch.float32: (1e-6, 1e-5),
-    torch.float16: (1e-3, 2e-3),
-    torch.bfloat16: (1e-2, 1.6e-2),
-}
+# (atol, rtol) of a kernel's output vs the eager reference: the one table of the tests, the differential test and
+# fastlt doctor (fastlt/ops/_selfcheck.py; atol relative to the reference's largest magnitude, at least 1)
+TOLERANCES = _selfcheck.TOLERANCES
 
 needs_cpp = pytest.mark.skipif(not _extension.AVAILABLE, reason="extension not built")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -65,8 +61,10 @@ def call_cuda_kernel(op_name, *args):
     return getattr(torch.ops.fastlt, op_name).default.redispatch(cuda_only, *args)
 
 
-def assert_close(actual, expected, dtype=None):
-    atol, rtol = TOLERANCES[dtype or expected.dtype]
+def assert_close(actual, expected, dtype=None, magnitude=None):
+    """``actual`` within the tolerance of ``dtype`` (default: ``expected``'s) of the reference's ``expected``
+    (``magnitude``: the atol's scale, fastlt.ops._selfcheck.tolerance)."""
+    atol, rtol = _selfcheck.tolerance(dtype or expected.dtype, expected, magnitude)
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 

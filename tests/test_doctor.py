@@ -1,4 +1,4 @@
-"""fastlt doctor and the first-use self-check of compiled kernels (fastlt.ops._backend)."""
+"""fastlt doctor and the first-use self-check of compiled kernels (fastlt.ops._selfcheck)."""
 
 import os
 import subprocess
@@ -11,7 +11,7 @@ from op_helpers import needs_cpp
 
 import fastlt
 from fastlt import doctor
-from fastlt.ops import _backend
+from fastlt.ops import _selfcheck
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_check_op_reports_a_kernel_that_raises(monkeypatch):
         raise RuntimeError("illegal memory access")
 
     monkeypatch.setattr(torch.ops.fastlt.tau_normalize, "triton", broken)
-    (row,) = doctor.check_op("fastlt.tau_normalize", "cpu", "triton", dtypes=(torch.float32,), tiny=True)
+    (row,) = _selfcheck.check_op("fastlt.tau_normalize", "cpu", "triton", dtypes=(torch.float32,), tiny=True)
     assert row["ok"] is False and row["op"] == "tau_normalize"
     assert row["note"] == "raised RuntimeError: illegal memory access"
 
@@ -76,9 +76,9 @@ def test_check_op_reports_a_kernel_that_raises(monkeypatch):
 @pytest.fixture
 def selfcheck_on_cpu(monkeypatch):
     """The self-check applied to the CPU kernels (it normally guards the CUDA ones), with no verdicts yet."""
-    monkeypatch.setattr(_backend, "SELFCHECK", True)
-    monkeypatch.setattr(_backend, "SELFCHECK_DEVICE_TYPES", ("cpu",))
-    monkeypatch.setattr(_backend, "_selfcheck_results", {})
+    monkeypatch.setattr(_selfcheck, "SELFCHECK", True)
+    monkeypatch.setattr(_selfcheck, "SELFCHECK_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(_selfcheck, "_verdicts", {})
 
 
 @needs_cpp
@@ -92,21 +92,21 @@ def test_selfcheck_falls_back_from_a_wrong_kernel_and_warns_once(selfcheck_on_cp
         torch.testing.assert_close(fastlt.ops.expert_aggregate(logits), logits.mean(0))  # no second warning
         weight = torch.randn(6, 5)
         fastlt.ops.tau_normalize(weight, 1.0)  # a correct kernel passes its check silently
-    assert _backend._selfcheck_results == {("fastlt.expert_aggregate", "cpu"): "reference",
-                                           ("fastlt.tau_normalize", "cpu"): None}
+    assert _selfcheck._verdicts == {("fastlt.expert_aggregate", "cpu"): "reference",
+                                    ("fastlt.tau_normalize", "cpu"): None}
 
 
 @needs_cpp
 def test_selfcheck_off_runs_the_kernel_unchecked(selfcheck_on_cpu, wrong_cpp_expert_aggregate, monkeypatch):
-    monkeypatch.setattr(_backend, "SELFCHECK", False)
+    monkeypatch.setattr(_selfcheck, "SELFCHECK", False)
     logits = torch.randn(3, 4, 10)
     torch.testing.assert_close(fastlt.ops.expert_aggregate(logits), logits.mean(0) * 1.01)
-    assert _backend._selfcheck_results == {}
+    assert _selfcheck._verdicts == {}
 
 
 def test_selfcheck_opt_out_environment_variable():
-    assert _backend.SELFCHECK is (os.environ.get("FASTLT_SELFCHECK", "1") != "0")  # on by default
-    code = "import fastlt.ops._backend as b; print(b.SELFCHECK, b.SELFCHECK_DEVICE_TYPES)"
+    assert _selfcheck.SELFCHECK is (os.environ.get("FASTLT_SELFCHECK", "1") != "0")  # on by default
+    code = "import fastlt.ops._selfcheck as s; print(s.SELFCHECK, s.SELFCHECK_DEVICE_TYPES)"
     env = dict(os.environ, FASTLT_SELFCHECK="0")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout

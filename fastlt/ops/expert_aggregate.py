@@ -14,7 +14,7 @@ import torch
 
 from fastlt import _extension
 from fastlt._formulas import expert_coefficients
-from fastlt.ops import _backend, _checks, _library
+from fastlt.ops import _backend, _checks, _library, _selfcheck
 
 OP = "fastlt.expert_aggregate"
 # The arguments of fastlt::expert_aggregate and its backward, as csrc/cpu/expert_aggregate.cpp defines them (their
@@ -174,8 +174,10 @@ _library.register_with_backward_op("expert_aggregate", "triton", _fake_forward, 
                                    _setup_context)
 
 
-def doctor_case(device, dtype, tiny):
-    """`fastlt doctor`'s check of this op (and the CUDA kernel's first-use self-check): ``(call, inputs)``."""
+@_selfcheck.case(OP)
+def selfcheck_case(device, dtype, tiny):
+    """The op's self-check (`fastlt doctor`, the CUDA kernel's first use; fastlt/ops/_selfcheck.py): ``(call,
+    inputs)``."""
     E, B, C = (2, 3, 9) if tiny else (3, 6, 37)
     logits = torch.randn(E, B, C, device=device).to(dtype).requires_grad_()
     weights = torch.rand(E, device=device).to(dtype)

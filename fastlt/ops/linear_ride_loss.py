@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlt import _extension
-from fastlt.ops import _backend, _checks, _fused_loss, _library, _lt_constants
+from fastlt.ops import _backend, _checks, _fused_loss, _library, _lt_constants, _selfcheck
 from fastlt.ops._chunked_head import NORM_EPS, chunked_forward, row_coefficients
 from fastlt.ops.ride_loss import ride_loss_reference, ride_tables, validate_hyperparameters
 
@@ -380,16 +380,16 @@ if _extension.AVAILABLE and torch._C._dispatch_has_kernel("fastlt::linear_ride_l
     _register("fastlt::linear_ride_loss")
 
 
-def doctor_case(device, dtype, tiny):
-    """`fastlt doctor`'s check of this op (and the CUDA kernel's first-use self-check): ``(call, inputs)``."""
-    from fastlt.doctor import sample_counts
-
+@_selfcheck.case(OP)
+def selfcheck_case(device, dtype, tiny):
+    """The op's self-check (`fastlt doctor`, the CUDA kernel's first use; fastlt/ops/_selfcheck.py): ``(call,
+    inputs)``."""
     E, B, C, D = (2, 3, 9, 4) if tiny else (3, 6, 37, 8)
     features = torch.randn(E, B, D, device=device).to(dtype).requires_grad_()
     weight = torch.randn(E, C, D, device=device).to(dtype).requires_grad_()
     target = torch.randint(0, C, (B,), device=device)
     target[1] = -100  # an ignored row
-    counts = sample_counts(C, device)
+    counts = _selfcheck.sample_counts(C, device)
     # a small classifier scale keeps the reference's bf16 logits (rounded before the loss) within the tolerance
     return (lambda x, w: linear_ride_loss(x, w, target, counts, scale=4.0, margin_scale=3.0, drw=True,
                                                      chunk_size=4)), (features, weight)

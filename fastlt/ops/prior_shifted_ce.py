@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlt import _extension
-from fastlt.ops import _backend, _checks, _fused_loss, _library, _lt_constants
+from fastlt.ops import _backend, _checks, _fused_loss, _library, _lt_constants, _selfcheck
 
 OP = "fastlt.prior_shifted_ce"
 # The arguments of fastlt::prior_shifted_ce, as csrc/cpu/prior_shifted_ce.cpp defines them (its Triton overload
@@ -219,10 +219,10 @@ _library.define_triton("prior_shifted_ce", SCHEMA, _prior_shifted_ce_triton)
 _fused_loss.register("fastlt::prior_shifted_ce.triton", _loss_formula, _fused_loss.fake_loss_forward(_num_terms))
 
 
-def doctor_case(device, dtype, tiny):
-    """`fastlt doctor`'s check of this op (and the CUDA kernel's first-use self-check): ``(call, inputs)``."""
-    from fastlt.doctor import loss_sample
-
-    logits, target, counts = loss_sample(device, dtype, tiny, scale=3)
+@_selfcheck.case(OP)
+def selfcheck_case(device, dtype, tiny):
+    """The op's self-check (`fastlt doctor`, the CUDA kernel's first use; fastlt/ops/_selfcheck.py): ``(call,
+    inputs)``."""
+    logits, target, counts = _selfcheck.loss_sample(device, dtype, tiny, scale=3)
     taus = [float(k) for k in range(logits.shape[0])]
     return (lambda x: prior_shifted_ce(x, target, counts, taus=taus)), (logits,)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fastlt import _extension
 from fastlt.splits import shot_split
-from fastlt.ops import _backend, _checks, _fused_loss, _library
+from fastlt.ops import _backend, _checks, _fused_loss, _library, _selfcheck
 
 OP = "fastlt.reslt_loss"
 # The arguments of fastlt::reslt_loss, as csrc/cpu/reslt_loss.cpp defines them (its Triton overload takes the same).
@@ -278,11 +278,11 @@ _library.define_triton("reslt_loss", SCHEMA, _reslt_loss_triton)
 _fused_loss.register("fastlt::reslt_loss.triton", _loss_formula, _fused_loss.fake_loss_forward(_num_terms))
 
 
-def doctor_case(device, dtype, tiny):
-    """`fastlt doctor`'s check of this op (and the CUDA kernel's first-use self-check): ``(call, inputs)``."""
-    from fastlt.doctor import loss_sample
-
-    logits, target, counts = loss_sample(device, dtype, tiny, scale=3)
+@_selfcheck.case(OP)
+def selfcheck_case(device, dtype, tiny):
+    """The op's self-check (`fastlt doctor`, the CUDA kernel's first use; fastlt/ops/_selfcheck.py): ``(call,
+    inputs)``."""
+    logits, target, counts = _selfcheck.loss_sample(device, dtype, tiny, scale=3)
     num_classes = counts.numel()
     groups = reslt_groups(counts.cpu(), cutoffs=[num_classes // 3, 2 * num_classes // 3]).to(device)
     return (lambda x: reslt_loss(x, target, groups, beta=0.5)), (logits,)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlt import _extension
-from fastlt.ops import _backend, _checks, _fused_loss, _library, _lt_constants
+from fastlt.ops import _backend, _checks, _fused_loss, _library, _lt_constants, _selfcheck
 
 OP = "fastlt.ride_loss"
 # The arguments of fastlt::ride_loss, as csrc/cpu/ride_loss.cpp defines them (its Triton overload takes the same).
@@ -222,9 +222,9 @@ _library.define_triton("ride_loss", SCHEMA, _ride_loss_triton)
 _fused_loss.register("fastlt::ride_loss.triton", _loss_formula, _fused_loss.fake_loss_forward(_num_terms))
 
 
-def doctor_case(device, dtype, tiny):
-    """`fastlt doctor`'s check of this op (and the CUDA kernel's first-use self-check): ``(call, inputs)``."""
-    from fastlt.doctor import loss_sample
-
-    logits, target, counts = loss_sample(device, dtype, tiny, scale=10)
+@_selfcheck.case(OP)
+def selfcheck_case(device, dtype, tiny):
+    """The op's self-check (`fastlt doctor`, the CUDA kernel's first use; fastlt/ops/_selfcheck.py): ``(call,
+    inputs)``."""
+    logits, target, counts = _selfcheck.loss_sample(device, dtype, tiny, scale=10)
     return (lambda x: ride_loss(x, target, counts, drw=True)), (logits,)

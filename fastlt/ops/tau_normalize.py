@@ -7,7 +7,7 @@ kernels/tau_normalize.py; tests: tests/ops/test_tau_normalize.py; benchmark: ben
 import torch
 
 from fastlt import _extension
-from fastlt.ops import _backend, _checks, _library
+from fastlt.ops import _backend, _checks, _library, _selfcheck
 
 OP = "fastlt.tau_normalize"
 # The arguments of fastlt::tau_normalize and its backward, as csrc/cpu/tau_normalize.cpp defines them (their Triton
@@ -116,8 +116,10 @@ _library.register_with_backward_op("tau_normalize", "triton", _fake_forward, _fa
                                    _setup_context)
 
 
-def doctor_case(device, dtype, tiny):
-    """`fastlt doctor`'s check of this op (and the CUDA kernel's first-use self-check): ``(call, inputs)``."""
+@_selfcheck.case(OP)
+def selfcheck_case(device, dtype, tiny):
+    """The op's self-check (`fastlt doctor`, the CUDA kernel's first use; fastlt/ops/_selfcheck.py): ``(call,
+    inputs)``."""
     C, D = (5, 8) if tiny else (37, 24)
     weight = torch.randn(C, D, device=device).to(dtype).requires_grad_()
     return (lambda w: tau_normalize(w, 0.7)), (weight,)

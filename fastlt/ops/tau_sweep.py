@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fastlt import _extension
-from fastlt.ops import _backend, _checks, _library
+from fastlt.ops import _backend, _checks, _library, _selfcheck
 from fastlt.ops.tau_normalize import check_eps, tau_normalize_reference
 from fastlt.splits import split_accuracies
 
@@ -155,8 +155,10 @@ _library.define_triton("tau_sweep", SCHEMA, _tau_sweep_triton)
 _library.register_fake("fastlt::tau_sweep.triton", _fake)
 
 
-def doctor_case(device, dtype, tiny):
-    """`fastlt doctor`'s check of this op (and the CUDA kernel's first-use self-check): ``(call, inputs)``."""
+@_selfcheck.case(OP)
+def selfcheck_case(device, dtype, tiny):
+    """The op's self-check (`fastlt doctor`, the CUDA kernel's first use; fastlt/ops/_selfcheck.py): ``(call,
+    inputs)``."""
     N, C, D = (6, 5, 8) if tiny else (40, 11, 24)
     features = torch.randn(N, D, device=device).to(dtype)
     weight = (torch.randn(C, D, device=device) * torch.linspace(0.2, 3, C, device=device)[:, None]).to(dtype)

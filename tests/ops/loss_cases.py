@@ -44,8 +44,7 @@ def check_within_dtype_tolerance(op, reference, name, dtype, logits, target, *ar
         loss, grad = loss_and_grad(op, logits, target, *args, **kwargs)
     assert loss.dtype == torch.promote_types(dtype, torch.float32) and grad.dtype == dtype
     assert_close(loss, expected_loss, dtype)
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(grad, expected_grad, atol=atol * expected_grad.abs().max().item(), rtol=rtol)
+    assert_close(grad, expected_grad, dtype, magnitude=expected_grad.abs().max().item())
 
 
 # ---- second order and torch.func ----

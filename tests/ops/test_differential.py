@@ -33,20 +33,13 @@ import torch
 from op_helpers import REGISTERED_OPS
 
 from fastlt import _extension, ops
+from fastlt.ops._selfcheck import TOLERANCES, tolerance
 
 DRAWS = int(os.environ.get("FASTLT_DIFF_DRAWS", "300"))
 SEED = int(os.environ.get("FASTLT_DIFF_SEED", "0"))
 ONLY = os.environ.get("FASTLT_DIFF_ONLY")
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# (atol, rtol): atol is relative to the largest finite magnitude of the reference result (a sum that cancels keeps
-# the rounding of its terms), rtol to each element. Both sides accumulate in fp32 (fp64 for fp64) and round once.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-9),
-    torch.float32: (2e-6, 2e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
 
 
 def _backends():
@@ -419,11 +412,14 @@ def draw_reslt_loss(gen):
     K, B, C = gen.pick(1, 2, 3), _rows(gen), gen.pick(1, 2, 3, 5, 8)
     beta = gen.pick(0.0, 0.5, 0.995, 1.0)
     log_eps = gen.pick(0.0, 0.0, 1e-7)
+    fused_log_eps = gen.pick(None, None, 0.0, 1e-7)
     invalid = None
     if gen.chance(0.05):
         beta, invalid = gen.pick(-0.1, 1.5, math.nan), "beta"
     if gen.chance(0.03):
         log_eps, invalid = gen.pick(-1e-7, math.nan), "log_eps"
+    if gen.chance(0.02):
+        fused_log_eps, invalid = gen.pick(-1e-7, math.inf), "fused_log_eps"
     masks = torch.rand((K, C), generator=gen.torch) > 0.5
     masks[0] = True
     masks[torch.arange(K), gen.randint(0, C, (K,))] = True
@@ -431,7 +427,8 @@ def draw_reslt_loss(gen):
         masks[gen.rng.randrange(K)], invalid = False, "group_masks"
     inputs = {"branch_logits": gen.float_input((K, B, C), dtype, scale=gen.pick(1.0, 10.0), grad=True),
               "target": _target(gen, B, C), "group_masks": gen.layout(masks, broadcast=False)}
-    kwargs = dict(beta=beta, log_eps=log_eps, reduction=gen.pick("mean", "sum", "none", weights=[2, 1, 1]))
+    kwargs = dict(beta=beta, log_eps=log_eps, fused_log_eps=fused_log_eps,
+                  reduction=gen.pick("mean", "sum", "none", weights=[2, 1, 1]))
     if gen.chance(0.3):  # some rows ignored (every row, at times)
         kwargs["ignore_index"] = gen.pick(-100, -1, C + 3)
         target = inputs["target"]
@@ -585,7 +582,8 @@ def draw_linear_reslt_loss(gen):
                   chunk_size=_chunk_size(gen), reduction=gen.pick("mean", "sum", weights=[2, 1]))
     invalid = None
     if gen.chance(0.08):
-        name, value = gen.pick(("beta", 1.5), ("beta", math.nan), ("log_eps", 1e-7), ("reduction", "none"))
+        name, value = gen.pick(("beta", 1.5), ("beta", math.nan), ("log_eps", 1e-7), ("fused_log_eps", 1e-7),
+                               ("reduction", "none"))
         kwargs[name], invalid = value, name
     masks = torch.rand((K, C), generator=gen.torch) > 0.5
     masks[0] = True
@@ -689,12 +687,13 @@ def assert_tensors_close(actual, expected, what, compute_dtype, magnitude=1.0):
     if not actual.is_floating_point():
         assert torch.equal(actual, expected), f"{what}: {actual.tolist()} vs {expected.tolist()}"
         return
+    # no more precise than the accumulation dtype of the inputs (the loss of fp16 logits is fp32, but as exact as
+    # fp16 inputs allow)
     accumulation = torch.float64 if compute_dtype == torch.float64 else torch.float32
-    atol, rtol = max(TOLERANCES[expected.dtype], TOLERANCES[accumulation], key=lambda tol: tol[1])
-    finite = expected[torch.isfinite(expected)]
-    magnitude = max(magnitude, float(finite.abs().max()) if finite.numel() else 1.0)
-    torch.testing.assert_close(actual, expected, atol=atol * magnitude, rtol=rtol, equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
+    dtype = max(expected.dtype, accumulation, key=lambda dtype: TOLERANCES[dtype][1])
+    atol, rtol = tolerance(dtype, expected)
+    atol = max(atol, TOLERANCES[dtype][0] * magnitude)  # the draw's terms may be larger than its result
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
 def check(draw, runs):

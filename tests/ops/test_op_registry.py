@@ -1,7 +1,9 @@
 """Every op the C++ sources define has all of its pieces (docs/architecture.md 2 and 4): the public function and its
 eager reference in fastlt.ops, the CPU kernel registered at the bottom of its own csrc/cpu/<op>.cpp, the CUDA kernel
 registered at the bottom of csrc/cuda/<op>.cu, the Triton kernel in kernels/<op>.py as the op's ``triton`` overload
-with the same schema, a test file, a benchmark row and a `fastlt doctor` case (which the CUDA self-check runs)."""
+with the same schema, a test file, a benchmark row and its figure in BENCHMARKS.md, and a self-check case
+(fastlt/ops/_selfcheck.py: `fastlt doctor` and the CUDA first-use check run it). Every overload of every op checks
+its tensor arguments' devices and dtypes, its fake (meta) implementation included."""
 
 import re
 
@@ -10,8 +12,8 @@ import torch
 from op_helpers import REGISTERED_OPS, ROOT, needs_cpp, registered_ops
 
 import fastlt
-from fastlt import _extension, doctor
-from fastlt.ops import _library
+from fastlt import _extension
+from fastlt.ops import _library, _selfcheck
 
 OPS = registered_ops()
 PUBLIC_OPS = REGISTERED_OPS
@@ -37,7 +39,8 @@ def test_op_has_every_piece(name):
     assert (ROOT / "tests" / "ops" / f"test_{name}.py").is_file(), f"no tests/ops/test_{name}.py"
     benchmarks = "\n".join(path.read_text() for path in (ROOT / "bench").glob("*.py"))
     assert re.search(rf"\bops\.{name}\b", benchmarks), f"no benchmark row calls fastlt.ops.{name} (bench/*.py)"
-    assert name in doctor.CASES, f"fastlt doctor (and the CUDA self-check) has no case for {name}"
+    assert name in _selfcheck.CASES, f"{name} has no self-check case (fastlt doctor, the CUDA first-use check)"
+    assert re.search(rf"\b{name}\b", (ROOT / "BENCHMARKS.md").read_text()), f"BENCHMARKS.md has no figure of {name}"
 
 
 @pytest.mark.parametrize("name", sorted(OPS))

@@ -173,12 +173,12 @@ def _reslt_and_prior_calls(**bad):
     """Every way to compute ResLT's loss (beta, log_eps) or the prior-shifted CE (taus, label_smoothing) with the
     hyper-parameters ``bad``, those that take them."""
     x, w, logits, y = torch.randn(2, 3, 4), torch.randn(C, 4), torch.randn(2, 3, C), torch.tensor([0, 1, 5])
-    reslt = dict(beta=0.7, log_eps=0.0)
+    reslt = dict(beta=0.7, log_eps=0.0, fused_log_eps=None)
     reslt.update({key: value for key, value in bad.items() if key in reslt})
     prior = dict(taus=[1.0, 0.0], label_smoothing=0.0)
     prior.update({key: value for key, value in bad.items() if key in prior})
     calls = {}
-    if {"beta", "log_eps"} & bad.keys():
+    if {"beta", "log_eps", "fused_log_eps"} & bad.keys():
         calls.update({
             "reslt_loss": lambda: ops.reslt_loss(logits, y, _groups(2, C), **reslt),
             "reslt_loss_reference": lambda: ops.reslt_loss_reference(logits, y, _groups(2, C), **reslt),
@@ -201,7 +201,8 @@ def _reslt_and_prior_calls(**bad):
 
 
 OTHER_HYPERPARAMETERS = [(dict(beta=1.5), "beta"), (dict(beta=math.nan), "beta"), (dict(log_eps=-1.0), "log_eps"),
-                         (dict(taus=[1.0, math.inf]), "taus"), (dict(label_smoothing=1.5), "label_smoothing")]
+                         (dict(fused_log_eps=-1.0), "fused_log_eps"), (dict(taus=[1.0, math.inf]), "taus"),
+                         (dict(label_smoothing=1.5), "label_smoothing")]
 
 
 @pytest.mark.parametrize("bad, name, entry", [
