@@ -11,6 +11,7 @@ no state beyond its constructor arguments: resuming at epoch k is `apply(optimiz
 """
 
 import abc
+import functools
 import math
 from typing import Sequence
 
@@ -100,28 +101,23 @@ class ConstantLR(EpochSchedule):
         return 1.0
 
 
-def build_schedule(name: str, total_epochs: int, **kwargs) -> EpochSchedule:
-    """Schedule by config name:
+# config name -> the schedule's class, with the arguments the name fixes
+SCHEDULES = {
+    "warmup_multistep": WarmupMultiStepLR,  # milestones, gamma, warmup_epochs, warmup_start_factor
+    "ride_custom": functools.partial(WarmupMultiStepLR, warmup_start_factor=0.0),  # RIDE's CustomLR: warmup from 0
+    "reslt_cifar": functools.partial(WarmupMultiStepLR, warmup_start_factor=1 / 3),  # warmup from 1/3
+    "cosine": CosineLR,  # end-of-epoch cosine
+    "decoupling_cosine": StartOfEpochCosineLR,  # start-of-epoch cosine
+    "warmup_cosine": WarmupCosineLR,  # ResLT ImageNet-LT
+    "constant": ConstantLR,
+}
 
-    "warmup_multistep" (milestones, gamma, warmup_epochs, warmup_start_factor), "ride_custom" (RIDE's CustomLR:
-    warmup from 0), "reslt_cifar" (warmup from 1/3), "cosine" (end-of-epoch cosine), "decoupling_cosine"
-    (start-of-epoch cosine), "warmup_cosine" (ResLT ImageNet-LT), "constant".
-    """
-    if name == "warmup_multistep":
-        return WarmupMultiStepLR(total_epochs, **kwargs)
-    if name == "ride_custom":
-        return WarmupMultiStepLR(total_epochs, warmup_start_factor=0.0, **kwargs)
-    if name == "reslt_cifar":
-        return WarmupMultiStepLR(total_epochs, warmup_start_factor=1 / 3, **kwargs)
-    if name == "cosine":
-        return CosineLR(total_epochs, **kwargs)
-    if name == "decoupling_cosine":
-        return StartOfEpochCosineLR(total_epochs, **kwargs)
-    if name == "warmup_cosine":
-        return WarmupCosineLR(total_epochs, **kwargs)
-    if name == "constant":
-        return ConstantLR(total_epochs, **kwargs)
-    raise ValueError(
-        f"build_schedule: unknown schedule {name!r}; expected warmup_multistep, ride_custom, reslt_cifar, cosine, "
-        "decoupling_cosine, warmup_cosine or constant"
-    )
+
+def build_schedule(name: str, total_epochs: int, **kwargs) -> EpochSchedule:
+    """Schedule by config name (SCHEDULES): "warmup_multistep" (milestones, gamma, warmup_epochs,
+    warmup_start_factor), "ride_custom" (RIDE's CustomLR: warmup from 0), "reslt_cifar" (warmup from 1/3), "cosine"
+    (end-of-epoch cosine), "decoupling_cosine" (start-of-epoch cosine), "warmup_cosine" (ResLT ImageNet-LT),
+    "constant"."""
+    if name not in SCHEDULES:
+        raise ValueError(f"build_schedule: unknown schedule {name!r}; expected one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[name](total_epochs, **kwargs)

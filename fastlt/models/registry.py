@@ -16,14 +16,19 @@ def register_model(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module
     return builder
 
 
+def get_model_builder(name: str) -> Callable[..., nn.Module]:
+    """The registered builder of `name` (its arguments are the model's options)."""
+    if name not in _MODEL_BUILDERS:
+        raise KeyError(f"create_model: unknown model {name!r}; known: {', '.join(list_models())}")
+    return _MODEL_BUILDERS[name]
+
+
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Builds a registered model.
 
     >>> model = create_model("ride_resnet32", num_classes=100, num_experts=3)
     """
-    if name not in _MODEL_BUILDERS:
-        raise KeyError(f"create_model: unknown model {name!r}; known: {', '.join(list_models())}")
-    return _MODEL_BUILDERS[name](num_classes=num_classes, **kwargs)
+    return get_model_builder(name)(num_classes=num_classes, **kwargs)
 
 
 def list_models(pattern: str = "*") -> List[str]:
