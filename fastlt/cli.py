@@ -1,5 +1,5 @@
 """The `fastlt` command: `fastlt bench ...`, `fastlt demo`, `fastlt doctor`, `fastlt train`, `fastlt eval`,
-`fastlt stage2`, `fastlt data`.
+`fastlt stage2`, `fastlt data`, `fastlt methods`.
 
 Building the parser imports no torch: a command's arguments are added, and its module imported, only when that
 command runs, so `fastlt --help` and `fastlt train --help` answer at once. A `fastlt.errors.UserError` (a bad config
@@ -82,7 +82,26 @@ def _demo_arguments(parser):
     parser.add_argument("--out", default="runs/demo", help="run folder of the training demo")
 
 
+class _TrainHelp(argparse.Action):
+    """`fastlt train --config R --help`: the usage, then every key of recipe R with its value, default and meaning."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show this help; after --config R, also every key of recipe R with its default and meaning")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        if getattr(namespace, "config", None):
+            try:
+                recipe_help = _load("fastlt.methods.commands:recipe_help")
+                print("\n" + recipe_help(namespace.config, getattr(namespace, "overrides", None) or []))
+            except UserError as error:
+                parser.exit(2, f"fastlt train: error: {' '.join(str(error).split())}\n")
+        parser.exit()
+
+
 def _train_arguments(parser):
+    parser.add_argument("-h", "--help", action=_TrainHelp)
     parser.add_argument("--config", required=True, help="a YAML file or a packaged recipe name, e.g. mnist_lt_ride")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=5")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -97,9 +116,9 @@ def _eval_arguments(parser):
 
 
 def _stage2_arguments(parser):
-    from fastlt.methods.stage2 import STAGE2_METHODS  # the one list of them; `fastlt stage2` imports it anyway
+    from fastlt.methods.registry import method_names  # the registered ones; `fastlt stage2` imports them anyway
 
-    parser.add_argument("method", choices=STAGE2_METHODS)
+    parser.add_argument("method", choices=method_names(2))
     # the run folder as a positional (before any overrides) or as --run (argparse cannot put overrides after it)
     parser.add_argument("run", nargs="?", help="the stage-1 run folder")
     parser.add_argument("--run", dest="run_option", help="the stage-1 run folder (when no overrides follow)")
@@ -115,6 +134,11 @@ def _data_arguments(parser):
     parser.set_defaults(handler="fastlt.data.commands:data_command")
 
 
+def _methods_arguments(parser):
+    parser.add_argument("name", nargs="?", help="a method, e.g. ride: its options with their defaults and meaning")
+    parser.set_defaults(handler="fastlt.methods.commands:methods_command")
+
+
 # name -> (help, the function adding its arguments; fastlt.doctor parses its own)
 COMMANDS = {
     "bench": ("run benchmarks and print a table", _bench_arguments),
@@ -126,6 +150,7 @@ COMMANDS = {
                "aggregation on a stage-1 run", _stage2_arguments),
     "data": ("put a data set's files in fastlt's cache (Fashion-MNIST: from Debian's dataset-fashion-mnist "
              "package, no root)", _data_arguments),
+    "methods": ("the stage-1 and stage-2 methods, or one method's options with their defaults", _methods_arguments),
 }
 
 
@@ -135,7 +160,8 @@ def build_parser(command=None):
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments) in COMMANDS.items():
-        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        # "resolve": a command may replace the default -h (train's also lists a recipe's keys)
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text, conflict_handler="resolve")
         if name == command and add_arguments is not None:
             add_arguments(subparser)
     return parser

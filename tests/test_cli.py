@@ -83,13 +83,19 @@ def one_line_error(capsys, argv):
 
 def test_bad_recipe_name_is_a_clear_error(capsys):
     assert "no_such_recipe" in one_line_error(capsys, ["train", "--config", "no_such_recipe"])
+    assert "did you mean mnist_lt_ride?" in one_line_error(capsys, ["train", "--config", "mnist_lt_rid"])
     with pytest.raises(FileNotFoundError, match="no_such_recipe"):  # --debug raises with the traceback
         main(["train", "--config", "no_such_recipe", "--debug"])
 
 
 @pytest.mark.parametrize("override, expected", [
     ("train.epochz=3", "unknown config key 'train.epochz': did you mean train.epochs?"),
-    ("method.drw_epoc=3", "did you mean method.drw_epoch?"),
+    ("method.drw_epoc=3", "known keys: name (method.drw_epoch is an option of ldam_drw, ride)"),  # ce has none
+    ("epochss=3", "unknown config key 'epochss': did you mean train.epochs?"),
+    ("train.schedule.gamma=abc", "train.schedule.gamma must be a number, got 'abc'"),
+    ("model.name=bogus", "model.name: unknown model 'bogus'; expected one of "),
+    ("model.widthh=3", "unknown config key 'model.widthh': known keys: in_channels, name"),
+    ("method.max_margin=abc", "known keys: name (method.max_margin is an option of ldam_drw, ride)"),
     ("train.epochs=abc", "train.epochs must be an integer >= 1, got 'abc'"),
     ("train.epochs=-2", "train.epochs must be an integer >= 1, got -2"),
     ("train.epochs=[1,", "the value is not valid YAML"),
@@ -97,6 +103,16 @@ def test_bad_recipe_name_is_a_clear_error(capsys):
 def test_bad_overrides_are_one_line_errors(capsys, override, expected):
     error = one_line_error(capsys, ["train", "--config", "mnist_lt_ce", override, "--no-progress"])
     assert expected in error and error.startswith("fastlt train: error:")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("method.max_margin=abc", "method.max_margin must be a number >= 0, got 'abc' "),
+    ("method.max_margn=1", "unknown config key 'method.max_margn': did you mean method.max_margin?"),
+    ("model.num_expert=4", "did you mean model.num_experts?"),
+])
+def test_bad_method_and_model_options_are_one_line_errors(capsys, override, expected):
+    error = one_line_error(capsys, ["train", "--config", "mnist_lt_ride", override, "--no-progress"])
+    assert expected in error
 
 
 def test_missing_data_run_folder_and_checkpoint_are_one_line_errors(tmp_path, capsys):

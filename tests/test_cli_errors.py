@@ -42,14 +42,15 @@ def test_cuda_without_a_gpu_is_a_one_line_error(capsys):
 @pytest.mark.parametrize("overrides, expected", [
     (["device=gpu"], "device='gpu' is not a device fastlt runs on: set device=auto, cpu or cuda"),
     (["train.sampler={name: class_balanced, num_samples: -1}"],
-     "train.sampler: num_samples must be an integer >= 1, got -1"),
+     "train.sampler.num_samples must be an integer >= 1 or null, got -1"),
     (["train.sampler={name: class_balanced, num_samples: 0}"],  # an epoch of 0 steps
-     "train.sampler: num_samples must be an integer >= 1, got 0"),
+     "train.sampler.num_samples must be an integer >= 1 or null, got 0"),
     (["train.sampler={name: class_balanced, num_samples: 2.7}"],  # not truncated to 2
-     "train.sampler: num_samples must be an integer >= 1, got 2.7"),
-    (["train.sampler={name: q_power, q: abc}"], "train.sampler: q must be a finite number, got 'abc'"),
+     "train.sampler.num_samples must be an integer >= 1 or null, got 2.7"),
+    (["train.sampler={name: q_power, q: abc}"], "train.sampler.q must be a number or null, got 'abc'"),
+    (["train.sampler={name: q_power}"], "train.sampler: strategy 'q_power' needs q"),  # the sampler's own check
     (["train.sampler={name: class_aware, samples_per_class: 0.5}"],
-     "train.sampler: samples_per_class must be an integer >= 1, got 0.5"),
+     "train.sampler.samples_per_class must be an integer >= 1 or null, got 0.5"),
     (["train.mixup={mixup_alpha: 0}"], "train.mixup: mixup_alpha or cutmix_alpha must be > 0"),
     (["train.drop_last=true", "train.batch_size=100000"],  # every batch dropped: 0 steps
      "train.drop_last=true with train.batch_size=100000 trains 0 steps: an epoch has 609 samples"),

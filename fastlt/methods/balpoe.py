@@ -21,12 +21,16 @@ not reproduced. The official recipes also train with mixup (alpha 0.2-0.4) for c
 True
 """
 
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from fastlt import ops
+from fastlt.errors import ConfigError
+from fastlt.methods.options import Named, declared, option
+from fastlt.methods.registry import register_method
+from fastlt.methods.stage1 import Method
 
 
 def limits_taus(num_experts: int, tau_min: float, tau_max: float) -> list:
@@ -66,3 +70,27 @@ class BalPoELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.class_counts.numel()}, taus={self.taus}"
+
+
+@declared
+class BalPoEOptions(Named):
+    """One logit-adjustment tau per expert: the list, or E equidistant ones from tau_min to tau_max."""
+
+    taus: Optional[Tuple[float, ...]] = option(None, "one tau per expert, e.g. [0, 1, 2] (null: tau_min..tau_max)")
+    tau_min: float = option(0.0, "the first expert's tau when taus is null (the official 'limits')")
+    tau_max: float = option(2.0, "the last expert's tau when taus is null")
+
+
+@register_method("balpoe", BalPoEOptions)
+def balpoe(options: BalPoEOptions, counts, model) -> Method:
+    """BalPoE: expert k trained with CE(z_k + tau_k log pi), the experts' losses averaged (one fused call)."""
+    num_experts = getattr(model, "num_experts", None)
+    if num_experts is None:
+        raise ConfigError(f"balpoe: needs a multi-expert model (e.g. ride_small_cnn), got {type(model).__name__}")
+    taus = options.taus
+    if taus is None:
+        taus = limits_taus(num_experts, options.tau_min, options.tau_max)
+    if len(taus) != num_experts:
+        raise ConfigError(f"balpoe: taus has {len(taus)} values but the model has {num_experts} experts")
+    loss = BalPoELoss(counts, taus).to(counts.device)
+    return Method("balpoe", lambda output, targets: loss(output.expert_logits, targets))

@@ -1,9 +1,10 @@
 """Recipe configs: YAML files with an optional `base:` (another recipe this one extends, merged key by key) and
 command-line overrides `key.sub=value` (values parsed as YAML: `train.epochs=5`, `method.cutoffs=[35,70]`).
 
-A bare recipe name resolves to the packaged `fastlt/configs/<name>.yaml`. `load_config` refuses a key no part of
-fastlt reads (a misspelt `train.epochz=3` would otherwise be ignored) and a value of the wrong type, with a
-ConfigError that says which key and what to write instead.
+A bare recipe name resolves to the packaged `fastlt/configs/<name>.yaml`. `load_config` checks the recipe against
+the declarations of the code that reads each section (fastlt/methods/recipe.py): it refuses a key no part of fastlt
+reads (a misspelt `train.epochz=3` would otherwise be ignored), a value of the wrong type or range and a missing
+required key, with a ConfigError that names the key and, where there is one, the closest valid key.
 
 >>> config = load_config("mnist_lt_ce", ["train.epochs=2", "out=runs/x"])
 >>> config["train"]["epochs"], config["out"], config["method"]["name"]
@@ -11,54 +12,17 @@ ConfigError that says which key and what to write instead.
 """
 
 import copy
-import difflib
-import functools
 import glob
-import numbers
 import os
 from typing import Iterable, Optional
 
 import yaml
 
 from fastlt.errors import ConfigError, MissingFileError
+from fastlt.methods.options import UnknownKeyError, closest, declared_fields
+from fastlt.methods.recipe import known_keys, named_sections, parse_recipe
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-# The keys each checked section accepts (besides those any packaged recipe uses); `model` options go to the model
-# constructor, `train.schedule` ones to build_schedule, `train.mixup` ones to fastlt.engine.mix.build_mixup, `paper`
-# is documentation: those check their own keys.
-KNOWN_KEYS = {
-    "": {"name", "out", "seed", "device", "resume", "data", "model", "method", "train", "stage2", "paper"},
-    "data": {"name", "root", "ratio", "n_max", "seed", "val_per_class", "test_per_class", "loader", "num_workers",
-             "augment", "augment_options", "train_list", "val_list", "test_list", "relabel", "skip_corrupt"},
-    "train": {"epochs", "batch_size", "eval_batch_size", "lr", "classifier_lr", "momentum", "weight_decay",
-              "nesterov", "sampler", "drop_last", "precision", "schedule", "mixup"},
-    "method": {"name", "scale", "max_margin", "diversity_factor", "temperature_factor", "base_temperature",
-               "drw_beta", "drw_epoch", "tau", "taus", "tau_min", "tau_max", "teacher", "teacher_train_mode",
-               "distill_temperature", "distill_factor", "distill_scale_by_experts", "cutoffs", "num_branches",
-               "beta", "label_smoothing", "log_eps", "fused_log_eps", "fused_head", "chunk_size"},
-    "stage2": {"name", "epochs", "batch_size", "lr", "weight_decay", "sampler", "samples_per_class", "freeze_bn",
-               "tau", "taus", "select_on", "feature_transform", "distance", "top_k", "pos_weight", "threshold",
-               "adapt_on", "views", "init"},
-}
-INTEGER, NUMBER, BOOLEAN = "an integer", "a number", "true or false"
-# key: (kind, smallest allowed value)
-VALUE_RULES = {
-    "seed": (INTEGER, None), "resume": (BOOLEAN, None),
-    "train.epochs": (INTEGER, 1), "train.batch_size": (INTEGER, 1), "train.eval_batch_size": (INTEGER, 1),
-    "train.lr": (NUMBER, 0), "train.classifier_lr": (NUMBER, 0), "train.momentum": (NUMBER, 0),
-    "train.weight_decay": (NUMBER, 0), "train.nesterov": (BOOLEAN, None), "train.drop_last": (BOOLEAN, None),
-    "data.num_workers": (INTEGER, 0), "data.n_max": (INTEGER, 1), "data.ratio": (NUMBER, 1),
-    "data.skip_corrupt": (BOOLEAN, None),
-    "train.mixup.mixup_alpha": (NUMBER, 0), "train.mixup.cutmix_alpha": (NUMBER, 0), "train.mixup.prob": (NUMBER, 0),
-    "train.mixup.switch_prob": (NUMBER, 0),
-    "method.drw_epoch": (INTEGER, 0), "method.log_eps": (NUMBER, 0), "method.fused_log_eps": (NUMBER, 0),
-    "stage2.epochs": (INTEGER, 1), "stage2.batch_size": (INTEGER, 1),
-}
-
-
-REQUIRED_KEYS = ("out", "data.name", "model.name", "method.name", "train.epochs", "train.batch_size", "train.lr",
-                 "train.schedule.name")
 
 
 def resolve_path(name_or_path: str, relative_to: Optional[str] = None) -> str:
@@ -71,18 +35,40 @@ def resolve_path(name_or_path: str, relative_to: Optional[str] = None) -> str:
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
-    raise MissingFileError(f"config {name_or_path!r} not found (looked in {candidates})")
+    close = closest(os.path.basename(stem)[:-5], packaged_recipes())
+    hint = f"; did you mean {close}?" if close else ""
+    raise MissingFileError(f"config {name_or_path!r} not found (looked in {candidates}){hint}")
 
 
-def merge(base: dict, override: dict) -> dict:
-    """Recursive dict merge; the override wins (a None value removes nothing, it sets None)."""
+def packaged_recipes() -> list:
+    """The names of the packaged recipes (fastlt/configs/*.yaml), bases included."""
+    return sorted(os.path.basename(path)[:-5] for path in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
+
+
+def merge(base: dict, override: dict, path: str = "") -> dict:
+    """Recursive dict merge; the override wins (a None value removes nothing, it sets None). A section whose `name`
+    picks its declaration (a method, model, data set, schedule) and whose override names another one keeps only the
+    base's keys the new one declares too (crt's sampler settings carry over to lws, not to tau)."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
+        dotted = f"{path}.{key}" if path else key
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
+            if "name" in value and value["name"] != merged[key].get("name"):
+                merged[key] = kept_keys(dotted, merged[key], value["name"])
+            merged[key] = merge(merged[key], value, dotted)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def kept_keys(dotted: str, section: dict, name) -> dict:
+    """The keys of a named section that still apply once it names `name`: those `name`'s declaration has too."""
+    sections = named_sections()
+    declaration = sections[dotted]().get(name) if dotted in sections and isinstance(name, str) else None
+    if declaration is None:
+        return {}
+    fields = declared_fields(declaration)
+    return {key: value for key, value in section.items() if key in fields and key != "name"}
 
 
 def read_recipe(path: str) -> dict:
@@ -111,7 +97,10 @@ def set_key(config: dict, dotted_key: str, value) -> None:
 
 
 def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
-    config = copy.deepcopy(config)
+    """`key.sub=value` overrides (values parsed as YAML). `method.name=<another>` (any named section's name) keeps
+    only the section's keys the other method declares too, as a recipe naming another method than its base does,
+    whatever the overrides' order."""
+    parsed = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=5")
@@ -122,56 +111,47 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
             problem = str(error).splitlines()[0]
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote strings, write "
                               f"lists as [1,2]") from error
-        set_key(config, key.strip(), value)
+        parsed.append((key.strip(), value))
+    config = copy.deepcopy(config)
+    for key, value in parsed:
+        section = key[:-len(".name")] if key.endswith(".name") else None
+        current = _lookup(config, section) if section in named_sections() else None
+        if section in named_sections() and not (isinstance(current, dict) and current.get("name") == value):
+            set_key(config, section, kept_keys(section, current if isinstance(current, dict) else {}, value))
+    for key, value in parsed:
+        set_key(config, key, value)
     return config
-
-
-@functools.lru_cache(maxsize=1)
-def _recipe_keys() -> dict:
-    """The keys the packaged recipes use in each checked section."""
-    keys = {section: set() for section in KNOWN_KEYS}
-    for path in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")):
-        with open(path) as handle:
-            recipe = yaml.safe_load(handle) or {}
-        keys[""].update(recipe)
-        for section in KNOWN_KEYS:
-            if section and isinstance(recipe.get(section), dict):
-                keys[section].update(recipe[section])
-    return keys
 
 
 def check_config(config: dict) -> dict:
-    """Refuses keys that nothing reads (suggesting the closest known one) and values of the wrong type or range."""
-    for section, known in KNOWN_KEYS.items():
-        node = config if not section else config.get(section)
-        if node is None:
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"{section} must be a section of key: value pairs, got {node!r}")
-        accepted = known | _recipe_keys()[section]
-        for key in node:
-            if key not in accepted:
-                dotted = f"{section}.{key}" if section else str(key)
-                close = difflib.get_close_matches(str(key), sorted(accepted), n=1)
-                hint = (f"did you mean {(section + '.' if section else '') + close[0]}?" if close
-                        else f"known keys: {', '.join(sorted(accepted))}")
-                raise ConfigError(f"unknown config key {dotted!r}: {hint}")
-    for dotted in REQUIRED_KEYS:
-        if _lookup(config, dotted) is None:
-            raise ConfigError(f"the config sets no {dotted}: add it to the recipe or pass {dotted}=<value>")
-    for dotted, (kind, minimum) in VALUE_RULES.items():
-        *parents, last = dotted.split(".")
-        node = _lookup(config, ".".join(parents)) if parents else config
-        if not isinstance(node, dict) or node.get(last) is None:
-            continue
-        value = node[last]
-        fits = {INTEGER: isinstance(value, numbers.Integral), NUMBER: isinstance(value, numbers.Real),
-                BOOLEAN: isinstance(value, bool)}[kind] and (kind == BOOLEAN or not isinstance(value, bool))
-        if not fits or (minimum is not None and value < minimum):
-            wanted = kind if minimum is None else f"{kind} >= {minimum}"
-            raise ConfigError(f"{dotted} must be {wanted}, got {value!r}: set e.g. {dotted}="
-                              f"{'true' if kind == BOOLEAN else max(minimum or 0, 1)}")
+    """Refuses what nothing reads or what cannot run: a key no declaration has (suggesting the closest key of any
+    section), a value of the wrong type or range, a missing required key. Returns `config`."""
+    try:
+        parse_recipe(config)
+    except UnknownKeyError as error:
+        if error.suggestion is not None:
+            raise
+        section, _, leaf = error.key.rpartition(".")
+        keys = list(known_keys(config))
+        close = closest(leaf, [key.rpartition(".")[2] for key in keys])
+        if close is not None:
+            suggestion = next(key for key in keys if key.rpartition(".")[2] == close)
+            raise UnknownKeyError(error.key, error.known, suggestion) from None
+        raise UnknownKeyError(error.key, error.known, note=_elsewhere(section, leaf)) from None
     return config
+
+
+def _elsewhere(section: str, leaf: str) -> str:
+    """' (method.drw_epoch is an option of ldam_drw, ride)': the closest key of the other methods (models, ...) the
+    section could name."""
+    if section not in named_sections():
+        return ""
+    found = {}
+    for name, declaration in sorted(named_sections()[section]().items()):
+        close = closest(leaf, [field for field in declared_fields(declaration) if field != "name"])
+        if close is not None:
+            found.setdefault(close, []).append(name)
+    return "".join(f" ({section}.{key} is an option of {', '.join(names)})" for key, names in found.items())
 
 
 def _lookup(config: dict, dotted: str):

@@ -1,4 +1,5 @@
-"""Post-hoc logit adjustment (Menon et al., ICLR 2021; docs/methods.md 8.4) as a stage 2: predict argmax_j z_j - tau *
+"""Logit adjustment (Menon et al., ICLR 2021): the logit-adjusted loss, i.e. Balanced Softmax (stage 1,
+docs/methods.md 8.1), and post-hoc logit adjustment (stage 2, docs/methods.md 8.4): predict argmax_j z_j - tau *
 log pi_j with the stage-1 logits z, tau picked on the VALIDATION split (never on test).
 
 The sweep follows `fastlt.ops.tau_sweep`: the validation logits are computed once, and every tau is an argmax over
@@ -10,11 +11,18 @@ BalPoE model the same step is its test-time tau shift.
 [[0, 1], [1, 1]]
 """
 
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
+import fastlt
 from fastlt import ops
+from fastlt.engine import predict
+from fastlt.methods.options import Named, declared, option
+from fastlt.methods.registry import register_method
+from fastlt.methods.stage1 import Method, stacked
+from fastlt.methods.stage2 import SPLITS, Stage2Context, Stage2Result
 from fastlt.ops._lt_constants import class_prior
 
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0 (tau = 1: Menon et al.'s default)
@@ -53,3 +61,46 @@ def select_tau(val_logits: torch.Tensor, val_targets: torch.Tensor, class_counts
     rows = ops.shot_accuracy_per_tau(predictions, val_targets, class_counts, taus)
     best = max(rows, key=lambda row: (row["overall"], -abs(row["tau"])))
     return best["tau"], rows
+
+
+@declared
+class BalancedSoftmaxOptions(Named):
+    """The logit-adjusted loss's tau."""
+
+    tau: float = option(1.0, "CE(z + tau * log pi): 1 is Balanced Softmax")
+
+
+@register_method("balanced_softmax", BalancedSoftmaxOptions)
+def balanced_softmax(options: BalancedSoftmaxOptions, counts, model) -> Method:
+    """Balanced Softmax / logit-adjusted loss: CE(z + tau log pi), tau = 1 (PriorShiftedCE)."""
+    loss = fastlt.PriorShiftedCE(counts, taus=[options.tau]).to(counts.device)
+    return Method("balanced_softmax", lambda output, targets: loss(stacked(output, "expert_logits"), targets))
+
+
+@declared
+class LogitAdjustOptions(Named):
+    """The test-time shift: a given tau, or the best of a sweep on a split."""
+
+    tau: Optional[float] = option(None, "predict argmax z - tau * log pi (null: picked on select_on)")
+    select_on: str = option("val", "the split tau is picked on", choices=SPLITS)
+    taus: Tuple[float, ...] = option(DEFAULT_TAUS, "the swept taus")
+
+
+def reload_adjusted(chosen: dict, model: nn.Module, folder: str, loader, class_counts, device):
+    logits, targets = predict(model, loader, device=device)
+    return adjust(logits, class_counts, chosen["tau"]), targets
+
+
+@register_method("logit_adjust", LogitAdjustOptions, stage=2, needs_model=nn.Module, reload=reload_adjusted)
+def logit_adjust(options: LogitAdjustOptions, stage: Stage2Context) -> Stage2Result:
+    """Post-hoc logit adjustment: the stage-1 logits minus tau * log prior, tau picked on val."""
+    chosen, tau = {}, options.tau
+    if tau is None:
+        loader = stage.selection_loader(options.select_on, "logit_adjust")
+        val_logits, val_targets = predict(stage.model, loader, device=stage.device)
+        tau, rows = select_tau(val_logits, val_targets, stage.class_counts, options.taus)
+        chosen.update(selected_on=options.select_on, sweep=rows)
+    chosen["tau"] = tau
+    test_logits, targets = predict(stage.model, stage.plain_loaders["test"], device=stage.device)
+    return Stage2Result(chosen, adjust(test_logits, stage.class_counts, tau), targets,
+                        note=f" (tau {tau:.1f}, picked on {chosen.get('selected_on', 'config')})")

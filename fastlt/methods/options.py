@@ -21,7 +21,7 @@ fastlt.methods.options.UnknownKeyError: unknown config key 'train.epochz': did y
 >>> parse(Example, {"epochs": 0}, "train")
 Traceback (most recent call last):
 ...
-fastlt.methods.options.ConfigError: train.epochs must be an integer >= 1, got 0
+fastlt.errors.ConfigError: train.epochs must be an integer >= 1, got 0
 """
 
 import collections.abc
@@ -34,14 +34,12 @@ import numbers
 import typing
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
+from fastlt.errors import ConfigError
+
 REQUIRED = dataclasses.MISSING  # an option without a default: the recipe must set it
 
 # A declaration: a frozen dataclass whose fields are all keyword-only (so a required key may follow a defaulted one).
 declared = functools.partial(dataclasses.dataclass, frozen=True, kw_only=True)
-
-
-class ConfigError(ValueError):
-    """A recipe or override that fastlt cannot run: unknown key, wrong value type or range."""
 
 
 class UnknownKeyError(ConfigError):

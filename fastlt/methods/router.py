@@ -14,6 +14,8 @@ mean of the experts it went through (`fastlt.ops.expert_aggregate(active=)`).
 (torch.Size([4, 10]), True)
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +23,11 @@ from torch import nn
 from fastlt import ops
 from fastlt.engine import build_schedule, build_sgd
 from fastlt.engine.loop import move_batch
-from fastlt.models import NormedLinear
+from fastlt.methods.builders import SamplerOptions
+from fastlt.methods.options import Named, declared, default_of, option
+from fastlt.methods.registry import register_method
+from fastlt.methods.stage2 import Stage2Context, Stage2Result
+from fastlt.models import RIDE, NormedLinear
 
 POS_WEIGHT = 100.0
 
@@ -210,3 +216,53 @@ def routed_macs(model: nn.Module, image_shape, experts_used: torch.Tensor) -> di
             "mean_experts": float(experts_used.double().mean()),
             "mflops_routed": mean_macs / 1e6,
             "mflops_all_experts": (shared_macs + model.num_experts * expert_macs) / 1e6}
+
+
+@declared
+class RouterOptions(Named):
+    """The router and its training on the frozen RIDE model (the official stage 2)."""
+
+    top_k: int = option(default_of(ExpertRouter, "top_k"),
+                        "top-k running mean logits the router sees (30: CIFAR, ResNet-10; 50: ResNet-50, iNat)", low=1)
+    init: str = option(default_of(ExpertRouter, "init"), "kaiming (the official CIFAR router) or default (PyTorch's)",
+                       choices=ExpertRouter.INITS)
+    epochs: int = option(default_of(train_router, "epochs"), "training epochs (cosine schedule)", low=1)
+    batch_size: int = option(128, "batch size", low=1)
+    lr: float = option(default_of(train_router, "lr"), "SGD learning rate (Nesterov, momentum 0.9)", low=0)
+    weight_decay: float = option(default_of(train_router, "weight_decay"), "SGD weight decay", low=0)
+    sampler: SamplerOptions = option(SamplerOptions(name="ride_balanced"), "the training sampler")
+    pos_weight: float = option(default_of(train_router, "pos_weight"),
+                               "BCE weight of the 'evaluate the next expert' targets", low=0)
+    threshold: float = option(default_of(routed_predict, "threshold"),
+                              "test time: go on to the next expert when its router's sigmoid > threshold",
+                              low=0, high=1)
+
+
+def reload_router(chosen: dict, model: nn.Module, folder: str, loader, class_counts, device):
+    router = ExpertRouter(model.num_experts, model.classifiers[0].weight.shape[0], len(class_counts),
+                          top_k=chosen["top_k"])
+    router.load_state_dict(torch.load(os.path.join(folder, "router.pt"), map_location=device))
+    logits, targets, _ = routed_predict(model, router.to(device), loader, device=device)
+    return logits, targets
+
+
+@register_method("router", RouterOptions, stage=2, needs_model=RIDE, reload=reload_router)
+def expert_router(options: RouterOptions, stage: Stage2Context) -> Stage2Result:
+    """RIDE's expert-assignment router: each sample stops at the first router saying no (fewer experts, MACs)."""
+    model, train_set, device = stage.model, stage.train_set, stage.device
+    router = ExpertRouter(model.num_experts, model.classifiers[0].weight.shape[0], train_set.num_classes,
+                          top_k=options.top_k, init=options.init).to(device)
+    sampler = stage.sampler(options.sampler, options.epochs)
+    loader = stage.loader(options.batch_size, sampler)
+    history = train_router(model, router, loader, epochs=options.epochs, lr=options.lr,
+                           weight_decay=options.weight_decay, pos_weight=options.pos_weight, device=device,
+                           sampler=sampler, progress=lambda batches, desc: stage.run.progress(batches, desc=desc))
+    for record in history:
+        stage.run.log(record)
+    logits, targets, used = routed_predict(model, router, stage.plain_loaders["test"], options.threshold, device)
+    chosen = {"top_k": router.top_k, **routed_macs(model, tuple(train_set[0][0].shape), used)}
+    stage.save("router.pt", router.state_dict())
+    shares = ", ".join(f"{k}: {100 * v:.1f}%" for k, v in chosen["share_per_num_experts"].items())
+    details = (f"samples per number of experts: {shares}; {chosen['mflops_routed']:.2f} MFLOPs (MACs) routed vs "
+               f"{chosen['mflops_all_experts']:.2f} with all experts")
+    return Stage2Result(chosen, logits, targets, details=details)

@@ -26,6 +26,7 @@ The backward expert's pi_bar differs from the official one where classes tie in 
 take their mirrored priors in another order (docs/methods.md 8.3).
 """
 
+import dataclasses
 from typing import Callable, Optional
 
 import numpy as np
@@ -34,7 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlt import ops
+from fastlt.data.transforms import SADE_VIEWS
 from fastlt.engine.loop import move_batch
+from fastlt.errors import ConfigError
+from fastlt.methods.builders import build_loader
+from fastlt.methods.options import Named, declared, default_of, option
+from fastlt.methods.registry import register_method
+from fastlt.methods.stage1 import Method
+from fastlt.methods.stage2 import SPLITS, Stage2Context, Stage2Result
+from fastlt.models import RIDE
 from fastlt.ops._lt_constants import class_prior
 
 STOP_WEIGHT = 0.05  # the official loop stops once an expert's aggregation weight, rounded to 2 decimals, is below
@@ -156,3 +165,71 @@ def predict_experts(model: nn.Module, loader, device):
         logits.append(expert_logits_of(images).float().cpu())
         targets.append(labels)
     return torch.cat(logits, dim=1), torch.cat(targets)
+
+
+@declared
+class SADEOptions(Named):
+    """The backward expert's prior inversion."""
+
+    tau: float = option(default_of(SADELoss, "tau"), "backward expert: CE(z + log pi - tau * log pi_bar) (iNat: 1)")
+
+
+@register_method("sade", SADEOptions)
+def sade(options: SADEOptions, counts, model) -> Method:
+    """SADE: forward (CE), uniform (Balanced Softmax) and backward (log pi - tau log pi_bar) experts, summed."""
+    if getattr(model, "num_experts", None) != 3:
+        raise ConfigError(f"sade: needs a 3-expert model (forward, uniform, backward), got "
+                          f"{getattr(model, 'num_experts', 'a single-head model')} experts")
+    loss = SADELoss(counts, tau=options.tau).to(counts.device)
+    return Method("sade", lambda output, targets: loss(output.expert_logits, targets))
+
+
+@declared
+class SADEAdaptOptions(Named):
+    """Test-time aggregation: the expert weights learned by prediction stability on unlabeled images."""
+
+    adapt_on: str = option("test", "the unlabeled split the weights are learned on (the official code: test)",
+                           choices=SPLITS)
+    views: Optional[str] = option(None, "the official strong views (null: cifar for array data sets, imagenet for "
+                                  "image files)", choices=tuple(SADE_VIEWS))
+    epochs: int = option(default_of(adapt_expert_weights, "epochs"), "epochs (stops early once a weight < 0.05)",
+                         low=1)
+    batch_size: int = option(128, "batch size of each view", low=1)
+    lr: float = option(default_of(adapt_expert_weights, "lr"), "SGD learning rate (Nesterov, momentum 0.9)", low=0)
+    weight_decay: float = option(default_of(adapt_expert_weights, "weight_decay"), "SGD weight decay", low=0)
+
+
+def reload_aggregated(chosen: dict, model: nn.Module, folder: str, loader, class_counts, device):
+    expert_logits, targets = predict_experts(model, loader, device)
+    return aggregate(expert_logits, torch.tensor(chosen["weights"]).log()), targets
+
+
+def view_loaders(options: SADEAdaptOptions, stage: Stage2Context) -> list:
+    """The two loaders of the `adapt_on` split: the same shuffled order, each drawing its own strong view (the
+    official TwoCropsTransform); `views` defaults to cifar for array data sets, imagenet for image files."""
+    dataset = stage.datasets[options.adapt_on]
+    strong = SADE_VIEWS[options.views or ("cifar" if hasattr(dataset, "images") else "imagenet")]
+    # the view replaces the training augmentation (its crop and flip settings kept): torch loader, always augmented
+    view_data = dataclasses.replace(stage.data, loader="torch", augment=True)
+    return [build_loader(dataset, view_data, options.batch_size, train=True, seed=stage.seed + view,
+                         sampler=stage.sampler("instance_balanced", options.epochs, dataset=dataset), strong=strong)
+            for view in range(2)]
+
+
+@register_method("sade", SADEAdaptOptions, stage=2, needs_model=RIDE, reload=reload_aggregated)
+def sade_aggregation(options: SADEAdaptOptions, stage: Stage2Context) -> Stage2Result:
+    """SADE's test-time aggregation: expert weights learned on two strongly augmented views of unlabeled images."""
+    split, model = options.adapt_on, stage.model
+    if stage.datasets.get(split) is None:
+        raise ConfigError(f"stage2 sade: no {split} split to adapt the expert weights on; set stage2.adapt_on")
+    if model.num_experts != 3:
+        raise ConfigError(f"stage2 sade: needs the 3-expert SADE model, got {model.num_experts} experts")
+    weights, history = adapt_expert_weights(
+        frozen_expert_logits(model, stage.device), view_loaders(options, stage), epochs=options.epochs, lr=options.lr,
+        weight_decay=options.weight_decay, num_experts=model.num_experts, on_epoch_end=stage.run.log,
+        device=stage.device)
+    chosen = {"adapted_on": split, "weights": weights.tolist(), "history": history}
+    expert_logits, targets = predict_experts(model, stage.plain_loaders["test"], stage.device)
+    note = (" (expert weights " + ", ".join(f"{w:.2f}" for w in chosen["weights"])
+            + f" learned on unlabeled {split} images)")
+    return Stage2Result(chosen, aggregate(expert_logits, weights.cpu().log()), targets, note=note)

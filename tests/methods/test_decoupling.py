@@ -69,11 +69,11 @@ def test_class_aware_epoch_is_floor_n_over_b():
 def test_stage2_refuses_the_wrong_kind_of_model():
     import pytest
 
-    from fastlt.methods import run_stage2
+    from fastlt.methods import load_config, run_stage2
 
-    config = {"stage2": {"name": "router"}, "model": {"name": "small_cnn"}, "out": "unused"}
+    config = load_config("mnist_lt_ce", ["stage2.name=router"])
     with pytest.raises(ValueError, match="needs a RIDE"):
         run_stage2(config, create_model("small_cnn", num_classes=4), {}, device=torch.device("cpu"))
-    config = {"stage2": {"name": "tau"}, "model": {"name": "ride_small_cnn"}, "out": "unused"}
+    config = load_config("mnist_lt_ride", ["stage2.name=tau"])
     with pytest.raises(ValueError, match="needs a FeatureClassifier"):
         run_stage2(config, create_model("ride_small_cnn", num_classes=4), {}, device=torch.device("cpu"))

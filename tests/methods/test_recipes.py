@@ -12,8 +12,9 @@ import torch
 from fastlt.data import exponential_counts
 from fastlt.methods.builders import build_model, build_sampler, check_data_spec
 from fastlt.methods.config import CONFIG_DIR, load_config, read_recipe, resolve_path
-from fastlt.methods.stage1 import build_method
-from fastlt.methods.stage2 import STAGE2_METHODS
+from fastlt.methods.options import ConfigError
+from fastlt.methods.recipe import parse_recipe
+from fastlt.methods.stage1 import build_method, without_teacher
 
 ALL = sorted(os.path.basename(path)[:-5] for path in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 RAW = {name: read_recipe(resolve_path(name)) for name in ALL}  # with their bases merged in
@@ -23,18 +24,17 @@ LIST_FILE_CLASSES = {"ImageNet_LT": 1000, "iNaturalist18": 8142, "Places_LT": 36
 
 
 def class_counts(data):
-    """Synthetic training counts of the recipe's dataset (the real ones need the data files)."""
-    name = data["name"]
-    if name in ("mnist_lt", "fashion_mnist_lt", "digits_lt"):
-        counts = exponential_counts(data.get("n_max", 500), data.get("ratio", 100), 10)
-    elif name in ("cifar10_lt", "cifar100_lt"):
-        num_classes = 10 if name == "cifar10_lt" else 100
-        counts = exponential_counts(50_000 // num_classes, data["ratio"], num_classes)
+    """Synthetic training counts of the recipe's dataset (the real ones need the data files); `data` parsed."""
+    if data.name in ("mnist_lt", "fashion_mnist_lt", "digits_lt"):
+        counts = exponential_counts(data.n_max, data.ratio, 10)
+    elif data.name in ("cifar10_lt", "cifar100_lt"):
+        num_classes = 10 if data.name == "cifar10_lt" else 100
+        counts = exponential_counts(50_000 // num_classes, data.ratio, num_classes)
     else:
-        num_classes = next(value for key, value in LIST_FILE_CLASSES.items() if key in data["train_list"])
+        num_classes = next(value for key, value in LIST_FILE_CLASSES.items() if key in data.train_list)
         counts = exponential_counts(1280, 256, num_classes)
     # ResLT's remap sorts labels by ascending frequency: the tail comes first
-    return list(reversed(counts)) if data.get("relabel") else list(counts)
+    return list(reversed(counts)) if getattr(data, "relabel", False) else list(counts)
 
 
 _MODELS = {}
@@ -44,7 +44,7 @@ def meta_model(config, num_classes):
     key = json.dumps([config["model"], num_classes], sort_keys=True)
     if key not in _MODELS:
         with torch.device("meta"):
-            _MODELS[key] = build_model(config, num_classes)
+            _MODELS[key] = build_model(config["model"], num_classes)
     return _MODELS[key]
 
 
@@ -56,21 +56,18 @@ def test_there_are_recipes_and_bases():
 def test_recipe_builds_model_data_method_and_samplers(name):
     config = CONFIGS[name]
     assert config["name"] == name and config["out"] == f"runs/{name}"
-    data = check_data_spec(config["data"])
-    counts = class_counts(data)
+    recipe = parse_recipe(config)
+    counts = class_counts(check_data_spec(config["data"]))
     model = meta_model(config, len(counts))
     assert any(True for _ in model.parameters())
-    method = build_method({**config["method"], "teacher": None}, counts, model)
+    method = build_method(without_teacher(recipe.method), counts, model)
     assert callable(method.loss_fn)
-    epochs = config["train"]["epochs"]
-    assert len(build_sampler(counts, config["train"].get("sampler", "instance_balanced"), 0, epochs)) == sum(counts)
-    stage2 = config.get("stage2")
+    assert len(build_sampler(counts, recipe.train.sampler, 0, recipe.train.epochs)) == sum(counts)
+    stage2 = recipe.stage2
     if stage2:
-        assert stage2["name"] in STAGE2_METHODS
-        assert stage2.get("select_on") != "test", "packaged recipes never select on the test set"
-        if "sampler" in stage2 or stage2["name"] in ("crt", "lws"):
-            build_sampler(counts, stage2.get("sampler", "class_aware"), 0, stage2.get("epochs", 10),
-                          stage2.get("samples_per_class", 4))
+        assert getattr(stage2, "select_on", None) != "test", "packaged recipes never select on the test set"
+        if hasattr(stage2, "sampler"):
+            build_sampler(counts, stage2.sampler, 0, stage2.epochs, getattr(stage2, "samples_per_class", None))
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -149,20 +146,23 @@ def test_decoupling_sampler_ablations():
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"name": "imagenet"}, "unknown dataset"),
-    ({"name": "cifar100_lt", "ratio": 100}, "needs"),
+    ({"name": "imagenet"}, "data.name: unknown dataset 'imagenet'"),
+    ({"name": "cifar100_lt", "ratio": 100}, "the config sets no data.root"),
     ({"name": "list_file", "root": "d", "train_list": "t", "val_list": "v.txt", "test_list": "v.txt"}, "test set"),
-    ({"name": "mnist_lt", "augment_options": {"rotate": 15}}, "unknown"),
-    ({"name": "mnist_lt", "augment_options": {"rotation": -5}}, "rotation"),
-    ({"name": "mnist_lt", "augment_options": {"flip": "no"}}, "flip"),
+    ({"name": "mnist_lt", "augment_options": {"rotate": 15}}, "did you mean data.augment_options.rotation"),
+    ({"name": "mnist_lt", "augment_options": {"rotation": -5}}, "data.augment_options.rotation must be a number >= 0"),
+    ({"name": "mnist_lt", "augment_options": {"flip": "no"}}, "data.augment_options.flip must be true or false"),
+    ({"name": "cifar10_lt", "root": "d", "ratio": 100, "n_max": 5}, "unknown config key 'data.n_max'"),
 ])
 def test_bad_data_specs_are_clear_errors(data, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         check_data_spec(data)
 
 
 def test_bad_sampler_specs_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown options"):
+    with pytest.raises(ConfigError, match="'train.sampler.with_replacement': did you mean train.sampler.replacement"):
         build_sampler([5, 3], {"name": "square_root", "with_replacement": True}, 0, 10)
-    with pytest.raises(ValueError, match="strategy"):
+    with pytest.raises(ConfigError, match="train.sampler.name must be one of sequential, "):
         build_sampler([5, 3], {"name": "sqrt"}, 0, 10)
+    with pytest.raises(ConfigError, match="stage2.sampler.q must be a number"):
+        build_sampler([5, 3], {"name": "q_power", "q": "half"}, 0, 10, key="stage2.sampler")

@@ -3,7 +3,6 @@ constructed case, and `fastlt train` + `fastlt stage2 sade` + `fastlt eval` end 
 
 import json
 import os
-import types
 
 import numpy as np
 import pytest
@@ -15,7 +14,10 @@ from op_helpers import backend, needs_cpp, needs_cuda
 
 from fastlt.cli import main
 from fastlt.data.base import ArrayDataset
-from fastlt.methods import build_method, load_config, sade, stage2
+from fastlt.methods import build_method, load_config, sade
+from fastlt.methods.builders import data_options
+from fastlt.methods.options import ConfigError, parse
+from fastlt.methods.stage2 import Stage2Context
 from fastlt.methods.sade import (SADELoss, adapt_expert_weights, aggregate, reversed_prior, sade_logit_shifts,
                                  stops_adapting)
 from fastlt.models import create_model
@@ -196,25 +198,20 @@ class RedSquares(ArrayDataset):
 
 
 @pytest.mark.parametrize("views", [None, "cifar"])
-def test_stage2_adapts_on_the_official_strong_views(views, monkeypatch):
+def test_stage2_adapts_on_the_official_strong_views(views):
     """The two view loaders apply the official CIFAR view (RandomGrayscale 0.2 among others), not the training
     augmentation (which never greys an image), even with the recipe's rotation."""
-    captured = {}
-    monkeypatch.setattr(sade, "adapt_expert_weights", lambda logits_of, loaders, **kwargs: captured.update(
-        loaders=loaders))
-    data = {"loader": "dali", "num_workers": 0, "augment_options": {"rotation": 15}}
-    options = {"batch_size": 128} if views is None else {"batch_size": 128, "views": views}
+    data = data_options({"name": "mnist_lt", "loader": "dali", "num_workers": 0, "augment_options": {"rotation": 15}})
+    options = parse(sade.SADEAdaptOptions, {"name": "sade", "batch_size": 128, "views": views}, "stage2")
     model = create_model("ride_small_cnn", num_classes=2, num_experts=3, in_channels=3)
-    run = types.SimpleNamespace(log=print)
-    stage2.adapt_sade_weights(model, {"test": RedSquares()}, data, options, seed=0, device=torch.device("cpu"),
-                              run=run)
-    for loader in captured["loaders"]:
+    stage = Stage2Context(model, {"test": RedSquares()}, data, seed=0, device=torch.device("cpu"), run=None,
+                          plain_loaders={})
+    for loader in sade.view_loaders(options, stage):
         images, _ = next(iter(loader))
         greyed = ((images[:, 0] - images[:, 1]).abs().amax((1, 2)) < 1e-6).float().mean()
         assert 0.08 < greyed < 0.35, greyed
-    with pytest.raises(ValueError, match="views must be one of"):
-        stage2.adapt_sade_weights(model, {"test": RedSquares()}, data, {"views": "cifar10"}, seed=0,
-                                  device=torch.device("cpu"), run=run)
+    with pytest.raises(ConfigError, match="stage2.views must be one of cifar, imagenet, inaturalist or null"):
+        parse(sade.SADEAdaptOptions, {"name": "sade", "views": "cifar10"}, "stage2")
 
 
 def test_sade_recipes_name_their_official_views():

@@ -9,9 +9,8 @@ import yaml
 import fastlt
 from fastlt.engine import save_checkpoint
 from fastlt.engine.mix import Mixup
-from fastlt.methods import build_method, load_config
-from fastlt.methods import stage1
-from fastlt.methods.stage1 import load_teacher
+from fastlt.methods import build_method, load_config, ride
+from fastlt.methods.ride import load_teacher
 from fastlt.models import ModelOutput, NormedLinear, create_model
 
 COUNTS = torch.tensor([500.0, 200, 90, 40, 15, 5])
@@ -120,7 +119,7 @@ def test_a_mixed_step_runs_the_teacher_once_on_the_mixed_images(tmp_path, monkey
         loaded.register_forward_hook(lambda module, inputs, result: forwards.append(inputs[0]))
         return loaded
 
-    monkeypatch.setattr(stage1, "load_teacher", counting_load_teacher)
+    monkeypatch.setattr(ride, "load_teacher", counting_load_teacher)
     model, targets = outputs("ride_small_cnn")
     method = build_method({"name": "ride", "teacher": str(tmp_path)}, COUNTS, model)
     mixed = Mixup(mixup_alpha=0.4, seed=0)(torch.randn(8, 1, 28, 28), targets)

@@ -233,8 +233,7 @@ def test_ride_recipe_with_fused_head_trains_the_head_and_evaluates_the_same_logi
     from fastlt.methods.stage1 import build_method
 
     torch.manual_seed(0)
-    config = {"model": {"name": "ride_small_cnn", "num_experts": 3}}
-    model = build_model(config, 10)
+    model = build_model({"name": "ride_small_cnn", "num_experts": 3}, 10)
     images, target = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     model.eval()
     expected = model(images).logits
@@ -547,8 +546,8 @@ def test_ride_recipe_with_fused_head_distils_from_a_teacher(tmp_path):
     config = {"model": {"name": "ride_small_cnn", "num_experts": 4}, "method": {"name": "ride"}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     save_checkpoint(str(tmp_path / "last.pt"), model=teacher, epoch=0, step=0)
-    model = build_model({"model": {"name": "ride_small_cnn", "num_experts": 3}}, 10)
-    unfused = build_model({"model": {"name": "ride_small_cnn", "num_experts": 3}}, 10)
+    model = build_model({"name": "ride_small_cnn", "num_experts": 3}, 10)
+    unfused = build_model({"name": "ride_small_cnn", "num_experts": 3}, 10)
     unfused.load_state_dict(model.state_dict())
     method_config = {"name": "ride", "drw_epoch": 1, "teacher": str(tmp_path)}
     fused_method = build_method(dict(method_config, fused_head=True), counts, model)
