@@ -64,9 +64,9 @@ def stage2_command(args) -> dict:
     config, datasets, model = load_stage1(args.run, device=pick_device())
     config = check_config(apply_overrides(config, [f"stage2.name={args.method}", *args.overrides]))
     config["out"] = args.run
-    seed_everything(parse_recipe(config).seed)  # a new head's init and the augmentation: the same on every run
-    return run_stage2(config, model, datasets, device=pick_device(config.get("device", "auto")),
-                      progress_bar=not args.no_progress)
+    recipe = parse_recipe(config)
+    seed_everything(recipe.seed)  # a new head's init and the augmentation: the same on every run
+    return run_stage2(config, model, datasets, device=pick_device(recipe.device), progress_bar=not args.no_progress)
 
 
 def eval_command(args) -> dict:

@@ -49,10 +49,9 @@ class Stage2Context:
         return build_sampler(self.train_set if dataset is None else dataset, sampler, self.seed, epochs,
                              samples_per_class, key="stage2.sampler")
 
-    def loader(self, batch_size: int, sampler, dataset=None, seed: Optional[int] = None):
-        """Augmented training batches of `dataset` (default: the training split) in `sampler` order."""
-        return build_loader(self.train_set if dataset is None else dataset, self.data, batch_size, train=True,
-                            sampler=sampler, seed=self.seed if seed is None else seed)
+    def loader(self, batch_size: int, sampler):
+        """Augmented batches of the training split in `sampler` order."""
+        return build_loader(self.train_set, self.data, batch_size, train=True, sampler=sampler, seed=self.seed)
 
     def save(self, file_name: str, state_dict: dict) -> None:
         torch.save(state_dict, self.run.path(file_name))
