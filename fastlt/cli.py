@@ -87,7 +87,7 @@ class _TrainHelp(argparse.Action):
 
     def __init__(self, option_strings, dest, **kwargs):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="show this help; after --config R, also every key of recipe R with its default and meaning")
+                         help="show this help; after --config R, also every key of recipe R, its default and meaning")
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.print_help()

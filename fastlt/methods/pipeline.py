@@ -93,8 +93,9 @@ def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict
     model.to(device)
     epochs = train_options.epochs
     sampler = build_sampler(datasets["train"], train_options.sampler, seed, epochs)
-    train_loader = build_loader(datasets["train"], data, per_rank_batch_size(train_options, sampler, context.world_size),
-                                train=True, sampler=sampler, seed=seed, drop_last=train_options.drop_last)
+    batch_size = per_rank_batch_size(train_options, sampler, context.world_size)
+    train_loader = build_loader(datasets["train"], data, batch_size, train=True, sampler=sampler, seed=seed,
+                                drop_last=train_options.drop_last)
     eval_batch = train_options.eval_batch_size
     val_loader = None if datasets["val"] is None else build_loader(datasets["val"], data, eval_batch, train=False)
     optimizer = build_sgd(parameter_groups(model, train_options), lr=train_options.lr, momentum=train_options.momentum,

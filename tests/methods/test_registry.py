@@ -79,8 +79,12 @@ def test_a_new_method_is_its_file_plus_its_registration(toy_method, capsys):
     text = capsys.readouterr().out
     assert "toy: stage-1 method (method: {name: toy, ...}), tests/methods/test_registry.py" in text
     assert "  method.smoothing  (a number in [0, 1); default 0.1)\n      label smoothing of the toy" in text
-    main(["train", "--config", "mnist_lt_ce", "method.name=toy", "--help"])
-    assert "  method.smoothing = 0.1  (a number in [0, 1); default 0.1)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--config", "mnist_lt_ce", "method.name=toy", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: fastlt train")
+    assert "  method.smoothing = 0.1  (a number in [0, 1); default 0.1)" in text
 
 
 def test_a_name_is_registered_once_per_stage_and_a_stage2_method_says_how_to_reload():
@@ -99,3 +103,17 @@ def test_fastlt_methods_lists_both_stages_and_suggests_a_close_name(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["methods", "rid"])
     assert exited.value.code == 2 and "unknown method 'rid'; did you mean ride?" in capsys.readouterr().err
+
+
+def test_train_help_with_a_recipe_lists_its_every_key(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--config", "mnist_lt_ride", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert "  method.drw_epoch = 24  (an integer >= 0; default 160)\n      0-based epoch from which DRW is on" in text
+    assert "  train.schedule.milestones = [24, 27]  (a list of integers; default required)" in text
+    assert "  data.n_max = 500  (an integer >= 1; default 500)" in text and "  model.num_experts = 3  " in text
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--config", "mnist_lt_rid", "--help"])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and error.count("\n") == 1 and "did you mean mnist_lt_ride?" in error
