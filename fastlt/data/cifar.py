@@ -28,7 +28,9 @@ def _load_pickles(folder, names, label_key):
                 labels.extend(batch[label_key])
             except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as error:
                 raise DataError(f"{path} is not a CIFAR python pickle batch: {error!r}") from error
-    return np.concatenate(images).transpose(0, 2, 3, 1), np.asarray(labels, dtype=np.int64)
+    # HWC laid out densely: numpy's fancy indexing keeps a transposed view's strides, and DALI's external source
+    # refuses strided batches
+    return np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1)), np.asarray(labels, dtype=np.int64)
 
 
 class CIFARLT(ArrayDataset):

@@ -6,7 +6,8 @@ import torch
 
 import fastlt.data.dali as dali_module
 import fastlt.data.loaders as loaders_module
-from fastlt.data import DigitsLT, ListFileDataset, LongTailSampler, MNISTLT, make_loader
+from fastlt.data import CIFAR10LT, DigitsLT, ListFileDataset, LongTailSampler, MNISTLT, make_loader
+from fastlt.data.base import ArrayDataset
 from fastlt.errors import DataError, MissingDependencyError
 
 
@@ -283,3 +284,46 @@ def test_auto_falls_back_to_torch_without_dali(mnist_train, monkeypatch):
         make_loader(mnist_train, 8, train=True, loader="ffcv")
     with pytest.raises(ValueError, match="batch_size"):
         make_loader(mnist_train, 0, train=True)
+
+
+class ColourImages(ArrayDataset):
+    """200 random 32x32 RGB images (uint8 HWC, as CIFAR-LT stores them), 10 classes."""
+
+    normalization = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+
+    def __init__(self):
+        generator = np.random.default_rng(0)
+        self.images = generator.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+        self.targets = generator.integers(0, 10, 200)
+        self.num_classes, self.source_indices = 10, np.arange(200)
+        self.train_class_counts = np.bincount(self.targets, minlength=10)
+
+
+# torch with workers first: forking DataLoader workers while DALI's threads live can hang
+@pytest.mark.parametrize("backend, workers", [("torch", 2), ("torch", 0), ("dali", 0)])
+def test_channels_last_batches_come_laid_out_with_the_same_values(backend, workers):
+    """The pipeline lays the batch out NHWC (DALI's HWC output; the torch path in its DataLoader workers), so the
+    training step's own conversion is a no-op; the values are those of the NCHW batch."""
+    dataset = ColourImages()
+    epochs = {layout: run_epoch(make_loader(dataset, 64, train=False, loader=backend, num_workers=workers,
+                                            channels_last=layout == "nhwc")) for layout in ("nchw", "nhwc")}
+    (nchw, nchw_labels, _), (nhwc, nhwc_labels, batches) = epochs["nchw"], epochs["nhwc"]
+    first = batches[0][0]
+    assert first.shape == (64, 3, 32, 32) and first.is_contiguous(memory_format=torch.channels_last)
+    assert not first.is_contiguous() and epochs["nchw"][2][0][0].is_contiguous()
+    assert first.contiguous(memory_format=torch.channels_last).data_ptr() == first.data_ptr()  # no copy in the step
+    assert torch.allclose(nchw, nhwc, atol=1e-6) and torch.equal(nchw_labels, nhwc_labels)
+    train = make_loader(dataset, 64, train=True, loader=backend, num_workers=workers, channels_last=True,
+                        rotation=15)
+    assert all(images.is_contiguous(memory_format=torch.channels_last) for images, _ in train)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_dali_reads_cifar_lt(cifar_root, split):
+    """DALI's external source refuses strided batches: CIFAR-LT's images were a transposed view, whose fancy-indexed
+    batches numpy keeps strided, and every CIFAR recipe with `loader: auto` failed on its first DALI batch."""
+    dataset = CIFAR10LT(cifar_root / "cifar-10-batches-py", split=split, ratio=100)
+    assert dataset.images.flags["C_CONTIGUOUS"]
+    sampler = LongTailSampler(dataset, strategy="class_balanced", seed=0, num_samples=100)
+    images, labels, _ = run_epoch(make_loader(dataset, 64, train=split == "train", sampler=sampler, loader="dali"))
+    assert images.shape == (100, 3, 32, 32) and np.array_equal(labels.numpy(), dataset.targets[sampler.indices(0)])
