@@ -15,6 +15,7 @@ import dataclasses
 import functools
 from typing import Callable, Dict, Iterator, Optional
 
+from fastlt.engine.acceleration import maybe_compile
 from fastlt.engine.amp import PRECISIONS
 from fastlt.engine.mix import Mixup
 from fastlt.engine.optim import build_sgd
@@ -69,6 +70,10 @@ class TrainOptions:
     drop_last: bool = option(False, "drop each epoch's last incomplete batch (Decoupling's and ResLT's loaders)")
     precision: str = option(default_of(fit, "precision"), "autocast: fp32, bf16, or fp16 (CUDA)", choices=PRECISIONS)
     mixup: Optional[MixupOptions] = option(None, "MixUp / CutMix of the training batches (null: none)")
+    channels_last: Optional[bool] = option(None, "channels_last (NHWC) model and batches; null: on where faster "
+                                                 "(CUDA, oneDNN CPUs)")
+    compile: bool = option(default_of(maybe_compile, "enabled"),
+                           "torch.compile the model (the first steps compile for minutes on a CPU)")
     schedule: Named = option(REQUIRED, "the learning-rate schedule: {name: <schedule>, its arguments}",
                              declarations=schedule_declarations)
 
