@@ -1,10 +1,34 @@
-"""What every fastlt model returns, and the plain "backbone -> classifier" model."""
+"""What every fastlt model returns, the plain "backbone -> classifier" model, and the global average pool."""
 
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def global_average_pool(feature_map: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C] ([B, C, 1, 1] with keepdim): the mean over H x W, as one F.avg_pool2d window (the
+    official CIFAR ResNets' form). Not `mean(dim=(2, 3))`: its backward hands back an NCHW gradient whatever the
+    layout, and in a channels_last model every backward op after it then mixes layouts (strided loops, tens of
+    times slower than matched ones); avg_pool2d's backward keeps the layout.
+
+    >>> global_average_pool(torch.arange(8.0).view(1, 2, 2, 2))
+    tensor([[1.5000, 5.5000]])
+    """
+    pooled = F.avg_pool2d(feature_map, feature_map.shape[-2:])
+    return pooled if keepdim else pooled.flatten(1)
+
+
+class GlobalAveragePool(nn.Module):
+    """`global_average_pool` as a module, for nn.Sequential backbones: [B, C, H, W] -> [B, C]."""
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return global_average_pool(feature_map)
+
+    def extra_repr(self) -> str:
+        return "[B, C, H, W] -> [B, C], avg_pool2d over H x W"
 
 
 @dataclass

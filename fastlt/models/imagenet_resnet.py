@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastlt._optional import import_optional
-from fastlt.models.base import FeatureClassifier
+from fastlt.models.base import FeatureClassifier, GlobalAveragePool
 from fastlt.models.registry import register_model
 
 
@@ -100,7 +100,7 @@ class ResNetTrunk(nn.Module):
 def _register_plain(arch_name: str) -> None:
     def builder(num_classes: int) -> FeatureClassifier:
         trunk = ResNetTrunk(arch_name)
-        backbone = nn.Sequential(trunk, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        backbone = nn.Sequential(trunk, GlobalAveragePool())
         return FeatureClassifier(backbone, nn.Linear(trunk.out_channels, num_classes))
 
     builder.__name__ = arch_name

@@ -6,7 +6,7 @@ from torch import nn
 
 from fastlt import ops
 from fastlt.models import imagenet_resnet, resnet_cifar, small_cnn
-from fastlt.models.base import ModelOutput
+from fastlt.models.base import ModelOutput, global_average_pool
 from fastlt.models.registry import register_model
 
 NUM_BRANCHES = 3
@@ -41,7 +41,7 @@ class ResLTBatchNorm(nn.Module):
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
         feature_map = self.trunk(images)
-        branch_features = torch.stack([norm(feature_map).mean(dim=(2, 3)) for norm in self.branch_norms])
+        branch_features = torch.stack([global_average_pool(norm(feature_map)) for norm in self.branch_norms])
         return _branch_output(branch_features, self.classifier.weight, self.classifier.bias, NUM_BRANCHES)
 
 
@@ -88,9 +88,9 @@ class ResLTConv(nn.Module):
     def forward(self, images: torch.Tensor) -> ModelOutput:
         feature_map = self.trunk(images)
         if self.conv_before_pool():
-            pooled = self.branch_block(feature_map).mean(dim=(2, 3))
+            pooled = global_average_pool(self.branch_block(feature_map))
         else:
-            pooled = self.branch_block(feature_map.mean(dim=(2, 3), keepdim=True)).flatten(1)
+            pooled = self.branch_block(global_average_pool(feature_map, keepdim=True)).flatten(1)
         batch, dim = pooled.shape[0], self.classifier.in_features
         branch_features = pooled.view(batch, NUM_BRANCHES, dim).transpose(0, 1)  # channel blocks [H | M | T]
         if self.training or self.test_tau is None:
@@ -137,9 +137,9 @@ class RIDEResLT(nn.Module):
         for expert, block, classifier in zip(self.experts, self.branch_blocks, self.classifiers):
             feature_map = expert(shared)
             if conv_first:
-                pooled = block(feature_map).mean(dim=(2, 3))
+                pooled = global_average_pool(block(feature_map))
             else:
-                pooled = block(feature_map.mean(dim=(2, 3), keepdim=True)).flatten(1)
+                pooled = block(global_average_pool(feature_map, keepdim=True)).flatten(1)
             branch_features = pooled.view(pooled.shape[0], NUM_BRANCHES, -1).transpose(0, 1)
             if self.training or self.test_tau is None:
                 outputs.append(_branch_output(branch_features, classifier.weight, classifier.bias, NUM_BRANCHES))

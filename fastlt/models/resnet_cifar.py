@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlt.models.base import FeatureClassifier
+from fastlt.models.base import FeatureClassifier, GlobalAveragePool
 from fastlt.models.registry import register_model
 
 
@@ -34,7 +34,9 @@ class BasicBlockA(nn.Module):
         if self.shortcut_padding is None:
             return x
         pad = self.shortcut_padding
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad))
+        # x[:, :, ::2, ::2] as a 1x1 pooling window: the slice's backward builds an NCHW gradient whatever the
+        # layout (then every later op in a channels_last backward mixes layouts), avg_pool2d's keeps it
+        return F.pad(F.avg_pool2d(x, kernel_size=1, stride=2), (0, 0, 0, 0, pad, pad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -78,8 +80,7 @@ def kaiming_init_conv_and_linear(module: nn.Module) -> None:
 def cifar_resnet(num_classes: int, blocks_per_stage: int, widths: Sequence[int] = (16, 32, 64),
                  in_channels: int = 3) -> FeatureClassifier:
     """The 6n+2-layer CIFAR ResNet (n = `blocks_per_stage`) with a linear classifier (bias) on the pooled feature."""
-    backbone = nn.Sequential(make_trunk(widths, (blocks_per_stage,) * 3, in_channels), nn.AdaptiveAvgPool2d(1),
-                             nn.Flatten())
+    backbone = nn.Sequential(make_trunk(widths, (blocks_per_stage,) * 3, in_channels), GlobalAveragePool())
     model = FeatureClassifier(backbone, nn.Linear(widths[-1], num_classes))
     kaiming_init_conv_and_linear(model)
     return model

@@ -8,7 +8,7 @@ from torch import nn
 
 from fastlt import ops
 from fastlt.models import imagenet_resnet, resnet_cifar, small_cnn
-from fastlt.models.base import ModelOutput
+from fastlt.models.base import ModelOutput, global_average_pool
 from fastlt.models.heads import NormedLinear
 from fastlt.models.registry import register_model
 
@@ -52,7 +52,7 @@ class RIDE(nn.Module):
 
     def forward_expert(self, shared_features: torch.Tensor, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(pooled features [B, D], logits [B, C]) of expert `index`."""
-        features = self.experts[index](shared_features).mean(dim=(2, 3))
+        features = global_average_pool(self.experts[index](shared_features))
         if self.fused_head is not None:
             return features, self.fused_head.logits(features, expert=index)
         return features, self.classifiers[index](features) * self.scale
@@ -60,7 +60,7 @@ class RIDE(nn.Module):
     def forward(self, images: torch.Tensor) -> ModelOutput:
         shared_features = self.forward_shared(images)
         if self.fused_head is not None and self.training:  # the loss reads the features and the head's weights
-            features = [expert(shared_features).mean(dim=(2, 3)) for expert in self.experts]
+            features = [global_average_pool(expert(shared_features)) for expert in self.experts]
             return ModelOutput(logits=None, features=torch.stack(features))
         features, logits = zip(*(self.forward_expert(shared_features, index) for index in range(self.num_experts)))
         expert_logits = torch.stack(logits)

@@ -5,7 +5,7 @@ from typing import Sequence
 
 from torch import nn
 
-from fastlt.models.base import FeatureClassifier
+from fastlt.models.base import FeatureClassifier, GlobalAveragePool
 from fastlt.models.registry import register_model
 
 WIDTHS = (32, 64, 128)
@@ -36,5 +36,5 @@ def small_cnn(num_classes: int, in_channels: int = 1) -> FeatureClassifier:
     >>> small_cnn(num_classes=10)(torch.zeros(2, 1, 28, 28)).logits.shape
     torch.Size([2, 10])
     """
-    backbone = nn.Sequential(make_trunk(in_channels), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    backbone = nn.Sequential(make_trunk(in_channels), GlobalAveragePool())
     return FeatureClassifier(backbone, nn.Linear(WIDTHS[-1], num_classes))
