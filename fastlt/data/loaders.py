@@ -21,9 +21,10 @@ def make_loader(dataset, batch_size, *, train, sampler=None, loader="auto", mean
     augmentation on both paths (digits: a mirrored 2 or 5 is not that digit). `sampler` defaults to
     instance-balanced shuffling when `train`, else the sequential order. `loader="auto"` picks DALI when
     installed, else torch; `mean`/`std` default to the dataset's `normalization`. `channels_last` gives NCHW
-    tensors in channels-last memory. `strong` (a `transforms.StrongAugment`, e.g. `SADE_VIEWS["cifar"]`) replaces
-    the training augmentation by SADE's test-time view: the random crop (pad-4 on arrays, `strong.crop_scale` on
-    JPEGs), the strong colour augmentation and the flip, without `rotation` or `color_jitter`; torch loader only.
+    tensors in channels-last memory, laid out by the pipeline (DALI: HWC output; torch: in the DataLoader workers).
+    `strong` (a `transforms.StrongAugment`, e.g. `SADE_VIEWS["cifar"]`) replaces the training augmentation by SADE's
+    test-time view: the random crop (pad-4 on arrays, `strong.crop_scale` on JPEGs), the strong colour augmentation
+    and the flip, without `rotation` or `color_jitter`; torch loader only.
 
     >>> from fastlt.data import MNISTLT, LongTailSampler
     >>> train = MNISTLT(split="train")
@@ -85,10 +86,14 @@ class _ImageItems(torch.utils.data.Dataset):
 
 class _Collate:
     """Stacks a batch (dropping samples a `skip_corrupt` dataset returned as None), then augments uint8 arrays.
-    Returns (images, labels, samples dropped, the DataError of an unreadable image or None)."""
+    Returns (images, labels, samples dropped, the DataError of an unreadable image or None).
 
-    def __init__(self, augment=None):
+    With `channels_last` the finished batch is laid out NHWC here, in the DataLoader workers, so that the training
+    step receives it ready (one copy of the float batch, about 0.2 ms for 128 CIFAR images on one core)."""
+
+    def __init__(self, augment=None, channels_last=False):
         self.augment = augment
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, samples):
         error = next((sample for sample in samples if isinstance(sample, DataError)), None)
@@ -99,7 +104,8 @@ class _Collate:
             return torch.zeros(0), torch.zeros(0, dtype=torch.int64), len(samples), None
         images = torch.stack([image for image, _ in kept])
         labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
-        return (images if self.augment is None else self.augment(images)), labels, len(samples) - len(kept), None
+        images = images if self.augment is None else self.augment(images)
+        return images.contiguous(memory_format=self.memory_format), labels, len(samples) - len(kept), None
 
 
 class TorchLoader:
@@ -112,17 +118,17 @@ class TorchLoader:
     def __init__(self, dataset, sampler, batch_size, train, mean, std, num_workers=2, drop_last=False,
                  channels_last=False, pad=4, rotation=0.0, image_size=224, resize_size=256, color_jitter=0.0,
                  flip=True, strong=None):
-        self.sampler, self.batch_size, self.channels_last = sampler, batch_size, channels_last
+        self.sampler, self.batch_size = sampler, batch_size
         if hasattr(dataset, "images"):
             items = _ArrayItems(dataset)
             augment = (ArrayBatchAugment(True, mean, std, pad=pad, flip=flip, strong=strong) if strong is not None
                        else ArrayBatchAugment(train, mean, std, pad=pad, rotation=rotation, flip=flip))
-            collate = _Collate(augment)
         else:
             transform = (jpeg_view_transform(mean, std, strong, image_size, flip=flip) if strong is not None
                          else jpeg_transform(train, mean, std, image_size, resize_size, color_jitter, flip=flip))
             items = _ImageItems(dataset, transform)
-            collate = _Collate()
+            augment = None
+        collate = _Collate(augment, channels_last=channels_last)
         self.loader = torch.utils.data.DataLoader(
             items, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
             drop_last=drop_last, persistent_workers=num_workers > 0)
@@ -143,6 +149,4 @@ class TorchLoader:
             if len(labels) == 0:
                 self.skipped_batches += 1
                 continue
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels

@@ -1,7 +1,7 @@
 """Training engine: optimizer, lr schedules, AMP, channels_last / torch.compile, DDP, exact checkpoints, run folder,
 training and prediction loops (with Mixup / CutMix), the `fit` epoch loop, and the many / medium / few evaluation."""
 
-from fastlt.engine.acceleration import maybe_compile, prepare_model, unwrap_model
+from fastlt.engine.acceleration import channels_last_is_faster, maybe_compile, prepare_model, unwrap_model
 from fastlt.engine.amp import autocast, grad_scaler
 from fastlt.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from fastlt.engine.distributed import (DistributedContext, all_gather_concat, init_distributed, shutdown_distributed,
@@ -24,6 +24,7 @@ __all__ = [
     "build_schedule",
     "build_sgd",
     "capture_rng_state",
+    "channels_last_is_faster",
     "evaluate_logits",
     "evaluate_predictions",
     "fit",

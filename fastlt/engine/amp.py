@@ -29,6 +29,26 @@ def autocast(device_type: str, precision: str = "fp32"):
     return torch.autocast(device_type=device_type, dtype=_DTYPES[precision])
 
 
+def cpu_has_bf16_instructions() -> bool:
+    """Whether this CPU multiplies bf16 in hardware: AVX512-BF16 (Cooper Lake, Zen 4 and later) or AMX (Sapphire
+    Rapids and later). oneDNN then runs bf16 convolutions and matmuls at up to twice the fp32 rate; without them
+    bf16 is converted to fp32 around each product and is usually slower than fp32. From torch's cpuinfo queries."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def bf16_advice() -> str:
+    """One line for `fastlt doctor`: whether `train.precision: bf16` is recommended on this machine."""
+    if torch.cuda.is_available():
+        supported = torch.cuda.is_bf16_supported()
+        return (f"bf16 on the GPU: {'supported, train.precision=bf16 recommended' if supported else 'not supported'}"
+                "; the CPU is not used for training")
+    if cpu_has_bf16_instructions():
+        return ("bf16: this CPU has AVX512-BF16 or AMX: train.precision=bf16 is recommended (bf16 convolutions, the "
+                "losses still in fp32)")
+    return "bf16: this CPU has neither AVX512-BF16 nor AMX (bf16 would be emulated): keep train.precision=fp32"
+
+
 def grad_scaler(device_type: str, precision: str = "fp32") -> torch.amp.GradScaler:
     """A GradScaler that is enabled only for fp16 (bf16 has fp32's range and needs no loss scaling).
 

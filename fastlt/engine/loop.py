@@ -37,8 +37,8 @@ def to_float32(output):
 
 
 def move_batch(images: torch.Tensor, targets: torch.Tensor, device: torch.device, channels_last: bool):
-    images = images.to(device, non_blocking=True)
-    if channels_last:
+    images = images.to(device, non_blocking=True)  # keeps the layout: a channels_last loader's batch stays NHWC
+    if channels_last:  # a no-op for the batches of make_loader(..., channels_last=True)
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(device, non_blocking=True)
 
@@ -55,16 +55,17 @@ def train_one_epoch(
     channels_last: bool = False,
     max_steps: Optional[int] = None,
     progress: Callable = lambda iterable: iterable,
-    on_step: Optional[Callable[[int, float], None]] = None,
+    on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
     loss_needs_images: bool = False,
     mixup: Optional[Mixup] = None,
 ) -> dict:
     """Trains over `loader` (at most `max_steps` batches: Decoupling ends an epoch after floor(N / B) steps).
 
     progress: wraps the loader (e.g. RunFolder.progress); on_step(step, loss) runs after every optimizer step
-    (mid-epoch checkpoints, logging); mixup: mixes the batches it picks (Mixup.set_epoch first). Returns the mean
-    loss, step and sample counts, and data vs compute seconds (on CUDA the split is approximate: kernels run
-    asynchronously until the loss is read).
+    (mid-epoch checkpoints, logging) with the detached loss tensor: reading it (`float(loss)`) waits for the
+    device, so a callback that ignores it leaves CUDA steps unsynchronised; mixup: mixes the batches it picks
+    (Mixup.set_epoch first). Returns the mean loss, step and sample counts, and data vs compute seconds (on CUDA the
+    split is approximate: kernels run asynchronously until the loss is read).
     """
     model.train()
     scaler = scaler if scaler is not None else grad_scaler(device.type, precision)
@@ -93,7 +94,7 @@ def train_one_epoch(
         samples += targets.shape[0]
         compute_time += time.perf_counter() - started
         if on_step is not None:
-            on_step(steps, float(loss.detach()))
+            on_step(steps, loss.detach())
         tick = time.perf_counter()  # time spent in on_step (checkpoints) counts as neither data nor compute
     return {
         "loss": float(loss_sum) / max(steps, 1),

@@ -152,7 +152,7 @@ def fit(
         if mixup is not None:
             mixup.set_epoch(epoch, steps_before)
 
-        def on_step(step: int, loss: float) -> None:
+        def on_step(step: int, loss: torch.Tensor) -> None:
             if checkpoint_every_steps and step % checkpoint_every_steps == 0:
                 checkpoint(False, steps_before + step)
 

@@ -195,7 +195,7 @@ def build_datasets(data) -> dict:
 
 
 def build_loader(dataset, data, batch_size: int, *, train: bool, sampler=None, seed: int = 0,
-                 drop_last: bool = False, strong=None):
+                 drop_last: bool = False, strong=None, channels_last: bool = False):
     """`augment: false` feeds training batches without any augmentation (the eval transform); `augment_options`
     go to `make_loader`: e.g. `{flip: false}` keeps the random crop but never mirrors (MNIST-LT: a mirrored 2, 5
     or 7 is another digit or none), `{rotation: 15}` (RIDE's CIFAR), `{color_jitter: 0.4}` (ImageNet-LT); `strong`
@@ -206,7 +206,7 @@ def build_loader(dataset, data, batch_size: int, *, train: bool, sampler=None, s
         sampler = LongTailSampler(dataset, strategy="instance_balanced" if train else "sequential", seed=seed,
                                   **({} if train else {"rank": 0, "world_size": 1}))
     return make_loader(dataset, batch_size, train=augment, sampler=sampler, loader=data.loader, seed=seed,
-                       num_workers=data.num_workers, drop_last=drop_last, strong=strong,
+                       num_workers=data.num_workers, drop_last=drop_last, strong=strong, channels_last=channels_last,
                        **given(data.augment_options))
 
 

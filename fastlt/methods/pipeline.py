@@ -18,8 +18,9 @@ import os
 import numpy as np
 import torch
 
-from fastlt.engine import (RunFolder, build_schedule, build_sgd, fit, format_results, init_distributed,
-                           load_checkpoint, shutdown_distributed, wrap_model)
+from fastlt.engine import (RunFolder, build_schedule, build_sgd, channels_last_is_faster, fit, format_results,
+                           init_distributed, load_checkpoint, maybe_compile, prepare_model, shutdown_distributed,
+                           wrap_model)
 from fastlt.engine.mix import build_mixup
 from fastlt.engine.trainer import recover_interrupted_run
 from fastlt.errors import ConfigError, MissingFileError
@@ -90,20 +91,24 @@ def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict
     run = RunFolder(recipe.out, config=config, progress_bar=progress_bar, is_main=context.is_main)
     model = build_model(recipe.model, datasets["train"].num_classes)
     method = build_method(recipe.method, counts, model, device)
-    model.to(device)
+    channels_last = train_options.channels_last
+    channels_last = channels_last_is_faster(device) if channels_last is None else channels_last
+    model = prepare_model(model, device, channels_last)
     epochs = train_options.epochs
     sampler = build_sampler(datasets["train"], train_options.sampler, seed, epochs)
     batch_size = per_rank_batch_size(train_options, sampler, context.world_size)
     train_loader = build_loader(datasets["train"], data, batch_size, train=True, sampler=sampler, seed=seed,
-                                drop_last=train_options.drop_last)
+                                drop_last=train_options.drop_last, channels_last=channels_last)
     eval_batch = train_options.eval_batch_size
-    val_loader = None if datasets["val"] is None else build_loader(datasets["val"], data, eval_batch, train=False)
+    val_loader = None if datasets["val"] is None else build_loader(datasets["val"], data, eval_batch, train=False,
+                                                                   channels_last=channels_last)
     optimizer = build_sgd(parameter_groups(model, train_options), lr=train_options.lr, momentum=train_options.momentum,
                           weight_decay=train_options.weight_decay, nesterov=train_options.nesterov)
     schedule = build_schedule(train_options.schedule.name, total_epochs=epochs, **given(train_options.schedule))
-    fitted = fit(wrap_model(model, context), method.loss_fn, optimizer, schedule, train_loader, epochs=epochs,
+    trained = maybe_compile(wrap_model(model, context), enabled=train_options.compile)
+    fitted = fit(trained, method.loss_fn, optimizer, schedule, train_loader, epochs=epochs,
                  device=device, run=run, sampler=sampler, val_loader=val_loader, class_counts=counts,
-                 precision=train_options.precision, on_epoch_start=method.on_epoch_start,
+                 precision=train_options.precision, channels_last=channels_last, on_epoch_start=method.on_epoch_start,
                  loss_needs_images=method.needs_images, mixup=mixup, resume=recipe.resume, context=context)
     # training is over: every rank leaves the process group; rank 0 alone evaluates and runs stage 2
     shutdown_distributed(context)
