@@ -1,15 +1,17 @@
-"""`fastlt bench step`: one training step (batch 128: next batch, forward, loss, backward, SGD), two kinds of rows.
+"""`fastlt bench step`: one training step (batch 128, 32 with --quick: next batch, forward, loss, backward, SGD), two
+kinds of rows.
 
 Loss rows: where the time of a NCHW fp32 step goes, for CE, RIDE, BalPoE and SADE on the CIFAR ResNet-32, fused vs
 eager loss. BalPoE and SADE compute all experts' losses in one fused call; their eager rows loop over the experts.
 "eager" runs the loss under `fastlt.ops.use_backend("reference")`; CE is torch's own cross-entropy.
 
-Format rows: for each model of MODELS, the step in each layout / precision of FORMATS (NCHW fp32; channels_last
-fp32, the recipes' default on oneDNN CPUs and CUDA; channels_last bf16, `train.precision: bf16`; the same under
-`train.compile`), with the speed-up over NCHW fp32. The plot PLOT_PATH shows them. Every row uses fastlt's array
-loader (synthetic uint8 images, RIDE's CIFAR augmentation; channels_last batches for the channels_last rows) and
-the fused loss: CE, or RIDE's loss for a multi-expert model. The forward runs under autocast, the loss on fp32
-logits, as `fastlt.engine.train_one_epoch` does.
+Format rows: for each model of MODELS (ResNet-32, RIDE ResNet-32, and the Fashion-MNIST-LT RIDE ResNet-8 on 28x28
+grey images), the step in each layout / precision of FORMATS (NCHW fp32; channels_last fp32, the recipes' default on
+oneDNN CPUs and CUDA; channels_last bf16, `train.precision: bf16`; the same under `train.compile`), with the speed-up
+over NCHW fp32. The plot PLOT_PATH shows them. Every row uses fastlt's array loader (synthetic uint8 images, the
+model's recipe augmentation: RIDE's CIFAR one with rotation 15, pad-4 crop and flip for Fashion-MNIST;
+channels_last batches for the channels_last rows) and the fused loss: CE, or RIDE's loss for a multi-expert model.
+The forward runs under autocast, the loss on fp32 logits, as `fastlt.engine.train_one_epoch` does.
 
 Per step (median over the timed steps): data = waiting for the next batch; compute = forward + backbone backward +
 SGD step; loss = the loss's forward + backward on detached logits (then fed back into the backbone's backward), so
@@ -36,11 +38,14 @@ from fastlt.methods.balpoe import BalPoELoss
 from fastlt.methods.sade import SADELoss
 from fastlt.models import create_model
 
-BATCH = 128
-# (registered model, its options, (channels, height, width) of its images, classes, loss: "ce" or "ride"): a line each
+BATCH, QUICK_BATCH = 128, 32
+CIFAR_AUGMENT = {"rotation": 15}  # RIDE's CIFAR recipes
+# (registered model, its options, (channels, height, width) of its images, classes, loss: "ce" or "ride", the
+# loader's augmentation options): a line each
 MODELS = [
-    ("resnet32", {}, (3, 32, 32), 100, "ce"),
-    ("ride_resnet32", {"num_experts": 3}, (3, 32, 32), 100, "ride"),
+    ("resnet32", {}, (3, 32, 32), 100, "ce", CIFAR_AUGMENT),
+    ("ride_resnet32", {"num_experts": 3}, (3, 32, 32), 100, "ride", CIFAR_AUGMENT),
+    ("ride_resnet8", {"num_experts": 3, "in_channels": 1}, (1, 28, 28), 10, "ride", {}),  # fmnist_lt_ride
 ]
 # row label: (channels_last, precision, torch.compile)
 FORMATS = {
@@ -83,15 +88,15 @@ def _loss(kind: str, counts: torch.Tensor):
 class StepTimer:
     """One case's model, optimizer, loader and loss; `step()` runs one training step and records its split."""
 
-    def __init__(self, model_name, options, shape, num_classes, kind, backend, format_name, batches):
+    def __init__(self, model_name, options, shape, num_classes, kind, augment, backend, format_name, batch, batches):
         channels_last, self.precision, compiled = FORMATS[format_name]
         self.row = {"model": model_name, "loss": kind, "impl": "torch" if kind == "ce" else
                     ("fused" if backend != "reference" else "eager"), "format": format_name}
-        self.kind, self.backend = kind, backend
+        self.kind, self.backend, self.batch = kind, backend, batch
         torch.manual_seed(0)
-        dataset = SyntheticImages(BATCH * batches, shape, num_classes)
-        loader = make_loader(dataset, BATCH, train=True, loader="torch", num_workers=0, rotation=15,
-                             channels_last=channels_last,
+        dataset = SyntheticImages(batch * batches, shape, num_classes)
+        loader = make_loader(dataset, batch, train=True, loader="torch", num_workers=0, channels_last=channels_last,
+                             **augment,
                              sampler=LongTailSampler(dataset, strategy="instance_balanced", seed=0))
         model = prepare_model(create_model(model_name, num_classes=num_classes, **options).train(),
                               torch.device("cpu"), channels_last)
@@ -131,14 +136,14 @@ class StepTimer:
         step_ms = sum(per_step.values())
         return {**self.row, "data_ms": per_step["data"], "compute_ms": per_step["compute"],
                 "loss_ms": per_step["loss"], "step_ms": step_ms, "loss_pct": 100 * per_step["loss"] / step_ms,
-                "threads": torch.get_num_threads()}
+                "batch": self.batch, "threads": torch.get_num_threads()}
 
 
-def time_interleaved(cases, steps: int, warmup: int, bar) -> list:
-    """Result rows of `cases` (StepTimer arguments but the batch count), timed one step of each in turn."""
+def time_interleaved(cases, batch: int, steps: int, warmup: int, bar) -> list:
+    """Result rows of `cases` (StepTimer arguments but the batch and its count), timed one step of each in turn."""
     timers = []
     for case in cases:
-        timers.append(StepTimer(*case, batches=steps + warmup))
+        timers.append(StepTimer(*case, batch=batch, batches=steps + warmup))
         first_step_s = timers[-1].step(record=False)
         for _ in range(warmup - 1):
             timers[-1].step(record=False)
@@ -153,42 +158,48 @@ def time_interleaved(cases, steps: int, warmup: int, bar) -> list:
 def format_cases(quick: bool) -> dict:
     """{model: [its format rows' StepTimer arguments]}; --quick leaves out the compiled rows (minutes each)."""
     formats = [name for name, (_, _, compiled) in FORMATS.items() if not (quick and compiled)]
-    return {model: [(model, options, shape, classes, kind, "auto", name) for name in formats]
-            for model, options, shape, classes, kind in MODELS}
+    return {model: [(model, options, shape, classes, kind, augment, "auto", name) for name in formats]
+            for model, options, shape, classes, kind, augment in MODELS}
 
 
-def loss_rows(steps: int, warmup: int, bar) -> list:
-    cases = [("resnet32", {}, (3, 32, 32), 100, "ce", "auto", BASELINE)] + [
-        ("ride_resnet32", {"num_experts": 3}, (3, 32, 32), 100, kind, backend, BASELINE)
+def loss_rows(batch: int, steps: int, warmup: int, bar) -> list:
+    cases = [("resnet32", {}, (3, 32, 32), 100, "ce", CIFAR_AUGMENT, "auto", BASELINE)] + [
+        ("ride_resnet32", {"num_experts": 3}, (3, 32, 32), 100, kind, CIFAR_AUGMENT, backend, BASELINE)
         for kind in ("ride", "balpoe", "sade") for backend in ("auto", "reference")]
-    return time_interleaved(cases, steps, warmup, bar)
+    return time_interleaved(cases, batch, steps, warmup, bar)
 
 
-def format_rows(quick: bool, steps: int, warmup: int, bar) -> list:
+def format_rows(quick: bool, batch: int, steps: int, warmup: int, bar) -> list:
     """The format rows of every model, each with its speed-up over the model's NCHW fp32 row."""
     rows = []
     for cases in format_cases(quick).values():
-        group = time_interleaved(cases, steps, warmup, bar)
+        group = time_interleaved(cases, batch, steps, warmup, bar)
         baseline = next(row["step_ms"] for row in group if row["format"] == BASELINE)
         rows += [{**row, "speedup": baseline / row["step_ms"]} for row in group]
     return rows
 
 
+def settings(quick: bool):
+    """(batch, timed steps, warm-up steps)."""
+    return (QUICK_BATCH, 2, 2) if quick else (BATCH, 10, 2)
+
+
 def problem(quick=False):
+    batch, steps, warmup = settings(quick)
     models = ", ".join(f"{name} ({'x'.join(map(str, shape))}, {classes} classes, {kind.upper()} loss)"
-                       for name, _, shape, classes, kind in MODELS)
+                       for name, _, shape, classes, kind, _ in MODELS)
     formats = ", ".join(name for name, (_, _, compiled) in FORMATS.items() if not (quick and compiled))
-    return (f"batch {BATCH}, synthetic images; loss rows: ResNet-32 (CE) and RIDE ResNet-32 (RIDE, BalPoE, SADE), "
-            f"NCHW fp32; format rows: {models} in {formats}; {2 if quick else 10} timed steps interleaved after "
-            "2 warm-up steps")
+    return (f"batch {batch}, synthetic images; loss rows: ResNet-32 (CE) and RIDE ResNet-32 (RIDE, BalPoE, SADE), "
+            f"NCHW fp32; format rows: {models} in {formats}; {steps} timed steps interleaved after {warmup} warm-up "
+            "steps")
 
 
 def run(quick: bool = False, plot_path: str = PLOT_PATH) -> list:
-    steps, warmup = (2, 2) if quick else (10, 2)
+    batch, steps, warmup = settings(quick)
     total = 7 + sum(map(len, format_cases(quick).values()))
     with progress(None, "fastlt bench step", total=total) as bar:
-        rows = loss_rows(steps, warmup, bar)
-        formats = format_rows(quick, steps, warmup, bar)
+        rows = loss_rows(batch, steps, warmup, bar)
+        formats = format_rows(quick, batch, steps, warmup, bar)
     if plot_path:
         plot_formats(formats, plot_path)
         print(f"fastlt bench step: wrote {plot_path}", file=sys.stderr)
@@ -213,7 +224,7 @@ def plot_formats(rows: list, path: str) -> None:
         bars = axis.bar(positions, [cell["step_ms"] for cell in cells if cell], width, label=name)
         axis.bar_label(bars, labels=[f"{cell['speedup']:.2f}x" for cell in cells if cell], fontsize=7)
     axis.set_xticks(range(len(models)), models)
-    axis.set_ylabel(f"training step, batch {BATCH} (ms, median)")
+    axis.set_ylabel(f"training step, batch {rows[0]['batch']} (ms, median)")
     axis.set_title(f"fastlt bench step, {rows[0]['threads']} CPU thread(s): speed-up over {BASELINE}", fontsize=9)
     axis.legend(fontsize=7)
     figure.tight_layout()
