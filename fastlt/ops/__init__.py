@@ -1,6 +1,7 @@
 """fastlt's fused ops. Each op lives in one file here: public function, eager reference, torch.library glue."""
 
 from fastlt.ops._backend import get_backend, set_backend, use_backend
+from fastlt.ops._class_parallel import class_shard
 from fastlt.ops.expert_aggregate import expert_aggregate, expert_aggregate_reference
 from fastlt.ops.linear_prior_shifted_ce import linear_prior_shifted_ce, linear_prior_shifted_ce_reference
 from fastlt.ops.linear_reslt_loss import linear_reslt_loss, linear_reslt_loss_reference
@@ -15,6 +16,7 @@ __all__ = [
     "get_backend",
     "set_backend",
     "use_backend",
+    "class_shard",
     "expert_aggregate",
     "expert_aggregate_reference",
     "tau_normalize",

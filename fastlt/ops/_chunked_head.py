@@ -230,6 +230,17 @@ def parameter_gradients(head, stats, chunk_size, ce_coef, div_coef, diversity, g
     return grad_features
 
 
+def gradient_outputs(head, stats, features, weight, bias, chunk_size, ce_coef, div_coef, diversity, kernels=None):
+    """Pass 2 as the op returns it: (d features, d weight, d bias), d features summed over the experts for shared
+    ``[B, D]`` features, each in its input's dtype (d bias ``[0]``-shaped without a bias). ``ce_coef``: [B]."""
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grad_bias = torch.empty_like(bias, dtype=head.acc) if bias is not None else None
+    grad_features = parameter_gradients(head, stats, chunk_size, ce_coef[None, :, None], div_coef, diversity,
+                                        grad_weight, grad_bias, kernels)
+    grad_features = (grad_features.sum(0) if features.dim() == 2 else grad_features).to(features.dtype)
+    return grad_features, grad_weight, grad_bias.to(bias.dtype) if bias is not None else features.new_empty((0,))
+
+
 def chunked_forward(features, weight, bias, target, target_margins, class_weights, temperatures, row_weights,
                     row_bias_scales, scale, normalize_weight, diversity_factor, reduction, ignore_index, chunk_size,
                     compute_grad, kernels=None):
@@ -244,14 +255,9 @@ def chunked_forward(features, weight, bias, target, target_margins, class_weight
     head = ChunkedHead(features, weight, bias, row_bias_scales, labels, target_margins, temperatures, scale,
                        normalize_weight)
     diversity = diversity_factor != 0.0
-    ce_coef = ce_coef[None, :]  # [1, B]
     stats = row_statistics(head, chunk_size, diversity, kernels)
-    loss = loss_from_statistics(stats, ce_coef, div_coef, diversity)
+    loss = loss_from_statistics(stats, ce_coef[None, :], div_coef, diversity)
     if not compute_grad:  # three distinct empty outputs: a custom op's outputs may not alias each other
         return loss, features.new_empty((0,)), features.new_empty((0,)), features.new_empty((0,))
-    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    grad_bias = torch.empty_like(bias, dtype=head.acc) if bias is not None else None
-    grad_features = parameter_gradients(head, stats, chunk_size, ce_coef[..., None], div_coef, diversity,
-                                        grad_weight, grad_bias, kernels)
-    grad_features = (grad_features.sum(0) if features.dim() == 2 else grad_features).to(features.dtype)
-    return loss, grad_features, grad_weight, grad_bias.to(bias.dtype) if bias is not None else features.new_empty((0,))
+    return (loss, *gradient_outputs(head, stats, features, weight, bias, chunk_size, ce_coef, div_coef, diversity,
+                                    kernels))

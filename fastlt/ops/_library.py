@@ -10,9 +10,26 @@ another device (the ``meta`` device included: the dispatcher sends such a call t
 ValueError naming the argument, never uninitialised memory.
 """
 
+import ctypes
+import weakref
+
 import torch
 
-LIBRARY = torch.library.Library("fastlt", "FRAGMENT")  # kept alive for the process: it owns the registrations
+
+def kept_at_exit(library: torch.library.Library) -> torch.library.Library:
+    """``library``, whose registrations are never removed: not by its finalizer at interpreter exit, nor when its
+    C++ object would be freed as the modules are cleared (one reference is kept for the process). Removing them
+    aborts torch 2.14 once fastlt::linear_ride_loss's pass overloads are defined (fastlt/ops/_head_passes.py): an
+    internal assert of its operator registry ("Tried to access the schema for ... which doesn't have a schema
+    registered yet"); an exiting process needs nothing removed."""
+    for finalizer in list(weakref.finalize._registry):
+        if finalizer.peek() is not None and finalizer.peek()[0] is library:
+            finalizer.atexit = False
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(library.m))
+    return library
+
+
+LIBRARY = kept_at_exit(torch.library.Library("fastlt", "FRAGMENT"))  # kept for the process: it owns the registrations
 
 # The dtypes of the ops' tensor arguments, by argument name; every other tensor argument is floating point.
 TENSOR_DTYPES = {"target": (torch.int64,), "active": (torch.bool,), "group_masks": (torch.bool,)}

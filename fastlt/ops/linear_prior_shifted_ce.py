@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from fastlt.ops import _backend, _checks, _lt_constants
+from fastlt.ops._class_parallel import check_shard, checks_on_every_rank, group_shard
 from fastlt.ops.linear_ride_loss import check_head, expert_logits, fused_linear_ride_loss
 from fastlt.ops.prior_shifted_ce import prior_shifted_ce_reference, validate_hyperparameters
 
@@ -40,8 +41,8 @@ def linear_prior_shifted_ce_reference(features, weight, target, class_counts, *,
 def linear_prior_shifted_ce(features: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                             class_counts: torch.Tensor, *, taus, normalize: bool = True, scale: float = 30.0,
                             bias: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
-                            reduction: str = "mean", ignore_index: int = _checks.DEFAULT_IGNORE_INDEX
-                            ) -> torch.Tensor:
+                            reduction: str = "mean", ignore_index: int = _checks.DEFAULT_IGNORE_INDEX,
+                            process_group=None, gather_batch: bool = True, ddp_trunk: bool = False) -> torch.Tensor:
     """Sum over E experts of the cross-entropy of ``z_k + tau_k * log(pi)`` (Balanced Softmax, logit adjustment,
     BalPoE), computed with its gradients from the features and the experts' classifier weights, never holding the
     ``[E, B, C]`` logits.
@@ -61,6 +62,8 @@ def linear_prior_shifted_ce(features: torch.Tensor, weight: torch.Tensor, target
             for one scalar loss (per-row losses need the logits: the heads and :func:`fastlt.ops.prior_shifted_ce`).
         ignore_index: rows whose label equals it add nothing to the loss or to N; their features get a zero
             gradient. Every row ignored: the loss is 0.
+        process_group, gather_batch, ddp_trunk: a class-parallel head (:func:`fastlt.ops.linear_ride_loss`):
+            ``weight`` and ``bias`` hold this rank's shard of the classes, ``class_counts`` all of them.
 
     Memory beyond the inputs and their gradients: O(E x B x chunk_size) (the fused head's chunk buffers), plus the
     ``[E, C]`` shifted bias, never O(E x B x C). Returns the loss in the accumulation dtype (fp32 for fp16/bf16/fp32,
@@ -76,32 +79,45 @@ def linear_prior_shifted_ce(features: torch.Tensor, weight: torch.Tensor, target
     """
     target, class_counts = _checks.loss_conveniences(target, class_counts)
     ignore_index = _checks.ignore_index(OP, ignore_index)
-    tau_table = _validate(features, weight, target, class_counts, taus, bias, scale, chunk_size, reduction,
-                          ignore_index)
-    if _backend.get_backend() == "reference":
+    num_classes = len(class_counts) if process_group is not None else None
+
+    def check():
+        checked_taus = _validate(features, weight, target, class_counts, taus, bias, scale, chunk_size, reduction,
+                                 ignore_index, num_classes)
+        if process_group is not None:
+            check_shard(OP, "weight", weight, 1, process_group, num_classes)
+        return checked_taus
+
+    tau_table = checks_on_every_rank(OP, process_group, features, gather_batch, check)
+    if _backend.get_backend() == "reference" and process_group is None:
         return linear_prior_shifted_ce_reference(
             features, weight, target, class_counts, taus=taus, normalize=normalize, scale=scale, bias=bias,
             chunk_size=chunk_size, reduction=reduction, ignore_index=ignore_index)
     shifts = _lt_constants.prior_logit_shifts(class_counts.to(weight.device), tau_table).to(weight.dtype)
+    if process_group is not None:  # this rank's classes
+        shifts = shifts[:, slice(*group_shard(OP, process_group, len(class_counts)))]
     shifted_bias = shifts if bias is None else bias + shifts  # the shift is a constant: no gradient
     acc_dtype = _checks.accumulate_dtype(weight.dtype)
-    num_classes = weight.shape[1]
+    num_classes = len(class_counts)
     no_margins = torch.zeros(num_classes, dtype=acc_dtype, device=weight.device)
     unit_temperatures = torch.ones(num_classes, dtype=acc_dtype, device=weight.device)
     return fused_linear_ride_loss(features, weight, shifted_bias, target, no_margins, None, unit_temperatures,
                                   scale=float(scale), normalize=bool(normalize), diversity_factor=0.0,
-                                  chunk_size=chunk_size, reduction=reduction, ignore_index=ignore_index)
+                                  chunk_size=chunk_size, reduction=reduction, ignore_index=ignore_index,
+                                  process_group=process_group, gather_batch=gather_batch, ddp_trunk=ddp_trunk)
 
 
-def _validate(features, weight, target, class_counts, taus, bias, scale, chunk_size, reduction, ignore_index):
-    """Checks the arguments; returns the taus as an fp64 [E] tensor."""
+def _validate(features, weight, target, class_counts, taus, bias, scale, chunk_size, reduction, ignore_index,
+              num_classes=None):
+    """Checks the arguments (``num_classes``: a class-parallel head's C, whose shard the weight holds; default the
+    weight's); returns the taus as an fp64 [E] tensor."""
     if _checks.reduction(OP, reduction) == _checks.REDUCTIONS.index("none"):
         raise ValueError(f"{OP}: reduction='none' is not supported: the fused head accumulates the weight's gradient "
                          "for one scalar loss; for per-row losses compute the logits and call "
                          "fastlt.ops.prior_shifted_ce(reduction='none')")
     ignore_index = _checks.ignore_index(OP, ignore_index)
-    check_head(OP, features, weight, target, bias, chunk_size, ignore_index)
-    _lt_constants.check_class_counts(OP, class_counts, weight.shape[1],
+    check_head(OP, features, weight, target, bias, chunk_size, ignore_index, num_classes)
+    _lt_constants.check_class_counts(OP, class_counts, num_classes or weight.shape[1],
                                      "the log prior of a class without training samples is -inf")
     tau_table = validate_hyperparameters(taus=taus, label_smoothing=0.0, num_experts=weight.shape[0], op=OP)
     _checks.number(OP, "scale", scale, low=0.0, low_open=True)

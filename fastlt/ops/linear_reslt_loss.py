@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlt.ops import _backend, _checks
+from fastlt.ops._class_parallel import batch_loss, check_shard, checks_on_every_rank, whole_batch
 from fastlt.ops.linear_ride_loss import NORM_EPS, fused_linear_ride_loss
 from fastlt.ops.reslt_loss import check_group_masks, reslt_loss_reference, validate_hyperparameters
 
@@ -52,7 +53,8 @@ def linear_reslt_loss(branch_features: torch.Tensor, weight: torch.Tensor, targe
                       group_masks: torch.Tensor, *, beta: float, bias: Optional[torch.Tensor] = None,
                       normalize: bool = False, scale: float = 1.0, chunk_size: Optional[int] = None,
                       reduction: str = "mean", ignore_index: int = _checks.DEFAULT_IGNORE_INDEX,
-                      log_eps: float = 0.0, fused_log_eps: Optional[float] = None) -> torch.Tensor:
+                      log_eps: float = 0.0, fused_log_eps: Optional[float] = None, process_group=None,
+                      gather_batch: bool = True, ddp_trunk: bool = False) -> torch.Tensor:
     """ResLT's loss of K branches through one shared classifier, computed with its gradients from the branch
     features and the classifier weight, never holding the ``[K, B, C]`` logits.
 
@@ -79,6 +81,9 @@ def linear_reslt_loss(branch_features: torch.Tensor, weight: torch.Tensor, targe
             statistics give log-probabilities, not probabilities. So neither the CIFAR / iNaturalist scripts'
             setting (1e-7 in the branch terms only) nor ImageNet-LT's (1e-7 in both) is available here; both need
             the branch logits and :func:`fastlt.ops.reslt_loss`.
+        process_group, gather_batch, ddp_trunk: a class-parallel head (:func:`fastlt.ops.linear_ride_loss`):
+            ``weight`` ``[n, D]`` and ``bias`` ``[n]`` hold this rank's shard of the classes, ``group_masks`` all C;
+            G and N are the whole batch's.
 
     Memory beyond the inputs and their gradients: O((K + 1) x B x chunk_size) for the chunk buffers and O(K x B x D)
     for the stacked feature rows, never O(K x B x C) and no second C x D buffer: the op writes the weight's gradient
@@ -98,32 +103,45 @@ def linear_reslt_loss(branch_features: torch.Tensor, weight: torch.Tensor, targe
     """
     target, _ = _checks.loss_conveniences(target, None)
     ignore_index = _checks.ignore_index(OP, ignore_index)
-    _validate(branch_features, weight, target, group_masks, beta, bias, scale, chunk_size, reduction, ignore_index,
-              log_eps, fused_log_eps)
-    if _backend.get_backend() == "reference":
+    num_classes = group_masks.shape[1] if process_group is not None and isinstance(group_masks, torch.Tensor) else None
+
+    def check():
+        _validate(branch_features, weight, target, group_masks, beta, bias, scale, chunk_size, reduction,
+                  ignore_index, log_eps, fused_log_eps, num_classes)
+        if process_group is not None:
+            check_shard(OP, "weight", weight, 0, process_group, num_classes)
+
+    checks_on_every_rank(OP, process_group, branch_features, gather_batch, check)
+    if _backend.get_backend() == "reference" and process_group is None:
         return linear_reslt_loss_reference(
             branch_features, weight, target, group_masks, beta=beta, bias=bias, normalize=normalize, scale=scale,
             chunk_size=chunk_size, reduction=reduction, ignore_index=ignore_index)
     return _fused_head_call(branch_features, weight, bias, target, group_masks, beta=float(beta),
                             normalize=bool(normalize), scale=float(scale), chunk_size=chunk_size, reduction=reduction,
-                            ignore_index=ignore_index)
+                            ignore_index=ignore_index, process_group=process_group, gather_batch=gather_batch,
+                            ddp_trunk=ddp_trunk)
 
 
 def _fused_head_call(branch_features, weight, bias, target, group_masks, *, beta, normalize, scale, chunk_size,
-                     reduction, ignore_index):
+                     reduction, ignore_index, process_group=None, gather_batch=True, ddp_trunk=False):
     """The loss as one call of the fused head of RIDE over (K + 1) x B rows through the shared weight (a [1, C, D]
     expert): the K x B branch rows, a row outside its branch's group labelled ignore_index, then the B fused rows
     sum_b f_b (cosine: sum_b f_b / |f_b|, not normalised again) whose bias counts K times. Each row's weight is its
-    term's factor, beta / G or (1 - beta) / N (G = N = 1 under ``reduction="sum"``), under the op's sum."""
+    term's factor, beta / G or (1 - beta) / N (G = N = 1 under ``reduction="sum"``), under the op's sum. With a
+    ``process_group`` the rows are the whole batch's (gathered first: G and N count it all), through this rank's
+    shard of the classes."""
+    if normalize:
+        branch_features = F.normalize(branch_features, dim=-1, eps=NORM_EPS)
+    if process_group is not None:
+        branch_features, (target,) = whole_batch(OP, branch_features, [target], process_group,
+                                                 gather_batch=gather_batch, ddp_trunk=ddp_trunk)
     num_branches, batch, dim = branch_features.shape
     acc_dtype = _checks.accumulate_dtype(weight.dtype)
-    num_classes = weight.shape[0]
+    num_classes = group_masks.shape[1]
     kept = target != ignore_index
     labels = torch.where(kept, target, torch.zeros_like(target))  # an ignored row's label is never an index
     in_group = group_masks[:, labels] & kept  # [K, B]: g_b(y_i) of the kept rows
     branch_target = torch.where(in_group, target, ignore_index).reshape(num_branches * batch)
-    if normalize:
-        branch_features = F.normalize(branch_features, dim=-1, eps=NORM_EPS)
     rows = torch.cat([branch_features.reshape(num_branches * batch, dim), branch_features.sum(0)])
     branch_factor = torch.full((), beta, dtype=acc_dtype, device=weight.device)
     fused_factor = torch.full((), 1.0 - beta, dtype=acc_dtype, device=weight.device)
@@ -135,16 +153,19 @@ def _fused_head_call(branch_features, weight, bias, target, group_masks, *, beta
     if bias is not None:
         row_bias_scales = torch.cat([torch.ones(num_branches * batch, dtype=acc_dtype, device=weight.device),
                                      torch.full((batch,), float(num_branches), dtype=acc_dtype, device=weight.device)])
-    return fused_linear_ride_loss(
-        rows, weight[None], None if bias is None else bias[None], torch.cat([branch_target, target]),
-        torch.zeros(num_classes, dtype=acc_dtype, device=weight.device), None,
-        torch.ones(num_classes, dtype=acc_dtype, device=weight.device), scale=scale, normalize=normalize,
-        normalize_features=False, diversity_factor=0.0, chunk_size=chunk_size, reduction="sum",
-        ignore_index=ignore_index, row_weights=row_weights, row_bias_scales=row_bias_scales)
+    arguments = (rows, weight[None], None if bias is None else bias[None], torch.cat([branch_target, target]),
+                 torch.zeros(num_classes, dtype=acc_dtype, device=weight.device), None,
+                 torch.ones(num_classes, dtype=acc_dtype, device=weight.device))
+    options = dict(scale=scale, normalize=normalize, diversity_factor=0.0, chunk_size=chunk_size,
+                   ignore_index=ignore_index, row_weights=row_weights, row_bias_scales=row_bias_scales)
+    if process_group is None:
+        return fused_linear_ride_loss(*arguments, **options, normalize_features=False, reduction="sum")
+    return batch_loss(*arguments, **options, reduction=_checks.REDUCTIONS.index("sum"), process_group=process_group)
 
 
 def _validate(branch_features, weight, target, group_masks, beta, bias, scale, chunk_size, reduction, ignore_index,
-              log_eps, fused_log_eps):
+              log_eps, fused_log_eps, num_classes=None):
+    """The checks (``num_classes``: a class-parallel head's C, whose shard the weight holds; default the weight's)."""
     if _checks.reduction(OP, reduction) == _checks.REDUCTIONS.index("none"):
         raise ValueError(f"{OP}: reduction='none' is not supported: the fused head accumulates the weight's gradient "
                          "for one scalar loss; for per-row losses compute the branch logits and call "
@@ -159,7 +180,7 @@ def _validate(branch_features, weight, target, group_masks, beta, bias, scale, c
     _checks.tensor(OP, "weight", weight, dims=2, floating=True)
     _checks.tensor(OP, "branch_features", branch_features, dims=3, floating=True)
     num_branches, batch, dim = branch_features.shape
-    num_classes = weight.shape[0]
+    all_classes, num_classes = num_classes or weight.shape[0], weight.shape[0]
     if num_branches > _checks.MAX_EXPERTS:
         raise ValueError(f"{OP}: branch_features has {num_branches} branches; at most {_checks.MAX_EXPERTS} are "
                          "supported")
@@ -170,9 +191,9 @@ def _validate(branch_features, weight, target, group_masks, beta, bias, scale, c
         raise ValueError(f"{OP}: branch_features must have D={weight.shape[1]} (weight's last dim) features, got "
                          f"{tuple(branch_features.shape)}")
     _checks.same_device(OP, "branch_features", branch_features, weight, "weight")
-    _checks.labels(OP, "target", target, batch, num_classes, ignore_index)
+    _checks.labels(OP, "target", target, batch, all_classes, ignore_index)
     _checks.same_device(OP, "target", target, weight, "weight")
-    check_group_masks(OP, group_masks, num_branches, num_classes, weight, "weight")
+    check_group_masks(OP, group_masks, num_branches, all_classes, weight, "weight")
     if bias is not None:
         _checks.tensor(OP, "bias", bias, floating=True)
         if tuple(bias.shape) != (num_classes,) or bias.dtype != weight.dtype:

@@ -100,7 +100,8 @@ def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch
                      margin_scale: float = 30.0, max_margin: float = 0.5, diversity_factor: float = -0.45,
                      temperature_factor: float = 0.05, base_temperature: float = 1.0, drw: bool = False,
                      drw_beta: float = 0.9999, chunk_size: Optional[int] = None, reduction: str = "mean",
-                     ignore_index: int = _checks.DEFAULT_IGNORE_INDEX) -> torch.Tensor:
+                     ignore_index: int = _checks.DEFAULT_IGNORE_INDEX, process_group=None, gather_batch: bool = True,
+                     ddp_trunk: bool = False) -> torch.Tensor:
     """RIDE's loss of E cosine (or linear) classifiers, computed with its gradients without the [E, B, C] logits.
 
     Args:
@@ -122,6 +123,14 @@ def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch
             loss; for per-row losses use :func:`expert_logits` and :func:`fastlt.ops.ride_loss` with
             ``reduction="none"``.
         ignore_index: rows whose label equals it add nothing to the loss, and their features get a zero gradient.
+        process_group: a ``torch.distributed`` group of W ranks for a class-parallel head (docs/methods.md 8.6):
+            ``weight`` (and ``bias``) hold this rank's contiguous shard of the classes (``fastlt.ops.class_shard``:
+            ``[E, n, D]``), ``class_counts`` all C classes; the loss and its gradients are those of the whole batch
+            and the concatenated classifier, and only O(W x B x E x D) numbers are communicated. None: one process.
+        gather_batch: with a group, ``features`` and ``target`` are this rank's rows and all ranks' are gathered
+            (equal row counts); ``False``: every rank passes the same whole batch.
+        ddp_trunk: with a group and ``gather_batch``, the features' gradient is W times the loss's, so that a trunk
+            under DistributedDataParallel (which averages over the W ranks) gets the loss's gradient.
 
     Memory beyond the inputs and their gradients: O(E x B x chunk_size) for a few chunk-sized logit buffers, plus
     O(chunk_size x D) for one chunk of the weight (fp16/bf16 inputs are upcast chunk by chunk), O(E x B x D) for the
@@ -135,16 +144,19 @@ def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch
     >>> loss.backward(); weight.grad.shape
     torch.Size([3, 1000, 16])
     """
-    _validate(features, weight, target, class_counts, bias, scale, chunk_size, reduction, ignore_index,
-              margin_scale=margin_scale, max_margin=max_margin, diversity_factor=diversity_factor,
-              temperature_factor=temperature_factor, base_temperature=base_temperature, drw_beta=drw_beta)
+    _class_parallel.checks_on_every_rank(OP, process_group, features, gather_batch, lambda: _validate(
+        features, weight, target, class_counts, bias, scale, chunk_size, reduction, ignore_index,
+        margin_scale=margin_scale, max_margin=max_margin, diversity_factor=diversity_factor,
+        temperature_factor=temperature_factor, base_temperature=base_temperature, drw_beta=drw_beta,
+        num_classes=len(class_counts) if process_group is not None else None))
     target_margins, class_weights, temperatures = ride_tables(
         class_counts, scale=margin_scale, max_margin=max_margin, temperature_factor=temperature_factor,
         base_temperature=base_temperature, drw=drw, drw_beta=drw_beta,
         dtype=_checks.accumulate_dtype(weight.dtype), device=weight.device)
     return fused_linear_ride_loss(features, weight, bias, target, target_margins, class_weights, temperatures,
                                   scale=scale, normalize=normalize, diversity_factor=diversity_factor,
-                                  chunk_size=chunk_size, reduction=reduction, ignore_index=ignore_index)
+                                  chunk_size=chunk_size, reduction=reduction, ignore_index=ignore_index,
+                                  process_group=process_group, gather_batch=gather_batch, ddp_trunk=ddp_trunk)
 
 
 def fused_linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -153,7 +165,8 @@ def fused_linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, bias: O
                            chunk_size: Optional[int] = None, reduction: str = "mean",
                            ignore_index: int = _checks.DEFAULT_IGNORE_INDEX,
                            row_weights: Optional[torch.Tensor] = None, row_bias_scales: Optional[torch.Tensor] = None,
-                           normalize_features: bool = True) -> torch.Tensor:
+                           normalize_features: bool = True, process_group=None, gather_batch: bool = True,
+                           ddp_trunk: bool = False) -> torch.Tensor:
     """The fused head + loss from RIDE's per-class tables instead of class counts: the op :func:`linear_ride_loss`
     runs after :func:`fastlt.ops.ride_loss.ride_tables`, on the backend it would pick (C++ kernel, Triton, or the
     chunked PyTorch loop). ``linear_prior_shifted_ce`` and ``linear_reslt_loss`` build on it with their own tables.
@@ -171,19 +184,41 @@ def fused_linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, bias: O
         row_bias_scales: ``[B]`` each row's factor on ``bias`` (which it needs), or None (all 1).
         normalize_features: with ``normalize``, whether the features are normalised (False: ``scale * x @
             normalize(W)^T``, for features that are sums of normalised rows).
+        process_group, gather_batch, ddp_trunk: a class-parallel head, as in :func:`linear_ride_loss`: the
+            per-class tables then have all C classes, ``weight`` and ``bias`` this rank's shard.
     """
-    reduction, ignore_index = _validate_head(features, weight, target, bias, scale, chunk_size, reduction,
-                                             ignore_index)
-    num_experts, num_classes = weight.shape[0], weight.shape[1]
+
+    def check():
+        """(reduction code, ignore_index, diversity_factor, C) of checked arguments; C: the tables' (a class-parallel
+        head's weight holds this rank's shard of them), else the weight's."""
+        num_classes = None
+        if process_group is not None:
+            _checks.tensor(OP, "target_margins", target_margins, dims=1)
+            num_classes = target_margins.shape[0]
+        codes = _validate_head(features, weight, target, bias, scale, chunk_size, reduction, ignore_index, num_classes)
+        num_classes = num_classes or weight.shape[1]
+        for name, table in (("target_margins", target_margins), ("class_weights", class_weights),
+                            ("temperatures", temperatures)):
+            if table is not None:
+                _checks.fused_loss_table(OP, name, table, (num_classes,), weight)
+        _check_row_tables(row_weights, row_bias_scales, bias, target.shape[0], weight)
+        if process_group is not None:
+            _class_parallel.check_shard(OP, "weight", weight, 1, process_group, num_classes)
+        return (*codes, _checks.number(OP, "diversity_factor", diversity_factor), num_classes)
+
+    reduction, ignore_index, diversity_factor, num_classes = _class_parallel.checks_on_every_rank(
+        OP, process_group, features, gather_batch, check)
+    num_experts = weight.shape[0]
     acc_dtype = _checks.accumulate_dtype(weight.dtype)
-    for name, table in (("target_margins", target_margins), ("class_weights", class_weights),
-                        ("temperatures", temperatures)):
-        if table is not None:
-            _checks.fused_loss_table(OP, name, table, (num_classes,), weight)
-    _check_row_tables(row_weights, row_bias_scales, bias, target.shape[0], weight)
     target_margins, temperatures = target_margins.to(acc_dtype), temperatures.to(acc_dtype)
     class_weights = class_weights.to(acc_dtype) if class_weights is not None else None
-    diversity_factor = _checks.number(OP, "diversity_factor", diversity_factor)
+    if process_group is not None:
+        return _class_parallel.fused_linear_ride_loss(
+            features, weight, bias, target, target_margins, class_weights, temperatures, scale=scale,
+            normalize=normalize, diversity_factor=diversity_factor, chunk_size=chunk_size, reduction=reduction,
+            ignore_index=ignore_index, row_weights=row_weights, row_bias_scales=row_bias_scales,
+            normalize_features=normalize_features, process_group=process_group, gather_batch=gather_batch,
+            ddp_trunk=ddp_trunk)
     chunk = chunk_size or default_chunk_size(num_experts, target.shape[0], num_classes)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (features, weight, bias))
@@ -263,11 +298,12 @@ _KERNEL_DEVICE_TYPES = _kernel_device_types()
 
 
 def _validate(features, weight, target, class_counts, bias, scale, chunk_size, reduction, ignore_index, *,
-              margin_scale, **ride_hyperparameters):
+              margin_scale, num_classes=None, **ride_hyperparameters):
     """The checks of the op and its reference (RIDE's hyper-parameters: ride_loss's own check, ``margin_scale``
-    being its ``scale``); returns (reduction code, ignore_index)."""
-    checked = _validate_head(features, weight, target, bias, scale, chunk_size, reduction, ignore_index)
-    _lt_constants.check_class_counts(OP, class_counts, weight.shape[1])
+    being its ``scale``; ``num_classes``: a class-parallel head's C, else the weight's); returns (reduction code,
+    ignore_index)."""
+    checked = _validate_head(features, weight, target, bias, scale, chunk_size, reduction, ignore_index, num_classes)
+    _lt_constants.check_class_counts(OP, class_counts, num_classes or weight.shape[1])
     validate_hyperparameters(scale=margin_scale, **ride_hyperparameters, op=OP, scale_name="margin_scale")
     return checked
 
@@ -283,17 +319,19 @@ def check_reduction(reduction) -> int:
     return code
 
 
-def _validate_head(features, weight, target, bias, scale, chunk_size, reduction, ignore_index):
+def _validate_head(features, weight, target, bias, scale, chunk_size, reduction, ignore_index, num_classes=None):
     reduction = check_reduction(reduction)
     ignore_index = _checks.ignore_index(OP, ignore_index)
-    check_head(OP, features, weight, target, bias, chunk_size, ignore_index)
+    check_head(OP, features, weight, target, bias, chunk_size, ignore_index, num_classes)
     _checks.number(OP, "scale", scale, low=0.0, low_open=True)
     return reduction, ignore_index
 
 
-def check_head(op, features, weight, target, bias, chunk_size, ignore_index):
+def check_head(op, features, weight, target, bias, chunk_size, ignore_index, num_classes=None):
     """The fused head's tensor checks (features, weight, target, bias, chunk_size), errors naming ``op``: for this op
-    and the compositions on it (fastlt.ops.linear_prior_shifted_ce)."""
+    and the compositions on it (fastlt.ops.linear_prior_shifted_ce). ``num_classes``: the classes the labels index,
+    when the weight holds a shard of them (a class-parallel head; default: the weight's)."""
+    label_classes = num_classes
     _checks.tensor(op, "weight", weight, dims=3, floating=True)
     _checks.tensor(op, "features", features, dims=(2, 3), floating=True)
     num_experts, num_classes, dim = weight.shape
@@ -306,7 +344,7 @@ def check_head(op, features, weight, target, bias, chunk_size, ignore_index):
     if features.dim() == 3 and features.shape[0] != num_experts:
         raise ValueError(f"{op}: features must be [B, D] or [E={num_experts}, B, D], got {tuple(features.shape)}")
     _checks.same_device(op, "features", features, weight, "weight")
-    _checks.labels(op, "target", target, features.shape[-2], num_classes, ignore_index)
+    _checks.labels(op, "target", target, features.shape[-2], label_classes or num_classes, ignore_index)
     _checks.same_device(op, "target", target, weight, "weight")
     if bias is not None:
         _checks.tensor(op, "bias", bias, floating=True)
@@ -393,3 +431,7 @@ def selfcheck_case(device, dtype, tiny):
     # a small classifier scale keeps the reference's bf16 logits (rounded before the loss) within the tolerance
     return (lambda x, w: linear_ride_loss(x, w, target, counts, scale=4.0, margin_scale=3.0, drw=True,
                                                      chunk_size=4)), (features, weight)
+
+
+# The class-parallel head (a process_group) and the pass overloads it runs; they import this module's names.
+from fastlt.ops import _class_parallel  # noqa: E402
