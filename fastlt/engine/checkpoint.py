@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastlt import class_shards
 from fastlt.engine.acceleration import unwrap_model
 from fastlt.engine.crash_points import crash_point
 from fastlt.errors import MissingFileError, UserError
@@ -73,12 +74,16 @@ def save_checkpoint(
     epoch: int,
     step: int,
     extra: Optional[dict] = None,
+    write: bool = True,
 ) -> None:
-    """Writes a checkpoint atomically (call it on the main rank only).
+    """Writes a checkpoint atomically (call it on the main rank only, or, for a model with class-sharded parameters,
+    on every rank with ``write`` true on the main rank alone).
 
     sampler: any object with state_dict() (fastlt.data samplers); sampler_consumed, when given, is passed as
     state_dict(consumed=...) so a mid-epoch checkpoint records the samples actually trained on rather than what
     DataLoader workers have read ahead. extra: small picklable values (best metric, config name, ...).
+    Class-sharded parameters (fastlt.class_shards: a class-parallel head) and their optimizer state are saved whole,
+    gathered from every rank, so the checkpoint resumes on any number of ranks.
     """
     if sampler is None:
         sampler_state = None
@@ -86,10 +91,16 @@ def save_checkpoint(
         sampler_state = sampler.state_dict()
     else:
         sampler_state = sampler.state_dict(consumed=sampler_consumed)
+    model_state = unwrap_model(model).state_dict()  # gathers class-sharded parameters: every rank calls it
+    optimizer_state = None
+    if optimizer is not None:
+        optimizer_state = class_shards.gather_optimizer_state(optimizer, optimizer.state_dict())
+    if not write:
+        return
     state = {
         "format_version": FORMAT_VERSION,
-        "model": unwrap_model(model).state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "schedule": schedule.state_dict() if schedule is not None else None,
         "sampler": sampler_state,
@@ -147,8 +158,8 @@ def load_checkpoint(
                               f"checkpoint of this version")
     if model is not None:
         unwrap_model(model).load_state_dict(state["model"], strict=strict)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    if optimizer is not None:  # class-sharded parameters' state was saved whole: each rank takes its shard
+        optimizer.load_state_dict(class_shards.shard_optimizer_state(optimizer, state["optimizer"]))
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     if sampler is not None and state["sampler"] is not None:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastlt import class_shards
 from fastlt.errors import DeviceUnavailableError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -73,10 +74,15 @@ def wrap_model(model: nn.Module, context: DistributedContext, **ddp_options) -> 
     """DistributedDataParallel over `model` (already on context.device) when the world has more than one rank.
 
     Gradients are averaged over ranks, so a run on W ranks with per-rank batch B matches a 1-rank run with batch
-    W*B, up to BatchNorm (per-rank statistics, as the papers' DataParallel / DDP runs).
+    W*B, up to BatchNorm (per-rank statistics, as the papers' DataParallel / DDP runs). Parameters sharded by class
+    (a class-parallel head, fastlt.class_shards) stay out of DDP: each rank's are its own classes, with complete
+    gradients.
     """
     if not context.is_distributed:
         return model
+    ignored = class_shards.sharded_parameter_names(model)
+    if ignored:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device_ids = [context.device.index] if context.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **ddp_options)
 

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from fastlt import class_shards
 from fastlt.engine.acceleration import unwrap_model
 from fastlt.engine.amp import grad_scaler
 from fastlt.engine.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
@@ -129,15 +130,18 @@ def fit(
     if context.is_main:
         settle_run_folder(run, progress, resumed)
 
+    class_parallel = class_shards.has_class_shards(unwrap_model(model))  # a class-sharded head: all ranks take part
+
     def checkpoint(epoch_complete: bool, steps_done: int, path: str = last_path) -> None:
-        if not context.is_main:
+        if not context.is_main and not class_parallel:
             return
         progress.update(epoch_complete=epoch_complete, steps_done=steps_done)
         mid_epoch = not epoch_complete and sampler is not None
         save_checkpoint(path, model=model, optimizer=optimizer, scaler=scaler, schedule=schedule,
                         sampler=sampler if mid_epoch else None,
                         sampler_consumed=steps_done * train_loader.batch_size if mid_epoch else None,
-                        epoch=progress["epoch"], step=steps_done, extra={"progress": dict(progress)})
+                        epoch=progress["epoch"], step=steps_done, extra={"progress": dict(progress)},
+                        write=context.is_main)
 
     history = []
     for epoch in range(progress["epoch"], epochs):
@@ -165,8 +169,9 @@ def fit(
                   "train_loss": stats["loss"], "steps": stats["steps"], "data_time_s": stats["data_time_s"],
                   "compute_time_s": stats["compute_time_s"]}
         improved = False
-        if val_loader is not None and context.is_main:
-            # the unwrapped model: DDP's forward would wait for the other ranks, which do not validate
+        if val_loader is not None and (context.is_main or class_parallel):
+            # the unwrapped model: DDP's forward would wait for the other ranks, which do not validate (with a
+            # class-parallel head every rank validates the same batches: each holds some classes' logits)
             logits, targets = predict(unwrap_model(model), val_loader, device=device, precision=precision,
                                       channels_last=channels_last)
             results = evaluate_logits(logits, targets, class_counts)
