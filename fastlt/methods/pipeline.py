@@ -114,6 +114,8 @@ def train(config: dict, progress_bar: bool = True, verbose: bool = True) -> dict
     shutdown_distributed(context)
     if not context.is_main:
         return {"run": recipe.out, "rank": context.rank}
+    if getattr(model, "fused_head", None) is not None and model.fused_head.process_group is not None:
+        model.use_fused_head(model.fused_head.single_process_copy())  # class-parallel: the checkpoint holds it whole
     load_checkpoint(fitted["selected_checkpoint"], model=model, restore_rng=False)
     test_loader = build_loader(datasets["test"], data, eval_batch, train=False)
     title = f"{recipe.name or method.name} (stage 1)"

@@ -7,6 +7,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import fastlt
@@ -22,6 +23,9 @@ from fastlt.methods.stage1 import Method, build_method, epoch_hook, without_teac
 from fastlt.models import NormedLinear
 
 
+HEAD_PARALLEL = ("none", "class")  # how the fused head is split across torchrun's ranks
+
+
 @declared
 class RIDEOptions(LDAMDRWOptions):
     """RIDE's loss (LDAM-DRW per expert + diversity), its distillation and its fused head."""
@@ -35,6 +39,8 @@ class RIDEOptions(LDAMDRWOptions):
                                      "the diversity KL's base temperature", low=0, low_open=True)
     fused_head: bool = option(False, "fuse the experts' classifiers with the loss (never forms [E, B, C] logits)")
     chunk_size: Optional[int] = option(None, "fused head: classes per chunk (null: chosen by the op)", low=1)
+    head_parallel: str = option("none", "fused head under torchrun: class shards its classes over the ranks "
+                                "(docs/methods.md 8.6)", choices=HEAD_PARALLEL)
     teacher: Optional[str] = option(None, "a trained RIDE run folder (or a checkpoint in one) to distil from")
     teacher_train_mode: bool = option(True, "run the teacher with batch-statistics BN, as the official trainer")
     distill_temperature: float = option(default_of(fastlt.RIDEDistillLoss, "temperature"),
@@ -43,6 +49,12 @@ class RIDEOptions(LDAMDRWOptions):
                                    "weight of the distillation KL")
     distill_scale_by_experts: bool = option(default_of(fastlt.RIDEDistillLoss, "scale_by_experts"),
                                             "multiply both terms by the number of experts (the official code)")
+
+    def __post_init__(self):
+        if self.head_parallel == "class" and not self.fused_head:
+            raise ConfigError("method.head_parallel: class needs method.fused_head: true")
+        if self.head_parallel == "class" and self.teacher is not None:
+            raise ConfigError("method.head_parallel: class does not support a distillation teacher (one process only)")
 
 
 @register_method("ride", RIDEOptions)
@@ -87,9 +99,14 @@ def _fused_head_ride(loss, options: RIDEOptions, model) -> Method:
     """`fused_head: true`: the RIDE model's classifiers and the loss become one fastlt.LinearRIDELoss (initialised
     from the classifiers' weights), whose loss never forms the [E, B, C] logits. With `teacher`, the head adds RIDE's
     distillation term from the students' [B, C] mean logits (fastlt.LinearRIDELoss.mean_logits), with the same keys
-    and teacher as the unfused ride_distill."""
+    and teacher as the unfused ride_distill.
+
+    `head_parallel: class` (under torchrun with more than one rank) shards the head's classes across the ranks
+    (docs/methods.md 8.6): each rank holds its classes' weights, the loss is the whole global batch's, and the trunk
+    under DDP gets its gradient (checkpoints hold the whole weight; one process runs it as a plain fused head)."""
     if not hasattr(model, "use_fused_head"):
         raise ConfigError(f"ride: fused_head needs a RIDE model, got {type(model).__name__}")
+    process_group = _class_parallel_group(options)
     classifiers = list(model.classifiers)
     normalize = isinstance(classifiers[0], NormedLinear)
     in_features = classifiers[0].weight.shape[0] if normalize else classifiers[0].in_features
@@ -100,17 +117,30 @@ def _fused_head_ride(loss, options: RIDEOptions, model) -> Method:
         base_temperature=loss.base_temperature, drw_beta=loss.drw_beta, drw_epoch=loss.drw_epoch,
         chunk_size=options.chunk_size, distill_temperature=options.distill_temperature,
         distill_factor=options.distill_factor, distill_scale_by_experts=options.distill_scale_by_experts,
+        process_group=process_group, ddp_trunk=process_group is not None,
     ).to(classifiers[0].weight.device)  # moves with the model from here
+    start = 0 if process_group is None else fastlt.ops.class_shard(len(loss.class_counts),
+                                                                    dist.get_world_size(process_group),
+                                                                    dist.get_rank(process_group))[0]
+    held = slice(start, start + head.weight.shape[1])  # this rank's classes (all of them in one process)
     with torch.no_grad():
         for index, classifier in enumerate(classifiers):
-            head.weight[index].copy_(classifier.weight.t() if normalize else classifier.weight)
+            head.weight[index].copy_((classifier.weight.t() if normalize else classifier.weight)[held])
             if not normalize:
-                head.bias[index].copy_(classifier.bias)
+                head.bias[index].copy_(classifier.bias[held])
     model.use_fused_head(head)
     if options.teacher is None:
         return Method("ride", lambda output, targets: head(output.features, targets), epoch_hook(head))
     return _distilled(options, head.weight.shape[1], head.weight.device, epoch_hook(head),
                       lambda output, targets, teacher_logits: head(output.features, targets, teacher_logits))
+
+
+def _class_parallel_group(options: RIDEOptions):
+    """The process group to shard the fused head's classes over: the default group under `head_parallel: class`
+    when torch.distributed runs more than one rank, else None."""
+    if options.head_parallel == "none" or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist.group.WORLD
 
 
 def load_teacher(path: str, *, num_classes: int, device=None, train_mode: bool = True) -> nn.Module:
