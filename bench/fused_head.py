@@ -6,6 +6,8 @@ E = 3 experts, B = 256, D = 512, fp32 on the CPU, DRW on. Per row: fwd+bwd time 
 allocated beyond the inputs, the weight and their gradients (torch profiler allocator events, as ``bench losses``),
 then the largest C that fits in 8 GiB, from a linear fit of the total bytes (inputs, weight, gradients, peak extra)
 over the measured class counts. Figures: BENCHMARKS.md "Fused head". Regenerate: `fastlt bench fused-head`.
+`--world-size W`: the class-parallel head on W processes against the replicated head under DDP
+(bench/fused_head_parallel.py).
 
 After the RIDE rows, at the same sizes, the two compositions over the same fused head (docs/methods.md 8.5):
 :func:`fastlt.ops.linear_prior_shifted_ce` (E = 3 cosine heads, taus 0, 1, 2 as BalPoE's) vs the heads + fastlt's
@@ -28,7 +30,11 @@ BUDGET_BYTES = 8 * 2**30
 RESLT_BETA = 0.995  # CIFAR-100-LT r = 100 (docs/methods.md 4.4)
 
 
-def problem(quick=False):
+def problem(quick=False, world_size=None):
+    if world_size:
+        from fastlt.bench import fused_head_parallel
+
+        return fused_head_parallel.problem(quick, world_size)
     sizes = QUICK_CLASS_COUNTS if quick else CLASS_COUNTS
     return (f"E={EXPERTS}, B={BATCH}, D={DIM}, fp32 CPU, C in {sizes}, fwd+bwd; memory: peak beyond inputs, weight "
             f"and gradients; max C: largest C within 8 GiB in all, from a linear fit over C; RIDE, then the "
@@ -165,10 +171,15 @@ def _largest_class_count(rows):
     return rows
 
 
-def run(quick: bool = False, class_counts=None) -> list[dict]:
+def run(quick: bool = False, class_counts=None, world_size=None) -> list[dict]:
     """One row per (C, implementation): the RIDE rows at every C, then the prior-shifted CE and ResLT rows; each
     fused row's ``time_vs_b`` and memory ratios compare it with the materialised logits + fused loss op (b) (and
-    RIDE's with the eager reference (a))."""
+    RIDE's with the eager reference (a)). With ``world_size`` W: the class-parallel head on W processes instead
+    (bench/fused_head_parallel.py)."""
+    if world_size:
+        from fastlt.bench import fused_head_parallel
+
+        return fused_head_parallel.run(quick=quick, world_size=world_size, class_counts=class_counts)
     torch.manual_seed(0)
     sizes = class_counts or (QUICK_CLASS_COUNTS if quick else CLASS_COUNTS)
     rows, history = [], {}

@@ -31,6 +31,10 @@ BENCHMARKS = {
 }
 
 
+# The options of `fastlt bench` that each benchmark takes.
+BENCH_OPTIONS = {"ops": {"backend", "device"}, "losses": {"backend", "device"}, "fused-head": {"world_size"}}
+
+
 def _load(target):
     module, function = target.split(":")
     return getattr(importlib.import_module(module), function)
@@ -38,12 +42,17 @@ def _load(target):
 
 def bench(names, quick=False, json_path=None, **options):
     """Run benchmarks by name, print a table per benchmark (under a header: machine, threads, problem sizes),
-    optionally write all rows to JSON. ``options`` (backend, device) apply to the op and loss benchmarks."""
+    optionally write all rows to JSON. ``options`` apply to the benchmarks BENCH_OPTIONS names: backend and device
+    to the op and loss benchmarks, world_size to fused-head."""
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         raise UserError(f"unknown benchmark {unknown[0]!r}; choose from {sorted(BENCHMARKS)}")
-    if options and set(names) - {"ops", "losses"}:
-        raise UserError("--backend and --device apply to `ops` and `losses` only")
+    for name in names:
+        refused = sorted(set(options) - BENCH_OPTIONS.get(name, set()))
+        if refused:
+            flags = " and ".join("--" + key.replace("_", "-") for key in refused)
+            takers = " and ".join(f"`{taker}`" for taker, keys in BENCH_OPTIONS.items() if set(refused) <= keys)
+            raise UserError(f"{flags} apply to {takers} only")
     from fastlt.bench.timing import format_table, table_header
     from fastlt.engine.run_folder import json_ready
 
@@ -75,6 +84,9 @@ def _bench_arguments(parser):
     parser.add_argument("--backend", choices=("cpp", "triton", "reference"),
                         help="fused implementation for ops/losses (default: the compiled kernels if built)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="tensors' device for ops/losses (default: cpu)")
+    parser.add_argument("--world-size", type=int, metavar="W",
+                        help="fused-head: the class-parallel head on W processes (gloo on CPU, nccl with W GPUs) vs "
+                             "the replicated head under DDP")
 
 
 def _demo_arguments(parser):
@@ -177,7 +189,8 @@ def _rerun_with_bench_allocator(argv):
 
 def _run(args):
     if args.command == "bench":
-        options = {key: value for key, value in (("backend", args.backend), ("device", args.device)) if value}
+        options = {key: value for key, value in (("backend", args.backend), ("device", args.device),
+                                                 ("world_size", args.world_size)) if value}
         bench(args.names, quick=args.quick, json_path=args.json, **options)
     elif args.command == "demo":
         demo(args)

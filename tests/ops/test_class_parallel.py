@@ -177,3 +177,29 @@ def test_process_group_needs_torch_distributed_initialised():
     (features, weight), target = [torch.randn(2, 3, 4), torch.randn(2, 5, 4)], torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="process_group needs torch.distributed initialised"):
         fastlt.ops.linear_ride_loss(features, weight, target, torch.ones(5), process_group=object())
+
+
+@pytest.mark.slow
+def test_bench_fused_head_world_size_counts_what_it_sends(monkeypatch):
+    """`fastlt bench fused-head --world-size 2` at C = 100 (measured) and 200 (computed: no memory left, as
+    monkeypatched here): the class-parallel row sends exactly the gathered features, their reduce-scattered gradient,
+    the target and the statistics (ring bytes), DDP twice (W - 1) / W of the gradient."""
+    from fastlt.bench import fused_head, fused_head_parallel
+
+    monkeypatch.setattr(fused_head_parallel, "_available_bytes", lambda: 1)  # after the first C: nothing fits
+    rows = fused_head.run(quick=True, class_counts=(100, 200), world_size=2)
+    assert [(row["C"], row["impl"]) for row in rows] == [(c, impl) for c in (100, 200)
+                                                         for impl in fused_head_parallel.LAYOUTS]
+    experts, batch, dim, world = fused_head.EXPERTS, fused_head.BATCH, fused_head.DIM, 2
+    share = (world - 1) / world
+    statistics = (2 * experts + 1 + 4 * experts + 1) * world * batch * 4  # maxima, then sums, gaps, target logits
+    sent = ((world - 1) * experts * batch * dim * 4 + (world - 1) * batch * 8  # features and target gathered
+            + share * experts * world * batch * dim * 4  # the features' gradient reduce-scattered
+            + 2 * share * statistics + 2 * (world - 1) * 2 * 8)  # statistics; the two checks' all-gathers
+    parallel, replicated, single = rows[:3]
+    assert parallel["note"] == "measured" and parallel["sent_mb_per_rank"] * 2**20 == pytest.approx(sent)
+    assert replicated["sent_mb_per_rank"] * 2**20 == pytest.approx(2 * share * experts * 100 * dim * 4)
+    assert parallel["memory_vs_single"] == pytest.approx(parallel["head_mb_per_rank"] / single["head_mb_per_rank"])
+    assert all(row["note"].startswith("computed") and row["ms"] is None for row in rows[3:])
+    assert rows[4]["sent_mb_per_rank"] == pytest.approx(2 * replicated["sent_mb_per_rank"])  # DDP: linear in C
+    assert rows[3]["sent_mb_per_rank"] == parallel["sent_mb_per_rank"]  # class-parallel: independent of C
