@@ -1,6 +1,8 @@
-// Host-side setup of fastlt::linear_ride_loss, shared by the CPU kernel (csrc/cpu/linear_ride_loss.cpp) and the CUDA
-// launcher (csrc/cuda/linear_ride_loss.cu): the argument checks, each row's coefficients (docs/methods.md 6.5), the
-// weight's column scales, the row statistics' buffers, and the loss from them. All ATen (the device's own kernels);
+// Host-side setup of fastlt::linear_ride_loss and of its pass overloads (.statistics: pass 1 alone, .gradients: pass 2
+// from given statistics, for heads whose classes are sharded across ranks), shared by the CPU kernel
+// (csrc/cpu/linear_ride_loss.cpp) and the CUDA launcher (csrc/cuda/linear_ride_loss.cu): the argument checks, each
+// row's coefficients (docs/methods.md 6.5), the weight's column scales, the row statistics' buffers, and the loss
+// from them. All ATen (the device's own kernels);
 // the per-class work is the kernels'. The op normalises only the weight (O(C x D), never copied); a cosine head's
 // caller normalises the features (O(B x D)) under autograd.
 #pragma once
@@ -25,7 +27,7 @@ struct Setup {
   int64_t E, B, C, D, chunk;
   at::ScalarType acc;
   bool diversity;
-  at::Tensor labels;               // [B] int64, -1 for ignored rows (never in a chunk)
+  at::Tensor labels;               // [B] int64, -1: never in a chunk (an ignored row, or another shard's class)
   at::Tensor row_margins;          // [B] the target logit's margin
   at::Tensor ce_coef, div_coef;    // [B] each row's factor on its CE and on its diversity term (0: ignored)
   at::Tensor inverse_temperature;  // [C]
@@ -61,12 +63,12 @@ inline at::Tensor row_table(const at::Tensor& table, int64_t B, const at::Tensor
   return values;
 }
 
-inline Setup setup(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   const at::Tensor& target, const at::Tensor& target_margins,
-                   const std::optional<at::Tensor>& class_weights, const at::Tensor& temperatures,
-                   const std::optional<at::Tensor>& row_weights, const std::optional<at::Tensor>& row_bias_scales,
-                   double scale, bool normalize_weight, double diversity_factor, int64_t reduction,
-                   int64_t ignore_index, int64_t chunk_size) {
+// The checks and tensors every entry point shares (the op and its pass overloads .statistics and .gradients):
+// weight, features, bias, row bias scales, chunk and scale; the features in the accumulation dtype and, for the
+// cosine classifier, the weight's column scales. The per-class and per-row tables are the callers'.
+inline Setup head_setup(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& row_bias_scales, double scale, bool normalize_weight,
+                        int64_t chunk_size) {
   TORCH_CHECK_VALUE(weight.dim() == 3 && weight.numel() > 0, kOp, ": weight must be a non-empty [E, C, D], got ",
                     weight.sizes());
   Setup s;
@@ -84,20 +86,10 @@ inline Setup setup(const at::Tensor& features, const at::Tensor& weight, const s
                     weight.scalar_type(), ", got ", features.scalar_type());
   TORCH_CHECK_VALUE(features.device() == weight.device(), kOp, ": features must be on ", weight.device());
   s.B = features.size(-2);
-  check_reduction(reduction, kOp);
-  TORCH_CHECK_VALUE(reduction != kReductionNone, kOp,
-                    ": reduction must be 1 (mean) or 2 (sum): 'none' is not supported, the weight gradient is "
-                    "accumulated in the forward pass for one scalar loss");
-  // check_loss_target reads B, C and the device of an [E, B, C] tensor: a stride-0 view of one element.
-  check_loss_target(target, at::empty({}, weight.options()).expand({s.E, s.B, s.C}), kOp, ignore_index);
   TORCH_CHECK_VALUE(chunk_size >= 1, kOp, ": chunk_size must be >= 1, got ", chunk_size);
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, kOp, ": scale must be a finite number > 0, got ", scale);
-  TORCH_CHECK_VALUE(std::isfinite(diversity_factor), kOp, ": diversity_factor must be finite, got ", diversity_factor);
   s.acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   s.chunk = std::min(chunk_size, s.C);
-  s.diversity = diversity_factor != 0.0;
-  const at::Tensor margins = class_table(target_margins, s.C, weight, s.acc, "target_margins");
-  const at::Tensor temperature_table = class_table(temperatures, s.C, weight, s.acc, "temperatures");
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == s.E && bias->size(1) == s.C &&
                           bias->scalar_type() == weight.scalar_type() && bias->device() == weight.device(),
@@ -109,22 +101,58 @@ inline Setup setup(const at::Tensor& features, const at::Tensor& weight, const s
     TORCH_CHECK_VALUE(bias.has_value(), kOp, ": row_bias_scales needs a bias");
     s.row_bias_scales = row_table(*row_bias_scales, s.B, weight, s.acc, "row_bias_scales");
   }
-  // Rows (docs/methods.md 6.5): CE factor r_i * w_y, diversity factor r_i * lam * mean(T)^2 (r_i: row_weights, else
-  // 1); under mean divided by the kept rows' total CE factor and their total r_i (0 when that is 0); an ignored row
-  // gets 0 and the label -1.
+  s.features = features.to(s.acc).expand({s.E, s.B, s.D}).contiguous();
+  if (normalize_weight) {
+    const at::Tensor weight_norms = at::linalg_vector_norm(weight, 2, {-1}, false, s.acc);
+    s.column_scale = (scale / weight_norms.clamp_min(kNormEps)).contiguous();
+    s.weight_above_eps = (weight_norms > kNormEps).contiguous();
+  }
+  return s;
+}
+
+// The rows' labels (-1: no class of the chunks) and the per-class tables the passes read: each row's target margin
+// and the inverse temperatures. Returns the temperatures in the accumulation dtype.
+inline at::Tensor set_class_tables(Setup& s, const at::Tensor& labels, const at::Tensor& target_margins,
+                                   const at::Tensor& temperatures, const at::Tensor& weight) {
+  s.labels = labels.contiguous();
+  const at::Tensor margins = class_table(target_margins, s.C, weight, s.acc, "target_margins");
+  s.row_margins = margins.index_select(0, s.labels.clamp_min(0)).contiguous();
+  const at::Tensor temperature_table = class_table(temperatures, s.C, weight, s.acc, "temperatures");
+  s.inverse_temperature = temperature_table.reciprocal().contiguous();
+  return temperature_table;
+}
+
+// The op's setup: the head, the target and each row's coefficients (docs/methods.md 6.5).
+inline Setup setup(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const at::Tensor& target, const at::Tensor& target_margins,
+                   const std::optional<at::Tensor>& class_weights, const at::Tensor& temperatures,
+                   const std::optional<at::Tensor>& row_weights, const std::optional<at::Tensor>& row_bias_scales,
+                   double scale, bool normalize_weight, double diversity_factor, int64_t reduction,
+                   int64_t ignore_index, int64_t chunk_size) {
+  check_reduction(reduction, kOp);
+  TORCH_CHECK_VALUE(reduction != kReductionNone, kOp,
+                    ": reduction must be 1 (mean) or 2 (sum): 'none' is not supported, the weight gradient is "
+                    "accumulated in the forward pass for one scalar loss");
+  TORCH_CHECK_VALUE(std::isfinite(diversity_factor), kOp, ": diversity_factor must be finite, got ", diversity_factor);
+  Setup s = head_setup(features, weight, bias, row_bias_scales, scale, normalize_weight, chunk_size);
+  // check_loss_target reads B, C and the device of an [E, B, C] tensor: a stride-0 view of one element.
+  check_loss_target(target, at::empty({}, weight.options()).expand({s.E, s.B, s.C}), kOp, ignore_index);
+  s.diversity = diversity_factor != 0.0;
+  // Rows: CE factor r_i * w_y, diversity factor r_i * lam * mean(T)^2 (r_i: row_weights, else 1); under mean divided
+  // by the kept rows' total CE factor and their total r_i (0 when that is 0); an ignored row gets 0 and the label -1.
   const at::Tensor kept = target != ignore_index;
+  const at::Tensor temperature_table =
+      set_class_tables(s, at::where(kept, target, at::full_like(target, -1)), target_margins, temperatures, weight);
   at::Tensor kept_values = kept.to(s.acc);
   if (row_weights.has_value()) {
     const at::Tensor values = row_table(*row_weights, s.B, weight, s.acc, "row_weights");
     TORCH_CHECK_VALUE((values >= 0).all().item<bool>(), kOp, ": row_weights must be >= 0");
     kept_values = kept_values * values;
   }
-  s.labels = at::where(kept, target, at::full_like(target, -1)).contiguous();
-  const at::Tensor gather_labels = s.labels.clamp_min(0);
   at::Tensor ce_coef = kept_values;
   if (class_weights.has_value())
-    ce_coef =
-        class_table(*class_weights, s.C, weight, s.acc, "class_weights").index_select(0, gather_labels) * kept_values;
+    ce_coef = class_table(*class_weights, s.C, weight, s.acc, "class_weights").index_select(0, s.labels.clamp_min(0)) *
+              kept_values;
   at::Tensor div_coef = kept_values * (diversity_factor * temperature_table.mean().square());
   if (reduction == kReductionMean) {
     const at::Tensor weight_total = ce_coef.sum(), kept_rows = kept_values.sum();
@@ -133,15 +161,41 @@ inline Setup setup(const at::Tensor& features, const at::Tensor& weight, const s
   }
   s.ce_coef = ce_coef.contiguous();
   s.div_coef = div_coef.contiguous();
-  s.row_margins = margins.index_select(0, gather_labels).contiguous();
-  s.inverse_temperature = temperature_table.reciprocal().contiguous();
+  return s;
+}
 
-  s.features = features.to(s.acc).expand({s.E, s.B, s.D}).contiguous();
-  if (normalize_weight) {
-    const at::Tensor weight_norms = at::linalg_vector_norm(weight, 2, {-1}, false, s.acc);
-    s.column_scale = (scale / weight_norms.clamp_min(kNormEps)).contiguous();
-    s.weight_above_eps = (weight_norms > kNormEps).contiguous();
-  }
+// The setup of the pass overloads (.statistics, .gradients), which see one shard of the classes: target holds each
+// row's label among the weight's C classes, or -1 when its class is not among them (another shard's, or the row is
+// ignored); the rows' coefficients, when given (.gradients), are the whole batch's.
+inline Setup pass_setup(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& target, const at::Tensor& target_margins, const at::Tensor& temperatures,
+                        const std::optional<at::Tensor>& row_bias_scales, double scale, bool normalize_weight,
+                        bool diversity, int64_t chunk_size) {
+  Setup s = head_setup(features, weight, bias, row_bias_scales, scale, normalize_weight, chunk_size);
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == s.B, kOp, ": target must be [B] = [", s.B, "], got ",
+                    target.sizes());
+  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong, kOp, ": target must be int64, got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.device() == weight.device(), kOp, ": target must be on ", weight.device());
+  const auto extremes = at::aminmax(target);
+  const int64_t low = std::get<0>(extremes).item<int64_t>(), high = std::get<1>(extremes).item<int64_t>();
+  TORCH_CHECK_VALUE(low >= -1 && high < s.C, kOp, ": target must be in [-1, ", s.C,
+                    ") (-1: the row's class is not among the weight's), got ", low < -1 ? low : high);
+  s.diversity = diversity;
+  set_class_tables(s, target, target_margins, temperatures, weight);
+  return s;
+}
+
+// The setup of .gradients: pass_setup and the whole batch's row coefficients ce_coefs, div_coefs ([B], finite).
+inline Setup gradients_setup(const at::Tensor& features, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                             const at::Tensor& target_margins, const at::Tensor& temperatures,
+                             const std::optional<at::Tensor>& row_bias_scales, const at::Tensor& ce_coefs,
+                             const at::Tensor& div_coefs, double scale, bool normalize_weight, bool diversity,
+                             int64_t chunk_size) {
+  Setup s = pass_setup(features, weight, bias, target, target_margins, temperatures, row_bias_scales, scale,
+                       normalize_weight, diversity, chunk_size);
+  s.ce_coef = row_table(ce_coefs, s.B, weight, s.acc, "ce_coefs");
+  s.div_coef = row_table(div_coefs, s.B, weight, s.acc, "div_coefs");
   return s;
 }
 
@@ -161,6 +215,30 @@ inline RowStatistics empty_statistics(const Setup& s, const at::TensorOptions& a
   stats.gap = at::zeros({s.E, s.B}, acc_options);
   stats.target_logit = at::zeros({s.E, s.B}, acc_options);
   stats.mean_sum = at::zeros({s.B}, acc_options);
+  return stats;
+}
+
+// The whole batch's statistics given to .gradients ([E, B] per expert and row, [B] per row), checked and converted
+// to the accumulation dtype; the KL gaps and target logits, which only the loss reads, stay undefined.
+inline RowStatistics given_statistics(const Setup& s, const at::Tensor& weight, const at::Tensor& ce_max,
+                                      const at::Tensor& ce_sum, const at::Tensor& expert_max,
+                                      const at::Tensor& expert_sum, const at::Tensor& mean_max,
+                                      const at::Tensor& mean_sum) {
+  const auto per_expert = [&](const at::Tensor& table, const char* name) {
+    TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == s.E && table.size(1) == s.B, kOp, ": ", name,
+                      " must be [E, B]=[", s.E, ", ", s.B, "], got ", table.sizes());
+    TORCH_CHECK_VALUE(at::isFloatingType(table.scalar_type()), kOp, ": ", name, " must be floating, got ",
+                      table.scalar_type());
+    TORCH_CHECK_VALUE(table.device() == weight.device(), kOp, ": ", name, " must be on ", weight.device());
+    return table.to(s.acc).contiguous();
+  };
+  RowStatistics stats;
+  stats.ce_max = per_expert(ce_max, "ce_max");
+  stats.ce_sum = per_expert(ce_sum, "ce_sum");
+  stats.expert_max = per_expert(expert_max, "expert_max");
+  stats.expert_sum = per_expert(expert_sum, "expert_sum");
+  stats.mean_max = table_of(mean_max, s.B, "B", weight, s.acc, "mean_max");
+  stats.mean_sum = table_of(mean_sum, s.B, "B", weight, s.acc, "mean_sum");
   return stats;
 }
 
@@ -207,8 +285,18 @@ inline at::Tensor bias_gradient(const at::Tensor& chunk_gradient, const at::Tens
   return at::matmul(row_bias_scales.view({1, 1, -1}), chunk_gradient).squeeze(1);
 }
 
-// The op's outputs (loss, d features, d weight, d bias), with empty gradients when none were asked for; d features
-// summed over the experts for shared [B, D] features.
+// The gradient outputs (d features, d weight, d bias): d features summed over the experts for shared [B, D]
+// features, d bias empty without a bias.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_outputs(const at::Tensor& features,
+                                                                       const at::Tensor& weight,
+                                                                       const Gradients& grads) {
+  const at::Tensor grad_features =
+      (features.dim() == 2 ? grads.expert_features.sum(0) : grads.expert_features).to(features.scalar_type());
+  return {grad_features, grads.weight,
+          grads.bias.defined() ? grads.bias.to(weight.scalar_type()) : at::empty({0}, features.options())};
+}
+
+// The op's outputs (loss, d features, d weight, d bias), with empty gradients when none were asked for.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs(const RowStatistics& stats, const Setup& s,
                                                                           const at::Tensor& features,
                                                                           const at::Tensor& weight,
@@ -216,9 +304,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs(const 
   const at::Tensor loss = loss_of(stats, s);
   const auto empty = [&] { return at::empty({0}, features.options()); };
   if (!compute_grad) return {loss, empty(), empty(), empty()};
-  const at::Tensor grad_features =
-      (features.dim() == 2 ? grads.expert_features.sum(0) : grads.expert_features).to(features.scalar_type());
-  return {loss, grad_features, grads.weight, grads.bias.defined() ? grads.bias.to(weight.scalar_type()) : empty()};
+  const auto [grad_features, grad_weight, grad_bias] = gradient_outputs(features, weight, grads);
+  return {loss, grad_features, grad_weight, grad_bias};
+}
+
+// The statistics as .statistics returns them, in the order of fastlt/ops/_chunked_head.py's STATISTICS.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+statistics_outputs(const RowStatistics& stats) {
+  return {stats.ce_max,   stats.ce_sum,   stats.expert_max, stats.expert_sum,
+          stats.mean_max, stats.mean_sum, stats.gap,        stats.target_logit};
 }
 
 }  // namespace linear_ride_loss

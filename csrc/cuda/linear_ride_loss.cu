@@ -4,7 +4,8 @@
 // (LDAM-margin CE and tempered softmax per expert, tempered expert mean, KL gaps), or (2) overwrites the chunk with
 // d loss / d logits, which two more GEMMs turn into d features (accumulated) and d weight (the chunk's classes).
 // The setup and the loss are ATen (linear_ride_loss_setup.h, shared with the CPU kernel); per-class math:
-// fastlt/linear_ride_loss.h, fastlt/ride_loss.h, fastlt/softmax_stats.h.
+// fastlt/linear_ride_loss.h, fastlt/ride_loss.h, fastlt/softmax_stats.h. The overloads .statistics and .gradients run
+// one pass each, for class-parallel heads (as the CPU kernel's).
 #include <ATen/ATen.h>
 
 #include <torch/library.h>
@@ -24,10 +25,18 @@ struct StatisticsPointers {
 };
 
 template <typename A>
+A* optional_pointer(const at::Tensor& tensor) {
+  return tensor.defined() ? tensor.data_ptr<A>() : nullptr;
+}
+
+// The statistics' pointers; nullptr for those left undefined (.gradients is given no gaps or target logits, which
+// pass 2 does not read).
+template <typename A>
 StatisticsPointers<A> pointers(const linear_ride_loss::RowStatistics& stats) {
-  return {stats.ce_max.data_ptr<A>(),     stats.ce_sum.data_ptr<A>(),  stats.expert_max.data_ptr<A>(),
-          stats.expert_sum.data_ptr<A>(), stats.gap.data_ptr<A>(),     stats.target_logit.data_ptr<A>(),
-          stats.mean_max.data_ptr<A>(),   stats.mean_sum.data_ptr<A>()};
+  return {optional_pointer<A>(stats.ce_max),     optional_pointer<A>(stats.ce_sum),
+          optional_pointer<A>(stats.expert_max), optional_pointer<A>(stats.expert_sum),
+          optional_pointer<A>(stats.gap),        optional_pointer<A>(stats.target_logit),
+          optional_pointer<A>(stats.mean_max),   optional_pointer<A>(stats.mean_sum)};
 }
 
 // Pass 1, one block per row b: applies column scale and bias to the chunk's logits [E, B, n] in place, forms the
@@ -166,6 +175,68 @@ __global__ void radial_correction(const A* weight_chunk, A* gradient, int64_t C,
   for (int64_t i = threadIdx.x; i < D; i += blockDim.x) p[i] -= w[i] * coefficient;
 }
 
+// The chunk [c0, c0 + n)'s logits, [E, B, n] contiguous in the logit buffer, before column scale and bias.
+inline at::Tensor chunk_logits(const linear_ride_loss::Setup& s, at::Tensor& logit_buffer, int64_t n,
+                               const at::Tensor& weight_chunk) {
+  at::Tensor logits = logit_buffer.narrow(0, 0, s.E * s.B * n).view({s.E, s.B, n});
+  at::bmm_out(logits, s.features, weight_chunk.transpose(1, 2));
+  return logits;
+}
+
+// Pass 1: merges every chunk into the rows' statistics.
+template <typename A>
+void merge_statistics(const linear_ride_loss::Setup& s, const at::Tensor& weight,
+                      linear_ride_loss::RowStatistics& stats) {
+  const auto acc_options = weight.options().dtype(s.acc);
+  at::Tensor logit_buffer = at::empty({s.E * s.B * s.chunk}, acc_options);
+  at::Tensor mean_scratch = at::empty({s.diversity ? s.B * s.chunk : 1}, acc_options);
+  for (int64_t c0 = 0; c0 < s.C; c0 += s.chunk) {
+    const int64_t n = std::min(s.chunk, s.C - c0);
+    at::Tensor logits = chunk_logits(s, logit_buffer, n, weight.narrow(1, c0, n).to(s.acc));
+    merge_chunk<A><<<s.B, kThreads, 0, current_stream()>>>(
+        logits.data_ptr<A>(), static_cast<int>(s.E), s.B, s.C, n, c0, optional_pointer<A>(s.column_scale),
+        optional_pointer<A>(s.bias), optional_pointer<A>(s.row_bias_scales), s.labels.data_ptr<int64_t>(),
+        s.row_margins.data_ptr<A>(), s.inverse_temperature.data_ptr<A>(), s.diversity, mean_scratch.data_ptr<A>(),
+        pointers<A>(stats));
+    check_launch(linear_ride_loss::kOp);
+  }
+}
+
+// Pass 2: each chunk's d loss / d logits from the finished statistics, then d features += dz @ W and
+// d weight[chunk] = dz^T @ x.
+template <typename A>
+void accumulate_gradients(const linear_ride_loss::Setup& s, const at::Tensor& weight,
+                          const linear_ride_loss::RowStatistics& stats, linear_ride_loss::Gradients& grads,
+                          double scale) {
+  at::Tensor logit_buffer = at::empty({s.E * s.B * s.chunk}, weight.options().dtype(s.acc));
+  const A* scales = optional_pointer<A>(s.column_scale);
+  const StatisticsPointers<A> statistics = pointers<A>(stats);
+  for (int64_t c0 = 0; c0 < s.C; c0 += s.chunk) {
+    const int64_t n = std::min(s.chunk, s.C - c0);
+    const at::Tensor weight_chunk = weight.narrow(1, c0, n).to(s.acc).contiguous();
+    at::Tensor logits = chunk_logits(s, logit_buffer, n, weight_chunk);
+    chunk_gradient<A><<<s.B, kThreads, 0, current_stream()>>>(
+        logits.data_ptr<A>(), static_cast<int>(s.E), s.B, s.C, n, c0, scales, optional_pointer<A>(s.bias),
+        optional_pointer<A>(s.row_bias_scales), s.labels.data_ptr<int64_t>(), s.row_margins.data_ptr<A>(),
+        s.ce_coef.data_ptr<A>(), s.div_coef.data_ptr<A>(), s.inverse_temperature.data_ptr<A>(), s.diversity,
+        statistics);
+    check_launch(linear_ride_loss::kOp);
+    if (grads.bias.defined())
+      grads.bias.narrow(1, c0, n).copy_(linear_ride_loss::bias_gradient(logits, s.row_bias_scales));
+    if (scales != nullptr) logits.mul_(s.column_scale.narrow(1, c0, n).unsqueeze(1));
+    grads.expert_features.baddbmm_(logits, weight_chunk);
+    at::Tensor weight_gradient = grads.weight_chunk(n);
+    at::bmm_out(weight_gradient, logits.transpose(1, 2), s.features);
+    if (scales != nullptr) {
+      radial_correction<A><<<s.E * n, kThreads, 0, current_stream()>>>(
+          weight_chunk.data_ptr<A>(), weight_gradient.data_ptr<A>(), s.C, n, c0, s.D, scales,
+          s.weight_above_eps.data_ptr<bool>(), static_cast<A>(scale));
+      check_launch(linear_ride_loss::kOp);
+    }
+    grads.weight.narrow(1, c0, n).copy_(weight_gradient);
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
@@ -174,74 +245,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ride_loss(
     const at::Tensor& temperatures, const std::optional<at::Tensor>& row_weights,
     const std::optional<at::Tensor>& row_bias_scales, double scale, bool normalize_weight, double diversity_factor,
     int64_t reduction, int64_t ignore_index, int64_t chunk_size, bool compute_grad) {
-  constexpr const char* op = linear_ride_loss::kOp;
-  check_cuda(weight, op, "weight");  // before the shared checks, so a CPU tensor gets this message
+  check_cuda(weight, linear_ride_loss::kOp, "weight");  // before the shared checks, so a CPU tensor gets this message
   const c10::cuda::CUDAGuard guard(weight.device());
   const linear_ride_loss::Setup setup = linear_ride_loss::setup(
       features, weight, bias, target, target_margins, class_weights, temperatures, row_weights, row_bias_scales, scale,
       normalize_weight, diversity_factor, reduction, ignore_index, chunk_size);
-  const int64_t E = setup.E, B = setup.B, C = setup.C, D = setup.D, chunk = setup.chunk;
-  const auto acc_options = weight.options().dtype(setup.acc);
-  linear_ride_loss::RowStatistics stats = linear_ride_loss::empty_statistics(setup, acc_options);
-  at::Tensor logit_buffer = at::empty({E * B * chunk}, acc_options);
-  at::Tensor mean_scratch = at::empty({setup.diversity ? B * chunk : 1}, acc_options);
+  linear_ride_loss::RowStatistics stats = linear_ride_loss::empty_statistics(setup, weight.options().dtype(setup.acc));
   linear_ride_loss::Gradients grads;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fastlt_linear_ride_loss_cuda", [&] {
-    using A = acc_t<scalar_t>;
-    const StatisticsPointers<A> statistics = pointers<A>(stats);
-    const A* scales = normalize_weight ? setup.column_scale.data_ptr<A>() : nullptr;
-    const A* biases = setup.bias.defined() ? setup.bias.data_ptr<A>() : nullptr;
-    const A* bias_scales = setup.row_bias_scales.defined() ? setup.row_bias_scales.data_ptr<A>() : nullptr;
-    auto chunk_logits = [&](int64_t n, const at::Tensor& weight_chunk) {
-      at::Tensor logits = logit_buffer.narrow(0, 0, E * B * n).view({E, B, n});
-      at::bmm_out(logits, setup.features, weight_chunk.transpose(1, 2));
-      return logits;
-    };
-
-    // Pass 1: the statistics.
-    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
-      const int64_t n = std::min(chunk, C - c0);
-      at::Tensor logits = chunk_logits(n, weight.narrow(1, c0, n).to(setup.acc));
-      merge_chunk<A><<<B, kThreads, 0, current_stream()>>>(
-          logits.data_ptr<A>(), static_cast<int>(E), B, C, n, c0, scales, biases, bias_scales,
-          setup.labels.data_ptr<int64_t>(), setup.row_margins.data_ptr<A>(), setup.inverse_temperature.data_ptr<A>(),
-          setup.diversity, mean_scratch.data_ptr<A>(), statistics);
-      check_launch(op);
-    }
+  AT_DISPATCH_FLOATING_TYPES(setup.acc, "fastlt_linear_ride_loss_cuda", [&] {
+    merge_statistics<scalar_t>(setup, weight, stats);
     if (!compute_grad) return;
-
-    // Pass 2: each chunk's d loss / d logits, then d features += dz @ W and d weight[chunk] = dz^T @ x.
     grads = linear_ride_loss::empty_gradients(setup, weight);
-    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
-      const int64_t n = std::min(chunk, C - c0);
-      const at::Tensor weight_chunk = weight.narrow(1, c0, n).to(setup.acc).contiguous();
-      at::Tensor logits = chunk_logits(n, weight_chunk);
-      chunk_gradient<A><<<B, kThreads, 0, current_stream()>>>(
-          logits.data_ptr<A>(), static_cast<int>(E), B, C, n, c0, scales, biases, bias_scales,
-          setup.labels.data_ptr<int64_t>(), setup.row_margins.data_ptr<A>(), setup.ce_coef.data_ptr<A>(),
-          setup.div_coef.data_ptr<A>(), setup.inverse_temperature.data_ptr<A>(), setup.diversity, statistics);
-      check_launch(op);
-      if (grads.bias.defined())
-        grads.bias.narrow(1, c0, n).copy_(linear_ride_loss::bias_gradient(logits, setup.row_bias_scales));
-      if (normalize_weight) logits.mul_(setup.column_scale.narrow(1, c0, n).unsqueeze(1));
-      grads.expert_features.baddbmm_(logits, weight_chunk);
-      at::Tensor weight_gradient = grads.weight_chunk(n);
-      at::bmm_out(weight_gradient, logits.transpose(1, 2), setup.features);
-      if (normalize_weight) {
-        radial_correction<A><<<E * n, kThreads, 0, current_stream()>>>(
-            weight_chunk.data_ptr<A>(), weight_gradient.data_ptr<A>(), C, n, c0, D, scales,
-            setup.weight_above_eps.data_ptr<bool>(), static_cast<A>(scale));
-        check_launch(op);
-      }
-      grads.weight.narrow(1, c0, n).copy_(weight_gradient);
-    }
+    accumulate_gradients<scalar_t>(setup, weight, stats, grads, scale);
   });
-
   return linear_ride_loss::outputs(stats, setup, features, weight, grads, compute_grad);
+}
+
+// .statistics: pass 1 alone over the weight's classes (one shard of a class-parallel head).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_ride_loss_statistics(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& target, const at::Tensor& target_margins, const at::Tensor& temperatures,
+                            const std::optional<at::Tensor>& row_bias_scales, double scale, bool normalize_weight,
+                            bool diversity, int64_t chunk_size) {
+  check_cuda(weight, linear_ride_loss::kOp, "weight");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const linear_ride_loss::Setup setup =
+      linear_ride_loss::pass_setup(features, weight, bias, target, target_margins, temperatures, row_bias_scales, scale,
+                                   normalize_weight, diversity, chunk_size);
+  linear_ride_loss::RowStatistics stats = linear_ride_loss::empty_statistics(setup, weight.options().dtype(setup.acc));
+  AT_DISPATCH_FLOATING_TYPES(setup.acc, "fastlt_linear_ride_loss_statistics_cuda",
+                             [&] { merge_statistics<scalar_t>(setup, weight, stats); });
+  return linear_ride_loss::statistics_outputs(stats);
+}
+
+// .gradients: pass 2 alone over the weight's classes, from the whole batch's statistics and row coefficients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ride_loss_gradients(
+    const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& target_margins, const at::Tensor& temperatures,
+    const std::optional<at::Tensor>& row_bias_scales, const at::Tensor& ce_coefs, const at::Tensor& div_coefs,
+    const at::Tensor& ce_max, const at::Tensor& ce_sum, const at::Tensor& expert_max, const at::Tensor& expert_sum,
+    const at::Tensor& mean_max, const at::Tensor& mean_sum, double scale, bool normalize_weight, bool diversity,
+    int64_t chunk_size) {
+  check_cuda(weight, linear_ride_loss::kOp, "weight");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const linear_ride_loss::Setup setup =
+      linear_ride_loss::gradients_setup(features, weight, bias, target, target_margins, temperatures, row_bias_scales,
+                                        ce_coefs, div_coefs, scale, normalize_weight, diversity, chunk_size);
+  const linear_ride_loss::RowStatistics stats =
+      linear_ride_loss::given_statistics(setup, weight, ce_max, ce_sum, expert_max, expert_sum, mean_max, mean_sum);
+  linear_ride_loss::Gradients grads = linear_ride_loss::empty_gradients(setup, weight);
+  AT_DISPATCH_FLOATING_TYPES(setup.acc, "fastlt_linear_ride_loss_gradients_cuda",
+                             [&] { accumulate_gradients<scalar_t>(setup, weight, stats, grads, scale); });
+  return linear_ride_loss::gradient_outputs(features, weight, grads);
 }
 
 }  // namespace cuda
 }  // namespace fastlt
 
-TORCH_LIBRARY_IMPL(fastlt, CUDA, m) { m.impl("linear_ride_loss", &fastlt::cuda::linear_ride_loss); }
+TORCH_LIBRARY_IMPL(fastlt, CUDA, m) {
+  m.impl("linear_ride_loss", &fastlt::cuda::linear_ride_loss);
+  m.impl("linear_ride_loss.statistics", &fastlt::cuda::linear_ride_loss_statistics);
+  m.impl("linear_ride_loss.gradients", &fastlt::cuda::linear_ride_loss_gradients);
+}
