@@ -6,8 +6,8 @@ A class-parallel module (``fastlt.LinearRIDELoss(process_group=...)``) marks eac
 its shards, :func:`gather_optimizer_state` the optimizer's per-parameter state (momentum buffers) of marked
 parameters, and loading takes each rank's shard of them (:meth:`ClassShard.take`, :func:`shard_optimizer_state`),
 so a run saved on W ranks resumes on any number of ranks, one process included. fastlt.engine's checkpoints call
-these; DistributedDataParallel leaves marked parameters out of its gradient all-reduce
-(:func:`sharded_parameter_names`).
+these; fastlt.engine.wrap_model leaves marked parameters (and their module's buffers) out of DistributedDataParallel
+(:func:`names_outside_ddp`).
 
 >>> shard = ClassShard(group=None, num_classes=10, start=4, stop=7, dim=1)
 >>> shard.take(torch.arange(20).view(2, 10)).tolist()
@@ -109,9 +109,21 @@ def class_shard_of(tensor) -> Optional[ClassShard]:
 
 
 def sharded_parameter_names(module: nn.Module) -> list:
-    """The names of ``module``'s class-sharded parameters (DistributedDataParallel must leave them out: each rank's
-    holds other classes, and their gradients are complete without an all-reduce)."""
+    """The names of ``module``'s class-sharded parameters."""
     return [name for name, parameter in module.named_parameters() if class_shard_of(parameter) is not None]
+
+
+def names_outside_ddp(module: nn.Module) -> list:
+    """What DistributedDataParallel must leave out of ``module``: its class-sharded parameters (each rank's hold
+    other classes, and their gradients are complete without an all-reduce) and the buffers of the submodules that
+    hold them (a class-parallel head's per-class tables, the same on every rank: no broadcast each step)."""
+    names = []
+    for prefix, submodule in module.named_modules():
+        own = dict(submodule.named_parameters(recurse=False))
+        if any(class_shard_of(parameter) is not None for parameter in own.values()):
+            names += [f"{prefix}.{name}" if prefix else name for name in own]
+            names += [f"{prefix}.{name}" if prefix else name for name, _ in submodule.named_buffers(recurse=False)]
+    return names
 
 
 def has_class_shards(module: nn.Module) -> bool:

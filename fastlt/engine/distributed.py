@@ -75,12 +75,12 @@ def wrap_model(model: nn.Module, context: DistributedContext, **ddp_options) -> 
 
     Gradients are averaged over ranks, so a run on W ranks with per-rank batch B matches a 1-rank run with batch
     W*B, up to BatchNorm (per-rank statistics, as the papers' DataParallel / DDP runs). Parameters sharded by class
-    (a class-parallel head, fastlt.class_shards) stay out of DDP: each rank's are its own classes, with complete
-    gradients.
+    (a class-parallel head, fastlt.class_shards) and their module's buffers stay out of DDP: each rank's are its own
+    classes, with complete gradients.
     """
     if not context.is_distributed:
         return model
-    ignored = class_shards.sharded_parameter_names(model)
+    ignored = class_shards.names_outside_ddp(model)
     if ignored:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device_ids = [context.device.index] if context.device.type == "cuda" else None

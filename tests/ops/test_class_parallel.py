@@ -203,3 +203,14 @@ def test_bench_fused_head_world_size_counts_what_it_sends(monkeypatch):
     assert all(row["note"].startswith("computed") and row["ms"] is None for row in rows[3:])
     assert rows[4]["sent_mb_per_rank"] == pytest.approx(2 * replicated["sent_mb_per_rank"])  # DDP: linear in C
     assert rows[3]["sent_mb_per_rank"] == parallel["sent_mb_per_rank"]  # class-parallel: independent of C
+
+
+def test_ddp_leaves_out_the_class_shards_and_their_modules_buffers():
+    from fastlt import class_shards
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3), torch.nn.Module())
+    model[2].weight = torch.nn.Parameter(torch.zeros(2, 4, 3))
+    model[2].register_buffer("class_counts", torch.ones(11))
+    class_shards.mark(model[2].weight, class_shards.ClassShard(None, 11, 4, 8, 1))
+    assert class_shards.names_outside_ddp(model) == ["2.weight", "2.class_counts"]
+    assert class_shards.has_class_shards(model) and not class_shards.has_class_shards(model[0])
