@@ -126,14 +126,11 @@ def _rank_main(rank, world_size, port, layout, num_classes, repeats, out):
 
     median_ms, _ = measure(step, warmup=1, repeats=repeats)
     gradient_bytes = (features.numel() + weight.numel()) * 4
-    extra = peak_extra_bytes(step, keep_bytes=gradient_bytes, device=device)
-    sent = 0.0
-    if layout == "class-parallel":
-        counter = CollectiveBytes(world_size)
-        with counter:
-            step()
-        sent = counter.sent
-    elif layout == "replicated + DDP":
+    counter = CollectiveBytes(world_size)
+    with counter:  # the memory step also counts the class-parallel head's collectives
+        extra = peak_extra_bytes(step, keep_bytes=gradient_bytes, device=device)
+    sent = counter.sent
+    if layout == "replicated + DDP":  # DDP's bucket all-reduce runs in its reducer, outside the dispatcher
         sent = 2 * (world_size - 1) / world_size * bucket_bytes
     weight_bytes = weight.numel() * weight.element_size()
     torch.save(dict(ms=median_ms, head_bytes=2 * weight_bytes + bucket_bytes + extra, sent=sent),
@@ -187,7 +184,8 @@ def run(quick: bool = False, world_size: int = 2, class_counts=None) -> list[dic
                 block[layout] = dict(ms=None, head_mb_per_rank=predicted / 2**20, sent_mb_per_rank=sent,
                                      note=f"computed: {processes} x {predicted / 2**30:.1f} GiB do not fit here")
             else:
-                block[layout] = _measure_row(layout, num_classes, world_size, repeats=1 if quick else 2)
+                repeats = 1 if quick or num_classes >= 100_000 else 3
+                block[layout] = _measure_row(layout, num_classes, world_size, repeats)
             history.setdefault(layout, []).append((num_classes, block[layout]["head_mb_per_rank"] * 2**20))
             rows.append(dict(C=num_classes, W=world_size, impl=layout, **block[layout]))
         parallel = rows[-3]

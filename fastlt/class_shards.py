@@ -53,16 +53,18 @@ class ClassShard:
         (None on the others, which send); a collective: every rank of the group calls it."""
         padded = self._padded(shard.detach(), self.dim)
         is_first = dist.get_rank(self.group) == 0
-        received = [torch.empty_like(padded) for _ in range(self._world_size())] if is_first else None
-        dist.gather(padded, received, dst=dist.get_global_rank(self._group(), 0), group=self.group)
-        return self._unpadded(received, self.dim) if is_first else None
+        # one buffer for all shards: with C a multiple of W it is the whole tensor, no copy after the gather
+        buffer = padded.new_empty(self._world_size(), *padded.shape) if is_first else None
+        dist.gather(padded, list(buffer.unbind()) if is_first else None, dst=dist.get_global_rank(self._group(), 0),
+                    group=self.group)
+        return self._unpadded(buffer, self.dim) if is_first else None
 
     def all_gather(self, shard: torch.Tensor, dim: int) -> torch.Tensor:
         """The whole tensor on every rank, from every rank's shard with the classes along ``dim`` (inference: the
         logits of rows every rank holds)."""
         padded = self._padded(shard, dim)
         gathered = funcol.all_gather_single(padded, 0, self.group)
-        return self._unpadded(list(gathered.chunk(self._world_size())), dim)
+        return self._unpadded(gathered.view(self._world_size(), *padded.shape), dim)
 
     def topk(self, logits: torch.Tensor, k: int) -> tuple:
         """(values, classes) [B, k] of the k largest of the whole rows whose shard ``logits`` [B, n] this rank
@@ -90,12 +92,15 @@ class ClassShard:
         moved = shard.movedim(dim, 0)
         return torch.cat([moved, moved.new_zeros(largest - moved.shape[0], *moved.shape[1:])]).contiguous()
 
-    def _unpadded(self, parts: list, dim: int) -> torch.Tensor:
-        """The whole tensor from every rank's padded shard (rank order), the classes moved back to ``dim``."""
+    def _unpadded(self, stacked: torch.Tensor, dim: int) -> torch.Tensor:
+        """The whole tensor from every rank's padded shard, stacked [W, largest shard, ...] in rank order, the
+        classes moved back to ``dim`` (a view when the shards are equal: no padding)."""
         world_size = self._world_size()
         sizes = [stop - start for start, stop in (class_shard(self.num_classes, world_size, rank)
                                                   for rank in range(world_size))]
-        return torch.cat([part[:size] for part, size in zip(parts, sizes)]).movedim(0, dim)
+        whole = (stacked.flatten(0, 1) if min(sizes) == stacked.shape[1]
+                 else torch.cat([part[:size] for part, size in zip(stacked, sizes)]))
+        return whole.movedim(0, dim)
 
 
 def mark(parameter: nn.Parameter, shard: ClassShard) -> nn.Parameter:
