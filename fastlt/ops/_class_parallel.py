@@ -34,7 +34,6 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from fastlt.ops import _backend, _checks
-from fastlt.ops._fused_loss import scale_saved_gradient
 from fastlt.ops._chunked_head import NORM_EPS, STATISTICS, loss_from_statistics, row_coefficients
 from fastlt.ops._head_passes import NOT_HERE, PASS_STATISTICS, pass_implementations
 from fastlt.ops.linear_ride_loss import default_chunk_size
@@ -179,19 +178,28 @@ def _split(flat: torch.Tensor, like: dict, names) -> dict:
 
 
 class _AttachGradients(torch.autograd.Function):
-    """The loss, whose backward scales the gradients the passes computed (as the fused op's backward does)."""
+    """The loss, whose backward hands out the gradients the passes computed in the forward, scaled by grad_loss (in
+    place in eager mode: no second weight-sized buffer). Once only: they came from collectives, which a backward
+    cannot run again, so a second backward through the same graph raises instead of handing out scaled buffers."""
 
     @staticmethod
     def forward(ctx, loss, features, weight, bias, grad_features, grad_weight, grad_bias):
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.handed_out = bias is not None, False
         ctx.save_for_backward(grad_features, grad_weight, grad_bias)
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_features, grad_weight, grad_bias = ctx.saved_tensors
-        return (None, scale_saved_gradient(grad_features, grad_loss), scale_saved_gradient(grad_weight, grad_loss),
-                scale_saved_gradient(grad_bias, grad_loss) if ctx.has_bias else None, None, None, None)
+        if ctx.handed_out:
+            raise RuntimeError(f"{OP}: a class-parallel loss's gradients come from its forward's collectives; a second "
+                               "backward through the same graph is not supported: compute the loss again")
+        ctx.handed_out = True
+        scale = grad_loss.to(ctx.saved_tensors[0].dtype)
+        if torch.compiler.is_compiling():  # traced: functional
+            grads = [grad * scale for grad in ctx.saved_tensors]
+        else:
+            grads = [grad.mul_(scale) if float(grad_loss) != 1.0 else grad for grad in ctx.saved_tensors]
+        return None, grads[0], grads[1], grads[2] if ctx.has_bias else None, None, None, None
 
 
 def shard_loss(features, weight, bias, target, target_margins, class_weights, temperatures, *, shard, scale,

@@ -214,3 +214,15 @@ def test_ddp_leaves_out_the_class_shards_and_their_modules_buffers():
     class_shards.mark(model[2].weight, class_shards.ClassShard(None, 11, 4, 8, 1))
     assert class_shards.names_outside_ddp(model) == ["2.weight", "2.class_counts"]
     assert class_shards.has_class_shards(model) and not class_shards.has_class_shards(model[0])
+
+
+def test_the_loss_hands_out_its_gradients_once_scaled_by_grad_output():
+    from fastlt.ops._class_parallel import _AttachGradients
+
+    features, weight = torch.randn(2, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    grads = torch.ones(2, 3), torch.full((4, 3), 2.0), torch.empty(0)
+    loss = _AttachGradients.apply(torch.tensor(1.5), features, weight, None, *grads)
+    (2.5 * loss).backward(retain_graph=True)
+    assert torch.equal(features.grad, torch.full((2, 3), 2.5)) and torch.equal(weight.grad, torch.full((4, 3), 5.0))
+    with pytest.raises(RuntimeError, match="second backward through the same graph is not supported"):
+        loss.backward()
