@@ -201,12 +201,8 @@ PYTHON_OVERLOADS = {"statistics_torch": (STATISTICS_SCHEMA, _statistics),
                     "statistics_triton": (STATISTICS_SCHEMA, _statistics_triton),
                     "gradients_torch": (GRADIENTS_SCHEMA, _gradients),
                     "gradients_triton": (GRADIENTS_SCHEMA, _gradients_triton)}
-# Their own library: defined on _library.LIBRARY, next to .torch and .triton, they make torch 2.14 abort at interpreter
-# exit (an internal assert while it deregisters them).
-_PASSES_LIBRARY = _library.kept_at_exit(torch.library.Library("fastlt", "FRAGMENT"))
 for _name, (_schema, _implementation) in PYTHON_OVERLOADS.items():
-    _PASSES_LIBRARY.define(f"linear_ride_loss.{_name}{_schema}")
-    torch.library.register_kernel(f"fastlt::linear_ride_loss.{_name}", None, _implementation, lib=_PASSES_LIBRARY)
+    _library.define_overload("linear_ride_loss", _name, _schema, _implementation)
 HAS_COMPILED_PASSES = _extension.AVAILABLE and "statistics" in torch.ops.fastlt.linear_ride_loss.overloads()
 for _name in (*PYTHON_OVERLOADS, *(("statistics", "gradients") if HAS_COMPILED_PASSES else ())):
     torch.library.register_fake(f"fastlt::linear_ride_loss.{_name}")(

@@ -16,12 +16,12 @@ import weakref
 import torch
 
 
-def kept_at_exit(library: torch.library.Library) -> torch.library.Library:
+def _kept_at_exit(library: torch.library.Library) -> torch.library.Library:
     """``library``, whose registrations are never removed: not by its finalizer at interpreter exit, nor when its
     C++ object would be freed as the modules are cleared (one reference is kept for the process). Removing them
-    aborts torch 2.14 once fastlt::linear_ride_loss's pass overloads are defined (fastlt/ops/_head_passes.py): an
-    internal assert of its operator registry ("Tried to access the schema for ... which doesn't have a schema
-    registered yet"); an exiting process needs nothing removed."""
+    aborts torch 2.14 once fastlt::linear_ride_loss has more Python-defined overloads than .torch and .triton (the
+    passes of fastlt/ops/_head_passes.py): an internal assert of its operator registry ("Tried to access the schema
+    for ... which doesn't have a schema registered yet"). An exiting process needs nothing removed."""
     for finalizer in list(weakref.finalize._registry):
         if finalizer.peek() is not None and finalizer.peek()[0] is library:
             finalizer.atexit = False
@@ -29,7 +29,7 @@ def kept_at_exit(library: torch.library.Library) -> torch.library.Library:
     return library
 
 
-LIBRARY = kept_at_exit(torch.library.Library("fastlt", "FRAGMENT"))  # kept for the process: it owns the registrations
+LIBRARY = _kept_at_exit(torch.library.Library("fastlt", "FRAGMENT"))  # kept for the process: it owns the registrations
 
 # The dtypes of the ops' tensor arguments, by argument name; every other tensor argument is floating point.
 TENSOR_DTYPES = {"target": (torch.int64,), "active": (torch.bool,), "group_masks": (torch.bool,)}
