@@ -30,11 +30,7 @@ BUDGET_BYTES = 8 * 2**30
 RESLT_BETA = 0.995  # CIFAR-100-LT r = 100 (docs/methods.md 4.4)
 
 
-def problem(quick=False, world_size=None):
-    if world_size:
-        from fastlt.bench import fused_head_parallel
-
-        return fused_head_parallel.problem(quick, world_size)
+def problem(quick=False):
     sizes = QUICK_CLASS_COUNTS if quick else CLASS_COUNTS
     return (f"E={EXPERTS}, B={BATCH}, D={DIM}, fp32 CPU, C in {sizes}, fwd+bwd; memory: peak beyond inputs, weight "
             f"and gradients; max C: largest C within 8 GiB in all, from a linear fit over C; RIDE, then the "
@@ -171,15 +167,10 @@ def _largest_class_count(rows):
     return rows
 
 
-def run(quick: bool = False, class_counts=None, world_size=None) -> list[dict]:
+def run(quick: bool = False, class_counts=None) -> list[dict]:
     """One row per (C, implementation): the RIDE rows at every C, then the prior-shifted CE and ResLT rows; each
     fused row's ``time_vs_b`` and memory ratios compare it with the materialised logits + fused loss op (b) (and
-    RIDE's with the eager reference (a)). With ``world_size`` W: the class-parallel head on W processes instead
-    (bench/fused_head_parallel.py)."""
-    if world_size:
-        from fastlt.bench import fused_head_parallel
-
-        return fused_head_parallel.run(quick=quick, world_size=world_size, class_counts=class_counts)
+    RIDE's with the eager reference (a))."""
     torch.manual_seed(0)
     sizes = class_counts or (QUICK_CLASS_COUNTS if quick else CLASS_COUNTS)
     rows, history = [], {}

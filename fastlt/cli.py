@@ -31,8 +31,9 @@ BENCHMARKS = {
 }
 
 
-# The options of `fastlt bench` that each benchmark takes.
+# The options of `fastlt bench` that each benchmark takes; --world-size runs fused-head's class-parallel variant.
 BENCH_OPTIONS = {"ops": {"backend", "device"}, "losses": {"backend", "device"}, "fused-head": {"world_size"}}
+CLASS_PARALLEL_BENCHMARKS = {"fused-head": "fastlt.bench.fused_head_parallel:run"}
 
 
 def _load(target):
@@ -58,7 +59,7 @@ def bench(names, quick=False, json_path=None, **options):
 
     results = {}
     for name in names:
-        run = _load(BENCHMARKS[name])
+        run = _load(CLASS_PARALLEL_BENCHMARKS[name] if options.get("world_size") else BENCHMARKS[name])
         print(f"\n== fastlt bench {name}{' (quick)' if quick else ''} ==", flush=True)
         print(table_header(name, run, quick, **options), flush=True)
         rows = run(quick=quick, **options)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from fastlt.ops import _backend, _checks
 from fastlt.ops._chunked_head import NORM_EPS, STATISTICS, loss_from_statistics, row_coefficients
 from fastlt.ops._head_passes import NOT_HERE, PASS_STATISTICS, pass_implementations
-from fastlt.ops.linear_ride_loss import default_chunk_size
+from fastlt.ops._head_arguments import default_chunk_size
 
 OP = "fastlt.linear_ride_loss"
 
@@ -218,7 +218,7 @@ def shard_loss(features, weight, bias, target, target_margins, class_weights, te
     shard_labels = torch.where((labels >= start) & (labels < stop), labels - start, NOT_HERE)
     diversity = diversity_factor != 0.0
     chunk = int(chunk_size or default_chunk_size(weight.shape[0], target.shape[0], stop - start))
-    statistics_pass, gradients_pass = pass_implementations(_backend.resolve(weight, OP), weight.device)
+    statistics_pass, gradients_pass = pass_implementations(_backend.resolve(OP, weight, features, bias), weight.device)
     head = (features.detach(), weight.detach(), None if bias is None else bias.detach(), shard_labels,
             target_margins[start:stop], temperatures[start:stop], row_bias_scales)
     options = (float(scale), bool(normalize), diversity, chunk)

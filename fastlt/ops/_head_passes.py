@@ -29,7 +29,7 @@ import torch
 from fastlt import _extension
 from fastlt.ops import _checks, _library
 from fastlt.ops._chunked_head import STATISTICS, ChunkedHead, gradient_outputs, row_statistics
-from fastlt.ops.linear_ride_loss import OP, _check_row_tables, check_head, op_logits
+from fastlt.ops._head_arguments import OP, check_head, check_row_tables, op_logits
 
 STATISTICS_SCHEMA = ("(Tensor features, Tensor weight, Tensor? bias, Tensor target, Tensor target_margins, "
                      "Tensor temperatures, Tensor? row_bias_scales, float scale, bool normalize_weight, "
@@ -48,7 +48,7 @@ def _check_shared(features, weight, bias, target, target_margins, temperatures, 
     check_head(OP, features, weight, target, bias, chunk_size, NOT_HERE)  # labels in [-1, C)
     for name, table in (("target_margins", target_margins), ("temperatures", temperatures)):
         _checks.fused_loss_table(OP, name, table, (weight.shape[1],), weight)
-    _check_row_tables(None, row_bias_scales, bias, target.shape[0], weight)
+    check_row_tables(None, row_bias_scales, bias, target.shape[0], weight)
     _checks.number(OP, "scale", scale, low=0.0, low_open=True)
 
 
@@ -204,9 +204,12 @@ PYTHON_OVERLOADS = {"statistics_torch": (STATISTICS_SCHEMA, _statistics),
 for _name, (_schema, _implementation) in PYTHON_OVERLOADS.items():
     _library.define_overload("linear_ride_loss", _name, _schema, _implementation)
 HAS_COMPILED_PASSES = _extension.AVAILABLE and "statistics" in torch.ops.fastlt.linear_ride_loss.overloads()
+# {device type: whether the extension has the passes' kernel for it}, looked up once (torch.compile reads a dict)
+_KERNEL_DEVICE_TYPES = {device_type: HAS_COMPILED_PASSES and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fastlt::linear_ride_loss.statistics", key) for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
 for _name in (*PYTHON_OVERLOADS, *(("statistics", "gradients") if HAS_COMPILED_PASSES else ())):
-    torch.library.register_fake(f"fastlt::linear_ride_loss.{_name}")(
-        _fake_statistics if _name.startswith("statistics") else _fake_gradients)
+    _library.register_fake(f"fastlt::linear_ride_loss.{_name}",
+                           _fake_statistics if _name.startswith("statistics") else _fake_gradients)
 
 
 def pass_implementations(backend: str, device: torch.device):
@@ -217,8 +220,6 @@ def pass_implementations(backend: str, device: torch.device):
     packet = torch.ops.fastlt.linear_ride_loss
     if backend == "triton":
         return packet.statistics_triton, packet.gradients_triton
-    from fastlt.ops.linear_ride_loss import _compiled_op
-
-    if HAS_COMPILED_PASSES and _compiled_op(device) is not None:
+    if _KERNEL_DEVICE_TYPES.get(device.type, False):
         return packet.statistics, packet.gradients
     return packet.statistics_torch, packet.gradients_torch

@@ -19,7 +19,8 @@ import torch
 
 from fastlt.ops import _backend, _checks, _lt_constants
 from fastlt.ops._class_parallel import check_shard, checks_on_every_rank, group_shard
-from fastlt.ops.linear_ride_loss import check_head, expert_logits, fused_linear_ride_loss
+from fastlt.ops._head_arguments import check_head
+from fastlt.ops.linear_ride_loss import expert_logits, fused_linear_ride_loss
 from fastlt.ops.prior_shifted_ce import prior_shifted_ce_reference, validate_hyperparameters
 
 OP = "fastlt.linear_prior_shifted_ce"

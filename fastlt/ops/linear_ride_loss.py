@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from fastlt import _extension
-from fastlt.ops import _backend, _checks, _fused_loss, _library, _lt_constants, _selfcheck
+from fastlt.ops import _backend, _checks, _class_parallel, _fused_loss, _library, _lt_constants, _selfcheck
 from fastlt.ops._chunked_head import NORM_EPS, chunked_forward, row_coefficients
+from fastlt.ops._head_arguments import OP, check_head, check_row_tables, default_chunk_size, op_logits
 from fastlt.ops.ride_loss import ride_loss_reference, ride_tables, validate_hyperparameters
 
-OP = "fastlt.linear_ride_loss"
 # The arguments of fastlt::linear_ride_loss as csrc/cpu/linear_ride_loss.cpp defines them; its .triton and .torch
 # overloads take the same. The logits are features @ W^T (normalize_weight: times scale / ||w_c||) + row_bias_scales
 # x bias; reduction: 1 mean, 2 sum (0, none, is refused); the forward returns (loss, d features, d weight, d bias),
@@ -49,16 +49,6 @@ SCHEMA = ("(Tensor features, Tensor weight, Tensor? bias, Tensor target, Tensor 
           "Tensor? class_weights, Tensor temperatures, Tensor? row_weights, Tensor? row_bias_scales, float scale, "
           "bool normalize_weight, float diversity_factor, int reduction, int ignore_index, int chunk_size, "
           "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)")
-CHUNK_ELEMENTS = 1 << 21  # default chunk: about 2M logits (E x B x chunk), 8 MB in fp32, per buffer
-
-
-def default_chunk_size(num_experts: int, batch: int, num_classes: int) -> int:
-    """Classes per chunk: a power of two giving about CHUNK_ELEMENTS logits per [E, B, chunk] buffer, in [128, 8192]."""
-    per_class = max(1, num_experts * batch)
-    chunk = 1 << max(7, min(13, (CHUNK_ELEMENTS // per_class).bit_length() - 1))
-    return min(chunk, num_classes)
-
-
 def linear_ride_loss_reference(features, weight, target, class_counts, *, normalize=True, scale=30.0, bias=None,
                                margin_scale=30.0, max_margin=0.5, diversity_factor=-0.45, temperature_factor=0.05,
                                base_temperature=1.0, drw=False, drw_beta=0.9999, chunk_size=None,
@@ -81,18 +71,6 @@ def expert_logits(features, weight, *, normalize=True, scale=30.0, bias=None):
     if normalize:
         features = F.normalize(features, dim=-1)
     return op_logits(features, weight, normalize_weight=normalize, scale=scale, bias=bias)
-
-
-def op_logits(features, weight, *, normalize_weight, scale, bias=None, row_bias_scales=None):
-    """The logits the op takes the loss of: ``features @ W^T`` (normalize_weight: ``scale * features @
-    normalize(W)^T``) plus ``row_bias_scales[b] * bias`` (``row_bias_scales`` None: 1)."""
-    if normalize_weight:
-        logits = scale * (features @ F.normalize(weight, dim=-1).transpose(-1, -2))
-    else:
-        logits = features @ weight.transpose(-1, -2)
-    if bias is None:
-        return logits
-    return logits + (bias[:, None, :] if row_bias_scales is None else row_bias_scales[:, None] * bias[:, None, :])
 
 
 def linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, class_counts: torch.Tensor,
@@ -201,7 +179,7 @@ def fused_linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, bias: O
                             ("temperatures", temperatures)):
             if table is not None:
                 _checks.fused_loss_table(OP, name, table, (num_classes,), weight)
-        _check_row_tables(row_weights, row_bias_scales, bias, target.shape[0], weight)
+        check_row_tables(row_weights, row_bias_scales, bias, target.shape[0], weight)
         if process_group is not None:
             _class_parallel.check_shard(OP, "weight", weight, 1, process_group, num_classes)
         return (*codes, _checks.number(OP, "diversity_factor", diversity_factor), num_classes)
@@ -239,24 +217,6 @@ def fused_linear_ride_loss(features: torch.Tensor, weight: torch.Tensor, bias: O
         features, weight, bias, target, target_margins, class_weights, temperatures, row_weights, row_bias_scales,
         float(scale), bool(normalize), float(diversity_factor), reduction, ignore_index, int(chunk), compute_grad)
     return loss
-
-
-def _check_row_tables(row_weights, row_bias_scales, bias, batch, weight):
-    """The per-row tables' checks (as csrc/linear_ride_loss_setup.h's): [B], floating, on the weight's device, finite;
-    row weights >= 0; row bias scales only with a bias. The value checks are skipped while torch.compile traces."""
-    for name, table in (("row_weights", row_weights), ("row_bias_scales", row_bias_scales)):
-        if table is None:
-            continue
-        _checks.tensor(OP, name, table, dims=1, floating=True)
-        if table.shape[0] != batch:
-            raise ValueError(f"{OP}: {name} must be [B]=[{batch}], got {tuple(table.shape)}")
-        _checks.same_device(OP, name, table, weight, "weight")
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(table).all()):
-            raise ValueError(f"{OP}: {name} must be finite")
-    if row_weights is not None and not torch.compiler.is_compiling() and bool((row_weights < 0).any()):
-        raise ValueError(f"{OP}: row_weights must be >= 0")
-    if row_bias_scales is not None and bias is None:
-        raise ValueError(f"{OP}: row_bias_scales needs a bias")
 
 
 def _loss_formula(logits, target, target_margins, class_weights, temperatures, diversity_factor, reduction,
@@ -327,34 +287,6 @@ def _validate_head(features, weight, target, bias, scale, chunk_size, reduction,
     return reduction, ignore_index
 
 
-def check_head(op, features, weight, target, bias, chunk_size, ignore_index, num_classes=None):
-    """The fused head's tensor checks (features, weight, target, bias, chunk_size), errors naming ``op``: for this op
-    and the compositions on it (fastlt.ops.linear_prior_shifted_ce). ``num_classes``: the classes the labels index,
-    when the weight holds a shard of them (a class-parallel head; default: the weight's)."""
-    label_classes = num_classes
-    _checks.tensor(op, "weight", weight, dims=3, floating=True)
-    _checks.tensor(op, "features", features, dims=(2, 3), floating=True)
-    num_experts, num_classes, dim = weight.shape
-    if num_experts > _checks.MAX_EXPERTS:
-        raise ValueError(f"{op}: weight has {num_experts} experts; at most {_checks.MAX_EXPERTS} are supported")
-    if features.dtype != weight.dtype:
-        raise ValueError(f"{op}: features must have weight's dtype {weight.dtype}, got {features.dtype}")
-    if features.shape[-1] != dim:
-        raise ValueError(f"{op}: features must have D={dim} (weight's last dim) features, got {tuple(features.shape)}")
-    if features.dim() == 3 and features.shape[0] != num_experts:
-        raise ValueError(f"{op}: features must be [B, D] or [E={num_experts}, B, D], got {tuple(features.shape)}")
-    _checks.same_device(op, "features", features, weight, "weight")
-    _checks.labels(op, "target", target, features.shape[-2], label_classes or num_classes, ignore_index)
-    _checks.same_device(op, "target", target, weight, "weight")
-    if bias is not None:
-        _checks.tensor(op, "bias", bias, floating=True)
-        if tuple(bias.shape) != (num_experts, num_classes) or bias.dtype != weight.dtype:
-            raise ValueError(f"{op}: bias must be [E, C]=[{num_experts}, {num_classes}] of dtype {weight.dtype}, "
-                             f"got {tuple(bias.shape)} {bias.dtype}")
-        _checks.same_device(op, "bias", bias, weight, "weight")
-    _checks.chunk_size(op, chunk_size)
-
-
 def _check_op_arguments(features, weight, bias, target, target_margins, class_weights, temperatures, row_weights,
                         row_bias_scales, scale, normalize_weight, diversity_factor, reduction, ignore_index, chunk_size,
                         compute_grad):
@@ -366,7 +298,7 @@ def _check_op_arguments(features, weight, bias, target, target_margins, class_we
                         ("temperatures", temperatures)):
         if table is not None:
             _checks.fused_loss_table(OP, name, table, (weight.shape[1],), weight)
-    _check_row_tables(row_weights, row_bias_scales, bias, target.shape[0], weight)
+    check_row_tables(row_weights, row_bias_scales, bias, target.shape[0], weight)
     _checks.number(OP, "diversity_factor", diversity_factor)
 
 
@@ -431,7 +363,3 @@ def selfcheck_case(device, dtype, tiny):
     # a small classifier scale keeps the reference's bf16 logits (rounded before the loss) within the tolerance
     return (lambda x, w: linear_ride_loss(x, w, target, counts, scale=4.0, margin_scale=3.0, drw=True,
                                                      chunk_size=4)), (features, weight)
-
-
-# The class-parallel head (a process_group) and the pass overloads it runs; they import this module's names.
-from fastlt.ops import _class_parallel  # noqa: E402

@@ -187,7 +187,7 @@ def test_bench_fused_head_world_size_counts_what_it_sends(monkeypatch):
     from fastlt.bench import fused_head, fused_head_parallel
 
     monkeypatch.setattr(fused_head_parallel, "_available_bytes", lambda: 1)  # after the first C: nothing fits
-    rows = fused_head.run(quick=True, class_counts=(100, 200), world_size=2)
+    rows = fused_head_parallel.run(quick=True, class_counts=(100, 200), world_size=2)
     assert [(row["C"], row["impl"]) for row in rows] == [(c, impl) for c in (100, 200)
                                                          for impl in fused_head_parallel.LAYOUTS]
     experts, batch, dim, world = fused_head.EXPERTS, fused_head.BATCH, fused_head.DIM, 2

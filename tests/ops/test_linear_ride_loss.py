@@ -10,7 +10,7 @@ from op_helpers import (assert_head_matches_reference, backend, call_cuda_kernel
 
 import fastlt
 from fastlt.ops import linear_ride_loss, linear_ride_loss_reference, ride_loss_reference
-from fastlt.ops.linear_ride_loss import default_chunk_size
+from fastlt.ops._head_arguments import default_chunk_size
 
 linear_ride_loss_module = importlib.import_module("fastlt.ops.linear_ride_loss")  # the attribute is the function
 HAS_CPP = linear_ride_loss_module._compiled_op(torch.device("cpu")) is not None
