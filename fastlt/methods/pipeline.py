@@ -30,7 +30,7 @@ from fastlt.methods.builders import (DataOptions, build_datasets, build_loader, 
 from fastlt.methods.config import read_recipe
 from fastlt.methods.options import given
 from fastlt.methods.recipe import RecipeOptions, TrainOptions, parse_recipe
-from fastlt.methods.stage1 import build_method, without_teacher
+from fastlt.methods.stage1 import build_method, rebuild_options
 
 
 def parameter_groups(model, train: TrainOptions):
@@ -145,7 +145,7 @@ def load_stage1(run_dir: str, checkpoint: str = None, device=torch.device("cpu")
     datasets = build_datasets(recipe.data)
     model = build_model(recipe.model, datasets["train"].num_classes)
     # same head adaptations; no distillation teacher is needed to use the trained model
-    build_method(without_teacher(recipe.method), datasets["train"].train_class_counts, model)
+    build_method(rebuild_options(recipe.method), datasets["train"].train_class_counts, model)
     if checkpoint is None:
         recover_interrupted_run(run_dir)  # a run killed between its last.pt and best.pt: the committed best
         checkpoint = selected_checkpoint(run_dir)

@@ -19,7 +19,7 @@ from fastlt.methods.config import read_recipe
 from fastlt.methods.ldam_drw import LDAMDRWOptions
 from fastlt.methods.options import declared, default_of, option
 from fastlt.methods.registry import register_method
-from fastlt.methods.stage1 import Method, build_method, epoch_hook, without_teacher
+from fastlt.methods.stage1 import Method, build_method, epoch_hook, rebuild_options
 from fastlt.models import NormedLinear
 
 
@@ -159,7 +159,7 @@ def load_teacher(path: str, *, num_classes: int, device=None, train_mode: bool =
     teacher = build_model(recipe["model"], num_classes)
     # The teacher recipe's own head adaptations (a fused head, LDAM's cosine classifier), so its weights fit. Its loss
     # is never used: any positive class counts will do.
-    build_method(without_teacher(recipe["method"]), torch.ones(num_classes), teacher)
+    build_method(rebuild_options(recipe["method"]), torch.ones(num_classes), teacher)
     load_checkpoint(checkpoint, model=teacher, restore_rng=False)
     teacher.requires_grad_(False)
     return teacher.to(device).train(train_mode)

@@ -54,11 +54,16 @@ def method_options(method) -> Named:
     return parse_named(registry.declarations(1), method, "method", "method")
 
 
-def without_teacher(method) -> Named:
-    """The method's options with no distillation teacher: what rebuilding a trained model needs (its head
-    adaptations), without loading the teacher it was trained with."""
+# What rebuilding a trained model in one process resets: no distillation teacher to load, the head held whole
+REBUILD_RESETS = {"teacher": None, "head_parallel": "none"}
+
+
+def rebuild_options(method) -> Named:
+    """The method's options for rebuilding a trained model (its head adaptations) in one process, e.g. as a
+    teacher or to evaluate it: without the teacher it was trained with, its fused head not class-parallel."""
     options = method_options(method)
-    return dataclasses.replace(options, teacher=None) if "teacher" in declared_fields(type(options)) else options
+    fields = declared_fields(type(options))
+    return dataclasses.replace(options, **{key: value for key, value in REBUILD_RESETS.items() if key in fields})
 
 
 def build_method(method, class_counts, model: nn.Module, device=None) -> Method:

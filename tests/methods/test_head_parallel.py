@@ -11,9 +11,32 @@ import sys
 import pytest
 import torch
 
+from fastlt.errors import ConfigError
+from fastlt.methods.stage1 import method_options, rebuild_options
+
 DIGITS = ["data.name=digits_lt", "data.n_max=150", "data.ratio=10", "data.num_workers=0", "data.loader=torch",
           "train.schedule.milestones=[1,2]", "train.schedule.warmup_epochs=1", "method.head_parallel=class",
           "--no-progress"]
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"fused_head": True, "head_parallel": "classes"},
+     "method.head_parallel must be one of none, class, got 'classes'"),
+    ({"head_parallel": "class"}, "method.head_parallel: class needs method.fused_head: true"),
+    ({"fused_head": True, "head_parallel": "class", "teacher": "runs/ride"},
+     "method.head_parallel: class does not support a distillation teacher"),
+])
+def test_a_bad_head_parallel_is_a_one_line_error_naming_the_key(section, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        method_options({"name": "ride", **section})
+    assert "\n" not in str(error.value)
+
+
+def test_head_parallel_is_a_declared_ride_option_that_a_rebuilt_model_leaves_off():
+    assert method_options({"name": "ride"}).head_parallel == "none"
+    trained = {"name": "ride", "fused_head": True, "head_parallel": "class"}
+    assert method_options(trained).head_parallel == "class"
+    assert rebuild_options(trained).head_parallel == "none"  # a teacher or an evaluation runs in one process
 
 
 def _train(world_size, run, *overrides):

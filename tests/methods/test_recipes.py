@@ -14,7 +14,7 @@ from fastlt.methods.builders import build_model, build_sampler, check_data_spec
 from fastlt.methods.config import CONFIG_DIR, load_config, read_recipe, resolve_path
 from fastlt.methods.options import ConfigError
 from fastlt.methods.recipe import parse_recipe
-from fastlt.methods.stage1 import build_method, without_teacher
+from fastlt.methods.stage1 import build_method, rebuild_options
 
 ALL = sorted(os.path.basename(path)[:-5] for path in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 RAW = {name: read_recipe(resolve_path(name)) for name in ALL}  # with their bases merged in
@@ -60,7 +60,7 @@ def test_recipe_builds_model_data_method_and_samplers(name):
     counts = class_counts(check_data_spec(config["data"]))
     model = meta_model(config, len(counts))
     assert any(True for _ in model.parameters())
-    method = build_method(without_teacher(recipe.method), counts, model)
+    method = build_method(rebuild_options(recipe.method), counts, model)
     assert callable(method.loss_fn)
     assert len(build_sampler(counts, recipe.train.sampler, 0, recipe.train.epochs)) == sum(counts)
     stage2 = recipe.stage2
