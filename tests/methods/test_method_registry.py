@@ -77,7 +77,7 @@ def test_a_new_method_is_its_file_plus_its_registration(toy_method, capsys):
     assert "  toy               Toy: cross-entropy with label smoothing." in capsys.readouterr().out
     main(["methods", "toy"])
     text = capsys.readouterr().out
-    assert "toy: stage-1 method (method: {name: toy, ...}), tests/methods/test_registry.py" in text
+    assert "toy: stage-1 method (method: {name: toy, ...}), tests/methods/test_method_registry.py" in text
     assert "  method.smoothing  (a number in [0, 1); default 0.1)\n      label smoothing of the toy" in text
     with pytest.raises(SystemExit) as exited:
         main(["train", "--config", "mnist_lt_ce", "method.name=toy", "--help"])
