@@ -7,12 +7,7 @@ import torch
 from fastlt.bench import step
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 class Bar:

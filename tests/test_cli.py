@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from fastlt.cli import main
 
@@ -12,12 +11,7 @@ DIGITS = ["data.name=digits_lt", "data.n_max=150", "data.ratio=10", "data.num_wo
           "train.epochs=2", "train.schedule.milestones=[1,2]", "train.schedule.warmup_epochs=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def read(path):
