@@ -58,18 +58,22 @@ def check_head(op, features, weight, target, bias, chunk_size, ignore_index, num
     _checks.chunk_size(op, chunk_size)
 
 
+def check_row_table(name, table, batch, weight):
+    """One per-row table (as csrc/linear_ride_loss_setup.h checks it): [B], floating, on the weight's device, finite
+    (the value check is skipped while torch.compile traces)."""
+    _checks.tensor(OP, name, table, dims=1, floating=True)
+    if table.shape[0] != batch:
+        raise ValueError(f"{OP}: {name} must be [B]=[{batch}], got {tuple(table.shape)}")
+    _checks.same_device(OP, name, table, weight, "weight")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(table).all()):
+        raise ValueError(f"{OP}: {name} must be finite")
+
+
 def check_row_tables(row_weights, row_bias_scales, bias, batch, weight):
-    """The per-row tables' checks (as csrc/linear_ride_loss_setup.h's): [B], floating, on the weight's device, finite;
-    row weights >= 0; row bias scales only with a bias. The value checks are skipped while torch.compile traces."""
+    """The optional per-row tables (`check_row_table`); row weights >= 0; row bias scales only with a bias."""
     for name, table in (("row_weights", row_weights), ("row_bias_scales", row_bias_scales)):
-        if table is None:
-            continue
-        _checks.tensor(OP, name, table, dims=1, floating=True)
-        if table.shape[0] != batch:
-            raise ValueError(f"{OP}: {name} must be [B]=[{batch}], got {tuple(table.shape)}")
-        _checks.same_device(OP, name, table, weight, "weight")
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(table).all()):
-            raise ValueError(f"{OP}: {name} must be finite")
+        if table is not None:
+            check_row_table(name, table, batch, weight)
     if row_weights is not None and not torch.compiler.is_compiling() and bool((row_weights < 0).any()):
         raise ValueError(f"{OP}: row_weights must be >= 0")
     if row_bias_scales is not None and bias is None:

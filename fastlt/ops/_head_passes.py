@@ -29,7 +29,7 @@ import torch
 from fastlt import _extension
 from fastlt.ops import _checks, _library
 from fastlt.ops._chunked_head import STATISTICS, ChunkedHead, gradient_outputs, row_statistics
-from fastlt.ops._head_arguments import OP, check_head, check_row_tables, op_logits
+from fastlt.ops._head_arguments import OP, check_head, check_row_table, check_row_tables, op_logits
 
 STATISTICS_SCHEMA = ("(Tensor features, Tensor weight, Tensor? bias, Tensor target, Tensor target_margins, "
                      "Tensor temperatures, Tensor? row_bias_scales, float scale, bool normalize_weight, "
@@ -55,12 +55,7 @@ def _check_shared(features, weight, bias, target, target_margins, temperatures, 
 def _check_statistics_given(weight, batch, ce_coefs, div_coefs, statistics):
     """The checks of .gradients' row coefficients ([B], finite) and statistics ([E, B] or [B], floating)."""
     for name, table in (("ce_coefs", ce_coefs), ("div_coefs", div_coefs)):
-        _checks.tensor(OP, name, table, dims=1, floating=True)
-        if table.shape[0] != batch:
-            raise ValueError(f"{OP}: {name} must be [B]=[{batch}], got {tuple(table.shape)}")
-        _checks.same_device(OP, name, table, weight, "weight")
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(table).all()):
-            raise ValueError(f"{OP}: {name} must be finite")
+        check_row_table(name, table, batch, weight)
     num_experts = weight.shape[0]
     for name, table in zip(PASS_STATISTICS, statistics):
         _checks.tensor(OP, name, table, floating=True)
