@@ -369,17 +369,24 @@ def _rows(gen):
     return gen.pick(1, 2, 3, 5, weights=[4, 3, 2, 1])
 
 
-def draw_ride_loss(gen):
-    dtype = gen.dtype()
-    E, B, C = gen.pick(1, 2, 3, 4, weights=[3, 3, 2, 1]), _rows(gen), gen.pick(1, 2, 3, 5, 8)
-    kwargs = dict(
-        scale=gen.pick(30.0, 1.0, 0.0),
+def _ride_terms(gen):
+    """The RIDE loss's valid hyper-parameters, drawn alike for ride_loss and the fused head (in this order)."""
+    return dict(
         max_margin=gen.pick(0.5, 0.1, 0.0),
         diversity_factor=gen.pick(-0.45, 0.0, 0.2),
         temperature_factor=gen.pick(0.05, 0.2),
         base_temperature=gen.pick(1.0, 1.5),
         drw=gen.chance(0.5),
         drw_beta=gen.pick(0.9999, 0.99),
+    )
+
+
+def draw_ride_loss(gen):
+    dtype = gen.dtype()
+    E, B, C = gen.pick(1, 2, 3, 4, weights=[3, 3, 2, 1]), _rows(gen), gen.pick(1, 2, 3, 5, 8)
+    kwargs = dict(
+        scale=gen.pick(30.0, 1.0, 0.0),
+        **_ride_terms(gen),
     )
     invalid = None
     if gen.chance(0.08):
@@ -523,12 +530,7 @@ def draw_linear_ride_loss(gen):
         normalize=normalize,
         scale=gen.pick(30.0, 4.0, 1.0),
         margin_scale=gen.pick(30.0, 3.0, 0.0),
-        max_margin=gen.pick(0.5, 0.1, 0.0),
-        diversity_factor=gen.pick(-0.45, 0.0, 0.2),
-        temperature_factor=gen.pick(0.05, 0.2),
-        base_temperature=gen.pick(1.0, 1.5),
-        drw=gen.chance(0.5),
-        drw_beta=gen.pick(0.9999, 0.99),
+        **_ride_terms(gen),
         chunk_size=_chunk_size(gen),
         reduction=gen.pick("mean", "sum", weights=[2, 1]),
     )
