@@ -36,6 +36,17 @@ BENCH_OPTIONS = {"ops": {"backend", "device"}, "losses": {"backend", "device"}, 
 CLASS_PARALLEL_BENCHMARKS = {"fused-head": "fastlt.bench.fused_head_parallel:run"}
 
 
+def _world_size(text: str) -> int:
+    """--world-size: a process count, at least 2 (one process is the plain fused-head benchmark)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes, got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (leave it out for one process), got {value}")
+    return value
+
+
 def _load(target):
     module, function = target.split(":")
     return getattr(importlib.import_module(module), function)
@@ -85,7 +96,7 @@ def _bench_arguments(parser):
     parser.add_argument("--backend", choices=("cpp", "triton", "reference"),
                         help="fused implementation for ops/losses (default: the compiled kernels if built)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="tensors' device for ops/losses (default: cpu)")
-    parser.add_argument("--world-size", type=int, metavar="W",
+    parser.add_argument("--world-size", type=_world_size, metavar="W",
                         help="fused-head: the class-parallel head on W processes (gloo on CPU, nccl with W GPUs) vs "
                              "the replicated head under DDP")
 

@@ -149,3 +149,14 @@ def test_exit_codes_of_the_installed_command(tmp_path):
     result = subprocess.run([sys.executable, "-c", bug], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr and "ZeroDivisionError: injected" in result.stderr
+
+
+@pytest.mark.parametrize("value, said", [("0", "at least 2"), ("1", "at least 2"), ("-3", "at least 2"),
+                                         ("abc", "whole number")])
+def test_bench_world_size_below_two_is_refused_at_parse(capsys, value, said):
+    """--world-size 0 used to run the one-process benchmark silently (0 is falsy)."""
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "fused-head", "--world-size", value])
+    assert exited.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--world-size" in last_line and said in last_line, last_line
