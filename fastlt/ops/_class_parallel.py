@@ -180,7 +180,8 @@ def _split(flat: torch.Tensor, like: dict, names) -> dict:
 class _AttachGradients(torch.autograd.Function):
     """The loss, whose backward hands out the gradients the passes computed in the forward, scaled by grad_loss (in
     place in eager mode: no second weight-sized buffer). Once only: they came from collectives, which a backward
-    cannot run again, so a second backward through the same graph raises instead of handing out scaled buffers."""
+    cannot run again, so a second backward through the same graph raises instead of handing out scaled buffers, and
+    so does a backward with create_graph=True (no second-order terms, rather than silently dropping them)."""
 
     @staticmethod
     def forward(ctx, loss, features, weight, bias, grad_features, grad_weight, grad_bias):
@@ -193,6 +194,9 @@ class _AttachGradients(torch.autograd.Function):
         if ctx.handed_out:
             raise RuntimeError(f"{OP}: a class-parallel loss's gradients come from its forward's collectives; a second "
                                "backward through the same graph is not supported: compute the loss again")
+        if torch.is_grad_enabled():  # create_graph=True: these gradients carry no graph to differentiate
+            raise RuntimeError(f"{OP}: a class-parallel loss has no second-order gradients (create_graph=True); "
+                               "use the one-process op (process_group=None) for a gradient penalty")
         ctx.handed_out = True
         scale = grad_loss.to(ctx.saved_tensors[0].dtype)
         if torch.compiler.is_compiling():  # traced: functional

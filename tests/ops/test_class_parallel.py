@@ -226,3 +226,14 @@ def test_the_loss_hands_out_its_gradients_once_scaled_by_grad_output():
     assert torch.equal(features.grad, torch.full((2, 3), 2.5)) and torch.equal(weight.grad, torch.full((4, 3), 5.0))
     with pytest.raises(RuntimeError, match="second backward through the same graph is not supported"):
         loss.backward()
+
+
+def test_a_gradient_penalty_through_the_class_parallel_loss_is_refused():
+    """create_graph=True would silently drop the second-order terms: the handed-out gradients carry no graph."""
+    from fastlt.ops._class_parallel import _AttachGradients
+
+    features, weight = torch.randn(2, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    loss = _AttachGradients.apply(torch.tensor(1.5), features, weight, None, torch.ones(2, 3), torch.ones(4, 3),
+                                  torch.empty(0))
+    with pytest.raises(RuntimeError, match="no second-order gradients"):
+        torch.autograd.grad(loss, weight, create_graph=True)
