@@ -19,9 +19,21 @@ from fastlt.bench.timing import copy_bandwidth_gbs, measure, progress
 AGGREGATE_SHAPES = [(3, 256, 1000), (4, 512, 8142)]  # (E, B, C)
 NORMALIZE_SHAPES = [(1000, 512), (8142, 2048)]  # (C, D)
 SWEEP_SHAPE = dict(num_taus=21, rows=20_000, classes=1000, dim=512)
+# (N, C, H, W) channels_last: the RIDE ResNet-32 layers at batch 128 (the experts' 3/4 width: 24 and 48 channels)
+BATCH_NORM_SHAPES = [(128, 16, 32, 32), (128, 24, 16, 16), (128, 48, 8, 8)]
 # Triton's interpreter runs a kernel in numpy, ~1000x slower than compiled code: small shapes only.
 INTERPRETER_SHAPES = dict(aggregate=[(3, 32, 100)], normalize=[(100, 64)],
                           sweep=dict(num_taus=5, rows=200, classes=100, dim=64))
+
+
+def _batch_norm_output(input, weight, bias):
+    return fastlt.ops.batch_norm_channels_last(input, weight, bias)[0]
+
+
+def _torch_batch_norm_output(input, weight, bias):
+    """torch's training-mode batch norm as nn.BatchNorm2d runs it (the op's reference also computes the unbiased
+    variance in a separate reduction, which would flatter the kernel)."""
+    return torch.nn.functional.batch_norm(input, None, None, weight, bias, training=True)
 
 
 def default_backend(device="cpu"):
@@ -50,7 +62,8 @@ def problem(quick=False, backend="auto", device="cpu"):
     backend = default_backend(device) if backend == "auto" else backend
     return (f"fp32 on {device}, fused = the {backend} backend; expert_aggregate (E, B, C) in {aggregate}, "
             f"tau_normalize (C, D) in {normalize}, tau_sweep K={sweep['num_taus']} taus N={sweep['rows']} "
-            f"C={sweep['classes']} D={sweep['dim']}; {5 if quick else 20} timed repeats")
+            f"C={sweep['classes']} D={sweep['dim']}; batch_norm_channels_last (N, C, H, W) in {BATCH_NORM_SHAPES} "
+            f"(CPU kernel only; eager = F.batch_norm in training); {5 if quick else 20} timed repeats")
 
 
 def _implementations(fused, reference, quick):
@@ -60,13 +73,14 @@ def _implementations(fused, reference, quick):
     return impls
 
 
-def _time_modes(impls, make_inputs, fwd_bytes, fwd_bwd_bytes, grad_shape, bandwidth, label, repeats, device):
+def _time_modes(impls, make_inputs, fwd_bytes, fwd_bwd_bytes, grad_shape, bandwidth, label, repeats, device,
+                grad_layout=torch.contiguous_format):
     rows = []
     for mode, num_bytes in (("fwd", fwd_bytes), ("fwd+bwd", fwd_bwd_bytes)):
         eager_ms = None
         for impl, fn in impls.items():
             inputs = make_inputs(mode == "fwd+bwd")
-            grad = torch.randn(grad_shape, device=device)
+            grad = torch.randn(grad_shape, device=device).to(memory_format=grad_layout)
 
             def step():
                 inputs[0].grad = None  # no gradient accumulation across repeats (it would add a read + write)
@@ -94,6 +108,8 @@ def run(quick: bool = False, backend: str = "auto", device: str = "cpu") -> list
                  pct_copy_bw=100.0, speedup_vs_eager=None)]
     cases = [("expert_aggregate", shape) for shape in aggregate_shapes]
     cases += [("tau_normalize", shape) for shape in normalize_shapes] + [("tau_sweep", None)]
+    if torch.device(device).type == "cpu" and backend == "cpp":  # the op has a CPU kernel only
+        cases += [("batch_norm_channels_last", shape) for shape in BATCH_NORM_SHAPES]
     with ops.use_backend(backend):
         for op, shape in progress(cases, "fastlt bench ops"):
             if op == "expert_aggregate":
@@ -116,6 +132,18 @@ def run(quick: bool = False, backend: str = "auto", device: str = "cpu") -> list
                 size = C * D * 4
                 rows += _time_modes(impls, make_inputs, 2 * size, 5 * size, (C, D), bandwidth,
                                     ("tau_normalize", f"C={C} D={D}"), repeats, device)
+            elif op == "batch_norm_channels_last":
+                N, C, H, W = shape
+
+                def make_inputs(grad, shape=shape):
+                    input = torch.randn(shape).to(memory_format=torch.channels_last).requires_grad_(grad)
+                    return input, torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+
+                impls = _implementations(_batch_norm_output, _torch_batch_norm_output, quick)
+                size = N * C * H * W * 4
+                rows += _time_modes(impls, make_inputs, 2 * size, 5 * size, shape, bandwidth,
+                                    ("batch_norm_channels_last", f"N={N} C={C} H={H} W={W}"), repeats, device,
+                                    grad_layout=torch.channels_last)
             else:
                 rows += _sweep_rows(sweep_shape, device)
     for row in rows:

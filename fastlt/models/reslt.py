@@ -6,7 +6,7 @@ from torch import nn
 
 from fastlt import ops
 from fastlt.models import imagenet_resnet, resnet_cifar, small_cnn
-from fastlt.models.base import ModelOutput, global_average_pool
+from fastlt.models.base import BatchNorm2d, ModelOutput, global_average_pool
 from fastlt.models.registry import register_model
 
 NUM_BRANCHES = 3
@@ -33,7 +33,7 @@ class ResLTBatchNorm(nn.Module):
     def __init__(self, trunk: nn.Module, feature_dim: int, num_classes: int):
         super().__init__()
         self.trunk = trunk
-        self.branch_norms = nn.ModuleList(nn.BatchNorm2d(feature_dim) for _ in range(NUM_BRANCHES))
+        self.branch_norms = nn.ModuleList(BatchNorm2d(feature_dim) for _ in range(NUM_BRANCHES))
         self.classifier = nn.Linear(feature_dim, num_classes)
 
     def extra_repr(self) -> str:
@@ -70,7 +70,7 @@ class ResLTConv(nn.Module):
         self.trunk = imagenet_resnet.ResNetTrunk(arch_name)
         dim = self.trunk.out_channels
         self.branch_block = nn.Sequential(
-            nn.Conv2d(dim, NUM_BRANCHES * dim, kernel_size=1, bias=False), nn.BatchNorm2d(NUM_BRANCHES * dim), nn.ReLU()
+            nn.Conv2d(dim, NUM_BRANCHES * dim, kernel_size=1, bias=False), BatchNorm2d(NUM_BRANCHES * dim), nn.ReLU()
         )
         imagenet_resnet.init_like_torchvision(self.branch_block)
         self.classifier = nn.Linear(dim, num_classes)
@@ -117,7 +117,7 @@ class RIDEResLT(nn.Module):
         self.shared, self.experts = ride.shared, ride.experts
         self.branch_blocks = nn.ModuleList(
             nn.Sequential(nn.Conv2d(feature_dim, NUM_BRANCHES * feature_dim, kernel_size=1, bias=False),
-                          nn.BatchNorm2d(NUM_BRANCHES * feature_dim), nn.ReLU())
+                          BatchNorm2d(NUM_BRANCHES * feature_dim), nn.ReLU())
             for _ in self.experts)
         imagenet_resnet.init_like_torchvision(self.branch_blocks)
         self.classifiers = nn.ModuleList(nn.Linear(feature_dim, num_classes) for _ in self.experts)

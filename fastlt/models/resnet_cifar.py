@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlt.models.base import FeatureClassifier, GlobalAveragePool
+from fastlt.models.base import BatchNorm2d, FeatureClassifier, GlobalAveragePool
 from fastlt.models.registry import register_model
 
 
@@ -22,9 +22,9 @@ class BasicBlockA(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm2d(planes)
         self.shortcut_padding = (planes - in_planes) // 2 if (stride != 1 or in_planes != planes) else None
 
     def extra_repr(self) -> str:
@@ -52,7 +52,7 @@ def make_stage(in_planes: int, planes: int, num_blocks: int, stride: int) -> nn.
 
 
 def make_stem(width: int = 16, in_channels: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(width),
+    return nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False), BatchNorm2d(width),
                          nn.ReLU())
 
 

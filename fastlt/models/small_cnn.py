@@ -5,14 +5,14 @@ from typing import Sequence
 
 from torch import nn
 
-from fastlt.models.base import FeatureClassifier, GlobalAveragePool
+from fastlt.models.base import BatchNorm2d, FeatureClassifier, GlobalAveragePool
 from fastlt.models.registry import register_model
 
 WIDTHS = (32, 64, 128)
 
 
 def make_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
-    layers = [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU()]
+    layers = [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), BatchNorm2d(out_channels), nn.ReLU()]
     if pool:
         layers.append(nn.MaxPool2d(2))
     return nn.Sequential(*layers)

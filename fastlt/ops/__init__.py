@@ -2,6 +2,7 @@
 
 from fastlt.ops._backend import get_backend, set_backend, use_backend
 from fastlt.ops._class_parallel import class_shard
+from fastlt.ops.batch_norm_channels_last import batch_norm_channels_last, batch_norm_channels_last_reference
 from fastlt.ops.expert_aggregate import expert_aggregate, expert_aggregate_reference
 from fastlt.ops.linear_prior_shifted_ce import linear_prior_shifted_ce, linear_prior_shifted_ce_reference
 from fastlt.ops.linear_reslt_loss import linear_reslt_loss, linear_reslt_loss_reference
@@ -17,6 +18,8 @@ __all__ = [
     "set_backend",
     "use_backend",
     "class_shard",
+    "batch_norm_channels_last",
+    "batch_norm_channels_last_reference",
     "expert_aggregate",
     "expert_aggregate_reference",
     "tau_normalize",

@@ -31,6 +31,13 @@ def _kept_at_exit(library: torch.library.Library) -> torch.library.Library:
 
 LIBRARY = _kept_at_exit(torch.library.Library("fastlt", "FRAGMENT"))  # kept for the process: it owns the registrations
 
+# Ops with a compiled CPU kernel only, on purpose (op name -> why): no CUDA kernel, no Triton overload, no self-check
+# case; on every other device (and dtype / layout the kernel does not take) the public function runs the reference.
+# tests/ops/test_op_registry.py requires exactly that of them, so the exemption cannot drift.
+CPU_ONLY_OPS = {
+    "batch_norm_channels_last": "mends torch's CPU channels_last batch norm (its scalar channel tail); cuDNN has none",
+}
+
 # The dtypes of the ops' tensor arguments, by argument name; every other tensor argument is floating point.
 TENSOR_DTYPES = {"target": (torch.int64,), "active": (torch.bool,), "group_masks": (torch.bool,)}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

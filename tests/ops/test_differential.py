@@ -4,11 +4,12 @@ A seeded generator draws inputs for each op over shapes (B = 1, C = 1 / 2, odd s
 broadcast and offset views), dtypes (fp32, fp64, bf16, fp16, mixed), NaN / Inf placement and argument values,
 invalid ones included. Every backend (reference, cpp, triton; the fused heads' chunked PyTorch loop, "torch"; their
 CUDA versions when a GPU is present; the raw ``torch.ops.fastlt`` ops of expert_aggregate / tau_normalize /
-tau_sweep) runs each draw, and they must either all refuse it with the same exception type at the same stage
-(forward, backward, second backward) or agree with the reference within the dtype tolerance. Each draw's mode
-decides what is compared: values only; first-order gradients; ``create_graph=True`` (the gradients of a function of
-the gradients: second order); ``retain_graph=True`` (a second backward through the same graph, after which the first
-gradients must be unchanged); or ``torch.func.grad``. A draw known to be invalid must be refused with a ValueError.
+tau_sweep / batch_norm_channels_last, the last a CPU-only op: its C++ CPU kernel alone) runs each draw, and they must
+either all refuse it with the same exception type at the same stage (forward, backward, second backward) or agree
+with the reference within the dtype tolerance. Each draw's mode decides what is compared: values only; first-order
+gradients; ``create_graph=True`` (the gradients of a function of the gradients: second order); ``retain_graph=True``
+(a second backward through the same graph, after which the first gradients must be unchanged); or
+``torch.func.grad``. A draw known to be invalid must be refused with a ValueError.
 
 The ops drawn are read from the op registry (the C++ sources' ``m.def`` lines, as tests/ops/test_op_registry.py
 reads them): an op without a drawer fails the test. The compositions on the fused head (linear_prior_shifted_ce,
@@ -33,6 +34,7 @@ import torch
 from op_helpers import REGISTERED_OPS
 
 from fastlt import _extension, ops
+from fastlt.ops._library import CPU_ONLY_OPS
 from fastlt.ops._selfcheck import TOLERANCES, tolerance
 
 DRAWS = int(os.environ.get("FASTLT_DIFF_DRAWS", "300"))
@@ -78,13 +80,16 @@ class Input:
 class Draw:
     label: str
     inputs: dict  # name -> Input
-    call: Callable  # call(**views) -> output tensor; runs under fastlt.ops.use_backend
+    call: Callable  # call(**views) -> output tensor, or a tuple: (output, *statistics); runs under use_backend
     mode: str = "gradients"  # one of MODES: what is compared beyond the values
     invalid: Optional[str] = None  # a known-invalid argument: every backend must raise ValueError
     raw: Optional[Callable] = None  # raw(overload, **views): the registered op called directly ("default" or "triton")
     compare: Optional[Callable] = None  # compare(actual, expected, views) for outputs that are not tolerance-equal
     dtype: torch.dtype = torch.float32  # of the main input: results are no more precise than its accumulation dtype
     magnitude: float = 1.0  # of the terms a result is a difference of, when larger than the result: the atol's scale
+    condition: float = 1.0  # how many times its own size the terms of a result are (batch norm of values far from
+    # their mean): the atol's factor over the reference's largest magnitude
+    statistics: tuple = ()  # names of the values-only outputs after the first when call returns a tuple
     chunked_loop: bool = False  # a fused head's: also run the chunked PyTorch loop ("torch")
 
 
@@ -605,6 +610,115 @@ def draw_linear_reslt_loss(gen):
                 magnitude=K * _cosine_magnitude(kwargs))  # the fused rows are sums of K normalised rows
 
 
+def _batch_norm_layout(gen, values, grad):
+    """A 4-D ``values`` as the op may receive it: channels_last (the kernel's), NCHW contiguous, a channels_last
+    batch at an offset (still channels_last: the kernel's), or a strided slice (every other column or channel) of a
+    channels_last or NCHW base (neither: the reference's, and the raw kernel's own copy)."""
+    N, C, H, W = values.shape
+    kind = gen.pick("channels_last", "contiguous", "offset", "columns", "channels", weights=[6, 2, 2, 1, 1])
+    fmt = gen.pick(torch.channels_last, torch.contiguous_format)
+    if kind == "channels_last":
+        return kind, Input(values.contiguous(memory_format=torch.channels_last), grad=grad)
+    if kind == "offset":
+        base = torch.cat([torch.zeros((1, C, H, W), dtype=values.dtype), values])
+        return kind, Input(base.contiguous(memory_format=torch.channels_last), lambda t: t[1:], grad)
+    if kind == "columns":
+        base = torch.zeros((N, C, H, 2 * W), dtype=values.dtype)
+        base[..., ::2] = values
+        return f"{kind} of {fmt}", Input(base.contiguous(memory_format=fmt), lambda t: t[..., ::2], grad)
+    if kind == "channels":
+        base = torch.zeros((N, 2 * C, H, W), dtype=values.dtype)
+        base[:, ::2] = values
+        return f"{kind} of {fmt}", Input(base.contiguous(memory_format=fmt), lambda t: t[:, ::2], grad)
+    return kind, Input(values, grad=grad)
+
+
+def draw_batch_norm_channels_last(gen):
+    """CPU-only (fastlt.ops._library.CPU_ONLY_OPS): "auto" / "cpp" run the C++ kernel for a channels_last fp32 /
+    fp64 CPU batch only, every other draw (and "triton", "reference") torch's batch norm; the raw op is the C++
+    kernel on every layout."""
+    dtype = gen.pick(torch.float32, torch.float64, torch.bfloat16, torch.float16, weights=[5, 4, 2, 1])
+    N = gen.pick(1, 2, 3, 4, 8, weights=[2, 3, 2, 2, 1])
+    # channel counts the tiles of lcm(C, 16) values cover unevenly, C = 1, and 16..64
+    C = gen.pick(1, 2, 3, 5, 7, 16, 17, 24, 31, 32, 40, 48, 64, weights=[2, 1, 2, 1, 1, 1, 1, 3, 1, 1, 1, 1, 1])
+    H, W = gen.pick((1, 1), (1, 2), (2, 3), (3, 3), (4, 5), (7, 1), (16, 16), weights=[3, 1, 2, 2, 2, 1, 1])
+    if (H, W) == (16, 16):  # several blocks of 256 tiles: fewer images, fewer channels
+        N, C = gen.pick(1, 2, 8), gen.pick(3, 24, 40)
+    if N * H * W == 1:
+        N = gen.pick(2, 3)  # one value per channel is an invalid draw of its own
+    eps = gen.pick(1e-5, 1e-3, 0.1)
+    # per-channel means around `mean`, spread `std`: far from zero (mean 1e3, std down to 1e-2), the kernel's
+    # shifted sums against the references' accumulations
+    mean, std = gen.pick((0.0, 1.0), (0.0, 30.0), (0.5, 1e-3), (-50.0, 0.5), (1e3, 1.0), (1e3, 1e-2),
+                         weights=[5, 1, 1, 1, 1, 1])
+    if N * H * W > 256:  # torch's fp32 channels_last statistics (the reference) are summed in fp32: at mean 1e3,
+        std = max(std, abs(mean) * 1e-4)  # std 1e-2 and 2048 values a channel its invstd is 50% off (the kernel's 3e-6)
+    weight_dtype, input_dims = dtype, 4
+    weight_shape, bias_shape = (C,), (C,)
+    invalid = None
+    if gen.chance(0.15):
+        invalid = gen.pick("weight", "bias", "input dims", "one value per channel", "eps", "weight dtype")
+        if invalid == "weight":
+            weight_shape = gen.pick((C + 1,), (C, 1), ())
+        elif invalid == "bias":
+            bias_shape = gen.pick((C + 1,), (max(C - 1, 0),))
+        elif invalid == "input dims":
+            input_dims = gen.pick(3, 5)
+        elif invalid == "one value per channel":
+            N, H, W = 1, 1, 1
+        elif invalid == "eps":
+            eps = gen.pick(0.0, -1e-5, math.nan, math.inf)
+        else:
+            weight_dtype = gen.pick(*(d for d in (torch.float32, torch.float64, torch.bfloat16) if d != dtype))
+
+    channel_means = mean * (1 + 0.1 * gen.randn((C,)))
+    values = gen.randn((N, C, H, W), std) + channel_means[:, None, None]
+    if gen.chance(0.1):  # a constant channel (a dead ReLU's zeros, or a constant): zero variance, invstd = eps^-1/2
+        values[:, gen.rng.randrange(C)] = gen.pick(0.0, 1.5)
+    # Results far from the values they are computed from: out = x * invstd * w + (b - mean * invstd * w) rounds
+    # terms |x| * invstd times its size, and x - mean (the gradients) with mean rounded to the input's dtype is off
+    # by |x| / std times the rounding of x - mean. Both the kernel and torch round so, torch's fp32 channels_last
+    # kernel by more (its mean is summed in fp32, off by ~sqrt(M) roundings: its weight gradient is 1e-2 off at mean
+    # 1e3, std 1e-2, M = 160); a constant channel's x - mean is exact. The statistics are sums of terms |x| large.
+    condition, magnitude = 1.0, max(1.0, float(values.abs().max()))
+    if N * H * W > 1:
+        deviation = values.std(dim=(0, 2, 3), unbiased=False)
+        spread = torch.where(deviation > 0, deviation, torch.tensor(max(eps, 1e-5)).sqrt())
+        condition = max(1.0, float((values.abs().amax(dim=(0, 2, 3)) / spread).max()))
+        condition *= max(1.0, math.sqrt(N * H * W / 256))
+    if gen.chance(0.1):  # NaN / +-inf: the channel's results NaN (mean +-inf)
+        n, c, h, w = (gen.rng.randrange(size) for size in (N, C, H, W))
+        values[n, c, h, w] = gen.pick(math.nan, math.inf, -math.inf)  # at pixel 0 too: the kernel's shift
+    if input_dims == 3:
+        layout, x = "contiguous", Input(values[..., 0].to(dtype), grad=True)
+    elif input_dims == 5:
+        layout, x = "contiguous", Input(values[..., None].to(dtype), grad=True)
+    else:
+        layout, x = _batch_norm_layout(gen, values.to(dtype), grad=True)
+    # every layout, expanded included: torch's CPU batch norm backward (the reference) reads a strided weight as if
+    # contiguous for a channels_last or 1x1 batch, so the op hands it weight.contiguous()
+    weight = gen.randn(weight_shape, gen.pick(1.0, 0.1)).to(weight_dtype)
+    inputs = {
+        "input": x,
+        "weight": gen.layout(weight, grad=True),
+        "bias": gen.float_input(bias_shape, weight_dtype, grad=True, special=0),
+    }
+
+    def call(input, weight, bias):
+        return ops.batch_norm_channels_last(input, weight, bias, eps=eps)
+
+    def raw(overload, input, weight, bias):
+        return getattr(torch.ops.fastlt.batch_norm_channels_last, overload)(input, weight, bias, eps)
+
+    # the raw kernel takes fp32 / fp64 only (every other dtype is the wrapper's reference): raw calls on valid draws
+    # of those dtypes, and on every invalid draw (refused alike)
+    raw_ok = invalid is not None or dtype in (torch.float32, torch.float64)
+    label = (f"N={N} C={C} H={H} W={W} {dtype} weight {weight_dtype}{list(weight_shape)} bias {list(bias_shape)} "
+             f"dims={input_dims} {layout} mean={mean} std={std} eps={eps}")
+    return Draw(label, inputs, call, mode=gen.mode(), invalid=invalid, raw=raw if raw_ok else None, dtype=dtype,
+                magnitude=magnitude, condition=condition, statistics=("mean", "invstd", "unbiased_var"))
+
+
 # ---- running a draw on one backend ----
 
 
@@ -637,8 +751,17 @@ def run(draw, backend, device, raw_overload=None):
     stage = "forward"
 
     def forward(**leaf_values):
+        """The op's (first) output; a tuple's other outputs are recorded as values (draw.statistics) by the plain
+        call (no ``leaf_values``: torch.func.grad's call returns them wrapped)."""
         views = {name: draw.inputs[name].view(leaf_values.get(name, base)) for name, base in bases.items()}
-        return draw.raw(raw_overload, **views) if raw_overload is not None else draw.call(**views)
+        out = draw.raw(raw_overload, **views) if raw_overload is not None else draw.call(**views)
+        if not isinstance(out, tuple):
+            return out
+        out, *statistics = out
+        assert len(statistics) == len(draw.statistics), f"{len(statistics)} statistics, named {draw.statistics}"
+        if not leaf_values:
+            results.update({f"out:{name}": value.detach() for name, value in zip(draw.statistics, statistics)})
+        return out
 
     def gradients(objective, **kwargs):
         grads = torch.autograd.grad(objective, [bases[n] for n in leaves], allow_unused=True, **kwargs)
@@ -682,7 +805,7 @@ def run(draw, backend, device, raw_overload=None):
         return Outcome(results, type(error), stage, str(error).splitlines()[0][:300] if str(error) else "")
 
 
-def assert_tensors_close(actual, expected, what, compute_dtype, magnitude=1.0):
+def assert_tensors_close(actual, expected, what, compute_dtype, magnitude=1.0, condition=1.0):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} vs {expected.dtype}"
     actual, expected = actual.cpu(), expected.cpu()
@@ -694,7 +817,7 @@ def assert_tensors_close(actual, expected, what, compute_dtype, magnitude=1.0):
     accumulation = torch.float64 if compute_dtype == torch.float64 else torch.float32
     dtype = max(expected.dtype, accumulation, key=lambda dtype: TOLERANCES[dtype][1])
     atol, rtol = tolerance(dtype, expected)
-    atol = max(atol, TOLERANCES[dtype][0] * magnitude)  # the draw's terms may be larger than its result
+    atol = max(atol * condition, TOLERANCES[dtype][0] * magnitude)  # the draw's terms may be larger than its result
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
@@ -720,19 +843,21 @@ def check(draw, runs):
             if name == "out" and draw.compare is not None:
                 draw.compare(outcome.results[name], value, views)
             else:
-                assert_tensors_close(outcome.results[name], value, f"{key} {name}", draw.dtype, draw.magnitude)
+                assert_tensors_close(outcome.results[name], value, f"{key} {name}", draw.dtype, draw.magnitude,
+                                     draw.condition)
 
 
-def check_draw(draw, check_raw):
+def check_draw(draw, check_raw, cpu_only=False):
     """Every backend on ``draw``; with ``check_raw``, also the raw registered ops (values only: their gradients are
-    the wrapper's)."""
+    the wrapper's). ``cpu_only``: the op has its C++ CPU kernel alone (fastlt.ops._library.CPU_ONLY_OPS), no triton
+    overload nor CUDA kernel to call raw (its public function runs the reference there, compared above)."""
     backends = BACKENDS + ([("torch", "cpu")] if draw.chunked_loop else [])
     check(draw, {(backend, device): run(draw, backend, device) for backend, device in backends})
     if draw.raw is not None and check_raw:
         values_only = dataclasses.replace(draw, mode="values")
         runs = {("reference", "cpu"): run(values_only, "reference", "cpu")}
         for backend, device in BACKENDS:
-            if backend != "reference":
+            if backend != "reference" and not (cpu_only and (backend == "triton" or device != "cpu")):
                 overload = "triton" if backend == "triton" else "default"
                 runs[(backend + " raw op", device)] = run(values_only, backend, device, overload)
         check(values_only, runs)
@@ -749,6 +874,7 @@ DRAWERS = {
     "linear_ride_loss": draw_linear_ride_loss,
     "linear_prior_shifted_ce": draw_linear_prior_shifted_ce,
     "linear_reslt_loss": draw_linear_reslt_loss,
+    "batch_norm_channels_last": draw_batch_norm_channels_last,
 }
 # The fused heads' draws cost most (a chunk loop per backend, four backends): fewer of them.
 DRAW_SHARE = {"linear_ride_loss": 0.3, "linear_prior_shifted_ce": 0.1, "linear_reslt_loss": 0.1}
@@ -770,7 +896,7 @@ def test_backends_agree_or_refuse_alike(op):
         draw = DRAWERS[op](Gen(_seed(op, index)))
         try:
             # raw ops on every invalid draw and a quarter of the valid ones (the Triton interpreter is slow)
-            check_draw(draw, check_raw=draw.invalid is not None or index % 4 == 0)
+            check_draw(draw, check_raw=draw.invalid is not None or index % 4 == 0, cpu_only=op in CPU_ONLY_OPS)
         except AssertionError as error:
             failures.append(f"draw {index} ({draw.label}): {error}")
     assert not failures, (

@@ -2,8 +2,10 @@
 eager reference in fastlt.ops, the CPU kernel registered at the bottom of its own csrc/cpu/<op>.cpp, the CUDA kernel
 registered at the bottom of csrc/cuda/<op>.cu, the Triton kernel in kernels/<op>.py as the op's ``triton`` overload
 with the same schema, a test file, a benchmark row and its figure in BENCHMARKS.md, and a self-check case
-(fastlt/ops/_selfcheck.py: `fastlt doctor` and the CUDA first-use check run it). Every overload of every op checks
-its tensor arguments' devices and dtypes, its fake (meta) implementation included."""
+(fastlt/ops/_selfcheck.py: `fastlt doctor` and the CUDA first-use check run it). The CPU-only ops
+(fastlt.ops._library.CPU_ONLY_OPS) instead must have no CUDA kernel, Triton kernel, triton overload or self-check case:
+every device but the CPU runs their reference. Every overload of every op checks its tensor arguments' devices and
+dtypes, its fake (meta) implementation included."""
 
 import re
 
@@ -25,6 +27,18 @@ def test_the_sources_define_the_ops_fastlt_exports():
     assert all(OPS[f"{name}_backward"] == name for name in ("expert_aggregate", "tau_normalize"))
 
 
+def test_cpu_only_ops_are_registered_ops():
+    """An exemption names an op of the registry (a renamed or removed op leaves none behind)."""
+    assert set(_library.CPU_ONLY_OPS) <= set(PUBLIC_OPS)
+
+
+def _overload_names(name):
+    """The registered overloads of ``fastlt::<name>`` (none when nothing defines it: a CPU-only op without the
+    extension)."""
+    packet = getattr(torch.ops.fastlt, name, None)
+    return packet.overloads() if packet is not None else []
+
+
 @pytest.mark.parametrize("name", PUBLIC_OPS)
 def test_op_has_every_piece(name):
     stem = OPS[name]
@@ -32,19 +46,28 @@ def test_op_has_every_piece(name):
     assert callable(getattr(fastlt.ops, name, None)), f"fastlt.ops.{name} is not exported"
     assert callable(getattr(fastlt.ops, f"{name}_reference", None)), f"fastlt.ops.{name}_reference is not exported"
     assert (ROOT / "fastlt" / "ops" / f"{name}.py").is_file()
-    assert (ROOT / "kernels" / f"{name}.py").is_file(), f"no Triton kernel kernels/{name}.py"
-    cuda_source = ROOT / "csrc" / "cuda" / f"{name}.cu"
-    assert cuda_source.is_file(), f"no CUDA kernel csrc/cuda/{name}.cu"
-    assert f'm.impl("{name}"' in cuda_source.read_text(), f"csrc/cuda/{name}.cu does not register {name}"
+    triton_kernel, cuda_source = ROOT / "kernels" / f"{name}.py", ROOT / "csrc" / "cuda" / f"{name}.cu"
+    if name in _library.CPU_ONLY_OPS:  # on purpose: none of the other devices' pieces, no self-check
+        assert not triton_kernel.is_file(), f"{name} is CPU-only (_library.CPU_ONLY_OPS) but has kernels/{name}.py"
+        assert not cuda_source.is_file(), f"{name} is CPU-only (_library.CPU_ONLY_OPS) but has csrc/cuda/{name}.cu"
+        assert "triton" not in _overload_names(name), f"{name} is CPU-only (_library.CPU_ONLY_OPS) but has .triton"
+        assert name not in _selfcheck.CASES, f"{name} is CPU-only (_library.CPU_ONLY_OPS) but has a self-check case"
+    else:
+        assert triton_kernel.is_file(), f"no Triton kernel kernels/{name}.py"
+        assert cuda_source.is_file(), f"no CUDA kernel csrc/cuda/{name}.cu"
+        assert f'm.impl("{name}"' in cuda_source.read_text(), f"csrc/cuda/{name}.cu does not register {name}"
+        assert name in _selfcheck.CASES, f"{name} has no self-check case (fastlt doctor, the CUDA first-use check)"
     assert (ROOT / "tests" / "ops" / f"test_{name}.py").is_file(), f"no tests/ops/test_{name}.py"
     benchmarks = "\n".join(path.read_text() for path in (ROOT / "bench").glob("*.py"))
     assert re.search(rf"\bops\.{name}\b", benchmarks), f"no benchmark row calls fastlt.ops.{name} (bench/*.py)"
-    assert name in _selfcheck.CASES, f"{name} has no self-check case (fastlt doctor, the CUDA first-use check)"
     assert re.search(rf"\b{name}\b", (ROOT / "BENCHMARKS.md").read_text()), f"BENCHMARKS.md has no figure of {name}"
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_triton_overload_takes_the_compiled_ops_arguments(name):
+    if OPS[name] in _library.CPU_ONLY_OPS:  # the op or its backward
+        assert "triton" not in _overload_names(name), f"fastlt::{name} is CPU-only (_library.CPU_ONLY_OPS): no .triton"
+        return
     packet = getattr(torch.ops.fastlt, name)
     assert "triton" in packet.overloads(), f"fastlt::{name} has no triton overload"
     if not _extension.AVAILABLE:
@@ -57,13 +80,15 @@ def test_triton_overload_takes_the_compiled_ops_arguments(name):
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_compiled_kernels_are_registered_for_each_built_device(name):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastlt::{name}", "CPU")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastlt::{name}", "CUDA") == _extension.HAS_CUDA
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(f"fastlt::{name}", "CUDA")
+    assert has_cuda == (_extension.HAS_CUDA and OPS[name] not in _library.CPU_ONLY_OPS)
 
 
 def _overloads(name):
-    """Every registered overload of ``fastlt::<name>``: the compiled one (with the extension), triton, torch."""
-    packet = getattr(torch.ops.fastlt, name)
-    return [getattr(packet, overload) for overload in packet.overloads()
+    """Every registered overload of ``fastlt::<name>``: the compiled one (with the extension), triton, torch (none
+    for a CPU-only op without the extension)."""
+    packet = getattr(torch.ops.fastlt, name, None)
+    return [getattr(packet, overload) for overload in _overload_names(name)
             if overload != "default" or _extension.AVAILABLE]
 
 
