@@ -1,7 +1,7 @@
 // CPU kernels of fastlt::batch_norm_channels_last: training-mode batch normalisation of a channels_last [N, C, H, W]
 // tensor, whose memory is a row-major [M, C] table (M = N * H * W). torch's CPU kernel vectorises its loops over the
 // C channels of one row, so a channel count that is not a multiple of the vector width runs its tail scalar: the RIDE
-// CIFAR experts' 24 channels take 3-4x longer per element than 48 channels on AVX-512 (docs/methods.md 9). Here the
+// CIFAR experts' 24 channels take 3-4x longer per element than 48 channels on AVX-512 (BENCHMARKS.md). Here the
 // loops run over tiles of L = lcm(C, 16) values (16 / C whole rows), the per-position tables repeating every C
 // values, so each ISA vectorises the whole tile; per-position sums fold back to C channels at the end.
 //

@@ -5,7 +5,7 @@ variance that the running variance averages), for the channel counts torch's CPU
 torch vectorises its channels_last loops over the C channels of one pixel, so the channels past the last full vector
 run scalar: on AVX-512 the RIDE CIFAR experts' 24-channel layers take 3-4x longer per element than 48 channels, and
 their 30 batch norms cost the channels_last step more than its NCHW twin's. The kernel tiles the table of pixels by
-lcm(C, 16) values so that every ISA vectorises all of it (docs/methods.md 9 has the figures).
+lcm(C, 16) values so that every ISA vectorises all of it (BENCHMARKS.md has the figures; docs/architecture.md 2).
 
 CPU only, on purpose: it mends torch's CPU kernel; on CUDA, cuDNN's batch norm has no such tail, and every other
 device, dtype or layout takes torch's own batch norm (the reference). :class:`fastlt.models.base.BatchNorm2d` uses it.
