@@ -67,7 +67,7 @@ def _validate(input, weight, bias, eps):
     float."""
     _checks.tensor(OP, "input", input, dims=4, floating=True)
     channels = input.shape[1]
-    if input.numel() // channels < 2:
+    if input.numel() // channels < 2:  # (an empty input was refused above)
         raise ValueError(f"{OP}: input needs more than one value per channel in training, got shape "
                          f"{tuple(input.shape)}")
     for name, table in (("weight", weight), ("bias", bias)):

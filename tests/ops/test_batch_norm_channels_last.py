@@ -118,6 +118,7 @@ def test_compiles_fullgraph():
 @pytest.mark.parametrize("call, error", [
     (lambda x, w, b: (x[0], w, b, 1e-5), r"input must have 4 dims"),
     (lambda x, w, b: (x[:1, :, :1, :1], w, b, 1e-5), r"more than one value per channel"),
+    (lambda x, w, b: (x[:, :0], w[:0], b[:0], 1e-5), r"input must not be empty"),  # no channel
     (lambda x, w, b: (x, w[:3], b, 1e-5), r"weight must be \[C\]=\[24\]"),
     (lambda x, w, b: (x, w, b.double(), 1e-5), r"bias must be torch.float32 like input"),
     (lambda x, w, b: (x, w, b, 0.0), r"eps must be"),
