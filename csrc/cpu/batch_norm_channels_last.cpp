@@ -6,15 +6,18 @@
 // values, so each ISA vectorises the whole tile; per-position sums fold back to C channels at the end.
 //
 // Statistics in one pass: sums of x - shift and (x - shift)^2 with the first row as the per-channel shift (no
-// cancellation when the shift is within a few standard deviations of the mean), summed in the input's dtype over
-// blocks of kBlockRows tiles and in double across blocks and threads. Backward in two passes: the per-channel sums of
-// g and g * (x - mean), then grad_input = g * k1 + (x - mean) * k2 + k3 with per-channel k's.
+// cancellation when the shift is within a few standard deviations of the mean), summed in float (fp32, bf16) or
+// double (fp64) over blocks of kBlockRows tiles and in double across blocks and threads. bf16 batches (autocast)
+// take float32 or bf16 parameters and return float32 statistics, as torch's batch norm does. Backward in two passes:
+// the per-channel sums of g and g * (x - mean), then grad_input = g * k1 + (x - mean) * k2 + k3 with per-channel k's.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <numeric>
 #include <vector>
 
@@ -26,16 +29,38 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kTileMultiple = 16;  // fp32 lanes of AVX-512: a tile is a whole number of vectors on every ISA
-constexpr int64_t kBlockRows = 256;    // tiles summed in the input's dtype before a double accumulation
+constexpr int64_t kBlockRows = 256;    // tiles summed in float (double for fp64) before a double accumulation
+
+// The loops' element types: float, double, and bf16 as its bits (uint16_t: the upper half of a float; stores round to
+// nearest even and keep NaN, as c10::BFloat16 does). Through the bits every ISA vectorises the conversions, which
+// c10::BFloat16's own operators leave scalar.
+FASTLT_ALWAYS_INLINE float to_compute(float value) { return value; }
+FASTLT_ALWAYS_INLINE double to_compute(double value) { return value; }
+FASTLT_ALWAYS_INLINE float to_compute(uint16_t bits) { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
+FASTLT_ALWAYS_INLINE void store(float* out, float value) { *out = value; }
+FASTLT_ALWAYS_INLINE void store(double* out, double value) { *out = value; }
+FASTLT_ALWAYS_INLINE void store(uint16_t* out, float value) {
+  const uint32_t bits = std::bit_cast<uint32_t>(value);
+  const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  *out = value != value ? uint16_t{0x7FC0} : rounded;
+}
+template <typename T>
+T* elements(T* data) {
+  return data;
+}
+inline const uint16_t* elements(const c10::BFloat16* data) { return reinterpret_cast<const uint16_t*>(data); }
+inline uint16_t* elements(c10::BFloat16* data) { return reinterpret_cast<uint16_t*>(data); }
+
+// The loops read and write T (the input's element type) and compute in A (float for bf16 and fp32, double for fp64).
 
 // sum1[j] += x - shift[j], sum2[j] += (x - shift[j])^2 over `rows` tiles of L values.
-template <typename T>
-FASTLT_ALWAYS_INLINE void shifted_sums_impl(const T* x, int64_t rows, int64_t L, const T* shift, T* sum1, T* sum2) {
+template <typename T, typename A>
+FASTLT_ALWAYS_INLINE void shifted_sums_impl(const T* x, int64_t rows, int64_t L, const A* shift, A* sum1, A* sum2) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = x + r * L;
 #pragma omp simd
     for (int64_t j = 0; j < L; ++j) {
-      const T d = row[j] - shift[j];
+      const A d = to_compute(row[j]) - shift[j];
       sum1[j] += d;
       sum2[j] += d * d;
     }
@@ -43,56 +68,59 @@ FASTLT_ALWAYS_INLINE void shifted_sums_impl(const T* x, int64_t rows, int64_t L,
 }
 
 // out = (x - mean[j]) * scale[j] + bias[j] (not x * a + b: with a mean far from 0, b cancels x's leading digits).
-template <typename T>
-FASTLT_ALWAYS_INLINE void normalize_impl(const T* x, T* out, int64_t rows, int64_t L, const T* mean, const T* scale,
-                                         const T* bias) {
+template <typename T, typename A>
+FASTLT_ALWAYS_INLINE void normalize_impl(const T* x, T* out, int64_t rows, int64_t L, const A* mean, const A* scale,
+                                         const A* bias) {
   for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
-    for (int64_t j = 0; j < L; ++j) out[r * L + j] = (x[r * L + j] - mean[j]) * scale[j] + bias[j];
+    for (int64_t j = 0; j < L; ++j) store(out + r * L + j, (to_compute(x[r * L + j]) - mean[j]) * scale[j] + bias[j]);
   }
 }
 
 // sum_g[j] += g, sum_gx[j] += g * (x - mean[j]).
-template <typename T>
-FASTLT_ALWAYS_INLINE void grad_sums_impl(const T* g, const T* x, int64_t rows, int64_t L, const T* mean, T* sum_g,
-                                         T* sum_gx) {
+template <typename T, typename A>
+FASTLT_ALWAYS_INLINE void grad_sums_impl(const T* g, const T* x, int64_t rows, int64_t L, const A* mean, A* sum_g,
+                                         A* sum_gx) {
   for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
     for (int64_t j = 0; j < L; ++j) {
-      sum_g[j] += g[r * L + j];
-      sum_gx[j] += g[r * L + j] * (x[r * L + j] - mean[j]);
+      const A gj = to_compute(g[r * L + j]);
+      sum_g[j] += gj;
+      sum_gx[j] += gj * (to_compute(x[r * L + j]) - mean[j]);
     }
   }
 }
 
 // grad_input = g * k1[j] + (x - mean[j]) * k2[j] + k3[j].
-template <typename T>
-FASTLT_ALWAYS_INLINE void write_grad_input_impl(const T* g, const T* x, T* out, int64_t rows, int64_t L, const T* mean,
-                                                const T* k1, const T* k2, const T* k3) {
+template <typename T, typename A>
+FASTLT_ALWAYS_INLINE void write_grad_input_impl(const T* g, const T* x, T* out, int64_t rows, int64_t L, const A* mean,
+                                                const A* k1, const A* k2, const A* k3) {
   for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
-    for (int64_t j = 0; j < L; ++j) out[r * L + j] = g[r * L + j] * k1[j] + (x[r * L + j] - mean[j]) * k2[j] + k3[j];
+    for (int64_t j = 0; j < L; ++j)
+      store(out + r * L + j, to_compute(g[r * L + j]) * k1[j] + (to_compute(x[r * L + j]) - mean[j]) * k2[j] + k3[j]);
   }
 }
 
-// fp32 takes the per-ISA builds; fp64 (tests, gradcheck) the generic one.
-#define FASTLT_BN_LOOPS(T, ATTRIBUTE)                                                                                  \
-  ATTRIBUTE void shifted_sums(const T* x, int64_t rows, int64_t L, const T* shift, T* sum1, T* sum2) {                 \
+// fp32 and bf16 take the per-ISA builds; fp64 (tests, gradcheck) the generic one.
+#define FASTLT_BN_LOOPS(T, A, ATTRIBUTE)                                                                               \
+  ATTRIBUTE void shifted_sums(const T* x, int64_t rows, int64_t L, const A* shift, A* sum1, A* sum2) {                 \
     shifted_sums_impl(x, rows, L, shift, sum1, sum2);                                                                  \
   }                                                                                                                    \
-  ATTRIBUTE void normalize(const T* x, T* out, int64_t rows, int64_t L, const T* mean, const T* scale,                 \
-                           const T* bias) {                                                                            \
+  ATTRIBUTE void normalize(const T* x, T* out, int64_t rows, int64_t L, const A* mean, const A* scale,                 \
+                           const A* bias) {                                                                            \
     normalize_impl(x, out, rows, L, mean, scale, bias);                                                                \
   }                                                                                                                    \
-  ATTRIBUTE void grad_sums(const T* g, const T* x, int64_t rows, int64_t L, const T* mean, T* sum_g, T* sum_gx) {      \
+  ATTRIBUTE void grad_sums(const T* g, const T* x, int64_t rows, int64_t L, const A* mean, A* sum_g, A* sum_gx) {      \
     grad_sums_impl(g, x, rows, L, mean, sum_g, sum_gx);                                                                \
   }                                                                                                                    \
-  ATTRIBUTE void write_grad_input(const T* g, const T* x, T* out, int64_t rows, int64_t L, const T* mean, const T* k1, \
-                                  const T* k2, const T* k3) {                                                          \
+  ATTRIBUTE void write_grad_input(const T* g, const T* x, T* out, int64_t rows, int64_t L, const A* mean, const A* k1, \
+                                  const A* k2, const A* k3) {                                                          \
     write_grad_input_impl(g, x, out, rows, L, mean, k1, k2, k3);                                                       \
   }
-FASTLT_BN_LOOPS(float, FASTLT_PER_ISA)
-FASTLT_BN_LOOPS(double, )
+FASTLT_BN_LOOPS(float, float, FASTLT_PER_ISA)
+FASTLT_BN_LOOPS(uint16_t, float, FASTLT_PER_ISA)
+FASTLT_BN_LOOPS(double, double, )
 #undef FASTLT_BN_LOOPS
 
 // The tiling of an [M, C] table: full tiles of L values, then a partial tile of `tail` values (a multiple of C).
@@ -150,23 +178,40 @@ void each_tile(const Tiling& tiling, const Pass& pass) {
   if (tiling.tail > 0) pass(tiling.tiles, tiling.tiles + 1, tiling.tail);
 }
 
-// input [N, C, H, W] (more than one value per channel) and two [C] tables of its dtype and device.
-void check_inputs(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const char* op,
-                  const char* bias_name = "bias") {
+// The dtype of the statistics (mean, invstd, unbiased variance) and of the per-channel math: float for fp32 and
+// bf16 batches (as torch's batch norm returns them), double for fp64.
+at::ScalarType statistics_dtype(const at::Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// input [N, C, H, W], fp32 / fp64 / bf16 on the CPU, more than one value per channel.
+void check_input(const at::Tensor& input, const char* op) {
   TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must be [N, C, H, W], got shape ", input.sizes());
-  TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
-                    ": input must be float32/float64, got ", input.scalar_type());
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, op,
+                    ": input must be float32/float64/bfloat16, got ", dtype);
   TORCH_CHECK_VALUE(input.device().is_cpu(), op, " (CPU kernel): input must be a CPU tensor, got ", input.device());
   const int64_t C = input.size(1);
   TORCH_CHECK_VALUE(C > 0 && input.numel() / C > 1, op,
                     ": input needs more than one value per channel in training, got shape ", input.sizes());
-  for (const auto& [tensor, name] : {std::pair{&weight, "weight"}, std::pair{&bias, bias_name}}) {
-    TORCH_CHECK_VALUE(tensor->dim() == 1 && tensor->size(0) == C, op, ": ", name, " must be [C]=[", C, "], got shape ",
-                      tensor->sizes());
-    TORCH_CHECK_VALUE(tensor->scalar_type() == input.scalar_type(), op, ": ", name, " must be ", input.scalar_type(),
-                      " like input, got ", tensor->scalar_type());
-    check_same_device(*tensor, input, op, name, "input");
+}
+
+// A [C] table on input's device: a parameter (weight, bias) of input's dtype, or float32 beside a bf16 input (its
+// parameters under autocast); a statistic (mean, invstd) of statistics_dtype(input).
+void check_table(const at::Tensor& table, const at::Tensor& input, const char* op, const char* name, bool parameter) {
+  const int64_t C = input.size(1);
+  TORCH_CHECK_VALUE(table.dim() == 1 && table.size(0) == C, op, ": ", name, " must be [C]=[", C, "], got shape ",
+                    table.sizes());
+  const auto dtype = table.scalar_type();
+  if (parameter) {
+    TORCH_CHECK_VALUE(dtype == input.scalar_type() || (input.scalar_type() == at::kBFloat16 && dtype == at::kFloat), op,
+                      ": ", name, " must be ", input.scalar_type(),
+                      input.scalar_type() == at::kBFloat16 ? " or float32" : "", " like input, got ", dtype);
+  } else {
+    TORCH_CHECK_VALUE(dtype == statistics_dtype(input), op, ": ", name, " must be ", statistics_dtype(input), " for a ",
+                      input.scalar_type(), " input, got ", dtype);
   }
+  check_same_device(table, input, op, name, "input");
 }
 
 }  // namespace
@@ -175,47 +220,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_channels_l
                                                                                     const at::Tensor& weight_in,
                                                                                     const at::Tensor& bias_in,
                                                                                     double eps) {
+  // the checks of fastlt/ops/batch_norm_channels_last.py `_validate`
   constexpr const char* op = "fastlt.batch_norm_channels_last";
-  check_inputs(input_in, weight_in, bias_in, op);  // the one check of fastlt/ops/batch_norm_channels_last.py
+  check_input(input_in, op);
+  check_table(weight_in, input_in, op, "weight", true);
+  check_table(bias_in, input_in, op, "bias", true);
   check_eps(eps, op);
   const at::Tensor input = input_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
+  const auto stats = input.options().dtype(statistics_dtype(input));
+  const at::Tensor weight = weight_in.to(stats.dtype()).contiguous(), bias = bias_in.to(stats.dtype()).contiguous();
   const Tiling tiling(input);
   const int64_t C = tiling.C;
   at::Tensor out = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  at::Tensor mean = at::empty({C}, input.options()), invstd = at::empty({C}, input.options());
-  at::Tensor unbiased_var = at::empty({C}, input.options());
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlt_batch_norm_channels_last_cpu", [&] {
-    const scalar_t* x = input.data_ptr<scalar_t>();
+  at::Tensor mean = at::empty({C}, stats), invstd = at::empty({C}, stats), unbiased_var = at::empty({C}, stats);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastlt_batch_norm_channels_last_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const auto* x = elements(input.data_ptr<scalar_t>());
     std::vector<double> first_row(C);
     // an infinite first value would make every shifted value nan (inf - inf): no shift there
-    for (int64_t c = 0; c < C; ++c) first_row[c] = std::isfinite(x[c]) ? static_cast<double>(x[c]) : 0.0;
-    const std::vector<scalar_t> shift = tiled<scalar_t>(first_row, tiling.L);
-    const auto sums = channel_sums<scalar_t>(tiling, 2, [&](int64_t t0, int64_t t1, int64_t L, scalar_t* block) {
+    for (int64_t c = 0; c < C; ++c) {
+      const double first = static_cast<double>(to_compute(x[c]));
+      first_row[c] = std::isfinite(first) ? first : 0.0;
+    }
+    const std::vector<A> shift = tiled<A>(first_row, tiling.L);
+    const auto sums = channel_sums<A>(tiling, 2, [&](int64_t t0, int64_t t1, int64_t L, A* block) {
       shifted_sums(x + t0 * tiling.L, t1 - t0, L, shift.data(), block, block + L);
     });
     std::vector<double> channel_means(C), scale(C), bias_values(C);
-    scalar_t* mean_out = mean.data_ptr<scalar_t>();
-    scalar_t* invstd_out = invstd.data_ptr<scalar_t>();
-    scalar_t* unbiased_var_out = unbiased_var.data_ptr<scalar_t>();
-    const scalar_t* w = weight.data_ptr<scalar_t>();
-    const scalar_t* b = bias.data_ptr<scalar_t>();
+    A* mean_out = mean.data_ptr<A>();
+    A* invstd_out = invstd.data_ptr<A>();
+    A* unbiased_var_out = unbiased_var.data_ptr<A>();
+    const A* w = weight.data_ptr<A>();
+    const A* b = bias.data_ptr<A>();
     const double M = static_cast<double>(tiling.M);
     for (int64_t c = 0; c < C; ++c) {
       const double shifted_mean = sums[0][c] / M;
       const double var = std::max(sums[1][c] / M - shifted_mean * shifted_mean, 0.0);
       const double channel_mean = first_row[c] + shifted_mean, channel_invstd = 1.0 / std::sqrt(var + eps);
-      mean_out[c] = static_cast<scalar_t>(channel_mean);
-      invstd_out[c] = static_cast<scalar_t>(channel_invstd);
-      unbiased_var_out[c] = static_cast<scalar_t>(var * M / (M - 1.0));  // what the running variance averages
+      mean_out[c] = static_cast<A>(channel_mean);
+      invstd_out[c] = static_cast<A>(channel_invstd);
+      unbiased_var_out[c] = static_cast<A>(var * M / (M - 1.0));  // what the running variance averages
       channel_means[c] = channel_mean;
       scale[c] = channel_invstd * w[c];
       bias_values[c] = b[c];
     }
-    const std::vector<scalar_t> mean_tiles = tiled<scalar_t>(channel_means, tiling.L);
-    const std::vector<scalar_t> scale_tiles = tiled<scalar_t>(scale, tiling.L);
-    const std::vector<scalar_t> bias_tiles = tiled<scalar_t>(bias_values, tiling.L);
-    scalar_t* y = out.data_ptr<scalar_t>();
+    const std::vector<A> mean_tiles = tiled<A>(channel_means, tiling.L);
+    const std::vector<A> scale_tiles = tiled<A>(scale, tiling.L);
+    const std::vector<A> bias_tiles = tiled<A>(bias_values, tiling.L);
+    auto* y = elements(out.data_ptr<scalar_t>());
     each_tile(tiling, [&](int64_t t0, int64_t t1, int64_t L) {
       normalize(x + t0 * tiling.L, y + t0 * tiling.L, t1 - t0, L, mean_tiles.data(), scale_tiles.data(),
                 bias_tiles.data());
@@ -230,8 +282,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_channels_last_backward
                                                                                  const at::Tensor& mean_in,
                                                                                  const at::Tensor& invstd_in) {
   constexpr const char* op = "fastlt.batch_norm_channels_last_backward";
-  check_inputs(input_in, weight_in, mean_in, op, "mean");
-  check_inputs(input_in, invstd_in, invstd_in, op, "invstd");
+  check_input(input_in, op);
+  check_table(weight_in, input_in, op, "weight", true);
+  check_table(mean_in, input_in, op, "mean", false);
+  check_table(invstd_in, input_in, op, "invstd", false);
   TORCH_CHECK_VALUE(grad_in.sizes() == input_in.sizes(), op, ": grad must match input's shape ", input_in.sizes(),
                     ", got ", grad_in.sizes());
   TORCH_CHECK_VALUE(grad_in.scalar_type() == input_in.scalar_type(), op, ": grad must be ", input_in.scalar_type(),
@@ -239,26 +293,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_channels_last_backward
   check_same_device(grad_in, input_in, op, "grad", "input");
   const at::Tensor input = input_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor grad = grad_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor weight = weight_in.contiguous(), mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
+  const auto stats = input.options().dtype(statistics_dtype(input));
+  const at::Tensor weight = weight_in.to(stats.dtype()).contiguous(), mean = mean_in.contiguous(),
+                   invstd = invstd_in.contiguous();
   const Tiling tiling(input);
   const int64_t C = tiling.C;
   at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  at::Tensor grad_weight = at::empty({C}, input.options()), grad_bias = at::empty({C}, input.options());
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastlt_batch_norm_channels_last_backward_cpu", [&] {
-    const scalar_t* x = input.data_ptr<scalar_t>();
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    const scalar_t* m = mean.data_ptr<scalar_t>();
-    const scalar_t* s = invstd.data_ptr<scalar_t>();
-    const scalar_t* w = weight.data_ptr<scalar_t>();
+  at::Tensor grad_weight = at::empty({C}, stats), grad_bias = at::empty({C}, stats);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastlt_batch_norm_channels_last_bwd_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const auto* x = elements(input.data_ptr<scalar_t>());
+    const auto* g = elements(grad.data_ptr<scalar_t>());
+    const A* m = mean.data_ptr<A>();
+    const A* s = invstd.data_ptr<A>();
+    const A* w = weight.data_ptr<A>();
     std::vector<double> channel_mean(m, m + C);
-    const std::vector<scalar_t> mean_tiles = tiled<scalar_t>(channel_mean, tiling.L);
-    const auto sums = channel_sums<scalar_t>(tiling, 2, [&](int64_t t0, int64_t t1, int64_t L, scalar_t* block) {
+    const std::vector<A> mean_tiles = tiled<A>(channel_mean, tiling.L);
+    const auto sums = channel_sums<A>(tiling, 2, [&](int64_t t0, int64_t t1, int64_t L, A* block) {
       grad_sums(g + t0 * tiling.L, x + t0 * tiling.L, t1 - t0, L, mean_tiles.data(), block, block + L);
     });
     // grad_input = w * invstd * (g - sum_g / M - (x - mean) * invstd^2 * sum_gx / M) = g * k1 + (x - mean) * k2 + k3
     std::vector<double> k1(C), k2(C), k3(C);
-    scalar_t* grad_weight_out = grad_weight.data_ptr<scalar_t>();
-    scalar_t* grad_bias_out = grad_bias.data_ptr<scalar_t>();
+    A* grad_weight_out = grad_weight.data_ptr<A>();
+    A* grad_bias_out = grad_bias.data_ptr<A>();
     const double M = static_cast<double>(tiling.M);
     for (int64_t c = 0; c < C; ++c) {
       const double scale = static_cast<double>(w[c]) * s[c];
@@ -266,18 +323,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_channels_last_backward
       k1[c] = scale;
       k2[c] = -scale * projection;
       k3[c] = -scale * sums[0][c] / M;
-      grad_weight_out[c] = static_cast<scalar_t>(sums[1][c] * s[c]);
-      grad_bias_out[c] = static_cast<scalar_t>(sums[0][c]);
+      grad_weight_out[c] = static_cast<A>(sums[1][c] * s[c]);
+      grad_bias_out[c] = static_cast<A>(sums[0][c]);
     }
-    const std::vector<scalar_t> k1_tiles = tiled<scalar_t>(k1, tiling.L), k2_tiles = tiled<scalar_t>(k2, tiling.L),
-                                k3_tiles = tiled<scalar_t>(k3, tiling.L);
-    scalar_t* out = grad_input.data_ptr<scalar_t>();
+    const std::vector<A> k1_tiles = tiled<A>(k1, tiling.L), k2_tiles = tiled<A>(k2, tiling.L),
+                         k3_tiles = tiled<A>(k3, tiling.L);
+    auto* out = elements(grad_input.data_ptr<scalar_t>());
     each_tile(tiling, [&](int64_t t0, int64_t t1, int64_t L) {
       write_grad_input(g + t0 * tiling.L, x + t0 * tiling.L, out + t0 * tiling.L, t1 - t0, L, mean_tiles.data(),
                        k1_tiles.data(), k2_tiles.data(), k3_tiles.data());
     });
   });
-  return {grad_input, grad_weight, grad_bias};
+  // the parameters' gradients in the parameters' dtype
+  return {grad_input, grad_weight.to(weight_in.scalar_type()), grad_bias.to(weight_in.scalar_type())};
 }
 
 }  // namespace cpu

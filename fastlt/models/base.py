@@ -37,9 +37,9 @@ class GlobalAveragePool(nn.Module):
 
 class BatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d (same parameters, buffers, state_dict and results) whose training step on a channels_last CPU
-    batch runs fastlt.ops.batch_norm_channels_last: torch's CPU kernel runs the channels past the last full vector
-    scalar, 3-4x slower per element at the RIDE experts' 24 channels. Evaluation, CUDA, bf16 (autocast) and NCHW
-    batches run nn.BatchNorm2d's own forward.
+    batch (fp32, or bf16 under autocast) runs fastlt.ops.batch_norm_channels_last: torch's CPU kernel runs the
+    channels past the last full vector scalar, 3-4x slower per element at the RIDE experts' 24 channels. Evaluation,
+    CUDA, fp16 and NCHW batches run nn.BatchNorm2d's own forward.
 
     >>> bn = BatchNorm2d(24)
     >>> bn(torch.randn(8, 24, 4, 4).to(memory_format=torch.channels_last)).shape

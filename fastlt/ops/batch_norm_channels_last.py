@@ -23,7 +23,8 @@ OP = "fastlt.batch_norm_channels_last"
 # The arguments of fastlt::batch_norm_channels_last and its backward, as the C++ source defines them.
 SCHEMA = "(Tensor input, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)"
 BACKWARD_SCHEMA = "(Tensor grad, Tensor input, Tensor weight, Tensor mean, Tensor invstd) -> (Tensor, Tensor, Tensor)"
-KERNEL_DTYPES = (torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # their parameters may be float32 (autocast keeps them so)
 
 
 def batch_norm_channels_last_reference(input, weight, bias, eps=1e-5):
@@ -33,14 +34,21 @@ def batch_norm_channels_last_reference(input, weight, bias, eps=1e-5):
     # the batch is channels_last or 1x1
     output, mean, invstd = torch.ops.aten.native_batch_norm(input, weight.contiguous(), bias, None, None, True, 0.0,
                                                             eps)
-    return output, mean, invstd, input.detach().var(dim=(0, 2, 3))
+    dtype = statistics_dtype(input)
+    return output, mean.to(dtype), invstd.to(dtype), input.detach().to(dtype).var(dim=(0, 2, 3))
+
+
+def statistics_dtype(input: torch.Tensor) -> torch.dtype:
+    """The dtype of the statistics: float64 for an fp64 batch, float32 otherwise (bf16 under autocast too)."""
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
 def batch_norm_channels_last(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5):
     """Training-mode batch norm of ``input`` ``[N, C, H, W]`` with affine ``weight`` / ``bias`` ``[C]``: returns
     ``(output, mean, invstd, unbiased_var)``, the batch statistics per channel (``nn.BatchNorm2d`` averages
-    ``mean`` and ``unbiased_var`` into its running statistics). The compiled kernel runs channels_last fp32 / fp64
-    CPU batches (its output is channels_last); anything else runs torch's batch norm. Differentiable in input,
+    ``mean`` and ``unbiased_var`` into its running statistics; float32, float64 for an fp64 batch). The compiled
+    kernel runs channels_last fp32 / fp64 / bf16 CPU batches (its output is channels_last; a bf16 batch may have
+    float32 parameters, as under autocast); anything else runs torch's batch norm. Differentiable in input,
     weight and bias; the statistics are not.
 
     >>> x = torch.randn(8, 24, 4, 4).to(memory_format=torch.channels_last)
@@ -56,8 +64,8 @@ def batch_norm_channels_last(input: torch.Tensor, weight: torch.Tensor, bias: to
 
 
 def uses_kernel(input: torch.Tensor) -> bool:
-    """Whether the compiled kernel runs ``input``: a channels_last (and not also contiguous) fp32 / fp64 CPU batch,
-    with the extension built."""
+    """Whether the compiled kernel runs ``input``: a channels_last (and not also contiguous) fp32 / fp64 / bf16 CPU
+    batch, with the extension built."""
     return (_extension.AVAILABLE and input.device.type == "cpu" and input.dtype in KERNEL_DTYPES and input.dim() == 4
             and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous())
 
@@ -74,8 +82,9 @@ def _validate(input, weight, bias, eps):
         _checks.tensor(OP, name, table, dims=1, floating=True)
         if table.shape[0] != channels:
             raise ValueError(f"{OP}: {name} must be [C]=[{channels}], got shape {tuple(table.shape)}")
-        if table.dtype != input.dtype:
-            raise ValueError(f"{OP}: {name} must be {input.dtype} like input, got {table.dtype}")
+        if table.dtype != input.dtype and not (input.dtype in LOW_PRECISION and table.dtype == torch.float32):
+            also = " or torch.float32" if input.dtype in LOW_PRECISION else ""
+            raise ValueError(f"{OP}: {name} must be {input.dtype}{also} like input, got {table.dtype}")
         _checks.same_device(OP, name, table, input, "input")
     return _checks.number(OP, "eps", eps, low=0.0, low_open=True)
 
@@ -92,15 +101,14 @@ def _differentiable_backward(grad_output, input, weight, eps):
 
 
 def _fake_forward(input, weight, bias, eps):
-    channels = input.shape[1]
-    return (torch.empty_like(input, memory_format=torch.channels_last), input.new_empty(channels),
-            input.new_empty(channels), input.new_empty(channels))
+    channels, dtype = input.shape[1], statistics_dtype(input)
+    return (torch.empty_like(input, memory_format=torch.channels_last), input.new_empty(channels, dtype=dtype),
+            input.new_empty(channels, dtype=dtype), input.new_empty(channels, dtype=dtype))
 
 
 def _fake_backward(grad, input, weight, mean, invstd):
-    channels = input.shape[1]
-    return (torch.empty_like(input, memory_format=torch.channels_last), input.new_empty(channels),
-            input.new_empty(channels))
+    return (torch.empty_like(input, memory_format=torch.channels_last), torch.empty_like(weight),
+            torch.empty_like(weight))
 
 
 def _setup_context(ctx, inputs, output):

@@ -33,17 +33,21 @@ def outputs_and_grads(fn, x, weight, bias, grad):
 
 @needs_cpp
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kernel_matches_reference(shape, dtype):
-    """The raw kernel (every layout is taken: non-channels_last inputs are copied) against torch's batch norm."""
-    x = channels_last(*shape, dtype=dtype, mean=3.0, std=2.0)
-    weight, bias = affine(shape[1], dtype)
-    grad = torch.randn(shape, dtype=dtype)
+@pytest.mark.parametrize("dtype, parameter_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                                    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_kernel_matches_reference(shape, dtype, parameter_dtype):
+    """The raw kernel (every layout is taken: non-channels_last inputs are copied) against torch's batch norm; a
+    bf16 batch with float32 parameters is autocast's case. Statistics are float32 (float64 for fp64)."""
+    x = channels_last(*shape, mean=3.0, std=2.0).to(dtype)
+    weight, bias = (t.to(parameter_dtype) for t in affine(shape[1]))
+    grad = torch.randn(shape).to(dtype)
     kernel = outputs_and_grads(lambda *args: _kernel_with_autograd(*args), x, weight, bias, grad)
     reference = outputs_and_grads(batch_norm_channels_last_reference, x, weight, bias, grad)
-    for got, expected in zip(kernel, reference):
-        assert got.dtype == dtype
-        assert_close(got, expected, dtype)
+    statistics = torch.float64 if dtype == torch.float64 else torch.float32
+    for got, expected, expected_dtype in zip(kernel, reference, (dtype, statistics, statistics, statistics, dtype,
+                                                                  parameter_dtype, parameter_dtype)):
+        assert got.dtype == expected.dtype == expected_dtype
+        assert_close(got, expected, dtype)  # a bf16 batch's float32 results: sums of bf16 values, bf16's tolerance
     assert kernel[0].is_contiguous(memory_format=torch.channels_last)
 
 
@@ -55,9 +59,9 @@ def _kernel_with_autograd(x, weight, bias, eps):
 @needs_cpp
 def test_channels_last_cpu_batches_take_the_kernel_and_others_the_reference():
     x = channels_last(4, 24, 3, 3)
-    assert uses_kernel(x) and uses_kernel(x.double())
+    assert uses_kernel(x) and uses_kernel(x.double()) and uses_kernel(x.bfloat16())  # bf16: autocast's
     assert not uses_kernel(x.contiguous())  # NCHW
-    assert not uses_kernel(x.bfloat16())  # autocast's bf16: torch's kernel
+    assert not uses_kernel(x.half())  # fp16: torch's kernel
     assert not uses_kernel(channels_last(4, 24, 1, 1))  # one pixel: channels_last and contiguous at once
     assert not uses_kernel(x[:, :, :, :2])  # a strided view
 
@@ -137,7 +141,9 @@ def test_bad_arguments_are_named(call, error, name):
     (lambda x, w, b: (x[0], w, b, 1e-5), r"input must be \[N, C, H, W\]"),
     (lambda x, w, b: (x[:1, :, :1, :1], w, b, 1e-5), r"more than one value per channel"),
     (lambda x, w, b: (x, w[:3], b, 1e-5), r"weight must be \[C\]=\[24\]"),
-    (lambda x, w, b: (x.bfloat16(), w, b, 1e-5), r"input must be float32/float64"),
+    (lambda x, w, b: (x.half(), w, b, 1e-5), r"input must be float32/float64/bfloat16"),
+    (lambda x, w, b: (x, w.bfloat16(), b, 1e-5), r"weight must be Float like input"),
+    (lambda x, w, b: (x.bfloat16(), w.double(), b, 1e-5), r"weight must be BFloat16 or float32 like input"),
     (lambda x, w, b: (x, w, b, -1.0), r"eps must be"),
 ])
 def test_raw_kernel_names_bad_arguments(call, error):
@@ -185,16 +191,16 @@ def outputs_and_module_grads(module, x):
 
 
 def test_module_falls_back_to_torch_where_the_kernel_does_not_run():
-    """bf16 (CPU autocast), NCHW and non-affine modules are nn.BatchNorm2d's forward, bit for bit."""
+    """fp16, NCHW and non-affine modules are nn.BatchNorm2d's forward, bit for bit."""
     torch.manual_seed(0)
     x = torch.randn(4, 24, 3, 3)
-    for module_args, batch in [({}, x), ({}, x.to(memory_format=torch.channels_last).bfloat16()),
+    for module_args, batch in [({}, x), ({}, x.to(memory_format=torch.channels_last).half()),
                                ({"affine": False}, x.to(memory_format=torch.channels_last)),
                                ({"track_running_stats": False}, x.to(memory_format=torch.channels_last))]:
         ours, theirs = BatchNorm2d(24, **module_args), nn.BatchNorm2d(24, **module_args)
         ours.load_state_dict(theirs.state_dict())
-        if batch.dtype == torch.bfloat16:
-            ours, theirs = ours.bfloat16(), theirs.bfloat16()
+        if batch.dtype == torch.float16:
+            ours, theirs = ours.half(), theirs.half()
         torch.testing.assert_close(ours(batch), theirs(batch), rtol=0, atol=0)
 
 
@@ -208,3 +214,20 @@ def test_module_compiles_fullgraph_in_training():
         assert_close(compiled(x).detach(), eager(x).detach())
     assert_close(compiled_module.running_var, eager.running_var)
     assert compiled_module.num_batches_tracked.item() == 2
+
+
+@needs_cpp
+def test_module_under_bf16_autocast_trains_as_nn_batchnorm():
+    """CPU autocast hands the batch norm a bf16 batch with the module's float32 parameters: the kernel's output,
+    gradients and running statistics against nn.BatchNorm2d's (bf16 tolerance for the bf16 results)."""
+    torch.manual_seed(0)
+    ours, theirs = BatchNorm2d(24), nn.BatchNorm2d(24)
+    ours.load_state_dict(theirs.state_dict())
+    x = (torch.randn(8, 24, 5, 6) * 2 + 1).to(memory_format=torch.channels_last).bfloat16()
+    got, expected = outputs_and_module_grads(ours, x), outputs_and_module_grads(theirs, x)
+    assert [t.dtype for t in got] == [t.dtype for t in expected] == [torch.bfloat16, torch.bfloat16, torch.float32,
+                                                                      torch.float32]
+    for a, b in zip(got, expected):
+        assert_close(a, b, torch.bfloat16)
+    assert_close(ours.running_mean, theirs.running_mean)
+    assert_close(ours.running_var, theirs.running_var)

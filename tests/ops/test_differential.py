@@ -35,6 +35,7 @@ from op_helpers import REGISTERED_OPS
 
 from fastlt import _extension, ops
 from fastlt.ops._library import CPU_ONLY_OPS
+from fastlt.ops.batch_norm_channels_last import LOW_PRECISION
 from fastlt.ops._selfcheck import TOLERANCES, tolerance
 
 DRAWS = int(os.environ.get("FASTLT_DIFF_DRAWS", "300"))
@@ -90,6 +91,9 @@ class Draw:
     condition: float = 1.0  # how many times its own size the terms of a result are (batch norm of values far from
     # their mean): the atol's factor over the reference's largest magnitude
     statistics: tuple = ()  # names of the values-only outputs after the first when call returns a tuple
+    # every result only as exact as the main input's dtype, float32 ones included: sums of the rounded inputs that
+    # each backend forms differently (batch norm of a bf16 batch: torch rounds its statistics to bf16 on the way)
+    input_precision: bool = False
     chunked_loop: bool = False  # a fused head's: also run the chunked PyTorch loop ("torch")
 
 
@@ -654,6 +658,8 @@ def draw_batch_norm_channels_last(gen):
     if N * H * W > 256:  # torch's fp32 channels_last statistics (the reference) are summed in fp32: at mean 1e3,
         std = max(std, abs(mean) * 1e-4)  # std 1e-2 and 2048 values a channel its invstd is 50% off (the kernel's 3e-6)
     weight_dtype, input_dims = dtype, 4
+    if dtype in LOW_PRECISION and gen.chance(0.5):  # autocast: a bf16 / fp16 batch, float32 parameters
+        weight_dtype = torch.float32
     weight_shape, bias_shape = (C,), (C,)
     invalid = None
     if gen.chance(0.15):
@@ -669,7 +675,9 @@ def draw_batch_norm_channels_last(gen):
         elif invalid == "eps":
             eps = gen.pick(0.0, -1e-5, math.nan, math.inf)
         else:
-            weight_dtype = gen.pick(*(d for d in (torch.float32, torch.float64, torch.bfloat16) if d != dtype))
+            # float32 is valid beside a bf16 / fp16 batch (autocast's parameters)
+            weight_dtype = gen.pick(*(d for d in (torch.float32, torch.float64, torch.bfloat16)
+                                      if d != dtype and not (d == torch.float32 and dtype in LOW_PRECISION)))
 
     channel_means = mean * (1 + 0.1 * gen.randn((C,)))
     values = gen.randn((N, C, H, W), std) + channel_means[:, None, None]
@@ -710,13 +718,14 @@ def draw_batch_norm_channels_last(gen):
     def raw(overload, input, weight, bias):
         return getattr(torch.ops.fastlt.batch_norm_channels_last, overload)(input, weight, bias, eps)
 
-    # the raw kernel takes fp32 / fp64 only (every other dtype is the wrapper's reference): raw calls on valid draws
-    # of those dtypes, and on every invalid draw (refused alike)
-    raw_ok = invalid is not None or dtype in (torch.float32, torch.float64)
+    # the raw kernel takes fp32 / fp64 / bf16 only (fp16 is the wrapper's reference): raw calls on valid draws of
+    # those dtypes, and on every invalid draw (refused alike)
+    raw_ok = invalid is not None or dtype in (torch.float32, torch.float64, torch.bfloat16)
     label = (f"N={N} C={C} H={H} W={W} {dtype} weight {weight_dtype}{list(weight_shape)} bias {list(bias_shape)} "
              f"dims={input_dims} {layout} mean={mean} std={std} eps={eps}")
     return Draw(label, inputs, call, mode=gen.mode(), invalid=invalid, raw=raw if raw_ok else None, dtype=dtype,
-                magnitude=magnitude, condition=condition, statistics=("mean", "invstd", "unbiased_var"))
+                magnitude=magnitude, condition=condition, statistics=("mean", "invstd", "unbiased_var"),
+                input_precision=True)
 
 
 # ---- running a draw on one backend ----
@@ -805,7 +814,7 @@ def run(draw, backend, device, raw_overload=None):
         return Outcome(results, type(error), stage, str(error).splitlines()[0][:300] if str(error) else "")
 
 
-def assert_tensors_close(actual, expected, what, compute_dtype, magnitude=1.0, condition=1.0):
+def assert_tensors_close(actual, expected, what, compute_dtype, magnitude=1.0, condition=1.0, input_precision=False):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} vs {expected.dtype}"
     actual, expected = actual.cpu(), expected.cpu()
@@ -814,7 +823,8 @@ def assert_tensors_close(actual, expected, what, compute_dtype, magnitude=1.0, c
         return
     # no more precise than the accumulation dtype of the inputs (the loss of fp16 logits is fp32, but as exact as
     # fp16 inputs allow)
-    accumulation = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    accumulation = compute_dtype if input_precision else torch.float64 if compute_dtype == torch.float64 else \
+        torch.float32
     dtype = max(expected.dtype, accumulation, key=lambda dtype: TOLERANCES[dtype][1])
     atol, rtol = tolerance(dtype, expected)
     atol = max(atol * condition, TOLERANCES[dtype][0] * magnitude)  # the draw's terms may be larger than its result
@@ -844,7 +854,7 @@ def check(draw, runs):
                 draw.compare(outcome.results[name], value, views)
             else:
                 assert_tensors_close(outcome.results[name], value, f"{key} {name}", draw.dtype, draw.magnitude,
-                                     draw.condition)
+                                     draw.condition, draw.input_precision)
 
 
 def check_draw(draw, check_raw, cpu_only=False):
