@@ -67,56 +67,73 @@ FASTLT_ALWAYS_INLINE void shifted_sums_impl(const T* x, int64_t rows, int64_t L,
   }
 }
 
-// out = (x - mean[j]) * scale[j] + bias[j] (not x * a + b: with a mean far from 0, b cancels x's leading digits).
-template <typename T, typename A>
+// out = (x - mean[j]) * scale[j] + bias[j] (not x * a + b: with a mean far from 0, b cancels x's leading digits),
+// then max(out, 0) with Relu (NaN kept, as torch's relu).
+template <bool Relu, typename T, typename A>
 FASTLT_ALWAYS_INLINE void normalize_impl(const T* x, T* out, int64_t rows, int64_t L, const A* mean, const A* scale,
                                          const A* bias) {
   for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
-    for (int64_t j = 0; j < L; ++j) store(out + r * L + j, (to_compute(x[r * L + j]) - mean[j]) * scale[j] + bias[j]);
+    for (int64_t j = 0; j < L; ++j) {
+      const A value = (to_compute(x[r * L + j]) - mean[j]) * scale[j] + bias[j];
+      store(out + r * L + j, Relu && value < A(0) ? A(0) : value);
+    }
   }
 }
 
-// sum_g[j] += g, sum_gx[j] += g * (x - mean[j]).
-template <typename T, typename A>
-FASTLT_ALWAYS_INLINE void grad_sums_impl(const T* g, const T* x, int64_t rows, int64_t L, const A* mean, A* sum_g,
-                                         A* sum_gx) {
+// The gradient reaching the batch norm: g, or with Relu 0 where the (relu) output y <= 0.
+template <bool Relu, typename T>
+FASTLT_ALWAYS_INLINE auto gate(const T* g, const T* y, int64_t i) {
+  const auto gi = to_compute(g[i]);
+  if constexpr (Relu) return to_compute(y[i]) <= 0 ? decltype(gi)(0) : gi;  // NaN passes, as in torch's relu
+  return gi;
+}
+
+// sum_g[j] += g, sum_gx[j] += g * (x - mean[j]) (g gated by the relu output y).
+template <bool Relu, typename T, typename A>
+FASTLT_ALWAYS_INLINE void grad_sums_impl(const T* g, const T* y, const T* x, int64_t rows, int64_t L, const A* mean,
+                                         A* sum_g, A* sum_gx) {
   for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
     for (int64_t j = 0; j < L; ++j) {
-      const A gj = to_compute(g[r * L + j]);
+      const A gj = gate<Relu>(g, y, r * L + j);
       sum_g[j] += gj;
       sum_gx[j] += gj * (to_compute(x[r * L + j]) - mean[j]);
     }
   }
 }
 
-// grad_input = g * k1[j] + (x - mean[j]) * k2[j] + k3[j].
-template <typename T, typename A>
-FASTLT_ALWAYS_INLINE void write_grad_input_impl(const T* g, const T* x, T* out, int64_t rows, int64_t L, const A* mean,
-                                                const A* k1, const A* k2, const A* k3) {
+// grad_input = g * k1[j] + (x - mean[j]) * k2[j] + k3[j] (g gated by the relu output y).
+template <bool Relu, typename T, typename A>
+FASTLT_ALWAYS_INLINE void write_grad_input_impl(const T* g, const T* y, const T* x, T* out, int64_t rows, int64_t L,
+                                                const A* mean, const A* k1, const A* k2, const A* k3) {
   for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
     for (int64_t j = 0; j < L; ++j)
-      store(out + r * L + j, to_compute(g[r * L + j]) * k1[j] + (to_compute(x[r * L + j]) - mean[j]) * k2[j] + k3[j]);
+      store(out + r * L + j,
+            gate<Relu>(g, y, r * L + j) * k1[j] + (to_compute(x[r * L + j]) - mean[j]) * k2[j] + k3[j]);
   }
 }
 
-// fp32 and bf16 take the per-ISA builds; fp64 (tests, gradcheck) the generic one.
-#define FASTLT_BN_LOOPS(T, A, ATTRIBUTE)                                                                               \
-  ATTRIBUTE void shifted_sums(const T* x, int64_t rows, int64_t L, const A* shift, A* sum1, A* sum2) {                 \
-    shifted_sums_impl(x, rows, L, shift, sum1, sum2);                                                                  \
-  }                                                                                                                    \
-  ATTRIBUTE void normalize(const T* x, T* out, int64_t rows, int64_t L, const A* mean, const A* scale,                 \
-                           const A* bias) {                                                                            \
-    normalize_impl(x, out, rows, L, mean, scale, bias);                                                                \
-  }                                                                                                                    \
-  ATTRIBUTE void grad_sums(const T* g, const T* x, int64_t rows, int64_t L, const A* mean, A* sum_g, A* sum_gx) {      \
-    grad_sums_impl(g, x, rows, L, mean, sum_g, sum_gx);                                                                \
-  }                                                                                                                    \
-  ATTRIBUTE void write_grad_input(const T* g, const T* x, T* out, int64_t rows, int64_t L, const A* mean, const A* k1, \
-                                  const A* k2, const A* k3) {                                                          \
-    write_grad_input_impl(g, x, out, rows, L, mean, k1, k2, k3);                                                       \
+// fp32 and bf16 take the per-ISA builds; fp64 (tests, gradcheck) the generic one. `y` is the relu output, or null.
+#define FASTLT_BN_LOOPS(T, A, ATTRIBUTE)                                                                              \
+  ATTRIBUTE void shifted_sums(const T* x, int64_t rows, int64_t L, const A* shift, A* sum1, A* sum2) {                \
+    shifted_sums_impl(x, rows, L, shift, sum1, sum2);                                                                 \
+  }                                                                                                                   \
+  ATTRIBUTE void normalize(const T* x, T* out, int64_t rows, int64_t L, const A* mean, const A* scale, const A* bias, \
+                           bool relu) {                                                                               \
+    relu ? normalize_impl<true>(x, out, rows, L, mean, scale, bias)                                                   \
+         : normalize_impl<false>(x, out, rows, L, mean, scale, bias);                                                 \
+  }                                                                                                                   \
+  ATTRIBUTE void grad_sums(const T* g, const T* y, const T* x, int64_t rows, int64_t L, const A* mean, A* sum_g,      \
+                           A* sum_gx) {                                                                               \
+    y ? grad_sums_impl<true>(g, y, x, rows, L, mean, sum_g, sum_gx)                                                   \
+      : grad_sums_impl<false>(g, y, x, rows, L, mean, sum_g, sum_gx);                                                 \
+  }                                                                                                                   \
+  ATTRIBUTE void write_grad_input(const T* g, const T* y, const T* x, T* out, int64_t rows, int64_t L, const A* mean, \
+                                  const A* k1, const A* k2, const A* k3) {                                            \
+    y ? write_grad_input_impl<true>(g, y, x, out, rows, L, mean, k1, k2, k3)                                          \
+      : write_grad_input_impl<false>(g, y, x, out, rows, L, mean, k1, k2, k3);                                        \
   }
 FASTLT_BN_LOOPS(float, float, FASTLT_PER_ISA)
 FASTLT_BN_LOOPS(uint16_t, float, FASTLT_PER_ISA)
@@ -219,7 +236,7 @@ void check_table(const at::Tensor& table, const at::Tensor& input, const char* o
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_channels_last(const at::Tensor& input_in,
                                                                                     const at::Tensor& weight_in,
                                                                                     const at::Tensor& bias_in,
-                                                                                    double eps) {
+                                                                                    double eps, bool relu) {
   // the checks of fastlt/ops/batch_norm_channels_last.py `_validate`
   constexpr const char* op = "fastlt.batch_norm_channels_last";
   check_input(input_in, op);
@@ -270,17 +287,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_channels_l
     auto* y = elements(out.data_ptr<scalar_t>());
     each_tile(tiling, [&](int64_t t0, int64_t t1, int64_t L) {
       normalize(x + t0 * tiling.L, y + t0 * tiling.L, t1 - t0, L, mean_tiles.data(), scale_tiles.data(),
-                bias_tiles.data());
+                bias_tiles.data(), relu);
     });
   });
   return {out, mean, invstd, unbiased_var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_channels_last_backward(const at::Tensor& grad_in,
-                                                                                 const at::Tensor& input_in,
-                                                                                 const at::Tensor& weight_in,
-                                                                                 const at::Tensor& mean_in,
-                                                                                 const at::Tensor& invstd_in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_channels_last_backward(
+    const at::Tensor& grad_in, const at::Tensor& input_in, const at::Tensor& weight_in, const at::Tensor& mean_in,
+    const at::Tensor& invstd_in, const std::optional<at::Tensor>& relu_output_in) {
   constexpr const char* op = "fastlt.batch_norm_channels_last_backward";
   check_input(input_in, op);
   check_table(weight_in, input_in, op, "weight", true);
@@ -291,8 +306,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_channels_last_backward
   TORCH_CHECK_VALUE(grad_in.scalar_type() == input_in.scalar_type(), op, ": grad must be ", input_in.scalar_type(),
                     " like input, got ", grad_in.scalar_type());
   check_same_device(grad_in, input_in, op, "grad", "input");
+  if (relu_output_in.has_value()) {
+    const at::Tensor& y = *relu_output_in;
+    TORCH_CHECK_VALUE(y.sizes() == input_in.sizes() && y.scalar_type() == input_in.scalar_type(), op,
+                      ": relu_output must be input's shape and dtype, got ", y.sizes(), " ", y.scalar_type());
+    check_same_device(y, input_in, op, "relu_output", "input");
+  }
   const at::Tensor input = input_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor grad = grad_in.contiguous(at::MemoryFormat::ChannelsLast);
+  // with the relu output (the forward ran relu), the gradient is gated by output > 0
+  const at::Tensor relu_output =
+      relu_output_in.has_value() ? relu_output_in->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
   const auto stats = input.options().dtype(statistics_dtype(input));
   const at::Tensor weight = weight_in.to(stats.dtype()).contiguous(), mean = mean_in.contiguous(),
                    invstd = invstd_in.contiguous();
@@ -304,13 +328,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_channels_last_backward
     using A = acc_t<scalar_t>;
     const auto* x = elements(input.data_ptr<scalar_t>());
     const auto* g = elements(grad.data_ptr<scalar_t>());
+    const auto* y = relu_output.defined() ? elements(relu_output.data_ptr<scalar_t>()) : nullptr;
     const A* m = mean.data_ptr<A>();
     const A* s = invstd.data_ptr<A>();
     const A* w = weight.data_ptr<A>();
     std::vector<double> channel_mean(m, m + C);
     const std::vector<A> mean_tiles = tiled<A>(channel_mean, tiling.L);
     const auto sums = channel_sums<A>(tiling, 2, [&](int64_t t0, int64_t t1, int64_t L, A* block) {
-      grad_sums(g + t0 * tiling.L, x + t0 * tiling.L, t1 - t0, L, mean_tiles.data(), block, block + L);
+      grad_sums(g + t0 * tiling.L, y ? y + t0 * tiling.L : nullptr, x + t0 * tiling.L, t1 - t0, L, mean_tiles.data(),
+                block, block + L);
     });
     // grad_input = w * invstd * (g - sum_g / M - (x - mean) * invstd^2 * sum_gx / M) = g * k1 + (x - mean) * k2 + k3
     std::vector<double> k1(C), k2(C), k3(C);
@@ -330,8 +356,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_channels_last_backward
                          k3_tiles = tiled<A>(k3, tiling.L);
     auto* out = elements(grad_input.data_ptr<scalar_t>());
     each_tile(tiling, [&](int64_t t0, int64_t t1, int64_t L) {
-      write_grad_input(g + t0 * tiling.L, x + t0 * tiling.L, out + t0 * tiling.L, t1 - t0, L, mean_tiles.data(),
-                       k1_tiles.data(), k2_tiles.data(), k3_tiles.data());
+      write_grad_input(g + t0 * tiling.L, y ? y + t0 * tiling.L : nullptr, x + t0 * tiling.L, out + t0 * tiling.L,
+                       t1 - t0, L, mean_tiles.data(), k1_tiles.data(), k2_tiles.data(), k3_tiles.data());
     });
   });
   // the parameters' gradients in the parameters' dtype
@@ -343,10 +369,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_channels_last_backward
 
 TORCH_LIBRARY_FRAGMENT(fastlt, m) {
   m.def(
-      "batch_norm_channels_last(Tensor input, Tensor weight, Tensor bias, float eps) -> "
+      "batch_norm_channels_last(Tensor input, Tensor weight, Tensor bias, float eps, bool relu) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "batch_norm_channels_last_backward(Tensor grad, Tensor input, Tensor weight, Tensor mean, Tensor invstd) -> "
+      "batch_norm_channels_last_backward(Tensor grad, Tensor input, Tensor weight, Tensor mean, Tensor invstd, "
+      "Tensor? relu_output) -> "
       "(Tensor, Tensor, Tensor)");
 }
 

@@ -22,7 +22,7 @@ class BasicBlockA(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn1 = BatchNorm2d(planes)
+        self.bn1 = BatchNorm2d(planes, relu=True)  # conv -> BN -> ReLU, the ReLU fused into the batch norm
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn2 = BatchNorm2d(planes)
         self.shortcut_padding = (planes - in_planes) // 2 if (stride != 1 or in_planes != planes) else None
@@ -39,7 +39,7 @@ class BasicBlockA(nn.Module):
         return F.pad(F.avg_pool2d(x, kernel_size=1, stride=2), (0, 0, 0, 0, pad, pad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn1(self.conv1(x))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
 
@@ -52,8 +52,8 @@ def make_stage(in_planes: int, planes: int, num_blocks: int, stride: int) -> nn.
 
 
 def make_stem(width: int = 16, in_channels: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False), BatchNorm2d(width),
-                         nn.ReLU())
+    return nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False),
+                         BatchNorm2d(width, relu=True))
 
 
 def make_trunk(widths: Sequence[int] = (16, 32, 64), num_blocks: Sequence[int] = (5, 5, 5),

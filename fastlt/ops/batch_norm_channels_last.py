@@ -21,20 +21,23 @@ from fastlt.ops import _backend, _checks, _library
 
 OP = "fastlt.batch_norm_channels_last"
 # The arguments of fastlt::batch_norm_channels_last and its backward, as the C++ source defines them.
-SCHEMA = "(Tensor input, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)"
-BACKWARD_SCHEMA = "(Tensor grad, Tensor input, Tensor weight, Tensor mean, Tensor invstd) -> (Tensor, Tensor, Tensor)"
+SCHEMA = "(Tensor input, Tensor weight, Tensor bias, float eps, bool relu) -> (Tensor, Tensor, Tensor, Tensor)"
+BACKWARD_SCHEMA = ("(Tensor grad, Tensor input, Tensor weight, Tensor mean, Tensor invstd, Tensor? relu_output) -> "
+                   "(Tensor, Tensor, Tensor)")
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # their parameters may be float32 (autocast keeps them so)
 
 
-def batch_norm_channels_last_reference(input, weight, bias, eps=1e-5):
-    """torch's training-mode batch norm: ``(output, mean, invstd, unbiased_var)``. Differentiable by autograd."""
+def batch_norm_channels_last_reference(input, weight, bias, eps=1e-5, relu=False):
+    """torch's training-mode batch norm (then torch.relu with ``relu``): ``(output, mean, invstd, unbiased_var)``.
+    Differentiable by autograd."""
     eps = _validate(input, weight, bias, eps)
     # weight.contiguous(): torch's CPU backward reads a strided (e.g. expanded) weight as if it were contiguous when
     # the batch is channels_last or 1x1
     output, mean, invstd = torch.ops.aten.native_batch_norm(input, weight.contiguous(), bias, None, None, True, 0.0,
                                                             eps)
     dtype = statistics_dtype(input)
+    output = torch.relu(output) if relu else output
     return output, mean.to(dtype), invstd.to(dtype), input.detach().to(dtype).var(dim=(0, 2, 3))
 
 
@@ -43,8 +46,10 @@ def statistics_dtype(input: torch.Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
-def batch_norm_channels_last(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5):
-    """Training-mode batch norm of ``input`` ``[N, C, H, W]`` with affine ``weight`` / ``bias`` ``[C]``: returns
+def batch_norm_channels_last(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                             relu: bool = False):
+    """Training-mode batch norm of ``input`` ``[N, C, H, W]`` with affine ``weight`` / ``bias`` ``[C]``, then a ReLU
+    with ``relu`` (fused: no pass of its own forward or backward): returns
     ``(output, mean, invstd, unbiased_var)``, the batch statistics per channel (``nn.BatchNorm2d`` averages
     ``mean`` and ``unbiased_var`` into its running statistics; float32, float64 for an fp64 batch). The compiled
     kernel runs channels_last fp32 / fp64 / bf16 CPU batches (its output is channels_last; a bf16 batch may have
@@ -58,9 +63,11 @@ def batch_norm_channels_last(input: torch.Tensor, weight: torch.Tensor, bias: to
     True
     """
     eps = _validate(input, weight, bias, eps)
+    if not isinstance(relu, bool):
+        raise TypeError(f"{OP}: relu must be a bool, got {type(relu).__name__}")
     if uses_kernel(input) and _backend.resolve(OP, input, weight, bias) == "cpp":
-        return torch.ops.fastlt.batch_norm_channels_last(input, weight, bias, eps)
-    return batch_norm_channels_last_reference(input, weight, bias, eps)
+        return torch.ops.fastlt.batch_norm_channels_last(input, weight, bias, eps, relu)
+    return batch_norm_channels_last_reference(input, weight, bias, eps, relu)
 
 
 def uses_kernel(input: torch.Tensor) -> bool:
@@ -89,44 +96,46 @@ def _validate(input, weight, bias, eps):
     return _checks.number(OP, "eps", eps, low=0.0, low_open=True)
 
 
-def _differentiable_backward(grad_output, input, weight, eps):
-    """The gradients through torch's batch norm, themselves differentiable (create_graph=True: gradient penalties);
-    the kernel's backward is not."""
+def _differentiable_backward(grad_output, input, weight, bias, eps, relu):
+    """The gradients through the reference, themselves differentiable (create_graph=True: gradient penalties); the
+    kernel's backward is not."""
+    tensors = (input, weight, bias)
     with torch.enable_grad():
-        output = torch.ops.aten.native_batch_norm(input, weight.contiguous(), None, None, None, True, 0.0, eps)[0]
-        wanted = [tensor for tensor in (input, weight) if tensor.requires_grad]
+        output = torch.ops.aten.native_batch_norm(input, weight.contiguous(), bias, None, None, True, 0.0, eps)[0]
+        output = torch.relu(output) if relu else output
+        wanted = [tensor for tensor in tensors if tensor.requires_grad]
         grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True))
-    grad_input, grad_weight = (next(grads) if tensor.requires_grad else None for tensor in (input, weight))
-    return grad_input, grad_weight, grad_output.sum(dim=(0, 2, 3))
+    return tuple(next(grads) if tensor.requires_grad else None for tensor in tensors)
 
 
-def _fake_forward(input, weight, bias, eps):
+def _fake_forward(input, weight, bias, eps, relu):
     channels, dtype = input.shape[1], statistics_dtype(input)
     return (torch.empty_like(input, memory_format=torch.channels_last), input.new_empty(channels, dtype=dtype),
             input.new_empty(channels, dtype=dtype), input.new_empty(channels, dtype=dtype))
 
 
-def _fake_backward(grad, input, weight, mean, invstd):
+def _fake_backward(grad, input, weight, mean, invstd, relu_output):
     return (torch.empty_like(input, memory_format=torch.channels_last), torch.empty_like(weight),
             torch.empty_like(weight))
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, _, eps = inputs
-    _, mean, invstd, unbiased_var = output
-    ctx.save_for_backward(input, weight, mean, invstd)
-    ctx.eps = eps
+    input, weight, bias, eps, relu = inputs
+    result, mean, invstd, unbiased_var = output
+    # the relu output gates the gradient (as torch's relu saves its output); bias only for create_graph's recompute
+    ctx.save_for_backward(input, weight, bias, mean, invstd, result if relu else None)
+    ctx.eps, ctx.relu = eps, relu
     ctx.mark_non_differentiable(mean, invstd, unbiased_var)
 
 
 def _make_backward(backward_op):
     def backward(ctx, grad_output, grad_mean, grad_invstd, grad_var):
-        input, weight, mean, invstd = ctx.saved_tensors
+        input, weight, bias, mean, invstd, relu_output = ctx.saved_tensors
         if torch.is_grad_enabled():  # the backward is being recorded (create_graph=True)
-            grad_input, grad_weight, grad_bias = _differentiable_backward(grad_output, input, weight, ctx.eps)
+            grads = _differentiable_backward(grad_output, input, weight, bias, ctx.eps, ctx.relu)
         else:
-            grad_input, grad_weight, grad_bias = backward_op(grad_output, input, weight, mean, invstd)
-        return grad_input, grad_weight, grad_bias, None
+            grads = backward_op(grad_output, input, weight, mean, invstd, relu_output)
+        return (*grads, None, None)
 
     return backward
 
