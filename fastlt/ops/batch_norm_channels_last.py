@@ -31,7 +31,7 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)  # their parameters may be float
 def batch_norm_channels_last_reference(input, weight, bias, eps=1e-5, relu=False):
     """torch's training-mode batch norm (then torch.relu with ``relu``): ``(output, mean, invstd, unbiased_var)``.
     Differentiable by autograd."""
-    eps = _validate(input, weight, bias, eps)
+    eps = _validate(input, weight, bias, eps, relu)
     # weight.contiguous(): torch's CPU backward reads a strided (e.g. expanded) weight as if it were contiguous when
     # the batch is channels_last or 1x1
     output, mean, invstd = torch.ops.aten.native_batch_norm(input, weight.contiguous(), bias, None, None, True, 0.0,
@@ -62,9 +62,7 @@ def batch_norm_channels_last(input: torch.Tensor, weight: torch.Tensor, bias: to
     >>> out.is_contiguous(memory_format=torch.channels_last)
     True
     """
-    eps = _validate(input, weight, bias, eps)
-    if not isinstance(relu, bool):
-        raise TypeError(f"{OP}: relu must be a bool, got {type(relu).__name__}")
+    eps = _validate(input, weight, bias, eps, relu)
     if uses_kernel(input) and _backend.resolve(OP, input, weight, bias) == "cpp":
         return torch.ops.fastlt.batch_norm_channels_last(input, weight, bias, eps, relu)
     return batch_norm_channels_last_reference(input, weight, bias, eps, relu)
@@ -77,9 +75,9 @@ def uses_kernel(input: torch.Tensor) -> bool:
             and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous())
 
 
-def _validate(input, weight, bias, eps):
-    """The one argument check of the wrapper and the reference (the C++ op runs the same checks). Returns eps as a
-    float."""
+def _validate(input, weight, bias, eps, relu):
+    """The one argument check of the wrapper and the reference (the C++ op runs the same checks; its schema types
+    relu). Returns eps as a float."""
     _checks.tensor(OP, "input", input, dims=4, floating=True)
     channels = input.shape[1]
     if input.numel() // channels < 2:  # (an empty input was refused above)
@@ -93,6 +91,8 @@ def _validate(input, weight, bias, eps):
             also = " or torch.float32" if input.dtype in LOW_PRECISION else ""
             raise ValueError(f"{OP}: {name} must be {input.dtype}{also} like input, got {table.dtype}")
         _checks.same_device(OP, name, table, input, "input")
+    if not isinstance(relu, bool):
+        raise TypeError(f"{OP}: relu must be a bool, got {type(relu).__name__}")
     return _checks.number(OP, "eps", eps, low=0.0, low_open=True)
 
 
@@ -101,8 +101,7 @@ def _differentiable_backward(grad_output, input, weight, bias, eps, relu):
     kernel's backward is not."""
     tensors = (input, weight, bias)
     with torch.enable_grad():
-        output = torch.ops.aten.native_batch_norm(input, weight.contiguous(), bias, None, None, True, 0.0, eps)[0]
-        output = torch.relu(output) if relu else output
+        output = batch_norm_channels_last_reference(input, weight, bias, eps, relu)[0]
         wanted = [tensor for tensor in tensors if tensor.requires_grad]
         grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True))
     return tuple(next(grads) if tensor.requires_grad else None for tensor in tensors)

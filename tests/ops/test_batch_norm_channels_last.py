@@ -145,6 +145,14 @@ def test_bad_arguments_are_named(call, error, name):
         batch_norm_channels_last(*call(x, weight, bias))
 
 
+@pytest.mark.parametrize("name", ["auto", "reference"])
+def test_relu_must_be_a_bool(name):
+    x = channels_last(4, 24, 3, 3)
+    weight, bias = affine(24)
+    with backend(name), pytest.raises(TypeError, match="relu must be a bool, got str"):
+        batch_norm_channels_last(x, weight, bias, 1e-5, "yes")
+
+
 @needs_cpp
 @pytest.mark.parametrize("call, error", [
     (lambda x, w, b: (x[0], w, b, 1e-5), r"input must be \[N, C, H, W\]"),
